@@ -1,0 +1,43 @@
+"""The vballoon error hierarchy: every error says whose fault it was.
+
+``PeerError`` means the other side broke a contract (a vhost-user front-end, or the guest);
+``LocalError`` means our side or the host failed (configuration, resources). Code that
+serves peers catches ``PeerError`` per connection and keeps serving everyone else.
+"""
+
+from __future__ import annotations
+
+
+class VballoonError(Exception):
+    """Base of every error vballoon raises on purpose."""
+
+
+class PeerError(VballoonError):
+    """The other side is at fault."""
+
+
+class FrontendError(PeerError):
+    """A vhost-user front-end broke the vhost-user protocol (header, size, fds, state)."""
+
+
+class GuestError(PeerError):
+    """The guest broke the virtio or vmmemctl contract (bad chain, address outside RAM)."""
+
+
+class FormatError(GuestError):
+    """Bytes that do not parse as the declared format.
+
+    Raised by every parser in :mod:`protocol`; no construct exception escapes the package.
+    """
+
+
+class LocalError(VballoonError):
+    """Our side or the host is at fault."""
+
+
+class ConfigError(LocalError, ValueError):
+    """A setting or command-line value is invalid."""
+
+
+class HostResourceError(LocalError):
+    """A host resource failed: mmap, fallocate, eventfd, a socket we own."""
