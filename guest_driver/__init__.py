@@ -1,0 +1,1 @@
+"""The guest side: driver core, transports, our vhost-user front-end."""
