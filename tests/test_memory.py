@@ -1,0 +1,129 @@
+"""GuestMemory over a real memfd: translation, bounds, the GuestRam protocol, reclaim."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import trio
+
+from protocol.errors import FrontendError, GuestError
+from vdev.memory import PAGE_SIZE, GuestMemory, RegionSpec
+
+MiB = 1 << 20
+UVA = 0x7F00_0000_0000
+
+
+def qemu_like(memfd: int, size: int) -> tuple[list[RegionSpec], list[int]]:
+    """QEMU's low-RAM layout with the two ROM holes, three dups of one memfd."""
+    specs = [
+        RegionSpec(0x0, 0xC0000, UVA, 0x0),
+        RegionSpec(0xE0000, 0x10000, UVA + 0xE0000, 0xE0000),
+        RegionSpec(0x100000, size - 0x100000, UVA + 0x100000, 0x100000),
+    ]
+    return specs, [os.dup(memfd) for _ in specs]
+
+
+@pytest.fixture
+def memfd():
+    fd = os.memfd_create("test-ram")
+    os.ftruncate(fd, 16 * MiB)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture
+def mem(memfd):
+    m = GuestMemory("t")
+    m.set_table(*qemu_like(memfd, 16 * MiB))
+    yield m
+    m.close()
+
+
+def test_translation_and_bounds(mem: GuestMemory) -> None:
+    assert mem.total_pages == (16 * MiB - 0x100000) // PAGE_SIZE + 0xC0 + 0x10
+    mem.write(0x200000, b"hello")
+    assert mem.read(0x200000, 5) == b"hello"
+    assert mem.qva_to_gpa(UVA + 0x200000, 16) == 0x200000
+    with pytest.raises(GuestError):
+        mem.read(0xC0000, 1)  # the hole
+    with pytest.raises(GuestError):
+        mem.read(0xBFFFF, 2)  # straddles region end
+    with pytest.raises(GuestError):
+        mem.read((1 << 64) - 4, 8)  # overflow
+    with pytest.raises(GuestError):
+        mem.write(16 * MiB - 2, b"abc")
+    with pytest.raises(FrontendError):
+        mem.qva_to_gpa(UVA + 0xC0000, 8)
+    mem.store_u16(0x300002, 0xBEEF)
+    assert mem.load_u16(0x300002) == 0xBEEF
+    with pytest.raises(GuestError):
+        mem.load_u16(0x300001)
+
+
+def test_pfn_mask(mem: GuestMemory) -> None:
+    pfns = np.array([0, 0xBF, 0xC0, 0xDF, 0xE0, 0xEF, 0xF0, 0x100, 0xFFF, 0x1000, 2**52], np.uint64)
+    assert mem.ram_pfn_mask(pfns, 1).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+    two_m = np.array([0, 512, 512 * 7, 512 * 8], np.uint64)
+    # 2 MiB at pfn 0 straddles the hole; 512 is inside region 2; 512*8 is past the end
+    assert mem.ram_pfn_mask(two_m, 512).tolist() == [False, True, True, False]
+    big = np.array([2**64 - 1], np.uint64)
+    assert mem.ram_pfn_mask(big, 512).tolist() == [False]
+
+
+def test_reclaim_punches_the_file(mem: GuestMemory, memfd: int) -> None:
+    mem.write(0x400000, b"\x5a" * (4 * MiB))
+    before = os.fstat(memfd).st_blocks * 512
+    assert mem.allocated_bytes() == before >= 4 * MiB
+    n = mem.reclaim(np.array([0x400], np.uint64), np.array([1024], np.uint64))
+    assert n == 4 * MiB
+    assert before - os.fstat(memfd).st_blocks * 512 == 4 * MiB
+    assert mem.read(0x400000, 8) == bytes(8)
+    # clamped to regions: a run over the hole punches only RAM
+    assert (
+        mem.reclaim(np.array([0xB0], np.uint64), np.array([0x60], np.uint64))
+        == (0x10 + 0x10 + 0x10) * PAGE_SIZE
+    )
+
+
+async def test_reclaim_async_large_in_thread(memfd: int) -> None:
+    os.ftruncate(memfd, 80 * MiB)
+    m = GuestMemory("big")
+    m.set_table(*qemu_like(memfd, 80 * MiB))
+    with trio.fail_after(10):
+        m.write(0x100000, b"\x01" * (70 * MiB))
+        done = await m.reclaim_async(np.array([0x100], np.uint64), np.array([70 * 256], np.uint64))
+    assert done == 70 * MiB
+    assert m.reclaimed_bytes_total == 70 * MiB
+    m.close()
+
+
+def test_table_replacement_and_regions(memfd: int) -> None:
+    m = GuestMemory("r")
+    m.set_table(*qemu_like(memfd, 16 * MiB))
+    spec = m.regions[1].spec
+    assert m.remove_region(spec)
+    assert not m.contains(0xE0000, 1)
+    m.add_region(spec, os.dup(memfd))
+    assert m.contains(0xE0000, 1)
+    with pytest.raises(FrontendError):
+        m.add_region(spec, os.dup(memfd))  # overlap
+    m.set_table([RegionSpec(0, 1 * MiB, UVA, 0)], [os.dup(memfd)])
+    assert m.total_pages == 256
+    with pytest.raises(FrontendError):
+        m.set_table([RegionSpec(0, 1 * MiB, UVA, 0)], [])
+    m.close()
+    assert m.empty

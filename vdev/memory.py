@@ -1,0 +1,415 @@
+"""Guest memory as the back-end sees it: the regions a front-end shared, mapped once each.
+
+* :class:`GuestMemory` holds the regions of one connection. ``SET_MEM_TABLE`` replaces them
+  (:meth:`GuestMemory.set_table`), ``ADD_MEM_REG`` / ``REM_MEM_REG`` edit them. A new table
+  may arrive at any time; users never keep a view into a mapping across an ``await``, they
+  translate again on every access (the rings keep guest-physical addresses, translated from
+  front-end virtual addresses once at ``SET_VRING_ADDR``). So unmapping a removed region is
+  always safe, except while a reclaim worker thread still uses it: such regions are retired
+  and closed when the worker finishes.
+* Every access is bounds-checked: a range must lie wholly inside one region (PROTOCOL.md
+  section 1); anything else raises :class:`~protocol.errors.GuestError`.
+* It implements the device model's ``GuestRam`` protocol (``total_pages``, ``ram_pfn_mask``,
+  ``read``, ``write``).
+* Reclaim punches holes in the region's file: ``fallocate(PUNCH_HOLE | KEEP_SIZE)``, falling
+  back to ``madvise(MADV_REMOVE)`` on our shared mapping. Runs are clamped to their regions.
+
+Accesses to ring index fields go through :meth:`load_u16` / :meth:`store_u16`, which copy two
+naturally aligned bytes (one machine load/store on the hosts we support).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import itertools
+import logging
+import mmap
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import trio
+
+from protocol.errors import FrontendError, GuestError, HostResourceError
+
+log = logging.getLogger(__name__)
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+U64_MAX = (1 << 64) - 1
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: Reclaims larger than this run in a worker thread so one guest never stalls another.
+THREAD_RECLAIM_BYTES = 64 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """``fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length)``; raises OSError."""
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    """One region as vhost-user describes it."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+    def validate(self) -> None:
+        if self.memory_size == 0:
+            raise FrontendError("memory region of size 0")
+        for name in ("guest_phys_addr", "userspace_addr", "mmap_offset"):
+            if getattr(self, name) + self.memory_size > U64_MAX + 1:
+                raise FrontendError(f"memory region {name} + size overflows 64 bits")
+
+
+@dataclass(eq=False)
+class Region:
+    spec: RegionSpec
+    fd: int
+    mm: mmap.mmap
+    base: int  # offset of the region's first byte inside ``mm``
+    file_key: tuple[int, int]  # (st_dev, st_ino)
+    busy: int = 0  # reclaim workers using it
+    retired: bool = False
+    closed: bool = field(default=False)
+
+    @property
+    def gpa(self) -> int:
+        return self.spec.guest_phys_addr
+
+    @property
+    def size(self) -> int:
+        return self.spec.memory_size
+
+    @property
+    def uaddr(self) -> int:
+        return self.spec.userspace_addr
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.mm.close()
+        except BufferError:  # a view escaped: leave it to the garbage collector
+            log.warning("region gpa=%#x: mapping still exported, not unmapped", self.gpa)
+        os.close(self.fd)
+
+
+def _map(spec: RegionSpec, fd: int) -> Region:
+    try:
+        st = os.fstat(fd)
+        align = max(mmap.ALLOCATIONGRANULARITY, st.st_blksize or PAGE_SIZE)
+        map_off = spec.mmap_offset // align * align
+        base = spec.mmap_offset - map_off
+        length = base + spec.memory_size
+        if map_off + length > st.st_size:
+            raise HostResourceError(
+                f"region gpa={spec.guest_phys_addr:#x} needs {map_off + length} bytes of its "
+                f"file, which has {st.st_size}"
+            )
+        mm = mmap.mmap(
+            fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=map_off
+        )
+    except OSError as exc:
+        raise HostResourceError(f"cannot map region gpa={spec.guest_phys_addr:#x}: {exc}") from exc
+    return Region(spec=spec, fd=fd, mm=mm, base=base, file_key=(st.st_dev, st.st_ino))
+
+
+class GuestMemory:
+    """The memory regions of one vhost-user connection (see the module docstring)."""
+
+    def __init__(self, name: str = "guest") -> None:
+        self.name = name
+        self._regions: list[Region] = []  # sorted by gpa
+        self._retired: list[Region] = []
+        self.generation = 0  # bumps on every table change
+        self.reclaimed_bytes_total = 0
+        self._index()
+
+    # -- table management ----------------------------------------------------------------
+
+    def set_table(self, specs: list[RegionSpec], fds: list[int]) -> None:
+        """Replace every region. Takes ownership of ``fds`` (closed on failure too)."""
+        if len(specs) != len(fds):
+            for fd in fds:
+                _close_quietly(fd)
+            raise FrontendError(f"{len(specs)} memory regions but {len(fds)} fds")
+        new: list[Region] = []
+        pending = list(fds)
+        try:
+            for spec in specs:
+                spec.validate()
+            for spec in specs:
+                new.append(_map(spec, pending[0]))
+                pending.pop(0)
+            self._check_overlap(new)
+        except BaseException:
+            for fd in pending:
+                _close_quietly(fd)
+            for r in new:
+                r.close()
+            raise
+        old, self._regions = self._regions, sorted(new, key=lambda r: r.gpa)
+        self._drop(old)
+        self._changed()
+
+    def add_region(self, spec: RegionSpec, fd: int) -> None:
+        try:
+            spec.validate()
+            region = _map(spec, fd)
+        except BaseException:
+            _close_quietly(fd)
+            raise
+        try:
+            self._check_overlap([*self._regions, region])
+        except BaseException:
+            region.close()
+            raise
+        self._regions = sorted([*self._regions, region], key=lambda r: r.gpa)
+        self._changed()
+
+    def remove_region(self, spec: RegionSpec) -> bool:
+        """Remove every region equal to ``spec`` in (gpa, size, uaddr); True if any was."""
+        keep: list[Region] = []
+        gone: list[Region] = []
+        for r in self._regions:
+            same = (r.gpa, r.size, r.uaddr) == (
+                spec.guest_phys_addr,
+                spec.memory_size,
+                spec.userspace_addr,
+            )
+            (gone if same else keep).append(r)
+        if not gone:
+            return False
+        self._regions = keep
+        self._drop(gone)
+        self._changed()
+        return True
+
+    def close(self) -> None:
+        """Unmap everything (retiring regions a reclaim worker still uses)."""
+        old, self._regions = self._regions, []
+        self._drop(old)
+        self._changed()
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return tuple(self._regions)
+
+    @property
+    def empty(self) -> bool:
+        return not self._regions
+
+    @staticmethod
+    def _check_overlap(regions: list[Region]) -> None:
+        rs = sorted(regions, key=lambda r: r.gpa)
+        for a, b in itertools.pairwise(rs):
+            if a.gpa + a.size > b.gpa:
+                raise FrontendError(
+                    f"memory regions overlap: gpa {a.gpa:#x}+{a.size:#x} and {b.gpa:#x}"
+                )
+
+    def _drop(self, regions: Iterable[Region]) -> None:
+        for r in regions:
+            if r.busy:
+                r.retired = True
+                self._retired.append(r)
+            else:
+                r.close()
+
+    def _changed(self) -> None:
+        self.generation += 1
+        self._index()
+
+    def _index(self) -> None:
+        rs = self._regions
+        self._gpa_starts = np.array([r.gpa for r in rs], dtype=np.uint64)
+        # page-granular RAM: the whole 4 KiB frames inside each region
+        self._pfn_starts = np.array(
+            [(r.gpa + PAGE_SIZE - 1) >> PAGE_SHIFT for r in rs], dtype=np.uint64
+        )
+        self._pfn_ends = np.array([(r.gpa + r.size) >> PAGE_SHIFT for r in rs], dtype=np.uint64)
+        self._total_pages = (
+            int(
+                np.sum(
+                    np.maximum(
+                        self._pfn_ends.astype(np.int64) - self._pfn_starts.astype(np.int64), 0
+                    )
+                )
+            )
+            if rs
+            else 0
+        )
+
+    # -- translation ---------------------------------------------------------------------
+
+    def _find(self, gpa: int, length: int) -> tuple[Region, int]:
+        """The region holding [gpa, gpa+length) and the offset of gpa inside its mapping."""
+        if gpa < 0 or length < 0 or gpa + length > U64_MAX + 1:
+            raise GuestError(f"{self.name}: address range {gpa:#x}+{length:#x} overflows")
+        for r in self._regions:  # few regions: a linear scan beats bisect's overhead
+            if r.gpa <= gpa < r.gpa + r.size or (length == 0 and gpa == r.gpa + r.size):
+                if gpa + length > r.gpa + r.size:
+                    break
+                return r, r.base + gpa - r.gpa
+        raise GuestError(f"{self.name}: range {gpa:#x}+{length:#x} is not inside one RAM region")
+
+    def qva_to_gpa(self, qva: int, length: int) -> int:
+        """Translate a front-end virtual address (ring addresses); the range must fit a region."""
+        for r in self._regions:
+            if r.uaddr <= qva and qva + length <= r.uaddr + r.size:
+                return r.gpa + qva - r.uaddr
+        raise FrontendError(
+            f"{self.name}: front-end address {qva:#x}+{length:#x} is not inside one region"
+        )
+
+    def contains(self, gpa: int, length: int) -> bool:
+        try:
+            self._find(gpa, length)
+        except GuestError:
+            return False
+        return True
+
+    # -- GuestRam ------------------------------------------------------------------------
+
+    @property
+    def total_pages(self) -> int:
+        return self._total_pages
+
+    def ram_pfn_mask(self, pfns: npt.ArrayLike, npages: int) -> npt.NDArray[np.bool_]:
+        """Per pfn: is [pfn, pfn+npages) wholly inside one region? (vectorised)"""
+        arr = np.asarray(pfns, dtype=np.uint64)
+        if not self._regions or npages <= 0:
+            return np.zeros(arr.shape, dtype=bool)
+        idx = np.searchsorted(self._pfn_starts, arr, side="right").astype(np.int64) - 1
+        valid = idx >= 0
+        safe = np.where(valid, idx, 0)
+        ends = self._pfn_ends[safe]
+        n = np.uint64(npages)
+        # pfn + npages <= end, written without overflowing uint64
+        fits = (ends >= n) & (arr <= ends - np.minimum(ends, n))
+        return valid & fits & (arr >= self._pfn_starts[safe])
+
+    def read(self, gpa: int, length: int) -> bytes:
+        r, off = self._find(gpa, length)
+        return r.mm[off : off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        r, off = self._find(gpa, len(data))
+        r.mm[off : off + len(data)] = bytes(data)
+
+    def read_array(self, gpa: int, dtype: np.dtype, count: int) -> np.ndarray:
+        """``count`` items of ``dtype`` at ``gpa`` (a copy: never a view into the mapping)."""
+        data = self.read(gpa, dtype.itemsize * count)
+        return np.frombuffer(data, dtype=dtype, count=count)
+
+    def load_u16(self, gpa: int) -> int:
+        if gpa & 1:
+            raise GuestError(f"{self.name}: unaligned u16 at {gpa:#x}")
+        r, off = self._find(gpa, 2)
+        return int.from_bytes(r.mm[off : off + 2], "little")
+
+    def store_u16(self, gpa: int, value: int) -> None:
+        if gpa & 1:
+            raise GuestError(f"{self.name}: unaligned u16 at {gpa:#x}")
+        r, off = self._find(gpa, 2)
+        r.mm[off : off + 2] = (value & 0xFFFF).to_bytes(2, "little")
+
+    # -- reclaim -------------------------------------------------------------------------
+
+    def _plan(
+        self, pfn_starts: npt.ArrayLike, pfn_counts: npt.ArrayLike
+    ) -> list[tuple[Region, int, int]]:
+        """(region, offset in region, length) pieces, runs clamped to regions, merged."""
+        starts = np.asarray(pfn_starts, dtype=np.uint64)
+        counts = np.asarray(pfn_counts, dtype=np.uint64)
+        pieces: list[tuple[Region, int, int]] = []
+        for s, c in zip(starts.tolist(), counts.tolist(), strict=True):
+            lo, hi = s << PAGE_SHIFT, (s + c) << PAGE_SHIFT
+            for r in self._regions:
+                a, b = max(lo, r.gpa), min(hi, r.gpa + r.size)
+                if a >= b:
+                    continue
+                off, length = a - r.gpa, b - a
+                if pieces and pieces[-1][0] is r and pieces[-1][1] + pieces[-1][2] == off:
+                    prev = pieces.pop()
+                    pieces.append((r, prev[1], prev[2] + length))
+                else:
+                    pieces.append((r, off, length))
+        return pieces
+
+    @staticmethod
+    def _punch(pieces: list[tuple[Region, int, int]]) -> int:
+        done = 0
+        for r, off, length in pieces:
+            try:
+                punch_hole(r.fd, r.spec.mmap_offset + off, length)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise HostResourceError(f"fallocate(PUNCH_HOLE) failed: {exc}") from exc
+                try:
+                    r.mm.madvise(mmap.MADV_REMOVE, r.base + off, length)
+                except OSError as exc2:
+                    raise HostResourceError(f"madvise(MADV_REMOVE) failed: {exc2}") from exc2
+            done += length
+        return done
+
+    def reclaim(self, pfn_starts: npt.ArrayLike, pfn_counts: npt.ArrayLike) -> int:
+        """Punch the pages out of the RAM files now; returns the bytes punched."""
+        done = self._punch(self._plan(pfn_starts, pfn_counts))
+        self.reclaimed_bytes_total += done
+        return done
+
+    async def reclaim_async(self, pfn_starts: npt.ArrayLike, pfn_counts: npt.ArrayLike) -> int:
+        """:meth:`reclaim`, in a worker thread when the run is large."""
+        pieces = self._plan(pfn_starts, pfn_counts)
+        total = sum(p[2] for p in pieces)
+        if total < THREAD_RECLAIM_BYTES:
+            done = self._punch(pieces)
+        else:
+            regions = {id(p[0]): p[0] for p in pieces}.values()
+            for r in regions:
+                r.busy += 1
+            try:
+                done = await trio.to_thread.run_sync(self._punch, pieces)
+            finally:
+                for r in regions:
+                    r.busy -= 1
+                    if r.retired and not r.busy:
+                        r.close()
+                        self._retired.remove(r)
+        self.reclaimed_bytes_total += done
+        return done
+
+    def allocated_bytes(self) -> int:
+        """Bytes the RAM files really occupy (st_blocks), each file counted once."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for r in self._regions:
+            if r.file_key in seen:
+                continue
+            seen.add(r.file_key)
+            total += os.fstat(r.fd).st_blocks * 512
+        return total
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
