@@ -30,6 +30,7 @@ import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -315,7 +316,7 @@ class GuestMemory:
         r, off = self._find(gpa, len(data))
         r.mm[off : off + len(data)] = bytes(data)
 
-    def read_array(self, gpa: int, dtype: np.dtype, count: int) -> np.ndarray:
+    def read_array(self, gpa: int, dtype: np.dtype[Any], count: int) -> np.ndarray[Any, Any]:
         """``count`` items of ``dtype`` at ``gpa`` (a copy: never a view into the mapping)."""
         data = self.read(gpa, dtype.itemsize * count)
         return np.frombuffer(data, dtype=dtype, count=count)
