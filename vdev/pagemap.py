@@ -1,0 +1,214 @@
+"""One-bit-per-page maps of the pages a guest has locked into its balloon.
+
+Two packed bitmaps over the guest's PFN space:
+
+* ``4k``: bit ``pfn`` is set when the 4 KiB page ``pfn`` is locked *as a 4 KiB page*;
+* ``2m``: bit ``frame`` (``frame = pfn >> 9``) is set when the 2 MiB page starting at PFN
+  ``frame * 512`` is locked *as a 2 MiB page*.
+
+The two never overlap (the device refuses such locks), so a 4 KiB page is in the balloon
+when either its own bit or its frame's bit is set. Memory: one bit per 4 KiB page plus one
+bit per 2 MiB frame, i.e. about 32 KiB per GiB of guest-physical address space covered.
+
+The maps cover PFNs ``0 .. capacity-1`` and grow on demand (``ensure``); a PFN beyond the
+capacity is simply "not locked". The capacity is always a multiple of 512 pages so that a
+2 MiB frame is exactly eight ``uint64`` words of the 4 KiB map. Every operation takes numpy
+arrays of PFNs (or frames) and works on them at once; there is no per-page Python loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+PAGES_PER_2M = 512
+FRAME_SHIFT = 9
+_WORDS_PER_FRAME = PAGES_PER_2M // 64  # 8 uint64 words of the 4 KiB map per 2 MiB frame
+#: Growth factor when a lock lands beyond the capacity (bounded over-allocation).
+_GROWTH_NUM, _GROWTH_DEN = 5, 4
+
+BoolArray = npt.NDArray[np.bool_]
+U64Array = npt.NDArray[np.uint64]
+
+
+def _as_u64(values: npt.ArrayLike) -> U64Array:
+    array = np.asarray(values)
+    if array.dtype != np.uint64:
+        if array.size and array.dtype.kind == "i" and int(array.min()) < 0:
+            raise ValueError("page numbers cannot be negative")
+        array = array.astype(np.uint64)
+    return array.reshape(-1)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class PageMap:
+    """Locked 4 KiB pages and locked 2 MiB pages of one guest, one bit each."""
+
+    __slots__ = ("_bits_2m", "_bits_4k", "_count_2m", "_count_4k")
+
+    def __init__(self, capacity: int = 0) -> None:
+        """``capacity``: PFNs to cover from the start (rounded up to a multiple of 512)."""
+        if capacity < 0:
+            raise ValueError("capacity cannot be negative")
+        pages = _round_up(capacity, PAGES_PER_2M)
+        self._bits_4k = np.zeros(pages // 8, dtype=np.uint8)
+        self._bits_2m = np.zeros(_round_up(pages // PAGES_PER_2M, 8) // 8, dtype=np.uint8)
+        self._count_4k = 0
+        self._count_2m = 0
+
+    # ----------------------------------------------------------------------------- size
+
+    @property
+    def capacity(self) -> int:
+        """Number of PFNs covered (a multiple of 512)."""
+        return int(self._bits_4k.size) * 8
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the two bitmaps."""
+        return int(self._bits_4k.nbytes + self._bits_2m.nbytes)
+
+    @property
+    def count_4k(self) -> int:
+        """Pages locked as 4 KiB pages."""
+        return self._count_4k
+
+    @property
+    def count_2m(self) -> int:
+        """2 MiB pages locked."""
+        return self._count_2m
+
+    @property
+    def size(self) -> int:
+        """The balloon size in 4 KiB frames: 4 KiB pages + 512 x 2 MiB pages."""
+        return self._count_4k + PAGES_PER_2M * self._count_2m
+
+    def ensure(self, end_pfn: int) -> None:
+        """Cover at least PFNs ``0 .. end_pfn-1``; grows geometrically (x1.25), keeps bits."""
+        if end_pfn <= self.capacity:
+            return
+        pages = _round_up(max(end_pfn, self.capacity * _GROWTH_NUM // _GROWTH_DEN), PAGES_PER_2M)
+        bits_4k = np.zeros(pages // 8, dtype=np.uint8)
+        bits_4k[: self._bits_4k.size] = self._bits_4k
+        bits_2m = np.zeros(_round_up(pages // PAGES_PER_2M, 8) // 8, dtype=np.uint8)
+        bits_2m[: self._bits_2m.size] = self._bits_2m
+        self._bits_4k, self._bits_2m = bits_4k, bits_2m
+
+    def clear(self) -> None:
+        """Forget every page (the capacity stays)."""
+        self._bits_4k.fill(0)
+        self._bits_2m.fill(0)
+        self._count_4k = 0
+        self._count_2m = 0
+
+    # ------------------------------------------------------------------------- queries
+
+    def test_4k(self, pfns: npt.ArrayLike) -> BoolArray:
+        """Per PFN: locked as a 4 KiB page."""
+        return _test(self._bits_4k, _as_u64(pfns))
+
+    def test_2m(self, frames: npt.ArrayLike) -> BoolArray:
+        """Per 2 MiB frame number (``pfn >> 9``): locked as a 2 MiB page."""
+        return _test(self._bits_2m, _as_u64(frames))
+
+    def covered(self, pfns: npt.ArrayLike) -> BoolArray:
+        """Per PFN: in the balloon, either as a 4 KiB page or inside a locked 2 MiB page."""
+        array = _as_u64(pfns)
+        return _test(self._bits_4k, array) | _test(self._bits_2m, array >> np.uint64(FRAME_SHIFT))
+
+    def any_4k_in_2m(self, frames: npt.ArrayLike) -> BoolArray:
+        """Per 2 MiB frame number: at least one of its 512 pages is locked as a 4 KiB page."""
+        array = _as_u64(frames)
+        words = self._bits_4k.view(np.uint64).reshape(-1, _WORDS_PER_FRAME)
+        inside = array < np.uint64(words.shape[0])
+        result = np.zeros(array.shape, dtype=np.bool_)
+        if inside.any():
+            result[inside] = words[array[inside].astype(np.intp)].any(axis=1)
+        return result
+
+    def locked_4k(self) -> U64Array:
+        """PFNs locked as 4 KiB pages, ascending."""
+        return np.flatnonzero(np.unpackbits(self._bits_4k, bitorder="little")).astype(np.uint64)
+
+    def locked_2m(self) -> U64Array:
+        """Frame numbers (``pfn >> 9``) locked as 2 MiB pages, ascending."""
+        return np.flatnonzero(np.unpackbits(self._bits_2m, bitorder="little")).astype(np.uint64)
+
+    def recount(self) -> tuple[int, int]:
+        """(4 KiB pages, 2 MiB pages) counted from the bitmaps (for checks; O(capacity))."""
+        return (
+            int(np.bitwise_count(self._bits_4k).sum(dtype=np.int64)),
+            int(np.bitwise_count(self._bits_2m).sum(dtype=np.int64)),
+        )
+
+    # ------------------------------------------------------------------------- updates
+
+    def set_4k(self, pfns: npt.ArrayLike) -> int:
+        """Lock 4 KiB pages (grows the map as needed). Returns how many bits were newly set."""
+        array = _as_u64(pfns)
+        if array.size:
+            self.ensure(int(array.max()) + 1)
+        added = _update(self._bits_4k, array, set_bits=True)
+        self._count_4k += added
+        return added
+
+    def clear_4k(self, pfns: npt.ArrayLike) -> int:
+        """Unlock 4 KiB pages. Returns how many bits were cleared."""
+        removed = _update(self._bits_4k, _as_u64(pfns), set_bits=False)
+        self._count_4k -= removed
+        return removed
+
+    def set_2m(self, frames: npt.ArrayLike) -> int:
+        """Lock 2 MiB pages by frame number. Returns how many bits were newly set."""
+        array = _as_u64(frames)
+        if array.size:
+            self.ensure((int(array.max()) + 1) * PAGES_PER_2M)
+        added = _update(self._bits_2m, array, set_bits=True)
+        self._count_2m += added
+        return added
+
+    def clear_2m(self, frames: npt.ArrayLike) -> int:
+        """Unlock 2 MiB pages by frame number. Returns how many bits were cleared."""
+        removed = _update(self._bits_2m, _as_u64(frames), set_bits=False)
+        self._count_2m -= removed
+        return removed
+
+    def __repr__(self) -> str:
+        return (
+            f"PageMap(capacity={self.capacity}, 4k={self._count_4k}, 2m={self._count_2m}, "
+            f"nbytes={self.nbytes})"
+        )
+
+
+def _test(bits: npt.NDArray[np.uint8], index: U64Array) -> BoolArray:
+    inside = index < np.uint64(bits.size * 8)
+    result = np.zeros(index.shape, dtype=np.bool_)
+    if inside.any():
+        idx = index[inside]
+        byte = bits[(idx >> np.uint64(3)).astype(np.intp)]
+        result[inside] = (byte >> (idx & np.uint64(7)).astype(np.uint8)) & np.uint8(1) != 0
+    return result
+
+
+def _update(bits: npt.NDArray[np.uint8], index: U64Array, *, set_bits: bool) -> int:
+    """Set or clear the bits at ``index`` (duplicates allowed); returns how many changed."""
+    inside = index < np.uint64(bits.size * 8)
+    if not inside.all():
+        if set_bits:
+            raise IndexError("page number beyond the map's capacity")
+        index = index[inside]  # clearing a bit that is not there is a no-op
+    if not index.size:
+        return 0
+    byte_index = (index >> np.uint64(3)).astype(np.intp)
+    masks = np.left_shift(np.uint8(1), (index & np.uint64(7)).astype(np.uint8))
+    touched = np.unique(byte_index)
+    before = int(np.bitwise_count(bits[touched]).sum(dtype=np.int64))
+    if set_bits:
+        np.bitwise_or.at(bits, byte_index, masks)
+    else:
+        np.bitwise_and.at(bits, byte_index, np.invert(masks))
+    after = int(np.bitwise_count(bits[touched]).sum(dtype=np.int64))
+    return after - before if set_bits else before - after
