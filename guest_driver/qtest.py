@@ -30,14 +30,16 @@ import base64
 import contextlib
 import logging
 import os
+import shutil
 import socket as pysocket
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from guest_driver.qemu import QemuBinary, Qmp, build_argv, qemu_process, write_hlt_bios
 from guest_driver.virtq import DriverQueue, RingLayout, UsedElem
 from protocol.errors import LocalError
 
@@ -110,16 +112,22 @@ class Qtest:
         cls, stream: trio.abc.Stream, *, intercept: str | None = "ioapic"
     ) -> AsyncIterator[Qtest]:
         qt = cls(stream)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(qt._reader)
-            try:
-                if intercept:
-                    await qt.command(f"irq_intercept_in {intercept}")
-                yield qt
-            finally:
-                nursery.cancel_scope.cancel()
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(qt._reader)
+                try:
+                    if intercept:
+                        await qt.command(f"irq_intercept_in {intercept}")
+                    yield qt
+                finally:
+                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+        except BaseExceptionGroup as eg:
+            # the reader never raises: give the caller its own exception back, not a group
+            if len(eg.exceptions) == 1:
+                raise eg.exceptions[0] from eg.exceptions[0].__cause__
+            raise
 
     async def _reader(self) -> None:
         buf = bytearray()
@@ -781,3 +789,123 @@ async def read_virtio_caps(qt: Qtest, fn: PciFunction) -> list[VirtioCap]:
 def socket_path_ok(path: Path) -> bool:
     """Unix socket paths are limited to 107 bytes."""
     return len(os.fsencode(path)) < 108
+
+
+# --------------------------------------------------------------------------- a qtest VM
+
+
+def rss_shmem_kib(pid: int) -> int:
+    """``RssShmem`` of a process (kB): the shared guest RAM it has mapped and touched."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise LocalError(f"no RssShmem in /proc/{pid}/status")
+
+
+def memfd_allocated_bytes(pid: int, name: str = "memory-backend-memfd") -> int:
+    """Allocated bytes (``st_blocks``) of the memfds named ``name`` that process ``pid`` holds
+    open (QEMU names every ``memory-backend-memfd``'s memfd so)."""
+    seen: set[int] = set()
+    total = 0
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for entry in fd_dir.iterdir():
+        try:
+            target = os.readlink(entry)
+            if not target.startswith(f"/memfd:{name} "):
+                continue
+            st = entry.stat()
+        except OSError:
+            continue
+        if st.st_ino not in seen:
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+    return total
+
+
+@dataclass
+class QtestVm:
+    """A QEMU whose only "CPU" is us: HLT BIOS, qtest connected, QMP optional."""
+
+    qemu: QemuBinary
+    argv: list[str]
+    proc: trio.Process
+    qt: Qtest
+    qmp: Qmp | None
+    dir: Path
+    started: float  # trio.current_time() at exec
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss_shmem_kib(self) -> int:
+        return rss_shmem_kib(self.pid)
+
+    def memfd_bytes(self) -> int:
+        return memfd_allocated_bytes(self.pid)
+
+
+@contextlib.asynccontextmanager
+async def qtest_vm(
+    qemu: QemuBinary,
+    *,
+    devices: Sequence[str] = (),
+    chardevs: Mapping[str, Path] | None = None,
+    ram_mib: int = 256,
+    qmp: bool = True,
+    extra: Sequence[str] = (),
+    scratch: Path | None = None,
+    stderr: int | None = None,
+    timeout: float = 15.0,
+) -> AsyncIterator[QtestVm]:
+    """Start QEMU (TCG, HLT BIOS, memfd RAM share=on, ``-qtest``) and connect to it.
+
+    ``scratch`` is a :meth:`QemuBinary.scratch_dir` (made and removed here when None);
+    chardev sockets must already be listening. QEMU is stopped (SIGTERM) on exit.
+    """
+    own = scratch is None
+    d = qemu.scratch_dir("vbq-") if scratch is None else scratch
+    try:
+        bios = d / "hlt.bin"
+        if not bios.exists():
+            write_hlt_bios(bios)
+        qsock = d / "qtest.sock"
+        listener = await listen_unix(qsock)
+        qmp_sock = d / "qmp.sock" if qmp else None
+        argv = build_argv(
+            qemu,
+            ram_mib=ram_mib,
+            bios=bios,
+            qtest_socket=qsock,
+            qmp_socket=qmp_sock,
+            chardevs=chardevs,
+            devices=devices,
+            extra=extra,
+        )
+        log.info("qtest VM: %s", " ".join(argv))
+        t0 = trio.current_time()
+        try:
+            async with qemu_process(argv, stderr=stderr) as proc:
+                stream: trio.SocketStream | None = None
+                with trio.fail_after(timeout):
+                    while stream is None:
+                        # QEMU exiting before it connects (bad argv) must not hang us
+                        if proc.poll() is not None:
+                            raise LocalError(
+                                f"QEMU exited {proc.returncode} before qtest connected"
+                            )
+                        with trio.move_on_after(0.05):
+                            stream = await listener.accept()
+                async with Qtest.open(stream) as qt:
+                    client = await Qmp.connect(qmp_sock) if qmp_sock is not None else None
+                    try:
+                        yield QtestVm(qemu, argv, proc, qt, client, d, t0)
+                    finally:
+                        if client is not None:
+                            with trio.CancelScope(shield=True):
+                                await client.aclose()
+        finally:
+            await listener.aclose()
+    finally:
+        if own:
+            shutil.rmtree(d, ignore_errors=True)
