@@ -584,6 +584,14 @@ def _build_tree(
             pool_nodes[parent].children.append(node)
         else:
             raise ConfigError(f"pool {name}: parent {parent!r} does not exist")
+    for name in pools:  # a cycle is unreachable from the root, so look for it upwards
+        seen = {name}
+        parent = pools[name].parent
+        while parent is not None and parent in pools:
+            if parent in seen:
+                raise ConfigError(f"pool {name}: pool tree has a cycle through {parent}")
+            seen.add(parent)
+            parent = pools[parent].parent
     vm_nodes: dict[str, _Node] = {}
     bounds: dict[str, VmBounds] = {}
     for name, vm in vms.items():
@@ -596,8 +604,6 @@ def _build_tree(
             pool_nodes[vm.spec.pool].children.append(node)
         else:
             raise ConfigError(f"VM {name}: pool {vm.spec.pool!r} does not exist")
-
-    visiting: set[str] = set()
 
     def settle(node: _Node) -> None:
         """Fill in low/high/cost/shares bottom-up."""
@@ -613,9 +619,6 @@ def _build_tree(
             node.shares = vm.spec.share_count
             node.reservation = vm.spec.reservation_pages
             return
-        if node.name in visiting:
-            raise ConfigError(f"pool {node.name} is its own ancestor")
-        visiting.add(node.name)
         for child in node.children:
             settle(child)
         low_caps = sum(c.low for c in node.children)
@@ -681,7 +684,7 @@ def limit_targets(
     """Balloon targets with no host pressure: only limits, pool limits and manual targets."""
     root, vm_nodes, _ = _build_tree(vms, pools, settings)
     kept = _distribute(root, 0)
-    return {name: vms[name].spec.size_pages - kept[name][0] for name in vm_nodes}
+    return {name: vms[name].spec.size_pages - kept[name] for name in vm_nodes}
 
 
 def compute_entitlements(
@@ -707,17 +710,19 @@ def compute_entitlements(
         vm = vms[name]
         b = bounds[name]
         size = vm.spec.size_pages
-        target = size - final[name][0]
-        base_target = size - base[name][0]
+        target = size - final[name]
+        base_target = size - base[name]
         own_wanted = b.limit_pages
         if own_wanted > b.max_pages:
             unmet += own_wanted - b.max_pages
         if vm.manual_target_pages is not None:
             reason = b.max_reason if own_wanted > b.max_pages else "manual"
-        elif own_wanted > b.max_pages or (target > base_target and final[name][1]):
+        elif own_wanted > b.max_pages:
             reason = b.max_reason
         elif target > base_target:
-            reason = f"pressure:{state.value}"
+            # At the cap the water level may have wanted more (and the rest went elsewhere
+            # or is unmet); say so rather than just "pressure".
+            reason = b.max_reason if target >= b.max_pages else f"pressure:{state.value}"
         elif target > own_wanted:
             reason = "pool-limit"
         elif target > 0:
@@ -736,22 +741,21 @@ def _pool_limit_unmet(node: _Node) -> int:
     return own + sum(_pool_limit_unmet(c) for c in node.children)
 
 
-def _distribute(root: _Node, reclaim: int) -> dict[str, tuple[int, bool]]:
-    """Pages each VM keeps, and whether it ended pinned at its cap, when the root gives up
-    ``reclaim`` pages beyond the limits."""
-    out: dict[str, tuple[int, bool]] = {}
+def _distribute(root: _Node, reclaim: int) -> dict[str, int]:
+    """Pages each VM keeps when the root gives up ``reclaim`` pages beyond the limits."""
+    out: dict[str, int] = {}
 
-    def visit(node: _Node, keep: int, pinned: bool) -> None:
+    def visit(node: _Node, keep: int) -> None:
         if node.vm is not None:
-            out[node.vm] = (keep, pinned)
+            out[node.vm] = keep
             return
         children = node.children
         items = [FillItem(c.low, c.high, c.shares / c.cost) for c in children]
-        kept, child_pinned = water_fill(items, sum(c.high for c in children) - keep)
-        for child, k, p in zip(children, kept, child_pinned, strict=True):
-            visit(child, k, p)
+        kept, _ = water_fill(items, sum(c.high for c in children) - keep)
+        for child, k in zip(children, kept, strict=True):
+            visit(child, k)
 
-    visit(root, max(root.low, root.high - reclaim), False)
+    visit(root, max(root.low, root.high - reclaim))
     return out
 
 
