@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import construct as cs
@@ -39,7 +40,7 @@ def parse(fmt: cs.Construct, data: bytes | bytearray | memoryview, what: str) ->
     """Parse with construct, turning its exceptions into :class:`FormatError`."""
     try:
         return fmt.parse(bytes(data))
-    except cs.ConstructError as exc:
+    except (cs.ConstructError, struct.error) as exc:
         raise FormatError(f"malformed {what}: {exc}") from None
 
 
@@ -47,5 +48,6 @@ def build(fmt: cs.Construct, value: Any, what: str) -> bytes:
     """Build with construct, turning its exceptions into :class:`FormatError`."""
     try:
         return bytes(fmt.build(value))
-    except (cs.ConstructError, ValueError, TypeError, OverflowError) as exc:
+    except (cs.ConstructError, struct.error, ValueError, TypeError, OverflowError) as exc:
+        # compiled structs (``.compile()``) raise struct.error for out-of-range integers
         raise FormatError(f"cannot build {what}: {exc}") from None

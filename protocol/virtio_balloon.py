@@ -25,7 +25,9 @@ CONFIG_SIZE = CONFIG.sizeof()  # 16
 BASIC_CONFIG_SIZE = 8
 
 PFN = cs.Int32ul
-PFN_DTYPE: np.dtype[Any] = np.dtype(PFN.fmtstr)
+# Not np.dtype(PFN.fmtstr): struct's "L" is 4 bytes, numpy's is a C long (8 bytes on x86-64).
+PFN_DTYPE: np.dtype[Any] = np.dtype(f"{PFN.fmtstr[0]}u{PFN.sizeof()}")
+assert PFN_DTYPE.itemsize == PFN.sizeof()
 
 STAT = cs.Struct("tag" / cs.Int16ul, "val" / cs.Int64ul)  # packed: 10 bytes
 STAT_SIZE = STAT.sizeof()
