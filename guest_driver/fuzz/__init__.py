@@ -1,0 +1,1 @@
+"""Fuzzers: frames (protocol/ parsers), device (the sans-I/O model), wire (a live vdev)."""

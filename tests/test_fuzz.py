@@ -1,0 +1,146 @@
+"""The fuzzers: engines, oracles, bounded smoke runs, and every saved reproducer replayed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guest_driver.fuzz import frames
+from guest_driver.fuzz.corpus import REGRESSION_DIR, REPO, Draw, Finding, Reproducer
+from guest_driver.fuzz.engine import builtin_fuzz, load_target, minimise, run_one, signature
+
+REPRODUCERS = sorted(REGRESSION_DIR.glob("*.json"))
+
+
+def _known_open() -> set[str]:
+    """Signatures of the findings we know of and have not fixed yet."""
+    out = set()
+    for path in REPRODUCERS:
+        rep = Reproducer.load(path)
+        if rep.status == "open":
+            exc = run_one(load_target(rep.target), rep.data) if rep.target != "wire" else None
+            if exc is not None:
+                out.add(signature(exc))
+    return out
+
+
+def _replay_params() -> list[object]:
+    params: list[object] = []
+    for path in REPRODUCERS:
+        rep = Reproducer.load(path)
+        marks = []
+        if rep.status == "open":
+            marks.append(pytest.mark.xfail(strict=True, reason=rep.note or rep.error))
+        params.append(pytest.param(path, marks=marks, id=path.stem))
+    return params
+
+
+@pytest.mark.parametrize("path", _replay_params())
+def test_reproducer_replays_clean(path: Path) -> None:
+    """Every saved reproducer: fixed ones must pass; open ones must still fail (xfail strict)."""
+    rep = Reproducer.load(path)
+    target = load_target(rep.target)
+    session = getattr(target, "session", None)
+    if session is not None:
+        with session():
+            exc = run_one(target, rep.data)
+    else:
+        exc = run_one(target, rep.data)
+    if exc is not None:
+        raise exc
+
+
+def test_reproducer_json_roundtrip(tmp_path: Path) -> None:
+    rep = Reproducer("frames", b"\x00\xff", error="E", note="n", status="fixed")
+    assert Reproducer.load(rep.save(tmp_path)) == rep
+
+
+def test_draw_is_total() -> None:
+    d = Draw(b"\x05\x01")
+    assert d.below(3) == 2
+    assert d.u8() == 1
+    assert d.u64() == 0  # past the end: zeros, never an exception
+    assert d.choice("abc") == "a"
+    assert d.between(7, 7) == 7
+    assert d.remaining == 0
+
+
+def test_frames_seeds_are_valid() -> None:
+    for seed in frames.seeds():
+        frames.one_input(seed)
+
+
+def test_frames_oracle_accepts_declared_errors() -> None:
+    for i in range(len(frames.PARSERS)):
+        for tail in (b"", b"\x00", b"\xff" * 3, b"\xff" * 300):
+            exc = run_one(frames, bytes([i]) + tail)
+            assert exc is None or isinstance(exc, Finding), exc
+
+
+def test_frames_oracle_flags_undeclared_exceptions(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(data: bytes) -> None:
+        raise IndexError("x")
+
+    bad = frames.Parser("bad", boom, b"")
+    monkeypatch.setattr(frames, "PARSERS", [bad])
+    with pytest.raises(Finding, match="undeclared IndexError"):
+        frames.one_input(b"\x00abc")
+
+
+def test_minimise_keeps_the_signature() -> None:
+    class T:
+        @staticmethod
+        def one_input(data: bytes) -> None:
+            if b"\x07" in data:
+                raise Finding("seven: here")
+
+    data = bytes(range(40))
+    small = minimise(T, data, "Finding:seven")  # type: ignore[arg-type]
+    assert small == b"\x07"
+
+
+def test_builtin_engine_on_frames(tmp_path: Path) -> None:
+    stats = builtin_fuzz(
+        frames, seconds=2.0, corpus=frames.seeds(), seed=3, crash_dir=tmp_path, guided=True
+    )
+    assert stats.execs > 100
+    assert int(stats.coverage.split()[0]) > 50
+    known = _known_open()
+    for path in stats.findings:
+        rep = Reproducer.load(path)
+        exc = run_one(frames, rep.data)
+        assert exc is not None and signature(exc) in known, f"new finding: {rep.error}"
+
+
+@pytest.mark.timeout(120)
+def test_frames_smoke_atheris(tmp_path: Path) -> None:
+    """A few seconds of the real CLI; anything it finds must be a known, still-open bug."""
+    pytest.importorskip("atheris")
+    proc = subprocess.run(
+        [sys.executable, "-m", "guest_driver.fuzz", "frames", "--time", "4",
+         "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes")],
+        capture_output=True, text=True, cwd=REPO, timeout=100, check=False,
+    )  # fmt: skip
+    print(proc.stdout, proc.stderr[-2000:])
+    assert "fuzz frames [atheris]" in proc.stdout
+    execs = int(proc.stdout.split("]: ")[1].split()[0])
+    assert execs > 1000
+    known = _known_open()
+    for path in (tmp_path / "crashes").glob("*.json"):
+        rep = Reproducer.load(path)
+        exc = run_one(frames, rep.data)
+        assert exc is not None and signature(exc) in known, f"new finding: {rep.error}"
+
+
+def test_replay_cli_reports_open_reproducer(tmp_path: Path) -> None:
+    rep = Reproducer("frames", bytes([0]) + bytes(23), status="fixed")
+    path = rep.save(tmp_path)
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "fuzz"), "replay", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "passes" in proc.stdout
