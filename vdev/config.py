@@ -1,0 +1,361 @@
+"""The `vdev serve` configuration file (TOML): control-plane options, advanced settings, pools
+and per-VM memory configuration. Command-line flags override the file.
+
+```toml
+[serve]
+api_socket = "/run/vballoon/vdev.api"   # default: <first vhost-user socket>.api
+api_socket_mode = "0600"                # octal string or integer
+policy_period = 1.0                     # seconds between policy steps
+host_memory = "16G"                     # simulated host of this size; omit for the real host
+history = 3600                          # points kept per VM for `vdev plot`
+rate_window = 10.0                      # seconds over which inflate/deflate rates are computed
+
+[settings]                              # ESXi-style advanced settings (GET /settings)
+"/Mem/CtlMaxPercent" = 65
+[settings.VBalloon]                     # nested tables work too: /VBalloon/InflateRatePagesPerSec
+InflateRatePagesPerSec = 16384
+
+[pools.gold]                            # a resource pool (vSphere resource management)
+parent = "prod"                         # optional
+reservation = "1G"
+limit = "8G"
+shares = "high"                         # low | normal | high | an integer
+expandable_reservation = true
+
+[vms.vm0]                               # keyed by guest name (vm0.. or --name)
+memory = "4G"                           # configured size when no guest is connected yet
+reservation = "512M"
+limit = "3G"                            # a limit balloons even on an idle host
+shares = "normal"
+maxmemctl = "1G"                        # sched.mem.maxmemctl
+pool = "gold"
+active_fraction = 0.5                   # fixed active-memory estimate (else from guest stats)
+```
+
+Sizes are bytes (integers) or strings with a binary suffix: ``512M``, ``4G``, ``4GiB``, ``1.5T``
+(K/M/G/T are powers of 1024; a trailing ``B`` or ``iB`` is accepted).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ConfigError
+from vdev.policy import (
+    PAGE_SIZE,
+    PolicyEngine,
+    PolicySettings,
+    PoolSpec,
+    Shares,
+    SharesLevel,
+    VmSpec,
+)
+
+__all__ = [
+    "ControlConfig",
+    "VmConfig",
+    "format_size",
+    "load_config",
+    "parse_config",
+    "parse_shares",
+    "parse_size",
+]
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGTP]?)(?:I?B)?\s*$", re.I)
+
+
+def parse_size(value: object, what: str = "size") -> int:
+    """Bytes from an integer or a string such as ``"4G"``, ``"512MiB"``, ``"1.5T"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{what}: a size must be >= 0, got {value}")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{what}: a size must be a finite number >= 0, got {value}")
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m is None:
+            raise ConfigError(
+                f"{what}: cannot parse size {value!r} (examples: 4096, 512M, 4G, 1.5GiB)"
+            )
+        return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise ConfigError(f"{what}: expected a size, got {value!r}")
+
+
+def format_size(nbytes: int | float) -> str:
+    """``1536 MiB`` -> ``"1.5G"``: the shortest binary-suffixed form, for tables."""
+    value = float(nbytes)
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(value) < 1024 or suffix == "T":
+            if suffix == "":
+                return f"{int(value)}"
+            return f"{value:.1f}{suffix}".replace(".0" + suffix, suffix)
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_shares(value: object, what: str = "shares") -> Shares:
+    if isinstance(value, str):
+        try:
+            return SharesLevel[value.upper()]
+        except KeyError:
+            pass
+        raise ConfigError(f"{what}: expected low, normal, high or an integer, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ConfigError(f"{what}: expected low, normal, high or an integer >= 0, got {value!r}")
+
+
+def _pages(value: object, what: str) -> int:
+    return parse_size(value, what) // PAGE_SIZE
+
+
+def _octal(value: object, what: str) -> int:
+    if isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ConfigError(
+                f'{what}: expected an octal mode like "0600", got {value!r}'
+            ) from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise ConfigError(f'{what}: expected an octal mode like "0600", got {value!r}')
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{what}: mode out of range: {oct(mode)}")
+    return mode
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """Per-VM configuration; sizes in pages. ``memory_pages`` None: use the guest's RAM."""
+
+    memory_pages: int | None = None
+    reservation_pages: int = 0
+    limit_pages: int | None = None
+    shares: Shares = SharesLevel.NORMAL
+    max_memctl_pages: int | None = None
+    pool: str | None = None
+    active_fraction: float | None = None
+
+    def spec(self, ram_pages: int) -> VmSpec | None:
+        """The policy's VmSpec, sized by the guest's RAM if known, else by ``memory``.
+
+        None when neither is known (a guest that never connected and has no ``memory``).
+        """
+        size = ram_pages if ram_pages > 0 else (self.memory_pages or 0)
+        if size <= 0:
+            return None
+        return VmSpec(
+            size_pages=size,
+            reservation_pages=min(self.reservation_pages, size),
+            limit_pages=self.limit_pages,
+            shares=self.shares,
+            max_memctl_pages=self.max_memctl_pages,
+            pool=self.pool,
+        )
+
+
+@dataclass
+class ControlConfig:
+    """Everything the control plane needs, from the file and then the flags."""
+
+    api_socket: str | None = None
+    api_socket_mode: int = 0o600
+    policy_period: float = 1.0
+    host_memory: int | None = None  # bytes; None: sample the real host
+    history: int = 3600
+    rate_window: float = 10.0
+    settings: PolicySettings = field(default_factory=PolicySettings)
+    pools: list[PoolSpec] = field(default_factory=list)
+    vms: dict[str, VmConfig] = field(default_factory=dict)
+
+    def vm(self, name: str) -> VmConfig:
+        return self.vms.get(name, VmConfig())
+
+    def override(
+        self,
+        *,
+        api_socket: str | None = None,
+        host_memory: int | None = None,
+        policy_period: float | None = None,
+    ) -> ControlConfig:
+        """Flags win over the file (None: not given on the command line)."""
+        if api_socket is not None:
+            self.api_socket = api_socket
+        if host_memory is not None:
+            self.host_memory = host_memory
+        if policy_period is not None:
+            self.policy_period = policy_period
+        self.check()
+        return self
+
+    def check(self) -> None:
+        if not (math.isfinite(self.policy_period) and self.policy_period > 0):
+            raise ConfigError(f"policy period must be > 0 seconds, got {self.policy_period}")
+        if not (math.isfinite(self.rate_window) and self.rate_window > 0):
+            raise ConfigError(f"rate_window must be > 0 seconds, got {self.rate_window}")
+        if self.history < 2:
+            raise ConfigError(f"history must keep at least 2 points, got {self.history}")
+        if self.host_memory is not None and self.host_memory <= 0:
+            raise ConfigError(f"host memory must be > 0, got {self.host_memory}")
+
+
+def _flatten_settings(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        path = key if key.startswith("/") else f"{prefix}/{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten_settings(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(allowed))}"
+        )
+
+
+def _table(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
+    return value
+
+
+_SERVE_KEYS = {
+    "api_socket",
+    "api_socket_mode",
+    "policy_period",
+    "host_memory",
+    "history",
+    "rate_window",
+}
+_POOL_KEYS = {"parent", "reservation", "limit", "shares", "expandable_reservation"}
+_VM_KEYS = {"memory", "reservation", "limit", "shares", "maxmemctl", "pool", "active_fraction"}
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{what}: expected a number, got {value!r}")
+    return float(value)
+
+
+def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfig:
+    """A ControlConfig from a parsed TOML document; ConfigError names the bad key."""
+    _check_keys(doc, {"serve", "settings", "pools", "vms"}, source)
+    cfg = ControlConfig()
+    serve = _table(doc.get("serve", {}), f"{source} [serve]")
+    _check_keys(serve, _SERVE_KEYS, f"{source} [serve]")
+    if "api_socket" in serve:
+        if not isinstance(serve["api_socket"], str) or not serve["api_socket"]:
+            raise ConfigError(f"{source} [serve] api_socket: expected a path")
+        cfg.api_socket = serve["api_socket"]
+    if "api_socket_mode" in serve:
+        cfg.api_socket_mode = _octal(serve["api_socket_mode"], f"{source} [serve] api_socket_mode")
+    if "policy_period" in serve:
+        cfg.policy_period = _number(serve["policy_period"], f"{source} [serve] policy_period")
+    if "host_memory" in serve:
+        cfg.host_memory = parse_size(serve["host_memory"], f"{source} [serve] host_memory")
+    if "history" in serve:
+        h = serve["history"]
+        if isinstance(h, bool) or not isinstance(h, int):
+            raise ConfigError(f"{source} [serve] history: expected an integer, got {h!r}")
+        cfg.history = h
+    if "rate_window" in serve:
+        cfg.rate_window = _number(serve["rate_window"], f"{source} [serve] rate_window")
+
+    settings = PolicySettings()
+    for path, value in _flatten_settings(_table(doc.get("settings", {}), "[settings]")).items():
+        settings.set(path, value)  # ConfigError names the path
+    cfg.settings = settings
+
+    pools = _table(doc.get("pools", {}), f"{source} [pools]")
+    for name, raw in pools.items():
+        where = f"{source} [pools.{name}]"
+        t = _table(raw, where)
+        _check_keys(t, _POOL_KEYS, where)
+        parent = t.get("parent")
+        if parent is not None and not isinstance(parent, str):
+            raise ConfigError(f"{where} parent: expected a pool name")
+        expandable = t.get("expandable_reservation", True)
+        if not isinstance(expandable, bool):
+            raise ConfigError(f"{where} expandable_reservation: expected true or false")
+        cfg.pools.append(
+            PoolSpec(
+                name=name,
+                parent=parent,
+                reservation_pages=_pages(t.get("reservation", 0), f"{where} reservation"),
+                limit_pages=None if "limit" not in t else _pages(t["limit"], f"{where} limit"),
+                shares=parse_shares(t.get("shares", "normal"), f"{where} shares"),
+                expandable_reservation=expandable,
+            )
+        )
+
+    vms = _table(doc.get("vms", {}), f"{source} [vms]")
+    for name, raw in vms.items():
+        where = f"{source} [vms.{name}]"
+        t = _table(raw, where)
+        _check_keys(t, _VM_KEYS, where)
+        pool = t.get("pool")
+        if pool is not None and not isinstance(pool, str):
+            raise ConfigError(f"{where} pool: expected a pool name")
+        active = t.get("active_fraction")
+        if active is not None:
+            active = _number(active, f"{where} active_fraction")
+            if not 0.0 <= active <= 1.0:
+                raise ConfigError(f"{where} active_fraction: must be in 0..1, got {active}")
+        vm = VmConfig(
+            memory_pages=None if "memory" not in t else _pages(t["memory"], f"{where} memory"),
+            reservation_pages=_pages(t.get("reservation", 0), f"{where} reservation"),
+            limit_pages=None if "limit" not in t else _pages(t["limit"], f"{where} limit"),
+            shares=parse_shares(t.get("shares", "normal"), f"{where} shares"),
+            max_memctl_pages=None
+            if t.get("maxmemctl", -1) == -1
+            else _pages(t["maxmemctl"], f"{where} maxmemctl"),
+            pool=pool,
+            active_fraction=active,
+        )
+        if vm.memory_pages is not None:  # reservation and limit against the configured size
+            VmSpec(
+                size_pages=max(1, vm.memory_pages),
+                reservation_pages=vm.reservation_pages,
+                limit_pages=vm.limit_pages,
+                max_memctl_pages=vm.max_memctl_pages,
+            )
+        cfg.vms[name] = vm
+    known_pools = {p.name for p in cfg.pools}
+    for name, vm in cfg.vms.items():
+        if vm.pool is not None and vm.pool not in known_pools:
+            raise ConfigError(f"{source} [vms.{name}] pool: no pool named {vm.pool!r}")
+    PolicyEngine(cfg.settings, cfg.pools)  # validates parents, cycles and reservations
+    cfg.check()
+    return cfg
+
+
+def load_config(path: str | Path) -> ControlConfig:
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    return parse_config(doc, str(p))
