@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from guest_driver.virtq import Buffer, DriverQueue, RingLayout
 from protocol import virtio_balloon as vb
+from vdev.device import DeviceContext, get_personality
 from vdev.device_virtio_balloon import (
     CONFIG_SIZE,
     DEFLATEQ,
@@ -17,11 +23,14 @@ from vdev.device_virtio_balloon import (
     INFLATEQ,
     STATSQ,
     VirtioBalloon,
+    VirtioBalloonDevice,
     build_stats,
     parse_stats,
     pfn_array,
 )
+from vdev.memory import GuestMemory, RegionSpec
 from vdev.ram import BytearrayRam
+from vdev.virtq import VirtQueue
 
 MIB = 1 << 20
 
@@ -141,3 +150,84 @@ def test_map_matches_a_set(inflate: list[int], deflate: list[int]) -> None:
 
 def test_parse_stats_empty() -> None:
     assert all(v == -1 for v in parse_stats(b"").values())
+
+
+# ---------------------------------------------------------------- behind the Device interface
+
+
+class MemPort:
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+
+    async def read(self, gpa: int, n: int) -> bytes:
+        return self.mem.read(gpa, n)
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        self.mem.write(gpa, data)
+
+
+UVA = 0x7F00_0000_0000
+
+
+@pytest.fixture
+def gmem() -> Iterator[GuestMemory]:
+    fd = os.memfd_create("vb")
+    os.ftruncate(fd, 8 * MIB)
+    m = GuestMemory("vb")
+    m.set_table([RegionSpec(0, 8 * MIB, UVA, 0)], [fd])
+    yield m
+    m.close()
+
+
+async def rig(mem: GuestMemory) -> tuple[VirtioBalloonDevice, list[DriverQueue]]:
+    drivers, queues = [], []
+    for i in range(3):
+        lay = RingLayout.contiguous(0x10000 + i * 0x4000, 16)
+        drv = DriverQueue(MemPort(mem), lay)
+        await drv.init()
+        q = VirtQueue(i)
+        q.set_num(16)
+        q.set_base(0)
+        q.set_addr(mem, UVA + lay.desc, UVA + lay.used, UVA + lay.avail)
+        q.started = q.enabled = True
+        drivers.append(drv)
+        queues.append(q)
+    dev = VirtioBalloonDevice(DeviceContext("vm0", mem, queues), target=0)
+    dev.rings_changed()
+    return dev, drivers
+
+
+async def test_device_inflate_reclaims_and_stats_rewind(gmem: GuestMemory) -> None:
+    with trio.fail_after(10):
+        dev, drv = await rig(gmem)
+        assert get_personality("virtio-balloon") is VirtioBalloonDevice
+        assert dev.set_target(64).config_changed
+        gmem.write(0x400000, b"\x5a" * (64 * 4096))
+        pfns = np.arange(0x400, 0x440, dtype=np.uint32)
+        ring_pfn = 0x10  # a ring page: never reclaimed
+        gmem.write(0x100000, np.append(pfns, ring_pfn).astype("<u4").tobytes())
+        before = gmem.allocated_bytes()
+        head = await drv[INFLATEQ].add([Buffer(0x100000, 65 * 4)])
+        work = dev.kick(INFLATEQ)
+        assert work.completions == [(INFLATEQ, head, 0)] and work.popped == 1
+        [rec] = work.reclaims
+        assert rec.runs() == [(0x400, 64)]
+        gmem.reclaim(rec.pfn_starts, rec.pfn_counts)
+        assert before - gmem.allocated_bytes() == 64 * 4096
+        assert gmem.read(0x400000, 8) == bytes(8)
+        assert dev.status().size_pages == 64
+        assert dev.status().counters["inflate ignored: pinned"] == 1
+        dev.write_config(0, struct.pack("<II", 0, 64), migration=False)
+        assert dev.read_config(0, 8) == struct.pack("<II", 64, 64)
+        # stats: held, then given back on request; a stop while held rewinds the ring
+        gmem.write(0x200000, build_stats({vb.StatTag.MEMFREE: 5}))
+        sh = await drv[STATSQ].add([Buffer(0x200000, 10)])
+        assert dev.kick(STATSQ).completions == []
+        assert dev.status().guest_stats["stat-free-memory"] == 5
+        dev.queue_stopped(STATSQ)
+        assert dev.ctx.queues[STATSQ].stop() == 0  # the held head will be popped again
+        dev.ctx.queues[STATSQ].started = True
+        dev.ctx.queues[STATSQ].set_base(0)
+        assert dev.kick(STATSQ).completions == []
+        assert dev.request_stats().completions == [(STATSQ, sh, 0)]
+        assert dev.request_stats().completions == []

@@ -37,6 +37,9 @@ Decisions:
   :meth:`queue_stopped` returns 1: the server reports ``last_avail_idx - 1`` so that the
   held head is popped again after a restart. Otherwise the guest's only stats buffer would
   be lost and stats would stop forever.
+* ``demand_reset`` (operator): virtio has no way to make a driver start over, so the device
+  forgets its map (the guest's pages stay reclaimed; deflating them later is acked as
+  usual) and raises a config change so the guest re-reads the target.
 * Device reset (the driver wrote status 0) keeps the page map: Linux keeps its balloon pages
   across a freeze/restore and reports them in ``actual`` again; the pages stay reclaimed.
   The connection closing forgets everything (the object goes away).
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,6 +61,7 @@ from protocol import virtio_balloon as vb
 from protocol.errors import ConfigError
 
 from .balloon import Reclaim, coalesce
+from .device import Device, DeviceContext, DeviceStatus, Work
 from .pagemap import PageMap
 
 log = logging.getLogger(__name__)
@@ -348,3 +353,91 @@ class VirtioBalloon:
             "stats_last_update": self.stats_last_update,
             "counters": dict(self.counters),
         }
+
+
+class VirtioBalloonDevice(Device):
+    """:class:`VirtioBalloon` behind the server's :class:`~vdev.device.Device` interface."""
+
+    name = "virtio-balloon"
+    backend_type = "balloon"
+    num_queues = NUM_QUEUES
+    features = DEVICE_FEATURES
+    config_size = CONFIG_SIZE
+
+    def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
+        super().__init__(ctx, target=target)
+        self.core = VirtioBalloon(target=target)
+        self.shutting_down = False
+        self.forgotten = 0
+
+    # -- guest side ----------------------------------------------------------------------
+
+    def kick(self, index: int) -> Work:
+        if not 0 <= index < len(self.ctx.queues):
+            return Work()
+        q, mem = self.ctx.queues[index], self.ctx.memory
+        chains = q.pop(mem)
+        work = Work(popped=len(chains))
+        if not chains:
+            return work
+        out = self.core.process(index, chains, mem, now=_now())
+        work.completions = [(index, head, n) for head, n in out.completions]
+        if out.reclaim is not None:
+            work.reclaims.append(out.reclaim)
+        return work
+
+    def rings_changed(self) -> None:
+        self.core.set_pinned("rings", [r for q in self.ctx.queues for r in q.pinned_pfns()])
+
+    def queue_stopped(self, index: int) -> None:
+        rewind = self.core.queue_stopped(index)
+        if rewind and index < len(self.ctx.queues):
+            q = self.ctx.queues[index]
+            q.last_avail_idx = (q.last_avail_idx - rewind) & 0xFFFF
+            log.info(
+                "%s: statsq stopped holding the stats buffer: rewound by %d", self.ctx.name, rewind
+            )
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return self.core.read_config(offset, size)
+
+    def write_config(self, offset: int, data: bytes, *, migration: bool) -> Work:
+        self.core.write_config(offset, data)
+        return Work()
+
+    # -- operator side -------------------------------------------------------------------
+
+    def set_target(self, pages: int) -> Work:
+        return Work(config_changed=self.core.set_target(pages))
+
+    def request_stats(self) -> Work:
+        """Give the held stats buffer back so the driver sends fresh stats."""
+        head = self.core.request_stats()
+        return Work() if head is None else Work(completions=[(STATSQ, head, 0)])
+
+    def demand_reset(self) -> Work:
+        self.forgotten += self.core.size
+        self.core.pages.clear()
+        return Work(config_changed=True)
+
+    def shutdown(self) -> None:
+        # a virtio balloon cannot answer BUSY: buffers keep being acked until the end
+        self.shutting_down = True
+
+    def status(self) -> DeviceStatus:
+        c = self.core
+        counters = dict(c.counters)
+        counters["actual"] = c.actual
+        counters["forgotten (4k)"] = self.forgotten
+        counters["stats held"] = int(c.held_stats is not None)
+        return DeviceStatus(
+            size_pages=c.size,
+            target_pages=c.target,
+            capabilities=c.negotiated,
+            counters=counters,
+            guest_stats=dict(c.guest_stats),
+        )
+
+
+def _now() -> float:
+    return time.time()  # host epoch seconds, like QEMU's guest-stats "last-update"
