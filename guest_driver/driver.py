@@ -1,0 +1,551 @@
+"""The guest balloon driver core: Linux ``drivers/misc/vmw_balloon.c``, without the kernel.
+
+Sans-I/O: the core owns the balloon's state (reset flag, negotiated capabilities, target,
+size, the ballooned pages, the statistics) and the algorithm; every exchange with the
+device goes through an injected :class:`~guest_driver.transport.Transport` (``command``,
+guest-RAM ``read``/``write`` for the batch page, ``wait_event``), and pages come from an
+injected :class:`PageSource` (the guest memory model). The core never imports trio and
+never touches a socket, a file or a clock of its own (the clock is injected too).
+
+Shape: ``await driver.work()`` is ``vmballoon_work()`` (one tick: reset when required,
+GET_TARGET, inflate or deflate); ``await driver.run()`` repeats it every ``poll_interval``
+seconds or as soon as the doorbell rings; ``await driver.close()`` is ``vmballoon_exit()``;
+``await driver.shrink(n)`` is the optional shrinker's ``scan_objects``.
+
+Behaviour followed from vmw_balloon.c (the newest mainline version), function by function:
+
+* ``_reset``      = vmballoon_reset: doorbell unset, pop (no UNLOCK), START(caps), batching
+                    set-up or START(0), ``reset`` stat, flag cleared, doorbell set, GUEST_ID.
+* ``_change``     = vmballoon_change: 0 while resetting; 512-frame deflate hysteresis unless
+                    the target is 0; no inflation within 5 s of a shrink.
+* ``_inflate``    = vmballoon_inflate: largest page size first, batches of up to 512 pages,
+                    ``>= 16`` refused pages or an allocation failure -> next smaller size, the
+                    refused 2 MiB pages split into 4 KiB candidates; whole-batch error stops.
+* ``_deflate``    = vmballoon_deflate: 4 KiB first, then 2 MiB; pages the host refused to
+                    unlock go back into the balloon.
+* ``_lock``       = vmballoon_lock: whole-batch failure overrides every entry's status.
+* ``_cmd``        = __vmballoon_cmd: per-command counters, the target taken from every
+                    successful target-carrying response at once, ERROR_RESET sets the flag.
+
+Deliberate differences (see also ``render_debugfs``):
+
+* Statistics are always counted (Linux counts only after debugfs was first read).
+* ``_pop`` releases both page sizes whatever the negotiated capabilities are. Linux's pop
+  calls vmballoon_deflate, which stops at ``max_page_size``; after the START(0) of module
+  exit that is 4 KiB, so a balloon still holding 2 MiB pages would loop for ever.
+* The shrinker bails out (like ``down_read_trylock`` failing) whenever a tick is running,
+  not only during a reset: here one task could otherwise interleave with another between
+  the write of the shared batch page and the command that consumes it.
+* Entry PFNs are taken from the driver's own list, not read back from the batch page.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol import vmw
+from protocol.vmw import (
+    ALL_CAPABILITIES,
+    COMMAND_DEBUGFS_NAME,
+    Capability,
+    Command,
+    EventKind,
+    GuestType,
+    Request,
+    Response,
+    Status,
+)
+
+from .guest_memory import PAGE_SIZE, PAGES_PER_2M, PageSize
+from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+I64Array = npt.NDArray[np.int64]
+
+MAX_REFUSED = 16  # VMW_BALLOON_MAX_REFUSED
+SHRINK_DELAY = 5.0  # VMBALLOON_SHRINK_DELAY, seconds
+BATCH_MAX_PAGES = vmw.BATCH_MAX_ENTRIES  # PAGE_SIZE / sizeof(struct vmballoon_batch_entry)
+
+STAT_NAMES = ("timer", "doorbell", "reset", "shrink", "shrinkFree")
+PAGE_STAT_NAMES = ("alloc", "allocFail", "errAlloc", "errFree", "free")
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class PageSource(Protocol):
+    """What the core needs of the guest's memory (see guest_memory.GuestMemory)."""
+
+    @property
+    def total_pages(self) -> int: ...
+
+    @property
+    def batch_pfn(self) -> int | None: ...
+
+    def alloc_balloon(self, size: PageSize, n: int) -> I64Array: ...
+
+    def free_balloon(self, size: PageSize, firsts: npt.ArrayLike) -> None: ...
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    capabilities: Capability = ALL_CAPABILITIES  # VMW_BALLOON_CAPABILITIES, 0x3e
+    poll_interval: float = 1.0  # the work item's period (round_jiffies_relative(HZ))
+    guest_type: GuestType = GuestType.LINUX
+    shrinker: bool = False  # vmwballoon_shrinker_enable
+    shrink_delay: float = SHRINK_DELAY
+
+
+@dataclass
+class Stats:
+    """The counters of Linux's debugfs file, by the names it prints."""
+
+    ops: dict[Command, list[int]] = field(
+        default_factory=lambda: {c: [0, 0] for c in COMMAND_DEBUGFS_NAME}
+    )
+    general: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAT_NAMES, 0))
+    pages: dict[str, list[int]] = field(
+        default_factory=lambda: {n: [0, 0] for n in PAGE_STAT_NAMES}
+    )
+
+    def page_inc(self, name: str, size: PageSize, n: int = 1) -> None:
+        self.pages[name][size] += n
+
+
+class _PfnStack:
+    """A LIFO of PFNs (Linux's balloon page lists are LIFO), kept as numpy chunks."""
+
+    def __init__(self) -> None:
+        self._chunks: list[I64Array] = []
+        self.count = 0
+
+    def push(self, pfns: I64Array) -> None:
+        if pfns.size:
+            self._chunks.append(pfns)
+            self.count += int(pfns.size)
+
+    def pop(self, n: int) -> I64Array:
+        out: list[I64Array] = []
+        need = n
+        while need > 0 and self._chunks:
+            last = self._chunks[-1]
+            if last.size <= need:
+                out.append(self._chunks.pop())
+                need -= int(last.size)
+            else:
+                out.append(last[last.size - need :])
+                self._chunks[-1] = last[: last.size - need]
+                need = 0
+        got = np.concatenate(out) if out else _EMPTY
+        self.count -= int(got.size)
+        return got
+
+    def all(self) -> I64Array:
+        return np.concatenate(self._chunks) if self._chunks else _EMPTY
+
+
+@dataclass
+class _Ctl:
+    """vmballoon_ctl: the state of one inflate or deflate pass."""
+
+    size: PageSize
+    inflate: bool
+    refused: list[I64Array] = field(default_factory=list)
+    n_refused: int = 0
+    prealloc: I64Array = field(default_factory=lambda: _EMPTY)
+
+
+class BalloonDriver:
+    """One balloon, one device. Not safe for concurrent ``work``/``close``; see ``shrink``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        memory: PageSource,
+        config: DriverConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.transport = transport
+        self.memory = memory
+        self.config = config or DriverConfig()
+        self.clock = clock
+        self.reset_required = True  # both drivers start with the flag set
+        self.capabilities = Capability.NONE
+        self.max_page_size = PageSize.SIZE_4K
+        self.batch_max_pages = 1
+        self.batching = False
+        self.target = 0
+        self.size = 0
+        self.shrink_timeout = float("-inf")
+        self.doorbell_registered = False
+        self.stats = Stats()
+        self.closed = False
+        self._pages = {PageSize.SIZE_4K: _PfnStack(), PageSize.SIZE_2M: _PfnStack()}
+        self._busy = False
+
+    # ------------------------------------------------------------------------------------
+    # public
+
+    async def run(self) -> None:
+        """The work item: a tick now, then every ``poll_interval`` s or on the doorbell."""
+        while not self.closed:
+            await self.work()
+            event = await self.transport.wait_event(self.config.poll_interval)
+            if event is not None:
+                # vmballoon_doorbell: count, then run the work at once.
+                self.stats.general["doorbell"] += 1
+                log.debug("doorbell: %s", event.name)
+
+    async def work(self) -> None:
+        """vmballoon_work(): one pass."""
+        if self._busy or self.closed:
+            return
+        self._busy = True
+        try:
+            if self.reset_required:
+                await self._reset()
+            self.stats.general["timer"] += 1
+            change = 0
+            if await self._send_get_target():
+                change = self._change()
+            if change > 0:
+                await self._inflate()
+            elif change < 0:
+                await self._deflate(0, coordinated=True)
+        finally:
+            self._busy = False
+
+    async def close(self) -> None:
+        """vmballoon_exit(): doorbell unset, START(0), then pop every page."""
+        if self.closed:
+            return
+        self.closed = True
+        self._busy = True
+        try:
+            await self._vmci_cleanup()
+            await self._send_start(Capability.NONE)
+        finally:
+            self._pop()
+            self._busy = False
+
+    async def shrink(self, nr_frames: int) -> int:
+        """vmballoon_shrinker_scan(): deflate (with UNLOCK) under guest memory pressure."""
+        if not self.config.shrinker or nr_frames <= 0:
+            return 0
+        self.stats.general["shrink"] += 1
+        if self._busy or self.closed:
+            return 0
+        self._busy = True
+        try:
+            deflated = await self._deflate(nr_frames, coordinated=True)
+        finally:
+            self._busy = False
+        self.stats.general["shrinkFree"] += deflated
+        self.shrink_timeout = self.clock() + self.config.shrink_delay
+        return deflated
+
+    def pages(self, size: PageSize) -> I64Array:
+        """The first PFNs of the ballooned pages of ``size``."""
+        return self._pages[size].all()
+
+    def count(self, size: PageSize) -> int:
+        return self._pages[size].count
+
+    def snapshot(self) -> dict[str, object]:
+        """Everything ``render_debugfs`` prints, as plain data (JSON-able)."""
+        return {
+            "balloon capabilities": int(self.config.capabilities),
+            "used capabilities": int(self.capabilities),
+            "is resetting": self.reset_required,
+            "target": self.target,
+            "current": self.size,
+            "ops": {COMMAND_DEBUGFS_NAME[c]: list(v) for c, v in self.stats.ops.items()},
+            "general": dict(self.stats.general),
+            "pages": {k: list(v) for k, v in self.stats.pages.items()},
+            "size_4k": self.count(PageSize.SIZE_4K),
+            "size_2m": self.count(PageSize.SIZE_2M),
+            "doorbell registered": self.doorbell_registered,
+        }
+
+    def render(self) -> str:
+        return render_debugfs(self.snapshot())
+
+    # ------------------------------------------------------------------------------------
+    # commands
+
+    async def _cmd(self, command: Command, arg1: int = 0, arg2: int = 0) -> Response:
+        """__vmballoon_cmd(): count, send, take the target, note a demanded reset."""
+        ops = self.stats.ops[command]
+        ops[0] += 1
+        response = await self.transport.command(Request(int(command), arg1, arg2))
+        status = response.status
+        if status == Status.SUCCESS and command in vmw.TARGET_CARRYING:
+            self.target = response.result
+        if status not in (Status.SUCCESS, Status.SUCCESS_WITH_CAPABILITIES):
+            ops[1] += 1
+            log.debug("command %s failed: status %#x", command.name, status)
+        if status == Status.ERROR_RESET:
+            self.reset_required = True
+        return response
+
+    async def _send_start(self, caps: Capability) -> bool:
+        response = await self._cmd(Command.START, int(caps))
+        if response.status == Status.SUCCESS_WITH_CAPABILITIES:
+            self.capabilities = Capability(response.capabilities & int(ALL_CAPABILITIES))
+        elif response.status == Status.SUCCESS:
+            self.capabilities = Capability.BASIC_CMDS
+        else:
+            return False
+        # 2 MiB pages only with batching (vmballoon_send_start).
+        self.max_page_size = PageSize.SIZE_4K
+        if Capability.BATCHED_2M_CMDS in self.capabilities and (
+            Capability.BATCHED_CMDS in self.capabilities
+        ):
+            self.max_page_size = PageSize.SIZE_2M
+        return True
+
+    async def _send_get_target(self) -> bool:
+        limit = self.memory.total_pages
+        if Capability.BIT64_TARGET not in self.capabilities and limit > vmw.U32_MAX:
+            return False
+        response = await self._cmd(Command.GET_TARGET, limit)
+        return response.status == Status.SUCCESS
+
+    async def _vmci_cleanup(self) -> None:
+        await self._cmd(Command.VMCI_DOORBELL_SET, vmw.VMCI_INVALID_ID, vmw.VMCI_INVALID_ID)
+        self.doorbell_registered = False
+
+    async def _vmci_init(self) -> bool:
+        if Capability.SIGNALLED_WAKEUP_CMD not in self.capabilities:
+            return True
+        ids = self.transport.doorbell_ids
+        if ids is not None:
+            response = await self._cmd(Command.VMCI_DOORBELL_SET, ids[0], ids[1])
+            if response.status == Status.SUCCESS:
+                self.doorbell_registered = True
+                return True
+        await self._vmci_cleanup()
+        return False
+
+    # ------------------------------------------------------------------------------------
+    # reset
+
+    def _init_batching(self) -> bool:
+        if self.memory.batch_pfn is None:
+            return False
+        self.batching = True
+        self.batch_max_pages = BATCH_MAX_PAGES
+        return True
+
+    def _deinit_batching(self) -> None:
+        self.batching = False
+        self.batch_max_pages = 1
+
+    async def _reset(self) -> None:
+        """vmballoon_reset()."""
+        await self._vmci_cleanup()
+        self._pop()  # free every page, skipping the monitor unlock
+        if not await self._send_start(self.config.capabilities):
+            return
+        if Capability.BATCHED_CMDS in self.capabilities:
+            if not self._init_batching():
+                # Tell the monitor with a null capability; retry on the next tick.
+                await self._send_start(Capability.NONE)
+                return
+        elif Capability.BASIC_CMDS in self.capabilities:
+            self._deinit_batching()
+        self.stats.general["reset"] += 1
+        self.reset_required = False
+        if not await self._vmci_init():
+            log.warning("failed to initialize the doorbell; polling every %ss",
+                        self.config.poll_interval)
+        response = await self._cmd(Command.GUEST_ID, int(self.config.guest_type))
+        if response.status != Status.SUCCESS:
+            log.warning("failed to send the guest ID to the host")
+
+    def _pop(self) -> None:
+        """vmballoon_pop(): release every ballooned page without telling the host."""
+        for size in PageSize:
+            pfns = self._pages[size].pop(self._pages[size].count)
+            if pfns.size:
+                self.size -= int(pfns.size) * size.frames
+                self.stats.page_inc("free", size, int(pfns.size))
+                self.memory.free_balloon(size, pfns)
+
+    # ------------------------------------------------------------------------------------
+    # the algorithm
+
+    def _change(self) -> int:
+        """vmballoon_change()."""
+        size, target = self.size, self.target
+        if self.reset_required:
+            return 0
+        if target < size and target != 0 and size - target < PAGES_PER_2M:
+            return 0  # a 2 MiB slack on deflate, unless the balloon is emptied
+        if target > size and self.clock() < self.shrink_timeout:
+            return 0  # a shrink happened recently: no inflation
+        return target - size
+
+    def _alloc_page_list(self, ctl: _Ctl, n: int) -> tuple[I64Array, bool]:
+        """vmballoon_alloc_page_list(): pre-allocated (split) pages first, then fresh ones."""
+        take = min(n, int(ctl.prealloc.size))
+        pre, ctl.prealloc = ctl.prealloc[:take], ctl.prealloc[take:]
+        want = n - take
+        fresh = self.memory.alloc_balloon(ctl.size, want) if want else _EMPTY
+        failed = fresh.size < want
+        # Linux counts every allocation attempt, the failing one included.
+        self.stats.page_inc("alloc", ctl.size, int(fresh.size) + int(failed))
+        if failed:
+            self.stats.page_inc("allocFail", ctl.size)
+        pages = np.concatenate([pre, fresh]) if take else fresh
+        return pages, failed
+
+    async def _lock(self, size: PageSize, inflate: bool, pfns: I64Array) -> tuple[bool, I64Array]:
+        """vmballoon_lock(): one (un)lock operation; returns (batch ok, per-entry ok mask)."""
+        n = int(pfns.size)
+        if self.batching:
+            gpa = int(self.memory.batch_pfn or 0) * PAGE_SIZE
+            if inflate:
+                cmd = Command.BATCHED_2M_LOCK if size else Command.BATCHED_LOCK
+            else:
+                cmd = Command.BATCHED_2M_UNLOCK if size else Command.BATCHED_UNLOCK
+            await self.transport.write(gpa, vmw.build_batch(pfns))
+            response = await self._cmd(cmd, gpa // PAGE_SIZE, n)
+            batch_status = response.status
+            if batch_status == Status.SUCCESS:
+                entries = vmw.batch_entries(await self.transport.read(gpa, n * 8), n)
+                statuses = vmw.entry_statuses(entries)
+            else:
+                statuses = np.full(n, batch_status, dtype=np.uint64)
+        else:
+            pfn = int(pfns[0])
+            if pfn > vmw.U32_MAX:  # non-batched PFNs must fit in 32 bits
+                batch_status = Status.ERROR_PPN_INVALID
+            else:
+                cmd = Command.LOCK if inflate else Command.UNLOCK
+                batch_status = (await self._cmd(cmd, pfn, n)).status
+            statuses = np.full(n, batch_status, dtype=np.uint64)
+        ok = statuses == Status.SUCCESS
+        refused = n - int(np.count_nonzero(ok))
+        if refused:
+            self.stats.page_inc("errAlloc", size, refused)
+        return batch_status == Status.SUCCESS, ok
+
+    async def _inflate(self) -> None:
+        """vmballoon_inflate()."""
+        ctl = _Ctl(size=self.max_page_size, inflate=True)
+        while (to_inflate := self._change()) > 0:
+            frames = ctl.size.frames
+            n = min(self.batch_max_pages, -(-to_inflate // frames))
+            pages, alloc_error = self._alloc_page_list(ctl, n)
+            lock_ok = True
+            if pages.size:
+                lock_ok, ok = await self._lock(ctl.size, True, pages)
+                bad = pages[~ok]
+                pages = pages[ok]
+                if bad.size:
+                    ctl.refused.append(bad)
+                    ctl.n_refused += int(bad.size)
+            if not lock_ok:
+                break  # something serious went wrong: stop inflating
+            self.size += int(pages.size) * frames
+            self._pages[ctl.size].push(pages)
+            if alloc_error or ctl.n_refused >= MAX_REFUSED:
+                if ctl.size is PageSize.SIZE_4K:
+                    break
+                # Split the refused 2 MiB pages into 4 KiB candidates.
+                split = [_expand(r) for r in ctl.refused]
+                ctl.prealloc = np.concatenate([ctl.prealloc, *split])
+                ctl.refused, ctl.n_refused = [], 0
+                ctl.size = PageSize.SIZE_4K
+        if ctl.n_refused:
+            # vmballoon_release_refused_pages: one errFree per release, not per page.
+            self.stats.page_inc("errFree", ctl.size)
+            self.memory.free_balloon(ctl.size, np.concatenate(ctl.refused))
+        if ctl.prealloc.size:
+            self.memory.free_balloon(PageSize.SIZE_4K, ctl.prealloc)
+
+    async def _deflate(self, n_frames: int, coordinated: bool) -> int:
+        """vmballoon_deflate(): 4 KiB pages first, then 2 MiB; returns frames deflated."""
+        size = PageSize.SIZE_4K
+        deflated = tried = 0
+        while True:
+            frames = size.frames
+            to_deflate = n_frames - tried if n_frames else -self._change()
+            if to_deflate <= 0:
+                break
+            n = min(self.batch_max_pages, -(-to_deflate // frames))
+            pages = self._pages[size].pop(n)
+            tried += int(pages.size) * frames
+            refused = _EMPTY
+            if coordinated and pages.size:
+                _, ok = await self._lock(size, False, pages)
+                refused = pages[~ok]
+                pages = pages[ok]
+            deflated_all = pages.size == n
+            self.size -= int(pages.size) * frames
+            deflated += int(pages.size) * frames
+            self.stats.page_inc("free", size, int(pages.size))
+            if pages.size:
+                self.memory.free_balloon(size, pages)
+            self._pages[size].push(refused)  # the host refused: back into the balloon
+            if not deflated_all:
+                if size >= self.max_page_size:
+                    break
+                size = PageSize.SIZE_2M
+        return deflated
+
+
+def _expand(firsts: I64Array) -> I64Array:
+    return (firsts[:, None] + np.arange(PAGES_PER_2M, dtype=np.int64)[None, :]).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# debugfs
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}" if value else "0"  # C's %#x prints a bare 0
+
+
+def render_debugfs(snap: dict[str, object]) -> str:
+    """The text of Linux's ``/sys/kernel/debug/vmmemctl`` (vmballoon_debug_show)."""
+    ops = snap["ops"]
+    general = snap["general"]
+    pages = snap["pages"]
+    assert isinstance(ops, dict) and isinstance(general, dict) and isinstance(pages, dict)
+    lines = [
+        f"{'balloon capabilities':<22}: {_hex(int(snap['balloon capabilities'])):>16}",  # type: ignore[call-overload]
+        f"{'used capabilities':<22}: {_hex(int(snap['used capabilities'])):>16}",  # type: ignore[call-overload]
+        f"{'is resetting':<22}: {'y' if snap['is resetting'] else 'n':>16}",
+        f"{'target':<22}: {snap['target']:>16}",
+        f"{'current':<22}: {snap['current']:>16}",
+    ]
+    for command in sorted(COMMAND_DEBUGFS_NAME):
+        name = COMMAND_DEBUGFS_NAME[command]
+        count, failed = ops[name]
+        lines.append(f"{name:<22}: {count:>16} ({failed} failed)")
+    for name in STAT_NAMES:
+        lines.append(f"{name:<22}: {general[name]:>16}")
+    for name in PAGE_STAT_NAMES:
+        for size in PageSize:
+            lines.append(f"{name:<18}({size.label}): {pages[name][size]:>16}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "BalloonDriver",
+    "DriverConfig",
+    "EventKind",
+    "PageSource",
+    "Stats",
+    "render_debugfs",
+]

@@ -1,0 +1,437 @@
+"""The driver core against the real sans-I/O device model (vdev.balloon.BalloonModel).
+
+No mock: ``ModelTransport`` hands every request to the device model over a BytearrayRam
+(guest RAM without I/O) and delivers its doorbell events, exactly what the vhost-user
+server does minus the rings and sockets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import trio
+
+from guest_driver.driver import MAX_REFUSED, BalloonDriver, DriverConfig, render_debugfs
+from guest_driver.guest_memory import PAGES_PER_2M, GuestMemory, PageSize, PageState
+from protocol.vmw import (
+    ALL_CAPABILITIES,
+    VMCI_INVALID_ID,
+    Capability,
+    Command,
+    EventKind,
+    GuestType,
+    Request,
+    Response,
+)
+from vdev.balloon import BalloonModel, DoorbellEvent
+from vdev.ram import BytearrayRam
+
+RAM_PAGES = 32768  # 128 MiB
+DOORBELL = (7, 42)
+
+
+class ModelTransport:
+    """A Transport around the device model, in process."""
+
+    def __init__(self, model: BalloonModel, ram: BytearrayRam, *, doorbell: bool = True) -> None:
+        self.model = model
+        self.ram = ram
+        self.log: list[tuple[Request, Response]] = []
+        self.send, self.receive = trio.open_memory_channel[EventKind](16)
+        self._doorbell = doorbell
+        #: Called after each command with (request, response); tests use it to act mid-flight.
+        self.after: Callable[[Request, Response], None] | None = None
+
+    async def command(self, request: Request) -> Response:
+        outcome = self.model.handle(request, self.ram)
+        self.deliver(outcome.effects)
+        self.log.append((request, outcome.response))
+        if self.after is not None:
+            self.after(request, outcome.response)
+        return outcome.response
+
+    def deliver(self, effects: object) -> None:
+        for effect in effects:  # type: ignore[attr-defined]
+            if isinstance(effect, DoorbellEvent):
+                self.send.send_nowait(effect.kind)
+
+    async def read(self, gpa: int, n: int) -> bytes:
+        return self.ram.read(gpa, n)
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        self.ram.write(gpa, data)
+
+    async def wait_event(self, timeout: float) -> EventKind | None:
+        with trio.move_on_after(timeout):
+            return await self.receive.receive()
+        return None
+
+    @property
+    def doorbell_ids(self) -> tuple[int, int] | None:
+        return DOORBELL if self._doorbell else None
+
+    def commands(self) -> list[Command]:
+        return [Command(r.command) for r, _ in self.log]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    target: int = 0,
+    *,
+    config: DriverConfig | None = None,
+    supported: Capability = ALL_CAPABILITIES,
+    clock: Callable[[], float] | None = None,
+) -> tuple[BalloonDriver, ModelTransport, GuestMemory]:
+    model = BalloonModel(supported=supported, target=target)
+    ram = BytearrayRam([(0, RAM_PAGES * 4096)], record=False)
+    transport = ModelTransport(model, ram)
+    memory = GuestMemory(RAM_PAGES, kernel_pages=1024)
+    driver = BalloonDriver(transport, memory, config, clock=clock or FakeClock())
+    return driver, transport, memory
+
+
+def consistent(driver: BalloonDriver, transport: ModelTransport, memory: GuestMemory) -> None:
+    """Driver, device and guest memory agree on every ballooned page."""
+    model = transport.model
+    assert driver.size == model.size
+    assert memory.count(PageState.BALLOON) == driver.size
+    assert driver.count(PageSize.SIZE_4K) == model.count_4k
+    assert driver.count(PageSize.SIZE_2M) == model.count_2m
+    assert sorted(driver.pages(PageSize.SIZE_4K).tolist()) == sorted(
+        int(p) for p in model.pages.locked_4k()
+    )
+    assert sorted(driver.pages(PageSize.SIZE_2M).tolist()) == sorted(
+        int(f) * PAGES_PER_2M for f in model.pages.locked_2m()
+    )
+
+
+async def test_handshake_like_linux() -> None:
+    driver, t, _ = make()
+    with trio.fail_after(5):
+        await driver.work()
+    # vmballoon_reset: doorbell unset (refused: reset demanded), START, doorbell set,
+    # GUEST_ID; then the tick's GET_TARGET.
+    assert t.commands() == [
+        Command.VMCI_DOORBELL_SET,
+        Command.START,
+        Command.VMCI_DOORBELL_SET,
+        Command.GUEST_ID,
+        Command.GET_TARGET,
+    ]
+    unset, start = t.log[0][0], t.log[1][0]
+    assert (unset.arg1, unset.arg2) == (VMCI_INVALID_ID, VMCI_INVALID_ID)
+    assert start.arg1 == 0x3E
+    assert t.log[4][0].arg1 == RAM_PAGES
+    assert t.model.capabilities == ALL_CAPABILITIES
+    assert t.model.guest_type is GuestType.LINUX
+    assert t.model.doorbell == DOORBELL
+    assert driver.capabilities == ALL_CAPABILITIES
+    assert not driver.reset_required and driver.batching and driver.doorbell_registered
+    assert driver.max_page_size is PageSize.SIZE_2M
+    assert driver.stats.general["reset"] == 1 and driver.stats.general["timer"] == 1
+    assert driver.stats.ops[Command.VMCI_DOORBELL_SET] == [2, 1]
+    assert driver.stats.ops[Command.START] == [1, 0]  # 0x03000000 is no failure
+
+
+async def test_start_zero_when_batching_cannot_be_set_up() -> None:
+    driver, t, memory = make()
+    memory.batch_pfn = None  # no batch page: vmballoon_init_batching fails
+    with trio.fail_after(5):
+        await driver.work()
+    starts = [r.arg1 for r, _ in t.log if r.command == Command.START]
+    assert starts == [0x3E, 0]
+    assert driver.reset_required
+    assert t.model.capabilities == Capability.NONE
+
+
+async def test_inflate_2m_then_4k_when_2m_allocation_fails() -> None:
+    driver, t, memory = make()
+    # Fragment memory: leave only 5 wholly free 2 MiB frames.
+    free_frames = np.flatnonzero(memory.frame_free == PAGES_PER_2M)
+    for frame in free_frames[5:]:
+        memory._take(np.array([frame * PAGES_PER_2M + 7]), PageState.APP)
+    target = 5 * PAGES_PER_2M + 300
+    t.model.set_target(target)
+    with trio.fail_after(5):
+        await driver.work()
+    assert driver.size == target
+    assert driver.count(PageSize.SIZE_2M) == 5
+    assert driver.count(PageSize.SIZE_4K) == 300
+    assert driver.stats.pages["allocFail"][PageSize.SIZE_2M] == 1
+    assert driver.stats.ops[Command.BATCHED_2M_LOCK][0] >= 1
+    assert driver.stats.ops[Command.BATCHED_LOCK][0] == 1
+    consistent(driver, t, memory)
+
+
+async def test_2m_rounding_like_linux() -> None:
+    # DIV_ROUND_UP: a target that is not a multiple of 512 is overshot with 2 MiB pages,
+    # and the deflate hysteresis keeps it.
+    driver, t, memory = make(target=3 * PAGES_PER_2M + 100)
+    with trio.fail_after(5):
+        await driver.work()
+        await driver.work()
+    assert driver.size == 4 * PAGES_PER_2M
+    assert driver.count(PageSize.SIZE_4K) == 0
+    consistent(driver, t, memory)
+
+
+async def test_fallback_to_4k_after_16_refused_2m_pages() -> None:
+    driver, t, memory = make()
+    # Pin one page in each of the first 16 wholly free frames (the allocator's first picks).
+    frames = np.flatnonzero(memory.frame_free == PAGES_PER_2M)[:MAX_REFUSED]
+    pinned = [(int(f) * PAGES_PER_2M + 3, 1) for f in frames]
+    t.model.set_pinned("test", pinned)
+    target = 32 * PAGES_PER_2M
+    t.model.set_target(target)
+    with trio.fail_after(10):
+        await driver.work()
+        s = driver.stats.pages
+        assert s["errAlloc"][PageSize.SIZE_2M] == MAX_REFUSED
+        assert s["errFree"][PageSize.SIZE_2M] == 0  # split, not freed
+        # 16 refused 2 MiB pages split into 8192 4 KiB candidates; the 16 pinned ones are
+        # refused again and end this pass at 4 KiB.
+        assert s["errAlloc"][PageSize.SIZE_4K] == MAX_REFUSED
+        assert driver.count(PageSize.SIZE_2M) == 16
+        assert driver.count(PageSize.SIZE_4K) == 16 * (PAGES_PER_2M - 1)
+        # 16 frames short: the next tick starts at 2 MiB again and rounds up (Linux's
+        # DIV_ROUND_UP); the 496-frame excess is inside the deflate slack and stays.
+        for _ in range(3):
+            await driver.work()
+    assert driver.size == 17 * PAGES_PER_2M + 16 * (PAGES_PER_2M - 1) == target + 496
+    ballooned = set(driver.pages(PageSize.SIZE_4K).tolist())
+    assert not ballooned & {p for p, _ in pinned}
+    consistent(driver, t, memory)
+
+
+async def test_deflate_4k_first_then_2m_and_hysteresis() -> None:
+    driver, t, memory = make()
+    free_frames = np.flatnonzero(memory.frame_free == PAGES_PER_2M)
+    for frame in free_frames[4:]:
+        memory._take(np.array([frame * PAGES_PER_2M + 7]), PageState.APP)
+    t.model.set_target(4 * PAGES_PER_2M + 1000)
+    with trio.fail_after(5):
+        await driver.work()
+        assert (driver.count(PageSize.SIZE_2M), driver.count(PageSize.SIZE_4K)) == (4, 1000)
+        # Within the 512-frame slack: nothing.
+        t.model.set_target(driver.size - 511)
+        n = len(t.log)
+        await driver.work()
+        assert [c for c in t.commands()[n:]] == [Command.GET_TARGET]
+        assert driver.size == 4 * PAGES_PER_2M + 1000
+        # 600 below: deflate one batch of 512 4 KiB pages; then 88 over is within the slack.
+        t.model.set_target(driver.size - 600)
+        n = len(t.log)
+        await driver.work()
+        assert Command.BATCHED_2M_UNLOCK not in t.commands()[n:]
+        assert driver.count(PageSize.SIZE_4K) == 488 and driver.count(PageSize.SIZE_2M) == 4
+        # Below every 4 KiB page: the 4 KiB pages go first, then 2 MiB pages.
+        t.model.set_target(PAGES_PER_2M)
+        n = len(t.log)
+        await driver.work()
+        unlocks = [c for c in t.commands()[n:] if c in (Command.BATCHED_UNLOCK,
+                                                         Command.BATCHED_2M_UNLOCK)]
+        assert unlocks == [Command.BATCHED_UNLOCK, Command.BATCHED_2M_UNLOCK]
+        assert driver.count(PageSize.SIZE_4K) == 0
+        assert driver.size == PAGES_PER_2M
+        # Target 0 always deflates, even within the slack.
+        t.model.set_target(0)
+        await driver.work()
+    assert driver.size == 0 and t.model.size == 0
+    assert driver.stats.pages["free"] == [1000, 4]  # 4k, 2M
+    consistent(driver, t, memory)
+
+
+async def test_notneeded_refusals_when_target_drops_mid_inflation() -> None:
+    driver, t, memory = make(target=3000)
+    fragment = np.flatnonzero(memory.frame_free == PAGES_PER_2M)
+    for frame in fragment:  # 4 KiB only
+        memory._take(np.array([frame * PAGES_PER_2M]), PageState.APP)
+
+    def lower(request: Request, response: Response) -> None:
+        if request.command == Command.GET_TARGET and driver.size == 0:
+            t.model.set_target(300)  # lands between GET_TARGET and the first LOCK
+
+    t.after = lower
+    with trio.fail_after(5):
+        await driver.work()
+    # The batch of 512 meets the lowered target: 300 fit, 212 are NOTNEEDED and released;
+    # the LOCK response's target (300) is used at once, so inflation stops there.
+    assert driver.size == 300
+    assert driver.target == 300
+    assert driver.stats.pages["errAlloc"][PageSize.SIZE_4K] == 212
+    assert driver.stats.pages["errFree"][PageSize.SIZE_4K] == 1
+    assert t.model.counters["lock refused ERROR_PPN_NOTNEEDED (4k)"] == 212
+    consistent(driver, t, memory)
+
+
+async def test_reset_mid_inflation_recovers_with_nothing_lost() -> None:
+    driver, t, memory = make()
+    # 4 KiB pages only, so that the pass takes several batches.
+    t.model.set_target(2000)
+    for frame in np.flatnonzero(memory.frame_free == PAGES_PER_2M):
+        memory._take(np.array([frame * PAGES_PER_2M]), PageState.APP)
+    free_before = memory.count(PageState.FREE)
+    batches = 0
+
+    def reset_after_second_batch(request: Request, response: Response) -> None:
+        nonlocal batches
+        if request.command == Command.BATCHED_LOCK:
+            batches += 1
+            if batches == 2:
+                t.deliver(t.model.demand_reset())
+
+    t.after = reset_after_second_batch
+    with trio.fail_after(5):
+        await driver.work()
+        # The third batch met ERROR_RESET: the whole batch failed, inflation stopped.
+        assert driver.reset_required
+        assert driver.stats.ops[Command.BATCHED_LOCK][1] == 1
+        assert driver.size == 1024  # what the driver believes is still ballooned
+        assert memory.count(PageState.BALLOON) == 1024
+        await driver.work()  # reset: pop without UNLOCK, START, then inflate again
+    assert Command.BATCHED_UNLOCK not in t.commands()
+    assert driver.stats.general["reset"] == 2
+    assert driver.size == 2000 == t.model.size
+    assert memory.count(PageState.FREE) == free_before - 2000
+    assert memory.count(PageState.BALLOON) == 2000
+    consistent(driver, t, memory)
+
+
+async def test_start_zero_then_pop_on_exit() -> None:
+    driver, t, memory = make(target=3 * PAGES_PER_2M)
+    with trio.fail_after(5):
+        await driver.work()
+        assert driver.size == 3 * PAGES_PER_2M
+        n = len(t.log)
+        await driver.close()
+    assert t.commands()[n:] == [Command.VMCI_DOORBELL_SET, Command.START]
+    assert t.log[-1][0].arg1 == 0
+    assert t.model.capabilities == Capability.NONE and t.model.size == 0
+    # Popped, including the 2 MiB pages (Linux would loop here, see driver docstring).
+    assert driver.size == 0 and memory.count(PageState.BALLOON) == 0
+    assert Command.BATCHED_2M_UNLOCK not in t.commands()
+
+
+async def test_shrinker_deflates_with_unlock_and_blocks_inflation() -> None:
+    clock = FakeClock()
+    driver, t, memory = make(
+        target=2000, config=DriverConfig(shrinker=True, capabilities=Capability(0x36)),
+        clock=clock,
+    )
+    with trio.fail_after(5):
+        await driver.work()
+        assert driver.size == 2000 and driver.max_page_size is PageSize.SIZE_4K
+        freed = await driver.shrink(700)
+        assert freed == 700
+        assert t.model.size == 1300 and driver.size == 1300
+        assert driver.stats.general["shrink"] == 1
+        assert driver.stats.general["shrinkFree"] == 700
+        await driver.work()
+        assert driver.size == 1300  # no inflation for 5 s
+        clock.now += 5.1
+        await driver.work()
+    assert driver.size == 2000
+    consistent(driver, t, memory)
+
+
+async def test_shrinker_off_by_default() -> None:
+    driver, _, _ = make(target=100)
+    with trio.fail_after(5):
+        await driver.work()
+        assert await driver.shrink(50) == 0
+    assert driver.size == 512 and driver.stats.general["shrink"] == 0
+
+
+async def test_basic_commands_without_batching() -> None:
+    driver, t, memory = make(target=20, config=DriverConfig(capabilities=Capability(0x22)))
+    with trio.fail_after(5):
+        await driver.work()
+        assert driver.batch_max_pages == 1 and not driver.batching
+        assert driver.size == 20
+        assert driver.stats.ops[Command.LOCK] == [20, 0]
+        t.model.set_target(0)
+        await driver.work()
+    assert driver.size == 0 and driver.stats.ops[Command.UNLOCK] == [20, 0]
+    consistent(driver, t, memory)
+
+
+async def test_doorbell_wakes_the_worker_at_once() -> None:
+    driver, t, _ = make(config=DriverConfig(poll_interval=30.0))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(driver.run)
+            while driver.reset_required:
+                await trio.sleep(0.001)
+            t.deliver(t.model.set_target(1024))
+            start = trio.current_time()
+            while driver.size != 1024:
+                await trio.sleep(0.001)
+            assert trio.current_time() - start < 1.0
+            assert driver.stats.general["doorbell"] == 1
+            await driver.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_polling_without_doorbell() -> None:
+    driver, t, _ = make(
+        config=DriverConfig(poll_interval=0.05,
+                            capabilities=ALL_CAPABILITIES & ~Capability.SIGNALLED_WAKEUP_CMD)
+    )
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(driver.run)
+            await trio.sleep(0.1)
+            assert t.model.doorbell is None
+            t.deliver(t.model.set_target(1024))  # no event: nobody registered
+            while driver.size != 1024:
+                await trio.sleep(0.01)
+            assert driver.stats.general["doorbell"] == 0
+            assert driver.stats.general["timer"] >= 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_debugfs_text_layout() -> None:
+    driver, _, _ = make(target=600)
+    with trio.fail_after(5):
+        await driver.work()
+    text = driver.render()
+    lines = text.splitlines()
+    assert len(lines) == 5 + 10 + 5 + 10
+    assert lines[0] == "balloon capabilities  :             0x3e"
+    assert lines[1] == "used capabilities     :             0x3e"
+    assert lines[2] == "is resetting          :                n"
+    assert lines[3] == "target                :              600"
+    assert lines[4] == "current               :             1024"
+    assert lines[5] == "start                 :                1 (0 failed)"
+    assert "doorbellSet           :                2 (1 failed)" in lines
+    assert "2m-lock               :                1 (0 failed)" in lines
+    assert "timer                 :                1" in lines
+    assert "alloc             (2M):                2" in lines
+    assert lines[-1] == "free              (2M):                0"
+    assert render_debugfs(driver.snapshot()) == text
+    fresh = BalloonDriver(ModelTransport(BalloonModel(), BytearrayRam([(0, 4096 * 16)])),
+                          GuestMemory(16))
+    assert fresh.render().splitlines()[1] == "used capabilities     :                0"
+
+
+@pytest.mark.parametrize("caps", [0x3E, 0x2E, 0x26, 0x22])
+async def test_inflate_deflate_cycle_for_each_capability_set(caps: int) -> None:
+    driver, t, memory = make(config=DriverConfig(capabilities=Capability(caps)))
+    with trio.fail_after(10):
+        for target in (3000, 5000, 1200, 0, 2100):
+            t.model.set_target(target)
+            for _ in range(3):
+                await driver.work()
+            consistent(driver, t, memory)
+            assert abs(driver.size - target) < PAGES_PER_2M or target == 0
+        await driver.close()
+    assert memory.count(PageState.BALLOON) == 0
