@@ -136,7 +136,7 @@ class GuestMemory:
 
     def reserve_page(self) -> int | None:
         """Take one free page for the kernel (lowest address), or None when memory is full."""
-        pfns = self._pick_free(1)
+        pfns = np.flatnonzero(self.state[: self.total_pages] == PageState.FREE)[:1]
         if pfns.size == 0:
             return None
         self._take(pfns, PageState.RESERVED)
