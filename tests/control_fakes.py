@@ -1,0 +1,81 @@
+"""A stand-in for a connected guest behind the real GuestRegistry, for control-plane tests
+that do not need a vhost-user connection: it implements the registry's LiveDevice interface
+and moves its balloon towards the target when told to (`settle`)."""
+
+from __future__ import annotations
+
+from vdev.device import DeviceStatus
+from vdev.registry import GuestRegistry
+
+
+class FakeGuest:
+    def __init__(
+        self, registry: GuestRegistry, name: str, ram_pages: int, *, follow: bool = False
+    ) -> None:
+        self.registry = registry
+        self.name = name
+        self._ram = ram_pages
+        self.size = 0
+        self.target = registry.target_of(name)
+        self.follow = follow  # reach every target at once (as a fast driver would)
+        self.resets = 0
+        self.counters = {"lock": 0, "lock failed": 0, "unlock": 0, "unlock failed": 0}
+        self.guest_stats: dict[str, int] = {}
+        registry.attach(name, self)
+
+    # -- LiveDevice -------------------------------------------------------------------------
+
+    def status(self) -> DeviceStatus:
+        return DeviceStatus(
+            size_pages=self.size,
+            target_pages=self.target,
+            capabilities=0x3E,
+            guest_type=1,
+            doorbell_registered=True,
+            counters=dict(self.counters),
+            guest_stats=dict(self.guest_stats),
+        )
+
+    def ram_pages(self) -> int:
+        return self._ram
+
+    def ram_allocated_bytes(self) -> int:
+        return (self._ram - self.size) * 4096
+
+    def reclaimed_bytes_total(self) -> int:
+        return self.counters["lock"] * 4096
+
+    def request_target(self, pages: int) -> None:
+        self.target = pages
+        if self.follow:
+            self.settle()
+
+    def request_reset(self) -> None:
+        self.resets += 1
+        self.size = 0
+        self.registry.note_reset(self.name)
+        self.registry.note_size(self.name, 0)
+
+    # -- test controls ----------------------------------------------------------------------
+
+    def settle(self, max_pages: int | None = None) -> None:
+        """Move the balloon towards the target (at most ``max_pages``), as a driver would."""
+        delta = self.target - self.size
+        if max_pages is not None:
+            delta = max(-max_pages, min(max_pages, delta))
+        if delta > 0:
+            self.counters["lock"] += delta
+        else:
+            self.counters["unlock"] -= delta
+        self.size += delta
+        self.registry.note_size(self.name, self.size)
+
+
+def make_registry(*ram_pages: int, follow: bool = False) -> tuple[GuestRegistry, list[FakeGuest]]:
+    """A registry with one connected fake guest per entry of ``ram_pages`` (vm0, vm1...)."""
+    registry = GuestRegistry("vmw")
+    guests = []
+    for i, ram in enumerate(ram_pages):
+        registry.add(f"vm{i}", f"/nonexistent/vm{i}.sock")
+        guests.append(FakeGuest(registry, f"vm{i}", ram, follow=follow))
+    return registry, guests
