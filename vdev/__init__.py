@@ -1,0 +1,1 @@
+"""vballoon device side: the vhost-user back-end and its personalities."""

@@ -1,0 +1,3 @@
+from vdev.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The guest registry: one per ``vdev serve``; the API, the CLI and the policy talk only to it.
+
+Guests are named ``vm0``.. by socket index (or by explicit names). Each has a persistent
+target (kept across connections) and, while a front-end is connected, a live device whose
+state :meth:`GuestRegistry.view` snapshots into a :class:`GuestView`. Changes are published
+as :class:`GuestEvent` on trio memory channels (:meth:`GuestRegistry.subscribe`): target
+changes, balloon-size changes (one event per processed batch, not per page), connects,
+disconnects and resets. A subscriber that does not keep up loses events (its channel is
+closed, it re-subscribes and re-reads the views) rather than slowing the device down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from protocol.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Events a subscriber may have queued before it is dropped.
+SUBSCRIBER_BUFFER = 4096
+
+
+class LiveDevice(Protocol):
+    """What the registry needs of a connected guest (implemented by the server)."""
+
+    def status(self) -> Any: ...  # vdev.device.DeviceStatus
+    def ram_pages(self) -> int: ...
+    def ram_allocated_bytes(self) -> int: ...
+    def reclaimed_bytes_total(self) -> int: ...
+    def request_target(self, pages: int) -> None: ...
+    def request_reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GuestView:
+    """A snapshot of one guest (docs/ARCHITECTURE.md)."""
+
+    name: str
+    socket_path: str
+    personality: str
+    connected: bool
+    ram_pages: int
+    size_pages: int
+    target_pages: int
+    capabilities: int
+    guest_type: int | None
+    doorbell_registered: bool
+    counters: Mapping[str, int] = field(default_factory=dict)
+    guest_stats: Mapping[str, int] = field(default_factory=dict)
+    ram_allocated_bytes: int = 0
+    reclaimed_bytes_total: int = 0
+
+
+@dataclass(frozen=True)
+class GuestEvent:
+    """``kind``: "target", "size", "connected", "disconnected" or "reset"."""
+
+    name: str
+    kind: str
+    target_pages: int = 0
+    size_pages: int = 0
+    connected: bool = False
+
+
+@dataclass
+class _Entry:
+    name: str
+    socket_path: str
+    personality: str
+    target: int
+    device: LiveDevice | None = None
+    last_size: int = 0
+
+
+class GuestRegistry:
+    def __init__(self, personality: str = "vmw", *, target: int = 0) -> None:
+        self.personality = personality
+        self.default_target = target
+        self._entries: dict[str, _Entry] = {}
+        self._subscribers: list[trio.MemorySendChannel[GuestEvent]] = []
+        self.on_change: list[Callable[[GuestEvent], None]] = []
+
+    # -- set-up (the server) -------------------------------------------------------------
+
+    def add(self, name: str, socket_path: str, *, target: int | None = None) -> None:
+        if name in self._entries:
+            raise ConfigError(f"guest name {name!r} used twice")
+        self._entries[name] = _Entry(
+            name=name,
+            socket_path=os.fspath(socket_path),
+            personality=self.personality,
+            target=self.default_target if target is None else target,
+        )
+
+    def target_of(self, name: str) -> int:
+        return self._entries[name].target
+
+    def attach(self, name: str, device: LiveDevice) -> None:
+        """A front-end connected to ``name``'s socket."""
+        entry = self._entries[name]
+        if entry.device is not None:
+            raise ConfigError(f"{name} already has a connected front-end")
+        entry.device = device
+        entry.last_size = 0
+        self._publish(GuestEvent(name, "connected", entry.target, 0, True))
+
+    def detach(self, name: str, device: LiveDevice) -> None:
+        """The front-end went away: the guest is forgotten (its counters go with it)."""
+        entry = self._entries[name]
+        if entry.device is not device:
+            return
+        entry.device = None
+        entry.last_size = 0
+        self._publish(GuestEvent(name, "disconnected", entry.target, 0, False))
+
+    def busy(self, name: str) -> bool:
+        return self._entries[name].device is not None
+
+    def note_size(self, name: str, size: int) -> None:
+        """The server processed a batch; publishes a size event if the size moved."""
+        entry = self._entries[name]
+        if size != entry.last_size:
+            entry.last_size = size
+            self._publish(GuestEvent(name, "size", entry.target, size, entry.device is not None))
+
+    def note_reset(self, name: str) -> None:
+        entry = self._entries[name]
+        self._publish(GuestEvent(name, "reset", entry.target, 0, entry.device is not None))
+
+    # -- the public interface ------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def view(self, name: str) -> GuestView:
+        entry = self._entries[name]  # KeyError for an unknown guest
+        dev = entry.device
+        if dev is None:
+            return GuestView(
+                name=name,
+                socket_path=entry.socket_path,
+                personality=entry.personality,
+                connected=False,
+                ram_pages=0,
+                size_pages=0,
+                target_pages=entry.target,
+                capabilities=0,
+                guest_type=None,
+                doorbell_registered=False,
+            )
+        st = dev.status()
+        return GuestView(
+            name=name,
+            socket_path=entry.socket_path,
+            personality=entry.personality,
+            connected=True,
+            ram_pages=dev.ram_pages(),
+            size_pages=st.size_pages,
+            target_pages=entry.target,
+            capabilities=st.capabilities,
+            guest_type=st.guest_type,
+            doorbell_registered=st.doorbell_registered,
+            counters=dict(st.counters),
+            guest_stats=dict(st.guest_stats),
+            ram_allocated_bytes=dev.ram_allocated_bytes(),
+            reclaimed_bytes_total=dev.reclaimed_bytes_total(),
+        )
+
+    def set_target(self, name: str, pages: int) -> None:
+        if pages < 0:
+            raise ConfigError("the balloon target cannot be negative")
+        entry = self._entries[name]
+        entry.target = int(pages)
+        if entry.device is not None:
+            entry.device.request_target(entry.target)
+        self._publish(
+            GuestEvent(name, "target", entry.target, entry.last_size, entry.device is not None)
+        )
+
+    def demand_reset(self, name: str) -> None:
+        entry = self._entries[name]
+        if entry.device is not None:
+            entry.device.request_reset()
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[GuestEvent]:
+        send, receive = trio.open_memory_channel[GuestEvent](SUBSCRIBER_BUFFER)
+        self._subscribers.append(send)
+        return receive
+
+    def _publish(self, event: GuestEvent) -> None:
+        log.debug("event %s", event)
+        for hook in self.on_change:
+            hook(event)
+        alive = []
+        for send in self._subscribers:
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning("event subscriber fell %d events behind: dropped", SUBSCRIBER_BUFFER)
+                send.close()
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue
+            alive.append(send)
+        self._subscribers = alive

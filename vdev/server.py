@@ -1,0 +1,637 @@
+"""The trio shell around the sans-I/O back-end: the only module in ``vdev`` that does I/O.
+
+One :class:`Server` per ``vdev serve`` process. It listens on one unix socket per guest
+(``--socket-path PATH``, or ``PATH0..PATH(N-1)`` with ``--socket-count N``; guests ``vm0``..),
+or serves one already-connected socket (``--fd``). Each accepted front-end becomes a
+:class:`Connection` running in the server's nursery:
+
+* one reader task: ``recvmsg`` the 12-byte header (the fds arrive with it), then exactly
+  ``size`` payload bytes; feed :class:`~vdev.vhost_user.BackendConnection`; act; reply;
+* one task per ring waiting on its kick eventfd (``trio.lowlevel.wait_readable``; a ring
+  without a kick fd is polled), draining it and letting the personality process the ring;
+* one control task applying operator requests from the registry (target, reset);
+* a back-end channel sender (``CONFIG_CHANGE_MSG`` without NEED_REPLY, coalesced) and a
+  reader that discards whatever the front-end writes on that channel.
+
+Everything that touches a connection's rings or memory runs under that connection's lock,
+so a new memory table or a GET_VRING_BASE never lands in the middle of a batch. Large
+reclaims run in a worker thread. A slow or hostile front-end/guest therefore only ever
+delays itself. A :class:`~protocol.errors.PeerError` (or a host resource failure caused by
+the peer's input) closes that one connection with a log line naming it; a
+:class:`~protocol.errors.GuestError` inside a ring is answered and counted, never fatal.
+
+On disconnect every fd and mapping of the connection is closed and the registry entry goes
+back to "disconnected" (the balloon is forgotten). :meth:`Server.shutdown` (SIGINT/SIGTERM)
+answers the requests still queued with ERROR_BUSY, then closes everything.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import itertools
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from protocol import vhost_user as vu
+from protocol.errors import FrontendError, GuestError, HostResourceError, PeerError
+from protocol.vhost_user import FrontendRequest as R
+from protocol.vhost_user import ProtocolFeature as PF
+
+from .device import Device, DeviceContext, DeviceStatus, Work
+from .memory import GuestMemory, RegionSpec
+from .registry import GuestRegistry
+from .vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
+from .virtq import RingBroken, VirtQueue
+
+log = logging.getLogger(__name__)
+
+#: How often a ring without a kick fd is polled.
+POLL_INTERVAL = 0.02
+#: How long shutdown waits for queued requests to be answered BUSY.
+SHUTDOWN_GRACE = 2.0
+_ANC_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * array.array("i").itemsize)
+_serial = itertools.count(1)
+
+
+class PeerClosed(Exception):
+    """The front-end closed the connection (a normal end)."""
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def socket_paths(path: str, count: int | None) -> list[str]:
+    """``PATH`` alone, or ``PATH0..PATH(count-1)`` (rust-vmm's --socket-count)."""
+    if count is None:
+        return [path]
+    return [f"{path}{i}" for i in range(count)]
+
+
+class Connection:
+    """One vhost-user front-end on one guest's socket (see the module docstring)."""
+
+    def __init__(
+        self,
+        server: Server,
+        sock: trio.socket.SocketType,
+        guest: str,
+        device_cls: type[Device],
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.guest = guest
+        self.name = f"{guest}#{next(_serial)}"
+        self.memory = GuestMemory(self.name)
+        self.queues = [VirtQueue(i, name=f"{self.name}/q{i}") for i in range(device_cls.num_queues)]
+        self.device = device_cls(
+            DeviceContext(self.name, self.memory, self.queues),
+            target=server.registry.target_of(guest),
+        )
+        self.proto = BackendConnection(
+            name=self.name,
+            device_features=device_cls.features,
+            num_queues=device_cls.num_queues,
+        )
+        self.lock = trio.Lock()
+        self._armed = [trio.Event() for _ in self.queues]
+        self._control_send, self._control_recv = trio.open_memory_channel[Callable[[], Work]](
+            math.inf
+        )
+        self._backend: trio.socket.SocketType | None = None
+        self._backend_send: trio.MemorySendChannel[bytes] | None = None
+        self._config_change_pending = False
+        self._nursery: trio.Nursery | None = None
+        self.closed = False
+
+    # -- LiveDevice (what the registry reads and asks) -----------------------------------
+
+    def status(self) -> DeviceStatus:
+        st = self.device.status()
+        counters = dict(st.counters)
+        for q in self.queues:
+            for key, value in q.counters.items():
+                counters[f"q{q.index} {key}"] = value
+        return DeviceStatus(
+            size_pages=st.size_pages,
+            target_pages=st.target_pages,
+            capabilities=st.capabilities,
+            guest_type=st.guest_type,
+            doorbell_registered=st.doorbell_registered,
+            counters=counters,
+            guest_stats=st.guest_stats,
+        )
+
+    def ram_pages(self) -> int:
+        return self.memory.total_pages
+
+    def ram_allocated_bytes(self) -> int:
+        return self.memory.allocated_bytes()
+
+    def reclaimed_bytes_total(self) -> int:
+        return self.memory.reclaimed_bytes_total
+
+    def request_target(self, pages: int) -> None:
+        self._control_send.send_nowait(lambda: self.device.set_target(pages))
+
+    def request_reset(self) -> None:
+        def reset() -> Work:
+            self.server.registry.note_reset(self.guest)
+            return self.device.demand_reset()
+
+        self._control_send.send_nowait(reset)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        registry = self.server.registry
+        registry.attach(self.guest, self)
+        log.info("%s: front-end connected", self.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._control_loop)
+                for q in self.queues:
+                    nursery.start_soon(self._ring_loop, q)
+                try:
+                    await self._reader()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.close()
+            registry.detach(self.guest, self)
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                for msg in await self._recv_messages():
+                    reply = await self._handle(msg)
+                    if reply:
+                        await self._send_all(reply)
+        except PeerClosed:
+            log.info("%s: front-end disconnected", self.name)
+        except (PeerError, HostResourceError) as exc:
+            log.error("%s: closing the connection: %s", self.name, exc)
+        except trio.ClosedResourceError:
+            log.info("%s: connection closed locally", self.name)
+        except OSError as exc:
+            log.warning("%s: socket error, closing: %s", self.name, exc)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for q in self.queues:
+            self._forget_kick(q)
+            q.close()
+        self.memory.close()
+        self.proto.fail()
+        self._control_send.close()
+        if self._backend_send is not None:
+            self._backend_send.close()
+        if self._backend is not None:
+            self._backend.close()
+        self.sock.close()
+
+    # -- the wire ------------------------------------------------------------------------
+
+    async def _recv_exact(self, n: int) -> tuple[bytes, list[int]]:
+        data = bytearray()
+        fds: list[int] = []
+        while len(data) < n:
+            try:
+                chunk, anc, flags, _ = await self.sock.recvmsg(n - len(data), _ANC_SPACE)
+            except OSError:
+                close_fds(fds)
+                raise
+            fds += _fds_from(anc)
+            if flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                raise FrontendError(f"{self.name}: more than {vu.MAX_FDS} fds in one message")
+            if not chunk:
+                close_fds(fds)
+                if data:
+                    raise FrontendError(f"{self.name}: connection closed inside a message")
+                raise PeerClosed
+            data += chunk
+        return bytes(data), fds
+
+    async def _recv_messages(self) -> list[Message]:
+        header, fds = await self._recv_exact(vu.HEADER_SIZE)
+        msgs = self.proto.receive(header, fds)  # validates the header before we read on
+        if msgs:
+            return msgs
+        size = vu.parse_header(header).size
+        payload, stray = await self._recv_exact(size)
+        if stray:
+            close_fds(stray)
+            self.proto.fail()
+            raise FrontendError(f"{self.name}: fds arrived inside a payload")
+        return self.proto.receive(payload)
+
+    async def _send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def _handle(self, msg: Message) -> bytes:
+        log.debug("%s: %s", self.name, msg)
+        r = msg.request
+        if r in NEGOTIATION:
+            if r is R.SET_FEATURES:
+                for q in self.queues:
+                    q.event_idx = self.proto.event_idx
+                    q.indirect = self.proto.indirect
+                    if self.proto.rings_start_enabled:
+                        q.enabled = True
+            return self.proto.answer(msg)
+        handler = getattr(self, f"_on_{r.name.lower()}")
+        result: bytes | None = await handler(msg)
+        return result if result is not None else self.proto.ack(msg)
+
+    def _queue(self, msg: Message, *, stopped: bool = False) -> VirtQueue:
+        q = self.queues[msg.vring_index]
+        if stopped and q.started:
+            raise FrontendError(f"{self.name}: {msg.request.name} on running ring {q.index}")
+        return q
+
+    async def _on_set_mem_table(self, msg: Message) -> None:
+        specs = [
+            RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+            for r in msg.body.regions
+        ]
+        async with self.lock:
+            self.memory.set_table(specs, list(msg.fds))
+            self.device.rings_changed()
+        log.info(
+            "%s: memory table: %d regions, %d pages of RAM",
+            self.name,
+            len(specs),
+            self.memory.total_pages,
+        )
+
+    async def _on_add_mem_reg(self, msg: Message) -> None:
+        r = msg.body.region
+        spec = RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        async with self.lock:
+            if len(self.memory.regions) >= self.proto.max_mem_slots:
+                close_fds(msg.fds)
+                raise FrontendError(f"{self.name}: more than {self.proto.max_mem_slots} regions")
+            self.memory.add_region(spec, msg.fds[0])
+            self.device.rings_changed()
+
+    async def _on_rem_mem_reg(self, msg: Message) -> None:
+        r = msg.body.region
+        spec = RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        async with self.lock:
+            if not self.memory.remove_region(spec):
+                log.warning(
+                    "%s: REM_MEM_REG of an unknown region gpa=%#x", self.name, spec.guest_phys_addr
+                )
+            self.device.rings_changed()
+
+    async def _on_set_vring_num(self, msg: Message) -> None:
+        async with self.lock:
+            self._queue(msg, stopped=True).set_num(msg.body.num)
+
+    async def _on_set_vring_base(self, msg: Message) -> None:
+        async with self.lock:
+            self._queue(msg, stopped=True).set_base(msg.body.num)
+
+    async def _on_set_vring_addr(self, msg: Message) -> None:
+        b = msg.body
+        async with self.lock:
+            self._queue(msg, stopped=True).set_addr(self.memory, b.desc, b.used, b.avail)
+            self.device.rings_changed()
+
+    async def _on_get_vring_base(self, msg: Message) -> bytes:
+        async with self.lock:
+            q = self._queue(msg)
+            self.device.queue_stopped(q.index)
+            self._forget_kick(q)
+            base = q.stop()
+            self._armed[q.index] = trio.Event()
+        log.debug("%s: ring %d stopped at %d", self.name, q.index, base)
+        body = vu.build_payload(vu.VRING_STATE, {"index": q.index, "num": base}, "vring state")
+        return self.proto.reply(msg, body)
+
+    async def _on_set_vring_kick(self, msg: Message) -> None:
+        q = self._queue(msg)
+        fd = msg.fd
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, False)
+        self._forget_kick(q)
+        q.replace_fd("kick", fd)
+        q.started = True
+        self._armed[q.index].set()
+        if self._config_change_pending:
+            self._send_config_change()
+
+    async def _on_set_vring_call(self, msg: Message) -> None:
+        self._queue(msg).replace_fd("call", msg.fd)
+
+    async def _on_set_vring_err(self, msg: Message) -> None:
+        self._queue(msg).replace_fd("err", msg.fd)
+
+    async def _on_set_vring_enable(self, msg: Message) -> None:
+        q = self._queue(msg)
+        q.enabled = bool(msg.body.num)
+        if q.enabled and q.started and self._nursery is not None:
+            self._nursery.start_soon(self.process, q.index)
+
+    async def _on_get_config(self, msg: Message) -> bytes:
+        b = msg.body
+        data = self.device.read_config(b.offset, b.size)
+        body = vu.build_payload(
+            vu.CONFIG,
+            {"offset": b.offset, "size": b.size, "flags": b.flags, "data": data},
+            "config",
+        )
+        return self.proto.reply(msg, body)
+
+    async def _on_set_config(self, msg: Message) -> None:
+        b = msg.body
+        async with self.lock:
+            work = self.device.write_config(b.offset, bytes(b.data), migration=b.flags == 1)
+            await self._execute(work)
+
+    async def _on_set_backend_req_fd(self, msg: Message) -> None:
+        fd = msg.fds[0]
+        try:
+            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        except OSError as exc:
+            close_fds(msg.fds)
+            raise FrontendError(
+                f"{self.name}: SET_BACKEND_REQ_FD fd is not a socket: {exc}"
+            ) from None
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise FrontendError(f"{self.name}: back-end channel is not a stream socket")
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = sock
+        send, recv = trio.open_memory_channel[bytes](1)
+        if self._backend_send is not None:
+            self._backend_send.close()
+        self._backend_send = send
+        assert self._nursery is not None
+        self._nursery.start_soon(self._backend_writer, sock, recv)
+        self._nursery.start_soon(self._backend_reader, sock)
+
+    async def _on_reset_device(self, msg: Message) -> None:
+        async with self.lock:
+            for i, q in enumerate(self.queues):
+                self._forget_kick(q)
+                q.close()
+                q.enabled = False
+                q.broken = False
+                self._armed[i] = trio.Event()
+            work = self.device.demand_reset()
+            self.server.registry.note_reset(self.guest)
+            await self._execute(work)
+        log.info("%s: device reset by the front-end", self.name)
+
+    _on_reset_owner = _on_reset_device
+
+    # -- rings ---------------------------------------------------------------------------
+
+    def _forget_kick(self, q: VirtQueue) -> None:
+        """Wake the ring task off the old kick fd before it gets closed."""
+        if q.kick_fd is not None:
+            trio.lowlevel.notify_closing(q.kick_fd)
+            q.replace_fd("kick", None)
+
+    async def _ring_loop(self, q: VirtQueue) -> None:
+        polled = False
+        while True:
+            if not q.started:
+                await self._armed[q.index].wait()
+                continue
+            fd = q.kick_fd
+            if fd is None or polled:
+                await trio.sleep(POLL_INTERVAL)
+            else:
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except trio.ClosedResourceError:
+                    continue  # replaced or stopped
+                except OSError as exc:  # e.g. a regular file: not pollable
+                    log.warning(
+                        "%s: kick fd of ring %d unusable (%s): polling", self.name, q.index, exc
+                    )
+                    polled = True
+                    continue
+                q.drain_kick()
+            await self.process(q.index)
+
+    async def process(self, index: int) -> None:
+        """Let the device serve ring ``index`` until it takes nothing more."""
+        q = self.queues[index]
+        while True:
+            async with self.lock:
+                if not q.ready or self.closed:
+                    return
+                try:
+                    work = self.device.kick(index)
+                    await self._execute(work)
+                    more = q.publish_avail_event(self.memory) if q.ready else False
+                except RingBroken:
+                    return
+            if not (work.popped and (more or not q.event_idx)):
+                return
+            await trio.lowlevel.checkpoint()
+
+    async def process_all(self) -> None:
+        for q in self.queues:
+            await self.process(q.index)
+
+    async def _execute(self, work: Work) -> None:
+        """Carry out a device's Work: reclaim, then used rings, then calls, then config."""
+        for rec in work.reclaims:
+            try:
+                await self.memory.reclaim_async(rec.pfn_starts, rec.pfn_counts)
+            except HostResourceError as exc:
+                log.error("%s: reclaim failed: %s", self.name, exc)
+        by_queue: dict[int, list[tuple[int, int]]] = {}
+        for qi, head, length in work.completions:
+            by_queue.setdefault(qi, []).append((head, length))
+        for qi, completions in by_queue.items():
+            q = self.queues[qi]
+            try:
+                if q.push(self.memory, completions):
+                    q.signal()
+            except RingBroken:
+                pass
+        if work.config_changed:
+            self._send_config_change()
+        if work.reclaims or work.popped:
+            self.server.registry.note_size(self.guest, self.device.status().size_pages)
+
+    # -- operator requests ---------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        async for action in self._control_recv:
+            async with self.lock:
+                await self._execute(action())
+
+    # -- back-end channel ----------------------------------------------------------------
+
+    def _send_config_change(self) -> None:
+        if self._backend_send is None or not (
+            self.proto.has_protocol(PF.CONFIG) and self.proto.has_protocol(PF.BACKEND_REQ)
+        ):
+            return
+        if not any(q.started for q in self.queues):  # suspended: no messages to the front-end
+            self._config_change_pending = True
+            return
+        self._config_change_pending = False
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._backend_send.send_nowait(self.proto.config_change_message())
+
+    async def _backend_writer(
+        self, sock: trio.socket.SocketType, recv: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        async with recv:
+            async for data in recv:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[await sock.send(view) :]
+                except OSError as exc:
+                    log.warning("%s: back-end channel send failed: %s", self.name, exc)
+                    return
+
+    async def _backend_reader(self, sock: trio.socket.SocketType) -> None:
+        """Discard anything the front-end sends on the back-end channel (we never ask)."""
+        try:
+            while True:
+                data, anc, _, _ = await sock.recvmsg(4096, _ANC_SPACE)
+                close_fds(_fds_from(anc))
+                if not data:
+                    return
+        except OSError:
+            return
+
+
+class Server:
+    """Listeners for every guest socket, and the connections they accept."""
+
+    def __init__(
+        self,
+        registry: GuestRegistry,
+        device_cls: type[Device],
+        *,
+        socket_paths: Sequence[str] = (),
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.device_cls = device_cls
+        self.socket_paths = [os.fspath(p) for p in socket_paths]
+        self.names = list(names) if names else [f"vm{i}" for i in range(len(self.socket_paths))]
+        if len(self.names) != len(self.socket_paths):
+            raise ValueError("one name per socket")
+        for name, path in zip(self.names, self.socket_paths, strict=True):
+            if name not in registry.names():
+                registry.add(name, path)
+        self.connections: set[Connection] = set()
+        self._nursery: trio.Nursery | None = None
+        self._listeners: list[trio.socket.SocketType] = []
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on every socket and serve until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for name, path in zip(self.names, self.socket_paths, strict=True):
+                listener = await self._listen(path)
+                self._listeners.append(listener)
+                nursery.start_soon(self._accept_loop, listener, name)
+            log.info("serving %s on %s", self.device_cls.name, ", ".join(self.socket_paths) or "-")
+            task_status.started(self)
+
+    async def serve_fd(self, fd: int, name: str = "vm0") -> None:
+        """Serve one already-connected socket (``--fd``) until it closes."""
+        if name not in self.registry.names():
+            self.registry.add(name, f"fd:{fd}")
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._serve(sock, name)
+
+    async def _listen(self, path: str) -> trio.socket.SocketType:
+        p = Path(path)
+        if p.is_socket():
+            p.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, name: str) -> None:
+        with listener:
+            while True:
+                try:
+                    sock, _ = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.error("%s: accept failed: %s", name, exc)
+                        await trio.sleep(0.1)
+                        continue
+                    raise
+                if self.registry.busy(name):
+                    log.warning("%s: a second front-end connected: refused", name)
+                    sock.close()
+                    continue
+                assert self._nursery is not None
+                self._nursery.start_soon(self._serve, sock, name)
+
+    async def _serve(self, sock: trio.socket.SocketType, name: str) -> None:
+        conn = Connection(self, sock, name, self.device_cls)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        except GuestError as exc:  # should have been answered inside; never fatal
+            log.error("%s: unexpected guest error: %s", conn.name, exc)
+        finally:
+            self.connections.discard(conn)
+
+    async def shutdown(self) -> None:
+        """Answer queued requests with BUSY, then close every connection and listener."""
+        log.info("shutting down: answering queued requests BUSY")
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            for conn in list(self.connections):
+                conn.device.shutdown()
+            for conn in list(self.connections):
+                await conn.process_all()
+        for conn in list(self.connections):
+            conn.close()
+        for listener in self._listeners:
+            listener.close()
+        for path in self.socket_paths:
+            with contextlib.suppress(OSError):
+                if Path(path).is_socket():
+                    os.unlink(path)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
