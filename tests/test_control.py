@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-
 from control_fakes import make_registry
+
 from protocol.errors import HostResourceError
 from vdev.config import ControlConfig, VmConfig
 from vdev.control import ControlPlane, NotSimulated, find_cgroup_v2_dir
@@ -68,7 +68,7 @@ async def test_pressure_targets_applied_to_registry_guests() -> None:
 
 async def test_manual_override_wins_and_policy_resumes() -> None:
     with trio.fail_after(5):
-        registry, guests = make_registry(VM_PAGES, VM_PAGES, follow=True)
+        registry, _guests = make_registry(VM_PAGES, VM_PAGES, follow=True)
         control = ControlPlane(registry, simulated())
         control.set_simulated_free(100 * MIB)
         control.step(now=0.0)
@@ -111,7 +111,7 @@ async def test_manual_override_wins_and_policy_resumes() -> None:
 
 async def test_inflation_rate_limit_observed() -> None:
     with trio.fail_after(5):
-        registry, guests = make_registry(VM_PAGES, VM_PAGES, follow=True)
+        registry, _guests = make_registry(VM_PAGES, VM_PAGES, follow=True)
         control = ControlPlane(registry, simulated())
         control.set_setting("/VBalloon/InflateRatePagesPerSec", 1000)
         control.set_setting("/VBalloon/MinTargetChangePages", 0)
