@@ -1,0 +1,383 @@
+"""vdev/api.py over a real unix socket, served by hypercorn's trio worker.
+
+Part 1 runs the API in-process over the real GuestRegistry with fake guests (every endpoint,
+bad bodies, unknown VMs, the OpenAPI document kept true, socket handling). Part 2
+(test_serve_*) starts a real ``vdev serve`` process with a real vhost-user front-end and
+drives it only through its API socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import trio
+from control_fakes import FakeGuest, make_registry
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.routing import Route
+
+from protocol.errors import ConfigError
+from vdev.api import OPENAPI, bind_unix_socket, create_app, default_api_socket, serve_api
+from vdev.config import ControlConfig, PoolSpec, VmConfig
+from vdev.control import ControlPlane
+from vdev.policy import PAGE_SIZE
+
+MIB = 1 << 20
+GIB = 1 << 30
+VM_PAGES = GIB // PAGE_SIZE
+
+
+def make_control(host_memory: int | None = 4 * GIB) -> tuple[ControlPlane, list[FakeGuest]]:
+    registry, guests = make_registry(VM_PAGES, VM_PAGES // 2, follow=True)
+    cfg = ControlConfig(host_memory=host_memory)
+    cfg.pools = [PoolSpec(name="gold", limit_pages=VM_PAGES * 2)]
+    cfg.vms["vm0"] = VmConfig(pool="gold")
+    return ControlPlane(registry, cfg), guests
+
+
+@asynccontextmanager
+async def running(
+    control: ControlPlane, path: Path, mode: int = 0o600
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.run)
+        await nursery.start(
+            lambda task_status: serve_api(control, str(path), mode=mode, task_status=task_status)
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://vdev"
+        ) as client:
+            yield client
+        nursery.cancel_scope.cancel()
+
+
+def schema_validator(name_or_schema: str | dict[str, Any]) -> jsonschema.protocols.Validator:
+    schema = (
+        {"$ref": f"#/components/schemas/{name_or_schema}"}
+        if isinstance(name_or_schema, str)
+        else name_or_schema
+    )
+    return jsonschema.Draft202012Validator({**schema, "components": OPENAPI["components"]})
+
+
+def check_response(method: str, template: str, response: httpx.Response) -> None:
+    """The response is one the OpenAPI document declares, with a body matching its schema."""
+    declared = OPENAPI["paths"][template][method.lower()]["responses"]
+    assert str(response.status_code) in declared, (method, template, response.status_code)
+    content = declared[str(response.status_code)].get("content", {})
+    if "application/json" in content:
+        schema = content["application/json"]["schema"]
+        schema_validator(schema).validate(response.json())
+
+
+# ------------------------------------------------------------------------------ in-process
+
+
+async def test_every_endpoint(tmp_path: Path) -> None:
+    control, guests = make_control()
+    with trio.fail_after(20):
+        async with running(control, tmp_path / "api") as c:
+
+            async def call(method: str, template: str, url: str, **kw: Any) -> httpx.Response:
+                r = await c.request(method, url, **kw)
+                check_response(method, template, r)
+                return r
+
+            vms = (await call("GET", "/vms", "/vms")).json()["vms"]
+            assert [v["name"] for v in vms] == ["vm0", "vm1"]
+            vm0 = vms[0]
+            assert vm0["connected"] and vm0["driver_active"] and vm0["state"] == "active"
+            assert vm0["ram_pages"] == VM_PAGES and vm0["ram_bytes"] == GIB
+            assert vm0["max_pages"] == VM_PAGES * 65 // 100
+            assert vm0["max_bytes"] == vm0["max_pages"] * PAGE_SIZE
+            assert vm0["pool"] == "gold" and vm0["control"] == "policy"
+
+            r = await call("GET", "/vms/{name}", "/vms/vm1")
+            assert r.json()["ram_pages"] == VM_PAGES // 2
+
+            # Manual targets in every unit; each takes effect at once.
+            for body, pages in (
+                ({"target_mib": 100}, 25600),
+                ({"target_mib": 1.5}, 384),
+                ({"target_pages": 1234}, 1234),
+                ({"target_bytes": 8 * MIB}, 2048),
+                ({"target": "256M"}, 65536),
+            ):
+                r = await call("PUT", "/vms/{name}/target", "/vms/vm0/target", json=body)
+                got = r.json()
+                assert (got["target_pages"], got["control"], got["reason"]) == (
+                    pages,
+                    "manual",
+                    "manual",
+                )
+                assert got["target_bytes"] == pages * PAGE_SIZE
+                assert guests[0].target == pages  # the guest was told
+            # Above MCTLMAX: capped, and the answer says by what.
+            r = await call(
+                "PUT", "/vms/{name}/target", "/vms/vm0/target", json={"target_mib": 1000}
+            )
+            assert r.json()["target_pages"] == VM_PAGES * 65 // 100
+            assert r.json()["reason"] == "capped:CtlMaxPercent"
+            assert r.json()["manual_target_pages"] == 1000 * 256
+            r = await call("PUT", "/vms/{name}/target", "/vms/vm0/target", json={"policy": True})
+            assert r.json()["control"] == "policy" and r.json()["manual_target_pages"] is None
+
+            r = await call("POST", "/vms/{name}/reset", "/vms/vm0/reset")
+            assert guests[0].resets == 1
+
+            r = await call("GET", "/vms/{name}/history", "/vms/vm0/history")
+            points = r.json()["points"]
+            assert points and points[-1]["host_state"] == "high"
+            r = await call("GET", "/vms/{name}/history", "/vms/vm0/history?last=1")
+            assert len(r.json()["points"]) == 1
+
+            host = (await call("GET", "/host", "/host")).json()
+            assert host["simulated"] and host["state"] == "high" and host["total_bytes"] == 4 * GIB
+            assert host["min_free_bytes"] == 4 * GIB * 6 // 100  # ESXi sliding scale: 6 % of 4 GiB
+
+            r = await call("PUT", "/host/simulated", "/host/simulated", json={"free_mib": 100})
+            assert r.json()["state"] == "soft" and r.json()["free_bytes"] == 100 * MIB
+            assert (await c.get("/vms/vm1")).json()["target_pages"] > 0  # the policy reacted
+            r = await call("PUT", "/host/simulated", "/host/simulated", json={"free": "4G"})
+            assert r.json()["free_bytes"] == 4 * GIB
+
+            pools = (await call("GET", "/pools", "/pools")).json()["pools"]
+            assert pools == [
+                {
+                    "name": "gold",
+                    "parent": None,
+                    "reservation_bytes": 0,
+                    "limit_bytes": 2 * GIB,
+                    "shares": "normal",
+                    "share_count": 163840.0,
+                    "expandable_reservation": True,
+                    "vms": ["vm0"],
+                }
+            ]
+
+            settings = (await call("GET", "/settings", "/settings")).json()["settings"]
+            assert settings["/Mem/CtlMaxPercent"] == 65
+            assert len(settings) == len(control.engine.settings.paths())
+            r = await call("GET", "/settings/{path}", "/settings/Mem/CtlMaxPercent")
+            assert r.json() == {"path": "/Mem/CtlMaxPercent", "value": 65}
+            r = await call("GET", "/settings/{path}", "/settings/Mem.IdleTax")  # dotted form
+            assert r.json() == {"path": "/Mem/IdleTax", "value": 75}
+            r = await call(
+                "PUT", "/settings/{path}", "/settings/Mem/CtlMaxPercent", json={"value": 40}
+            )
+            assert r.json()["value"] == 40
+            assert (await c.get("/vms/vm0")).json()["max_pages"] == VM_PAGES * 40 // 100
+
+            r = await call("GET", "/metrics", "/metrics")
+            assert r.headers["content-type"].startswith("text/plain")
+            r = await call("GET", "/openapi.json", "/openapi.json")
+            assert r.json() == OPENAPI
+
+            async with c.stream("GET", "/events") as s:
+                assert s.status_code == 200
+                assert s.headers["content-type"].startswith("application/x-ndjson")
+                first = json.loads(await s.aiter_lines().__anext__())
+                assert first["type"] == "hello" and first["vms"] == ["vm0", "vm1"]
+                schema_validator("Event").validate(first)
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "message"),
+    [
+        ("PUT", "/vms/vm0/target", b"", "body is empty"),
+        ("PUT", "/vms/vm0/target", b"{nope", "not valid JSON"),
+        ("PUT", "/vms/vm0/target", b"\xff\xfe", "not valid JSON"),
+        ("PUT", "/vms/vm0/target", b"[1]", "must be a JSON object, got list"),
+        ("PUT", "/vms/vm0/target", b"{}", "expected exactly one of target_mib"),
+        ("PUT", "/vms/vm0/target", b'{"target_mb": 5}', "unknown field(s) target_mb"),
+        ("PUT", "/vms/vm0/target", b'{"target_mib": 1, "target_pages": 2}', "exactly one"),
+        ("PUT", "/vms/vm0/target", b'{"target_mib": -1}', "target_mib must be >= 0"),
+        ("PUT", "/vms/vm0/target", b'{"target_mib": "5"}', 'target_mib must be a number, got "5"'),
+        ("PUT", "/vms/vm0/target", b'{"target_pages": true}', "target_pages must be a number"),
+        ("PUT", "/vms/vm0/target", b'{"target_pages": 1.5}', "target_pages must be an integer"),
+        ("PUT", "/vms/vm0/target", b'{"target": "lots"}', "cannot parse size 'lots'"),
+        ("PUT", "/vms/vm0/target", b'{"target": 5}', "must be a size string"),
+        ("PUT", "/vms/vm0/target", b'{"target_mib": 1e400}', "must be >= 0"),
+        ("PUT", "/vms/vm0/target", b'{"target_mib": 2048}', "more than the guest's RAM"),
+        ("PUT", "/vms/vm0/target", b'{"policy": false}', 'exactly {"policy": true}'),
+        ("PUT", "/vms/vm0/target", b'{"policy": true, "target_mib": 1}', '{"policy": true}'),
+        ("PUT", "/host/simulated", b'{"free_mib": 99999999}', "free memory must be in"),
+        ("PUT", "/host/simulated", b'{"free_pages": 1}', "unknown field(s) free_pages"),
+        ("PUT", "/settings/Mem/CtlMaxPercent", b'{"value": 100}', "must be in 0..99"),
+        ("PUT", "/settings/Mem/CtlMaxPercent", b'{"value": "50"}', "must be an integer"),
+        ("PUT", "/settings/VBalloon/SoftPct", b'{"value": 5000}', "ClearPct > SoftPct"),
+        ("PUT", "/settings/Mem/CtlMaxPercent", b'{"val": 1}', "unknown field(s) val"),
+        ("GET", "/vms/vm0/history?last=x", b"", "last must be an integer"),
+    ],
+)
+async def test_bad_requests_are_400_with_a_message(
+    tmp_path: Path, method: str, url: str, body: bytes, message: str
+) -> None:
+    control, _ = make_control()
+    with trio.fail_after(10):
+        async with running(control, tmp_path / "api") as c:
+            r = await c.request(method, url, content=body)
+            assert r.status_code == 400, r.text
+            assert message in r.json()["error"]
+            assert set(r.json()) == {"error"}
+            # Nothing changed.
+            assert control.manual == {}
+            assert control.engine.settings.get("/Mem/CtlMaxPercent") == 65
+
+
+async def test_unknown_vms_settings_and_paths_are_404(tmp_path: Path) -> None:
+    control, _ = make_control()
+    with trio.fail_after(10):
+        async with running(control, tmp_path / "api") as c:
+            for method, url, body in (
+                ("GET", "/vms/vm9", None),
+                ("PUT", "/vms/vm9/target", {"target_mib": 1}),
+                ("PUT", "/vms/vm9/target", {"policy": True}),
+                ("POST", "/vms/vm9/reset", None),
+                ("GET", "/vms/vm9/history", None),
+                ("GET", "/events?vm=vm9", None),
+            ):
+                r = await c.request(method, url, json=body)
+                assert r.status_code == 404, (url, r.text)
+                assert "no VM named 'vm9'" in r.json()["error"]
+            r = await c.get("/settings/Mem/Bogus")
+            assert r.status_code == 404 and "no setting '/Mem/Bogus'" in r.json()["error"]
+            r = await c.get("/nowhere")
+            assert r.status_code == 404 and "no such endpoint" in r.json()["error"]
+            r = await c.post("/vms")
+            assert r.status_code == 405 and "not allowed" in r.json()["error"]
+
+
+async def test_simulated_endpoint_on_a_real_host_is_409(tmp_path: Path) -> None:
+    control, _ = make_control(host_memory=None)
+    with trio.fail_after(10):
+        async with running(control, tmp_path / "api") as c:
+            r = await c.put("/host/simulated", json={"free_mib": 1})
+            assert r.status_code == 409 and "--host-memory" in r.json()["error"]
+            check_response("PUT", "/host/simulated", r)
+            host = (await c.get("/host")).json()
+            assert host["simulated"] is False and host["total_bytes"] > 0
+
+
+async def test_metrics_parse_back(tmp_path: Path) -> None:
+    control, guests = make_control()
+    guests[0].guest_stats = {"stat-free-memory": 1000, "stat-swap-in": -1}
+    with trio.fail_after(10):
+        async with running(control, tmp_path / "api") as c:
+            await c.put("/vms/vm0/target", json={"target_pages": 1000})
+            text = (await c.get("/metrics")).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("vballoon_vm_balloon_target_bytes", (("vm", "vm0"),))] == 1000 * PAGE_SIZE
+    assert samples[("vballoon_vm_balloon_size_bytes", (("vm", "vm0"),))] == 1000 * PAGE_SIZE
+    assert (
+        samples[("vballoon_vm_balloon_max_bytes", (("vm", "vm0"),))]
+        == (VM_PAGES * 65 // 100) * PAGE_SIZE
+    )
+    assert samples[("vballoon_vm_manual_target", (("vm", "vm0"),))] == 1
+    assert samples[("vballoon_vm_driver_active", (("vm", "vm1"),))] == 1
+    assert samples[("vballoon_vm_connected", (("personality", "vmw"), ("vm", "vm1")))] == 1
+    assert (
+        samples[("vballoon_vm_balloon_events_total", (("counter", "lock"), ("vm", "vm0")))] == 1000
+    )
+    assert (
+        samples[("vballoon_vm_guest_stat", (("stat", "stat-free-memory"), ("vm", "vm0")))] == 1000
+    )
+    assert ("vballoon_vm_guest_stat", (("stat", "stat-swap-in"), ("vm", "vm0"))) not in samples
+    assert samples[("vballoon_host_memory_total_bytes", ())] == 4 * GIB
+    assert samples[("vballoon_host_state", (("state", "high"),))] == 1
+    assert samples[("vballoon_host_state", (("state", "soft"),))] == 0
+    assert samples[("vballoon_setting", (("path", "/Mem/CtlMaxPercent"),))] == 65
+    assert samples[("vballoon_policy_steps_total", ())] >= 1
+
+
+async def test_event_stream_ndjson_and_sse_within_tens_of_ms(tmp_path: Path) -> None:
+    control, _ = make_control()
+    path = tmp_path / "api"
+    with trio.fail_after(10):
+        async with running(control, path) as c:
+            for pages, accept in ((777, "application/x-ndjson"), (778, "text/event-stream")):
+                async with c.stream("GET", "/events?vm=vm1", headers={"accept": accept}) as s:
+                    lines = s.aiter_lines()
+
+                    async def next_event(lines: AsyncIterator[str] = lines) -> dict[str, Any]:
+                        while True:
+                            line = await lines.__anext__()
+                            if line.startswith("data: "):
+                                return dict(json.loads(line[6:]))
+                            if line.startswith("{"):
+                                return dict(json.loads(line))
+
+                    assert (await next_event())["type"] == "hello"
+                    t0 = time.perf_counter()
+                    await c.put("/vms/vm0/target", json={"target_pages": 10})  # filtered out
+                    await c.put("/vms/vm1/target", json={"target_pages": pages})
+                    while True:
+                        event = await next_event()
+                        assert event.get("name") in (None, "vm1")
+                        if event.get("kind") == "target":
+                            break
+                    latency = time.perf_counter() - t0
+                    assert event["target_pages"] == pages and event["reason"] == "manual"
+                    assert latency < 0.1, latency
+                    schema_validator("Event").validate(event)
+
+
+def test_openapi_matches_the_routes() -> None:
+    control, _ = make_control()
+    app = create_app(control)
+    routed: dict[str, set[str]] = {}
+    for route in app.routes:
+        assert isinstance(route, Route)
+        template = route.path.replace("{path:path}", "{path}")
+        routed.setdefault(template, set()).update(
+            m.lower() for m in route.methods or () if m != "HEAD"
+        )
+    documented = {p: set(ops) for p, ops in OPENAPI["paths"].items()}
+    assert routed == documented
+    jsonschema.Draft202012Validator.check_schema({"components": OPENAPI["components"]})
+    for name in OPENAPI["components"]["schemas"]:
+        schema_validator(name)  # every $ref resolves
+    for ops in OPENAPI["paths"].values():
+        for op in ops.values():
+            assert "404" in op["responses"] or "{name}" not in json.dumps(op.get("parameters", []))
+
+
+async def test_socket_mode_stale_live_and_cleanup(tmp_path: Path) -> None:
+    path = tmp_path / "api"
+    control, _ = make_control()
+    with trio.fail_after(10):
+        async with running(control, path):
+            st = os.stat(path)
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+            with pytest.raises(ConfigError, match="in use by another process"):
+                bind_unix_socket(str(path))
+        assert not path.exists()  # removed on the way out
+        async with running(control, path, mode=0o660):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    # A stale socket (nobody listening) is replaced; anything else is refused.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    sock = bind_unix_socket(str(path))
+    sock.close()
+    os.unlink(path)
+    path.write_text("not a socket")
+    with pytest.raises(ConfigError, match="not a socket"):
+        bind_unix_socket(str(path))
+    assert default_api_socket(["/run/vm0.sock", "/run/vm1.sock"]) == "/run/vm0.sock.api"
+    with pytest.raises(ConfigError):
+        default_api_socket([])

@@ -1,0 +1,190 @@
+"""Prometheus metrics: a custom collector over the guest registry and the control plane,
+rendered with prometheus_client's ``generate_latest`` (text format 0.0.4).
+
+Everything is read at scrape time from the live state (no metric objects to keep in sync):
+
+=====================================================  ===============================
+metric                                                 esxtop / meaning
+=====================================================  ===============================
+vballoon_vm_connected{vm,personality}                  a front-end is connected
+vballoon_vm_driver_active{vm}                          MCTL?
+vballoon_vm_balloon_size_bytes{vm}                     MCTLSZ
+vballoon_vm_balloon_target_bytes{vm}                   MCTLTGT
+vballoon_vm_balloon_max_bytes{vm}                      MCTLMAX
+vballoon_vm_manual_target{vm}                          1 if the operator pinned the target
+vballoon_vm_ram_bytes{vm}, _ram_allocated_bytes{vm}    guest RAM, its host-resident part
+vballoon_vm_inflate_pages_per_second{vm} (deflate)     rates over the last window
+vballoon_vm_balloon_events_total{vm,counter}           device counters (debugfs names)
+vballoon_vm_failures_total{vm}                         failed commands + refused pages
+vballoon_vm_reclaimed_bytes_total{vm}                  bytes punched out of guest RAM
+vballoon_vm_guest_stat{vm,stat}                        virtio-balloon guest stats
+vballoon_host_memory_{total,free,min_free}_bytes       MemTotal / MemAvailable / minFree
+vballoon_host_state{state}                             1 for the current state
+vballoon_host_psi_{some,full}_avg10                    PSI memory stall, percent
+vballoon_policy_{pressure,unmet}_pages                 last policy step
+vballoon_policy_steps_total                            policy steps taken
+vballoon_setting{path}                                 advanced settings
+=====================================================  ===============================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from vdev.control import driver_active, failures
+from vdev.policy import PAGE_SIZE, HostState
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from vdev.control import ControlPlane
+
+
+class ControlPlaneCollector(Collector):
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def collect(self) -> Iterator[Metric]:
+        control = self.control
+        vm = ["vm"]
+        connected = GaugeMetricFamily(
+            "vballoon_vm_connected",
+            "A vhost-user front-end is connected",
+            labels=["vm", "personality"],
+        )
+        active = GaugeMetricFamily(
+            "vballoon_vm_driver_active", "Balloon driver active (esxtop MCTL?)", labels=vm
+        )
+        size = GaugeMetricFamily(
+            "vballoon_vm_balloon_size_bytes", "Balloon size (esxtop MCTLSZ)", labels=vm
+        )
+        target = GaugeMetricFamily(
+            "vballoon_vm_balloon_target_bytes", "Balloon target (esxtop MCTLTGT)", labels=vm
+        )
+        maximum = GaugeMetricFamily(
+            "vballoon_vm_balloon_max_bytes", "Most the balloon may hold (esxtop MCTLMAX)", labels=vm
+        )
+        manual = GaugeMetricFamily(
+            "vballoon_vm_manual_target", "1 if the target is a manual override", labels=vm
+        )
+        ram = GaugeMetricFamily("vballoon_vm_ram_bytes", "Guest RAM", labels=vm)
+        resident = GaugeMetricFamily(
+            "vballoon_vm_ram_allocated_bytes", "Host memory backing the guest RAM file", labels=vm
+        )
+        inflate = GaugeMetricFamily(
+            "vballoon_vm_inflate_pages_per_second", "Inflation over the rate window", labels=vm
+        )
+        deflate = GaugeMetricFamily(
+            "vballoon_vm_deflate_pages_per_second", "Deflation over the rate window", labels=vm
+        )
+        events = CounterMetricFamily(
+            "vballoon_vm_balloon_events",
+            "Device model counters (debugfs vocabulary)",
+            labels=["vm", "counter"],
+        )
+        fails = CounterMetricFamily(
+            "vballoon_vm_failures", "Failed commands and refused pages", labels=vm
+        )
+        reclaimed = CounterMetricFamily(
+            "vballoon_vm_reclaimed_bytes", "Bytes of guest RAM returned to the host", labels=vm
+        )
+        stats = GaugeMetricFamily(
+            "vballoon_vm_guest_stat", "virtio-balloon guest statistics", labels=["vm", "stat"]
+        )
+
+        for name in control.registry.names():
+            try:
+                view = control.registry.view(name)
+            except KeyError:
+                continue
+            counters = {
+                str(k): int(v) for k, v in dict(getattr(view, "counters", {}) or {}).items()
+            }
+            connected.add_metric(
+                [name, str(getattr(view, "personality", ""))], float(bool(view.connected))
+            )
+            active.add_metric([name], float(driver_active(view)))
+            size.add_metric([name], int(view.size_pages) * PAGE_SIZE)
+            target.add_metric([name], int(view.target_pages) * PAGE_SIZE)
+            maximum.add_metric([name], control.max_pages(name, view) * PAGE_SIZE)
+            manual.add_metric([name], float(name in control.manual))
+            ram.add_metric([name], int(view.ram_pages) * PAGE_SIZE)
+            resident.add_metric([name], int(getattr(view, "ram_allocated_bytes", 0) or 0))
+            up, down = control.rates(name)
+            inflate.add_metric([name], up)
+            deflate.add_metric([name], down)
+            for counter, value in sorted(counters.items()):
+                events.add_metric([name, counter], value)
+            fails.add_metric([name], failures(counters))
+            reclaimed.add_metric([name], int(getattr(view, "reclaimed_bytes_total", 0) or 0))
+            for stat, value in sorted(dict(getattr(view, "guest_stats", {}) or {}).items()):
+                if int(value) >= 0:  # -1: the guest does not report it
+                    stats.add_metric([name, str(stat)], int(value))
+        yield from (connected, active, size, target, maximum, manual, ram, resident)
+        yield from (inflate, deflate, events, fails, reclaimed, stats)
+
+        sample = control.last_sample
+        decision = control.last_decision
+        if sample is not None:
+            host = control.host_info()
+            yield GaugeMetricFamily(
+                "vballoon_host_memory_total_bytes", "Host memory", value=sample.total_bytes
+            )
+            yield GaugeMetricFamily(
+                "vballoon_host_memory_free_bytes",
+                "Host free memory (MemAvailable)",
+                value=sample.free_bytes,
+            )
+            yield GaugeMetricFamily(
+                "vballoon_host_memory_min_free_bytes",
+                "ESXi-style minFree",
+                value=host["min_free_bytes"],
+            )
+            if sample.psi_some_avg10 is not None:
+                yield GaugeMetricFamily(
+                    "vballoon_host_psi_some_avg10",
+                    "PSI memory some avg10 (percent)",
+                    value=sample.psi_some_avg10,
+                )
+            if sample.psi_full_avg10 is not None:
+                yield GaugeMetricFamily(
+                    "vballoon_host_psi_full_avg10",
+                    "PSI memory full avg10 (percent)",
+                    value=sample.psi_full_avg10,
+                )
+        if decision is not None:
+            state = GaugeMetricFamily(
+                "vballoon_host_state", "Host memory state (1 = current)", labels=["state"]
+            )
+            for s in HostState:
+                state.add_metric([s.value], float(s is decision.state))
+            yield state
+            yield GaugeMetricFamily(
+                "vballoon_policy_pressure_pages",
+                "Pressure reclamation placed",
+                value=decision.pressure_pages,
+            )
+            yield GaugeMetricFamily(
+                "vballoon_policy_unmet_pages",
+                "Reclamation the caps prevented",
+                value=decision.unmet_pages,
+            )
+        yield CounterMetricFamily(
+            "vballoon_policy_steps", "Policy steps taken", value=control.steps
+        )
+        setting = GaugeMetricFamily("vballoon_setting", "Advanced settings", labels=["path"])
+        settings = control.engine.settings
+        for path in settings.paths():
+            setting.add_metric([path], settings.get(path))
+        yield setting
+
+
+def render_metrics(control: ControlPlane) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ControlPlaneCollector(control))
+    return generate_latest(registry)
