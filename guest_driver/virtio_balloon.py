@@ -130,7 +130,10 @@ class VirtioBalloonDriver:
 
     async def start(self) -> None:
         """virtballoon_probe: negotiate, set up the queues, DRIVER_OK, queue the stats buffer."""
-        self.features = await self.dev.begin(self.wanted)
+        wanted = self.wanted
+        if await self.dev.num_queues() <= self.STATSQ:
+            wanted &= ~vb.Feature.STATS_VQ  # a carrier device without a third queue
+        self.features = await self.dev.begin(wanted)
         self.has_stats = bool(self.features & vb.Feature.STATS_VQ)
         if not self._pfn_buf:
             self._pfn_buf = self.mem.alloc(vb.MAX_PFNS_PER_BUFFER * vb.PFN.sizeof())
@@ -294,17 +297,23 @@ class VirtioBalloonDriver:
     # -- the interrupt handler ---------------------------------------------------------
 
     async def service(self, timeout: float) -> int:
-        """Wait for one interrupt and act on it (config change: balloon work; queue: stats).
-
-        Returns the ISR bits handled.
-        """
+        """Wait for one interrupt and act on it, as vp_interrupt + the vq callbacks do:
+        any interrupt checks statsq (the device may have returned the stats buffer); a
+        config change runs the balloon work. Returns the ISR bits handled."""
         bits = await self.dev.wait_isr(ISR_CONFIG | ISR_QUEUE, timeout)
-        if bits & ISR_QUEUE:
-            await self.stats_handle_request()
+        await self.stats_handle_request()
         if bits & ISR_CONFIG:
             self.counters.config_changes += 1
             await self.balloon_work()
         return bits
+
+    async def on_config_change(self, timeout: float) -> int:
+        """Serve interrupts until a config change was handled; returns the pages moved."""
+        with trio.fail_after(timeout):
+            before = self.counters.inflated_pages - self.counters.deflated_pages
+            while not await self.service(timeout) & ISR_CONFIG:
+                pass
+            return self.counters.inflated_pages - self.counters.deflated_pages - before
 
     async def run(self) -> None:
         """Serve interrupts forever (cancel to stop)."""

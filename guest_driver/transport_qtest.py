@@ -1,0 +1,292 @@
+"""The vmmemctl transport over qtest: the driver core runs unchanged against QEMU.
+
+QEMU attaches vdev (``vdev serve --device vmw``) as a vhost-user device; we are the guest,
+driving the device's virtio-pci function through qtest (:mod:`guest_driver.qtest`):
+
+* queue 0 ``cmdq``: one command = one chain [24-byte request (R), 24-byte response (W)];
+  :meth:`QtestTransport.command` posts it, notifies, and waits for the used element
+  (interrupt via the intercepted IOAPIC line, ISR polled as a fallback);
+* queue 1 ``eventq``: :data:`EVENT_BUFFERS` 8-byte buffers kept posted; each used one is a
+  doorbell event (docs/PROTOCOL.md section 5), re-posted after it is read;
+* guest RAM ``read``/``write`` are qtest ``b64read``/``b64write``.
+
+The device may be ``vhost-user-gpio-pci`` (virtio id 41: two queues and an 8-byte config,
+exactly vmw's shape; any QEMU >= 10) or ``vhost-user-test-device-pci`` (QEMU >= 10.2):
+:meth:`QtestTransport.open` takes the first virtio function whose id is in ``device_ids``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol.errors import FormatError
+from protocol.vmw import (
+    EVENT_SIZE,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    EventKind,
+    Request,
+    Response,
+    parse_event,
+)
+
+from .qemu import TEST_DEVICE, QemuBinary
+from .qtest import GuestAllocator, QtestError, VirtioPci
+from .transport import DeviceGone
+from .virtq import Buffer
+
+if TYPE_CHECKING:
+    from vdev.registry import GuestRegistry, GuestView
+    from vdev.server import Connection, Server
+
+log = logging.getLogger(__name__)
+
+CMDQ = 0
+EVENTQ = 1
+EVENT_BUFFERS = 4
+VIRTIO_ID_GPIO = 41
+#: (context id, resource id) we register with VMCI_DOORBELL_SET (any valid pair will do)
+DOORBELL_IDS = (3, 0x10)
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+
+
+@dataclass
+class QtestTransport:
+    """:class:`guest_driver.transport.Transport` over one qtest-driven virtio-pci device."""
+
+    dev: VirtioPci
+    mem: GuestAllocator
+    timeout: float = 10.0
+    queue_size: int = 16
+    events: bool = True
+    _req: int = 0
+    _resp: int = 0
+    _event_pages: list[int] = field(default_factory=list)
+    _event_bufs: dict[int, int] = field(default_factory=dict)  # head -> gpa
+    _pending_events: list[EventKind] = field(default_factory=list)
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+    commands: int = 0
+
+    @classmethod
+    async def open(
+        cls,
+        dev: VirtioPci,
+        mem: GuestAllocator,
+        *,
+        timeout: float = 10.0,
+        event_idx: bool = True,
+        events: bool = True,
+    ) -> QtestTransport:
+        """Initialise the device (features, cmdq, eventq, DRIVER_OK) and post event buffers."""
+        t = cls(dev, mem, timeout=timeout, events=events)
+        await t.init(event_idx=event_idx)
+        return t
+
+    async def init(self, *, event_idx: bool = True) -> None:
+        """(Re)initialise the device from reset: what the driver does at probe time."""
+        try:
+            await self.dev.begin(VIRTIO_RING_F_EVENT_IDX if event_idx else 0)
+            if not self._req:
+                page = self.mem.alloc(4096)
+                self._req, self._resp = page, page + 64
+                self._event_pages = [page + 128 + 16 * i for i in range(EVENT_BUFFERS)]
+            await self.dev.setup_queue(CMDQ, self.queue_size, self.mem)
+            await self.dev.setup_queue(EVENTQ, self.queue_size, self.mem)
+            await self.dev.driver_ok()
+            self._event_bufs.clear()
+            self._pending_events.clear()
+            if self.events:
+                for gpa in self._event_pages:
+                    await self._post_event(gpa)
+                await self.dev.kick(EVENTQ)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+
+    async def _post_event(self, gpa: int) -> None:
+        head = await self.dev.queues[EVENTQ].add([Buffer(gpa, EVENT_SIZE, write=True)])
+        self._event_bufs[head] = gpa
+
+    # -- Transport ---------------------------------------------------------------------
+
+    async def command(self, request: Request) -> Response:
+        async with self._lock:
+            try:
+                await self.dev.qt.write(self._req, request.build())
+                q = self.dev.queues[CMDQ]
+                head = await q.add(
+                    [Buffer(self._req, REQUEST_SIZE), Buffer(self._resp, RESPONSE_SIZE, write=True)]
+                )
+                await self.dev.kick(CMDQ)
+                while True:
+                    elems = await self.dev.wait_used(CMDQ, self.timeout)
+                    mine = [e for e in elems if e.id == head]
+                    if mine:
+                        break
+                if mine[0].len < RESPONSE_SIZE:
+                    raise DeviceGone(f"cmdq: response of {mine[0].len} bytes")
+                raw = await self.dev.qt.read(self._resp, RESPONSE_SIZE)
+            except trio.TooSlowError as e:
+                raise DeviceGone(f"no response to {request!r} in {self.timeout} s") from e
+            except QtestError as e:
+                raise DeviceGone(f"qtest: {e}") from e
+            self.commands += 1
+            return Response.parse(raw)
+
+    async def read(self, gpa: int, n: int) -> bytes:
+        try:
+            return await self.dev.qt.read(gpa, n)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        try:
+            await self.dev.qt.write(gpa, data)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+
+    async def _collect_events(self) -> None:
+        q = self.dev.queues[EVENTQ]
+        elems = await q.poll_used()
+        for e in elems:
+            gpa = self._event_bufs.pop(e.id, None)
+            if gpa is None:
+                continue
+            if e.len >= EVENT_SIZE:
+                raw = await self.dev.qt.read(gpa, EVENT_SIZE)
+                try:
+                    self._pending_events.append(parse_event(raw))
+                except FormatError as exc:
+                    log.warning("eventq: bad event %s: %s", raw.hex(), exc)
+            await self._post_event(gpa)
+        if elems:
+            await self.dev.kick(EVENTQ)
+
+    async def wait_event(self, timeout: float) -> EventKind | None:
+        if not self.events:
+            await trio.sleep(timeout)
+            return None
+        try:
+            with trio.move_on_after(timeout):
+                while True:
+                    async with self._lock:
+                        seen = self.dev.qt.irq_raises
+                        await self._collect_events()
+                        if self._pending_events:
+                            return self._pending_events.pop(0)
+                        await self.dev.read_isr()
+                        await self._collect_events()
+                        if self._pending_events:
+                            return self._pending_events.pop(0)
+                    await self.dev.qt.wait_irq(seen, 0.05)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+        return None
+
+    @property
+    def doorbell_ids(self) -> tuple[int, int] | None:
+        return DOORBELL_IDS if self.events else None
+
+    # -- config space (the carrier's 8 bytes: num_pages, actual) -----------------------
+
+    async def config(self) -> tuple[int, int]:
+        raw = await self.dev.config_bytes(0, 8)
+        return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+
+
+# --------------------------------------------------------------------------- vdev + QEMU rig
+
+#: The virtio id of QEMU's generic vhost-user device for each personality, or None when the
+#: carrier is used (vhost-user-gpio-pci, virtio id 41).
+VIRTIO_ID = {"virtio-balloon": 5, "vmw": None}
+
+
+def vhost_user_device(personality: str, qemu: QemuBinary, chardev: str = "c0") -> tuple[str, int]:
+    """The ``-device`` argument that attaches vdev's ``personality``, and the virtio id the
+    guest will find.
+
+    virtio-balloon: ``vhost-user-test-device-pci`` (QEMU >= 10.2) with virtio-id 5, 3 queues
+    (inflateq, deflateq, statsq) and an 8-byte config, so a stock Linux virtio_balloon binds.
+    Without it (QEMU 10.0/10.1 cannot instantiate the generic device), and for vmw (which
+    no stock guest driver knows anyway), the carrier ``vhost-user-gpio-pci``: two queues
+    and an 8-byte config, exactly inflate/deflate (no statsq) or cmdq/eventq.
+    """
+    vid = VIRTIO_ID.get(personality)
+    if vid is not None and qemu.has_test_device:
+        return (
+            f"{TEST_DEVICE},chardev={chardev},virtio-id={vid},num_vqs=3,config_size=8",
+            vid,
+        )
+    return f"vhost-user-gpio-pci,chardev={chardev}", VIRTIO_ID_GPIO
+
+
+@dataclass
+class VdevRig:
+    """An in-process ``vdev serve`` (trio tasks in the caller's nursery) on one socket."""
+
+    server: Server
+    registry: GuestRegistry
+    socket: Path
+    scratch: Path
+    personality: str
+    name: str = "vm0"
+
+    def view(self) -> GuestView:
+        return self.registry.view(self.name)
+
+    def set_target(self, pages: int) -> None:
+        self.registry.set_target(self.name, pages)
+
+    def connection(self) -> Connection | None:
+        for conn in self.server.connections:
+            if conn.guest == self.name and not conn.closed:
+                return conn
+        return None
+
+    async def request_stats(self) -> bool:
+        """virtio-balloon: give the held stats buffer back (the guest then refreshes it).
+
+        The registry has no verb for this yet, so it is run here under the connection's
+        lock, exactly as the server runs operator requests.
+        """
+        conn = self.connection()
+        request = getattr(conn.device, "request_stats", None) if conn is not None else None
+        if conn is None or request is None:
+            return False
+        async with conn.lock:
+            work = request()
+            await conn._execute(work)
+        return bool(work.completions)
+
+
+@contextlib.asynccontextmanager
+async def vdev_rig(
+    personality: str, qemu: QemuBinary, *, target: int = 0, scratch: Path | None = None
+) -> AsyncIterator[VdevRig]:
+    """Serve ``personality`` on ``SCRATCH/vu.sock`` (a scratch dir QEMU can see)."""
+    from vdev.device import get_personality
+    from vdev.registry import GuestRegistry
+    from vdev.server import Server
+
+    own = scratch is None
+    d = qemu.scratch_dir("vbq-") if scratch is None else scratch
+    try:
+        sock = d / "vu.sock"
+        registry = GuestRegistry(personality, target=target)
+        server = Server(registry, get_personality(personality), socket_paths=[str(sock)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            try:
+                yield VdevRig(server, registry, sock, d, personality)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if own:
+            shutil.rmtree(d, ignore_errors=True)
