@@ -1,0 +1,246 @@
+"""``guest-driver``: run our vmmemctl guest driver over vhost-user, and look at it.
+
+    guest-driver run --socket PATH --memory SIZE [--poll S] [--no-doorbell] [--shrinker]
+                     [--workload BASE[:AMPLITUDE[:PERIOD[:CACHE]]]] [--control PATH]
+    guest-driver stat  [--socket PATH | --control PATH]     # "N MB", like
+                                                             # vmware-toolbox-cmd stat balloon
+    guest-driver stat --all [...]                            # the debugfs vmmemctl table
+
+The running driver answers on a small unix-socket control endpoint (default: the vhost-user
+socket path plus ``.guest``): one JSON request line in, one JSON reply line out.
+Requests: ``{"cmd": "stat"}`` -> the driver's snapshot (``render_debugfs`` input), the
+guest memory's ``meminfo`` and the debugfs text under ``"debugfs"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import trio
+
+from protocol.errors import ConfigError, VballoonError
+from protocol.vmw import ALL_CAPABILITIES, Capability
+
+from .driver import DriverConfig
+from .guest_memory import PAGE_SIZE, WorkloadSpec
+
+log = logging.getLogger(__name__)
+
+CONTROL_SUFFIX = ".guest"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``4G``, ``512M``, ``1.5G``, ``4096`` -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    try:
+        return int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (examples: 512M, 2G)") from None
+
+
+def parse_workload(text: str) -> WorkloadSpec:
+    """``BASE[:AMPLITUDE[:PERIOD[:CACHE]]]`` sizes (e.g. ``256M:512M:20:128M``)."""
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 4 or not parts[0]:
+        raise ConfigError(f"bad workload {text!r}: BASE[:AMPLITUDE[:PERIOD[:CACHE]]]")
+    base = parse_size(parts[0]) // PAGE_SIZE
+    amplitude = parse_size(parts[1]) // PAGE_SIZE if len(parts) > 1 and parts[1] else 0
+    period = float(parts[2]) if len(parts) > 2 and parts[2] else 20.0
+    cache = parse_size(parts[3]) // PAGE_SIZE if len(parts) > 3 and parts[3] else 0
+    return WorkloadSpec(base=base, amplitude=amplitude, period=period, cache=cache)
+
+
+def default_control_path(vhost_user_socket: str) -> str:
+    return vhost_user_socket + CONTROL_SUFFIX
+
+
+# ---------------------------------------------------------------------------------------
+# The control endpoint (server side runs inside the driver's trio loop)
+
+
+async def serve_control(
+    path: str,
+    handler: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer JSON-line requests on a unix socket at ``path`` until cancelled."""
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_serve_one, stream, handler)
+    finally:
+        with trio.CancelScope(shield=True), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def _serve_one(
+    stream: trio.SocketStream, handler: Callable[[dict[str, Any]], dict[str, Any]]
+) -> None:
+    async with stream:
+        data = b""
+        with trio.move_on_after(5):
+            while b"\n" not in data and len(data) < 65536:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+        try:
+            request = json.loads(data.split(b"\n", 1)[0] or b"{}")
+            reply = handler(request if isinstance(request, dict) else {})
+        except (ValueError, VballoonError) as exc:
+            reply = {"error": str(exc)}
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+def query_control(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Blocking client for ``serve_control`` (used by ``guest-driver stat`` and the demo)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise ConfigError("bad reply from the guest driver")
+    return reply
+
+
+def format_stat_balloon(snapshot: dict[str, Any]) -> str:
+    """``vmware-toolbox-cmd stat balloon``: the ballooned memory as ``N MB``."""
+    return f"{int(snapshot['current']) * PAGE_SIZE // (1 << 20)} MB"
+
+
+# ---------------------------------------------------------------------------------------
+# click
+
+
+@click.group()
+def main() -> None:
+    """vballoon guest side: the vmmemctl guest driver."""
+
+
+@main.command()
+@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
+              help="The vdev vhost-user socket to connect to.")
+@click.option("--memory", "memory", default="1G", show_default=True,
+              help="Guest RAM size (a sparse memfd), e.g. 4G.")
+@click.option("--poll", "poll", type=float, default=1.0, show_default=True,
+              help="Seconds between work ticks (Linux: 1).")
+@click.option("--no-doorbell", is_flag=True, help="Do not offer SIGNALLED_WAKEUP: poll only.")
+@click.option("--capabilities", "caps", default=hex(int(ALL_CAPABILITIES)), show_default=True,
+              help="Capabilities offered at START.")
+@click.option("--shrinker", is_flag=True,
+              help="Deflate under guest memory pressure (vmwballoon_shrinker_enable).")
+@click.option("--workload", default=None,
+              help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE]]], e.g. 256M:512M:20.")
+@click.option("--control", "control", default=None, type=click.Path(dir_okay=False),
+              help="Control socket (default: SOCKET.guest).")
+@click.option("-v", "--verbose", count=True)
+def run(
+    socket_path: str,
+    memory: str,
+    poll: float,
+    no_doorbell: bool,
+    caps: str,
+    shrinker: bool,
+    workload: str | None,
+    control: str | None,
+    verbose: int,
+) -> None:
+    """Connect to vdev as a vhost-user front-end and run the balloon driver."""
+    from .transport_vhost_user import GuestOptions, run_guest
+
+    logging.basicConfig(
+        level=logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        capabilities = Capability(int(caps, 0))
+        if no_doorbell:
+            capabilities &= ~Capability.SIGNALLED_WAKEUP_CMD
+        options = GuestOptions(
+            socket_path=socket_path,
+            ram_bytes=parse_size(memory),
+            config=DriverConfig(capabilities=capabilities, poll_interval=poll, shrinker=shrinker),
+            workload=parse_workload(workload) if workload else None,
+            control_path=control or default_control_path(socket_path),
+        )
+    except (ConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    async def main_task() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_guest, options)
+
+                async def stop() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()  # run_guest sends START(0), pops
+
+                nursery.start_soon(stop)
+
+    try:
+        trio.run(main_task)
+    except KeyboardInterrupt:
+        pass
+    except (VballoonError, OSError) as exc:
+        click.echo(f"guest-driver run: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--socket", "socket_path", default=None, type=click.Path(dir_okay=False),
+              help="The vhost-user socket the driver runs on (control = SOCKET.guest).")
+@click.option("--control", "control", default=None, type=click.Path(dir_okay=False),
+              help="The driver's control socket.")
+@click.option("--all", "show_all", is_flag=True, help="The whole debugfs-style table.")
+@click.option("--json", "as_json", is_flag=True, help="The raw snapshot as JSON.")
+def stat(socket_path: str | None, control: str | None, show_all: bool, as_json: bool) -> None:
+    """Print the balloon size (``N MB``) or, with --all, the vmmemctl debugfs table."""
+    path = control or (default_control_path(socket_path) if socket_path else None)
+    if path is None:
+        path = os.environ.get("GUEST_DRIVER_CONTROL")
+    if path is None:
+        raise click.UsageError("give --socket or --control (or set GUEST_DRIVER_CONTROL)")
+    try:
+        reply = query_control(path, {"cmd": "stat"})
+    except (OSError, ValueError) as exc:
+        click.echo(f"Failed to get ballooned memory: {exc}", err=True)
+        sys.exit(75)  # EX_TEMPFAIL, as vmware-toolbox-cmd
+    if "error" in reply:
+        click.echo(f"Failed to get ballooned memory: {reply['error']}", err=True)
+        sys.exit(75)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2, sort_keys=True))
+    elif show_all:
+        click.echo(reply["debugfs"], nl=False)
+    else:
+        click.echo(format_stat_balloon(reply["driver"]))
