@@ -326,14 +326,21 @@ def test_limit_balloons_without_pressure() -> None:
         ({"limit_pages": 2000}, {}, 6500, "capped:CtlMaxPercent", 1500),
         # sched.mem.maxmemctl = 1000 pages
         ({"limit_pages": 2000, "max_memctl_pages": 1000}, {}, 1000, "capped:maxmemctl", 7000),
-        # reservation 8000: at most 10000 - 8000 = 2000, whatever the limit says
+        # reservation 8000 and limit 8000: the limit wants 2000, exactly what the reservation
+        # leaves balloonable, so it is met and nothing is capped
+        ({"limit_pages": 8000, "reservation_pages": 8000}, {}, 2000, "limit", 0),
+        # limit 9000 wants 1000, reservation 8000 allows 2000, maxmemctl 500 caps it
         (
-            {"limit_pages": 8000, "reservation_pages": 8000},
+            {"limit_pages": 9000, "reservation_pages": 8000, "max_memctl_pages": 500},
             {},
-            2000,
-            "none",  # limit 8000 wants exactly 2000: allowed, so not capped... see below
-            0,
+            500,
+            "capped:maxmemctl",
+            500,
         ),
+        # limit 5000 wants 5000: reservation 5000 allows exactly 5000, reservation 4000
+        # allows 6000; either way the limit is met
+        ({"limit_pages": 5000, "reservation_pages": 5000}, {}, 5000, "limit", 0),
+        ({"limit_pages": 5000, "reservation_pages": 4000}, {}, 5000, "limit", 0),
         # CtlMaxPercent 0 turns ballooning off
         ({"limit_pages": 2000}, {"ctl_max_percent": 0}, 0, "capped:CtlMaxPercent", 8000),
     ],
@@ -348,10 +355,7 @@ def test_caps_on_limit_targets(
     vms = {"v": vm(**spec)}
     ent = compute_entitlements(vms, {}, PolicySettings(**settings_kw), 0)
     assert ent.vms["v"].target_pages == target
-    if reason != "none":
-        assert ent.vms["v"].reason == reason
-    else:
-        assert ent.vms["v"].reason == "limit"
+    assert ent.vms["v"].reason == reason
     assert ent.unmet_pages == unmet
 
 

@@ -120,7 +120,7 @@ class PolicySettings:
     #: ballooning off for every VM [MEM-ADV].
     ctl_max_percent: int = 65
     #: ``Mem.IdleTax``: idle memory tax rate tau in percent; idle pages cost k = 1/(1-tau)
-    #: times an active page [WALDSPURGER §5.3].
+    #: times an active page [WALDSPURGER, idle memory tax].
     idle_tax_percent: int = 75
     #: ``Mem.MinFreePct``: ESX <= 4.1 kept a fixed 6 % free. Our choice: 0 (the default)
     #: selects the ESXi 5+ sliding scale, any other value a fixed percentage of host memory.
@@ -179,7 +179,7 @@ class PolicySettings:
 
     @property
     def idle_cost_factor(self) -> float:
-        """k = 1 / (1 - tau) [WALDSPURGER §5.3]; tau = 75 % gives k = 4."""
+        """k = 1 / (1 - tau) [WALDSPURGER, idle memory tax]; tau = 75 % gives k = 4."""
         return 1.0 / (1.0 - self.idle_tax_percent / 100.0)
 
 
@@ -421,7 +421,9 @@ class PoolSpec:
 
 
 def idle_cost(active_fraction: float, settings: PolicySettings) -> float:
-    """Cost of one page: f + k (1 - f) [WALDSPURGER §5.3]; 1 when fully active, k when idle."""
+    """Cost of one page: f + k (1 - f) [WALDSPURGER, idle memory tax].
+
+    1 when fully active, k when idle."""
     k = settings.idle_cost_factor
     return active_fraction + k * (1.0 - active_fraction)
 
@@ -440,10 +442,11 @@ def water_fill(items: Sequence[FillItem], reclaim: int) -> tuple[list[int], list
     """Take ``reclaim`` pages from ``items``; return what each keeps and whether it is pinned at
     ``low`` by its bound rather than by the water level.
 
-    Min-funding revocation [WALDSPURGER §5.2] takes each page from the claimant with the lowest
-    adjusted shares-per-page ratio rho = S / (P (f + k (1 - f))) = weight / P. Taking pages
-    raises rho, so in the limit every claimant that gave something up ends at one common
-    level rho* and keeps P_i = weight_i / rho*, clamped to [low_i, high_i]. We solve for
+    Min-funding revocation [WALDSPURGER, share-based allocation] takes each page from the
+    claimant with the lowest adjusted shares-per-page ratio
+    rho = S / (P (f + k (1 - f))) = weight / P, with k = 1 / (1 - tau). Taking pages raises
+    rho, so in the limit every claimant that gave something up ends at one common level rho*
+    and keeps P_i = weight_i / rho*, clamped to [low_i, high_i]. We solve for
     mu = 1 / rho* (pages kept per unit of weight) exactly instead of revoking page by page:
     kept(mu) = sum(clamp(weight_i mu, low_i, high_i)) is piecewise linear and nondecreasing,
     so we find the segment between two breakpoints low_i/weight_i, high_i/weight_i where it
