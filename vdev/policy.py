@@ -542,7 +542,6 @@ class _Node:
     cost: float = 1.0  # per-page cost f + k (1 - f), allocation-weighted for pools
     shares: float = 0.0
     reservation: int = 0  # effective reservation, including what children borrow
-    pool_limited: bool = False  # a pool limit cut this node's high below its children's
 
 
 @dataclass(frozen=True)
@@ -654,7 +653,6 @@ def _build_tree(
         limit = high_children if pool.limit_pages is None else pool.limit_pages
         # The caps may keep the pool above its limit: then low_caps wins (and the rest is unmet).
         node.high = max(low_caps, min(high_children, limit))
-        node.pool_limited = node.high < high_children
         node.low = min(node.high, max(low_caps, node.reservation))
 
     settle(root)
@@ -673,7 +671,8 @@ class Entitlement:
 @dataclass(frozen=True)
 class Entitlements:
     vms: dict[str, Entitlement]
-    #: Pages the limits and the pressure demanded but the caps kept us from ballooning.
+    #: Pages the limits and the pressure demanded but the caps kept us from ballooning,
+    #: summed per constraint (a VM short of both its own and its pool limit counts twice).
     unmet_pages: int
     #: Pressure reclamation actually placed on top of the limit-driven targets.
     pressure_pages: int
@@ -740,7 +739,7 @@ def compute_entitlements(
 def _pool_limit_unmet(node: _Node) -> int:
     own = 0
     if node.pool is not None and node.pool.limit_pages is not None:
-        own = max(0, node.high - max(node.pool.limit_pages, node.reservation))
+        own = max(0, node.high - node.pool.limit_pages)  # > 0 only if caps beat the limit
     return own + sum(_pool_limit_unmet(c) for c in node.children)
 
 
