@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from protocol.errors import HostResourceError
+from protocol.errors import ConfigError, HostResourceError
 
 from .policy import PAGE_SIZE, HostSample
 
@@ -239,7 +239,7 @@ class SimulatedHost:
 
     def __init__(self, total_bytes: int, free_bytes: int) -> None:
         if not 0 <= free_bytes <= total_bytes:
-            raise ValueError(f"need 0 <= free ({free_bytes}) <= total ({total_bytes})")
+            raise ConfigError(f"need 0 <= free ({free_bytes}) <= total ({total_bytes})")
         self.total_bytes = total_bytes
         self._free_bytes = free_bytes
 
