@@ -114,6 +114,8 @@ class VirtioBalloonDriver:
     counters: DriverCounters = field(default_factory=DriverCounters)
     features: int = 0
     has_stats: bool = False
+    #: the target differed from the balloon at probe time: balloon work is due
+    work_pending: bool = False
     _pfn_buf: int = 0
     _stats_buf: int = 0
 
@@ -146,6 +148,8 @@ class VirtioBalloonDriver:
         # virtballoon_restore: a driver that kept pages across a reset reports them again
         if self.pages:
             await self.update_balloon_size()
+        # virtballoon_probe: "if (towards_target(vb)) virtballoon_changed(vdev)"
+        self.work_pending = await self.towards_target() != 0
 
     async def remove(self) -> None:
         """remove_common: give every page back, report, reset the device."""
@@ -299,7 +303,12 @@ class VirtioBalloonDriver:
     async def service(self, timeout: float) -> int:
         """Wait for one interrupt and act on it, as vp_interrupt + the vq callbacks do:
         any interrupt checks statsq (the device may have returned the stats buffer); a
-        config change runs the balloon work. Returns the ISR bits handled."""
+        config change runs the balloon work. Returns the ISR bits handled (ISR_CONFIG for
+        balloon work that was already due at probe time, without waiting)."""
+        if self.work_pending:
+            self.work_pending = False
+            await self.balloon_work()
+            return ISR_CONFIG
         bits = await self.dev.wait_isr(ISR_CONFIG | ISR_QUEUE, timeout)
         await self.stats_handle_request()
         if bits & ISR_CONFIG:
@@ -308,7 +317,8 @@ class VirtioBalloonDriver:
         return bits
 
     async def on_config_change(self, timeout: float) -> int:
-        """Serve interrupts until a config change was handled; returns the pages moved."""
+        """Serve interrupts until balloon work ran for a config change (or was due since
+        probe); returns the pages moved (negative: deflated)."""
         with trio.fail_after(timeout):
             before = self.counters.inflated_pages - self.counters.deflated_pages
             while not await self.service(timeout) & ISR_CONFIG:
