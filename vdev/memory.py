@@ -178,12 +178,20 @@ class GuestMemory:
         except BaseException:
             _close_quietly(fd)
             raise
+        # an identical region added again (same gpa, size, uaddr) replaces the old one
+        same = [
+            r
+            for r in self._regions
+            if (r.gpa, r.size, r.uaddr) == (region.gpa, region.size, region.uaddr)
+        ]
+        others = [r for r in self._regions if r not in same]
         try:
-            self._check_overlap([*self._regions, region])
+            self._check_overlap([*others, region])
         except BaseException:
             region.close()
             raise
-        self._regions = sorted([*self._regions, region], key=lambda r: r.gpa)
+        self._regions = sorted([*others, region], key=lambda r: r.gpa)
+        self._drop(same)
         self._changed()
 
     def remove_region(self, spec: RegionSpec) -> bool:

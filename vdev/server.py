@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.02
 #: How long shutdown waits for queued requests to be answered BUSY.
 SHUTDOWN_GRACE = 2.0
+#: How long a new front-end waits for the previous one of the same guest to disconnect.
+RECONNECT_GRACE = 2.0
 _ANC_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * array.array("i").itemsize)
 _serial = itertools.count(1)
 
@@ -555,6 +557,7 @@ class Server:
         self.connections: set[Connection] = set()
         self._nursery: trio.Nursery | None = None
         self._listeners: list[trio.socket.SocketType] = []
+        self._guest_locks: dict[str, trio.Lock] = {}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on every socket and serve until cancelled."""
@@ -594,18 +597,32 @@ class Server:
             while True:
                 try:
                     sock, _ = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         log.error("%s: accept failed: %s", name, exc)
                         await trio.sleep(0.1)
                         continue
                     raise
-                if self.registry.busy(name):
-                    log.warning("%s: a second front-end connected: refused", name)
-                    sock.close()
-                    continue
                 assert self._nursery is not None
-                self._nursery.start_soon(self._serve, sock, name)
+                self._nursery.start_soon(self._serve_when_free, sock, name)
+
+    async def _serve_when_free(self, sock: trio.socket.SocketType, name: str) -> None:
+        """One front-end per guest: a new one waits briefly for the old one to go away."""
+        lock = self._guest_locks.setdefault(name, trio.Lock())
+        got = False
+        with trio.move_on_after(RECONNECT_GRACE):
+            await lock.acquire()
+            got = True
+        if not got:
+            log.warning("%s: a second front-end connected while one is active: refused", name)
+            sock.close()
+            return
+        try:
+            await self._serve(sock, name)
+        finally:
+            lock.release()
 
     async def _serve(self, sock: trio.socket.SocketType, name: str) -> None:
         conn = Connection(self, sock, name, self.device_cls)
@@ -627,8 +644,6 @@ class Server:
                 await conn.process_all()
         for conn in list(self.connections):
             conn.close()
-        for listener in self._listeners:
-            listener.close()
         for path in self.socket_paths:
             with contextlib.suppress(OSError):
                 if Path(path).is_socket():

@@ -1,0 +1,553 @@
+"""Our vhost-user front-end, in Python (trio): what QEMU does for a vhost-user device.
+
+* :class:`GuestRamFile`: guest RAM as a sparse memfd, optionally laid out like QEMU's
+  low RAM with the two ROM holes (``layout="qemu"``), with a fake front-end virtual address
+  space (``uva = UVA_BASE + file offset``, like QEMU's single mapping of the memfd).
+* :class:`MemfdPort`: the async memory port :mod:`guest_driver.virtq` runs over.
+* :class:`VhostUserFrontend` (open it with :func:`connect_frontend`): connects to the
+  back-end's socket and speaks QEMU 10's message order (docs: qemu-interop.md sections 1-2):
+  :meth:`~VhostUserFrontend.handshake` (realize) then :meth:`~VhostUserFrontend.start`
+  (DRIVER_OK): features, protocol features, queue count, memory slots, the back-end channel
+  (a socketpair whose CONFIG_CHANGE_MSGs it services and counts), owner, memory table
+  (SET_MEM_TABLE, or ADD_MEM_REG with CONFIGURE_MEM_SLOTS), then per queue
+  NUM/BASE/ADDR/KICK/CALL and ENABLE for all. :meth:`~VhostUserFrontend.stop` does
+  GET_VRING_BASE per queue; ``start`` again restarts from those bases.
+  :meth:`~VhostUserFrontend.request` / :meth:`~VhostUserFrontend.send_raw` are there for
+  hostile tests.
+* :class:`VmwChannel`: one vmmemctl command at a time on ``cmdq`` (with an optional batch
+  page), and doorbell events from ``eventq``.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import mmap
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from protocol import vhost_user as vu
+from protocol.errors import FrontendError, LocalError
+from protocol.vhost_user import FrontendRequest as R
+from protocol.vhost_user import ProtocolFeature as PF
+from protocol.vhost_user import VirtioFeature as VF
+from protocol.vmw import (
+    EVENT_SIZE,
+    PAGE_SIZE,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    EventKind,
+    Request,
+    Response,
+    parse_event,
+)
+
+from .virtq import Buffer, DriverQueue, RingLayout
+
+UVA_BASE = 0x7F00_0000_0000
+#: QEMU's x86 low-RAM holes (VGA/ROM at 0xc0000-0xdffff, BIOS shadow at 0xf0000-0xfffff).
+QEMU_HOLES = ((0xC0000, 0xE0000), (0xF0000, 0x100000))
+WANTED_FEATURES = VF.VERSION_1 | VF.RING_INDIRECT_DESC | VF.RING_EVENT_IDX
+WANTED_PROTOCOL = (
+    PF.MQ | PF.REPLY_ACK | PF.BACKEND_REQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.RESET_DEVICE
+)
+#: Where the rings of queue 0 start (the first RAM page above QEMU's holes).
+RING_BASE = 0x100000
+
+
+@dataclass(frozen=True, slots=True)
+class RegionLayout:
+    gpa: int
+    size: int
+    offset: int  # in the memfd
+
+    @property
+    def uva(self) -> int:
+        return UVA_BASE + self.offset
+
+
+class GuestRamFile:
+    """Guest RAM: one sparse memfd, mapped once, split into regions (gpa == file offset)."""
+
+    def __init__(self, size: int, *, layout: str = "qemu", name: str = "guest-ram") -> None:
+        if size % PAGE_SIZE or size < 2 * RING_BASE:
+            raise LocalError("guest RAM must be page-aligned and at least 2 MiB")
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if layout == "flat":
+            self.regions = [RegionLayout(0, size, 0)]
+        elif layout == "qemu":
+            self.regions = []
+            start = 0
+            for lo, hi in QEMU_HOLES:
+                self.regions.append(RegionLayout(start, lo - start, start))
+                start = hi
+            self.regions.append(RegionLayout(start, size - start, start))
+        else:
+            raise LocalError(f"unknown RAM layout {layout!r}")
+
+    def is_ram(self, gpa: int, length: int = 1) -> bool:
+        return any(r.gpa <= gpa and gpa + length <= r.gpa + r.size for r in self.regions)
+
+    def _check(self, gpa: int, length: int) -> None:
+        if not self.is_ram(gpa, length):
+            raise LocalError(f"{gpa:#x}+{length:#x} is not guest RAM")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self._check(gpa, length)
+        return self.mm[gpa : gpa + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self._check(gpa, len(data))
+        self.mm[gpa : gpa + len(data)] = data
+
+    def fill(self, gpa: int, length: int, byte: int) -> None:
+        self._check(gpa, length)
+        self.mm[gpa : gpa + length] = bytes([byte]) * length
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    @property
+    def total_pages(self) -> int:
+        return sum(r.size for r in self.regions) // PAGE_SIZE
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class MemfdPort:
+    """The async memory port of :mod:`guest_driver.virtq` over a :class:`GuestRamFile`."""
+
+    def __init__(self, ram: GuestRamFile) -> None:
+        self.ram = ram
+
+    async def read(self, gpa: int, n: int) -> bytes:
+        return self.ram.read(gpa, n)
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        self.ram.write(gpa, data)
+
+
+@dataclass
+class FrontendQueue:
+    index: int
+    driver: DriverQueue
+    kick_fd: int
+    call_fd: int
+    started: bool = False
+    base: int = 0
+    initialized: bool = False
+
+    @property
+    def layout(self) -> RingLayout:
+        return self.driver.layout
+
+    async def kick(self) -> None:
+        """Notify the back-end if the ring wants it."""
+        if await self.driver.needs_kick():
+            os.eventfd_write(self.kick_fd, 1)
+
+    async def wait_call(self) -> None:
+        await trio.lowlevel.wait_readable(self.call_fd)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.call_fd)
+
+
+@dataclass
+class _BackendChannel:
+    sock: trio.socket.SocketType
+    config_changes: int = 0
+    changed: trio.Event = field(default_factory=trio.Event)
+
+
+class VhostUserFrontend:
+    """A vhost-user front-end on one connection (use :func:`connect_frontend`)."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        ram: GuestRamFile,
+        nursery: trio.Nursery,
+        *,
+        queue_size: int = 64,
+        wanted_features: int = int(WANTED_FEATURES),
+        wanted_protocol: int = int(WANTED_PROTOCOL),
+    ) -> None:
+        self.sock = sock
+        self.ram = ram
+        self.port = MemfdPort(ram)
+        self.nursery = nursery
+        self.queue_size = queue_size
+        self.wanted_features = wanted_features
+        self.wanted_protocol = wanted_protocol
+        self.features = 0
+        self.protocol_features = 0
+        self.num_queues = 0
+        self.queues: list[FrontendQueue] = []
+        self.backend: _BackendChannel | None = None
+        self._lock = trio.Lock()
+        self._sent_regions: set[tuple[int, int]] = set()
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send bytes (fds attached to the first byte), no checks: for hostile tests."""
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = await self.sock.sendmsg([data], anc)
+        else:
+            sent = await self.sock.send(data)
+        view = memoryview(data)[sent:]
+        while view:
+            view = view[await self.sock.send(view) :]
+
+    async def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self.sock.recv(n - len(buf))
+            if not chunk:
+                raise FrontendError("back-end closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    async def recv_reply(self, request: int) -> bytes:
+        header = vu.parse_header(await self._recv_exact(vu.HEADER_SIZE))
+        if header.flags != vu.REPLY_FLAGS or header.request != request:
+            raise FrontendError(
+                f"bad reply header: request {header.request} flags {header.flags:#x}"
+            )
+        return await self._recv_exact(header.size)
+
+    async def request(
+        self,
+        request: R,
+        body: Any = None,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool | None = None,
+    ) -> bytes | None:
+        """Send one request; return the reply payload (or None when none is owed).
+
+        ``need_reply`` defaults to what QEMU does: NEED_REPLY on the requests QEMU sends it
+        with, when REPLY_ACK was negotiated. A non-zero ack raises FrontendError.
+        """
+        fmt = vu.REQUEST_PAYLOAD.get(request)
+        payload = b"" if fmt is None else vu.build_payload(fmt, body, request.name)
+        if need_reply is None:
+            need_reply = bool(self.protocol_features & PF.REPLY_ACK) and request in (
+                R.SET_BACKEND_REQ_FD,
+                R.SET_MEM_TABLE,
+                R.ADD_MEM_REG,
+                R.REM_MEM_REG,
+                R.SET_VRING_ENABLE,
+                R.SET_CONFIG,
+                R.RESET_DEVICE,
+            )
+        flags = vu.VERSION | (vu.FLAG_NEED_REPLY if need_reply else 0)
+        async with self._lock:
+            await self.send_raw(vu.build_message(request, payload, flags), fds)
+            if request in vu.REPLY_PAYLOAD:
+                return await self.recv_reply(request)
+            if need_reply:
+                ack = await self.recv_reply(request)
+                if vu.parse_payload(vu.U64, ack, "ack").value != 0:
+                    raise FrontendError(f"back-end refused {request.name}")
+                return ack
+        return None
+
+    async def get_u64(self, request: R) -> int:
+        reply = await self.request(request)
+        assert reply is not None
+        return int(vu.parse_payload(vu.U64, reply, request.name).value)
+
+    # -- QEMU's sequences ----------------------------------------------------------------
+
+    async def handshake(self) -> None:
+        """Device realize: QEMU's order (qemu-interop.md section 1)."""
+        offered = await self.get_u64(R.GET_FEATURES)
+        if not offered & VF.PROTOCOL_FEATURES:
+            raise FrontendError("back-end does not offer PROTOCOL_FEATURES")
+        offered_proto = await self.get_u64(R.GET_PROTOCOL_FEATURES)
+        self.protocol_features = offered_proto & self.wanted_protocol
+        await self.request(R.SET_PROTOCOL_FEATURES, {"value": self.protocol_features})
+        self.num_queues = (
+            await self.get_u64(R.GET_QUEUE_NUM) if self.protocol_features & PF.MQ else 2
+        )
+        if self.protocol_features & PF.CONFIGURE_MEM_SLOTS:
+            await self.get_u64(R.GET_MAX_MEM_SLOTS)
+        if self.protocol_features & PF.BACKEND_REQ:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await self.request(R.SET_BACKEND_REQ_FD, None, [theirs.fileno()])
+            finally:
+                theirs.close()
+            self.backend = _BackendChannel(trio.socket.from_stdlib_socket(mine))
+            self.nursery.start_soon(self._serve_backend, self.backend)
+        await self.request(R.SET_OWNER)
+        self.features = (await self.get_u64(R.GET_FEATURES)) & self.wanted_features
+        base = RING_BASE
+        for i in range(self.num_queues):
+            layout = RingLayout.contiguous(base, self.queue_size)
+            base += RingLayout.footprint(self.queue_size)
+            q = FrontendQueue(
+                index=i,
+                driver=DriverQueue(
+                    self.port, layout, event_idx=bool(self.features & VF.RING_EVENT_IDX)
+                ),
+                kick_fd=os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+                call_fd=os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
+            )
+            self.queues.append(q)
+            # QEMU's realize-time masked notifiers
+            await self.request(R.SET_VRING_CALL, {"value": i}, [q.call_fd])
+            await self.request(R.SET_VRING_ERR, {"value": i | vu.VRING_NOFD_MASK})
+        self.scratch = base  # first free page after the rings
+
+    async def set_memory(self) -> None:
+        regions = [
+            {
+                "guest_phys_addr": r.gpa,
+                "memory_size": r.size,
+                "userspace_addr": r.uva,
+                "mmap_offset": r.offset,
+            }
+            for r in self.ram.regions
+        ]
+        if self.protocol_features & PF.CONFIGURE_MEM_SLOTS:
+            # like QEMU: only the regions the back-end does not have yet
+            for region in regions:
+                key = (region["guest_phys_addr"], region["memory_size"])
+                if key in self._sent_regions:
+                    continue
+                self._sent_regions.add(key)
+                await self.request(R.ADD_MEM_REG, {"padding": 0, "region": region}, [self.ram.fd])
+        else:
+            await self.request(
+                R.SET_MEM_TABLE,
+                {"nregions": len(regions), "padding": 0, "regions": regions},
+                [self.ram.fd] * len(regions),
+            )
+
+    async def start(self, *, init_rings: bool = True, queues: Sequence[int] | None = None) -> None:
+        """DRIVER_OK: QEMU's start sequence (qemu-interop.md section 2)."""
+        await self.request(R.SET_FEATURES, {"value": self.features | VF.PROTOCOL_FEATURES})
+        await self.set_memory()
+        for q in self.queues:
+            if queues is not None and q.index not in queues:
+                continue
+            if init_rings and not q.initialized:
+                await q.driver.init()
+                q.initialized = True
+            lay = q.layout
+            i = q.index
+            await self.request(R.SET_VRING_NUM, {"index": i, "num": lay.size})
+            await self.request(R.SET_VRING_BASE, {"index": i, "num": q.base})
+            await self.request(
+                R.SET_VRING_ADDR,
+                {
+                    "index": i,
+                    "flags": 0,
+                    "desc": UVA_BASE + lay.desc,
+                    "used": UVA_BASE + lay.used,
+                    "avail": UVA_BASE + lay.avail,
+                    "log": 0,
+                },
+            )
+            os.eventfd_write(q.kick_fd, 1)  # QEMU hands the kick fd over already signalled
+            await self.request(R.SET_VRING_KICK, {"value": i}, [q.kick_fd])
+            await self.request(R.SET_VRING_CALL, {"value": i}, [q.call_fd])
+            q.started = True
+        for q in self.queues:
+            await self.request(R.SET_VRING_ENABLE, {"index": q.index, "num": 1})
+        for q in self.queues:  # the unmask pass: the same call fd again
+            await self.request(R.SET_VRING_CALL, {"value": q.index}, [q.call_fd])
+
+    async def stop(self) -> list[int]:
+        """Guest reset: SET_VRING_ENABLE(0) for all, GET_VRING_BASE per started queue."""
+        for q in self.queues:
+            await self.request(R.SET_VRING_ENABLE, {"index": q.index, "num": 0})
+        bases = []
+        for q in self.queues:
+            if not q.started:
+                continue
+            reply = await self.request(R.GET_VRING_BASE, {"index": q.index, "num": 0})
+            assert reply is not None
+            state = vu.parse_payload(vu.VRING_STATE, reply, "vring state")
+            q.base = int(state.num)
+            q.started = False
+            bases.append(q.base)
+        return bases
+
+    async def get_config(self, offset: int, size: int) -> bytes:
+        reply = await self.request(
+            R.GET_CONFIG, {"offset": offset, "size": size, "flags": 0, "data": bytes(size)}
+        )
+        assert reply is not None
+        return bytes(vu.parse_payload(vu.CONFIG, reply, "config").data)
+
+    async def set_config(self, offset: int, data: bytes) -> None:
+        await self.request(
+            R.SET_CONFIG, {"offset": offset, "size": len(data), "flags": 0, "data": data}
+        )
+
+    async def _serve_backend(self, ch: _BackendChannel) -> None:
+        """Read back-end requests; count CONFIG_CHANGE_MSG; ack when asked."""
+        buf = bytearray()
+        try:
+            while True:
+                chunk = await ch.sock.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while len(buf) >= vu.HEADER_SIZE:
+                    h = vu.parse_header(bytes(buf[: vu.HEADER_SIZE]))
+                    if len(buf) < vu.HEADER_SIZE + h.size:
+                        break
+                    del buf[: vu.HEADER_SIZE + h.size]
+                    ok = h.request == vu.BackendRequest.CONFIG_CHANGE_MSG
+                    if ok:
+                        ch.config_changes += 1
+                        ch.changed.set()
+                        ch.changed = trio.Event()
+                    if h.flags & vu.FLAG_NEED_REPLY:
+                        await ch.sock.send(
+                            vu.build_message(h.request, vu.u64(0 if ok else 1), vu.REPLY_FLAGS)
+                        )
+        except (OSError, trio.ClosedResourceError):
+            return
+
+    async def wait_config_change(self) -> int:
+        """Wait for the next CONFIG_CHANGE_MSG; returns the total seen."""
+        assert self.backend is not None
+        await self.backend.changed.wait()
+        return self.backend.config_changes
+
+    def close(self) -> None:
+        for q in self.queues:
+            for fd in (q.kick_fd, q.call_fd):
+                trio.lowlevel.notify_closing(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.queues = []
+        if self.backend is not None:
+            self.backend.sock.close()
+        self.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def connect_frontend(
+    path: str, ram: GuestRamFile, *, handshake: bool = True, start: bool = True, **kw: Any
+) -> AsyncIterator[VhostUserFrontend]:
+    """Connect to a back-end socket; by default run the handshake and the start sequence."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(path)
+    async with trio.open_nursery() as nursery:
+        fe = VhostUserFrontend(sock, ram, nursery, **kw)
+        try:
+            if handshake:
+                await fe.handshake()
+                if start:
+                    await fe.start()
+            yield fe
+        finally:
+            fe.close()
+            nursery.cancel_scope.cancel()
+
+
+class VmwChannel:
+    """vmmemctl commands on ``cmdq`` and doorbell events on ``eventq`` of a front-end.
+
+    The request and response live in one scratch page (``fe.scratch`` by default);
+    ``command`` writes an optional batch page at ``batch_pfn`` first and reads it back after.
+    """
+
+    def __init__(self, fe: VhostUserFrontend, *, scratch: int | None = None) -> None:
+        self.fe = fe
+        self.scratch = fe.scratch if scratch is None else scratch
+        self.request_gpa = self.scratch
+        self.response_gpa = self.scratch + 0x100
+        self.event_gpa = self.scratch + PAGE_SIZE  # one page of 8-byte event buffers
+        self._lock = trio.Lock()
+        self._event_heads: dict[int, int] = {}
+        self._events: list[EventKind] = []
+
+    @property
+    def cmdq(self) -> FrontendQueue:
+        return self.fe.queues[0]
+
+    @property
+    def eventq(self) -> FrontendQueue:
+        return self.fe.queues[1]
+
+    async def _complete(self, q: FrontendQueue, head: int) -> int:
+        while True:
+            for elem in await q.driver.poll_used():
+                if elem.id == head:
+                    return elem.len
+            await q.wait_call()
+
+    async def command(
+        self, request: Request, batch: bytes | None = None, *, batch_pfn: int | None = None
+    ) -> tuple[Response, bytes | None]:
+        """Send one command; return the response and the batch page as the device left it."""
+        async with self._lock:
+            ram = self.fe.ram
+            if batch is not None:
+                if batch_pfn is None:
+                    batch_pfn = request.arg1
+                ram.write(batch_pfn * PAGE_SIZE, batch)
+            ram.write(self.request_gpa, request.build())
+            ram.write(self.response_gpa, bytes(RESPONSE_SIZE))
+            head = await self.cmdq.driver.add(
+                [
+                    Buffer(self.request_gpa, REQUEST_SIZE),
+                    Buffer(self.response_gpa, RESPONSE_SIZE, write=True),
+                ]
+            )
+            await self.cmdq.kick()
+            length = await self._complete(self.cmdq, head)
+            if length != RESPONSE_SIZE:
+                raise FrontendError(f"device wrote {length} response bytes")
+            response = Response.parse(ram.read(self.response_gpa, RESPONSE_SIZE))
+            after = None
+            if batch is not None and batch_pfn is not None:
+                after = ram.read(batch_pfn * PAGE_SIZE, len(batch))
+            return response, after
+
+    async def call(self, command: int, arg1: int = 0, arg2: int = 0) -> Response:
+        response, _ = await self.command(Request(command, arg1, arg2))
+        return response
+
+    async def post_event_buffers(self, n: int = 4) -> None:
+        """Make ``n`` 8-byte buffers available on eventq."""
+        for _ in range(n):
+            slot = len(self._event_heads) % (PAGE_SIZE // EVENT_SIZE)
+            gpa = self.event_gpa + slot * EVENT_SIZE
+            head = await self.eventq.driver.add([Buffer(gpa, EVENT_SIZE, write=True)])
+            self._event_heads[head] = gpa
+        await self.eventq.kick()
+
+    async def next_event(self) -> EventKind:
+        """Wait for the next doorbell event (re-posts the buffer it came in)."""
+        q = self.eventq
+        while not self._events:
+            used = await q.driver.poll_used()
+            for elem in used:
+                gpa = self._event_heads.pop(elem.id)
+                self._events.append(parse_event(self.fe.ram.read(gpa, EVENT_SIZE)))
+            if used:
+                await self.post_event_buffers(len(used))
+            else:
+                await q.wait_call()
+        return self._events.pop(0)
