@@ -30,6 +30,7 @@ so there is no window in which it is reachable with looser permissions.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -258,6 +259,7 @@ def create_app(control: ControlPlane) -> Starlette:
             if set(body) != {"policy"} or body["policy"] is not True:
                 raise ApiError(400, 'to return control to the policy send exactly {"policy": true}')
             control.clear_manual_target(name)
+            control.step()  # so the answer already shows the policy's target and reason
         else:
             key, value = _only_one(body, ("target_mib", "target_pages", "target_bytes", "target"))
             pages = _size_bytes(key, value) // PAGE_SIZE
@@ -411,29 +413,35 @@ def default_api_socket(vhost_user_sockets: list[str]) -> str:
     return str(vhost_user_sockets[0]) + ".api"
 
 
-def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
-    """A bound (not yet listening) unix stream socket at ``path`` with permissions ``mode``.
+def check_socket_path(path: str) -> None:
+    """ConfigError unless ``path`` is free or a stale socket (which is then removed).
 
-    A stale socket file (nobody listening) is replaced; a live one or any other kind of file
-    is an error rather than something we delete."""
+    A live socket (someone accepts on it) or any other kind of file is an error rather than
+    something we delete."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"API socket path {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise ConfigError(f"API socket path {path}: {e.strerror}") from e
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"API socket path {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigError(f"API socket path {path}: {e.strerror}") from e
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        else:
-            raise ConfigError(f"API socket {path} is in use by another process")
-        finally:
-            probe.close()
+    else:
+        raise ConfigError(f"API socket {path} is in use by another process")
+    finally:
+        probe.close()
+
+
+def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
+    """A bound (not yet listening) unix stream socket at ``path`` with permissions ``mode``
+    (see :func:`check_socket_path` for what may already be there)."""
+    check_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)

@@ -19,6 +19,7 @@ import trio
 from protocol.errors import ConfigError
 from protocol.vmw import PAGE_SIZE
 
+from .cli_operator import register_operator_commands, serve_options, start_control_plane
 from .device import PERSONALITIES, get_personality
 from .registry import GuestRegistry
 from .server import Server, socket_paths
@@ -81,6 +82,7 @@ def main() -> None:
     "--name", "names", multiple=True, help="Guest names instead of vm0.. (one per socket)."
 )
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
+@serve_options
 def serve(
     socket_path: str | None,
     socket_count: int | None,
@@ -138,8 +140,12 @@ async def _serve(
                     return
 
             nursery.start_soon(on_signal)
+            await start_control_plane(nursery, registry, paths)
             if fd is not None:
                 await server.serve_fd(fd, (names or ["vm0"])[0])
                 nursery.cancel_scope.cancel()
             else:
                 await nursery.start(server.run)
+
+
+register_operator_commands(main)

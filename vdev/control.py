@@ -170,6 +170,7 @@ class ControlPlane:
         *,
         host_sampler: Callable[[], HostSample] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        initial_target_pages: int = 0,
     ) -> None:
         self.registry = registry
         self.config = config if config is not None else ControlConfig()
@@ -188,6 +189,10 @@ class ControlPlane:
             self.host_source = "cgroup:" + cgroup if cgroup else "proc"
         self._wall = wall_clock
         self.manual: dict[str, int] = {}
+        #: ``vdev serve --target``: an operator's target, so a manual pin on every guest
+        #: (applied when the guest is first seen) until ``{"policy": true}``.
+        self.initial_target_pages = initial_target_pages
+        self._seen: set[str] = set()
         self.last_decision: PolicyDecision | None = None
         self.last_sample: HostSample | None = None
         self.last_error: str | None = None
@@ -398,6 +403,10 @@ class ControlPlane:
         """One policy step: sample, decide, apply. Errors are logged and kept for GET /host."""
         now = trio.current_time() if now is None else now
         for name in self.registry.names():
+            if name not in self._seen:
+                self._seen.add(name)
+                if self.initial_target_pages > 0 and name not in self.manual:
+                    self.manual[name] = self.initial_target_pages
             self._note_size(name)  # sizes first: the simulated host gets its memory back
         try:
             sample = self._sample()
