@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from protocol.errors import FormatError
+from protocol.errors import FormatError, LocalError
 from protocol.vmw import (
     EVENT_SIZE,
     REQUEST_SIZE,
@@ -290,3 +290,172 @@ async def vdev_rig(
     finally:
         if own:
             shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------- side by side with QEMU's own
+
+#: Observations that must agree between QEMU's virtio-balloon-pci and vdev's personality.
+AGREED = (
+    "features",
+    "num_pages_at_probe",
+    "actual_after_inflate",
+    "host_logical_size_after_inflate",
+    "reclaimed_pages_after_inflate",
+    "ballooned_page_reads_zero",
+    "guest_stats",
+    "actual_after_oom",
+    "actual_after_deflate",
+    "reclaimed_pages_after_deflate",
+    "deflated_page_reads_zero",
+    "ram_back_after_touch",
+)
+U64_MINUS_ONE = 2**64 - 1
+
+
+def normalise_stats(stats: dict[str, int]) -> dict[str, int]:
+    """QEMU's QMP shows a missing stat as 2**64-1 (it is a u64 there); we say -1."""
+    return {k: (-1 if v in (-1, U64_MINUS_ONE) else int(v)) for k, v in sorted(stats.items())}
+
+
+@dataclass
+class SideResult:
+    """What one balloon implementation showed the guest and the host."""
+
+    side: str  # "qemu" or "vdev"
+    qemu: str
+    device: str
+    observations: dict[str, object] = field(default_factory=dict)
+    inflate_s: list[float] = field(default_factory=list)
+    deflate_s: list[float] = field(default_factory=list)
+    pages: int = 0
+
+    def rate(self, which: str) -> float:
+        """Median pages per second of the inflate (or deflate) rounds."""
+        times = sorted(self.inflate_s if which == "inflate" else self.deflate_s)
+        return self.pages / times[len(times) // 2] if times else 0.0
+
+
+async def balloon_side_run(
+    side: str,
+    qemu: QemuBinary,
+    *,
+    pages: int = 16384,
+    rounds: int = 1,
+    ram_mib: int = 256,
+    touch: tuple[int, int] = (4 << 20, 100 << 20),
+    timeout: float = 60.0,
+) -> SideResult:
+    """Drive one balloon ("qemu": virtio-balloon-pci, target via QMP ``balloon``; "vdev":
+    vdev's virtio-balloon through QEMU, target via the registry) through the same script
+    and record what a guest and a host can observe."""
+    from .qtest import qtest_vm
+    from .virtio_balloon import PagePool, VirtioBalloonDriver
+
+    ram = ram_mib << 20
+    pool = PagePool(touch[0] >> 12, (touch[1] - touch[0]) >> 12)
+    assert pages + 256 <= pool.count
+    rig_cm: contextlib.AbstractAsyncContextManager[VdevRig | None] = (
+        vdev_rig("virtio-balloon", qemu) if side == "vdev" else contextlib.nullcontext(None)
+    )
+    with trio.fail_after(timeout):
+        async with rig_cm as rig, contextlib.AsyncExitStack() as stack:
+            if rig is not None:
+                device, vid = vhost_user_device("virtio-balloon", qemu)
+                vm = await stack.enter_async_context(
+                    qtest_vm(qemu, devices=[device], chardevs={"c0": rig.socket},
+                             scratch=rig.scratch, ram_mib=ram_mib)
+                )  # fmt: skip
+            else:
+                device, vid = "virtio-balloon-pci,id=balloon0,deflate-on-oom=on", 5
+                vm = await stack.enter_async_context(
+                    qtest_vm(qemu, devices=[device], ram_mib=ram_mib)
+                )
+            qmp = vm.qmp
+            assert qmp is not None
+            res = SideResult(side, f"{qemu.name} {qemu.version_str}", device.split(",")[0])
+            obs = res.observations
+            res.pages = pages
+
+            async def set_target(n: int) -> None:
+                if rig is not None:
+                    rig.set_target(n)
+                else:
+                    await qmp.execute("balloon", {"value": ram - n * 4096})
+
+            async def guest_stats() -> dict[str, int]:
+                if rig is not None:
+                    return dict(rig.view().guest_stats)
+                got = await qmp.execute(
+                    "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}
+                )
+                return dict(got["stats"])
+
+            dev = await VirtioPci.find(vm.qt, vid)
+            drv = VirtioBalloonDriver(dev, GuestAllocator(), pool, timeout=10)
+            await drv.start()
+            obs["features"] = drv.features
+            obs["num_pages_at_probe"] = await drv.target()
+            await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)
+            before = vm.memfd_bytes()
+            for r in range(rounds):
+                t0 = trio.current_time()
+                await set_target(pages)
+                moved = await drv.on_config_change(timeout)
+                res.inflate_s.append(trio.current_time() - t0)
+                assert moved == pages, (side, moved)
+                if r == 0:
+                    obs["actual_after_inflate"] = await drv.read_actual()
+                    if rig is not None:
+                        logical = ram - rig.view().counters["actual"] * 4096
+                    else:
+                        logical = (await qmp.execute("query-balloon"))["actual"]
+                    obs["host_logical_size_after_inflate"] = logical
+                    obs["reclaimed_pages_after_inflate"] = (before - vm.memfd_bytes()) // 4096
+                    page = await vm.qt.read(drv.pages[-1] << 12, 4096)
+                    obs["ballooned_page_reads_zero"] = page == bytes(4096)
+                    # fresh stats from the guest: QEMU polls on a timer, vdev on request
+                    if drv.has_stats:
+                        if rig is not None:
+                            await rig.request_stats()
+                        else:
+                            await qmp.execute(
+                                "qom-set",
+                                {"path": "/machine/peripheral/balloon0",
+                                 "property": "guest-stats-polling-interval", "value": 1},
+                            )  # fmt: skip
+                        wanted = drv.counters.stats_requests + 1
+                        while drv.counters.stats_requests < wanted:
+                            await drv.service(timeout)
+                        await trio.sleep(0.05)  # the device parses after the kick
+                        obs["guest_stats"] = normalise_stats(await guest_stats())
+                    else:
+                        obs["guest_stats"] = None
+                    obs["actual_after_oom"] = (await drv.oom(256), await drv.read_actual())
+                t0 = trio.current_time()
+                await set_target(0)
+                moved = await drv.on_config_change(timeout)
+                res.deflate_s.append(trio.current_time() - t0)
+                if r == 0:
+                    obs["actual_after_deflate"] = await drv.read_actual()
+                    obs["reclaimed_pages_after_deflate"] = (before - vm.memfd_bytes()) // 4096
+                    first = pool.first_pfn << 12
+                    obs["deflated_page_reads_zero"] = await vm.qt.read(first, 4096) == bytes(4096)
+                await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)
+                if r == 0:
+                    obs["ram_back_after_touch"] = vm.memfd_bytes() >= before
+            return res
+
+
+async def side_by_side(
+    *, pages: int = 16384, rounds: int = 1, timeout: float = 120.0
+) -> tuple[SideResult, SideResult]:
+    """The same script on QEMU's virtio-balloon-pci and on vdev's virtio-balloon, one after
+    the other, on the same QEMU binary when it has the generic vhost-user device."""
+    from .qemu import best_qemu
+
+    vq = best_qemu(need_test_device=True) or best_qemu(need_test_device=False)
+    if vq is None:
+        raise LocalError("no QEMU (run scripts/setup)")
+    qemu_side = await balloon_side_run("qemu", vq, pages=pages, rounds=rounds, timeout=timeout)
+    vdev_side = await balloon_side_run("vdev", vq, pages=pages, rounds=rounds, timeout=timeout)
+    return qemu_side, vdev_side
