@@ -1,0 +1,343 @@
+"""The conformance harness: it passes against vdev, and it fails -- in the right cases --
+against back-ends that break one rule.
+
+Broken back-ends come in two kinds, neither of which needs a hook inside vdev:
+
+* a proxy (:class:`FlagProxy`) that relays vhost-user between the harness and a real vdev,
+  fds included, and corrupts one thing on the way back (reply flags 0xd instead of 0x5);
+* "mutant" vdevs: this file, run as a script, patches one rule of vdev's code in its own
+  process and then runs ``vdev serve`` (``python tests/test_harness.py MUTANT serve ...``).
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import socket
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from guest_driver.harness import cases as catalogue
+from guest_driver.harness.__main__ import main as harness_main
+from guest_driver.harness.runner import FAIL, PASS, SKIP, Result, VdevSpawner, run_all, write_junit
+from protocol import vhost_user as vu
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# mutants: one rule of vdev inverted, in a child process
+
+
+def _mutant_no_batch_pin() -> None:
+    from vdev.balloon import BalloonModel
+
+    orig = BalloonModel._pinned_mask
+
+    def patched(self, pfns, npages, batch_pfn):  # type: ignore[no-untyped-def]
+        return orig(self, pfns, npages, None)
+
+    BalloonModel._pinned_mask = patched  # type: ignore[method-assign]
+
+
+def _mutant_no_reclaim() -> None:
+    from vdev.memory import GuestMemory
+
+    GuestMemory._punch = staticmethod(lambda pieces: 0)  # type: ignore[method-assign]
+
+
+def _mutant_unlocked_is_success() -> None:
+    from protocol.vmw import Status
+    from vdev.balloon import BalloonModel
+
+    orig = BalloonModel.handle
+
+    def patched(self, request, ram):  # type: ignore[no-untyped-def]
+        out = orig(self, request, ram)
+        if out.response.status == Status.ERROR_PPN_UNLOCKED:
+            resp = dataclasses.replace(out.response, status=int(Status.SUCCESS))
+            out = dataclasses.replace(out, response=resp)
+        return out
+
+    BalloonModel.handle = patched  # type: ignore[method-assign]
+
+
+MUTANTS: dict[str, Callable[[], None]] = {
+    "no-batch-pin": _mutant_no_batch_pin,
+    "no-reclaim": _mutant_no_reclaim,
+    "unlocked-is-success": _mutant_unlocked_is_success,
+}
+
+
+def _mutant_cmd(name: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), name]
+
+
+# --------------------------------------------------------------------------------------
+# a relaying proxy that corrupts reply flags
+
+
+class FlagProxy:
+    """Listen on ``path``; relay every connection to ``upstream``; rewrite reply flags."""
+
+    def __init__(self, path: str, upstream: str, reply_flags: int) -> None:
+        self.path = path
+        self.upstream = upstream
+        self.reply_flags = reply_flags
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(self.path)
+        listener.listen(8)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                client, _ = await listener.accept()
+                nursery.start_soon(self._pair, client)
+
+    async def _pair(self, client: trio.socket.SocketType) -> None:
+        server = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await server.connect(self.upstream)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, False, nursery.cancel_scope)
+                nursery.start_soon(self._pump, server, client, True, nursery.cancel_scope)
+        finally:
+            client.close()
+            server.close()
+
+    async def _pump(
+        self,
+        src: trio.socket.SocketType,
+        dst: trio.socket.SocketType,
+        replies: bool,
+        scope: trio.CancelScope,
+    ) -> None:
+        try:
+            while True:
+                head, anc, _, _ = await src.recvmsg(vu.HEADER_SIZE, socket.CMSG_SPACE(32))
+                if not head:
+                    break
+                while len(head) < vu.HEADER_SIZE:
+                    more = await src.recv(vu.HEADER_SIZE - len(head))
+                    if not more:
+                        return
+                    head += more
+                fds = array.array("i")
+                for level, kind, data in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.frombytes(data[: len(data) - len(data) % 4])
+                h = vu.parse_header(head)
+                body = b""
+                while len(body) < h.size:
+                    more = await src.recv(min(65536, h.size - len(body)))
+                    if not more:
+                        return
+                    body += more
+                flags = self.reply_flags if replies and h.flags & vu.FLAG_REPLY else h.flags
+                out = vu.build_header(h.request, flags, h.size) + body
+                ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if fds else []
+                await dst.sendmsg([out], ancdata)
+                for fd in fds:
+                    import os
+
+                    os.close(fd)
+        except OSError:
+            pass
+        finally:
+            scope.cancel()
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _by_name(results: list[Result]) -> dict[str, str]:
+    return {r.case.name: r.outcome for r in results}
+
+
+def _failed(results: list[Result]) -> set[str]:
+    return {r.case.name for r in results if r.failed}
+
+
+async def _run(
+    device: str, pattern: str | None = None, vdev_cmd: list[str] | None = None
+) -> list[Result]:
+    spawner = VdevSpawner(device, vdev_cmd)
+    async with spawner.running():
+        return await run_all(
+            catalogue.select(device, pattern),
+            device=device,
+            spawner=spawner,
+            target_hook=spawner.target_hook,
+        )
+
+
+def _explain(results: list[Result]) -> str:
+    return "\n".join(f"{r.case.name}: {r.outcome} {r.message}" for r in results if r.failed)
+
+
+# --------------------------------------------------------------------------------------
+# the catalogue itself
+
+
+def test_catalogue_is_well_formed() -> None:
+    names = [c.name for c in catalogue.CASES]
+    assert len(names) == len(set(names))
+    for c in catalogue.CASES:
+        assert c.spec and ("PROTOCOL.md" in c.spec or "ref §" in c.spec or "vhost-user" in c.spec)
+        assert c.checks
+        assert set(c.devices) <= {"vmw", "virtio-balloon"}
+    assert len(catalogue.select("vmw")) >= 40
+    assert len(catalogue.select("virtio-balloon")) >= 15
+    assert [c.name for c in catalogue.select("vmw", "vmw.lock-unlock")] == ["vmw.lock-unlock"]
+
+
+def test_list_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    assert harness_main(["--list", "--device", "virtio-balloon"]) == 0
+    out = capsys.readouterr().out
+    assert "vb.inflate-reclaims" in out and "vmw.lock-unlock" not in out
+
+
+def test_usage_error_without_socket() -> None:
+    assert harness_main(["--device", "vmw"]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# against vdev: everything passes
+
+
+@pytest.mark.timeout(90)
+async def test_vmw_conformance_against_vdev(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        results = await _run("vmw")
+    assert not _failed(results), _explain(results)
+    outcomes = _by_name(results)
+    assert outcomes["vmw.lock-unlock"] == PASS
+    assert outcomes["vmw.doorbell-target-change"] == PASS  # the API hook works when spawned
+    junit = tmp_path / "h.xml"
+    write_junit(results, junit, "harness.vmw")
+    suite = ET.parse(junit).getroot()
+    assert suite.get("tests") == str(len(results)) and suite.get("failures") == "0"
+
+
+@pytest.mark.timeout(60)
+async def test_virtio_balloon_conformance_against_vdev() -> None:
+    with trio.fail_after(40):
+        results = await _run("virtio-balloon")
+    assert not _failed(results), _explain(results)
+    assert _by_name(results)["vb.inflate-reclaims"] == PASS
+
+
+@pytest.mark.timeout(60)
+async def test_target_cases_skip_with_reason_without_hook(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        spawner = VdevSpawner("vmw")
+        async with spawner.running():
+            path = await spawner.socket_for(None)
+            results = await run_all(
+                catalogue.select("vmw", "vmw.doorbell-target-change,vmw.guest-id"),
+                device="vmw",
+                socket=path,
+            )
+    outcomes = {r.case.name: (r.outcome, r.message) for r in results}
+    assert outcomes["vmw.guest-id"][0] == PASS
+    assert outcomes["vmw.doorbell-target-change"][0] == SKIP
+    assert "--target-hook" in outcomes["vmw.doorbell-target-change"][1]
+
+
+# --------------------------------------------------------------------------------------
+# against broken back-ends: the RIGHT cases fail
+
+NEIGHBOURS = "vmw.lock-unlock,vmw.batch-statuses,vmw.guest-id,vu.reply-ack,vmw.bad-frames"
+
+
+@pytest.mark.timeout(60)
+async def test_proxy_with_reply_flags_0xd_fails_exactly_the_flags_case(tmp_path: Path) -> None:
+    with trio.fail_after(40):
+        spawner = VdevSpawner("vmw")
+        async with spawner.running(), trio.open_nursery() as nursery:
+            upstream = await spawner.socket_for(T := catalogue.T)
+            proxy = FlagProxy(str(tmp_path / "proxy.sock"), upstream, reply_flags=0xD)
+            await nursery.start(proxy.serve)
+            results = await run_all(
+                catalogue.select("vmw", f"vu.reply-flags-0x5,{NEIGHBOURS}"),
+                device="vmw",
+                socket=proxy.path,
+                target_hook=spawner.target_hook.replace("{socket}", upstream),
+            )
+            nursery.cancel_scope.cancel()
+    assert T == catalogue.T
+    assert _failed(results) == {"vu.reply-flags-0x5"}, _explain(results)
+    msg = next(r.message for r in results if r.failed)
+    assert "0xd" in msg
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("mutant", "device", "pattern", "must_fail"),
+    [
+        (
+            "no-batch-pin",
+            "vmw",
+            f"vmw.pinned-ring-pages,{NEIGHBOURS},vmw.2m-alignment-and-overlap",
+            {"vmw.pinned-ring-pages"},
+        ),
+        (
+            "no-reclaim",
+            "vmw",
+            f"vmw.reclaim-punches-ram,vmw.zeros-after-unlock,{NEIGHBOURS}",
+            {"vmw.reclaim-punches-ram", "vmw.zeros-after-unlock"},
+        ),
+        (
+            "no-reclaim",
+            "virtio-balloon",
+            "vb.inflate-reclaims,vb.pfns-split-across-descriptors,vb.config-and-features,"
+            "vb.hostile-inflate",
+            {"vb.inflate-reclaims", "vb.pfns-split-across-descriptors"},
+        ),
+        (
+            "unlocked-is-success",
+            "vmw",
+            f"{NEIGHBOURS},vmw.pfn-32bit,vmw.start-forgets,vmw.reclaim-punches-ram",
+            {"vmw.lock-unlock", "vmw.pfn-32bit"},
+        ),
+    ],
+)
+async def test_mutant_vdev_fails_the_right_cases(
+    mutant: str, device: str, pattern: str, must_fail: set[str]
+) -> None:
+    with trio.fail_after(45):
+        results = await _run(device, pattern, _mutant_cmd(mutant))
+    assert _failed(results) == must_fail, _explain(results)
+    assert all(r.outcome in (PASS, FAIL) for r in results), _explain(results)
+
+
+def test_cli_exit_status_and_junit_against_a_mutant(tmp_path: Path) -> None:
+    junit = tmp_path / "out.xml"
+    cmd = [
+        sys.executable, "-m", "guest_driver.harness", "--spawn-vdev", "--device", "vmw",
+        "--vdev", " ".join(_mutant_cmd("no-batch-pin")),
+        "-k", "vmw.pinned-ring-pages,vmw.guest-id", "--junit", str(junit),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 passed, 1 failed" in proc.stdout
+    root = ET.parse(junit).getroot()
+    failing = [tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None]
+    assert failing == ["vmw.pinned-ring-pages"]
+
+
+if __name__ == "__main__":
+    # python tests/test_harness.py MUTANT vdev-args...: vdev with one rule inverted
+    MUTANTS[sys.argv[1]]()
+    from vdev.cli import main
+
+    sys.argv = ["vdev", *sys.argv[2:]]
+    main()
