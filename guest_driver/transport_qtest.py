@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -335,74 +335,91 @@ class SideResult:
         return self.pages / times[len(times) // 2] if times else 0.0
 
 
-async def balloon_side_run(
+@contextlib.asynccontextmanager
+async def balloon_side(
     side: str,
     qemu: QemuBinary,
     *,
     pages: int = 16384,
-    rounds: int = 1,
     ram_mib: int = 256,
     touch: tuple[int, int] = (4 << 20, 100 << 20),
     timeout: float = 60.0,
-) -> SideResult:
-    """Drive one balloon ("qemu": virtio-balloon-pci, target via QMP ``balloon``; "vdev":
-    vdev's virtio-balloon through QEMU, target via the registry) through the same script
-    and record what a guest and a host can observe."""
+) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """One balloon ready for the script: ``side`` "qemu" is virtio-balloon-pci with its target
+    set via QMP ``balloon``; "vdev" is vdev's virtio-balloon through QEMU with its target set
+    via the registry. Yields ``run_round(r)``: inflate by ``pages``, deflate to 0 (round 0
+    also records the observations into ``result``, reached as ``run_round.result``)."""
     from .qtest import qtest_vm
     from .virtio_balloon import PagePool, VirtioBalloonDriver
 
     ram = ram_mib << 20
     pool = PagePool(touch[0] >> 12, (touch[1] - touch[0]) >> 12)
-    assert pages + 256 <= pool.count
+    if pages + 256 > pool.count:
+        raise LocalError(f"at most {pool.count - 256} pages")
     rig_cm: contextlib.AbstractAsyncContextManager[VdevRig | None] = (
         vdev_rig("virtio-balloon", qemu) if side == "vdev" else contextlib.nullcontext(None)
     )
-    with trio.fail_after(timeout):
-        async with rig_cm as rig, contextlib.AsyncExitStack() as stack:
+    async with rig_cm as rig, contextlib.AsyncExitStack() as stack:
+        if rig is not None:
+            device, vid = vhost_user_device("virtio-balloon", qemu)
+            vm = await stack.enter_async_context(
+                qtest_vm(qemu, devices=[device], chardevs={"c0": rig.socket},
+                         scratch=rig.scratch, ram_mib=ram_mib)
+            )  # fmt: skip
+        else:
+            device, vid = "virtio-balloon-pci,id=balloon0,deflate-on-oom=on", 5
+            vm = await stack.enter_async_context(qtest_vm(qemu, devices=[device], ram_mib=ram_mib))
+        qmp = vm.qmp
+        assert qmp is not None
+        res = SideResult(side, f"{qemu.name} {qemu.version_str}", device.split(",")[0])
+        obs = res.observations
+        res.pages = pages
+
+        async def set_target(n: int) -> None:
             if rig is not None:
-                device, vid = vhost_user_device("virtio-balloon", qemu)
-                vm = await stack.enter_async_context(
-                    qtest_vm(qemu, devices=[device], chardevs={"c0": rig.socket},
-                             scratch=rig.scratch, ram_mib=ram_mib)
-                )  # fmt: skip
+                rig.set_target(n)
             else:
-                device, vid = "virtio-balloon-pci,id=balloon0,deflate-on-oom=on", 5
-                vm = await stack.enter_async_context(
-                    qtest_vm(qemu, devices=[device], ram_mib=ram_mib)
-                )
-            qmp = vm.qmp
-            assert qmp is not None
-            res = SideResult(side, f"{qemu.name} {qemu.version_str}", device.split(",")[0])
-            obs = res.observations
-            res.pages = pages
+                await qmp.execute("balloon", {"value": ram - n * 4096})
 
-            async def set_target(n: int) -> None:
-                if rig is not None:
-                    rig.set_target(n)
-                else:
-                    await qmp.execute("balloon", {"value": ram - n * 4096})
+        async def guest_stats() -> dict[str, int]:
+            if rig is not None:
+                return dict(rig.view().guest_stats)
+            got = await qmp.execute(
+                "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}
+            )
+            return dict(got["stats"])
 
-            async def guest_stats() -> dict[str, int]:
-                if rig is not None:
-                    return dict(rig.view().guest_stats)
-                got = await qmp.execute(
-                    "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}
-                )
-                return dict(got["stats"])
+        async def refresh_stats() -> None:
+            """Fresh stats from the guest: QEMU polls on a timer, vdev gives on request."""
+            if rig is not None:
+                await rig.request_stats()
+            else:
+                await qmp.execute(
+                    "qom-set",
+                    {"path": "/machine/peripheral/balloon0",
+                     "property": "guest-stats-polling-interval", "value": 1},
+                )  # fmt: skip
+            wanted = drv.counters.stats_requests + 1
+            while drv.counters.stats_requests < wanted:
+                await drv.service(timeout)
+            await trio.sleep(0.05)  # the device parses the buffer after the kick
 
-            dev = await VirtioPci.find(vm.qt, vid)
-            drv = VirtioBalloonDriver(dev, GuestAllocator(), pool, timeout=10)
-            await drv.start()
-            obs["features"] = drv.features
-            obs["num_pages_at_probe"] = await drv.target()
-            await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)
-            before = vm.memfd_bytes()
-            for r in range(rounds):
+        dev = await VirtioPci.find(vm.qt, vid)
+        drv = VirtioBalloonDriver(dev, GuestAllocator(), pool, timeout=10)
+        await drv.start()
+        obs["features"] = drv.features
+        obs["num_pages_at_probe"] = await drv.target()
+        await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)
+        before = vm.memfd_bytes()
+
+        async def run_round(r: int) -> None:
+            with trio.fail_after(timeout):
                 t0 = trio.current_time()
                 await set_target(pages)
                 moved = await drv.on_config_change(timeout)
                 res.inflate_s.append(trio.current_time() - t0)
-                assert moved == pages, (side, moved)
+                if moved != pages:
+                    raise LocalError(f"{side}: inflated {moved} pages, not {pages}")
                 if r == 0:
                     obs["actual_after_inflate"] = await drv.read_actual()
                     if rig is not None:
@@ -413,49 +430,46 @@ async def balloon_side_run(
                     obs["reclaimed_pages_after_inflate"] = (before - vm.memfd_bytes()) // 4096
                     page = await vm.qt.read(drv.pages[-1] << 12, 4096)
                     obs["ballooned_page_reads_zero"] = page == bytes(4096)
-                    # fresh stats from the guest: QEMU polls on a timer, vdev on request
+                    obs["guest_stats"] = None
                     if drv.has_stats:
-                        if rig is not None:
-                            await rig.request_stats()
-                        else:
-                            await qmp.execute(
-                                "qom-set",
-                                {"path": "/machine/peripheral/balloon0",
-                                 "property": "guest-stats-polling-interval", "value": 1},
-                            )  # fmt: skip
-                        wanted = drv.counters.stats_requests + 1
-                        while drv.counters.stats_requests < wanted:
-                            await drv.service(timeout)
-                        await trio.sleep(0.05)  # the device parses after the kick
+                        await refresh_stats()
                         obs["guest_stats"] = normalise_stats(await guest_stats())
-                    else:
-                        obs["guest_stats"] = None
                     obs["actual_after_oom"] = (await drv.oom(256), await drv.read_actual())
                 t0 = trio.current_time()
                 await set_target(0)
-                moved = await drv.on_config_change(timeout)
+                await drv.on_config_change(timeout)
                 res.deflate_s.append(trio.current_time() - t0)
                 if r == 0:
                     obs["actual_after_deflate"] = await drv.read_actual()
                     obs["reclaimed_pages_after_deflate"] = (before - vm.memfd_bytes()) // 4096
                     first = pool.first_pfn << 12
                     obs["deflated_page_reads_zero"] = await vm.qt.read(first, 4096) == bytes(4096)
-                await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)
+                await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)  # the guest uses it again
                 if r == 0:
                     obs["ram_back_after_touch"] = vm.memfd_bytes() >= before
-            return res
+
+        run_round.result = res  # type: ignore[attr-defined]
+        yield run_round
 
 
 async def side_by_side(
     *, pages: int = 16384, rounds: int = 1, timeout: float = 120.0
 ) -> tuple[SideResult, SideResult]:
-    """The same script on QEMU's virtio-balloon-pci and on vdev's virtio-balloon, one after
-    the other, on the same QEMU binary when it has the generic vhost-user device."""
+    """The same script on QEMU's virtio-balloon-pci and on vdev's virtio-balloon, on the same
+    QEMU binary when it has the generic vhost-user device. Both VMs run at once and the
+    rounds alternate, so that a change in the machine's load hits both sides alike."""
     from .qemu import best_qemu
 
     vq = best_qemu(need_test_device=True) or best_qemu(need_test_device=False)
     if vq is None:
         raise LocalError("no QEMU (run scripts/setup)")
-    qemu_side = await balloon_side_run("qemu", vq, pages=pages, rounds=rounds, timeout=timeout)
-    vdev_side = await balloon_side_run("vdev", vq, pages=pages, rounds=rounds, timeout=timeout)
-    return qemu_side, vdev_side
+    with trio.fail_after(timeout):
+        async with (
+            balloon_side("qemu", vq, pages=pages) as qemu_round,
+            balloon_side("vdev", vq, pages=pages) as vdev_round,
+        ):
+            for r in range(rounds):
+                first, second = (qemu_round, vdev_round) if r % 2 == 0 else (vdev_round, qemu_round)
+                await first(r)
+                await second(r)
+            return qemu_round.result, vdev_round.result  # type: ignore[attr-defined]
