@@ -119,8 +119,10 @@ def test_table_replacement_and_regions(memfd: int) -> None:
     assert not m.contains(0xE0000, 1)
     m.add_region(spec, os.dup(memfd))
     assert m.contains(0xE0000, 1)
-    with pytest.raises(FrontendError):
-        m.add_region(spec, os.dup(memfd))  # overlap
+    m.add_region(spec, os.dup(memfd))  # the identical region again replaces it
+    assert len(m.regions) == 3
+    with pytest.raises(FrontendError):  # an overlapping, different one is refused
+        m.add_region(RegionSpec(0xE8000, 0x1000, UVA + 0xE8000, 0xE8000), os.dup(memfd))
     m.set_table([RegionSpec(0, 1 * MiB, UVA, 0)], [os.dup(memfd)])
     assert m.total_pages == 256
     with pytest.raises(FrontendError):
