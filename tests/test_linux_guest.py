@@ -17,6 +17,7 @@ vdev's (its page map, its ``actual``, the RAM file's blocks) and the host's (QEM
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,13 +118,25 @@ def scratch(env: tuple[QemuBinary, linux_image.LinuxImage]) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def diag(guest: LinuxGuest | None, vdev: InProcessVdev) -> str:
+def diag(guest: LinuxGuest, vdev: InProcessVdev) -> str:
     """What to print when an assertion fails: vdev's view, the console tail, QEMU stderr."""
-    parts = [f"vdev: {vdev.view()}"]
-    if guest is not None:
-        parts.append("console tail:\n" + "\n".join(guest.console.lines[-25:]))
-        parts.append("QEMU stderr:\n" + guest.stderr()[-1500:])
-    return "\n".join(parts)
+    return "\n".join(
+        [
+            f"vdev: {vdev.view()}",
+            "console tail:\n" + "\n".join(guest.console.lines[-25:]),
+            "QEMU stderr:\n" + guest.stderr()[-1500:],
+        ]
+    )
+
+
+@contextlib.contextmanager
+def explain(guest: LinuxGuest, vdev: InProcessVdev) -> Iterator[None]:
+    """On failure print :func:`diag` while QEMU and the connection are still up."""
+    try:
+        yield
+    except BaseException:
+        print(diag(guest, vdev))
+        raise
 
 
 def check_balloon_bound(rep: Report, *, deflate_on_oom: bool) -> None:
@@ -165,70 +178,67 @@ async def test_linux_inflates_to_vdev_target_and_qemu_memory_falls(
     MemTotal shrinks by it, vdev punches it out of the memfd and QEMU's RssShmem falls by
     it; deflating restores MemTotal and the guest's next touch raises RssShmem again."""
     q, image = env
-    guest: LinuxGuest | None = None
     with trio.fail_after(100):
-        async with serve_vdev(scratch, device_cls=device_class(deflate_on_oom=False)) as vdev:
-            try:
-                async with boot_guest(q, image, vdev.socket_path, append=QUIET) as guest:
-                    rep0 = await guest.report()
-                    check_balloon_bound(rep0, deflate_on_oom=False)
-                    view = vdev.view()
-                    assert view.connected and view.personality == "virtio-balloon"
-                    assert view.ram_pages == 256 * PAGES_PER_MIB
-                    assert rep0.balloon_pages == 0 and view.size_pages == 0
-                    mem_total0 = rep0.kib("MemTotal")
-                    # the driver's first stats buffer (queued at probe), QEMU's key names
-                    assert view.guest_stats["stat-total-memory"] == mem_total0 * KIB
-                    assert set(vb.STAT_QOM_KEY.values()) == set(view.guest_stats)
+        async with (
+            serve_vdev(scratch, device_cls=device_class(deflate_on_oom=False)) as vdev,
+            boot_guest(q, image, vdev.socket_path, append=QUIET) as guest,
+        ):
+            with explain(guest, vdev):
+                rep0 = await guest.report()
+                check_balloon_bound(rep0, deflate_on_oom=False)
+                view = vdev.view()
+                assert view.connected and view.personality == "virtio-balloon"
+                assert view.ram_pages == 256 * PAGES_PER_MIB
+                assert rep0.balloon_pages == 0 and view.size_pages == 0
+                mem_total0 = rep0.kib("MemTotal")
+                # the driver's first stats buffer (queued at probe), in QEMU's key names
+                assert view.guest_stats["stat-total-memory"] == mem_total0 * KIB
+                assert set(vb.STAT_QOM_KEY.values()) == set(view.guest_stats)
 
-                    await touch_free_memory(guest, rep0)
-                    rss_prev = guest.rss_shmem_kib()
-                    alloc_prev = vdev.view().ram_allocated_bytes
-                    pages_prev = 0
-                    for mib in (64, 128):
-                        pages = mib * PAGES_PER_MIB
-                        vdev.set_target(pages)
-                        s = await wait_balloon(guest, vdev, pages)
-                        rss = guest.rss_shmem_kib()
-                        grown_kib = (pages - pages_prev) * 4
-                        where = f"target {mib} MiB: RssShmem {rss_prev} -> {rss} kB\n" + diag(
-                            guest, vdev
-                        )
-                        assert s.report.kib("MemTotal") == mem_total0 - mib * 1024, where
-                        assert s.view.counters["actual"] == pages, where  # the driver's `actual`
-                        assert s.view.counters["inflated (4k)"] == pages, where
-                        assert s.view.reclaimed_bytes_total >= pages * 4096, where
-                        assert (
-                            alloc_prev - s.view.ram_allocated_bytes >= RSS_SHARE * grown_kib * KIB
-                        ), where
-                        assert rss_prev - rss >= RSS_SHARE * grown_kib, where
-                        rss_prev, alloc_prev, pages_prev = rss, s.view.ram_allocated_bytes, pages
-
-                    # fresh stats on request (QEMU's guest-stats polling): the shrunken guest
-                    stats = await vdev.fresh_stats()
-                    inflated = await guest.report()
-                    assert stats["stat-total-memory"] == inflated.kib("MemTotal") * KIB
-                    assert 0 < stats["stat-free-memory"] <= stats["stat-total-memory"]
-                    assert stats["stat-oom-kills"] == 0
-                    assert vdev.view().counters["stats requests"] >= 1
-
-                    # deflate: MemTotal comes back; the pages return to QEMU when touched
-                    vdev.set_target(0)
-                    s = await wait_balloon(guest, vdev, 0)
-                    assert s.report.kib("MemTotal") == mem_total0, diag(guest, vdev)
-                    assert s.view.counters["deflated (4k)"] == pages_prev
-                    rss_deflated = guest.rss_shmem_kib()
-                    await touch_free_memory(guest, s.report)
-                    rss_touched = guest.rss_shmem_kib()
-                    assert rss_touched - rss_deflated >= RSS_SHARE * pages_prev * 4, (
-                        f"RssShmem {rss_deflated} -> {rss_touched} kB after touching\n"
-                        + diag(guest, vdev)
+                await touch_free_memory(guest, rep0)
+                rss_prev = guest.rss_shmem_kib()
+                alloc_prev = vdev.view().ram_allocated_bytes
+                pages_prev = 0
+                for mib in (64, 128):
+                    pages = mib * PAGES_PER_MIB
+                    vdev.set_target(pages)
+                    s = await wait_balloon(guest, vdev, pages)
+                    rss, alloc = guest.rss_shmem_kib(), s.view.ram_allocated_bytes
+                    grown_kib = (pages - pages_prev) * 4
+                    where = (
+                        f"target {mib} MiB: QEMU RssShmem {rss_prev} -> {rss} kB,"
+                        f" memfd blocks {alloc_prev // KIB} -> {alloc // KIB} kB"
                     )
-                    assert await guest.poweroff() == 0
-            except BaseException:
-                print(diag(guest, vdev))
-                raise
-            await disconnected(vdev)
+                    # the host's word first: QEMU really lost the ballooned pages
+                    assert rss_prev - rss >= RSS_SHARE * grown_kib, where
+                    assert alloc_prev - alloc >= RSS_SHARE * grown_kib * KIB, where
+                    # the guest's and vdev's books agree with the target
+                    assert s.report.kib("MemTotal") == mem_total0 - mib * 1024, where
+                    assert s.view.counters["actual"] == pages, where  # what the driver wrote
+                    assert s.view.counters["inflated (4k)"] == pages, where
+                    assert s.view.reclaimed_bytes_total >= pages * 4096, where
+                    rss_prev, alloc_prev, pages_prev = rss, alloc, pages
+
+                # fresh stats on request (QEMU's guest-stats polling): the shrunken guest
+                stats = await vdev.fresh_stats()
+                inflated = await guest.report()
+                assert stats["stat-total-memory"] == inflated.kib("MemTotal") * KIB
+                assert 0 < stats["stat-free-memory"] <= stats["stat-total-memory"]
+                assert stats["stat-oom-kills"] == 0
+                assert vdev.view().counters["stats requests"] >= 1
+
+                # deflate: MemTotal comes back; the pages return to QEMU when touched
+                vdev.set_target(0)
+                s = await wait_balloon(guest, vdev, 0)
+                assert s.report.kib("MemTotal") == mem_total0
+                assert s.view.counters["deflated (4k)"] == pages_prev
+                rss_deflated = guest.rss_shmem_kib()
+                await touch_free_memory(guest, s.report)
+                rss_touched = guest.rss_shmem_kib()
+                assert rss_touched - rss_deflated >= RSS_SHARE * pages_prev * 4, (
+                    f"QEMU RssShmem {rss_deflated} -> {rss_touched} kB after touching"
+                )
+                assert await guest.poweroff() == 0
 
 
 @pytest.mark.qemu
@@ -240,39 +250,36 @@ async def test_linux_deflates_on_oom_instead_of_killing(
     a workload bigger than free memory gets its memory from the balloon (the driver's OOM
     notifier deflates) and the OOM killer never runs. vdev follows the guest down."""
     q, image = env
-    guest: LinuxGuest | None = None
     with trio.fail_after(100):
-        async with serve_vdev(scratch) as vdev:
-            try:
-                async with boot_guest(q, image, vdev.socket_path, append=QUIET) as guest:
-                    rep0 = await guest.report()
-                    check_balloon_bound(rep0, deflate_on_oom=True)
-                    pages = 128 * PAGES_PER_MIB
-                    vdev.set_target(pages)
-                    s = await wait_balloon(guest, vdev, pages)
-                    assert s.report.kib("MemTotal") == rep0.kib("MemTotal"), diag(guest, vdev)
-                    assert rep0.kib("MemFree") - s.report.kib("MemFree") >= 128 * 1024 - 4096
+        async with (
+            serve_vdev(scratch) as vdev,
+            boot_guest(q, image, vdev.socket_path, append=QUIET) as guest,
+        ):
+            with explain(guest, vdev):
+                rep0 = await guest.report()
+                check_balloon_bound(rep0, deflate_on_oom=True)
+                pages = 128 * PAGES_PER_MIB
+                vdev.set_target(pages)
+                s = await wait_balloon(guest, vdev, pages)
+                assert s.report.kib("MemTotal") == rep0.kib("MemTotal")
+                assert rep0.kib("MemFree") - s.report.kib("MemFree") >= 128 * 1024 - 4096
 
-                    excess_mib = 48
-                    want = s.report.kib("MemAvailable") // 1024 + excess_mib
-                    held = await guest.workload(want)
-                    assert held == want, diag(guest, vdev)
-                    after = await guest.report()
-                    vm = await guest.vmstat("oom_kill", "balloon_deflate")
-                    assert vm["oom_kill"] == 0, diag(guest, vdev)
-                    deflated = after.vmstat["balloon_deflate"]
-                    assert deflated >= (excess_mib - 16) * PAGES_PER_MIB, after.lines
-                    view = vdev.view()
-                    assert view.target_pages == pages  # vdev asked for nothing: the guest took it
-                    assert view.size_pages == after.balloon_pages == pages - deflated
-                    assert view.counters["actual"] == after.balloon_pages
-                    stats = await vdev.fresh_stats()
-                    assert stats["stat-oom-kills"] == 0
-                    assert stats["stat-available-memory"] < 32 * 1024 * KIB
-                    assert await guest.poweroff() == 0
-            except BaseException:
-                print(diag(guest, vdev))
-                raise
+                excess_mib = 48
+                want = s.report.kib("MemAvailable") // 1024 + excess_mib
+                assert await guest.workload(want) == want
+                after = await guest.report()
+                vm = await guest.vmstat("oom_kill", "balloon_deflate")
+                assert vm["oom_kill"] == 0
+                deflated = after.vmstat["balloon_deflate"]
+                assert deflated >= (excess_mib - 16) * PAGES_PER_MIB, after.lines
+                view = vdev.view()
+                assert view.target_pages == pages  # vdev asked for nothing: the guest took it
+                assert view.size_pages == after.balloon_pages == pages - deflated
+                assert view.counters["actual"] == after.balloon_pages
+                stats = await vdev.fresh_stats()
+                assert stats["stat-oom-kills"] == 0
+                assert stats["stat-available-memory"] < 32 * 1024 * KIB
+                assert await guest.poweroff() == 0
 
 
 @pytest.mark.qemu
@@ -283,15 +290,14 @@ async def test_vdev_serves_the_next_vm_after_poweroff(
     """One vdev, two QEMUs one after the other on the same socket. The target is set
     before any guest exists; each guest inflates to it as its driver probes."""
     q, image = env
-    guest: LinuxGuest | None = None
     pages = 32 * PAGES_PER_MIB
     with trio.fail_after(100):
         async with serve_vdev(scratch) as vdev:
             vdev.set_target(pages)
             assert not vdev.view().connected and vdev.view().target_pages == pages
-            try:
-                for boot in (1, 2):
-                    async with boot_guest(q, image, vdev.socket_path, append=QUIET) as guest:
+            for boot in (1, 2):
+                async with boot_guest(q, image, vdev.socket_path, append=QUIET) as guest:
+                    with explain(guest, vdev):
                         s = await wait_balloon(guest, vdev, pages)
                         check_balloon_bound(s.report, deflate_on_oom=True)
                         assert s.view.counters["actual"] == pages
@@ -301,11 +307,8 @@ async def test_vdev_serves_the_next_vm_after_poweroff(
                             await wait_balloon(guest, vdev, 0)
                         assert await guest.poweroff() == 0
                         assert f"{PREFIX} poweroff" in guest.console.lines
-                    view = await disconnected(vdev)
-                    assert view.size_pages == 0  # the balloon went with the connection
-            except BaseException:
-                print(diag(guest, vdev))
-                raise
+                view = await disconnected(vdev)
+                assert view.size_pages == 0  # the balloon went with the connection
             assert vdev.view().target_pages == 0
 
 
