@@ -51,15 +51,17 @@ def parse_size(text: str) -> int:
 
 
 def parse_workload(text: str) -> WorkloadSpec:
-    """``BASE[:AMPLITUDE[:PERIOD[:CACHE]]]`` sizes (e.g. ``256M:512M:20:128M``)."""
+    """``BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_GROWTH_PER_S]]]]`` (``256M:512M:20:128M:64M``)."""
     parts = text.split(":")
-    if not 1 <= len(parts) <= 4 or not parts[0]:
+    if not 1 <= len(parts) <= 5 or not parts[0]:
         raise ConfigError(f"bad workload {text!r}: BASE[:AMPLITUDE[:PERIOD[:CACHE]]]")
     base = parse_size(parts[0]) // PAGE_SIZE
     amplitude = parse_size(parts[1]) // PAGE_SIZE if len(parts) > 1 and parts[1] else 0
     period = float(parts[2]) if len(parts) > 2 and parts[2] else 20.0
     cache = parse_size(parts[3]) // PAGE_SIZE if len(parts) > 3 and parts[3] else 0
-    return WorkloadSpec(base=base, amplitude=amplitude, period=period, cache=cache)
+    growth = parse_size(parts[4]) // PAGE_SIZE if len(parts) > 4 and parts[4] else 0
+    return WorkloadSpec(base=base, amplitude=amplitude, period=period, cache=cache,
+                        cache_growth=growth)
 
 
 def default_control_path(vhost_user_socket: str) -> str:
@@ -160,7 +162,7 @@ def main() -> None:
 @click.option("--shrinker", is_flag=True,
               help="Deflate under guest memory pressure (vmwballoon_shrinker_enable).")
 @click.option("--workload", default=None,
-              help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE]]], e.g. 256M:512M:20.")
+              help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]], e.g. 256M:512M:20.")
 @click.option("--control", "control", default=None, type=click.Path(dir_okay=False),
               help="Control socket (default: SOCKET.guest).")
 @click.option("-v", "--verbose", count=True)

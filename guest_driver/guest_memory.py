@@ -132,6 +132,10 @@ class GuestMemory:
         # The balloon driver's batch page: one reserved page, taken like any kernel page.
         self.batch_pfn: int | None = self.reserve_page()
 
+    def detach_ram(self) -> None:
+        """Stop writing to the RAM buffer (before it is unmapped)."""
+        self._ram = None
+
     # -- kernel pages -------------------------------------------------------------------
 
     def reserve_page(self) -> int | None:
@@ -334,6 +338,7 @@ class WorkloadSpec:
     cache: int = 0
     priorities: tuple[int, ...] = (3, 2, 1, 0)
     chunk: int = 256
+    cache_growth: int = 0  # pages per second read into the page cache while memory is free
 
 
 class Workload:
@@ -350,6 +355,7 @@ class Workload:
         self._chunk_index = 0
         self.shortfall = 0
         self.started: float | None = None
+        self._last: float | None = None
         if spec.cache:
             memory.fill_cache(spec.cache)
 
@@ -366,9 +372,16 @@ class Workload:
         resident = self.memory.count(PageState.APP)
         if resident > goal:
             self.memory.free_app(resident - goal)
-            self.shortfall = 0
-            return 0
-        want = goal - resident
+            want = 0
+        else:
+            want = self._grow(goal - resident)
+        self.shortfall = want
+        if self.spec.cache_growth and self._last is not None and want == 0:
+            self.memory.fill_cache(int(self.spec.cache_growth * max(0.0, now - self._last)))
+        self._last = now
+        return want
+
+    def _grow(self, want: int) -> int:
         while want > 0:
             prios = self.spec.priorities
             prio = prios[self._chunk_index % len(prios)]
@@ -377,5 +390,4 @@ class Workload:
                 break
             self._chunk_index += 1
             want -= got
-        self.shortfall = want
         return want

@@ -36,7 +36,7 @@ import trio
 
 from protocol import vhost_user as vu
 from protocol import vmw
-from protocol.errors import LocalError
+from protocol.errors import FormatError, LocalError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
@@ -193,8 +193,9 @@ class MiniFrontend:
         for fd in (*self.kicks, *self.calls):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.view.release()
-        self.map.close()
+        with contextlib.suppress(BufferError):  # a view is still exported: the GC unmaps
+            self.view.release()
+            self.map.close()
         os.close(self.fd)
 
 
@@ -212,12 +213,13 @@ class VhostUserTransport:
     def __init__(self, fe: MiniFrontend) -> None:
         self.fe = fe
         self._lock = trio.Lock()
-        self._event_slot = 0
+        self._event_gpa: dict[int, int] = {}  # descriptor head -> event buffer
 
     async def post_event_buffers(self) -> None:
         q = self.fe.queues[1]
         for i in range(EVENT_BUFFERS):
-            await q.add([Buffer(EVENT_GPA + 16 * i, vmw.EVENT_SIZE, write=True)])
+            gpa = EVENT_GPA + 16 * i
+            self._event_gpa[await q.add([Buffer(gpa, vmw.EVENT_SIZE, write=True)])] = gpa
         os.eventfd_write(self.fe.kicks[1], 1)
 
     async def command(self, request: vmw.Request) -> vmw.Response:
@@ -257,12 +259,19 @@ class VhostUserTransport:
             if used:
                 kinds = []
                 for u in used:
-                    gpa = EVENT_GPA + 16 * (u.id % EVENT_BUFFERS)
+                    gpa = self._event_gpa.pop(u.id)
                     raw = await self.fe.read(gpa, vmw.EVENT_SIZE)
-                    kinds.append(vmw.parse_event(raw))
-                    await q.add([Buffer(gpa, vmw.EVENT_SIZE, write=True)])
+                    try:
+                        kinds.append(vmw.parse_event(raw))
+                    except FormatError as exc:
+                        log.warning("bad doorbell event: %s", exc)
+                    await self.fe.write(gpa, bytes(vmw.EVENT_SIZE))
+                    head = await q.add([Buffer(gpa, vmw.EVENT_SIZE, write=True)])
+                    self._event_gpa[head] = gpa
                 os.eventfd_write(self.fe.kicks[1], 1)
-                return kinds[-1]
+                if kinds:
+                    return kinds[-1]
+                continue
             left = deadline - trio.current_time()
             if left <= 0:
                 return None
@@ -346,6 +355,7 @@ async def run_guest(
                     await driver.close()
                 except DeviceGone as exc:  # close() pops in any case
                     log.info("exit: %s", exc)
+            memory.detach_ram()
     finally:
         fe.close()
 

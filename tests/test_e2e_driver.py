@@ -1,0 +1,266 @@
+"""End to end: the vdev server in a subprocess, our driver over the real vhost-user front-end.
+
+The device runs as a real process (``guest_driver.demo.Vdev``: vdev's Server + registry,
+the code ``vdev serve`` runs, with a stdin command line to change targets and demand
+resets until ``vdev serve`` exposes its API). The guest runs in-process (``run_guest``) so
+that the tests can look at the driver and the guest memory model; one test runs the
+``guest-driver`` CLI as a process too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import trio
+
+from guest_driver.demo import Vdev
+from guest_driver.driver import DriverConfig
+from guest_driver.guest_memory import PAGES_PER_2M, PageSize, PageState, WorkloadSpec
+from guest_driver.transport_vhost_user import Guest, GuestOptions, run_guest
+from protocol.vmw import ALL_CAPABILITIES, Capability, Command, Request, Response
+
+MiB = 1 << 20
+RAM = 256 * MiB
+PAGES = RAM // 4096
+
+
+@asynccontextmanager
+async def rig(
+    tmp_path: Any,
+    *,
+    target: int = 0,
+    config: DriverConfig | None = None,
+    workload: WorkloadSpec | None = None,
+) -> AsyncIterator[tuple[Vdev, Guest, trio.Nursery]]:
+    sock = str(tmp_path / "vm0.sock")
+    vdev = await Vdev.start(sock, target)
+    try:
+        async with trio.open_nursery() as nursery:
+            options = GuestOptions(sock, RAM, config or DriverConfig(poll_interval=0.2),
+                                   workload=workload, control_path=sock + ".guest",
+                                   workload_interval=0.05)
+            guest = await nursery.start(run_guest, options)
+            yield vdev, guest, nursery
+            nursery.cancel_scope.cancel()
+    finally:
+        await vdev.stop()
+
+
+async def until(cond: Callable[[], bool], step: float = 0.005) -> None:
+    while not cond():
+        await trio.sleep(step)
+
+
+async def settled(vdev: Vdev, guest: Guest, target: int) -> dict[str, Any]:
+    """Wait until driver and device agree and the balloon is within the slack of target."""
+    while True:
+        view = await vdev.view()
+        d = guest.driver
+        if (not d.reset_required and view["size_pages"] == d.size
+                and d.size >= target and (d.size - target < PAGES_PER_2M or target == 0)
+                and (target != 0 or d.size == 0)):
+            return view
+        await trio.sleep(0.02)
+
+
+def check_consistent(guest: Guest, view: dict[str, Any]) -> None:
+    assert view["size_pages"] == guest.driver.size
+    assert guest.memory.count(PageState.BALLOON) == guest.driver.size
+    assert guest.memory.verify_app() == 0
+
+
+async def test_inflate_2m_and_4k_deflate_and_target_changes(tmp_path: Any) -> None:
+    with trio.fail_after(30):
+        async with rig(tmp_path) as (vdev, guest, _):
+            mem = guest.memory
+            # Leave few whole 2 MiB frames: one used page in all but 20 of them.
+            frames = np.flatnonzero(mem.frame_free == PAGES_PER_2M)
+            used = frames[20:].astype(np.int64) * PAGES_PER_2M + 1
+            mem._take(used, PageState.APP)
+            mem._touch(used)
+            target = 20 * PAGES_PER_2M + 5000
+            await vdev.set_target(target)
+            view = await settled(vdev, guest, target)
+            assert guest.driver.count(PageSize.SIZE_2M) == 20
+            assert guest.driver.count(PageSize.SIZE_4K) == 5000
+            assert guest.driver.stats.pages["allocFail"][PageSize.SIZE_2M] >= 1
+            check_consistent(guest, view)
+            # Both directions while the driver is busy: inflate, then down before it is done.
+            await vdev.set_target(PAGES - 20000)
+            await trio.sleep(0.01)
+            await vdev.set_target(3000)
+            view = await settled(vdev, guest, 3000)
+            check_consistent(guest, view)
+            await vdev.set_target(40000)
+            await trio.sleep(0.01)
+            await vdev.set_target(60000)
+            view = await settled(vdev, guest, 60000)
+            check_consistent(guest, view)
+            await vdev.set_target(0)
+            view = await settled(vdev, guest, 0)
+            check_consistent(guest, view)
+            assert guest.driver.stats.ops[Command.BATCHED_UNLOCK][0] > 0
+            assert guest.driver.stats.ops[Command.BATCHED_2M_UNLOCK][0] > 0
+
+
+async def test_doorbell_reacts_within_milliseconds_polling_does_not(tmp_path: Any) -> None:
+    with trio.fail_after(30):
+        async with rig(tmp_path, config=DriverConfig(poll_interval=5.0)) as (vdev, guest, _):
+            await until(lambda: guest.driver.doorbell_registered)
+            t0 = trio.current_time()
+            await vdev.set_target(4 * PAGES_PER_2M)
+            await until(lambda: guest.driver.size == 4 * PAGES_PER_2M)
+            assert trio.current_time() - t0 < 0.25
+            assert guest.driver.stats.general["doorbell"] >= 1
+    caps = ALL_CAPABILITIES & ~Capability.SIGNALLED_WAKEUP_CMD
+    config = DriverConfig(poll_interval=1.0, capabilities=caps)
+    with trio.fail_after(30):
+        async with rig(tmp_path, config=config) as (vdev, guest, _):
+            await until(lambda: guest.driver.stats.general["timer"] >= 1)
+            assert not guest.driver.doorbell_registered
+            await trio.sleep(0.05)
+            t0 = trio.current_time()
+            await vdev.set_target(4 * PAGES_PER_2M)
+            await until(lambda: guest.driver.size == 4 * PAGES_PER_2M)
+            waited = trio.current_time() - t0
+            assert 0.3 < waited < 1.5  # the next 1 s tick
+            assert guest.driver.stats.general["doorbell"] == 0
+
+
+async def test_pinned_ring_pages_are_refused_and_released(tmp_path: Any) -> None:
+    config = DriverConfig(poll_interval=0.2, capabilities=Capability(0x36))  # 4 KiB only
+    with trio.fail_after(30):
+        async with rig(tmp_path, config=config) as (vdev, guest, _):
+            await until(lambda: not guest.driver.reset_required)
+            mem = guest.memory
+            # Make the guest forget that its ring pages are reserved: the balloon is offered
+            # them (the allocator picks the most fragmented frame first: frame 0).
+            mem.alloc_app(mem.count(PageState.FREE) - 584, 3)
+            mem._give(np.arange(0, 16, dtype=np.int64))  # 16 + 584 free 4 KiB pages
+            await vdev.set_target(300)
+            view = await settled(vdev, guest, 300)
+            s = guest.driver.stats.pages
+            # cmdq rings on pages 0-1, eventq rings on pages 8-9: pinned by the device.
+            assert s["errAlloc"][PageSize.SIZE_4K] == 4
+            assert s["errFree"][PageSize.SIZE_4K] == 1
+            assert view["counters"]["lock refused ERROR_PPN_PINNED (4k)"] == 4
+            assert not set(guest.driver.pages(PageSize.SIZE_4K).tolist()) & {0, 1, 8, 9}
+            assert mem.state[[0, 1, 8, 9]].tolist() == [PageState.FREE] * 4  # released
+            check_consistent(guest, view)
+
+
+class Lowering:
+    """Wraps the transport: lowers the device's target right after a GET_TARGET."""
+
+    def __init__(self, guest: Guest, vdev: Vdev, to: int) -> None:
+        self.inner, self.vdev, self.to, self.armed = guest.transport, vdev, to, False
+        self.read, self.write = self.inner.read, self.inner.write
+        self.wait_event = self.inner.wait_event
+
+    @property
+    def doorbell_ids(self) -> tuple[int, int] | None:
+        return self.inner.doorbell_ids
+
+    async def command(self, request: Request) -> Response:
+        response = await self.inner.command(request)
+        if self.armed and request.command == Command.GET_TARGET and response.result == 5000:
+            self.armed = False
+            await self.vdev.set_target(self.to)
+        return response
+
+
+async def test_notneeded_when_the_target_drops_between_get_target_and_lock(
+    tmp_path: Any,
+) -> None:
+    caps = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BIT64_TARGET
+    config = DriverConfig(poll_interval=0.2, capabilities=caps)
+    with trio.fail_after(30):
+        async with rig(tmp_path, config=config) as (vdev, guest, _):
+            await until(lambda: not guest.driver.reset_required)
+            wrapper = Lowering(guest, vdev, 200)
+            guest.driver.transport = wrapper
+            wrapper.armed = True
+            await vdev.set_target(5000)
+            view = await settled(vdev, guest, 200)
+            assert guest.driver.size == 200
+            assert guest.driver.stats.pages["errAlloc"][PageSize.SIZE_4K] == 312
+            assert view["counters"]["lock refused ERROR_PPN_NOTNEEDED (4k)"] == 312
+            check_consistent(guest, view)
+
+
+async def test_reset_mid_inflation_recovered_with_nothing_lost(tmp_path: Any) -> None:
+    caps = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.SIGNALLED_WAKEUP_CMD
+    config = DriverConfig(poll_interval=0.2, capabilities=caps | Capability.BIT64_TARGET)
+    work = WorkloadSpec(base=4000, cache=2000)
+    with trio.fail_after(30):
+        async with rig(tmp_path, config=config, workload=work) as (vdev, guest, _):
+            await until(lambda: not guest.driver.reset_required)
+            target = PAGES - 12000
+            await vdev.set_target(target)
+            await until(lambda: guest.driver.size > 10 * 512)
+            await vdev.reset()
+            await until(lambda: guest.driver.stats.general["reset"] >= 2)
+            view = await settled(vdev, guest, target)
+            assert guest.driver.size == target
+            assert guest.driver.stats.ops[Command.BATCHED_UNLOCK][0] == 0  # popped, no UNLOCK
+            check_consistent(guest, view)
+            info = guest.memory.meminfo()
+            assert info.free + info.cache + info.app + info.balloon + info.reserved == PAGES
+
+
+async def test_start_zero_on_exit_and_host_memory_reclaim(tmp_path: Any) -> None:
+    work = WorkloadSpec(base=2000, cache=PAGES - 12000)
+    with trio.fail_after(30):
+        async with rig(tmp_path, workload=work) as (vdev, guest, _):
+            await until(lambda: not guest.driver.reset_required)
+            await trio.sleep(0.1)
+            before = guest.fe.allocated_bytes()
+            assert before > (PAGES - 12000) * 4096
+            await vdev.set_target(PAGES // 2)
+            view = await settled(vdev, guest, PAGES // 2)
+            after = guest.fe.allocated_bytes()
+            # Cache was dropped for the balloon and punched out on the host.
+            assert before - after > 90 * MiB
+            assert view["ram_allocated_bytes"] == after
+            check_consistent(guest, view)
+            await guest.driver.close()
+            view = await vdev.view()
+            assert view["connected"] and view["capabilities"] == 0 and view["size_pages"] == 0
+            assert guest.driver.stats.ops[Command.START] == [2, 0]
+            assert guest.memory.count(PageState.BALLOON) == 0
+
+
+async def test_guest_driver_cli_run_and_stat(tmp_path: Any) -> None:
+    sock = str(tmp_path / "vm0.sock")
+    with trio.fail_after(30):
+        vdev = await Vdev.start(sock, 64 * MiB // 4096)
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "guest_driver", "run", "--socket", sock, "--memory", "256M"]
+        )
+        try:
+            env = dict(os.environ)
+            while True:
+                r = subprocess.run([sys.executable, "-m", "guest_driver", "stat", "--socket",
+                                    sock], capture_output=True, text=True, env=env)
+                if r.returncode == 0 and r.stdout == "64 MB\n":
+                    break
+                await trio.sleep(0.1)
+            r = subprocess.run([sys.executable, "-m", "guest_driver", "stat", "--all",
+                                "--socket", sock], capture_output=True, text=True, check=True)
+            assert "current               :            16384" in r.stdout
+            assert r.stdout.splitlines()[0] == "balloon capabilities  :             0x3e"
+            proc.terminate()
+            await proc.wait()
+            assert proc.returncode == 0
+            view = await vdev.view()
+            assert not view["connected"]
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await vdev.stop()
