@@ -518,7 +518,7 @@ class Connection:
                     view = memoryview(data)
                     while view:
                         view = view[await sock.send(view) :]
-                except OSError as exc:
+                except (OSError, trio.ClosedResourceError) as exc:
                     log.warning("%s: back-end channel send failed: %s", self.name, exc)
                     return
 
@@ -530,7 +530,7 @@ class Connection:
                 close_fds(_fds_from(anc))
                 if not data:
                     return
-        except OSError:
+        except (OSError, trio.ClosedResourceError):
             return
 
 
@@ -642,8 +642,6 @@ class Server:
                 conn.device.shutdown()
             for conn in list(self.connections):
                 await conn.process_all()
-        for conn in list(self.connections):
-            conn.close()
         for path in self.socket_paths:
             with contextlib.suppress(OSError):
                 if Path(path).is_socket():
