@@ -79,3 +79,56 @@ def make_registry(*ram_pages: int, follow: bool = False) -> tuple[GuestRegistry,
         registry.add(f"vm{i}", f"/nonexistent/vm{i}.sock")
         guests.append(FakeGuest(registry, f"vm{i}", ram, follow=follow))
     return registry, guests
+
+
+# ------------------------------------------------------------------------------ real processes
+
+
+class GuestProcess:
+    """``guest-driver run`` (our vmmemctl guest driver over vhost-user) as a separate process."""
+
+    def __init__(self, socket_path: str, memory: str, log_path: str, poll: float = 0.1) -> None:
+        import subprocess
+        import sys
+
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "guest_driver",
+                "run",
+                "--socket",
+                socket_path,
+                "--memory",
+                memory,
+                "--poll",
+                str(poll),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log_path, "wb"),  # noqa: SIM115  (the child owns it)
+        )
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_until(predicate: object, timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll a synchronous predicate (for the sync CLI tests; async tests use trio)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ import httpx
 import jsonschema
 import pytest
 import trio
-from control_fakes import FakeGuest, make_registry
+from control_fakes import FakeGuest, GuestProcess, make_registry
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
@@ -381,3 +382,181 @@ async def test_socket_mode_stale_live_and_cleanup(tmp_path: Path) -> None:
     assert default_api_socket(["/run/vm0.sock", "/run/vm1.sock"]) == "/run/vm0.sock.api"
     with pytest.raises(ConfigError):
         default_api_socket([])
+
+
+# ------------------------------------------------------------------------------ real vdev serve
+
+
+@asynccontextmanager
+async def serve_with_guests(
+    vdev_process: Any, tmp_path: Path, *memories: str, extra: tuple[str, ...] = ()
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any, list[GuestProcess]]]:
+    """A real ``vdev serve`` (simulated 4 GiB host, 0.2 s policy period) with one real
+    ``guest-driver run`` per entry of ``memories``; yields an API client on its socket."""
+    srv = vdev_process(
+        "--host-memory", "4G", "--policy-period", "0.2", *extra, sockets=len(memories)
+    )
+    guests = [
+        GuestProcess(path, memory, str(tmp_path / f"guest{i}.log"))
+        for i, (path, memory) in enumerate(zip(srv.paths, memories, strict=True))
+    ]
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=srv.paths[0] + ".api"), base_url="http://vdev"
+        ) as client:
+            while True:  # every guest connected and its driver started (START done)
+                vms = (await client.get("/vms")).json()["vms"]
+                if all(v["driver_active"] for v in vms):
+                    break
+                await trio.sleep(0.05)
+            yield client, srv, guests
+    finally:
+        for g in guests:
+            g.stop()
+    assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+    assert not os.path.exists(srv.paths[0] + ".api")  # removed on exit
+
+
+async def test_serve_socket_set_target_events_metrics(vdev_process: Any, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with serve_with_guests(vdev_process, tmp_path, "64M", "32M") as (c, srv, _guests):
+            api = srv.paths[0] + ".api"
+            st = os.stat(api)
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+            vm0 = (await c.get("/vms/vm0")).json()
+            assert vm0["ram_pages"] == 64 * MIB // PAGE_SIZE and vm0["state"] == "active"
+            assert vm0["socket_path"] == srv.paths[0]
+
+            async with c.stream("GET", "/events") as s:
+                lines = s.aiter_lines()
+                assert json.loads(await lines.__anext__())["type"] == "hello"
+                t0 = time.perf_counter()
+                r = await c.put("/vms/vm0/target", json={"target_mib": 16})
+                assert r.status_code == 200 and r.json()["target_pages"] == 4096
+                target_at = size_at = None
+                while size_at is None:
+                    event = json.loads(await lines.__anext__())
+                    if event.get("name") != "vm0":
+                        continue
+                    if event.get("kind") == "target" and target_at is None:
+                        target_at = time.perf_counter() - t0
+                        assert event["target_pages"] == 4096 and event["reason"] == "manual"
+                    if event.get("kind") == "size" and event["size_pages"] >= 4096:
+                        size_at = time.perf_counter() - t0
+                assert target_at is not None and target_at < 0.05, target_at
+                # The doorbell woke the real guest driver; it inflated to the target.
+                assert size_at < 2.0, size_at
+
+            vm0 = (await c.get("/vms/vm0")).json()
+            assert (vm0["target_pages"], vm0["size_pages"]) == (4096, 4096)
+            assert vm0["control"] == "manual"
+            assert vm0["reclaimed_bytes_total"] >= 16 * MIB
+            # The guest itself agrees (vmware-toolbox-cmd stat balloon style).
+            out = await trio.run_process(
+                [sys.executable, "-m", "guest_driver", "stat", "--socket", srv.paths[0]],
+                capture_stdout=True,
+            )
+            assert out.stdout.decode().strip() == "16 MB"
+
+            text = (await c.get("/metrics")).text
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            assert samples[("vballoon_vm_balloon_size_bytes", (("vm", "vm0"),))] == 16 * MIB
+            assert samples[("vballoon_vm_balloon_target_bytes", (("vm", "vm0"),))] == 16 * MIB
+            assert samples[("vballoon_vm_driver_active", (("vm", "vm1"),))] == 1
+            assert samples[("vballoon_vm_ram_bytes", (("vm", "vm1"),))] == 32 * MIB
+            assert samples[("vballoon_vm_reclaimed_bytes_total", (("vm", "vm0"),))] >= 16 * MIB
+
+            def counter(name: str) -> float:
+                key = (("counter", name), ("vm", "vm0"))
+                return samples[("vballoon_vm_balloon_events_total", key)]
+
+            assert counter("batchLock") + counter("2m-lock") >= 1
+            assert counter("locked (4k)") + 512 * counter("locked (2M)") >= 4096
+
+            # Back to the policy: an idle simulated host wants no balloon; the guest deflates.
+            r = await c.put("/vms/vm0/target", json={"policy": True})
+            assert r.json()["control"] == "policy" and r.json()["target_pages"] == 0
+            while (await c.get("/vms/vm0")).json()["size_pages"] != 0:
+                await trio.sleep(0.05)
+
+
+async def test_serve_every_endpoint_and_errors(vdev_process: Any, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with serve_with_guests(vdev_process, tmp_path, "64M", "64M") as (c, _srv, _guests):
+
+            async def call(method: str, template: str, url: str, **kw: Any) -> httpx.Response:
+                r = await c.request(method, url, **kw)
+                check_response(method, template, r)
+                return r
+
+            await call("GET", "/vms", "/vms")
+            await call("GET", "/vms/{name}", "/vms/vm1")
+            await call("GET", "/host", "/host")
+            await call("GET", "/pools", "/pools")
+            await call("GET", "/settings", "/settings")
+            await call("GET", "/settings/{path}", "/settings/VBalloon/InflateRatePagesPerSec")
+            await call("GET", "/openapi.json", "/openapi.json")
+            await call("GET", "/metrics", "/metrics")
+
+            # Host pressure on the simulated host: the policy balloons both real guests.
+            r = await call("PUT", "/host/simulated", "/host/simulated", json={"free": "120M"})
+            assert r.json()["state"] == "soft"
+            while True:  # until the balloons gave the simulated host enough memory back
+                vms = (await c.get("/vms")).json()["vms"]
+                host = (await c.get("/host")).json()
+                if host["state"] != "soft" and all(v["size_pages"] > 0 for v in vms):
+                    break
+                await trio.sleep(0.05)
+            for v in vms:
+                assert v["reason"].startswith("pressure:") or v["reason"] in (
+                    "rate-limited",
+                    "hysteresis",
+                ), v["reason"]
+            assert host["free_bytes"] > 120 * MIB and host["state"] == "clear"
+            history = (await call("GET", "/vms/{name}/history", "/vms/vm0/history")).json()
+            assert "soft" in {p["host_state"] for p in history["points"]}
+            assert max(p["size_pages"] for p in history["points"]) > 0
+
+            # A setting applies at once: CtlMaxPercent 0 turns ballooning off.
+            r = await call(
+                "PUT", "/settings/{path}", "/settings/Mem/CtlMaxPercent", json={"value": 0}
+            )
+            assert r.json()["value"] == 0
+            while any(v["size_pages"] for v in (await c.get("/vms")).json()["vms"]):
+                await trio.sleep(0.05)
+            assert (await c.get("/vms/vm0")).json()["max_pages"] == 0
+
+            # Reset: the device demands it of the real driver; the registry reports it.
+            async with c.stream("GET", "/events?vm=vm1") as s:
+                lines = s.aiter_lines()
+                assert json.loads(await lines.__anext__())["type"] == "hello"
+                r = await call("POST", "/vms/{name}/reset", "/vms/vm1/reset")
+                assert r.status_code == 200
+                kinds = []
+                while "reset" not in kinds:
+                    kinds.append(json.loads(await lines.__anext__()).get("kind"))
+            while not (await c.get("/vms/vm1")).json()["driver_active"]:
+                await trio.sleep(0.05)  # the driver STARTs again
+            r = await call("PUT", "/vms/{name}/target", "/vms/vm1/target", json={"target_pages": 1})
+            assert r.json()["target_pages"] == 0  # capped: CtlMaxPercent is 0
+            assert r.json()["reason"] == "capped:CtlMaxPercent"
+
+            # Errors over the real socket.
+            r = await c.put("/vms/vm0/target", content=b"{bad json")
+            assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+            r = await c.put("/vms/vm0/target", json={"target_mib": "lots"})
+            assert r.status_code == 400 and "must be a number" in r.json()["error"]
+            r = await c.put("/vms/vm0/target", json={"target_mib": 65})
+            assert r.status_code == 400 and "more than the guest's RAM" in r.json()["error"]
+            r = await c.get("/vms/nope")
+            assert r.status_code == 404 and "no VM named 'nope'" in r.json()["error"]
+            r = await c.put("/vms/nope/target", json={"target_mib": 1})
+            assert r.status_code == 404
+            r = await c.put("/settings/Mem/Nope", json={"value": 1})
+            assert r.status_code == 404
