@@ -39,6 +39,7 @@ from vdev.balloon import (
     Reclaim,
     coalesce,
 )
+from vdev.memory import GuestMemory
 from vdev.ram import BytearrayRam
 
 MiB = 1 << 20
@@ -121,6 +122,11 @@ def test_guest_ram_protocol_is_satisfied() -> None:
     assert ram.total_pages == RAM_PAGES
 
 
+def _static_check_guest_memory(memory: GuestMemory) -> GuestRam:
+    """mypy checks that the mmap-backed GuestMemory satisfies the GuestRam protocol."""
+    return memory
+
+
 # ---------------------------------------------------------------------------------------
 # One scenario per status rule: each returns the status the model gave.
 
@@ -198,9 +204,11 @@ def batch_command_with_failing_entries_is_success() -> int:
     return harness(target=0).batch(Command.BATCHED_LOCK, [100, LOW_END])[0].status
 
 
-@scenario(Status.SUCCESS)
+@scenario(Status.ERROR_PPN_NOTNEEDED)
 def lock_pfn_above_4g_with_64bit_target() -> int:
-    h = harness(regions=[(0, 1 << 45)])
+    # NOTNEEDED (target 0), not INVALID: the PFN passed validation. (Actually locking a
+    # PFN >= 2^32 would need a 512 MiB page map: one bit per page up to that PFN.)
+    h = harness(regions=[(0, 1 << 45)], target=0)
     return h.status(Command.LOCK, 1 << 32)
 
 
@@ -695,6 +703,7 @@ def test_target_clamping(caps: int, target: int, hint: int, expected: int) -> No
     assert h.cmd(Command.LOCK, 100).result == expected
     assert h.model.target == target
     assert h.model.reported_target() == expected
+    assert h.model.pages.nbytes < 4096  # the map covers what is locked, not 2^33 pages
 
 
 def test_target_clamped_to_ram() -> None:
@@ -731,9 +740,14 @@ def test_result_field(command: Command, state: str) -> None:
 
 
 def test_batched_pfns_above_4g_need_no_64bit_cap() -> None:
-    h = harness(caps=0x1E, regions=BIG)
-    assert h.lock((1 << 32) + 7)[0] == Status.SUCCESS
-    assert h.lock2m((1 << 33) - 512)[0] == Status.SUCCESS
+    # target 0: NOTNEEDED shows the entries passed validation, without a 512 MiB page map
+    h = harness(caps=0x1E, regions=BIG, target=0)
+    assert h.lock((1 << 32) + 7, (1 << 33) + 1) == [
+        Status.ERROR_PPN_NOTNEEDED,
+        Status.ERROR_PPN_INVALID,
+    ]
+    assert h.lock2m((1 << 33) - 512)[0] == Status.ERROR_PPN_NOTNEEDED
+    assert h.model.pages.nbytes < 4096
 
 
 # ---------------------------------------------------------------------------------------
@@ -989,6 +1003,18 @@ def test_size_accounting() -> None:
     h.batch(Command.BATCHED_UNLOCK, list(range(100, 200)))
     assert h.model.size == 413 + 2 * 512
     assert h.model.pages.recount() == (413, 2)
+
+
+def test_page_map_sized_to_ram() -> None:
+    h = harness(target=RAM_PAGES, regions=[(0, 64 * MiB)])
+    h.lock(5)
+    h.lock(LOW_END - 1)
+    h.lock(LOW_END // 2)
+    assert h.model.pages.capacity == LOW_END  # exactly the RAM: 1 bit per page
+    h = harness(target=RAM_PAGES)
+    h.lock(LOW_END - 1)
+    h.lock(HIGH_END - 1)  # above the hole: grows to the highest locked PFN
+    assert HIGH_END <= h.model.pages.capacity <= HIGH_END + 512
 
 
 def test_full_batch_of_512() -> None:

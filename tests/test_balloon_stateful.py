@@ -374,7 +374,7 @@ class BalloonMachine(RuleBasedStateMachine):
 
 
 BalloonMachine.TestCase.settings = settings(
-    max_examples=250,
+    max_examples=200,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -160,3 +160,19 @@ def test_sparse_high_pfns(pfns: list[int]) -> None:
     m.set_4k([p for p in pfns if p < 1024])
     low = {p for p in pfns if p < 1024}
     assert m.covered(np.array(pfns, dtype=np.uint64)).tolist() == [p in low for p in pfns]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "limit", "expected"),
+    [
+        (0, 1, None, 512),
+        (4096, 4097, None, 5120),  # x1.25
+        (4096, 4097, 4608, 4608),  # the limit caps the over-allocation
+        (4096, 8000, 4608, 8192),  # ... never what is needed
+        (4096, 100, 10, 4096),  # no shrinking
+    ],
+)
+def test_ensure_growth(start: int, end: int, limit: int | None, expected: int) -> None:
+    m = PageMap(start)
+    m.ensure(end, limit=limit)
+    assert m.capacity == expected

@@ -607,6 +607,10 @@ class BalloonModel:
             return ()
         frames = pfns >> np.uint64(FRAME_SHIFT)
         if lock:
+            # Grow the map to what is locked; geometric growth stops at the RAM size so a
+            # guest without holes ends up with an exact map (1 bit per page).
+            end = int(pfns.max()) + (PAGES_PER_2M if huge else 1)
+            self._pages.ensure(end, limit=self._ram_pages)
             if huge:
                 self._pages.set_2m(frames)
             else:

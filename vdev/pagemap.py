@@ -86,11 +86,18 @@ class PageMap:
         """The balloon size in 4 KiB frames: 4 KiB pages + 512 x 2 MiB pages."""
         return self._count_4k + PAGES_PER_2M * self._count_2m
 
-    def ensure(self, end_pfn: int) -> None:
-        """Cover at least PFNs ``0 .. end_pfn-1``; grows geometrically (x1.25), keeps bits."""
+    def ensure(self, end_pfn: int, *, limit: int | None = None) -> None:
+        """Cover at least PFNs ``0 .. end_pfn-1``, keeping the bits.
+
+        Grows geometrically (x1.25) to keep repeated growth cheap; ``limit`` (e.g. the
+        guest's RAM size in pages) caps that over-allocation, never ``end_pfn`` itself.
+        """
         if end_pfn <= self.capacity:
             return
-        pages = _round_up(max(end_pfn, self.capacity * _GROWTH_NUM // _GROWTH_DEN), PAGES_PER_2M)
+        grown = self.capacity * _GROWTH_NUM // _GROWTH_DEN
+        if limit is not None:
+            grown = min(grown, limit)
+        pages = _round_up(max(end_pfn, grown), PAGES_PER_2M)
         bits_4k = np.zeros(pages // 8, dtype=np.uint8)
         bits_4k[: self._bits_4k.size] = self._bits_4k
         bits_2m = np.zeros(_round_up(pages // PAGES_PER_2M, 8) // 8, dtype=np.uint8)
