@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -44,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -52,7 +53,7 @@ from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
 
 from .linux_image import PREFIX, GuestConsole, LinuxImage, run_guest
-from .qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, require_qemu
+from .qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, qemu_process, require_qemu
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,12 @@ class InProcessVdev:
         """The guest's :class:`vdev.registry.GuestView`."""
         return self.registry.view(self.name)
 
+    async def size_pages(self) -> int:
+        return int(self.view().size_pages)
+
+    async def snapshot(self) -> Any:
+        return self.view()
+
     def set_target(self, pages: int) -> None:
         self.registry.set_target(self.name, pages)
 
@@ -441,6 +448,7 @@ def spawn_vdev(
     directory: Path,
     *,
     target: str = "0",
+    api_socket: Path | None = None,
     verbose: int = 1,
     log_path: Path | None = None,
     extra: Sequence[str] = (),
@@ -449,11 +457,7 @@ def spawn_vdev(
     """``vdev serve --device virtio-balloon`` as a child process; stopped (SIGTERM to that
     PID, then SIGKILL) on exit. Yields (process, socket path) once the socket exists."""
     path = directory / VDEV_SOCKET_NAME
-    argv = [
-        sys.executable, "-m", "vdev", "serve", "--device", "virtio-balloon",
-        "--socket-path", str(path), "--target", target, *(["-" + "v" * verbose] if verbose else []),
-        *extra,
-    ]  # fmt: skip
+    argv = [*vdev_argv(path, api_socket=api_socket, target=target, verbose=verbose), *extra]
     out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
@@ -475,6 +479,90 @@ def spawn_vdev(
                 proc.wait()
         if out is not None:
             out.close()
+
+
+class ApiVdev:
+    """A ``vdev serve`` process seen through its management API (``vdev.client``) and its
+    operator CLI (``vdev set-target``, ``vdev stat``), as an operator sees it."""
+
+    def __init__(self, proc: trio.Process, socket_path: Path, api_socket: Path, name: str):
+        from vdev.client import ApiClient
+
+        self.proc = proc
+        self.socket_path = socket_path
+        self.api_socket = api_socket
+        self.name = name
+        self.client = ApiClient(str(api_socket))
+
+    async def vm(self) -> dict[str, Any]:
+        """``GET /vms/{name}``."""
+        return await trio.to_thread.run_sync(self.client.vm, self.name)
+
+    async def size_pages(self) -> int:
+        return int((await self.vm())["size_pages"])
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.vm()
+
+    async def set_target(self, pages: int) -> dict[str, Any]:
+        """``PUT /vms/{name}/target {"target_pages": N}`` (a manual override)."""
+        return await trio.to_thread.run_sync(
+            functools.partial(self.client.set_target, self.name, target_pages=pages)
+        )
+
+    async def cli(self, *args: str) -> str:
+        """``vdev ARGS --api-socket S``; its stdout (raises on a non-zero exit)."""
+        argv = [sys.executable, "-m", "vdev", *args, "--api-socket", str(self.api_socket)]
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, cwd=REPO_ROOT)
+        return bytes(done.stdout).decode()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def vdev_argv(
+    socket_path: Path, *, api_socket: Path | None, target: str = "0", verbose: int = 1
+) -> list[str]:
+    """``vdev serve --device virtio-balloon`` on ``socket_path``."""
+    argv = [
+        sys.executable, "-m", "vdev", "serve", "--device", "virtio-balloon",
+        "--socket-path", str(socket_path), "--target", target,
+    ]  # fmt: skip
+    argv += ["--api-socket", str(api_socket)] if api_socket is not None else ["--no-api"]
+    if verbose:
+        argv.append("-" + "v" * verbose)
+    return argv
+
+
+@contextlib.asynccontextmanager
+async def vdev_process(
+    directory: Path,
+    *,
+    target: str = "0",
+    name: str = "vm0",
+    log_path: Path | None = None,
+    timeout: float = 15,
+) -> AsyncIterator[ApiVdev]:
+    """``vdev serve --device virtio-balloon --api-socket ...`` as a child process (trio);
+    yields once both sockets exist; stopped by its PID (SIGTERM, then SIGKILL) on exit."""
+    sock, api = directory / VDEV_SOCKET_NAME, directory / "vdev.api"
+    out = open(log_path or directory / "vdev.log", "ab")  # noqa: SIM115
+    try:
+        async with qemu_process(
+            vdev_argv(sock, api_socket=api, target=target), stdout=out.fileno(), stderr=out.fileno()
+        ) as proc:
+            with trio.fail_after(timeout):
+                while not (sock.is_socket() and api.is_socket()):
+                    if proc.returncode is not None:
+                        raise LocalError(f"vdev serve exited {proc.returncode} before listening")
+                    await trio.sleep(0.05)
+            handle = ApiVdev(proc, sock, api, name)
+            try:
+                yield handle
+            finally:
+                handle.close()
+    finally:
+        out.close()
 
 
 # --------------------------------------------------------------------------- waiting
@@ -499,21 +587,25 @@ class Settled:
     """The balloon once guest and vdev agree (see :func:`wait_balloon`)."""
 
     report: Report
-    view: Any
+    view: Any  # GuestView (in-process) or the API's dict (vdev serve)
     seconds: float
 
 
+class VdevLike(Protocol):
+    async def size_pages(self) -> int: ...
+    async def snapshot(self) -> Any: ...
+
+
 async def wait_balloon(
-    guest: LinuxGuest, vdev: InProcessVdev, pages: int, *, poll: float = 0.3
+    guest: LinuxGuest, vdev: VdevLike, pages: int, *, poll: float = 0.3
 ) -> Settled:
     """Wait until vdev holds ``pages`` pages and the guest's driver counts the same."""
     t0 = time.monotonic()
     while True:
-        view = vdev.view()
-        if view.size_pages == pages:
+        if await vdev.size_pages() == pages:
             rep = await guest.report()
-            if rep.balloon_pages == pages and vdev.view().size_pages == pages:
-                return Settled(rep, vdev.view(), time.monotonic() - t0)
+            if rep.balloon_pages == pages and await vdev.size_pages() == pages:
+                return Settled(rep, await vdev.snapshot(), time.monotonic() - t0)
         await trio.sleep(poll)
 
 
@@ -543,8 +635,9 @@ def interactive(
 
     scratch = qemu.scratch_dir("vbl-")
     log_path = vdev_log or scratch / "vdev.log"
+    api = scratch / "vdev.api"
     try:
-        with spawn_vdev(scratch, target=target, log_path=log_path) as (vdev, sock):
+        with spawn_vdev(scratch, target=target, api_socket=api, log_path=log_path) as (vdev, sock):
             staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
             argv = guest_argv(
                 qemu, image, staged, ram_mib=ram_mib, append=append,
@@ -552,11 +645,17 @@ def interactive(
             )  # fmt: skip
             # the console multiplexed with the monitor: Ctrl-A x quits, Ctrl-A c for (qemu)
             argv[argv.index("-serial") + 1] = "mon:stdio"
+            vdev_cmd = f"{REPO_ROOT}/.venv/bin/vdev"
             print(
-                f"run-qemu: vdev (pid {vdev.pid}) on {sock}, log {log_path}\n"
-                f"run-qemu: QEMU {qemu.version_str} ({qemu.name}), {ram_mib} MiB, TCG;"
-                f" guest console below: type 'report', 'workload MB', 'poweroff'; Ctrl-A x quits",
+                f"run-qemu: vdev serve (pid {vdev.pid}) on {sock}, log {log_path}\n"
+                f"run-qemu: from another terminal:\n"
+                f"run-qemu:   export VDEV_API_SOCKET={api}\n"
+                f"run-qemu:   {vdev_cmd} set-target vm0 64M    # the guest inflates\n"
+                f"run-qemu:   {vdev_cmd} stat                  # vdev's view\n"
+                f"run-qemu: QEMU {qemu.version_str} ({qemu.name}), {ram_mib} MiB, TCG; guest"
+                f" console below: type 'report', 'workload MB', 'poweroff'; Ctrl-A x quits",
                 file=sys.stderr,
+                flush=True,
             )
             log.debug("QEMU: %s", " ".join(argv))
             return subprocess.call(argv, cwd=REPO_ROOT)
@@ -608,6 +707,7 @@ if __name__ == "__main__":
 
 __all__ = [
     "BALLOON_DEVICE_ID",
+    "ApiVdev",
     "InProcessVdev",
     "LinuxGuest",
     "Report",
@@ -619,6 +719,7 @@ __all__ = [
     "rss_shmem_kib",
     "serve_vdev",
     "spawn_vdev",
+    "vdev_process",
     "wait_balloon",
     "wait_until",
 ]

@@ -33,6 +33,7 @@ from guest_driver.linux_guest import (
     KIB,
     PAGES_PER_MIB,
     QUIET_INTERVAL,
+    ApiVdev,
     InProcessVdev,
     LinuxGuest,
     Report,
@@ -41,10 +42,11 @@ from guest_driver.linux_guest import (
     device_class,
     format_guest_stats,
     serve_vdev,
+    vdev_process,
     wait_balloon,
     wait_until,
 )
-from guest_driver.linux_image import PREFIX, ProvisionError
+from guest_driver.linux_image import ProvisionError
 from guest_driver.qemu import QemuBinary
 from protocol import virtio_balloon as vb
 
@@ -136,6 +138,18 @@ def explain(guest: LinuxGuest, vdev: InProcessVdev) -> Iterator[None]:
         yield
     except BaseException:
         print(diag(guest, vdev))
+        raise
+
+
+@contextlib.contextmanager
+def explain_api(guest: LinuxGuest, vdev: ApiVdev) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        print("console tail:\n" + "\n".join(guest.console.lines[-25:]))
+        print("QEMU stderr:\n" + guest.stderr()[-1500:])
+        log = vdev.socket_path.parent / "vdev.log"
+        print("vdev log tail:\n" + (log.read_text()[-3000:] if log.exists() else "-"))
         raise
 
 
@@ -284,32 +298,39 @@ async def test_linux_deflates_on_oom_instead_of_killing(
 
 @pytest.mark.qemu
 @pytest.mark.linux_guest
-async def test_vdev_serves_the_next_vm_after_poweroff(
+async def test_vdev_serve_process_serves_the_next_vm_after_poweroff(
     env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
 ) -> None:
-    """One vdev, two QEMUs one after the other on the same socket. The target is set
+    """A real ``vdev serve --device virtio-balloon`` process, driven through its management
+    API and its CLI; two QEMUs one after the other on the same socket. The target is set
     before any guest exists; each guest inflates to it as its driver probes."""
     q, image = env
     pages = 32 * PAGES_PER_MIB
     with trio.fail_after(100):
-        async with serve_vdev(scratch) as vdev:
-            vdev.set_target(pages)
-            assert not vdev.view().connected and vdev.view().target_pages == pages
+        async with vdev_process(scratch) as vdev:
+            vm = await vdev.set_target(pages)  # PUT /vms/vm0/target, before any guest
+            assert (vm["connected"], vm["target_pages"], vm["control"]) == (False, pages, "manual")
             for boot in (1, 2):
                 async with boot_guest(q, image, vdev.socket_path, append=QUIET) as guest:
-                    with explain(guest, vdev):
+                    with explain_api(guest, vdev):
                         s = await wait_balloon(guest, vdev, pages)
                         check_balloon_bound(s.report, deflate_on_oom=True)
-                        assert s.view.counters["actual"] == pages
-                        assert s.view.reclaimed_bytes_total >= pages * 4096
+                        vm = s.view
+                        assert vm["connected"] and vm["personality"] == "virtio-balloon"
+                        assert vm["counters"]["actual"] == pages
+                        assert vm["reclaimed_bytes_total"] >= pages * 4096
+                        assert vm["guest_stats"]["stat-total-memory"] > 0
+                        stat = await vdev.cli("stat")
+                        print(f"--- vdev stat (boot {boot}) ---\n{stat}")
+                        assert "vm0" in stat
                         if boot == 2:
-                            vdev.set_target(0)
+                            await vdev.cli("set-target", "vm0", "0")
                             await wait_balloon(guest, vdev, 0)
                         assert await guest.poweroff() == 0
-                        assert f"{PREFIX} poweroff" in guest.console.lines
-                view = await disconnected(vdev)
-                assert view.size_pages == 0  # the balloon went with the connection
-            assert vdev.view().target_pages == 0
+                vm = await wait_until(vdev.vm, lambda v: not v["connected"], poll=0.05)
+                assert vm["size_pages"] == 0  # the balloon went with the connection
+                assert vdev.proc.returncode is None, "vdev serve must outlive its guests"
+            assert (await vdev.vm())["target_pages"] == 0
 
 
 def test_guest_stats_format() -> None:
