@@ -58,11 +58,13 @@ def want_qemu(personality: str) -> qemu.QemuBinary:
 
 
 @contextlib.asynccontextmanager
-async def guest(rig: VdevRig, q: qemu.QemuBinary) -> AsyncIterator[tuple[QtestVm, VirtioPci]]:
+async def guest(
+    rig: VdevRig, q: qemu.QemuBinary, *, qmp: bool = False
+) -> AsyncIterator[tuple[QtestVm, VirtioPci]]:
     device, vid = vhost_user_device(rig.personality, q)
     async with qtest_vm(
         q, devices=[device], chardevs={"c0": rig.socket}, scratch=rig.scratch, ram_mib=RAM_MIB,
-        qmp=False,
+        qmp=qmp,
     ) as vm:  # fmt: skip
         dev = await VirtioPci.find(vm.qt, vid)
         yield vm, dev
@@ -260,6 +262,31 @@ async def stats_refreshed(drv: VirtioBalloonDriver) -> None:
     with trio.fail_after(5):
         while drv.counters.stats_requests == 0:
             await drv.service(5)
+
+
+async def test_virtio_balloon_stats_buffer_survives_vm_stop_cont() -> None:
+    """QMP stop/cont: QEMU stops every ring (GET_VRING_BASE) while vdev holds the guest's
+    only stats buffer. vdev reports the avail index rewound by one, so after ``cont`` the
+    same buffer is popped again and can still be given back (reference section 6.5)."""
+    q = want_qemu("virtio-balloon")
+    if not q.has_test_device:
+        pytest.skip("needs QEMU >= 10.2 (statsq)")
+    with trio.fail_after(60):
+        async with vdev_rig("virtio-balloon", q) as rig, guest(rig, q, qmp=True) as (vm, dev):
+            assert vm.qmp is not None
+            drv = vb_driver(dev)
+            await drv.start()
+            await wait_for(lambda: rig.view().counters["stats held"] == 1)
+            conn = rig.connection()
+            assert conn is not None
+            await vm.qmp.execute("stop")
+            await wait_for(lambda: not conn.queues[2].started)
+            assert rig.view().counters["stats held"] == 0  # rewound, not lost
+            await vm.qmp.execute("cont")
+            await wait_for(lambda: rig.view().counters["stats held"] == 1)  # popped again
+            assert await rig.request_stats()
+            await stats_refreshed(drv)
+            await wait_for(lambda: rig.view().counters["stats held"] == 1)  # the refill
 
 
 # ----------------------------------------------------------------- QEMU dies, vdev lives
