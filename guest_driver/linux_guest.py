@@ -37,6 +37,7 @@ import functools
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -629,6 +630,7 @@ def interactive(
     append: str,
     vdev_log: Path | None,
     keep: bool,
+    dry_run: bool = False,
 ) -> int:
     """Boot the guest attached to a ``vdev serve`` child; console on this terminal."""
     from .linux_image import guest_argv
@@ -636,6 +638,18 @@ def interactive(
     scratch = qemu.scratch_dir("vbl-")
     log_path = vdev_log or scratch / "vdev.log"
     api = scratch / "vdev.api"
+    if dry_run:
+        staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
+        vdev_line = vdev_argv(scratch / VDEV_SOCKET_NAME, api_socket=api, target=target)
+        qemu_line = guest_argv(
+            qemu, image, staged, ram_mib=ram_mib, append=append,
+            extra=balloon_qemu_args(qemu, scratch / VDEV_SOCKET_NAME),
+        )  # fmt: skip
+        qemu_line[qemu_line.index("-serial") + 1] = "mon:stdio"
+        print(shlex.join(vdev_line))
+        print(shlex.join(qemu_line))
+        print(f"# (files staged in {scratch})")
+        return 0
     try:
         with spawn_vdev(scratch, target=target, api_socket=api, log_path=log_path) as (vdev, sock):
             staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
@@ -676,6 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--append", default="", help="more kernel command line")
     r.add_argument("--vdev-log", type=Path, default=None, help="vdev's log file")
     r.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    r.add_argument("--dry-run", action="store_true", help="print the vdev and QEMU lines only")
     r.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("print-device", help="print the -device argument for vdev's balloon")
     args = ap.parse_args(argv)
@@ -697,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         append=append,
         vdev_log=args.vdev_log,
         keep=args.keep,
+        dry_run=args.dry_run,
     )
 
 
