@@ -19,6 +19,7 @@ class FakeGuest:
         self.target = registry.target_of(name)
         self.follow = follow  # reach every target at once (as a fast driver would)
         self.resets = 0
+        self.started = True  # the driver negotiated capabilities (MCTL? = Y)
         self.counters = {"lock": 0, "lock failed": 0, "unlock": 0, "unlock failed": 0}
         self.guest_stats: dict[str, int] = {}
         registry.attach(name, self)
@@ -29,7 +30,7 @@ class FakeGuest:
         return DeviceStatus(
             size_pages=self.size,
             target_pages=self.target,
-            capabilities=0x3E,
+            capabilities=0x3E if self.started else 0,
             guest_type=1,
             doorbell_registered=True,
             counters=dict(self.counters),

@@ -213,20 +213,25 @@ async def test_real_host_and_errors() -> None:
         assert "no /proc" in control.host_info()["error"]
 
 
-async def test_unconnected_guest_uses_configured_memory() -> None:
+async def test_only_guests_with_a_running_driver_are_steered() -> None:
     with trio.fail_after(5):
-        registry, _ = make_registry(VM_PAGES)
+        registry, guests = make_registry(VM_PAGES)
         registry.add("idle", "/nonexistent/idle.sock")
-        registry.add("unsized", "/nonexistent/unsized.sock")
         cfg = simulated()
         cfg.vms["idle"] = VmConfig(memory_pages=VM_PAGES, limit_pages=VM_PAGES // 2)
         control = ControlPlane(registry, cfg)
+        control.set_manual_target("idle", 1000)  # applied at once, connected or not
+        assert registry.view("idle").target_pages == 1000
+        control.set_simulated_free(100 * MIB)
         d = control.step(now=0.0)
-        assert d is not None
-        assert "unsized" not in d.vms  # no RAM known, no memory configured: skipped
-        # A limit balloons even on an idle host; the target waits for the guest to connect.
-        assert d.vms["idle"].target_pages > 0
-        assert registry.view("idle").target_pages == d.vms["idle"].target_pages
+        assert d is not None and set(d.vms) == {"vm0"}  # no pressure placed where it cannot work
+        assert registry.view("idle").target_pages == 1000
+        # MCTLMAX of a guest that is not connected comes from its configured memory.
+        assert control.max_pages("idle", registry.view("idle")) == VM_PAGES * 65 // 100
+        # A connected guest whose driver has not STARTed yet is not steered either.
+        guests[0].started = False
+        d = control.step(now=1.0)
+        assert d is not None and d.vms == {}
 
 
 def test_find_cgroup_v2_dir(tmp_path: Path) -> None:

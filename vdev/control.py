@@ -6,8 +6,8 @@ anything that should change a target: a manual target, a setting, the simulated 
 1. samples the host: :func:`vdev.pressure.read_host_sample` (MemAvailable, PSI, and the cgroup
    v2 memory controller when the process sits in a limited cgroup), or a
    :class:`vdev.pressure.SimulatedHost` when ``--host-memory`` is given;
-2. builds a :class:`vdev.policy.VmState` per guest whose size is known (the guest's RAM once
-   it connected, else ``memory`` from the config file);
+2. builds a :class:`vdev.policy.VmState` per guest whose balloon driver is running (esxtop
+   MCTL? = Y), sized by the guest's RAM;
 3. steps the :class:`vdev.policy.PolicyEngine` and applies the targets to the registry.
 
 Manual targets (``PUT /vms/{name}/target``) override the policy: they are applied at once,
@@ -425,7 +425,10 @@ class ControlPlane:
             views[name] = view
             cfg = self.config.vm(name)
             spec = cfg.spec(int(view.ram_pages))
-            if spec is None:
+            if spec is None or not driver_active(view):
+                # Only a running balloon driver (MCTL? = Y) can give memory back: pressure
+                # placed on any other guest would never be reclaimed (ESXi swaps instead).
+                # Its target stays as it is (manual targets still apply at once).
                 continue
             vms[name] = VmState(
                 spec=spec,
