@@ -793,7 +793,10 @@ OPENAPI: dict[str, Any] = {
                     "unmet_pages": {"type": "integer"},
                     "policy_period_s": {"type": "number"},
                     "steps": {"type": "integer"},
-                    "last_step": _NULLABLE_NUM,
+                    "last_step": {
+                        **_NULLABLE_NUM,
+                        "description": "Unix time of the last policy step",
+                    },
                     "error": {"type": ["string", "null"]},
                 },
             },

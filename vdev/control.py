@@ -197,6 +197,7 @@ class ControlPlane:
         self.last_sample: HostSample | None = None
         self.last_error: str | None = None
         self.steps = 0
+        self._last_step_wall: float | None = None
         self._tracks: dict[str, _VmTrack] = {}
         self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._wakeup = trio.Event()
@@ -320,7 +321,7 @@ class ControlPlane:
             "unmet_pages": decision.unmet_pages if decision else 0,
             "policy_period_s": self.config.policy_period,
             "steps": self.steps,
-            "last_step": decision.now if decision else None,
+            "last_step": self._last_step_wall,
             "error": self.last_error,
         }
         return info
@@ -456,6 +457,7 @@ class ControlPlane:
                 }
             )
         wall = self._wall()
+        self._last_step_wall = wall
         for name, d in decision.vms.items():
             target, reason = d.target_pages, d.reason
             manual = self.manual.get(name)
