@@ -190,3 +190,26 @@ def test_device_smoke_atheris(tmp_path: Path) -> None:
     print(proc.stdout, proc.stderr[-2000:])
     assert proc.returncode == 0, proc.stdout
     assert "fuzz device [atheris]" in proc.stdout
+
+
+@pytest.mark.timeout(90)
+def test_wire_smoke_against_vdev(tmp_path: Path) -> None:
+    """A few seconds of the live attack; vdev must survive and stay accountable."""
+    from guest_driver.fuzz import wire
+
+    with wire.session():
+        stats = builtin_fuzz(
+            wire, seconds=5.0, corpus=wire.seeds(), seed=4, crash_dir=tmp_path, guided=False
+        )
+    assert stats.execs >= 10
+    assert not stats.findings, [Reproducer.load(p).error for p in stats.findings]
+
+
+@pytest.mark.timeout(90)
+def test_wire_oracle_catches_a_vdev_that_does_not_reclaim() -> None:
+    from guest_driver.fuzz import wire
+
+    mutant = [sys.executable, str(REPO / "tests" / "test_harness.py"), "no-reclaim"]
+    with wire.session(vdev_cmd=mutant):
+        exc = run_one(wire, wire.seeds()[0])
+    assert isinstance(exc, Finding) and "accounting" in str(exc), exc

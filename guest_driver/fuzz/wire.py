@@ -1,0 +1,330 @@
+"""Fuzz target ``wire``: a live ``vdev serve`` attacked over its vhost-user socket.
+
+:func:`session` starts ``vdev serve --socket-count 2``: socket 0 is attacked, socket 1
+belongs to a healthy guest. Each input drives one attack connection: malformed vhost-user
+messages (any id, flags and size, lying sizes), wrong and extra fds, memory tables that
+overlap or lie, rings pointing anywhere, and random vmmemctl command streams and raw
+descriptors through real rings. Oracle, after every input:
+
+* the process is still running;
+* a healthy guest on the other socket completes START, a batch LOCK of resident pages and
+  an UNLOCK within a deadline;
+* the device's accounting matches the RAM file: those locked pages are gone from the
+  healthy guest's memfd (``st_blocks`` dropped by exactly that much) and read back as zeros;
+* its RSS stays bounded and its open fds return to the baseline (no fd leak per connection).
+
+The attack is out of process, so coverage guidance is unavailable: the built-in engine
+mutates structure-aware inputs blind (``GUIDED = False``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from protocol import vhost_user as vu
+from protocol import vmw
+from protocol.vhost_user import FrontendRequest as R
+from protocol.vmw import Command as C
+
+from ..harness.rawfrontend import (
+    BATCH_PAGE,
+    FREE_START_PFN,
+    PAGE,
+    QVA_BASE,
+    Closed,
+    Frontend,
+    Ram,
+    VmwGuest,
+    table_payload,
+    vring_addr,
+    vring_state,
+)
+from .corpus import Draw, Finding
+
+ENGINE = "builtin"
+GUIDED = False
+INSTRUMENT = ("vdev",)
+RSS_LIMIT_MB = 1024
+FD_SLACK = 8
+DEADLINE = 5.0
+
+
+@dataclass
+class Live:
+    proc: subprocess.Popen[bytes]
+    attack: str
+    healthy: str
+    log: Path
+    base_fds: int = 0
+    base_rss_kb: int = 0
+
+
+_LIVE: Live | None = None
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def session(device: str = "vmw", vdev_cmd: list[str] | None = None) -> Iterator[Live]:
+    """Start ``vdev serve`` (or ``vdev_cmd``) with two sockets for a campaign."""
+    global _LIVE
+    tmp = tempfile.TemporaryDirectory(prefix="vballoon-wire-")
+    base = str(Path(tmp.name) / "vm")
+    log = Path(tmp.name) / "vdev.log"
+    cmd = [
+        *(vdev_cmd or [sys.executable, "-m", "vdev"]), "serve", "--socket-path", base, "--socket-count", "2",
+        "--device", device, "--target", str(64 << 20), "--no-api",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    paths = [f"{base}0", f"{base}1"]
+    t0 = time.monotonic()
+    while not all(os.path.exists(p) for p in paths):
+        if proc.poll() is not None or time.monotonic() - t0 > 15:
+            proc.kill()
+            raise RuntimeError(f"vdev serve did not start: {log.read_text()[-1000:]}")
+        time.sleep(0.02)
+    live = Live(proc, paths[0], paths[1], log)
+    live.base_fds = _fd_count(proc.pid)
+    live.base_rss_kb = _rss_kb(proc.pid)
+    _LIVE = live
+    try:
+        yield live
+    finally:
+        _LIVE = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        tmp.cleanup()
+
+
+# --------------------------------------------------------------------------------------
+# attacks
+
+
+def _some_fds(d: Draw, fe: Frontend, owned: list[int]) -> list[int]:
+    out = []
+    for _ in range(d.choice([0, 0, 1, 1, 2, 9])):
+        kind = d.below(3)
+        if kind == 0:
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+            owned.append(fd)
+        elif kind == 1:
+            fd = fe.ram.fd
+        else:
+            r, w = os.pipe()
+            owned += [r, w]
+            fd = r
+        out.append(fd)
+    return out
+
+
+def _region(d: Draw, ram: Ram) -> dict[str, int]:
+    reg = ram.region()
+    k = d.below(8)
+    if k == 1:
+        reg["memory_size"] = d.choice([0, 1, PAGE - 1, 1 << 40, (1 << 64) - 1])
+    elif k == 2:
+        reg["guest_phys_addr"] = d.choice([(1 << 64) - PAGE, 1 << 63, PAGE // 2, d.u64()])
+    elif k == 3:
+        reg["mmap_offset"] = d.choice([PAGE, 1 << 40, (1 << 64) - PAGE, d.u64()])
+    elif k == 4:
+        reg["userspace_addr"] = d.choice([0, (1 << 64) - PAGE, d.u64()])
+    return reg
+
+
+async def _raw_message(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    known = [int(r) for r in R]
+    request = d.choice(known) if d.chance(3, 4) else d.u32()
+    flags = vu.VERSION if d.chance(3, 4) else d.u32()
+    if d.chance(1, 2):
+        flags |= vu.FLAG_NEED_REPLY
+    payload = d.blob(64) if d.chance(3, 4) else bytes(d.below(300))
+    size = len(payload) if d.chance(7, 8) else d.choice([len(payload) + 8, 4097, d.u32()])
+    fds = _some_fds(d, fe, owned)
+    await fe.chan.send(request, payload, fds, flags=flags, size=size)
+
+
+async def _mem_table(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    n = d.choice([1, 1, 2, 3, 0, 9])
+    regions = [_region(d, fe.ram) for _ in range(n)]
+    fds = [fe.ram.fd] * n if d.chance(3, 4) else _some_fds(d, fe, owned)
+    await fe.chan.send(R.SET_MEM_TABLE, table_payload(regions), fds, flags=vu.VERSION)
+
+
+async def _mem_reg(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    req = d.choice([R.ADD_MEM_REG, R.REM_MEM_REG])
+    payload = vu.build_payload(vu.SINGLE_REGION, {"padding": 0, "region": _region(d, fe.ram)}, "r")
+    fds = [fe.ram.fd] if d.chance(3, 4) else _some_fds(d, fe, owned)
+    await fe.chan.send(req, payload, fds, flags=vu.VERSION)
+
+
+async def _bogus_ring(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    idx = d.choice([0, 1, 1, 2, 255, d.u32()])
+    await fe.chan.send(
+        R.SET_VRING_NUM, vring_state(idx & 0xFFFF_FFFF, d.choice([0, 3, 64, 1 << 15, 1 << 16]))
+    )
+    addrs = [d.choice([QVA_BASE, QVA_BASE + 1, QVA_BASE + (1 << 40), d.u64(), 0]) for _ in range(3)]
+    await fe.chan.send(R.SET_VRING_ADDR, vring_addr(idx & 0xFFFF_FFFF, *addrs))
+    await fe.chan.send(R.SET_VRING_BASE, vring_state(idx & 0xFFFF_FFFF, d.u16()))
+    kick = os.eventfd(1, os.EFD_CLOEXEC)
+    owned.append(kick)
+    await fe.chan.send(R.SET_VRING_KICK, vu.u64(idx & 0xFF), [kick])
+    await fe.chan.send(R.SET_VRING_ENABLE, vring_state(idx & 0xFFFF_FFFF, 1))
+
+
+async def _commands(d: Draw, fe: Frontend) -> None:
+    """Random vmmemctl traffic through properly set up rings (if the set-up survived)."""
+    g = VmwGuest(fe)
+    if 0 not in fe.queues:
+        await fe.set_mem_table()
+        await fe.setup_queue(0)
+        await fe.setup_queue(1)
+        await g.start()
+    end = fe.ram.size // PAGE
+    for _ in range(d.below(8)):
+        k = d.below(6)
+        cmd = d.choice(list(C)) if k else d.u32()
+        pfn = d.choice([FREE_START_PFN + d.below(2048), end, d.u64(), 0, BATCH_PAGE // PAGE])
+        if cmd in (C.BATCHED_LOCK, C.BATCHED_UNLOCK, C.BATCHED_2M_LOCK, C.BATCHED_2M_UNLOCK):
+            pfns = [FREE_START_PFN + d.below(4096) for _ in range(d.below(20))]
+            entries = [p << 12 | (d.u8() if d.chance(1, 8) else 0) for p in pfns]
+            with trio.move_on_after(1):
+                await g.batch(cmd, [], raw_entries=entries, count=d.choice([len(entries), 0, 513]))
+        elif d.chance(1, 5):
+            # raw descriptors anywhere
+            q = g.cmdq
+            head = q.ring._free[0] if q.ring._free else 0
+            rows = {
+                head + i: (d.u64() if d.chance(1, 2) else d.below(fe.ram.size), d.u32(), d.below(8), d.below(70))
+                for i in range(d.between(1, 3))
+            }  # fmt: skip
+            await q.ring.post_raw(head, rows)
+            q.kick_now()
+            await trio.sleep(0.005)
+        else:
+            with trio.move_on_after(1):
+                await g.command(cmd, pfn, d.choice([0, 1, 512, d.u64()]))
+
+
+async def _attack(d: Draw, path: str) -> None:
+    owned: list[int] = []
+    fe = await Frontend.connect(path, ram_size=16 << 20)
+    try:
+        # anything going wrong on the attacker's side (a reply it did not expect, its own ring
+        # bookkeeping confused by raw descriptors) ends the attack; only the oracle judges
+        with contextlib.suppress(Exception):
+            if d.chance(2, 3):
+                await fe.negotiate()
+            for _ in range(d.between(1, 8)):
+                k = d.below(10)
+                if k < 3:
+                    await _raw_message(d, fe, owned)
+                elif k < 5:
+                    await _mem_table(d, fe, owned)
+                elif k < 6:
+                    await _mem_reg(d, fe, owned)
+                elif k < 7:
+                    await _bogus_ring(d, fe, owned)
+                else:
+                    await _commands(d, fe)
+            await trio.sleep(0.01)
+    finally:
+        fe.close()
+        for fd in owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def _healthy(path: str) -> None:
+    g = await VmwGuest.attach(path)
+    try:
+        resp = await g.start()
+        if resp.status != vmw.Status.SUCCESS_WITH_CAPABILITIES:
+            raise Finding(f"healthy guest: START answered {resp.status:#x}")
+        n = 64
+        first = FREE_START_PFN + 100
+        g.fe.ram.touch(first, n)
+        before = g.fe.ram.allocated_bytes()
+        resp, after = await g.batch(C.BATCHED_LOCK, list(range(first, first + n)))
+        bad = [e & 0x1F for e in after if e & 0x1F]
+        if resp.status != 0 or bad:
+            raise Finding(f"healthy guest: batch lock {resp.status:#x}, entry statuses {bad[:4]}")
+        freed = before - g.fe.ram.allocated_bytes()
+        if freed != n * PAGE:
+            raise Finding(f"accounting: {n} pages locked, RAM file shrank by {freed} bytes")
+        if g.fe.ram.read_sync(first * PAGE, PAGE) != bytes(PAGE):
+            raise Finding("accounting: a locked page still holds data")
+        resp = await g.command(C.UNLOCK, first)
+        if resp.status != 0:
+            raise Finding(f"healthy guest: UNLOCK answered {resp.status:#x}")
+    finally:
+        g.close()
+
+
+def one_input(data: bytes) -> None:
+    live = _LIVE
+    if live is None:
+        with session() as _:
+            one_input(data)
+        return
+
+    async def main() -> None:
+        d = Draw(data)
+        with trio.move_on_after(DEADLINE):
+            await _attack(d, live.attack)
+        if live.proc.poll() is not None:
+            tail = live.log.read_text(errors="replace")[-1500:]
+            raise Finding(f"vdev exited with {live.proc.returncode}: {tail}")
+        try:
+            with trio.fail_after(DEADLINE):
+                await _healthy(live.healthy)
+        except (trio.TooSlowError, Closed, OSError) as exc:
+            raise Finding(f"healthy guest not served after the attack: {exc!r}") from None
+        rss_mb = _rss_kb(live.proc.pid) // 1024
+        if rss_mb > RSS_LIMIT_MB:
+            raise Finding(f"vdev RSS {rss_mb} MiB > {RSS_LIMIT_MB} MiB")
+        # the attacked connection is gone: its fds must be closed (allow a moment)
+        for _ in range(50):
+            fds = _fd_count(live.proc.pid)
+            if fds <= live.base_fds + FD_SLACK:
+                break
+            await trio.sleep(0.01)
+        else:
+            raise Finding(f"fd leak: vdev holds {fds} fds, {live.base_fds} at start")
+
+    trio.run(main)
+
+
+def seeds() -> list[bytes]:
+    return [
+        bytes([0, 9, 9, 9]) + bytes(range(64)),
+        bytes([0, 0, 7, 1]) + struct.pack("<Q", 2) * 8,
+        bytes([200, 3, 0, 0, 0]) + bytes(100),
+        bytes(range(255, 0, -1)),
+    ]
