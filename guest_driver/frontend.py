@@ -32,7 +32,7 @@ from typing import Any
 import trio
 
 from protocol import vhost_user as vu
-from protocol.errors import FrontendError, LocalError
+from protocol.errors import FormatError, FrontendError, LocalError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
@@ -92,6 +92,15 @@ class GuestRamFile:
             self.regions.append(RegionLayout(start, size - start, start))
         else:
             raise LocalError(f"unknown RAM layout {layout!r}")
+
+    def holes(self) -> list[tuple[int, int]]:
+        """(first pfn, count) of the gaps between regions: not RAM, never a guest's to use."""
+        out, end = [], 0
+        for r in self.regions:
+            if r.gpa > end:
+                out.append((end // PAGE_SIZE, (r.gpa - end) // PAGE_SIZE))
+            end = r.gpa + r.size
+        return out
 
     def is_ram(self, gpa: int, length: int = 1) -> bool:
         return any(r.gpa <= gpa and gpa + length <= r.gpa + r.size for r in self.regions)
@@ -468,8 +477,10 @@ async def connect_frontend(
 class VmwChannel:
     """vmmemctl commands on ``cmdq`` and doorbell events on ``eventq`` of a front-end.
 
-    The request and response live in one scratch page (``fe.scratch`` by default);
-    ``command`` writes an optional batch page at ``batch_pfn`` first and reads it back after.
+    The request and response live in one scratch page (``fe.scratch`` by default), the event
+    buffers in the page after it; ``command`` writes an optional batch page at ``batch_pfn``
+    first and reads it back after. :meth:`reserved_ranges` lists the pages a guest kernel on
+    top must never hand out (they hold the rings and this channel's buffers).
     """
 
     def __init__(self, fe: VhostUserFrontend, *, scratch: int | None = None) -> None:
@@ -478,9 +489,18 @@ class VmwChannel:
         self.request_gpa = self.scratch
         self.response_gpa = self.scratch + 0x100
         self.event_gpa = self.scratch + PAGE_SIZE  # one page of 8-byte event buffers
+        self.end = self.event_gpa + PAGE_SIZE  # first byte after this channel's pages
+        self.bad_events = 0  # event buffers that did not parse (skipped)
         self._lock = trio.Lock()
         self._event_heads: dict[int, int] = {}
+        self._free_event_slots = list(range(PAGE_SIZE // EVENT_SIZE))
         self._events: list[EventKind] = []
+
+    def reserved_ranges(self) -> list[tuple[int, int]]:
+        """(first pfn, count) a guest kernel must keep for itself: all of RAM below
+        :attr:`end` (low memory, every queue's rings, the request and event pages) and the
+        holes between RAM regions."""
+        return [(0, -(-self.end // PAGE_SIZE)), *self.fe.ram.holes()]
 
     @property
     def cmdq(self) -> FrontendQueue:
@@ -532,8 +552,7 @@ class VmwChannel:
     async def post_event_buffers(self, n: int = 4) -> None:
         """Make ``n`` 8-byte buffers available on eventq."""
         for _ in range(n):
-            slot = len(self._event_heads) % (PAGE_SIZE // EVENT_SIZE)
-            gpa = self.event_gpa + slot * EVENT_SIZE
+            gpa = self.event_gpa + self._free_event_slots.pop(0) * EVENT_SIZE
             head = await self.eventq.driver.add([Buffer(gpa, EVENT_SIZE, write=True)])
             self._event_heads[head] = gpa
         await self.eventq.kick()
@@ -545,7 +564,11 @@ class VmwChannel:
             used = await q.driver.poll_used()
             for elem in used:
                 gpa = self._event_heads.pop(elem.id)
-                self._events.append(parse_event(self.fe.ram.read(gpa, EVENT_SIZE)))
+                self._free_event_slots.append((gpa - self.event_gpa) // EVENT_SIZE)
+                try:
+                    self._events.append(parse_event(self.fe.ram.read(gpa, EVENT_SIZE)))
+                except FormatError:
+                    self.bad_events += 1
             if used:
                 await self.post_event_buffers(len(used))
             else:
