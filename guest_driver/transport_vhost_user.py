@@ -1,18 +1,16 @@
 """The driver core over vhost-user: our guest, with guest RAM in a memfd, talks to ``vdev``.
 
-``guest_driver/frontend.py`` (the back-end engineer's full front-end) had not landed when
-this was written, so this module carries a minimal well-behaved front-end of its own
-(:class:`MiniFrontend`): QEMU's negotiation order, one memfd region at GPA 0, ``cmdq`` and
-``eventq`` as split rings driven by :class:`guest_driver.virtq.DriverQueue`. Swap it for
-frontend.py's ``VmwChannel`` when that lands; :class:`VhostUserTransport` only needs
-``command`` / ``read`` / ``write`` / events from it.
+:class:`VhostUserTransport` is a thin adapter from :class:`guest_driver.transport.Transport`
+to the front-end of :mod:`guest_driver.frontend`: commands go through its
+:class:`~guest_driver.frontend.VmwChannel` (``cmdq``), doorbell events come from the same
+channel (``eventq``), guest RAM is read and written through its
+:class:`~guest_driver.frontend.MemfdPort`; front-end failures become :class:`DeviceGone`.
 
-Guest-physical layout of the first 2 MiB (all of it "kernel", reserved in the guest memory
-model except the last page, which becomes the balloon driver's batch page):
-
-    0x00000  cmdq rings       0x08000  eventq rings
-    0x40000  request / response slots        0x50000  event buffers
-    0x1ff000 the batch page (pfn 511)
+:func:`connect_transport` opens one: guest RAM as a sparse memfd laid out like QEMU's
+(:class:`~guest_driver.frontend.GuestRamFile`, ``layout="qemu"``), QEMU's handshake and start
+sequence, event buffers posted. The pages the front-end uses for itself (everything below the
+channel's last page: low memory with the ROM holes, the rings, the request/response and event
+pages) come from :meth:`VhostUserTransport.reserved_ranges`, for the guest memory model.
 
 :func:`run_guest` is the trio shell used by ``guest-driver run``: front-end, guest memory
 model (with the workload writing real pages into the memfd), driver, control endpoint.
@@ -20,266 +18,94 @@ model (with the workload writing real pages into the memfd), driver, control end
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import math
-import mmap
-import os
-import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from protocol import vhost_user as vu
 from protocol import vmw
-from protocol.errors import FormatError, LocalError
-from protocol.vhost_user import FrontendRequest as R
-from protocol.vhost_user import ProtocolFeature as PF
-from protocol.vhost_user import VirtioFeature as VF
+from protocol.errors import FrontendError
 
 from .driver import BalloonDriver, DriverConfig
-from .guest_memory import PAGE_SIZE, PAGES_PER_2M, GuestMemory, Workload, WorkloadSpec
+from .frontend import GuestRamFile, VmwChannel, connect_frontend
+from .guest_memory import PAGE_SIZE, GuestMemory, Workload, WorkloadSpec
 from .transport import DeviceGone
-from .virtq import Buffer, DriverQueue, RingLayout
 
 log = logging.getLogger(__name__)
 
-QVA_BASE = 0x7F00_0000_0000  # the front-end "virtual address" of GPA 0 (any value works)
-RING_GPA = (0x0, 0x8000)
 QUEUE_SIZE = 64
-REQ_GPA = 0x40000
-RESP_GPA = REQ_GPA + 32
-EVENT_GPA = 0x50000
 EVENT_BUFFERS = 8
-KERNEL_PAGES = PAGES_PER_2M - 1  # pfn 511 stays free: the guest memory model's batch page
 COMMAND_TIMEOUT = 10.0
-#: Virtio features we accept: no EVENT_IDX (we want every call), no indirect descriptors.
-WANTED_FEATURES = VF.VERSION_1 | VF.PROTOCOL_FEATURES
-WANTED_PROTOCOL = PF.REPLY_ACK | PF.MQ
-
-
-class MiniFrontend:
-    """A vhost-user front-end for one vmw device; guest RAM is a memfd at GPA 0."""
-
-    def __init__(self, sock: trio.socket.SocketType, ram_bytes: int) -> None:
-        self.sock = sock
-        self.ram_bytes = ram_bytes
-        self.fd = os.memfd_create("vballoon-guest-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, ram_bytes)
-        self.map = mmap.mmap(self.fd, ram_bytes, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
-        self.view = memoryview(self.map)
-        self.acked_protocol = 0
-        self.queues: list[DriverQueue] = []
-        self.kicks: list[int] = []
-        self.calls: list[int] = []
-        self.closed = False
-
-    @classmethod
-    async def connect(cls, path: str, ram_bytes: int) -> MiniFrontend:
-        if ram_bytes < 4 * PAGES_PER_2M * PAGE_SIZE or ram_bytes % (PAGES_PER_2M * PAGE_SIZE):
-            raise LocalError("guest RAM must be a multiple of 2 MiB, at least 8 MiB")
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(path)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock, ram_bytes)
-
-    # -- memory port ------------------------------------------------------------------
-    async def read(self, gpa: int, n: int) -> bytes:
-        return bytes(self.view[gpa : gpa + n])
-
-    async def write(self, gpa: int, data: bytes) -> None:
-        self.view[gpa : gpa + len(data)] = data
-
-    def allocated_bytes(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
-
-    # -- vhost-user messages -----------------------------------------------------------
-    async def _send(self, request: int, payload: bytes = b"", fds: Sequence[int] = (),
-                    need_reply: bool = False) -> None:
-        flags = vu.VERSION | (vu.FLAG_NEED_REPLY if need_reply else 0)
-        data = vu.build_header(request, flags, len(payload)) + payload
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        try:
-            sent = await self.sock.sendmsg([data], anc)
-            while sent < len(data):
-                sent += await self.sock.send(data[sent:])
-        except OSError as exc:
-            raise DeviceGone(f"vhost-user socket: {exc}") from None
-
-    async def _recv_exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            try:
-                chunk = await self.sock.recv(n - len(buf))
-            except OSError:
-                chunk = b""
-            if not chunk:
-                raise DeviceGone("the back-end closed the vhost-user connection")
-            buf += chunk
-        return buf
-
-    async def _request(self, request: R, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
-        """Send; return the reply body (GET_*) or check the REPLY_ACK ack."""
-        has_body = request in vu.REPLY_PAYLOAD
-        ack = not has_body and bool(self.acked_protocol & PF.REPLY_ACK)
-        await self._send(request, payload, fds, need_reply=ack)
-        if not (has_body or ack):
-            return b""
-        header = vu.parse_header(await self._recv_exact(vu.HEADER_SIZE))
-        body = await self._recv_exact(header.size) if header.size else b""
-        if header.request != request:
-            raise DeviceGone(f"reply to {request.name} came back as request {header.request}")
-        if ack and int.from_bytes(body, "little"):
-            raise DeviceGone(f"the back-end refused {request.name}")
-        return body
-
-    async def start(self) -> None:
-        features = int.from_bytes(await self._request(R.GET_FEATURES), "little")
-        if features & VF.PROTOCOL_FEATURES:
-            offered = int.from_bytes(await self._request(R.GET_PROTOCOL_FEATURES), "little")
-            want = offered & WANTED_PROTOCOL
-            await self._request(R.SET_PROTOCOL_FEATURES, vu.u64(want))
-            self.acked_protocol = want
-            if want & PF.MQ:
-                await self._request(R.GET_QUEUE_NUM)
-        await self._request(R.SET_OWNER)
-        acked = features & WANTED_FEATURES
-        await self._request(R.SET_FEATURES, vu.u64(acked))
-        region = {"guest_phys_addr": 0, "memory_size": self.ram_bytes,
-                  "userspace_addr": QVA_BASE, "mmap_offset": 0}
-        table = vu.build_payload(vu.MEMORY_TABLE,
-                                 {"nregions": 1, "padding": 0, "regions": [region]}, "table")
-        await self._request(R.SET_MEM_TABLE, table, [self.fd])
-        for index, gpa in enumerate(RING_GPA):
-            layout = RingLayout.contiguous(gpa, QUEUE_SIZE)
-            ring = DriverQueue(self, layout, event_idx=False)
-            await ring.init()
-            state = vu.build_payload(vu.VRING_STATE, {"index": index, "num": QUEUE_SIZE}, "s")
-            await self._request(R.SET_VRING_NUM, state)
-            base = vu.build_payload(vu.VRING_STATE, {"index": index, "num": 0}, "s")
-            await self._request(R.SET_VRING_BASE, base)
-            addr = {"index": index, "flags": 0, "desc": QVA_BASE + layout.desc,
-                    "used": QVA_BASE + layout.used, "avail": QVA_BASE + layout.avail, "log": 0}
-            await self._request(R.SET_VRING_ADDR,
-                                vu.build_payload(vu.VRING_ADDRESS, addr, "vring address"))
-            kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            await self._request(R.SET_VRING_KICK, vu.u64(index), [kick])
-            await self._request(R.SET_VRING_CALL, vu.u64(index), [call])
-            if acked & VF.PROTOCOL_FEATURES:
-                on = vu.build_payload(vu.VRING_STATE, {"index": index, "num": 1}, "s")
-                await self._request(R.SET_VRING_ENABLE, on)
-            self.queues.append(ring)
-            self.kicks.append(kick)
-            self.calls.append(call)
-
-    def reserved_ranges(self) -> list[tuple[int, int]]:
-        """(first pfn, count) of everything the front-end placed in guest RAM."""
-        return [(0, KERNEL_PAGES)]
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.sock.close()
-        for fd in (*self.kicks, *self.calls):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        with contextlib.suppress(BufferError):  # a view is still exported: the GC unmaps
-            self.view.release()
-            self.map.close()
-        os.close(self.fd)
-
-
-async def _wait_call(fd: int, timeout: float) -> None:
-    """Wait until the call eventfd fires (or ``timeout``); drain it."""
-    with trio.move_on_after(timeout):
-        await trio.lowlevel.wait_readable(fd)
-    with contextlib.suppress(BlockingIOError):
-        os.eventfd_read(fd)
+#: What a dead front-end looks like from here (closed socket or eventfds, a bad reply).
+_GONE = (FrontendError, OSError, trio.ClosedResourceError, trio.BrokenResourceError)
 
 
 class VhostUserTransport:
-    """:class:`guest_driver.transport.Transport` over :class:`MiniFrontend`."""
+    """:class:`guest_driver.transport.Transport` over a :class:`VmwChannel`."""
 
-    def __init__(self, fe: MiniFrontend) -> None:
-        self.fe = fe
-        self._lock = trio.Lock()
-        self._event_gpa: dict[int, int] = {}  # descriptor head -> event buffer
+    def __init__(self, channel: VmwChannel, *, command_timeout: float = COMMAND_TIMEOUT) -> None:
+        self.channel = channel
+        self.port = channel.fe.port
+        self.command_timeout = command_timeout
 
-    async def post_event_buffers(self) -> None:
-        q = self.fe.queues[1]
-        for i in range(EVENT_BUFFERS):
-            gpa = EVENT_GPA + 16 * i
-            self._event_gpa[await q.add([Buffer(gpa, vmw.EVENT_SIZE, write=True)])] = gpa
-        os.eventfd_write(self.fe.kicks[1], 1)
+    @property
+    def ram(self) -> GuestRamFile:
+        return self.channel.fe.ram
+
+    def reserved_ranges(self) -> list[tuple[int, int]]:
+        """(first pfn, count) the guest kernel keeps: the front-end's pages and RAM holes."""
+        return self.channel.reserved_ranges()
 
     async def command(self, request: vmw.Request) -> vmw.Response:
-        async with self._lock:
-            q, fe = self.fe.queues[0], self.fe
-            await fe.write(REQ_GPA, request.build())
-            await fe.write(RESP_GPA, bytes(vmw.RESPONSE_SIZE))
-            head = await q.add([Buffer(REQ_GPA, vmw.REQUEST_SIZE),
-                                Buffer(RESP_GPA, vmw.RESPONSE_SIZE, write=True)])
-            try:
-                os.eventfd_write(fe.kicks[0], 1)
-            except OSError as exc:
-                raise DeviceGone(str(exc)) from None
-            deadline = trio.current_time() + COMMAND_TIMEOUT
-            while True:
-                used = [u for u in await q.poll_used() if u.id == head]
-                if used:
-                    break
-                if fe.closed or trio.current_time() > deadline:
-                    raise DeviceGone(f"no answer to command {request.command}")
-                await _wait_call(fe.calls[0], 0.05)
-            if used[0].len != vmw.RESPONSE_SIZE:
-                raise DeviceGone(f"command {request.command} answered with {used[0].len} bytes")
-            return vmw.Response.parse(await fe.read(RESP_GPA, vmw.RESPONSE_SIZE))
+        try:
+            with trio.fail_after(self.command_timeout):
+                response, _ = await self.channel.command(request)
+        except trio.TooSlowError:
+            raise DeviceGone(
+                f"no answer to command {request.command} in {self.command_timeout} s"
+            ) from None
+        except _GONE as exc:
+            raise DeviceGone(f"command {request.command}: {exc}") from None
+        return response
 
     async def read(self, gpa: int, n: int) -> bytes:
-        return await self.fe.read(gpa, n)
+        return await self.port.read(gpa, n)
 
     async def write(self, gpa: int, data: bytes) -> None:
-        await self.fe.write(gpa, data)
+        await self.port.write(gpa, data)
 
     async def wait_event(self, timeout: float) -> vmw.EventKind | None:
-        q = self.fe.queues[1]
-        deadline = trio.current_time() + timeout
-        while True:
-            used = await q.poll_used()
-            if used:
-                kinds = []
-                for u in used:
-                    gpa = self._event_gpa.pop(u.id)
-                    raw = await self.fe.read(gpa, vmw.EVENT_SIZE)
-                    try:
-                        kinds.append(vmw.parse_event(raw))
-                    except FormatError as exc:
-                        log.warning("bad doorbell event: %s", exc)
-                    await self.fe.write(gpa, bytes(vmw.EVENT_SIZE))
-                    head = await q.add([Buffer(gpa, vmw.EVENT_SIZE, write=True)])
-                    self._event_gpa[head] = gpa
-                os.eventfd_write(self.fe.kicks[1], 1)
-                if kinds:
-                    return kinds[-1]
-                continue
-            left = deadline - trio.current_time()
-            if left <= 0:
-                return None
-            await _wait_call(self.fe.calls[1], left)
+        try:
+            with trio.move_on_after(timeout):
+                return await self.channel.next_event()
+        except _GONE as exc:
+            raise DeviceGone(f"eventq: {exc}") from None
+        return None
 
     @property
     def doorbell_ids(self) -> tuple[int, int] | None:
         return (2, 1)  # any pair but (INVALID, INVALID): the eventq is the doorbell
+
+
+@contextlib.asynccontextmanager
+async def connect_transport(
+    socket_path: str, ram_bytes: int, *, layout: str = "qemu"
+) -> AsyncIterator[VhostUserTransport]:
+    """Guest RAM (a sparse memfd), the front-end started on ``socket_path``, event buffers
+    posted; everything closed on exit."""
+    ram = GuestRamFile(ram_bytes, layout=layout, name="vballoon-guest-ram")
+    try:
+        async with connect_frontend(socket_path, ram, queue_size=QUEUE_SIZE) as fe:
+            channel = VmwChannel(fe)
+            await channel.post_event_buffers(EVENT_BUFFERS)
+            yield VhostUserTransport(channel)
+    finally:
+        ram.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,11 +126,14 @@ class GuestOptions:
 class Guest:
     """Everything one running guest consists of (handed to ``task_status.started``)."""
 
-    fe: MiniFrontend
     transport: VhostUserTransport
     memory: GuestMemory
     driver: BalloonDriver
     workload: Workload | None
+
+    @property
+    def ram(self) -> GuestRamFile:
+        return self.transport.ram
 
     def status(self) -> dict[str, Any]:
         info = self.memory.meminfo()
@@ -312,8 +141,8 @@ class Guest:
             "driver": self.driver.snapshot(),
             "debugfs": self.driver.render(),
             "meminfo": {k: getattr(info, k) for k in info.__dataclass_fields__},
-            "ram_bytes": self.fe.ram_bytes,
-            "ram_allocated_bytes": self.fe.allocated_bytes(),
+            "ram_bytes": self.ram.size,
+            "ram_allocated_bytes": self.ram.allocated_bytes(),
             "workload_shortfall": self.workload.shortfall if self.workload else 0,
             "lost_pages": self.memory.verify_app(),
         }
@@ -325,16 +154,14 @@ async def run_guest(
     """Connect, set up, run the driver until cancelled; then START(0) and pop (shielded)."""
     from .cli import serve_control
 
-    fe = await MiniFrontend.connect(options.socket_path, options.ram_bytes)
-    try:
-        await fe.start()
-        transport = VhostUserTransport(fe)
-        await transport.post_event_buffers()
-        memory = GuestMemory(options.ram_bytes // PAGE_SIZE, reserved=fe.reserved_ranges(),
-                             ram=fe.view)
+    async with connect_transport(options.socket_path, options.ram_bytes) as transport:
+        view = memoryview(transport.ram.mm)
+        memory = GuestMemory(
+            options.ram_bytes // PAGE_SIZE, reserved=transport.reserved_ranges(), ram=view
+        )
         driver = BalloonDriver(transport, memory, options.config)
         workload = Workload(memory, options.workload) if options.workload else None
-        guest = Guest(fe, transport, memory, driver, workload)
+        guest = Guest(transport, memory, driver, workload)
 
         def control(request: dict[str, Any]) -> dict[str, Any]:
             if request.get("cmd", "stat") == "stat":
@@ -356,8 +183,8 @@ async def run_guest(
                 except DeviceGone as exc:  # close() pops in any case
                     log.info("exit: %s", exc)
             memory.detach_ram()
-    finally:
-        fe.close()
+            with contextlib.suppress(BufferError):  # still exported: the GC unmaps
+                view.release()
 
 
 async def _run_driver(driver: BalloonDriver, scope: trio.CancelScope) -> None:
