@@ -58,6 +58,9 @@ DEFLATE_ON_OOM = 2
 #: rest is slack for kernel allocations between two readings and for ballooned pages the
 #: guest had never touched.
 RSS_SHARE = 0.85
+#: After deflating, touching MemAvailable - TOUCH_SLACK_MIB of free memory need not hit
+#: every deflated page (about 81% in the worst case here; measured: all of them).
+RSS_RISE_SHARE = 0.75
 #: Leave this much free when touching "all" of the guest's free memory (MiB).
 TOUCH_SLACK_MIB = 24
 
@@ -231,6 +234,7 @@ async def test_linux_inflates_to_vdev_target_and_qemu_memory_falls(
                     assert s.view.counters["actual"] == pages, where  # what the driver wrote
                     assert s.view.counters["inflated (4k)"] == pages, where
                     assert s.view.reclaimed_bytes_total >= pages * 4096, where
+                    print(f"{where}; guest MemTotal {s.report.kib('MemTotal')} kB")
                     rss_prev, alloc_prev, pages_prev = rss, alloc, pages
 
                 # fresh stats on request (QEMU's guest-stats polling): the shrunken guest
@@ -249,7 +253,8 @@ async def test_linux_inflates_to_vdev_target_and_qemu_memory_falls(
                 rss_deflated = guest.rss_shmem_kib()
                 await touch_free_memory(guest, s.report)
                 rss_touched = guest.rss_shmem_kib()
-                assert rss_touched - rss_deflated >= RSS_SHARE * pages_prev * 4, (
+                print(f"deflated to 0: QEMU RssShmem {rss_deflated} -> {rss_touched} kB on touch")
+                assert rss_touched - rss_deflated >= RSS_RISE_SHARE * pages_prev * 4, (
                     f"QEMU RssShmem {rss_deflated} -> {rss_touched} kB after touching"
                 )
                 assert await guest.poweroff() == 0
@@ -276,7 +281,8 @@ async def test_linux_deflates_on_oom_instead_of_killing(
                 vdev.set_target(pages)
                 s = await wait_balloon(guest, vdev, pages)
                 assert s.report.kib("MemTotal") == rep0.kib("MemTotal")
-                assert rep0.kib("MemFree") - s.report.kib("MemFree") >= 128 * 1024 - 4096
+                # MemFree pays instead (give or take per-cpu page lists the balloon drained)
+                assert rep0.kib("MemFree") - s.report.kib("MemFree") >= (128 - 8) * 1024
 
                 excess_mib = 48
                 want = s.report.kib("MemAvailable") // 1024 + excess_mib
