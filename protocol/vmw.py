@@ -225,7 +225,12 @@ def build_event(kind: EventKind) -> bytes:
 
 
 def parse_event(data: bytes | bytearray | memoryview) -> EventKind:
+    """The kind of an 8-byte doorbell event; its reserved word must be 0 (PROTOCOL.md s5)."""
+    if len(data) != EVENT_SIZE:
+        raise _derive.FormatError(f"vmw event must be {EVENT_SIZE} bytes, got {len(data)}")
     c = _derive.parse(EVENT, data, "vmw event")
+    if c.reserved:
+        raise _derive.FormatError(f"vmw event reserved word is {c.reserved:#x}, must be 0")
     try:
         return EventKind(c.kind)
     except ValueError:
