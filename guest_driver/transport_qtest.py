@@ -252,18 +252,10 @@ class VdevRig:
 
     async def request_stats(self) -> bool:
         """virtio-balloon: give the held stats buffer back (the guest then refreshes it).
-
-        The registry has no verb for this yet, so it is run here under the connection's
-        lock, exactly as the server runs operator requests.
-        """
+        True when a held buffer went back (``Connection.refresh_stats``, the awaited form
+        of ``GuestRegistry.request_stats``)."""
         conn = self.connection()
-        request = getattr(conn.device, "request_stats", None) if conn is not None else None
-        if conn is None or request is None:
-            return False
-        async with conn.lock:
-            work = request()
-            await conn._execute(work)
-        return bool(work.completions)
+        return conn is not None and await conn.refresh_stats()
 
 
 @contextlib.asynccontextmanager

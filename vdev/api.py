@@ -8,6 +8,8 @@ Endpoints (the OpenAPI 3.1 document is :data:`OPENAPI`, served at ``/openapi.jso
     PUT  /vms/{name}/target         {"target_mib": N} | {"target_pages": N} | {"target_bytes": N}
                                     | {"target": "1.5G"} (manual override) | {"policy": true}
     POST /vms/{name}/reset          demand a balloon reset (the guest pops every page)
+    POST /vms/{name}/stats          ask the guest for fresh guest_stats now (202; virtio-balloon;
+                                    vdev serve --stats-interval also refreshes them periodically)
     GET  /vms/{name}/history        the in-memory history ring (for `vdev plot`)
     GET  /host                      host state high/clear/soft/hard/low, total/free/minFree, PSI
     PUT  /host/simulated            {"free_bytes": N} | {"free_mib": N} | {"free": "2G"}
@@ -21,7 +23,8 @@ Endpoints (the OpenAPI 3.1 document is :data:`OPENAPI`, served at ``/openapi.jso
     GET  /openapi.json              this API's OpenAPI document
 
 Errors are ``{"error": "..."}`` with 400 (bad body), 404 (unknown VM, setting or path),
-405 (method), 409 (``PUT /host/simulated`` on a real host).
+405 (method), 409 (``PUT /host/simulated`` on a real host; ``POST /vms/{name}/stats`` on a
+guest that is not connected or whose personality keeps no statistics).
 
 The socket is created with mode 0600 (``api_socket_mode`` in the config file): whoever can
 connect can change every guest's balloon. It is bound, chmod-ed and only then listened on,
@@ -274,6 +277,18 @@ def create_app(control: ControlPlane) -> Starlette:
         control.reset(name)
         return JSONResponse(vm_info(control, name))
 
+    async def request_vm_stats(request: Request) -> Response:
+        name = _vm_name(request, control)
+        request_stats = getattr(control.registry, "request_stats", None)
+        if request_stats is None or not request_stats(name):
+            raise ApiError(
+                409,
+                f"{name}: no guest statistics to refresh (not connected, or its personality "
+                "keeps none)",
+            )
+        # the guest answers asynchronously: guest_stats change once it refilled the buffer
+        return JSONResponse(vm_info(control, name), status_code=202)
+
     async def get_history(request: Request) -> Response:
         name = _vm_name(request, control)
         last_raw = request.query_params.get("last")
@@ -385,6 +400,7 @@ def create_app(control: ControlPlane) -> Starlette:
         Route("/vms/{name}", get_vm, methods=["GET"]),
         Route("/vms/{name}/target", put_target, methods=["PUT"]),
         Route("/vms/{name}/reset", reset_vm, methods=["POST"]),
+        Route("/vms/{name}/stats", request_vm_stats, methods=["POST"]),
         Route("/vms/{name}/history", get_history, methods=["GET"]),
         Route("/host", get_host, methods=["GET"]),
         Route("/host/simulated", put_simulated, methods=["PUT"]),
@@ -556,6 +572,18 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": _json(_ref("Vm")), "404": _ERR},
             }
         },
+        "/vms/{name}/stats": {
+            "post": {
+                "summary": "Ask the guest for fresh statistics (guest_stats; virtio-balloon). "
+                "They arrive asynchronously; vdev serve --stats-interval also refreshes them",
+                "parameters": [_NAME],
+                "responses": {
+                    "202": _json(_ref("Vm"), "Requested (the current state)"),
+                    "404": _ERR,
+                    "409": _ERR,
+                },
+            }
+        },
         "/vms/{name}/history": {
             "get": {
                 "summary": "In-memory history of target, size, max and host free memory",
@@ -718,7 +746,9 @@ OPENAPI: dict[str, Any] = {
                     "guest_stats": {
                         "type": "object",
                         "additionalProperties": {"type": "integer"},
-                        "description": "QEMU guest-stats keys; -1 = not reported",
+                        "description": "QEMU guest-stats keys; -1 = not reported. "
+                        "Refreshed every vdev serve --stats-interval seconds and on "
+                        "POST /vms/{name}/stats",
                     },
                     "ram_allocated_bytes": _INT,
                     "reclaimed_bytes_total": _INT,

@@ -81,6 +81,14 @@ def main() -> None:
 @click.option(
     "--name", "names", multiple=True, help="Guest names instead of vm0.. (one per socket)."
 )
+@click.option(
+    "--stats-interval",
+    type=click.FloatRange(min=0, max=1e9),
+    default=5.0,
+    show_default=True,
+    help="Seconds between guest statistics refreshes, 0 = only on request "
+    "(QEMU's guest-stats-polling-interval; personalities with a stats queue: virtio-balloon).",
+)
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 @serve_options
 def serve(
@@ -91,6 +99,7 @@ def serve(
     device: str,
     target: str,
     names: tuple[str, ...],
+    stats_interval: float,
     verbose: int,
 ) -> None:
     """Run the vhost-user back-end."""
@@ -115,7 +124,7 @@ def serve(
     if names and len(names) != max(len(paths), 1):
         raise click.UsageError("give one --name per socket")
     try:
-        trio.run(_serve, registry, device_cls, paths, list(names) or None, fd)
+        trio.run(_serve, registry, device_cls, paths, list(names) or None, fd, stats_interval)
     except OSError as exc:
         click.echo(f"vdev serve: {exc}", err=True)
         sys.exit(1)
@@ -127,8 +136,15 @@ async def _serve(
     paths: list[str],
     names: list[str] | None,
     fd: int | None,
+    stats_interval: float = 0.0,
 ) -> None:
-    server = Server(registry, device_cls, socket_paths=paths, names=names if paths else None)
+    server = Server(
+        registry,
+        device_cls,
+        socket_paths=paths,
+        names=names if paths else None,
+        stats_interval=stats_interval,
+    )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 

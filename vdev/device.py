@@ -88,6 +88,9 @@ class Device(ABC):
     features: ClassVar[int] = 0
     #: Size of the config space (GET_CONFIG windows must fit in it).
     config_size: ClassVar[int] = 0
+    #: The device holds a guest statistics buffer that :meth:`request_stats` gives back
+    #: (the server polls it every ``--stats-interval`` seconds).
+    supports_stats: ClassVar[bool] = False
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         self.ctx = ctx
@@ -112,6 +115,10 @@ class Device(ABC):
         """SET_CONFIG: the front-end wrote ``data`` at ``offset``."""
         return Work()
 
+    def features_negotiated(self, features: int) -> None:  # noqa: B027 - optional hook
+        """SET_FEATURES: the virtio feature bits the driver accepted (transport bits
+        included; 0 after a device reset). Report the device's share in ``capabilities``."""
+
     # -- operator / front-end side -------------------------------------------------------
 
     @abstractmethod
@@ -121,6 +128,11 @@ class Device(ABC):
     @abstractmethod
     def demand_reset(self) -> Work:
         """Forget the balloon and make the guest start over (operator or device reset)."""
+
+    def request_stats(self) -> Work:
+        """Give the held guest statistics buffer back so the driver refills it
+        (:attr:`supports_stats`; QEMU's ``guest-stats-polling-interval`` timer)."""
+        return Work()
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -33,6 +33,11 @@ Decisions:
   this time; QEMU resets every stat before each update too), then **held**. :meth:`request_stats`
   gives it back (used length 0) so the driver refills it. A second buffer while one is held
   (a driver bug) returns the old one first, as QEMU does.
+* ``vdev serve --stats-interval S`` (QEMU's ``guest-stats-polling-interval``) makes the
+  server call :meth:`request_stats` every S seconds; ``GuestRegistry.request_stats`` and
+  ``POST /vms/{name}/stats`` do it on demand.
+* ``capabilities`` (the operator's view) are the device feature bits the driver accepted
+  (SET_FEATURES, through :meth:`VirtioBalloonDevice.features_negotiated`); 0 until then.
 * Stop hazard (reference §6.5): on ``GET_VRING_BASE`` for statsq while the buffer is held,
   :meth:`queue_stopped` returns 1: the server reports ``last_avail_idx - 1`` so that the
   held head is popped again after a restart. Otherwise the guest's only stats buffer would
@@ -363,10 +368,12 @@ class VirtioBalloonDevice(Device):
     num_queues = NUM_QUEUES
     features = DEVICE_FEATURES
     config_size = CONFIG_SIZE
+    supports_stats = True
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         super().__init__(ctx, target=target)
         self.core = VirtioBalloon(target=target)
+        self.core.features = self.features  # a subclass may offer fewer bits
         self.shutting_down = False
         self.forgotten = 0
 
@@ -404,6 +411,10 @@ class VirtioBalloonDevice(Device):
     def write_config(self, offset: int, data: bytes, *, migration: bool) -> Work:
         self.core.write_config(offset, data)
         return Work()
+
+    def features_negotiated(self, features: int) -> None:
+        """Report the accepted device bits (STATS_VQ, DEFLATE_ON_OOM) as ``capabilities``."""
+        self.core.set_features(features)
 
     # -- operator side -------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class LiveDevice(Protocol):
     def reclaimed_bytes_total(self) -> int: ...
     def request_target(self, pages: int) -> None: ...
     def request_reset(self) -> None: ...
+    def request_stats(self) -> bool: ...  # optional: absent = no guest statistics
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,15 @@ class GuestRegistry:
         entry = self._entries[name]
         if entry.device is not None:
             entry.device.request_reset()
+
+    def request_stats(self, name: str) -> bool:
+        """Ask the guest for fresh statistics (virtio-balloon: the held stats buffer goes back
+        to the driver, which refills it; ``view().guest_stats`` shows them once it has).
+        False when nothing is connected or the personality keeps no stats. ``vdev serve
+        --stats-interval`` does this periodically."""
+        dev = self._entries[name].device  # KeyError for an unknown guest
+        request = getattr(dev, "request_stats", None)  # optional for other LiveDevices
+        return request is not None and bool(request())
 
     def subscribe(self) -> trio.MemoryReceiveChannel[GuestEvent]:
         send, receive = trio.open_memory_channel[GuestEvent](SUBSCRIBER_BUFFER)

@@ -9,7 +9,10 @@ or serves one already-connected socket (``--fd``). Each accepted front-end becom
   ``size`` payload bytes; feed :class:`~vdev.vhost_user.BackendConnection`; act; reply;
 * one task per ring waiting on its kick eventfd (``trio.lowlevel.wait_readable``; a ring
   without a kick fd is polled), draining it and letting the personality process the ring;
-* one control task applying operator requests from the registry (target, reset);
+* one control task applying operator requests from the registry (target, reset, stats);
+* with ``stats_interval`` > 0 and a personality that holds a stats buffer (virtio-balloon),
+  one task giving that buffer back every ``stats_interval`` seconds so the guest refreshes
+  its statistics (QEMU's ``guest-stats-polling-interval``);
 * a back-end channel sender (``CONFIG_CHANGE_MSG`` without NEED_REPLY, coalesced) and a
   reader that discards whatever the front-end writes on that channel.
 
@@ -21,7 +24,12 @@ the peer's input) closes that one connection with a log line naming it; a
 :class:`~protocol.errors.GuestError` inside a ring is answered and counted, never fatal.
 
 On disconnect every fd and mapping of the connection is closed and the registry entry goes
-back to "disconnected" (the balloon is forgotten). :meth:`Server.shutdown` (SIGINT/SIGTERM)
+back to "disconnected" (the balloon is forgotten). The guest-RAM mappings and fds are
+released in a worker thread: when the front-end is already gone, closing the last fd of
+its RAM file frees all of that RAM synchronously (about a second per few GiB), which
+would stall every other guest if done in the trio thread. A bug surfacing as an unexpected
+exception in one connection closes that connection (logged with its traceback) and never
+takes the server down. :meth:`Server.shutdown` (SIGINT/SIGTERM)
 answers the requests still queued with ERROR_BUSY, then closes everything.
 """
 
@@ -47,7 +55,7 @@ from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 
 from .device import Device, DeviceContext, DeviceStatus, Work
-from .memory import GuestMemory, RegionSpec
+from .memory import GuestMemory, Region, RegionSpec, close_regions
 from .registry import GuestRegistry
 from .vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
 from .virtq import RingBroken, VirtQueue
@@ -119,6 +127,7 @@ class Connection:
         self._backend_send: trio.MemorySendChannel[bytes] | None = None
         self._config_change_pending = False
         self._nursery: trio.Nursery | None = None
+        self._detached: list[Region] = []
         self.closed = False
 
     # -- LiveDevice (what the registry reads and asks) -----------------------------------
@@ -158,6 +167,26 @@ class Connection:
 
         self._control_send.send_nowait(reset)
 
+    def request_stats(self) -> bool:
+        """Queue a guest stats refresh (the personality gives its held stats buffer back;
+        the driver refills it). False when the personality keeps no stats."""
+        if not self.device.supports_stats or self.closed:
+            return False
+        self._control_send.send_nowait(self.device.request_stats)
+        return True
+
+    async def refresh_stats(self) -> bool:
+        """:meth:`request_stats`, carried out now under the connection lock: True when a
+        held stats buffer was given back to the guest."""
+        if not self.device.supports_stats:
+            return False
+        async with self.lock:
+            if self.closed:
+                return False
+            work = self.device.request_stats()
+            await self._execute(work)
+        return bool(work.completions)
+
     # -- life cycle ----------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -168,6 +197,8 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._control_loop)
+                if self.server.stats_interval > 0 and self.device.supports_stats:
+                    nursery.start_soon(self._stats_loop, self.server.stats_interval)
                 for q in self.queues:
                     nursery.start_soon(self._ring_loop, q)
                 try:
@@ -177,6 +208,14 @@ class Connection:
         finally:
             self.close()
             registry.detach(self.guest, self)
+            await self._release_memory()
+
+    async def _release_memory(self) -> None:
+        """Unmap and close the detached guest-RAM regions in a worker thread."""
+        regions, self._detached = self._detached, []
+        if regions:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(close_regions, regions)
 
     async def _reader(self) -> None:
         try:
@@ -201,7 +240,7 @@ class Connection:
         for q in self.queues:
             self._forget_kick(q)
             q.close()
-        self.memory.close()
+        self._detached += self.memory.detach()  # closed by run() in a worker thread
         self.proto.fail()
         self._control_send.close()
         if self._backend_send is not None:
@@ -264,6 +303,7 @@ class Connection:
                     q.indirect = self.proto.indirect
                     if self.proto.rings_start_enabled:
                         q.enabled = True
+                self.device.features_negotiated(self.proto.acked_features)
             return self.proto.answer(msg)
         handler = getattr(self, f"_on_{r.name.lower()}")
         result: bytes | None = await handler(msg)
@@ -407,6 +447,7 @@ class Connection:
                 q.enabled = False
                 q.broken = False
                 self._armed[i] = trio.Event()
+            self.device.features_negotiated(0)  # the acked features are gone (vhost_user.py)
             work = self.device.demand_reset()
             self.server.registry.note_reset(self.guest)
             await self._execute(work)
@@ -495,6 +536,11 @@ class Connection:
             async with self.lock:
                 await self._execute(action())
 
+    async def _stats_loop(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            await self.refresh_stats()
+
     # -- back-end channel ----------------------------------------------------------------
 
     def _send_config_change(self) -> None:
@@ -544,9 +590,14 @@ class Server:
         *,
         socket_paths: Sequence[str] = (),
         names: Sequence[str] | None = None,
+        stats_interval: float = 0.0,
     ) -> None:
+        if not (stats_interval >= 0 and math.isfinite(stats_interval)):
+            raise ValueError("the stats interval must be >= 0 seconds")
         self.registry = registry
         self.device_cls = device_cls
+        #: Seconds between guest stats refreshes (0: only on request).
+        self.stats_interval = float(stats_interval)
         self.socket_paths = [os.fspath(p) for p in socket_paths]
         self.names = list(names) if names else [f"vm{i}" for i in range(len(self.socket_paths))]
         if len(self.names) != len(self.socket_paths):
@@ -625,12 +676,18 @@ class Server:
             lock.release()
 
     async def _serve(self, sock: trio.socket.SocketType, name: str) -> None:
-        conn = Connection(self, sock, name, self.device_cls)
+        try:
+            conn = Connection(self, sock, name, self.device_cls)
+        except BaseException:
+            sock.close()
+            raise
         self.connections.add(conn)
         try:
             await conn.run()
         except GuestError as exc:  # should have been answered inside; never fatal
             log.error("%s: unexpected guest error: %s", conn.name, exc)
+        except Exception:  # a bug: lose this connection, not every guest of the process
+            log.exception("%s: internal error, connection closed", conn.name)
         finally:
             self.connections.discard(conn)
 
