@@ -241,4 +241,24 @@ async def test_serve_refuses_a_live_api_socket(vdev_process: Any, tmp_path: Path
         assert bad.returncode == 2
         assert "--host-memory: cannot parse size 'lots'" in bad.stderr.decode()
         assert os.path.exists(api)  # the first server's socket was left alone
-        assert srv.stop() == 0
+
+        # `vdev events` follows until vdev serve goes away, then says so (exit 1).
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "vdev", "events", "--api-socket", api],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert follower.stdout is not None
+            assert "connected; VMs: vm0" in await blocking(follower.stdout.readline)
+            assert await blocking(srv.stop) == 0
+            _out, err = await blocking(lambda: follower.communicate(timeout=20))
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+        assert follower.returncode == 1
+        assert "Error: the event stream ended (vdev serve stopped?)" in err, err
+        assert "Traceback" not in err
+        assert not os.path.exists(api)

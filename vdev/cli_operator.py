@@ -31,11 +31,11 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.errors import ConfigError
+from vdev.client import ApiClient, ApiError
 
 if TYPE_CHECKING:
     import trio
 
-    from vdev.client import ApiClient
     from vdev.registry import GuestRegistry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -156,8 +156,6 @@ def api_option(f: F) -> F:
 
 
 def _client(path: str) -> ApiClient:
-    from vdev.client import ApiClient
-
     return ApiClient(path)
 
 
@@ -166,8 +164,6 @@ def _fail(e: Exception) -> click.ClickException:
 
 
 def _call(fn: Callable[[], Any]) -> Any:
-    from vdev.client import ApiError
-
     try:
         return fn()
     except ApiError as e:
@@ -498,6 +494,8 @@ def events(api_socket: str, vm: str | None, as_json: bool, count: int | None) ->
                     break
         except KeyboardInterrupt:
             pass
+        except ApiError as e:  # the server went away mid-stream
+            raise _fail(e) from None
 
 
 def _first(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

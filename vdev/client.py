@@ -124,13 +124,17 @@ class ApiClient:
     def events(self, vm: str | None = None) -> Iterator[dict[str, Any]]:
         """Events as they happen (the first is ``{"type": "hello"}``); runs until closed."""
         params = {"vm": vm} if vm else None
+        started = False
         try:
             with self._client.stream("GET", "/events", params=params, timeout=None) as response:
                 if response.is_error:
                     response.read()
                     self._decode(response)
+                started = True
                 for line in response.iter_lines():
                     if line.strip():
                         yield json.loads(line)
         except httpx.TransportError as e:
+            if started:
+                raise ApiError(0, f"the event stream ended (vdev serve stopped?): {e}") from e
             raise ApiError(0, f"cannot reach the vdev API at {self.socket_path}: {e}") from e
