@@ -246,3 +246,28 @@ def test_find_cgroup_v2_dir(tmp_path: Path) -> None:
     assert find_cgroup_v2_dir(str(proc), str(root)) is None
     (proc / "self" / "cgroup").write_text("4:memory:/x\n")  # cgroup v1 only
     assert find_cgroup_v2_dir(str(proc), str(root)) is None
+
+
+async def test_resubscribes_when_the_registry_drops_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        registry, _ = make_registry(VM_PAGES)
+        control = ControlPlane(registry, simulated())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.run)
+            await trio.sleep(0.1)
+            for size in range(1, 5000):  # a burst, with no checkpoint: more than the buffer
+                registry.note_size("vm0", size)
+            await trio.sleep(0.1)
+            events = control.subscribe()
+            registry.set_target("vm0", 1234)
+            await trio.sleep(0.1)
+            seen = []
+            while True:
+                try:
+                    seen.append(events.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            assert any(e.get("kind") == "target" and e["target_pages"] == 1234 for e in seen)
+            nursery.cancel_scope.cancel()

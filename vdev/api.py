@@ -355,7 +355,10 @@ def create_app(control: ControlPlane) -> Starlette:
                 )
                 while True:
                     with trio.move_on_after(HEARTBEAT_S) as idle:
-                        event = await receive.receive()
+                        try:
+                            event = await receive.receive()
+                        except trio.EndOfChannel:  # we fell too far behind: dropped
+                            return
                     if idle.cancelled_caught:
                         yield (
                             b": keep-alive\n\n"
@@ -903,11 +906,20 @@ OPENAPI: dict[str, Any] = {
                 "required": ["type", "time"],
                 "properties": {
                     "type": {
-                        "enum": ["hello", "heartbeat", "guest", "control", "host", "setting"],
+                        "enum": [
+                            "hello",
+                            "heartbeat",
+                            "guest",
+                            "control",
+                            "host",
+                            "setting",
+                            "resync",
+                        ],
                         "description": "guest: the registry's target/size/state event (with "
                         "the reason of the last target set); control: manual/policy switch or "
                         "reset; host: host state change or simulated free memory; setting: a "
-                        "setting changed",
+                        "setting changed; resync: guest events were lost, re-read the VMs. A "
+                        "client that falls 4096 events behind is disconnected.",
                     },
                     "time": {"type": "number"},
                     "name": {"type": "string"},

@@ -497,8 +497,7 @@ class ControlPlane:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Step every ``policy_period`` seconds, or sooner when poked; forward guest events."""
         async with trio.open_nursery() as nursery:
-            events = self.registry.subscribe()
-            nursery.start_soon(self._forward, events)
+            nursery.start_soon(self._forward, self.registry.subscribe())
             self.step()
             task_status.started()
             period = self.config.policy_period
@@ -513,6 +512,14 @@ class ControlPlane:
                     deadline = max(deadline + period, now)
 
     async def _forward(self, events: trio.MemoryReceiveChannel[Any]) -> None:
-        async with events:
-            async for event in events:
-                self._on_guest_event(event)
+        """Forward registry events; if the registry drops us (we fell behind), subscribe again
+        and tell our subscribers that events were lost."""
+        while True:
+            async with events:
+                async for event in events:
+                    self._on_guest_event(event)
+            log.warning("the registry dropped our event subscription; subscribing again")
+            events = self.registry.subscribe()
+            self.publish({"type": "resync"})
+            for name in self.registry.names():
+                self._note_size(name)
