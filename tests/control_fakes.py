@@ -22,6 +22,7 @@ class FakeGuest:
         self.started = True  # the driver negotiated capabilities (MCTL? = Y)
         self.counters = {"lock": 0, "lock failed": 0, "unlock": 0, "unlock failed": 0}
         self.guest_stats: dict[str, int] = {}
+        self.has_stats = False
         registry.attach(name, self)
 
     # -- LiveDevice -------------------------------------------------------------------------
@@ -50,6 +51,14 @@ class FakeGuest:
         self.target = pages
         if self.follow:
             self.settle()
+
+    def request_stats(self) -> bool:
+        """Statistics the guest "reports" at once (only when ``has_stats``, like a
+        virtio-balloon guest with a stats queue)."""
+        if not self.has_stats:
+            return False
+        self.guest_stats = {"stat-total-memory": self._ram * 4096, "stat-free-memory": 4096}
+        return True
 
     def request_reset(self) -> None:
         self.resets += 1

@@ -136,6 +136,13 @@ async def test_every_endpoint(tmp_path: Path) -> None:
             r = await call("POST", "/vms/{name}/reset", "/vms/vm0/reset")
             assert guests[0].resets == 1
 
+            r = await call("POST", "/vms/{name}/stats", "/vms/vm0/stats")
+            assert r.status_code == 409 and "no guest statistics" in r.json()["error"]
+            guests[1].has_stats = True
+            r = await call("POST", "/vms/{name}/stats", "/vms/vm1/stats")
+            assert r.status_code == 202
+            assert r.json()["guest_stats"]["stat-total-memory"] == VM_PAGES // 2 * PAGE_SIZE
+
             r = await call("GET", "/vms/{name}/history", "/vms/vm0/history")
             points = r.json()["points"]
             assert points and points[-1]["host_state"] == "high"
@@ -245,6 +252,7 @@ async def test_unknown_vms_settings_and_paths_are_404(tmp_path: Path) -> None:
                 ("PUT", "/vms/vm9/target", {"target_mib": 1}),
                 ("PUT", "/vms/vm9/target", {"policy": True}),
                 ("POST", "/vms/vm9/reset", None),
+                ("POST", "/vms/vm9/stats", None),
                 ("GET", "/vms/vm9/history", None),
                 ("GET", "/events?vm=vm9", None),
             ):
@@ -505,6 +513,8 @@ async def test_serve_every_endpoint_and_errors(vdev_process: Any, tmp_path: Path
             await call("GET", "/settings/{path}", "/settings/VBalloon/InflateRatePagesPerSec")
             await call("GET", "/openapi.json", "/openapi.json")
             await call("GET", "/metrics", "/metrics")
+            r = await call("POST", "/vms/{name}/stats", "/vms/vm0/stats")
+            assert r.status_code == 409  # the vmw personality keeps no guest statistics
 
             # Host pressure on the simulated host: the policy balloons both real guests.
             r = await call("PUT", "/host/simulated", "/host/simulated", json={"free": "120M"})
