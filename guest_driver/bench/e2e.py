@@ -83,10 +83,11 @@ class Vdev:
         return self.proc.pid
 
     async def start(self, timeout: float = 30.0) -> None:
+        # VBALLOON_BENCH_VDEV: a script to run instead of ``-m vdev`` (A/B experiments)
+        alt = os.environ.get("VBALLOON_BENCH_VDEV")
         cmd = [
             sys.executable,
-            "-m",
-            "vdev",
+            *([alt] if alt else ["-m", "vdev"]),
             "serve",
             "--socket-path",
             self.sock_base,
@@ -144,7 +145,15 @@ async def running_vdev(sockets: int, workdir: Path | None = None) -> AsyncIterat
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vbbench-")))
         vdev = Vdev(workdir, sockets)
         try:
-            await vdev.start()
+            for attempt in range(3):  # the tree may be mid-edit by someone else: retry
+                try:
+                    await vdev.start()
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    log.warning("vdev serve did not start; retrying: %s", vdev.log_tail(500))
+                    await trio.sleep(10)
             yield vdev
         finally:
             with trio.CancelScope(shield=True):
