@@ -12,7 +12,8 @@ so its in-kernel ``virtio_balloon`` driver binds to ``vdev serve --device virtio
 Queue count and config size are taken from the personality (:func:`balloon_device_arg`).
 vdev is either run in-process (:func:`serve_vdev`, the server in the caller's nursery and
 controlled through its registry: what the tests use) or as a ``vdev serve`` child process
-(:func:`spawn_vdev`, what ``scripts/run-qemu --linux`` uses).
+(:func:`guest_driver.vdev_process.vdev_serve`, driven through its API: the next-VM test;
+:func:`spawn_vdev`, blocking: ``scripts/run-qemu --linux``).
 
 What can be observed:
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import inspect
 import logging
 import os
 import re
@@ -54,7 +55,8 @@ from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
 
 from .linux_image import PREFIX, GuestConsole, LinuxImage, run_guest
-from .qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, qemu_process, require_qemu
+from .qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, require_qemu
+from .vdev_process import vdev_serve_argv
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +336,14 @@ async def boot_guest(
 # --------------------------------------------------------------------------- vdev
 
 
+class VdevLike(Protocol):
+    """What the waiting helpers need: :class:`InProcessVdev` or
+    :class:`guest_driver.vdev_process.ApiVdev` (``vdev serve`` through its API)."""
+
+    async def size_pages(self) -> int: ...
+    async def snapshot(self) -> Any: ...  # GuestView, or the API's GET /vms/{name} dict
+
+
 class InProcessVdev:
     """``vdev serve --device virtio-balloon`` run in the caller's trio nursery: the real
     :class:`vdev.server.Server`, controlled through its :class:`vdev.registry.GuestRegistry`
@@ -361,42 +371,36 @@ class InProcessVdev:
     def set_target_mib(self, mib: int) -> None:
         self.set_target(mib * PAGES_PER_MIB)
 
-    def _connection(self) -> Any:
-        for conn in self.server.connections:
-            if conn.guest == self.name and not conn.closed:
-                return conn
-        return None
-
     def request_stats(self) -> bool:
-        """Hand the guest's stats buffer back so it sends fresh stats (QEMU does this on
-        its ``guest-stats-polling-interval`` timer). False when nothing is connected."""
-        conn = self._connection()
-        if conn is None:
-            return False
-        if hasattr(conn, "request_stats"):
-            conn.request_stats()
-        else:  # the server has no public hook (yet): queue it like a target change
-            conn._control_send.send_nowait(conn.device.request_stats)
-        return True
+        """Hand the guest's stats buffer back so it sends fresh stats (what ``vdev serve
+        --stats-interval`` and QEMU's ``guest-stats-polling-interval`` do). False when
+        nothing is connected."""
+        return bool(self.registry.request_stats(self.name))
 
-    def guest_stats(self) -> tuple[float | None, dict[str, int]]:
-        """(host time of the last stats buffer, QEMU-style ``stat-*`` dict)."""
-        conn = self._connection()
-        if conn is None:
-            return None, {}
-        core = getattr(conn.device, "core", None)
-        updated = getattr(core, "stats_last_update", None)
-        return updated, dict(self.view().guest_stats)
+    async def fresh_stats(self, *, poll: float = 0.05) -> dict[str, int]:
+        """Request stats and wait until the guest sent a new buffer; its stats."""
+        return await fresh_stats(self, self.request_stats, poll=poll)
 
-    async def fresh_stats(self, *, after: float | None = None, poll: float = 0.1) -> dict[str, int]:
-        """Request stats and wait until a buffer newer than ``after`` (default: now) came."""
-        since = time.time() if after is None else after
-        self.request_stats()
-        while True:
-            updated, stats = self.guest_stats()
-            if updated is not None and updated >= since:
-                return stats
-            await trio.sleep(poll)
+
+async def fresh_stats(
+    vdev: VdevLike, request: Callable[[], Any], *, poll: float = 0.05
+) -> dict[str, int]:
+    """Ask for guest stats (``request``) and wait until vdev counted a new stats buffer;
+    the guest stats it holds then (QEMU's ``guest-stats`` keys)."""
+
+    def buffers(view: Any) -> int:
+        counters = view["counters"] if isinstance(view, Mapping) else view.counters
+        return int(counters.get("stats buffers", 0))
+
+    before = buffers(await vdev.snapshot())
+    if inspect.isawaitable(done := request()):
+        await done
+    while True:
+        view = await vdev.snapshot()
+        if buffers(view) > before:
+            stats = view["guest_stats"] if isinstance(view, Mapping) else view.guest_stats
+            return dict(stats)
+        await trio.sleep(poll)
 
 
 def device_class(*, deflate_on_oom: bool = True) -> type[Any]:
@@ -448,17 +452,21 @@ async def serve_vdev(
 def spawn_vdev(
     directory: Path,
     *,
+    api_socket: Path,
     target: str = "0",
-    api_socket: Path | None = None,
     verbose: int = 1,
     log_path: Path | None = None,
     extra: Sequence[str] = (),
     timeout: float = 15,
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """``vdev serve --device virtio-balloon`` as a child process; stopped (SIGTERM to that
-    PID, then SIGKILL) on exit. Yields (process, socket path) once the socket exists."""
+    """``vdev serve --device virtio-balloon`` as a child process (blocking; for the
+    interactive mode, the tests use :func:`guest_driver.vdev_process.vdev_serve`); stopped
+    (SIGTERM to that PID, then SIGKILL) on exit. Yields (process, socket path) once the
+    socket exists."""
     path = directory / VDEV_SOCKET_NAME
-    argv = [*vdev_argv(path, api_socket=api_socket, target=target, verbose=verbose), *extra]
+    argv = vdev_serve_argv(
+        path, api_socket, device="virtio-balloon", target=target, verbose=verbose, extra=extra
+    )
     out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
@@ -480,90 +488,6 @@ def spawn_vdev(
                 proc.wait()
         if out is not None:
             out.close()
-
-
-class ApiVdev:
-    """A ``vdev serve`` process seen through its management API (``vdev.client``) and its
-    operator CLI (``vdev set-target``, ``vdev stat``), as an operator sees it."""
-
-    def __init__(self, proc: trio.Process, socket_path: Path, api_socket: Path, name: str):
-        from vdev.client import ApiClient
-
-        self.proc = proc
-        self.socket_path = socket_path
-        self.api_socket = api_socket
-        self.name = name
-        self.client = ApiClient(str(api_socket))
-
-    async def vm(self) -> dict[str, Any]:
-        """``GET /vms/{name}``."""
-        return await trio.to_thread.run_sync(self.client.vm, self.name)
-
-    async def size_pages(self) -> int:
-        return int((await self.vm())["size_pages"])
-
-    async def snapshot(self) -> dict[str, Any]:
-        return await self.vm()
-
-    async def set_target(self, pages: int) -> dict[str, Any]:
-        """``PUT /vms/{name}/target {"target_pages": N}`` (a manual override)."""
-        return await trio.to_thread.run_sync(
-            functools.partial(self.client.set_target, self.name, target_pages=pages)
-        )
-
-    async def cli(self, *args: str) -> str:
-        """``vdev ARGS --api-socket S``; its stdout (raises on a non-zero exit)."""
-        argv = [sys.executable, "-m", "vdev", *args, "--api-socket", str(self.api_socket)]
-        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, cwd=REPO_ROOT)
-        return bytes(done.stdout).decode()
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def vdev_argv(
-    socket_path: Path, *, api_socket: Path | None, target: str = "0", verbose: int = 1
-) -> list[str]:
-    """``vdev serve --device virtio-balloon`` on ``socket_path``."""
-    argv = [
-        sys.executable, "-m", "vdev", "serve", "--device", "virtio-balloon",
-        "--socket-path", str(socket_path), "--target", target,
-    ]  # fmt: skip
-    argv += ["--api-socket", str(api_socket)] if api_socket is not None else ["--no-api"]
-    if verbose:
-        argv.append("-" + "v" * verbose)
-    return argv
-
-
-@contextlib.asynccontextmanager
-async def vdev_process(
-    directory: Path,
-    *,
-    target: str = "0",
-    name: str = "vm0",
-    log_path: Path | None = None,
-    timeout: float = 15,
-) -> AsyncIterator[ApiVdev]:
-    """``vdev serve --device virtio-balloon --api-socket ...`` as a child process (trio);
-    yields once both sockets exist; stopped by its PID (SIGTERM, then SIGKILL) on exit."""
-    sock, api = directory / VDEV_SOCKET_NAME, directory / "vdev.api"
-    out = open(log_path or directory / "vdev.log", "ab")  # noqa: SIM115
-    try:
-        async with qemu_process(
-            vdev_argv(sock, api_socket=api, target=target), stdout=out.fileno(), stderr=out.fileno()
-        ) as proc:
-            with trio.fail_after(timeout):
-                while not (sock.is_socket() and api.is_socket()):
-                    if proc.returncode is not None:
-                        raise LocalError(f"vdev serve exited {proc.returncode} before listening")
-                    await trio.sleep(0.05)
-            handle = ApiVdev(proc, sock, api, name)
-            try:
-                yield handle
-            finally:
-                handle.close()
-    finally:
-        out.close()
 
 
 # --------------------------------------------------------------------------- waiting
@@ -592,11 +516,6 @@ class Settled:
     seconds: float
 
 
-class VdevLike(Protocol):
-    async def size_pages(self) -> int: ...
-    async def snapshot(self) -> Any: ...
-
-
 async def wait_balloon(
     guest: LinuxGuest, vdev: VdevLike, pages: int, *, poll: float = 0.3
 ) -> Settled:
@@ -607,6 +526,18 @@ async def wait_balloon(
             rep = await guest.report()
             if rep.balloon_pages == pages and await vdev.size_pages() == pages:
                 return Settled(rep, await vdev.snapshot(), time.monotonic() - t0)
+        await trio.sleep(poll)
+
+
+async def wait_agree(guest: LinuxGuest, vdev: VdevLike, *, poll: float = 0.3) -> Settled:
+    """Wait until vdev's balloon and the guest's driver count the same pages, whatever the
+    number (e.g. while the guest deflates on OOM by itself)."""
+    t0 = time.monotonic()
+    while True:
+        before = await vdev.size_pages()
+        rep = await guest.report()
+        if rep.balloon_pages == before == await vdev.size_pages():
+            return Settled(rep, await vdev.snapshot(), time.monotonic() - t0)
         await trio.sleep(poll)
 
 
@@ -640,7 +571,9 @@ def interactive(
     api = scratch / "vdev.api"
     if dry_run:
         staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
-        vdev_line = vdev_argv(scratch / VDEV_SOCKET_NAME, api_socket=api, target=target)
+        vdev_line = vdev_serve_argv(
+            scratch / VDEV_SOCKET_NAME, api, device="virtio-balloon", target=target
+        )
         qemu_line = guest_argv(
             qemu, image, staged, ram_mib=ram_mib, append=append,
             extra=balloon_qemu_args(qemu, scratch / VDEV_SOCKET_NAME),
@@ -723,7 +656,6 @@ if __name__ == "__main__":
 
 __all__ = [
     "BALLOON_DEVICE_ID",
-    "ApiVdev",
     "InProcessVdev",
     "LinuxGuest",
     "Report",
@@ -732,10 +664,11 @@ __all__ = [
     "boot_guest",
     "device_class",
     "format_guest_stats",
+    "fresh_stats",
     "rss_shmem_kib",
     "serve_vdev",
     "spawn_vdev",
-    "vdev_process",
+    "wait_agree",
     "wait_balloon",
     "wait_until",
 ]
