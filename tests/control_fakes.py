@@ -19,7 +19,8 @@ class FakeGuest:
         self.target = registry.target_of(name)
         self.follow = follow  # reach every target at once (as a fast driver would)
         self.resets = 0
-        self.started = True  # the driver negotiated capabilities (MCTL? = Y)
+        self.started = True  # the balloon driver runs (MCTL? = Y)
+        self.capabilities = 0x3E  # what it negotiated (no bearing on MCTL?)
         self.counters = {"lock": 0, "lock failed": 0, "unlock": 0, "unlock failed": 0}
         self.guest_stats: dict[str, int] = {}
         self.has_stats = False
@@ -31,7 +32,8 @@ class FakeGuest:
         return DeviceStatus(
             size_pages=self.size,
             target_pages=self.target,
-            capabilities=0x3E if self.started else 0,
+            capabilities=self.capabilities if self.started else 0,
+            driver_active=self.started,
             guest_type=1,
             doorbell_registered=True,
             counters=dict(self.counters),

@@ -4,16 +4,18 @@ override, the inflation rate limit, history, rates, events, the period and pokes
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from control_fakes import make_registry
+from control_fakes import FakeGuest, make_registry
 
 from protocol.errors import HostResourceError
 from vdev.config import ControlConfig, VmConfig
 from vdev.control import ControlPlane, NotSimulated, find_cgroup_v2_dir
+from vdev.device import DeviceStatus
 from vdev.policy import PAGE_SIZE, HostSample, HostState
 
 MIB = 1 << 20
@@ -232,6 +234,29 @@ async def test_only_guests_with_a_running_driver_are_steered() -> None:
         guests[0].started = False
         d = control.step(now=1.0)
         assert d is not None and d.vms == {}
+
+
+async def test_mctl_is_the_driver_state_not_the_capabilities() -> None:
+    """A virtio driver may accept no feature bits (capabilities 0) and still run; a vmw
+    guest with a reset pending keeps its capabilities but is not running."""
+    with trio.fail_after(5):
+        registry, [featureless, resetting] = make_registry(VM_PAGES, VM_PAGES)
+        featureless.capabilities = 0
+        control = ControlPlane(registry, simulated())
+        control.set_simulated_free(100 * MIB)
+        d = control.step(now=0.0)
+        assert d is not None and set(d.vms) == {"vm0", "vm1"}
+        assert registry.view("vm0").driver_active and registry.view("vm0").capabilities == 0
+        resetting.started = False
+        resetting.capabilities = 0x3E
+
+        def status() -> DeviceStatus:  # capabilities still granted, driver not running
+            return dataclasses.replace(FakeGuest.status(resetting), capabilities=0x3E)
+
+        resetting.status = status  # type: ignore[method-assign]
+        d = control.step(now=1.0)
+        assert d is not None and set(d.vms) == {"vm0"}
+        assert not registry.view("vm1").driver_active
 
 
 def test_find_cgroup_v2_dir(tmp_path: Path) -> None:

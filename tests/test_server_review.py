@@ -103,6 +103,40 @@ async def test_negotiated_features_reach_capabilities(nursery, tmp_path, guest_r
             assert registry.view("vm0").capabilities == BALLOON_FEATURES
 
 
+async def test_driver_active_follows_the_driver_not_the_features(
+    nursery, tmp_path, guest_ram
+) -> None:
+    """MCTL?: virtio-balloon is active once its rings run (DRIVER_OK), even with no device
+    feature accepted; vmw once START granted capabilities, and not while a reset is due."""
+    with trio.fail_after(20):
+        _, registry, [path] = await start_server(nursery, tmp_path)
+        ram = guest_ram(32 * MiB)
+        async with connect_frontend(path, ram, start=False) as fe:
+            await wait_for(lambda: registry.view("vm0").connected)
+            assert not registry.view("vm0").driver_active  # features, no DRIVER_OK yet
+            await fe.start()
+            view = registry.view("vm0")
+            assert view.driver_active and view.capabilities == 0
+            await fe.request(R.RESET_DEVICE)
+            assert not registry.view("vm0").driver_active
+        assert not registry.view("vm0").driver_active  # disconnected
+
+    with trio.fail_after(20):
+        (tmp_path / "vmw").mkdir()
+        _, registry, [path] = await start_server(nursery, tmp_path / "vmw", "vmw")
+        async with connect_frontend(path, guest_ram(32 * MiB)) as fe:
+            ch = VmwChannel(fe)
+            await wait_for(lambda: registry.view("vm0").connected)
+            assert not registry.view("vm0").driver_active  # rings run, no START yet
+            await ch.call(Command.START, int(ALL_CAPABILITIES))
+            assert registry.view("vm0").driver_active
+            registry.demand_reset("vm0")
+            await wait_for(lambda: not registry.view("vm0").driver_active)
+            assert registry.view("vm0").capabilities != 0  # still granted, but reset pending
+            await ch.call(Command.START, int(ALL_CAPABILITIES))
+            assert registry.view("vm0").driver_active
+
+
 # ------------------------------------------------------------------------------ stats
 
 

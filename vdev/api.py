@@ -714,7 +714,12 @@ OPENAPI: dict[str, Any] = {
                     "socket_path": {"type": "string"},
                     "personality": {"type": "string"},
                     "connected": {"type": "boolean"},
-                    "driver_active": {"type": "boolean", "description": "esxtop MCTL?"},
+                    "driver_active": {
+                        "type": "boolean",
+                        "description": "esxtop MCTL?: the balloon driver runs (vmw: START "
+                        "granted capabilities, no reset pending; virtio-balloon: DRIVER_OK, "
+                        "its rings started). Only active drivers are given policy targets",
+                    },
                     "state": {"enum": ["disconnected", "resetting", "active", "inactive"]},
                     "control": {"enum": ["policy", "manual"]},
                     "manual_target_pages": _NULLABLE_INT,

@@ -71,6 +71,8 @@ class GuestViewLike(Protocol):
     def target_pages(self) -> int: ...
     @property
     def guest_stats(self) -> Mapping[str, int]: ...
+    @property
+    def driver_active(self) -> bool: ...
 
 
 class RegistryLike(Protocol):
@@ -107,12 +109,9 @@ def jsonable(value: Any) -> Any:
 
 
 def driver_active(view: Any) -> bool:
-    """esxtop MCTL?: a connected guest whose balloon driver has started (negotiated
-    capabilities, or for virtio-balloon the driver acknowledged the device)."""
-    explicit = getattr(view, "driver_active", None)
-    if explicit is not None:
-        return bool(explicit)
-    return bool(view.connected) and bool(int(getattr(view, "capabilities", 0) or 0))
+    """esxtop MCTL?: a connected guest whose balloon driver runs, as its personality says
+    (:attr:`vdev.registry.GuestView.driver_active`; never inferred from capabilities)."""
+    return bool(view.connected) and bool(view.driver_active)
 
 
 def failures(counters: dict[str, int]) -> int:

@@ -69,6 +69,10 @@ class DeviceStatus:
     size_pages: int = 0
     target_pages: int = 0
     capabilities: int = 0
+    #: esxtop MCTL?: the guest's balloon driver is running and can be asked for memory
+    #: (vmw: START granted capabilities and no reset is pending; virtio-balloon: the driver
+    #: reached DRIVER_OK, i.e. the front-end started its inflate and deflate rings).
+    driver_active: bool = False
     guest_type: int | None = None
     doorbell_registered: bool = False
     counters: Mapping[str, int] = field(default_factory=dict)

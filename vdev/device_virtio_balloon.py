@@ -38,6 +38,9 @@ Decisions:
   ``POST /vms/{name}/stats`` do it on demand.
 * ``capabilities`` (the operator's view) are the device feature bits the driver accepted
   (SET_FEATURES, through :meth:`VirtioBalloonDevice.features_negotiated`); 0 until then.
+* ``driver_active`` (esxtop MCTL?) is DRIVER_OK: the front-end starts the inflate and deflate
+  rings only once the driver has set it (and stops them on reset or suspend), whatever
+  feature bits were accepted (a driver may accept none).
 * Stop hazard (reference §6.5): on ``GET_VRING_BASE`` for statsq while the buffer is held,
   :meth:`queue_stopped` returns 1: the server reports ``last_avail_idx - 1`` so that the
   held head is popped again after a restart. Otherwise the guest's only stats buffer would
@@ -435,6 +438,12 @@ class VirtioBalloonDevice(Device):
         # a virtio balloon cannot answer BUSY: buffers keep being acked until the end
         self.shutting_down = True
 
+    def driver_active(self) -> bool:
+        """DRIVER_OK reached: the front-end starts the rings only once the driver set
+        DRIVER_OK (and stops them on reset or suspend), whatever features were accepted."""
+        queues = self.ctx.queues
+        return all(queues[i].ready for i in (INFLATEQ, DEFLATEQ) if i < len(queues))
+
     def status(self) -> DeviceStatus:
         c = self.core
         counters = dict(c.counters)
@@ -445,6 +454,7 @@ class VirtioBalloonDevice(Device):
             size_pages=c.size,
             target_pages=c.target,
             capabilities=c.negotiated,
+            driver_active=self.driver_active(),
             counters=counters,
             guest_stats=dict(c.guest_stats),
         )

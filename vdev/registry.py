@@ -53,6 +53,9 @@ class GuestView:
     capabilities: int
     guest_type: int | None
     doorbell_registered: bool
+    #: esxtop MCTL?: the balloon driver runs (vdev.device.DeviceStatus.driver_active);
+    #: never inferred from ``capabilities`` (a virtio driver may accept no feature bits).
+    driver_active: bool = False
     counters: Mapping[str, int] = field(default_factory=dict)
     guest_stats: Mapping[str, int] = field(default_factory=dict)
     ram_allocated_bytes: int = 0
@@ -167,6 +170,7 @@ class GuestRegistry:
             target_pages=entry.target,
             capabilities=st.capabilities,
             guest_type=st.guest_type,
+            driver_active=bool(st.driver_active),
             doorbell_registered=st.doorbell_registered,
             counters=dict(st.counters),
             guest_stats=dict(st.guest_stats),

@@ -142,6 +142,7 @@ class Connection:
             size_pages=st.size_pages,
             target_pages=st.target_pages,
             capabilities=st.capabilities,
+            driver_active=st.driver_active,
             guest_type=st.guest_type,
             doorbell_registered=st.doorbell_registered,
             counters=counters,
