@@ -266,7 +266,8 @@ async def test_a_bug_in_one_connection_spares_the_others(nursery, tmp_path, gues
                         pass
             r = await ch.call(Command.GET_TARGET)
             assert r.status == Status.SUCCESS
-            assert len(server.connections) == 1
+            # the bad connection leaves the set once its RAM is released (in a thread)
+            await wait_for(lambda: len(server.connections) == 1)
 
 
 # ------------------------------------------------------------------------------ stalls
