@@ -28,10 +28,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
 from protocol.errors import ConfigError
-from vdev.api import OPENAPI, bind_unix_socket, create_app, default_api_socket, serve_api
+from vdev.api import OPENAPI, bind_unix_socket, create_app, default_api_socket, serve_api, vm_info
 from vdev.config import ControlConfig, PoolSpec, VmConfig
 from vdev.control import ControlPlane
+from vdev.device import DeviceContext, get_personality
+from vdev.memory import GuestMemory
+from vdev.metrics import render_metrics
 from vdev.policy import PAGE_SIZE
+from vdev.virtq import VirtQueue
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -312,6 +316,32 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
     assert samples[("vballoon_host_state", (("state", "soft"),))] == 0
     assert samples[("vballoon_setting", (("path", "/Mem/CtlMaxPercent"),))] == 65
     assert samples[("vballoon_policy_steps_total", ())] >= 1
+
+
+@pytest.mark.parametrize(
+    ("personality", "expected"),
+    [("vmw", {"events pending"}), ("virtio-balloon", {"actual", "stats held"})],
+)
+async def test_device_gauges_are_exported_as_gauges(personality: str, expected: set[str]) -> None:
+    """The personality declares which of its counters are levels; /metrics publishes those
+    as gauges and only the rest as counters (a counter that goes down breaks rate())."""
+    cls = get_personality(personality)
+    queues = [VirtQueue(i) for i in range(cls.num_queues)]
+    status = cls(DeviceContext("vm0", GuestMemory("vm0"), queues)).status()
+    assert status.gauges == expected and status.gauges <= set(status.counters)
+    registry, [guest] = make_registry(VM_PAGES)
+    guest.status = lambda: status  # type: ignore[method-assign]
+    control = ControlPlane(registry, ControlConfig(host_memory=4 * GIB))
+    control.step(now=0.0)
+    families = {f.name: f for f in text_string_to_metric_families(render_metrics(control).decode())}
+    gauges = families["vballoon_vm_balloon_gauge"]
+    counters = families["vballoon_vm_balloon_events"]
+    assert gauges.type == "gauge" and counters.type == "counter"
+    assert {s.labels["gauge"] for s in gauges.samples} == expected
+    assert {s.labels["counter"] for s in counters.samples} == set(status.counters) - expected
+    info = vm_info(control, "vm0")
+    assert info["gauges"] == sorted(expected)
+    schema_validator("Vm").validate(info)
 
 
 async def test_event_stream_ndjson_and_sse_within_tens_of_ms(tmp_path: Path) -> None:

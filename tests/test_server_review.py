@@ -117,6 +117,7 @@ async def test_driver_active_follows_the_driver_not_the_features(
             await fe.start()
             view = registry.view("vm0")
             assert view.driver_active and view.capabilities == 0
+            assert view.gauges == {"actual", "stats held"}  # the personality's, passed on
             await fe.request(R.RESET_DEVICE)
             assert not registry.view("vm0").driver_active
         assert not registry.view("vm0").driver_active  # disconnected

@@ -125,6 +125,7 @@ def vm_info(control: ControlPlane, name: str) -> dict[str, Any]:
         "guest_type": jsonable(guest_type),
         "doorbell_registered": bool(getattr(view, "doorbell_registered", False)),
         "counters": counters,
+        "gauges": sorted(str(g) for g in getattr(view, "gauges", ()) or () if str(g) in counters),
         "guest_stats": {
             str(k): int(v) for k, v in dict(getattr(view, "guest_stats", {}) or {}).items()
         },
@@ -704,6 +705,7 @@ OPENAPI: dict[str, Any] = {
                     "guest_type",
                     "doorbell_registered",
                     "counters",
+                    "gauges",
                     "guest_stats",
                     "ram_allocated_bytes",
                     "reclaimed_bytes_total",
@@ -750,7 +752,18 @@ OPENAPI: dict[str, Any] = {
                     "capabilities": {},
                     "guest_type": {},
                     "doorbell_registered": {"type": "boolean"},
-                    "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "counters": {
+                        "type": "object",
+                        "additionalProperties": {"type": "integer"},
+                        "description": "device counters (debugfs vocabulary); the names "
+                        "listed in gauges are current levels, every other one only grows",
+                    },
+                    "gauges": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "the names in counters that are gauges (e.g. "
+                        "events pending), exported to Prometheus as gauges",
+                    },
                     "guest_stats": {
                         "type": "object",
                         "additionalProperties": {"type": "integer"},

@@ -76,6 +76,9 @@ class DeviceStatus:
     guest_type: int | None = None
     doorbell_registered: bool = False
     counters: Mapping[str, int] = field(default_factory=dict)
+    #: The names in ``counters`` that are gauges (levels that go up and down, e.g. "events
+    #: pending"), not monotonic totals: :attr:`Device.gauges`. /metrics exports them as gauges.
+    gauges: frozenset[str] = frozenset()
     guest_stats: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -95,6 +98,9 @@ class Device(ABC):
     #: The device holds a guest statistics buffer that :meth:`request_stats` gives back
     #: (the server polls it every ``--stats-interval`` seconds).
     supports_stats: ClassVar[bool] = False
+    #: The entries of ``status().counters`` that are gauges (current levels), not totals that
+    #: only grow; every other entry is a counter. Reported in :attr:`DeviceStatus.gauges`.
+    gauges: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         self.ctx = ctx

@@ -372,6 +372,8 @@ class VirtioBalloonDevice(Device):
     features = DEVICE_FEATURES
     config_size = CONFIG_SIZE
     supports_stats = True
+    #: ``actual`` is what the driver last wrote; ``stats held`` is 0 or 1.
+    gauges = frozenset({"actual", "stats held"})
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         super().__init__(ctx, target=target)
@@ -456,6 +458,7 @@ class VirtioBalloonDevice(Device):
             capabilities=c.negotiated,
             driver_active=self.driver_active(),
             counters=counters,
+            gauges=self.gauges,
             guest_stats=dict(c.guest_stats),
         )
 

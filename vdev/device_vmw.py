@@ -39,6 +39,7 @@ class VmwDevice(Device):
     num_queues = 2
     features = 0
     config_size = _CONFIG.size
+    gauges = frozenset({"events pending"})
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         super().__init__(ctx, target=target)
@@ -148,4 +149,5 @@ class VmwDevice(Device):
             guest_type=None if gt is None else int(gt),
             doorbell_registered=m.doorbell is not None,
             counters=counters,
+            gauges=self.gauges,
         )

@@ -15,6 +15,7 @@ vballoon_vm_manual_target{vm}                          1 if the operator pinned 
 vballoon_vm_ram_bytes{vm}, _ram_allocated_bytes{vm}    guest RAM, its host-resident part
 vballoon_vm_inflate_pages_per_second{vm} (deflate)     rates over the last window
 vballoon_vm_balloon_events_total{vm,counter}           device counters (debugfs names)
+vballoon_vm_balloon_gauge{vm,gauge}                    device gauges (events pending, actual..)
 vballoon_vm_failures_total{vm}                         failed commands + refused pages
 vballoon_vm_reclaimed_bytes_total{vm}                  bytes punched out of guest RAM
 vballoon_vm_guest_stat{vm,stat}                        virtio-balloon guest stats
@@ -87,6 +88,11 @@ class ControlPlaneCollector(Collector):
             "Device model counters (debugfs vocabulary)",
             labels=["vm", "counter"],
         )
+        levels = GaugeMetricFamily(
+            "vballoon_vm_balloon_gauge",
+            "Device model gauges: current levels such as events pending",
+            labels=["vm", "gauge"],
+        )
         fails = CounterMetricFamily(
             "vballoon_vm_failures", "Failed commands and refused pages", labels=vm
         )
@@ -118,15 +124,16 @@ class ControlPlaneCollector(Collector):
             up, down = control.rates(name)
             inflate.add_metric([name], up)
             deflate.add_metric([name], down)
+            gauges = frozenset(getattr(view, "gauges", ()) or ())
             for counter, value in sorted(counters.items()):
-                events.add_metric([name, counter], value)
+                (levels if counter in gauges else events).add_metric([name, counter], value)
             fails.add_metric([name], failures(counters))
             reclaimed.add_metric([name], int(getattr(view, "reclaimed_bytes_total", 0) or 0))
             for stat, value in sorted(dict(getattr(view, "guest_stats", {}) or {}).items()):
                 if int(value) >= 0:  # -1: the guest does not report it
                     stats.add_metric([name, str(stat)], int(value))
         yield from (connected, active, size, target, maximum, manual, ram, resident)
-        yield from (inflate, deflate, events, fails, reclaimed, stats)
+        yield from (inflate, deflate, events, levels, fails, reclaimed, stats)
 
         sample = control.last_sample
         decision = control.last_decision

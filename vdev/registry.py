@@ -57,6 +57,8 @@ class GuestView:
     #: never inferred from ``capabilities`` (a virtio driver may accept no feature bits).
     driver_active: bool = False
     counters: Mapping[str, int] = field(default_factory=dict)
+    #: The names in ``counters`` that are gauges (levels), not monotonic counters.
+    gauges: frozenset[str] = frozenset()
     guest_stats: Mapping[str, int] = field(default_factory=dict)
     ram_allocated_bytes: int = 0
     reclaimed_bytes_total: int = 0
@@ -173,6 +175,7 @@ class GuestRegistry:
             driver_active=bool(st.driver_active),
             doorbell_registered=st.doorbell_registered,
             counters=dict(st.counters),
+            gauges=frozenset(st.gauges),
             guest_stats=dict(st.guest_stats),
             ram_allocated_bytes=dev.ram_allocated_bytes(),
             reclaimed_bytes_total=dev.reclaimed_bytes_total(),

@@ -146,6 +146,7 @@ class Connection:
             guest_type=st.guest_type,
             doorbell_registered=st.doorbell_registered,
             counters=counters,
+            gauges=st.gauges,  # the ring counters are all monotonic
             guest_stats=st.guest_stats,
         )
 
