@@ -271,6 +271,36 @@ async def test_unknown_vms_settings_and_paths_are_404(tmp_path: Path) -> None:
             assert r.status_code == 405 and "not allowed" in r.json()["error"]
 
 
+async def test_host_reports_capped_targets_apart_from_unmet_pressure(tmp_path: Path) -> None:
+    """A manual target above MCTLMAX on a host in state high is "capped", not unmet demand
+    (a demo showed 36888 unmet pages while the host was high)."""
+    control, _ = make_control()
+    wanted = VM_PAGES * 80 // 100
+    cap = VM_PAGES * 65 // 100
+    with trio.fail_after(10):
+        async with running(control, tmp_path / "api") as c:
+            steps = (await c.get("/host")).json()["steps"]
+            r = await c.put("/vms/vm0/target", json={"target_pages": wanted})
+            assert r.json()["target_pages"] == cap
+            while (r := await c.get("/host")).json()["steps"] == steps:  # the step it poked
+                await trio.sleep(0.01)
+            check_response("GET", "/host", r)
+            h = r.json()
+            assert h["state"] == "high"
+            assert h["unmet_pages"] == 0
+            assert h["capped_pages"] == wanted - cap
+            assert h["capped"] == {"vms": {"vm0": wanted - cap}, "pools": {}}
+            text = (await c.get("/metrics")).text
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("vballoon_policy_unmet_pages", ())] == 0
+    assert samples[("vballoon_policy_capped_pages", (("vm", "vm0"),))] == wanted - cap
+    assert samples[("vballoon_policy_capped_pages", (("vm", "vm1"),))] == 0
+
+
 async def test_simulated_endpoint_on_a_real_host_is_409(tmp_path: Path) -> None:
     control, _ = make_control(host_memory=None)
     with trio.fail_after(10):

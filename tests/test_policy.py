@@ -320,7 +320,7 @@ def test_limit_balloons_without_pressure() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "settings_kw", "target", "reason", "unmet"),
+    ("spec", "settings_kw", "target", "reason", "capped"),
     [
         # limit 2000 wants 8000, CtlMaxPercent 65 % of 10000 = 6500; ESXi swaps the other 1500
         ({"limit_pages": 2000}, {}, 6500, "capped:CtlMaxPercent", 1500),
@@ -350,13 +350,46 @@ def test_caps_on_limit_targets(
     settings_kw: dict[str, int],
     target: int,
     reason: str,
-    unmet: int,
+    capped: int,
 ) -> None:
+    # A limit cut by a cap is "capped", not unmet pressure: there is no host pressure here.
     vms = {"v": vm(**spec)}
     ent = compute_entitlements(vms, {}, PolicySettings(**settings_kw), 0)
     assert ent.vms["v"].target_pages == target
     assert ent.vms["v"].reason == reason
-    assert ent.unmet_pages == unmet
+    assert ent.vms["v"].capped_pages == ent.capped_pages == capped
+    assert ent.unmet_pages == 0
+
+
+def test_capped_limits_are_not_unmet_pressure() -> None:
+    # A pool whose limit the caps cannot reach: 2 x 10000 pages limited to 2000, caps let
+    # each give 6500 -> the pool stays at 7000, 5000 above its limit. That is "capped".
+    pools = {"p": PoolSpec("p", limit_pages=2000)}
+    vms = {"a": vm(pool="p"), "b": vm(pool="p")}
+    ent = compute_entitlements(vms, pools, PolicySettings(), 0)
+    assert ent.pool_capped_pages == {"p": 5000} and ent.capped_pages == 5000
+    assert ent.unmet_pages == 0
+    # Pressure on top, with room elsewhere: all of it placed on c, nothing unmet.
+    vms["c"] = vm()
+    ent = compute_entitlements(vms, pools, PolicySettings(), 3000)
+    assert ent.pressure_pages == 3000 and ent.unmet_pages == 0
+    assert ent.vms["c"].target_pages == 3000 and ent.pool_capped_pages == {"p": 5000}
+
+
+def test_engine_manual_target_above_cap_on_a_high_host_is_not_unmet() -> None:
+    # The demo's case: a host in HIGH, a manual target of 9000 on a VM whose MCTLMAX is 6500.
+    # The 2500 the cap cut are "capped" on that VM; no pressure demand is unmet.
+    vms = {"a": vm(manual=9000), "b": vm(balloon=100)}
+    d = engine().step(0.0, host(HOST_PAGES), vms)
+    assert d.state is HostState.HIGH
+    assert d.unmet_pages == 0
+    assert d.vms["a"].target_pages == 6500 and d.vms["a"].capped_pages == 2500
+    assert d.vms["b"].capped_pages == 0 and d.capped_pages == 2500
+    # In LOW the same VM still counts as capped; unmet is only what pressure could not place.
+    d = engine().step(0.0, host(0), {"a": vm(1000, manual=900), "b": vm(1000)})
+    assert d.state is HostState.LOW
+    assert d.vms["a"].capped_pages == 900 - 650
+    assert d.unmet_pages == 7400 - 650  # b takes 650 of the 7400 wanted; a is fixed
 
 
 def test_reservation_is_never_ballooned() -> None:
@@ -758,7 +791,7 @@ def test_prop_reclamation_meets_demand_when_possible(scenario: Scenario, reclaim
     assert placed <= min(reclaim, room)
     if not pools:
         assert placed == min(reclaim, room)
-    assert ent.unmet_pages >= reclaim - placed
+    assert ent.unmet_pages == reclaim - placed  # pressure only: limits are capped_pages
 
 
 @given(scenarios(), st.integers(0, 1_000_000), st.integers(0, 1_000_000))

@@ -824,6 +824,8 @@ OPENAPI: dict[str, Any] = {
                     "psi",
                     "pressure_pages",
                     "unmet_pages",
+                    "capped_pages",
+                    "capped",
                     "policy_period_s",
                     "steps",
                     "last_step",
@@ -840,8 +842,32 @@ OPENAPI: dict[str, Any] = {
                         "type": "object",
                         "properties": {"some_avg10": _NULLABLE_NUM, "full_avg10": _NULLABLE_NUM},
                     },
-                    "pressure_pages": {"type": "integer"},
-                    "unmet_pages": {"type": "integer"},
+                    "pressure_pages": {
+                        "type": "integer",
+                        "description": "host pressure reclamation placed on balloons",
+                    },
+                    "unmet_pages": {
+                        "type": "integer",
+                        "description": "host pressure demand the caps kept from any balloon "
+                        "(soft/hard/low only; ESXi would compress or swap it). Limits and "
+                        "manual targets never count here: see capped_pages",
+                    },
+                    "capped_pages": {
+                        "type": "integer",
+                        "description": "limits and manual targets cut by the caps "
+                        "(MCTLMAX), per VM and per pool, summed",
+                    },
+                    "capped": {
+                        "type": "object",
+                        "required": ["vms", "pools"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "vms": {"type": "object", "additionalProperties": _INT},
+                            "pools": {"type": "object", "additionalProperties": _INT},
+                        },
+                        "description": "capped_pages by VM (its limit or manual target) "
+                        "and by pool (its limit); only non-zero entries",
+                    },
                     "policy_period_s": {"type": "number"},
                     "steps": {"type": "integer"},
                     "last_step": {

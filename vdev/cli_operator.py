@@ -368,6 +368,7 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
         ("PSI some/full avg10", f"{_dash(psi.get('some_avg10'))} / {_dash(psi.get('full_avg10'))}"),
         ("pressure pages", str(h.get("pressure_pages"))),
         ("unmet pages", str(h.get("unmet_pages"))),
+        ("capped pages", _capped(h)),
         ("policy period s", str(h.get("policy_period_s"))),
         ("steps", str(h.get("steps"))),
     ):
@@ -375,6 +376,15 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
     if h.get("error"):
         table.add_row("error", Text(h["error"], style="red"))
     _console().print(table)
+
+
+def _capped(h: dict[str, Any]) -> str:
+    """Limit / manual requests the caps cut: the total, then by VM and by pool."""
+    total = str(h.get("capped_pages", 0))
+    capped = h.get("capped") or {}
+    parts = [f"{n} {p}" for n, p in sorted((capped.get("vms") or {}).items())]
+    parts += [f"pool {n} {p}" for n, p in sorted((capped.get("pools") or {}).items())]
+    return f"{total} ({', '.join(parts)})" if parts else total
 
 
 @click.command()

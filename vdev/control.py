@@ -318,6 +318,15 @@ class ControlPlane:
             },
             "pressure_pages": decision.pressure_pages if decision else 0,
             "unmet_pages": decision.unmet_pages if decision else 0,
+            "capped_pages": decision.capped_pages if decision else 0,
+            "capped": {
+                "vms": (
+                    {n: d.capped_pages for n, d in decision.vms.items() if d.capped_pages}
+                    if decision
+                    else {}
+                ),
+                "pools": dict(decision.pool_capped_pages) if decision else {},
+            },
             "policy_period_s": self.config.policy_period,
             "steps": self.steps,
             "last_step": self._last_step_wall,

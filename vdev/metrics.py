@@ -22,7 +22,8 @@ vballoon_vm_guest_stat{vm,stat}                        virtio-balloon guest stat
 vballoon_host_memory_{total,free,min_free}_bytes       MemTotal / MemAvailable / minFree
 vballoon_host_state{state}                             1 for the current state
 vballoon_host_psi_{some,full}_avg10                    PSI memory stall, percent
-vballoon_policy_{pressure,unmet}_pages                 last policy step
+vballoon_policy_{pressure,unmet}_pages                 last policy step (pressure only)
+vballoon_policy_capped_pages{vm}                       limit / manual target cut by MCTLMAX
 vballoon_policy_steps_total                            policy steps taken
 vballoon_setting{path}                                 advanced settings
 =====================================================  ===============================
@@ -178,9 +179,17 @@ class ControlPlaneCollector(Collector):
             )
             yield GaugeMetricFamily(
                 "vballoon_policy_unmet_pages",
-                "Reclamation the caps prevented",
+                "Host pressure demand the caps kept from every balloon",
                 value=decision.unmet_pages,
             )
+            capped = GaugeMetricFamily(
+                "vballoon_policy_capped_pages",
+                "A VM's limit or manual target cut by its cap (MCTLMAX)",
+                labels=["vm"],
+            )
+            for name, d in sorted(decision.vms.items()):
+                capped.add_metric([name], d.capped_pages)
+            yield capped
         yield CounterMetricFamily(
             "vballoon_policy_steps", "Policy steps taken", value=control.steps
         )

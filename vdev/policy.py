@@ -238,8 +238,9 @@ class HostState(enum.Enum):
     * SOFT: TPS + ballooning. We balloon, within the inflation rate limit.
     * HARD: ESXi compresses and swaps, and (per Epping) stops ballooning. We can neither
       compress nor swap, so we keep ballooning with the rate limit lifted.
-    * LOW: ESXi also blocks VM memory allocation. We cannot block; same as HARD. The amount
-      the caps keep us from reclaiming is reported as ``PolicyDecision.unmet_pages``.
+    * LOW: ESXi also blocks VM memory allocation. We cannot block; same as HARD. The pressure
+      demand the caps keep us from placing is reported as ``PolicyDecision.unmet_pages``
+      (limits and manual targets cut by the caps are ``capped_pages``, a separate figure).
     """
 
     HIGH = "high"
@@ -666,16 +667,27 @@ class Entitlement:
     target_pages: int
     reason: str
     max_pages: int
+    #: What the VM's own limit or manual target asked for beyond ``max_pages`` (cut by the
+    #: caps: ESXi would swap it). Not host pressure: see :attr:`Entitlements.unmet_pages`.
+    capped_pages: int = 0
 
 
 @dataclass(frozen=True)
 class Entitlements:
     vms: dict[str, Entitlement]
-    #: Pages the limits and the pressure demanded but the caps kept us from ballooning,
-    #: summed per constraint (a VM short of both its own and its pool limit counts twice).
+    #: Host pressure demand the caps kept us from placing on any balloon (ESXi would
+    #: compress or swap it). Limits and manual targets never count here.
     unmet_pages: int
     #: Pressure reclamation actually placed on top of the limit-driven targets.
     pressure_pages: int
+    #: Per pool: how far the caps keep the pool above its limit (only pools short of it).
+    pool_capped_pages: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def capped_pages(self) -> int:
+        """Limit and manual requests cut by the caps, summed per constraint (a VM short of
+        both its own and its pool's limit counts twice)."""
+        return sum(e.capped_pages for e in self.vms.values()) + sum(self.pool_capped_pages.values())
 
 
 def limit_targets(
@@ -706,7 +718,9 @@ def compute_entitlements(
     base = _distribute(root, 0)
     applied = max(0, min(pressure_pages, root.high - root.low))
     final = _distribute(root, applied)
-    unmet = pressure_pages - applied
+    # Only a state that balloons has a demand to miss: in HIGH / CLEAR ``pressure_pages`` is
+    # what the balloons may keep, and what the caps cut from it is simply released.
+    unmet = pressure_pages - applied if state.balloons else 0
     result: dict[str, Entitlement] = {}
     for name in vm_nodes:
         vm = vms[name]
@@ -715,8 +729,7 @@ def compute_entitlements(
         target = size - final[name]
         base_target = size - base[name]
         own_wanted = b.limit_pages
-        if own_wanted > b.max_pages:
-            unmet += own_wanted - b.max_pages
+        capped = max(0, own_wanted - b.max_pages)
         if vm.manual_target_pages is not None:
             reason = b.max_reason if own_wanted > b.max_pages else "manual"
         elif own_wanted > b.max_pages:
@@ -731,16 +744,27 @@ def compute_entitlements(
             reason = "limit"
         else:
             reason = "none"
-        result[name] = Entitlement(target_pages=target, reason=reason, max_pages=b.max_pages)
-    unmet += _pool_limit_unmet(root)
-    return Entitlements(vms=result, unmet_pages=unmet, pressure_pages=applied)
+        result[name] = Entitlement(
+            target_pages=target, reason=reason, max_pages=b.max_pages, capped_pages=capped
+        )
+    return Entitlements(
+        vms=result,
+        unmet_pages=unmet,
+        pressure_pages=applied,
+        pool_capped_pages=_pool_limit_capped(root),
+    )
 
 
-def _pool_limit_unmet(node: _Node) -> int:
-    own = 0
+def _pool_limit_capped(node: _Node) -> dict[str, int]:
+    """Per pool with a limit the caps keep it above: by how many pages."""
+    out: dict[str, int] = {}
     if node.pool is not None and node.pool.limit_pages is not None:
-        own = max(0, node.high - node.pool.limit_pages)  # > 0 only if caps beat the limit
-    return own + sum(_pool_limit_unmet(c) for c in node.children)
+        over = node.high - node.pool.limit_pages  # > 0 only if the caps beat the limit
+        if over > 0:
+            out[node.pool.name] = over
+    for child in node.children:
+        out.update(_pool_limit_capped(child))
+    return out
 
 
 def _distribute(root: _Node, reclaim: int) -> dict[str, int]:
@@ -806,6 +830,7 @@ class VmDecision:
     reason: str  # what decided the number (see module docs)
     desired_pages: int  # the entitlement before hysteresis and rate limit
     max_pages: int  # most the balloon may hold (esxtop MCTLMAX)
+    capped_pages: int = 0  # its limit / manual target beyond max_pages (see Entitlement)
 
 
 @dataclass(frozen=True)
@@ -815,12 +840,19 @@ class PolicyDecision:
     min_free_pages: int
     free_pages: int
     pressure_pages: int  # pressure reclamation placed beyond the limits
-    unmet_pages: int  # demanded but beyond the caps (ESXi would compress or swap these)
+    unmet_pages: int  # pressure demand beyond the caps (ESXi would compress or swap these)
     vms: dict[str, VmDecision]
+    #: Pools whose limit the caps keep them above, and by how much (VMs: VmDecision).
+    pool_capped_pages: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_target_pages(self) -> int:
         return sum(d.target_pages for d in self.vms.values())
+
+    @property
+    def capped_pages(self) -> int:
+        """Limit and manual requests cut by the caps (per VM and per pool), in total."""
+        return sum(d.capped_pages for d in self.vms.values()) + sum(self.pool_capped_pages.values())
 
 
 class PolicyEngine:
@@ -892,6 +924,7 @@ class PolicyEngine:
             pressure_pages=ent.pressure_pages,
             unmet_pages=ent.unmet_pages,
             vms=decisions,
+            pool_capped_pages=dict(ent.pool_capped_pages),
         )
 
     def _apply_dynamics(
@@ -938,6 +971,7 @@ class PolicyEngine:
                 reason=reasons[name],
                 desired_pages=ent.vms[name].target_pages,
                 max_pages=ent.vms[name].max_pages,
+                capped_pages=ent.vms[name].capped_pages,
             )
             for name in vms
         }
