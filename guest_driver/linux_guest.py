@@ -13,7 +13,7 @@ Queue count and config size are taken from the personality (:func:`balloon_devic
 vdev is either run in-process (:func:`serve_vdev`, the server in the caller's nursery and
 controlled through its registry: what the tests use) or as a ``vdev serve`` child process
 (:func:`guest_driver.vdev_process.vdev_serve`, driven through its API: the next-VM test;
-:func:`spawn_vdev`, blocking: ``scripts/run-qemu --linux``).
+:func:`guest_driver.vdev_process.start_vdev`, blocking: ``scripts/run-qemu --linux``).
 
 What can be observed:
 
@@ -40,11 +40,10 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -56,7 +55,7 @@ from protocol.errors import LocalError
 
 from .linux_image import PREFIX, GuestConsole, LinuxImage, run_guest
 from .qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, require_qemu
-from .vdev_process import vdev_serve_argv
+from .vdev_process import start_vdev, vdev_serve_argv
 
 log = logging.getLogger(__name__)
 
@@ -448,48 +447,6 @@ async def serve_vdev(
             nursery.cancel_scope.cancel()
 
 
-@contextlib.contextmanager
-def spawn_vdev(
-    directory: Path,
-    *,
-    api_socket: Path,
-    target: str = "0",
-    verbose: int = 1,
-    log_path: Path | None = None,
-    extra: Sequence[str] = (),
-    timeout: float = 15,
-) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """``vdev serve --device virtio-balloon`` as a child process (blocking; for the
-    interactive mode, the tests use :func:`guest_driver.vdev_process.vdev_serve`); stopped
-    (SIGTERM to that PID, then SIGKILL) on exit. Yields (process, socket path) once the
-    socket exists."""
-    path = directory / VDEV_SOCKET_NAME
-    argv = vdev_serve_argv(
-        path, api_socket, device="virtio-balloon", target=target, verbose=verbose, extra=extra
-    )
-    out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
-    try:
-        deadline = time.monotonic() + timeout
-        while not path.is_socket():
-            if proc.poll() is not None:
-                raise LocalError(f"vdev serve exited {proc.returncode} before listening")
-            if time.monotonic() > deadline:
-                raise LocalError(f"vdev serve did not listen on {path} within {timeout}s")
-            time.sleep(0.05)
-        yield proc, path
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if out is not None:
-            out.close()
-
-
 # --------------------------------------------------------------------------- waiting
 
 
@@ -584,7 +541,10 @@ def interactive(
         print(f"# (files staged in {scratch})")
         return 0
     try:
-        with spawn_vdev(scratch, target=target, api_socket=api, log_path=log_path) as (vdev, sock):
+        sock = scratch / VDEV_SOCKET_NAME
+        with start_vdev(
+            sock, api_socket=api, device="virtio-balloon", target=target, log_path=log_path
+        ) as vdev:
             staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
             argv = guest_argv(
                 qemu, image, staged, ram_mib=ram_mib, append=append,
@@ -667,7 +627,6 @@ __all__ = [
     "fresh_stats",
     "rss_shmem_kib",
     "serve_vdev",
-    "spawn_vdev",
     "wait_agree",
     "wait_balloon",
     "wait_until",

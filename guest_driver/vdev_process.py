@@ -1,42 +1,288 @@
-"""``vdev serve`` as a child process, driven through its management API (:mod:`vdev.client`).
+"""``vdev serve`` as a child process: the one way the guest side and the tests start it.
 
-The one way the guest side (the demo, the end-to-end tests) runs the real device:
-:func:`vdev_serve` starts ``python -m vdev serve --socket-path S --api-socket A`` and yields
-an :class:`ApiVdev` once both sockets exist; on exit the process is stopped by its PID
-(SIGTERM, then SIGKILL) and reaped. :class:`ApiVdev` is what an operator has: the API
-(``PUT /vms/{name}/target``, ``POST /vms/{name}/reset``, ``GET /vms/{name}``) and the
-operator CLI (``vdev stat`` ...) pointed at the same socket.
+* :func:`serve_argv`: the command line (``python -m vdev serve`` or another ``vdev_cmd``).
+* :class:`VdevProcess`: a started child with its log file; waits until its sockets listen
+  (:meth:`~VdevProcess.wait_listening`, or ``await`` :meth:`~VdevProcess.wait_listening_async`)
+  and stops by its PID (:meth:`~VdevProcess.stop`: SIGTERM, then SIGKILL after ``timeout``;
+  returns the exit code; ``await`` :meth:`~VdevProcess.stop_async` runs the same in a thread).
+* :func:`start_vdev` (blocking: tests' ``vdev_process`` fixture, ``run-qemu --linux``, the wire
+  fuzzer) returns a listening :class:`VdevProcess`, also a context manager that stops it;
+  :func:`open_vdev` is the same as an async context manager (the stop is shielded).
+* :func:`vdev_serve` (demo, end-to-end tests) yields an :class:`ApiVdev`: what an operator has,
+  the API (``PUT /vms/{name}/target``, ``POST /vms/{name}/reset``, ``GET /vms/{name}``) and
+  the operator CLI (``vdev stat`` ...) pointed at the same socket. The API client is
+  synchronous (httpx); its calls run in a worker thread, one at a time.
 
-The API client is synchronous (httpx); its calls run in a worker thread, one at a time.
+The child gets its own session (a terminal's Ctrl-C reaches only us; we stop it), stdin from
+``/dev/null``, stdout and stderr appended to the log file, the repository first on
+``PYTHONPATH`` (so another ``vdev_cmd`` script imports this tree's ``vdev``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
 
 from protocol.errors import LocalError
 
-from .qemu import qemu_process
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: ``python -m vdev``: what runs ``serve`` unless a caller gives another ``vdev_cmd``.
+VDEV_CMD = (sys.executable, "-m", "vdev")
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
 
 T = TypeVar("T")
+
+
+class VdevStartError(LocalError):
+    """``vdev serve`` exited, or did not listen in time, before it was ready."""
+
+
+def socket_paths(socket_path: str | Path, sockets: int | None = None) -> list[str]:
+    """``PATH`` alone, or ``PATH0..PATH(sockets-1)`` (``--socket-count``)."""
+    if sockets is None:
+        return [str(socket_path)]
+    return [f"{socket_path}{i}" for i in range(sockets)]
+
+
+def serve_argv(
+    socket_path: str | Path,
+    *,
+    sockets: int | None = None,
+    api_socket: str | Path | None = None,
+    no_api: bool = False,
+    device: str | None = None,
+    target: str = "0",
+    verbose: int = 1,
+    extra: Sequence[str] = (),
+    vdev_cmd: Sequence[str] | None = None,
+) -> list[str]:
+    """``vdev serve`` on ``socket_path`` (``sockets`` of them with ``--socket-count``); the API
+    on ``api_socket`` (default: vdev's, ``<first socket>.api``), none with ``no_api``;
+    ``device`` None leaves vdev's default personality; ``extra`` is appended."""
+    argv = [*(vdev_cmd or VDEV_CMD), "serve"]
+    if device is not None:
+        argv += ["--device", device]
+    argv += ["--socket-path", str(socket_path)]
+    if sockets is not None:
+        argv += ["--socket-count", str(sockets)]
+    if api_socket is not None:
+        argv += ["--api-socket", str(api_socket)]
+    if no_api:
+        argv.append("--no-api")
+    argv += ["--target", target]
+    if verbose:
+        argv.append("-" + "v" * verbose)
+    return [*argv, *extra]
+
+
+def vdev_serve_argv(
+    socket_path: Path,
+    api_socket: Path,
+    *,
+    device: str = "vmw",
+    target: str = "0",
+    verbose: int = 1,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """:func:`serve_argv` with an explicit API socket and personality (``run-qemu --dry-run``)."""
+    return serve_argv(
+        socket_path, api_socket=api_socket, device=device, target=target, verbose=verbose,
+        extra=extra,
+    )  # fmt: skip
+
+
+class VdevProcess:
+    """A ``vdev serve`` child (see :func:`start_vdev` / :func:`open_vdev`).
+
+    ``proc`` is the :class:`subprocess.Popen`; ``paths`` the vhost-user sockets; ``api_socket``
+    the API socket waited for (None: not waited for); ``args`` the command line."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        paths: Sequence[str],
+        *,
+        api_socket: str | Path | None = None,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.args = list(args)
+        self.paths = list(paths)
+        self.api_socket = None if api_socket is None else str(api_socket)
+        self.log_path = log_path
+        environ = dict(os.environ if env is None else env)
+        environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), environ.get("PYTHONPATH")) if p
+        )
+        out: Any = subprocess.DEVNULL
+        if log_path is not None:
+            out = open(log_path, "ab")  # noqa: SIM115 (the child keeps its own copy)
+        try:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                self.args, cwd=REPO_ROOT, env=environ, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            if log_path is not None:
+                out.close()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code, None while it runs (polls)."""
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        """Its output so far ("" without a log file)."""
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 1500) -> str:
+        return self.log()[-n:]
+
+    # -- start -----------------------------------------------------------------------------
+
+    def listening(self) -> bool:
+        """Every socket waited for exists; :class:`VdevStartError` if the process exited."""
+        if self.proc.poll() is not None:
+            raise VdevStartError(
+                f"vdev serve exited {self.proc.returncode} before listening: {self.log_tail()}"
+            )
+        wanted = [*self.paths, *([self.api_socket] if self.api_socket else [])]
+        return all(Path(p).is_socket() for p in wanted)
+
+    def _not_listening(self, timeout: float) -> VdevStartError:
+        return VdevStartError(
+            f"vdev serve did not listen on {self.paths} within {timeout} s: {self.log_tail()}"
+        )
+
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        """Block until it listens; on failure the process is stopped and this raises."""
+        deadline = time.monotonic() + timeout
+        while not self.listening():
+            if time.monotonic() > deadline:
+                self.stop(timeout=1)
+                raise self._not_listening(timeout)
+            time.sleep(0.02)
+
+    async def wait_listening_async(self, timeout: float = START_TIMEOUT) -> None:
+        """:meth:`wait_listening` for trio."""
+        with trio.move_on_after(timeout):
+            while not self.listening():
+                await trio.sleep(0.02)
+            return
+        await self.stop_async(timeout=1)
+        raise self._not_listening(timeout)
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig`` (if still running), wait ``timeout`` s, then SIGKILL; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    async def stop_async(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """:meth:`stop` in a worker thread, shielded from cancellation (it is bounded)."""
+        with trio.CancelScope(shield=True):
+            code = await trio.to_thread.run_sync(self.stop, sig, timeout)
+        return code
+
+    def __enter__(self) -> VdevProcess:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _spawn(
+    socket_path: str | Path,
+    sockets: int | None,
+    api_socket: str | Path | None,
+    log_path: Path | None,
+    env: Mapping[str, str] | None,
+    argv_kw: dict[str, Any],
+) -> VdevProcess:
+    argv = serve_argv(socket_path, sockets=sockets, api_socket=api_socket, **argv_kw)
+    paths = socket_paths(socket_path, sockets)
+    return VdevProcess(argv, paths, api_socket=api_socket, log_path=log_path, env=env)
+
+
+def start_vdev(
+    socket_path: str | Path,
+    *,
+    sockets: int | None = None,
+    api_socket: str | Path | None = None,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = START_TIMEOUT,
+    **argv_kw: Any,
+) -> VdevProcess:
+    """Start ``vdev serve`` and block until its sockets (and ``api_socket``, when given)
+    listen. ``argv_kw`` goes to :func:`serve_argv` (``device``, ``target``, ``verbose``,
+    ``extra``, ``no_api``, ``vdev_cmd``). Use it as a context manager to stop it on exit."""
+    vdev = _spawn(socket_path, sockets, api_socket, log_path, env, argv_kw)
+    vdev.wait_listening(timeout)
+    return vdev
+
+
+@contextlib.asynccontextmanager
+async def open_vdev(
+    socket_path: str | Path,
+    *,
+    sockets: int | None = None,
+    api_socket: str | Path | None = None,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = START_TIMEOUT,
+    **argv_kw: Any,
+) -> AsyncIterator[VdevProcess]:
+    """:func:`start_vdev` for trio: yields once it listens; stopped on exit (shielded)."""
+    vdev = _spawn(socket_path, sockets, api_socket, log_path, env, argv_kw)
+    try:
+        await vdev.wait_listening_async(timeout)
+        yield vdev
+    finally:
+        await vdev.stop_async()
 
 
 class ApiVdev:
     """A running ``vdev serve`` seen through its API socket; methods act on guest ``name``."""
 
-    def __init__(self, proc: trio.Process, socket_path: Path, api_socket: Path, name: str):
+    def __init__(self, proc: VdevProcess, socket_path: Path, api_socket: Path, name: str):
         from vdev.client import ApiClient
 
-        self.proc = proc
+        self.proc = proc  # pid, returncode, log(), stop()
         self.socket_path = socket_path
         self.api_socket = api_socket
         self.name = name
@@ -79,24 +325,6 @@ class ApiVdev:
         self.client.close()
 
 
-def vdev_serve_argv(
-    socket_path: Path,
-    api_socket: Path,
-    *,
-    device: str = "vmw",
-    target: str = "0",
-    verbose: int = 1,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    argv = [
-        sys.executable, "-m", "vdev", "serve", "--device", device,
-        "--socket-path", str(socket_path), "--api-socket", str(api_socket), "--target", target,
-    ]  # fmt: skip
-    if verbose:
-        argv.append("-" + "v" * verbose)
-    return [*argv, *extra]
-
-
 @contextlib.asynccontextmanager
 async def vdev_serve(
     directory: Path,
@@ -109,7 +337,7 @@ async def vdev_serve(
     extra: Sequence[str] = (),
     log_path: Path | None = None,
     verbose: int = 1,
-    timeout: float = 15,
+    timeout: float = START_TIMEOUT,
 ) -> AsyncIterator[ApiVdev]:
     """``vdev serve`` on ``directory/socket_name`` with its API on ``directory/vdev.api``.
 
@@ -117,18 +345,14 @@ async def vdev_serve(
     the API before yielding; ``extra`` goes to the command line (``--host-memory 64G`` ...);
     its output goes to ``log_path`` (default ``directory/vdev.log``)."""
     sock, api = directory / socket_name, directory / "vdev.api"
-    argv = vdev_serve_argv(sock, api, device=device, target=target, verbose=verbose, extra=extra)
-    with open(log_path or directory / "vdev.log", "ab") as out:
-        async with qemu_process(argv, stdout=out.fileno(), stderr=out.fileno()) as proc:
-            with trio.fail_after(timeout):
-                while not (sock.is_socket() and api.is_socket()):
-                    if proc.returncode is not None:
-                        raise LocalError(f"vdev serve exited {proc.returncode} before listening")
-                    await trio.sleep(0.02)
-            handle = ApiVdev(proc, sock, api, name)
-            try:
-                for path, value in (settings or {}).items():
-                    await handle.set_setting(path, value)
-                yield handle
-            finally:
-                handle.close()
+    async with open_vdev(
+        sock, api_socket=api, log_path=log_path or directory / "vdev.log", timeout=timeout,
+        device=device, target=target, verbose=verbose, extra=extra,
+    ) as proc:  # fmt: skip
+        handle = ApiVdev(proc, sock, api, name)
+        try:
+            for path, value in (settings or {}).items():
+                await handle.set_setting(path, value)
+            yield handle
+        finally:
+            handle.close()

@@ -1,9 +1,10 @@
 """Shared fixtures for the back-end tests (and anyone else's).
 
 * ``vdev_process`` — a factory starting ``vdev serve`` as a separate process on a fresh
-  socket in ``tmp_path``: ``srv = vdev_process(sockets=2, target="64M")``; ``srv.paths``,
-  ``srv.proc``, ``srv.log()`` (its stderr so far), ``srv.stop()`` (SIGTERM, returns the exit
-  code). Every process is stopped at teardown.
+  socket in ``tmp_path`` (:func:`guest_driver.vdev_process.start_vdev`):
+  ``srv = vdev_process(sockets=2, target="64M")``; ``srv.paths``, ``srv.proc``, ``srv.log()``
+  (its output so far), ``srv.stop()`` (SIGTERM, then SIGKILL; returns the exit code). Every
+  process is stopped at teardown.
 * ``vdev_inproc`` — an async factory running a :class:`vdev.server.Server` inside the test's
   trio nursery: ``server, registry = await vdev_inproc(sockets=1, target_pages=0)``;
   ``registry`` drives targets (``registry.set_target("vm0", pages)``).
@@ -13,13 +14,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,60 +22,25 @@ import pytest
 import trio
 
 from guest_driver.frontend import GuestRamFile
+from guest_driver.vdev_process import VdevProcess, start_vdev
 
 MiB = 1 << 20
 
 
-@dataclass
-class VdevProcess:
-    proc: subprocess.Popen[bytes]
-    paths: list[str]
-    stderr_path: Path
-    args: list[str] = field(default_factory=list)
-
-    def log(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-
 @pytest.fixture
 def vdev_process(tmp_path: Path) -> Iterator[Callable[..., VdevProcess]]:
+    """A factory over :func:`guest_driver.vdev_process.start_vdev`; all stopped at teardown."""
     started: list[VdevProcess] = []
 
     def start(
         *extra: str, sockets: int | None = None, target: str = "0", verbose: int = 2
     ) -> VdevProcess:
-        base = str(tmp_path / f"vu{len(started)}.sock")
-        args = [sys.executable, "-m", "vdev", "serve", "--socket-path", base, "--target", target]
-        if sockets is not None:
-            args += ["--socket-count", str(sockets)]
-        if verbose:
-            args.append("-" + "v" * verbose)
-        args += list(extra)
-        paths = [base] if sockets is None else [f"{base}{i}" for i in range(sockets)]
-        err = tmp_path / f"vdev{len(started)}.stderr"
-        proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err.open("wb")
-        )
-        srv = VdevProcess(proc, paths, err, args)
+        n = len(started)
+        srv = start_vdev(
+            tmp_path / f"vu{n}.sock", sockets=sockets, target=target, verbose=verbose,
+            extra=extra, log_path=tmp_path / f"vdev{n}.log", timeout=10,
+        )  # fmt: skip
         started.append(srv)
-        deadline = time.monotonic() + 10
-        while not all(os.path.exists(p) for p in paths):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vdev serve did not come up:\n{srv.log()}")
-            time.sleep(0.01)
         return srv
 
     yield start

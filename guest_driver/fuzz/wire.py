@@ -21,12 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import struct
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +47,7 @@ from ..harness.rawfrontend import (
     vring_addr,
     vring_state,
 )
+from ..vdev_process import VdevProcess, start_vdev
 from .corpus import Draw, Finding
 
 ENGINE = "builtin"
@@ -63,10 +60,9 @@ DEADLINE = 5.0
 
 @dataclass
 class Live:
-    proc: subprocess.Popen[bytes]
+    vdev: VdevProcess
     attack: str
     healthy: str
-    log: Path
     base_fds: int = 0
     base_rss_kb: int = 0
 
@@ -89,38 +85,21 @@ def _rss_kb(pid: int) -> int:
 def session(device: str = "vmw", vdev_cmd: list[str] | None = None) -> Iterator[Live]:
     """Start ``vdev serve`` (or ``vdev_cmd``) with two sockets for a campaign."""
     global _LIVE
-    tmp = tempfile.TemporaryDirectory(prefix="vballoon-wire-")
-    base = str(Path(tmp.name) / "vm")
-    log = Path(tmp.name) / "vdev.log"
-    cmd = [
-        *(vdev_cmd or [sys.executable, "-m", "vdev"]), "serve", "--socket-path", base, "--socket-count", "2",
-        "--device", device, "--target", str(64 << 20), "--no-api",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
-    paths = [f"{base}0", f"{base}1"]
-    t0 = time.monotonic()
-    while not all(os.path.exists(p) for p in paths):
-        if proc.poll() is not None or time.monotonic() - t0 > 15:
-            proc.kill()
-            raise RuntimeError(f"vdev serve did not start: {log.read_text()[-1000:]}")
-        time.sleep(0.02)
-    live = Live(proc, paths[0], paths[1], log)
-    live.base_fds = _fd_count(proc.pid)
-    live.base_rss_kb = _rss_kb(proc.pid)
-    _LIVE = live
-    try:
-        yield live
-    finally:
-        _LIVE = None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        tmp.cleanup()
+    with (
+        tempfile.TemporaryDirectory(prefix="vballoon-wire-") as tmp,
+        start_vdev(
+            Path(tmp) / "vm", sockets=2, no_api=True, device=device, target=str(64 << 20),
+            verbose=0, vdev_cmd=vdev_cmd, log_path=Path(tmp) / "vdev.log",
+        ) as vdev,
+    ):  # fmt: skip
+        live = Live(vdev, vdev.paths[0], vdev.paths[1])
+        live.base_fds = _fd_count(vdev.pid)
+        live.base_rss_kb = _rss_kb(vdev.pid)
+        _LIVE = live
+        try:
+            yield live
+        finally:
+            _LIVE = None
 
 
 # --------------------------------------------------------------------------------------
@@ -298,20 +277,19 @@ def one_input(data: bytes) -> None:
         d = Draw(data)
         with trio.move_on_after(DEADLINE):
             await _attack(d, live.attack)
-        if live.proc.poll() is not None:
-            tail = live.log.read_text(errors="replace")[-1500:]
-            raise Finding(f"vdev exited with {live.proc.returncode}: {tail}")
+        if not live.vdev.alive():
+            raise Finding(f"vdev exited with {live.vdev.returncode}: {live.vdev.log_tail()}")
         try:
             with trio.fail_after(DEADLINE):
                 await _healthy(live.healthy)
         except (trio.TooSlowError, Closed, OSError) as exc:
             raise Finding(f"healthy guest not served after the attack: {exc!r}") from None
-        rss_mb = _rss_kb(live.proc.pid) // 1024
+        rss_mb = _rss_kb(live.vdev.pid) // 1024
         if rss_mb > RSS_LIMIT_MB:
             raise Finding(f"vdev RSS {rss_mb} MiB > {RSS_LIMIT_MB} MiB")
         # the attacked connection is gone: its fds must be closed (allow a moment)
         for _ in range(50):
-            fds = _fd_count(live.proc.pid)
+            fds = _fd_count(live.vdev.pid)
             if fds <= live.base_fds + FD_SLACK:
                 break
             await trio.sleep(0.01)
