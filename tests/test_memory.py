@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from protocol.errors import FrontendError, GuestError
-from vdev.memory import PAGE_SIZE, GuestMemory, RegionSpec
+from vdev.memory import PAGE_SIZE, GuestMemory, RegionSpec, close_regions
 
 MiB = 1 << 20
 UVA = 0x7F00_0000_0000
@@ -129,3 +129,35 @@ def test_table_replacement_and_regions(memfd: int) -> None:
         m.set_table([RegionSpec(0, 1 * MiB, UVA, 0)], [])
     m.close()
     assert m.empty
+
+
+def test_replaced_regions_are_released_not_closed(memfd: int) -> None:
+    """Table changes never close a region (or a refused fd) inline: the owner takes them and
+    closes them, in a worker thread when they may free a populated RAM file."""
+    m = GuestMemory("rel")
+    m.set_table(*qemu_like(memfd, 16 * MiB))
+    first = m.regions
+    assert m.take_released() == []
+    m.set_table([RegionSpec(0, 1 * MiB, UVA, 0)], [os.dup(memfd)])
+    released = m.take_released()
+    assert released == list(first) and not any(r.closed for r in first)
+    os.fstat(first[0].fd)  # still open
+    close_regions(released)
+    assert all(r.closed for r in first)
+    [kept] = m.regions
+    m.add_region(kept.spec, os.dup(memfd))  # the identical region again replaces it
+    assert m.take_released() == [kept] and not kept.closed
+    kept.close()
+    refused = os.dup(memfd)
+    with pytest.raises(FrontendError):
+        m.set_table([RegionSpec(0, 1 * MiB, UVA, 0)], [refused, os.dup(memfd)])
+    released = m.take_released()
+    assert refused in released  # the fds of a refused table: released too
+    close_regions(released)
+    with pytest.raises(OSError):
+        os.fstat(refused)
+    [last] = m.regions
+    assert m.remove_region(last.spec)
+    assert m.take_released() == [last]
+    last.close()
+    m.close()

@@ -6,7 +6,14 @@
   translate again on every access (the rings keep guest-physical addresses, translated from
   front-end virtual addresses once at ``SET_VRING_ADDR``). So unmapping a removed region is
   always safe, except while a reclaim worker thread still uses it: such regions are retired
-  and closed when the worker finishes.
+  until the worker finishes.
+* Replaced, removed and refused regions (and the fds of a refused table) are never closed
+  inline: they are *released*, and the owner takes them (:meth:`GuestMemory.take_released`,
+  or :meth:`GuestMemory.detach` for everything) and closes them with :func:`close_regions`
+  in a worker thread. Closing the last fd of a populated RAM file frees that RAM there and
+  then (about a second per few GiB): a front-end that hands over its only copy of a large
+  memfd and then replaces the table must not stall every other guest. :meth:`close` closes
+  whatever is left, inline (owners that do not care, e.g. tests).
 * Every access is bounds-checked: a range must lie wholly inside one region (PROTOCOL.md
   section 1); anything else raises :class:`~protocol.errors.GuestError`.
 * It implements the device model's ``GuestRam`` protocol (``total_pages``, ``ram_pfn_mask``,
@@ -142,7 +149,8 @@ class GuestMemory:
     def __init__(self, name: str = "guest") -> None:
         self.name = name
         self._regions: list[Region] = []  # sorted by gpa
-        self._retired: list[Region] = []
+        self._retired: list[Region] = []  # replaced while a reclaim worker uses them
+        self._released: list[Region | int] = []  # for the owner to close (take_released)
         self.generation = 0  # bumps on every table change
         self.reclaimed_bytes_total = 0
         self._index()
@@ -150,10 +158,10 @@ class GuestMemory:
     # -- table management ----------------------------------------------------------------
 
     def set_table(self, specs: list[RegionSpec], fds: list[int]) -> None:
-        """Replace every region. Takes ownership of ``fds`` (closed on failure too)."""
+        """Replace every region. Takes ownership of ``fds`` (released on failure too); the
+        old regions are released (:meth:`take_released`)."""
         if len(specs) != len(fds):
-            for fd in fds:
-                _close_quietly(fd)
+            self._released += fds
             raise FrontendError(f"{len(specs)} memory regions but {len(fds)} fds")
         new: list[Region] = []
         pending = list(fds)
@@ -165,21 +173,21 @@ class GuestMemory:
                 pending.pop(0)
             self._check_overlap(new)
         except BaseException:
-            for fd in pending:
-                _close_quietly(fd)
-            for r in new:
-                r.close()
+            self._released += pending
+            self._released += new
             raise
         old, self._regions = self._regions, sorted(new, key=lambda r: r.gpa)
         self._drop(old)
         self._changed()
 
     def add_region(self, spec: RegionSpec, fd: int) -> None:
+        """Add a region (owning ``fd``); one with the same gpa, size and uaddr is replaced
+        and released, and so are ``fd`` / the new region when refused."""
         try:
             spec.validate()
             region = _map(spec, fd)
         except BaseException:
-            _close_quietly(fd)
+            self._released.append(fd)
             raise
         # an identical region added again (same gpa, size, uaddr) replaces the old one
         same = [
@@ -191,14 +199,15 @@ class GuestMemory:
         try:
             self._check_overlap([*others, region])
         except BaseException:
-            region.close()
+            self._released.append(region)
             raise
         self._regions = sorted([*others, region], key=lambda r: r.gpa)
         self._drop(same)
         self._changed()
 
     def remove_region(self, spec: RegionSpec) -> bool:
-        """Remove every region equal to ``spec`` in (gpa, size, uaddr); True if any was."""
+        """Remove (and release) every region equal to ``spec`` in (gpa, size, uaddr); True
+        if any was."""
         keep: list[Region] = []
         gone: list[Region] = []
         for r in self._regions:
@@ -216,17 +225,26 @@ class GuestMemory:
         return True
 
     def close(self) -> None:
-        """Unmap everything (retiring regions a reclaim worker still uses)."""
+        """Unmap and close everything now, in this thread (retiring regions a reclaim worker
+        still uses)."""
         close_regions(self.detach())
 
-    def detach(self) -> list[Region]:
+    def detach(self) -> list[Region | int]:
         """Forget every region; return those the caller must close (:func:`close_regions`),
-        e.g. in a worker thread: closing the last fd of a RAM file frees the RAM there and
-        then. Regions a reclaim worker still uses are retired and closed by it, as usual."""
+        released ones included, e.g. in a worker thread: closing the last fd of a RAM file
+        frees the RAM there and then. Regions a reclaim worker still uses are retired and
+        released when it finishes (take them with :meth:`take_released`)."""
         old, self._regions = self._regions, []
-        self._drop(r for r in old if r.busy)
+        self._drop(old)
         self._changed()
-        return [r for r in old if not r.busy]
+        return self.take_released()
+
+    def take_released(self) -> list[Region | int]:
+        """The regions (and bare fds) replaced, removed or refused since the last call, for
+        the caller to close with :func:`close_regions`, in a worker thread when they may
+        be the last reference to a populated RAM file."""
+        released, self._released = self._released, []
+        return released
 
     @property
     def regions(self) -> tuple[Region, ...]:
@@ -246,12 +264,13 @@ class GuestMemory:
                 )
 
     def _drop(self, regions: Iterable[Region]) -> None:
+        """Regions leaving the table: released now, or once their reclaim workers finish."""
         for r in regions:
             if r.busy:
                 r.retired = True
                 self._retired.append(r)
             else:
-                r.close()
+                self._released.append(r)
 
     def _changed(self) -> None:
         self.generation += 1
@@ -438,8 +457,8 @@ class GuestMemory:
                 for r in regions:
                     r.busy -= 1
                     if r.retired and not r.busy:
-                        r.close()
                         self._retired.remove(r)
+                        self._released.append(r)  # the owner closes it (take_released)
         self.reclaimed_bytes_total += done
         return done
 
@@ -455,10 +474,15 @@ class GuestMemory:
         return total
 
 
-def close_regions(regions: Iterable[Region]) -> None:
-    """Unmap and close ``regions`` (what :meth:`GuestMemory.detach` handed out)."""
+def close_regions(regions: Iterable[Region | int]) -> None:
+    """Unmap and close ``regions`` and bare fds (what :meth:`GuestMemory.detach` and
+    :meth:`GuestMemory.take_released` hand out). Safe in a worker thread: nothing else
+    refers to them any more."""
     for r in regions:
-        r.close()
+        if isinstance(r, int):
+            _close_quietly(r)
+        else:
+            r.close()
 
 
 def _close_quietly(fd: int) -> None:

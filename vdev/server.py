@@ -27,7 +27,10 @@ On disconnect every fd and mapping of the connection is closed and the registry 
 back to "disconnected" (the balloon is forgotten). The guest-RAM mappings and fds are
 released in a worker thread: when the front-end is already gone, closing the last fd of
 its RAM file frees all of that RAM synchronously (about a second per few GiB), which
-would stall every other guest if done in the trio thread. A bug surfacing as an unexpected
+would stall every other guest if done in the trio thread. The same goes for the regions a
+SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG replaces or refuses (a hostile front-end may hand
+over its only copy of a large populated memfd, then replace the table): the memory layer
+releases them and the connection closes them in a worker thread. A bug surfacing as an unexpected
 exception in one connection closes that connection (logged with its traceback) and never
 takes the server down. :meth:`Server.shutdown` (SIGINT/SIGTERM)
 answers the requests still queued with ERROR_BUSY, then closes everything.
@@ -93,6 +96,14 @@ def socket_paths(path: str, count: int | None) -> list[str]:
     return [f"{path}{i}" for i in range(count)]
 
 
+async def _close_in_thread(regions: Sequence[Region | int]) -> None:
+    """:func:`~vdev.memory.close_regions` in a worker thread, shielded (they must be closed
+    even when the connection is being cancelled)."""
+    if regions:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close_regions, list(regions))
+
+
 class Connection:
     """One vhost-user front-end on one guest's socket (see the module docstring)."""
 
@@ -127,7 +138,7 @@ class Connection:
         self._backend_send: trio.MemorySendChannel[bytes] | None = None
         self._config_change_pending = False
         self._nursery: trio.Nursery | None = None
-        self._detached: list[Region] = []
+        self._detached: list[Region | int] = []
         self.closed = False
 
     # -- LiveDevice (what the registry reads and asks) -----------------------------------
@@ -215,9 +226,13 @@ class Connection:
     async def _release_memory(self) -> None:
         """Unmap and close the detached guest-RAM regions in a worker thread."""
         regions, self._detached = self._detached, []
-        if regions:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(close_regions, regions)
+        await _close_in_thread(regions)
+
+    async def _close_released(self) -> None:
+        """Close the regions a table change (or a finished reclaim) released, in a worker
+        thread: they may hold the last fd of a large populated RAM file. Awaited by this
+        connection only (its next message waits; its rings and every other guest run on)."""
+        await _close_in_thread(self.memory.take_released())
 
     async def _reader(self) -> None:
         try:
@@ -322,9 +337,12 @@ class Connection:
             RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
             for r in msg.body.regions
         ]
-        async with self.lock:
-            self.memory.set_table(specs, list(msg.fds))
-            self.device.rings_changed()
+        try:
+            async with self.lock:
+                self.memory.set_table(specs, list(msg.fds))
+                self.device.rings_changed()
+        finally:
+            await self._close_released()  # the old table (or the refused one)
         log.info(
             "%s: memory table: %d regions, %d pages of RAM",
             self.name,
@@ -335,12 +353,17 @@ class Connection:
     async def _on_add_mem_reg(self, msg: Message) -> None:
         r = msg.body.region
         spec = RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-        async with self.lock:
-            if len(self.memory.regions) >= self.proto.max_mem_slots:
-                close_fds(msg.fds)
-                raise FrontendError(f"{self.name}: more than {self.proto.max_mem_slots} regions")
-            self.memory.add_region(spec, msg.fds[0])
-            self.device.rings_changed()
+        try:
+            async with self.lock:
+                if len(self.memory.regions) >= self.proto.max_mem_slots:
+                    await _close_in_thread(msg.fds)
+                    raise FrontendError(
+                        f"{self.name}: more than {self.proto.max_mem_slots} regions"
+                    )
+                self.memory.add_region(spec, msg.fds[0])
+                self.device.rings_changed()
+        finally:
+            await self._close_released()  # a region it replaced (or the refused one)
 
     async def _on_rem_mem_reg(self, msg: Message) -> None:
         r = msg.body.region
@@ -351,6 +374,7 @@ class Connection:
                     "%s: REM_MEM_REG of an unknown region gpa=%#x", self.name, spec.guest_phys_addr
                 )
             self.device.rings_changed()
+        await _close_in_thread([*self.memory.take_released(), *msg.fds])  # fd: unused
 
     async def _on_set_vring_num(self, msg: Message) -> None:
         async with self.lock:
@@ -516,6 +540,8 @@ class Connection:
                 await self.memory.reclaim_async(rec.pfn_starts, rec.pfn_counts)
             except HostResourceError as exc:
                 log.error("%s: reclaim failed: %s", self.name, exc)
+        if work.reclaims:
+            await self._close_released()  # regions the table dropped while a worker used them
         by_queue: dict[int, list[tuple[int, int]]] = {}
         for qi, head, length in work.completions:
             by_queue.setdefault(qi, []).append((head, length))

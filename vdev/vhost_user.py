@@ -11,7 +11,7 @@ The connection validates everything that does not need guest memory or the devic
 * the payload: exactly the declared size of its format (``protocol.vhost_user``);
 * the fds: only SET_MEM_TABLE (one per region), ADD_MEM_REG (exactly one),
   SET_VRING_KICK/CALL/ERR (one unless the no-fd bit 0x100 is set), SET_BACKEND_REQ_FD
-  (exactly one) may carry fds; REM_MEM_REG may carry one, which is closed unused. Anything
+  (exactly one) may carry fds; REM_MEM_REG may carry one, which the owner closes unused. Anything
   else with fds is a :class:`~protocol.errors.FrontendError`;
 * the state: feature bits never offered, protocol-feature-gated requests without the bit,
   ring-configuring requests before SET_OWNER, queue indices beyond the device's queues,
@@ -286,8 +286,9 @@ class BackendConnection:
             if body.value & ~(vu.VRING_INDEX_MASK | vu.VRING_NOFD_MASK):
                 raise FrontendError(f"{self.name}: {request.name} reserved bits {body.value:#x}")
         elif request is R.REM_MEM_REG:
-            close_fds(fds)  # allowed, never used
-            return []
+            # allowed, never used: the owner closes it (vdev/server.py: in a worker thread,
+            # it may be the last reference to a populated RAM file)
+            return fds
         else:
             want = 0
         if n != want:
