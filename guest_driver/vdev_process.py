@@ -7,7 +7,8 @@
   returns the exit code; ``await`` :meth:`~VdevProcess.stop_async` runs the same in a thread).
 * :func:`start_vdev` (blocking: tests' ``vdev_process`` fixture, ``run-qemu --linux``, the wire
   fuzzer) returns a listening :class:`VdevProcess`, also a context manager that stops it;
-  :func:`open_vdev` is the same as an async context manager (the stop is shielded).
+  :func:`open_vdev` is the same as an async context manager (the stop is shielded);
+  :func:`spawn_vdev` only starts it.
 * :func:`vdev_serve` (demo, end-to-end tests) yields an :class:`ApiVdev`: what an operator has,
   the API (``PUT /vms/{name}/target``, ``POST /vms/{name}/reset``, ``GET /vms/{name}``) and
   the operator CLI (``vdev stat`` ...) pointed at the same socket. The API client is
@@ -47,6 +48,28 @@ T = TypeVar("T")
 
 class VdevStartError(LocalError):
     """``vdev serve`` exited, or did not listen in time, before it was ready."""
+
+
+#: ``__SO_ACCEPTCON`` in ``/proc/net/unix``'s Flags column: the socket listens.
+_SO_ACCEPTCON = 0x10000
+
+
+def unix_listening(paths: Sequence[str]) -> bool:
+    """Whether a unix socket listens on each of ``paths`` (as bound), without connecting
+    (a connection would be a front-end to vdev). A socket file appears at ``bind()``, before
+    ``listen()``: connecting in between is refused, so its existence is not enough. Falls
+    back to "the socket file exists" where ``/proc/net/unix`` cannot be read."""
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            next(f)
+            bound = {
+                fields[7]
+                for fields in (line.rstrip("\n").split(None, 7) for line in f)
+                if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON
+            }
+    except (OSError, StopIteration, ValueError):
+        return all(Path(p).is_socket() for p in paths)
+    return all(str(p) in bound and Path(p).is_socket() for p in paths)
 
 
 def socket_paths(socket_path: str | Path, sockets: int | None = None) -> list[str]:
@@ -167,13 +190,13 @@ class VdevProcess:
     # -- start -----------------------------------------------------------------------------
 
     def listening(self) -> bool:
-        """Every socket waited for exists; :class:`VdevStartError` if the process exited."""
+        """Every socket waited for listens; :class:`VdevStartError` if the process exited."""
         if self.proc.poll() is not None:
             raise VdevStartError(
                 f"vdev serve exited {self.proc.returncode} before listening: {self.log_tail()}"
             )
         wanted = [*self.paths, *([self.api_socket] if self.api_socket else [])]
-        return all(Path(p).is_socket() for p in wanted)
+        return unix_listening(wanted)
 
     def _not_listening(self, timeout: float) -> VdevStartError:
         return VdevStartError(
@@ -225,50 +248,39 @@ class VdevProcess:
         self.stop()
 
 
-def _spawn(
+def spawn_vdev(
     socket_path: str | Path,
-    sockets: int | None,
-    api_socket: str | Path | None,
-    log_path: Path | None,
-    env: Mapping[str, str] | None,
-    argv_kw: dict[str, Any],
+    *,
+    sockets: int | None = None,
+    api_socket: str | Path | None = None,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **argv_kw: Any,
 ) -> VdevProcess:
+    """Start ``vdev serve`` without waiting. ``argv_kw`` goes to :func:`serve_argv`
+    (``device``, ``target``, ``verbose``, ``extra``, ``no_api``, ``vdev_cmd``); the API socket,
+    when given, is waited for too."""
     argv = serve_argv(socket_path, sockets=sockets, api_socket=api_socket, **argv_kw)
     paths = socket_paths(socket_path, sockets)
     return VdevProcess(argv, paths, api_socket=api_socket, log_path=log_path, env=env)
 
 
 def start_vdev(
-    socket_path: str | Path,
-    *,
-    sockets: int | None = None,
-    api_socket: str | Path | None = None,
-    log_path: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    timeout: float = START_TIMEOUT,
-    **argv_kw: Any,
+    socket_path: str | Path, *, timeout: float = START_TIMEOUT, **kw: Any
 ) -> VdevProcess:
-    """Start ``vdev serve`` and block until its sockets (and ``api_socket``, when given)
-    listen. ``argv_kw`` goes to :func:`serve_argv` (``device``, ``target``, ``verbose``,
-    ``extra``, ``no_api``, ``vdev_cmd``). Use it as a context manager to stop it on exit."""
-    vdev = _spawn(socket_path, sockets, api_socket, log_path, env, argv_kw)
+    """:func:`spawn_vdev`, then block until it listens (or raise :class:`VdevStartError`,
+    the process stopped). Use it as a context manager to stop it on exit."""
+    vdev = spawn_vdev(socket_path, **kw)
     vdev.wait_listening(timeout)
     return vdev
 
 
 @contextlib.asynccontextmanager
 async def open_vdev(
-    socket_path: str | Path,
-    *,
-    sockets: int | None = None,
-    api_socket: str | Path | None = None,
-    log_path: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    timeout: float = START_TIMEOUT,
-    **argv_kw: Any,
+    socket_path: str | Path, *, timeout: float = START_TIMEOUT, **kw: Any
 ) -> AsyncIterator[VdevProcess]:
     """:func:`start_vdev` for trio: yields once it listens; stopped on exit (shielded)."""
-    vdev = _spawn(socket_path, sockets, api_socket, log_path, env, argv_kw)
+    vdev = spawn_vdev(socket_path, **kw)
     try:
         await vdev.wait_listening_async(timeout)
         yield vdev
