@@ -24,8 +24,9 @@ import array
 import contextlib
 import mmap
 import os
+import select
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,10 @@ WANTED_PROTOCOL = (
 )
 #: Where the rings of queue 0 start (the first RAM page above QEMU's holes).
 RING_BASE = 0x100000
+
+
+class BackendHungUp(FrontendError):
+    """The back-end closed the vhost-user connection (or reset it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +192,7 @@ class VhostUserFrontend:
         self,
         sock: trio.socket.SocketType,
         ram: GuestRamFile,
-        nursery: trio.Nursery,
+        nursery: trio.Nursery | None = None,
         *,
         queue_size: int = 64,
         wanted_features: int = int(WANTED_FEATURES),
@@ -196,7 +201,6 @@ class VhostUserFrontend:
         self.sock = sock
         self.ram = ram
         self.port = MemfdPort(ram)
-        self.nursery = nursery
         self.queue_size = queue_size
         self.wanted_features = wanted_features
         self.wanted_protocol = wanted_protocol
@@ -205,8 +209,60 @@ class VhostUserFrontend:
         self.num_queues = 0
         self.queues: list[FrontendQueue] = []
         self.backend: _BackendChannel | None = None
+        self.offered_features: int | None = None  # GET_FEATURES's answer, once probed
         self._lock = trio.Lock()
         self._sent_regions: set[tuple[int, int]] = set()
+        #: Set when the back-end hangs up (EOF or reset on the socket), even while no
+        #: request is in flight: see :meth:`cancel_on_hangup`.
+        self.hung_up = trio.Event()
+        self._hangup_scopes: set[trio.CancelScope] = set()
+        # a private epoll set that turns readable only on the peer's hang-up, not on data
+        self._hangup_poll = select.epoll(1)
+        self._hangup_poll.register(sock.fileno(), select.EPOLLRDHUP)
+        self._nursery = nursery
+        if nursery is not None:
+            self.run_in(nursery)
+
+    def run_in(self, nursery: trio.Nursery) -> None:
+        """Where this front-end's own tasks run (the hang-up watcher, the back-end channel);
+        needed before :meth:`handshake`."""
+        self._nursery = nursery
+        nursery.start_soon(self._watch_hangup)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise LocalError("front-end not running in a nursery yet (run_in)")
+        return self._nursery
+
+    # -- hang-up -------------------------------------------------------------------------
+
+    async def _watch_hangup(self) -> None:
+        try:
+            await trio.lowlevel.wait_readable(self._hangup_poll.fileno())
+        except (OSError, trio.ClosedResourceError):
+            return  # closed by us
+        self._mark_hung_up()
+
+    def _mark_hung_up(self) -> None:
+        if not self.hung_up.is_set():
+            self.hung_up.set()
+            for scope in self._hangup_scopes:
+                scope.cancel()
+
+    @contextlib.contextmanager
+    def cancel_on_hangup(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope cancelled as soon as the back-end hangs up (at once if it has):
+        wrap waits that only the back-end can end (a used ring, a call eventfd), then check
+        ``scope.cancelled_caught`` / :attr:`hung_up`."""
+        with trio.CancelScope() as scope:
+            if self.hung_up.is_set():
+                scope.cancel()
+            self._hangup_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._hangup_scopes.discard(scope)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -224,9 +280,13 @@ class VhostUserFrontend:
     async def _recv_exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = await self.sock.recv(n - len(buf))
+            try:
+                chunk = await self.sock.recv(n - len(buf))
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
-                raise FrontendError("back-end closed the connection")
+                self._mark_hung_up()
+                raise BackendHungUp("back-end closed the connection")
             buf += chunk
         return bytes(buf)
 
@@ -282,9 +342,16 @@ class VhostUserFrontend:
 
     # -- QEMU's sequences ----------------------------------------------------------------
 
+    async def probe(self) -> int:
+        """GET_FEATURES, QEMU's first message: raises :class:`BackendHungUp` when the back-end
+        refuses the connection (closes it); :meth:`handshake` goes on from here."""
+        if self.offered_features is None:
+            self.offered_features = await self.get_u64(R.GET_FEATURES)
+        return self.offered_features
+
     async def handshake(self) -> None:
         """Device realize: QEMU's order (qemu-interop.md section 1)."""
-        offered = await self.get_u64(R.GET_FEATURES)
+        offered = await self.probe()
         if not offered & VF.PROTOCOL_FEATURES:
             raise FrontendError("back-end does not offer PROTOCOL_FEATURES")
         offered_proto = await self.get_u64(R.GET_PROTOCOL_FEATURES)
@@ -451,27 +518,87 @@ class VhostUserFrontend:
         self.queues = []
         if self.backend is not None:
             self.backend.sock.close()
+        if not self._hangup_poll.closed:
+            trio.lowlevel.notify_closing(self._hangup_poll.fileno())
+            self._hangup_poll.close()
         self.sock.close()
+
+
+async def connect_unix(path: str) -> trio.socket.SocketType:
+    """A connected AF_UNIX stream socket (closed again if connecting fails)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+#: What a back-end not (yet) taking us looks like: nothing listening, or a hang-up on accept.
+_REFUSED = (
+    BackendHungUp, FileNotFoundError, ConnectionRefusedError, BrokenPipeError, ConnectionResetError,
+)  # fmt: skip
+
+
+async def open_frontend(
+    path: str, ram: GuestRamFile, *, probe: bool = True, retry: float = 0.0, **kw: Any
+) -> VhostUserFrontend:
+    """Connect (and :meth:`~VhostUserFrontend.probe`), retrying refusals for ``retry``
+    seconds (see :func:`connect_frontend`); nothing is left open when this raises. The
+    caller owns the front-end: :meth:`~VhostUserFrontend.run_in` a nursery, then close it."""
+    deadline = trio.current_time() + retry
+    while True:
+        sock: trio.socket.SocketType | None = None
+        fe: VhostUserFrontend | None = None
+        try:
+            sock = await connect_unix(path)
+            fe = VhostUserFrontend(sock, ram, **kw)
+            if probe:
+                await fe.probe()
+            return fe
+        except BaseException as exc:
+            if fe is not None:
+                fe.close()
+            elif sock is not None:
+                sock.close()
+            if not isinstance(exc, _REFUSED) or trio.current_time() >= deadline:
+                raise
+        await trio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
 async def connect_frontend(
-    path: str, ram: GuestRamFile, *, handshake: bool = True, start: bool = True, **kw: Any
+    path: str,
+    ram: GuestRamFile,
+    *,
+    handshake: bool = True,
+    start: bool = True,
+    retry: float = 0.0,
+    **kw: Any,
 ) -> AsyncIterator[VhostUserFrontend]:
-    """Connect to a back-end socket; by default run the handshake and the start sequence."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.connect(path)
-    async with trio.open_nursery() as nursery:
-        fe = VhostUserFrontend(sock, ram, nursery, **kw)
-        try:
-            if handshake:
-                await fe.handshake()
-                if start:
-                    await fe.start()
-            yield fe
-        finally:
-            fe.close()
-            nursery.cancel_scope.cancel()
+    """Connect to a back-end socket; by default run the handshake and the start sequence.
+
+    ``retry`` (seconds): keep trying while the back-end refuses us -- nothing listens yet, or
+    it hangs up on the first message (GET_FEATURES) because it serves one front-end per
+    socket and has not yet noticed the previous one leave (vdev waits a moment, then
+    refuses). Without ``handshake`` only the connect itself is retried. Connecting raises
+    plain exceptions (``OSError``, :class:`BackendHungUp`); later ones come out of the
+    front-end's nursery."""
+    fe = await open_frontend(path, ram, probe=handshake, retry=retry, **kw)
+    try:
+        async with trio.open_nursery() as nursery:
+            fe.run_in(nursery)
+            try:
+                if handshake:
+                    await fe.handshake()
+                    if start:
+                        await fe.start()
+                yield fe
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        fe.close()
 
 
 class VmwChannel:

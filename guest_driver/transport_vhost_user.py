@@ -4,7 +4,9 @@
 to the front-end of :mod:`guest_driver.frontend`: commands go through its
 :class:`~guest_driver.frontend.VmwChannel` (``cmdq``), doorbell events come from the same
 channel (``eventq``), guest RAM is read and written through its
-:class:`~guest_driver.frontend.MemfdPort`; front-end failures become :class:`DeviceGone`.
+:class:`~guest_driver.frontend.MemfdPort`; front-end failures become :class:`DeviceGone`, and
+so does the back-end hanging up (the front-end's hang-up event cancels the wait at once) or
+a command unanswered for ``command_timeout`` seconds.
 
 :func:`connect_transport` opens one: guest RAM as a sparse memfd laid out like QEMU's
 (:class:`~guest_driver.frontend.GuestRamFile`, ``layout="qemu"``), QEMU's handshake and start
@@ -62,8 +64,9 @@ class VhostUserTransport:
         return self.channel.reserved_ranges()
 
     async def command(self, request: vmw.Request) -> vmw.Response:
+        fe = self.channel.fe
         try:
-            with trio.fail_after(self.command_timeout):
+            with fe.cancel_on_hangup() as scope, trio.fail_after(self.command_timeout):
                 response, _ = await self.channel.command(request)
         except trio.TooSlowError:
             raise DeviceGone(
@@ -71,6 +74,8 @@ class VhostUserTransport:
             ) from None
         except _GONE as exc:
             raise DeviceGone(f"command {request.command}: {exc}") from None
+        if scope.cancelled_caught:
+            raise DeviceGone(f"command {request.command}: the back-end hung up")
         return response
 
     async def read(self, gpa: int, n: int) -> bytes:
@@ -80,11 +85,14 @@ class VhostUserTransport:
         await self.port.write(gpa, data)
 
     async def wait_event(self, timeout: float) -> vmw.EventKind | None:
+        fe = self.channel.fe
         try:
-            with trio.move_on_after(timeout):
+            with fe.cancel_on_hangup() as scope, trio.move_on_after(timeout):
                 return await self.channel.next_event()
         except _GONE as exc:
             raise DeviceGone(f"eventq: {exc}") from None
+        if scope.cancelled_caught:
+            raise DeviceGone("eventq: the back-end hung up")
         return None
 
     @property
