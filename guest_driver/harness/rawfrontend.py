@@ -41,10 +41,11 @@ from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
 
+from ..frontend import UVA_BASE as QVA_BASE  # the fake front-end virtual address of gpa 0
+from ..frontend import connect_unix
 from ..virtq import Buffer, DriverQueue, RingLayout, UsedElem
 
 PAGE = 4096
-QVA_BASE = 0x7F00_0000_0000  # the fake front-end virtual address of gpa 0
 
 
 class Closed(Exception):
@@ -76,13 +77,7 @@ class Channel:
 
     @classmethod
     async def connect(cls, path: str) -> Channel:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(path)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
+        return cls(await connect_unix(path))
 
     def close(self) -> None:
         self.closed = True
