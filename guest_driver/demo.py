@@ -83,7 +83,7 @@ def make_console() -> Console:
 
     console = Console()
     if not console.is_terminal:  # a log or a README: wide enough for the tables
-        console = Console(width=max(console.width, 110))
+        console = Console(width=max(console.width, 120))
     return console
 
 
@@ -138,7 +138,8 @@ async def act1(demo: Demo) -> None:
         "Act 1: one guest follows its balloon target",
         f"vdev serve + guest-driver run (our vmw_balloon.c-like driver over our vhost-user "
         f"front-end), {ram // GiB} GiB of sparse guest RAM (a memfd), a workload with page "
-        f"cache; targets set through the API as `vdev set-target` does.",
+        f"cache; each target is set through the API (PUT /vms/vm0/target, as `vdev set-target` "
+        f"does).",
     )
     progress = Progress(
         TextColumn("{task.description:<16}"),
@@ -199,9 +200,8 @@ async def act1(demo: Demo) -> None:
                             t0 = time.monotonic()
                             got = await vdev.set_target(step.target // PAGE)
                             console.print(
-                                f"[cyan]{t0 - start:5.1f}s[/] {step.label}  [dim]PUT "
-                                f"/vms/vm0/target -> {mib(got['target_bytes'])} MiB "
-                                f"({got['reason']})[/]",
+                                f"[cyan]{t0 - start:5.1f}s[/] {step.label}  [dim]-> MCTLTGT "
+                                f"{mib(got['target_bytes'])} MiB ({got['reason']})[/]",
                                 highlight=False,
                             )
                             reached: float | None = None
@@ -422,7 +422,9 @@ async def act2(demo: Demo) -> None:
                     settle_s = (settled_since or time.monotonic()) - t0
                     moved = {v["name"]: v["size_bytes"] - before[v["name"]] for v in vms}
                     total = sum(moved.values())
-                    what = f"{total / MiB:+.0f} MiB" if total else "nothing moved"
+                    what = (
+                        f"{total / MiB:+.0f} MiB in {settle_s:.1f}s" if total else "nothing moved"
+                    )
                     by_name = {v["name"]: v for v in vms}
                     per_vm = ", ".join(
                         f"{name}/{SHARES[name]} {mib(by_name[name]['size_bytes'])}"
@@ -430,7 +432,7 @@ async def act2(demo: Demo) -> None:
                         for name in sorted(SHARES, key=lambda n: SHARE_ORDER[SHARES[n]])
                     )
                     console.print(
-                        f"{'':7}[bold]{what}[/] in {settle_s:.1f}s: {escape(per_vm)} MiB; host "
+                        f"{'':7}[bold]{what}[/]: {escape(per_vm)} MiB; host "
                         f"{host['state']}, free {mib(host['free_bytes'])} MiB",
                         highlight=False,
                     )
