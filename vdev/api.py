@@ -748,7 +748,15 @@ OPENAPI: dict[str, Any] = {
                             "window_s": {"type": "number"},
                         },
                     },
-                    "failures": _INT,
+                    "failures": {
+                        **_INT,
+                        "description": "the FAIL column: times the guest did something wrong, "
+                        "each counted once: bad frames and bad chains, commands answered "
+                        "ERROR_CMD_INVALID, pages refused PPN_INVALID / PPN_LOCKED / "
+                        "PPN_UNLOCKED (virtio-balloon: inflated PFNs not RAM or already in "
+                        "the balloon). Normal balloon flow is not counted: ERROR_RESET, "
+                        "ERROR_BUSY, PPN_NOTNEEDED, PPN_PINNED (vdev.control.failures)",
+                    },
                     "capabilities": {},
                     "guest_type": {},
                     "doorbell_registered": {"type": "boolean"},

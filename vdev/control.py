@@ -114,13 +114,52 @@ def driver_active(view: Any) -> bool:
     return bool(view.connected) and bool(view.driver_active)
 
 
+#: Per-page refusals that mean the guest did something wrong (``lock refused <STATUS> (4k)``,
+#: ``unlock refused <STATUS> (2M)`` ...): a PFN that is not RAM, a page already in the
+#: balloon, a page not in it. Not PPN_NOTNEEDED (the target fell meanwhile) nor PPN_PINNED
+#: (a ring page: the driver cannot know where the front-end put its rings).
+FAIL_REFUSALS = ("ERROR_PPN_INVALID", "ERROR_PPN_LOCKED", "ERROR_PPN_UNLOCKED")
+#: virtio-balloon's counterparts (vdev/device_virtio_balloon.py). Not "inflate ignored:
+#: pinned" (a ring page, as PPN_PINNED) nor "deflate ignored: not in balloon" (after the
+#: operator's reset the device forgot pages the guest still holds, and rightly deflates).
+FAIL_VIRTIO_COUNTERS = ("inflate ignored: not RAM", "inflate ignored: already in balloon")
+
+
 def failures(counters: dict[str, int]) -> int:
-    """Failed commands plus pages refused (debugfs "N failed" and the refusal counters)."""
-    return sum(
+    """The FAIL column: how many times the guest did something wrong, each counted once.
+
+    * bad frames: a cmdq frame that is not a request or cannot take the answer
+      (``bad frame``), and chains the ring code rejected (``q<N> bad_chains``, any
+      personality);
+    * commands answered ERROR_CMD_INVALID (unknown or not negotiated command, bad batch page
+      or count); a bad frame answered ERROR_CMD_INVALID counts once, as a bad frame;
+    * pages refused PPN_INVALID / PPN_LOCKED / PPN_UNLOCKED (:data:`FAIL_REFUSALS`; single
+      and batched, 4k and 2M: a refused single LOCK is one page, not also a failed command),
+      and virtio-balloon's :data:`FAIL_VIRTIO_COUNTERS`.
+
+    Normal balloon flow is not a failure: ERROR_RESET (commands before START after a reset,
+    e.g. Linux's DOORBELL_SET(unregister) on its first reset), ERROR_BUSY (vdev shutting
+    down), PPN_NOTNEEDED (the target fell), PPN_PINNED (ring pages). That is why the debugfs
+    ``<cmd> failed`` counters are not summed: they count all of those.
+
+    Answered bad frames are the ``status <NAME>`` answers that no ``<cmd>`` counter accounts
+    for (an executed command bumps its ``<cmd>`` and one ``status``; a bad frame a status only).
+    """
+    bad = counters.get("bad frame", 0)
+    bad += sum(v for k, v in counters.items() if k.startswith("q") and k.endswith(" bad_chains"))
+    answered = sum(v for k, v in counters.items() if k.startswith("status "))
+    executed = sum(
+        counters.get(k.removesuffix(" failed"), 0) for k in counters if k.endswith(" failed")
+    )
+    answered_bad = max(0, answered - executed)
+    invalid = max(0, counters.get("status ERROR_CMD_INVALID", 0) - answered_bad)
+    refused = sum(
         v
         for k, v in counters.items()
-        if k.endswith(" failed") or " refused " in k or k == "bad frame"
+        if k.startswith(("lock refused ", "unlock refused ")) and k.split(" ")[2] in FAIL_REFUSALS
     )
+    virtio = sum(counters.get(k, 0) for k in FAIL_VIRTIO_COUNTERS)
+    return bad + invalid + refused + virtio
 
 
 def find_cgroup_v2_dir(proc: str = "/proc", root: str = "/sys/fs/cgroup") -> str | None:

@@ -95,7 +95,10 @@ class ControlPlaneCollector(Collector):
             labels=["vm", "gauge"],
         )
         fails = CounterMetricFamily(
-            "vballoon_vm_failures", "Failed commands and refused pages", labels=vm
+            "vballoon_vm_failures",
+            "Times the guest did something wrong (FAIL: bad frames, ERROR_CMD_INVALID, pages "
+            "refused PPN_INVALID/LOCKED/UNLOCKED; not RESET/BUSY/NOTNEEDED/PINNED)",
+            labels=vm,
         )
         reclaimed = CounterMetricFamily(
             "vballoon_vm_reclaimed_bytes", "Bytes of guest RAM returned to the host", labels=vm
