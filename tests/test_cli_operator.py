@@ -262,3 +262,66 @@ async def test_serve_refuses_a_live_api_socket(vdev_process: Any, tmp_path: Path
         assert "Error: the event stream ended (vdev serve stopped?)" in err, err
         assert "Traceback" not in err
         assert not os.path.exists(api)
+
+
+# -- vdev stat's layout: natural width off a terminal, folded between fields on a narrow one
+
+WIDE_HOST = {
+    "state": "soft", "total_bytes": 16 << 30, "free_bytes": 174_483_374,
+    "min_free_bytes": 1_234_567_890, "psi": {"some_avg10": 1.5, "full_avg10": 0.25},
+    "simulated": True,
+}  # fmt: skip
+WIDE_VM = {
+    "name": "vm0", "personality": "vmw", "connected": True, "driver_active": True,
+    "ram_bytes": 1 << 30, "size_bytes": 1 << 29, "target_bytes": 1 << 29,
+    "max_bytes": 166 << 20, "control": "policy", "reason": "pressure:soft capped:CtlMaxPercent",
+    "rates": {"inflate_pages_per_s": 1234.0, "deflate_pages_per_s": 0.0}, "failures": 7,
+}  # fmt: skip
+
+
+class _FakeClient:
+    def __init__(self, _path: str) -> None:
+        pass
+
+    def __enter__(self) -> _FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def vms(self) -> list[dict[str, Any]]:
+        return [WIDE_VM, {**WIDE_VM, "name": "vm1"}]
+
+    def host(self) -> dict[str, Any]:
+        return WIDE_HOST
+
+
+def test_stat_off_a_terminal_is_not_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("vdev.cli_operator._client", _FakeClient)
+    r = CliRunner().invoke(main, ["stat", "--api-socket", "x"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 4, r.output  # host line, header, two VMs
+    assert lines[0].startswith("HOST state soft  PMEM/MB total 16384.00 free 166.40")
+    assert lines[0].endswith("332.00 max  (simulated)") and len(lines[0]) > 132
+    assert lines[2].split() == [
+        "vm0", "vmw", "Y", "Y", "1024.00", "512.00", "512.00", "166.00", "policy",
+        "pressure:soft", "capped:CtlMaxPercent", "1234", "0", "7",
+    ]  # fmt: skip
+
+
+def test_stat_on_a_narrow_terminal_breaks_between_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("vdev.cli_operator._client", _FakeClient)
+    r = CliRunner().invoke(
+        main, ["stat", "--api-socket", "x"], terminal_width=80, catch_exceptions=False
+    )
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), r.output
+    assert lines[:3] == [
+        "HOST state soft  PMEM/MB total 16384.00 free 166.40 minFree 1177.38",
+        "     PSI some 1.5 full 0.25  MEMCTL/MB 1024.00 curr, 1024.00 target, 332.00 max",
+        "     (simulated)",
+    ]

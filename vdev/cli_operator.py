@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -170,10 +172,46 @@ def _call(fn: Callable[[], Any]) -> Any:
         raise _fail(e) from None
 
 
+#: Off a terminal (a pipe, a log, a README) nothing is wrapped: lines are as long as they are.
+UNWRAPPED_WIDTH = 1000
+
+
 def _console() -> Console:
+    """The terminal's width on a terminal (or click's ``terminal_width`` when set); off a
+    terminal a width no line reaches, so that tables and the host line keep their natural
+    width."""
     ctx = click.get_current_context(silent=True)
-    width = None if ctx is None or ctx.terminal_width is None else ctx.terminal_width
-    return Console(width=width or 132, soft_wrap=False, highlight=False)
+    width = None if ctx is None else ctx.terminal_width
+    if width is None and not sys.stdout.isatty():
+        width = UNWRAPPED_WIDTH
+    return Console(width=width, soft_wrap=False, highlight=False)
+
+
+class Fields:
+    """Text fields on one line, separated by two spaces; where the width is too small, the
+    line breaks between fields (never inside one), continuation lines indented."""
+
+    def __init__(self, fields: list[Text], indent: int = 5) -> None:
+        self.fields = fields
+        self.indent = indent
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        line = Text()
+        for field in self.fields:
+            sep = "  " if line.plain.strip() else ""
+            if line.plain.strip() and line.cell_len + len(sep) + field.cell_len > width:
+                yield line
+                line, sep = Text(" " * self.indent), ""
+            line.append(sep)
+            line.append_text(field)
+        if line.plain:
+            yield line
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        total = sum(f.cell_len for f in self.fields) + 2 * max(0, len(self.fields) - 1)
+        widest = max((f.cell_len for f in self.fields), default=0)
+        return Measurement(min(widest, options.max_width), min(total, options.max_width))
 
 
 def mb(nbytes: int | float | None) -> str:
@@ -201,24 +239,23 @@ def stat_renderable(vms: list[dict[str, Any]], host: dict[str, Any]) -> Group:
     tgt = sum(v["target_bytes"] for v in vms)
     mx = sum(v["max_bytes"] for v in vms)
     state = host.get("state")
-    line = Text()
-    line.append("HOST ", style="bold")
-    line.append(f"state {state or '-'}", style=_state_style(state))
-    line.append(
-        f"  PMEM/MB total {mb(host.get('total_bytes'))} free {mb(host.get('free_bytes'))}"
-        f" minFree {mb(host.get('min_free_bytes'))}"
-    )
+    fields = [
+        Text.assemble(("HOST ", "bold"), (f"state {state or '-'}", _state_style(state))),
+        Text(
+            f"PMEM/MB total {mb(host.get('total_bytes'))} free {mb(host.get('free_bytes'))}"
+            f" minFree {mb(host.get('min_free_bytes'))}"
+        ),
+    ]
     psi = host.get("psi") or {}
     some, full = psi.get("some_avg10"), psi.get("full_avg10")
     if some is not None or full is not None:
-        line.append(
-            f"  PSI some {some if some is not None else '-'} full {full if full is not None else '-'}"
-        )
-    line.append(f"  MEMCTL/MB {mb(cur)} curr, {mb(tgt)} target, {mb(mx)} max")
+        fields.append(Text(f"PSI some {_dash(some)} full {_dash(full)}"))
+    fields.append(Text(f"MEMCTL/MB {mb(cur)} curr, {mb(tgt)} target, {mb(mx)} max"))
     if host.get("simulated"):
-        line.append("  (simulated)", style="dim")
+        fields.append(Text("(simulated)", style="dim"))
     if host.get("error"):
-        line.append(f"  error: {host['error']}", style="red")
+        fields.append(Text(f"error: {host['error']}", style="red"))
+    line = Fields(fields)
 
     table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
     for column, justify in (
@@ -236,7 +273,14 @@ def stat_renderable(vms: list[dict[str, Any]], host: dict[str, Any]) -> Group:
         ("DEFL/s", "right"),
         ("FAIL", "right"),
     ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        # On a narrow terminal only REASON wraps (at spaces); numbers are never cut.
+        wraps = column == "REASON"
+        table.add_column(
+            column,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+        )
     for v in vms:
         rates = v["rates"]
         table.add_row(
@@ -264,7 +308,19 @@ def stat_renderable(vms: list[dict[str, Any]], host: dict[str, Any]) -> Group:
 @api_option
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead.")
 def stat(api_socket: str, as_json: bool) -> None:
-    """Balloon state of every VM and the host, in esxtop's vocabulary (sizes in MB)."""
+    """Balloon state of every VM and the host, in esxtop's vocabulary (sizes in MB).
+
+    MCTL? the balloon driver runs; MCTLSZ balloon size; MCTLTGT target; MCTLMAX the cap
+    (Mem.CtlMaxPercent); CTRL policy or manual, REASON what decided the target; INFL/s and
+    DEFL/s pages per second.
+
+    FAIL counts the times the guest did something wrong, each once: bad frames (and bad
+    ring chains), commands answered ERROR_CMD_INVALID, and pages refused PPN_INVALID,
+    PPN_LOCKED or PPN_UNLOCKED (virtio-balloon: inflated PFNs that are not RAM or already
+    in the balloon). Normal balloon flow is not a failure: ERROR_RESET (a command before
+    START after a reset), ERROR_BUSY, PPN_NOTNEEDED (the target fell), PPN_PINNED (ring
+    pages). The raw counters are in --json.
+    """
     with _client(api_socket) as c:
         vms, host = _call(c.vms), _call(c.host)
     if as_json:
