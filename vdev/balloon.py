@@ -205,11 +205,15 @@ class ModelState:
 
 def coalesce(starts: U64Array, length: int) -> Reclaim:
     """Runs of sorted, distinct, ``length``-page blocks starting at ``starts``."""
-    starts = np.sort(np.asarray(starts, dtype=np.uint64))
+    starts = np.asarray(starts, dtype=np.uint64).reshape(-1)
     if not starts.size:
         return Reclaim(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    if starts.size > 1 and not (starts[1:] > starts[:-1]).all():  # batches usually are
+        starts = np.sort(starts)
     step = np.uint64(length)
     breaks = np.flatnonzero(np.diff(starts) != step) + 1
+    if not breaks.size:  # one run (a contiguous batch): the common case
+        return Reclaim(starts[:1].copy(), np.array([starts.size * length], dtype=np.uint64))
     first = np.concatenate(([0], breaks))
     last = np.concatenate((breaks - 1, [starts.size - 1]))
     run_starts = starts[first]
@@ -491,7 +495,7 @@ class BalloonModel:
         if not 1 <= count <= BATCH_MAX_ENTRIES:
             return Status.ERROR_CMD_INVALID, ()
         page = np.array([batch_pfn], dtype=np.uint64)
-        if not ram.ram_pfn_mask(page, 1)[0] or self._pages.covered(page)[0]:
+        if not ram.ram_pfn_mask(page, 1)[0] or self._pages.covered_pfn(batch_pfn):
             return Status.ERROR_CMD_INVALID, ()
         gpa = batch_pfn << PAGE_SHIFT
         try:
@@ -504,10 +508,15 @@ class BalloonModel:
         statuses, plan = self._plan(
             pfns, reserved, lock=lock, huge=huge, batch_pfn=batch_pfn, ram=ram
         )
-        try:
-            ram.write(gpa, with_statuses(entries, statuses).astype(BATCH_ENTRY_DTYPE).tobytes())
-        except GuestError:
-            return Status.ERROR_CMD_INVALID, ()
+        answered = with_statuses(entries, statuses)
+        # Write the statuses back unless the page already holds exactly these entries (every
+        # entry SUCCESS and sent with status 0, the common case: the write would change no
+        # byte). The check is on values, so it is exact.
+        if not np.array_equal(answered, entries):
+            try:
+                ram.write(gpa, answered.astype(BATCH_ENTRY_DTYPE).tobytes())
+            except GuestError:
+                return Status.ERROR_CMD_INVALID, ()
         effects = self._commit(statuses, plan, lock=lock, huge=huge)
         return Status.SUCCESS, effects
 
@@ -526,59 +535,86 @@ class BalloonModel:
         """Per-entry statuses and the PFNs to (un)lock, without changing anything.
 
         Equivalent to processing the entries one at a time in order (module docstring).
+        Written for the common batch (every entry valid, new and distinct): each refusal
+        class costs its masked assignments only when it occurs.
         """
         n = pfns.size
         npages = PAGES_PER_2M if huge else 1
-        statuses = np.full(n, Status.SUCCESS, dtype=np.uint8)
+        statuses = np.zeros(n, dtype=np.uint8)  # Status.SUCCESS
 
         invalid = reserved | ~np.asarray(ram.ram_pfn_mask(pfns, npages), dtype=np.bool_)
         if huge:
             invalid |= (pfns & np.uint64(PAGES_PER_2M - 1)) != 0
-        statuses[invalid] = Status.ERROR_PPN_INVALID
-        todo = ~invalid
+        todo: BoolArray | None = None  # None: every entry still a candidate
+        if invalid.any():
+            statuses[invalid] = Status.ERROR_PPN_INVALID
+            todo = ~invalid
 
-        frames = pfns >> np.uint64(FRAME_SHIFT)
+        frames = pfns >> np.uint64(FRAME_SHIFT) if huge else None
+        pages = self._pages
         if lock:
-            pinned = todo & self._pinned_mask(pfns, npages, batch_pfn)
-            statuses[pinned] = Status.ERROR_PPN_PINNED
-            todo &= ~pinned
+            pinned = self._pinned_mask(pfns, npages, batch_pfn)
+            if todo is not None:
+                pinned &= todo
+            if pinned.any():
+                statuses[pinned] = Status.ERROR_PPN_PINNED
+                todo = ~pinned if todo is None else todo & ~pinned
             if huge:
-                present = self._pages.test_2m(frames) | self._pages.any_4k_in_2m(frames)
+                present = pages.test_2m(frames) | pages.any_4k_in_2m(frames)
             else:
-                present = self._pages.covered(pfns)
+                present = pages.covered(pfns)
             refused = Status.ERROR_PPN_LOCKED
+            # Refused because of what the balloon holds now: LOCK of a page in it ...
+            already = present
         else:
-            present = self._pages.test_2m(frames) if huge else self._pages.test_4k(pfns)
+            present = pages.test_2m(frames) if huge else pages.test_4k(pfns)
             refused = Status.ERROR_PPN_UNLOCKED
-        # Refused because of what the balloon holds now: LOCK of a page in it, UNLOCK of one
-        # not in it (at that size).
-        already = todo & (present if lock else ~present)
-        statuses[already] = refused
-        todo &= ~already
+            already = ~present  # ... UNLOCK of one not in it (at that size)
+        if todo is not None:
+            already &= todo
+        if already.any():
+            statuses[already] = refused
+            todo = ~already if todo is None else todo & ~already
 
         # Duplicates among the remaining candidates: the first occurrence decides.
-        idx = np.flatnonzero(todo)
-        _, first_pos, group = np.unique(pfns[idx], return_index=True, return_inverse=True)
-        first_of = idx[first_pos[group.reshape(-1)]]  # per candidate: its first occurrence
-        is_first = first_of == idx
-        candidates = idx[is_first]
-        duplicates = idx[~is_first]
+        idx = np.arange(n) if todo is None else np.flatnonzero(todo)
+        values = pfns if todo is None else pfns[idx]
+        if values.size < 2 or (values[1:] > values[:-1]).all():
+            distinct = True  # strictly increasing (what a driver sends): no duplicates
+        else:
+            ordered = np.sort(values)
+            distinct = bool((ordered[1:] != ordered[:-1]).all())
+        if distinct:
+            candidates = idx
+            first_of = is_first = None
+        else:
+            _, first_pos, group = np.unique(values, return_index=True, return_inverse=True)
+            first_of = idx[first_pos[group.reshape(-1)]]  # per candidate: its first occurrence
+            is_first = first_of == idx
+            candidates = idx[is_first]
 
-        success = np.zeros(n, dtype=np.bool_)
         if lock:
             target = self.reported_target(int(ram.total_pages))
-            room = target - self._pages.size
+            room = target - pages.size
             allowed = max(0, -(-room // npages))  # candidates that may still lock
-            ok = candidates[:allowed]
-            statuses[candidates[allowed:]] = Status.ERROR_PPN_NOTNEEDED
+            if allowed < candidates.size:
+                statuses[candidates[allowed:]] = Status.ERROR_PPN_NOTNEEDED
+                ok = candidates[:allowed]
+            else:
+                ok = candidates
         else:
             ok = candidates
-        success[ok] = True
-        # A duplicate of a success finds the page taken (LOCKED) / already gone (UNLOCKED);
-        # a duplicate of a NOTNEEDED candidate is NOTNEEDED too (the size only grew).
-        dup_status = np.where(success[first_of[~is_first]], refused, statuses[first_of[~is_first]])
-        statuses[duplicates] = dup_status
-        return statuses, pfns[success]
+        if first_of is not None and is_first is not None:
+            success = np.zeros(n, dtype=np.bool_)
+            success[ok] = True
+            # A duplicate of a success finds the page taken (LOCKED) / already gone
+            # (UNLOCKED); a duplicate of a NOTNEEDED candidate is NOTNEEDED too (the size
+            # only grew).
+            dup_first = first_of[~is_first]
+            statuses[idx[~is_first]] = np.where(success[dup_first], refused, statuses[dup_first])
+        if ok.size == n:
+            return statuses, pfns
+        return statuses, pfns[ok]
 
     def _pinned_mask(self, pfns: U64Array, npages: int, batch_pfn: int | None) -> BoolArray:
         """Per entry: ``[pfn, pfn + npages)`` overlaps a pinned range or the batch page."""

@@ -124,11 +124,26 @@ class PageMap:
     def covered(self, pfns: npt.ArrayLike) -> BoolArray:
         """Per PFN: in the balloon, either as a 4 KiB page or inside a locked 2 MiB page."""
         array = _as_u64(pfns)
-        return _test(self._bits_4k, array) | _test(self._bits_2m, array >> np.uint64(FRAME_SHIFT))
+        result = _test(self._bits_4k, array) if self._count_4k else np.zeros(array.shape, np.bool_)
+        if self._count_2m:
+            result |= _test(self._bits_2m, array >> np.uint64(FRAME_SHIFT))
+        return result
+
+    def covered_pfn(self, pfn: int) -> bool:
+        """:meth:`covered` for one PFN (a Python int), without arrays."""
+        if pfn < 0:
+            raise ValueError("page numbers cannot be negative")
+        frame = pfn >> FRAME_SHIFT
+        bits_4k, bits_2m = self._bits_4k, self._bits_2m
+        if pfn >> 3 < bits_4k.size and bits_4k[pfn >> 3] >> (pfn & 7) & 1:
+            return True
+        return bool(frame >> 3 < bits_2m.size and bits_2m[frame >> 3] >> (frame & 7) & 1)
 
     def any_4k_in_2m(self, frames: npt.ArrayLike) -> BoolArray:
         """Per 2 MiB frame number: at least one of its 512 pages is locked as a 4 KiB page."""
         array = _as_u64(frames)
+        if not self._count_4k:
+            return np.zeros(array.shape, dtype=np.bool_)
         words = self._bits_4k.view(np.uint64).reshape(-1, _WORDS_PER_FRAME)
         inside = array < np.uint64(words.shape[0])
         result = np.zeros(array.shape, dtype=np.bool_)
@@ -190,7 +205,28 @@ class PageMap:
         )
 
 
+#: Batches whose indices span at most this many bytes of a map are tested / updated through
+#: an unpacked copy of that span (a few whole-array operations; a batch of 512 contiguous or
+#: every-other pages spans 64 / 128 bytes). Wider ones index the bytes one by one.
+_SPAN_BYTES = 4096
+
+
+def _span(bits: npt.NDArray[np.uint8], index: U64Array) -> tuple[int, int] | None:
+    """(first byte, end byte) of a narrow span holding every index, all inside the map."""
+    if not index.size:
+        return None
+    lo, hi = int(index.min()) >> 3, int(index.max()) >> 3
+    if hi >= bits.size or hi - lo >= _SPAN_BYTES:
+        return None
+    return lo, hi + 1
+
+
 def _test(bits: npt.NDArray[np.uint8], index: U64Array) -> BoolArray:
+    span = _span(bits, index)
+    if span is not None:
+        lo, hi = span
+        seg = np.unpackbits(bits[lo:hi], bitorder="little")
+        return seg[(index - np.uint64(lo * 8)).astype(np.intp)].view(np.bool_)
     inside = index < np.uint64(bits.size * 8)
     result = np.zeros(index.shape, dtype=np.bool_)
     if inside.any():
@@ -202,6 +238,15 @@ def _test(bits: npt.NDArray[np.uint8], index: U64Array) -> BoolArray:
 
 def _update(bits: npt.NDArray[np.uint8], index: U64Array, *, set_bits: bool) -> int:
     """Set or clear the bits at ``index`` (duplicates allowed); returns how many changed."""
+    span = _span(bits, index)
+    if span is not None:
+        lo, hi = span
+        seg = np.unpackbits(bits[lo:hi], bitorder="little")
+        before = int(np.count_nonzero(seg))
+        seg[(index - np.uint64(lo * 8)).astype(np.intp)] = 1 if set_bits else 0
+        after = int(np.count_nonzero(seg))
+        bits[lo:hi] = np.packbits(seg, bitorder="little")
+        return after - before if set_bits else before - after
     inside = index < np.uint64(bits.size * 8)
     if not inside.all():
         if set_bits:
