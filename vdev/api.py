@@ -942,6 +942,11 @@ OPENAPI: dict[str, Any] = {
                     "max_pages": _INT,
                     "host_free_bytes": _INT,
                     "host_state": {"type": "string"},
+                    "connected": {
+                        "type": "boolean",
+                        "description": "a front-end was connected (false: no guest yet or "
+                        "any more; size and max mean nothing then)",
+                    },
                 },
             },
             "History": {
@@ -974,6 +979,15 @@ OPENAPI: dict[str, Any] = {
                         "client that falls 4096 events behind is disconnected.",
                     },
                     "time": {"type": "number"},
+                    "monotonic": {
+                        "type": "number",
+                        "description": "time.monotonic() of the vdev process (CLOCK_MONOTONIC: "
+                        "comparable with any process's monotonic clock on the same Linux host). "
+                        "Guest events: when the registry published them; a size event is "
+                        "published once the device has finished the batch that moved the size "
+                        "(its reclaim done and its completion given to the guest). Other "
+                        "events: when the control plane published them.",
+                    },
                     "name": {"type": "string"},
                 },
             },

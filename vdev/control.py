@@ -188,6 +188,7 @@ class HistoryPoint:
     max_pages: int
     host_free_bytes: int
     host_state: str
+    connected: bool = True  # a front-end was connected (False: no guest; vdev plot skips it)
 
 
 @dataclass
@@ -250,6 +251,9 @@ class ControlPlane:
 
     def publish(self, event: dict[str, Any]) -> None:
         event.setdefault("time", self._wall())
+        # the guest events carry the registry's stamp (when the device did it); the others
+        # are stamped here
+        event.setdefault("monotonic", time.monotonic())
         for send in list(self._subscribers):
             try:
                 send.send_nowait(event)
@@ -524,6 +528,7 @@ class ControlPlane:
                     max_pages=d2.max_pages if d2 else self.max_pages(name, view),
                     host_free_bytes=sample.free_bytes,
                     host_state=decision.state.value,
+                    connected=bool(fresh.connected),
                 )
             )
         return decision

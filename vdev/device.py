@@ -148,6 +148,11 @@ class Device(ABC):
     def shutdown(self) -> None:
         """The server is stopping: answer everything from now on with BUSY."""
 
+    def size_pages(self) -> int:
+        """The balloon size in 4 KiB frames (``status().size_pages``; personalities override
+        it with something cheaper: the server asks after every batch)."""
+        return self.status().size_pages
+
     @abstractmethod
     def status(self) -> DeviceStatus:
         """Snapshot for the registry."""

@@ -135,6 +135,9 @@ class VmwDevice(Device):
     def shutdown(self) -> None:
         self.model.shutting_down = True
 
+    def size_pages(self) -> int:
+        return self.model.size
+
     def status(self) -> DeviceStatus:
         m = self.model
         counters = dict(m.counters)

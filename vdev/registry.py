@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -66,13 +67,21 @@ class GuestView:
 
 @dataclass(frozen=True)
 class GuestEvent:
-    """``kind``: "target", "size", "connected", "disconnected" or "reset"."""
+    """``kind``: "target", "size", "connected", "disconnected" or "reset".
+
+    ``monotonic``: when the registry published it, ``time.monotonic()`` of the vdev process
+    (CLOCK_MONOTONIC, comparable across processes on the same Linux host). A "size" event is
+    published when the device has finished a batch (reclaim done, completion on the used ring,
+    guest notified), so this is when that batch was done; a "target" event, when the target
+    was handed to the connection.
+    """
 
     name: str
     kind: str
     target_pages: int = 0
     size_pages: int = 0
     connected: bool = False
+    monotonic: float = field(default_factory=time.monotonic, compare=False)
 
 
 @dataclass

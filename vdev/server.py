@@ -136,6 +136,7 @@ class Connection:
         self._control_send, self._control_recv = trio.open_memory_channel[Callable[[], Work]](
             math.inf
         )
+        self._control_queued = 0  # actions sent to the control task and not yet carried out
         self._backend: trio.socket.SocketType | None = None
         self._backend_send: trio.MemorySendChannel[bytes] | None = None
         self._config_change_pending = False
@@ -173,20 +174,44 @@ class Connection:
         return self.memory.reclaimed_bytes_total
 
     def request_target(self, pages: int) -> None:
-        self._control_send.send_nowait(lambda: self.device.set_target(pages))
+        """A new target: applied at once when the connection is idle (the doorbell rings
+        before the caller, e.g. the API handler, goes on), else queued in order."""
+        self._control(lambda: self.device.set_target(pages))
+
+    def _control(self, action: Callable[[], Work]) -> None:
+        """Carry out an operator action now, in the caller (the trio thread), when nothing
+        holds the connection lock and no earlier action is queued: exactly what the control
+        task would do had it got the lock at once, minus a scheduling round. Otherwise queue
+        it for the control task (order kept)."""
+        if not self.closed and not self._control_queued and not self.lock.locked():
+            try:
+                work = action()
+                if not work.reclaims:  # operator actions reclaim nothing; if one did, the
+                    self._complete(work)  # task carries it out (it may need a thread)
+                    return
+            except RingBroken:  # logged by the ring; it waits for the front-end to re-arm it
+                return
+            except Exception:  # a bug: lose this connection, not the caller (the API)
+                log.exception("%s: internal error in an operator action, closing", self.name)
+                self.close()
+                return
+            action = lambda: work  # noqa: E731
+        self._control_queued += 1
+        self._control_send.send_nowait(action)
 
     def request_reset(self) -> None:
         def reset() -> Work:
             self.server.registry.note_reset(self.guest)
             return self.device.demand_reset()
 
-        self._control_send.send_nowait(reset)
+        self._control(reset)
 
     def request_stats(self) -> bool:
         """Queue a guest stats refresh (the personality gives its held stats buffer back;
         the driver refills it). False when the personality keeps no stats."""
         if not self.device.supports_stats or self.closed:
             return False
+        self._control_queued += 1
         self._control_send.send_nowait(self.device.request_stats)
         return True
 
@@ -559,6 +584,11 @@ class Connection:
                 log.error("%s: reclaim failed: %s", self.name, exc)
         if work.reclaims:
             await self._close_released()  # regions the table dropped while a worker used them
+        self._complete(work)
+
+    def _complete(self, work: Work) -> None:
+        """The synchronous rest of :meth:`_execute` (after the reclaims): used rings, calls,
+        config change, size event."""
         by_queue: dict[int, list[tuple[int, int]]] = {}
         for qi, head, length in work.completions:
             by_queue.setdefault(qi, []).append((head, length))
@@ -572,14 +602,17 @@ class Connection:
         if work.config_changed:
             self._send_config_change()
         if work.reclaims or work.popped:
-            self.server.registry.note_size(self.guest, self.device.status().size_pages)
+            self.server.registry.note_size(self.guest, self.device.size_pages())
 
     # -- operator requests ---------------------------------------------------------------
 
     async def _control_loop(self) -> None:
         async for action in self._control_recv:
-            async with self.lock:
-                await self._execute(action())
+            try:
+                async with self.lock:
+                    await self._execute(action())
+            finally:
+                self._control_queued -= 1
 
     async def _stats_loop(self, interval: float) -> None:
         while True:
