@@ -155,6 +155,7 @@ async def test_history_rates_and_events(autojump_clock: trio.testing.MockClock) 
             assert history[-1].size_pages == 4000
             assert history[-1].host_free_bytes == 4 * GIB  # free started at 4 GiB, clamped
             assert history[-1].max_pages == VM_PAGES * 65 // 100
+            assert history[-1].connected  # vdev plot draws the balloon only while connected
             nursery.cancel_scope.cancel()
         seen = []
         while True:
