@@ -48,6 +48,7 @@ from vdev.policy import (
     vm_bounds,
 )
 from vdev.pressure import SimulatedHost, read_host_sample
+from vdev.registry import GuestEvent
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,25 @@ class ControlPlane:
                 self._subscribers.remove(send)
 
     def _on_guest_event(self, event: Any) -> None:
+        if type(event) is GuestEvent:  # the registry's own events: no generic conversion
+            track = self._track(event.name)
+            if event.kind == "size":
+                self._note_size(event.name, event.size_pages)
+            else:
+                self._note_size(event.name)
+            self.publish(
+                {
+                    "type": "guest",
+                    "name": event.name,
+                    "kind": event.kind,
+                    "target_pages": event.target_pages,
+                    "size_pages": event.size_pages,
+                    "connected": event.connected,
+                    "monotonic": event.monotonic,
+                    "reason": track.reason,
+                }
+            )
+            return
         data = jsonable(event)
         if not isinstance(data, dict):
             data = {"event": data}
@@ -281,13 +301,15 @@ class ControlPlane:
             self._note_size(name)
         self.publish(data)
 
-    def _note_size(self, name: str) -> None:
-        """Record the guest's balloon size for the rates and the simulated host."""
-        try:
-            view = self.registry.view(name)
-        except KeyError:
-            return
-        size = int(view.size_pages)
+    def _note_size(self, name: str, size: int | None = None) -> None:
+        """Record the guest's balloon size (``size``, or read from the registry) for the rates
+        and the simulated host."""
+        if size is None:
+            try:
+                view = self.registry.view(name)
+            except KeyError:
+                return
+            size = int(view.size_pages)
         previous = self._known_sizes.get(name)
         self._known_sizes[name] = size
         if previous is not None and previous != size and self.simulated is not None:
@@ -454,12 +476,21 @@ class ControlPlane:
     def step(self, now: float | None = None) -> PolicyDecision | None:
         """One policy step: sample, decide, apply. Errors are logged and kept for GET /host."""
         now = trio.current_time() if now is None else now
+        # One view per guest for the whole step (a view copies the device's counters and
+        # fstats its RAM file); fresh ones only for the guests whose target we set.
+        views: dict[str, Any] = {}
         for name in self.registry.names():
             if name not in self._seen:
                 self._seen.add(name)
                 if self.initial_target_pages > 0 and name not in self.manual:
                     self.manual[name] = self.initial_target_pages
-            self._note_size(name)  # sizes first: the simulated host gets its memory back
+            try:
+                view = self.registry.view(name)
+            except KeyError:
+                continue
+            views[name] = view
+            # sizes first: the simulated host gets its memory back
+            self._note_size(name, int(view.size_pages))
         try:
             sample = self._sample()
         except HostResourceError as e:
@@ -467,14 +498,8 @@ class ControlPlane:
             log.warning("%s", self.last_error)
             return None
         self.last_sample = sample
-        views: dict[str, Any] = {}
         vms: dict[str, VmState] = {}
-        for name in self.registry.names():
-            try:
-                view = self.registry.view(name)
-            except KeyError:
-                continue
-            views[name] = view
+        for name, view in views.items():
             cfg = self.config.vm(name)
             spec = cfg.spec(int(view.ram_pages))
             if spec is None or not driver_active(view):
@@ -519,7 +544,7 @@ class ControlPlane:
             self._apply(name, target, reason)
         for name, view in views.items():
             d2 = decision.vms.get(name)
-            fresh = self.registry.view(name)
+            fresh = self.registry.view(name) if d2 is not None else view
             self._track(name).history.append(
                 HistoryPoint(
                     t=wall,
