@@ -490,6 +490,19 @@ async def _next_size_event(
     raise RuntimeError("event stream ended")
 
 
+def _now() -> tuple[float, float]:
+    """(monotonic, wall) now: the start of a reaction measurement."""
+    return time.monotonic(), time.time()
+
+
+def _since(event: dict[str, Any], start: tuple[float, float]) -> float:
+    """Milliseconds from ``start`` to the device-side stamp of ``event``: vdev's monotonic
+    stamp when it has one, else the control plane's wall-clock ``time``."""
+    if "monotonic" in event:
+        return (float(event["monotonic"]) - start[0]) * 1e3
+    return (float(event["time"]) - start[1]) * 1e3
+
+
 async def reaction(
     vdev: Vdev,
     api: Api,
@@ -505,11 +518,15 @@ async def reaction(
     the driver running its own loop (``BalloonDriver.run``: doorbell, or a GET_TARGET poll
     every ``poll_interval`` s as Linux does). The pages are touched before every change.
 
-    Latencies are from just before the ``PUT /vms/{name}/target`` call (our wall clock) to
-    the device-side ``time`` of ``GET /events`` entries (the control plane's wall clock, same
-    host clock): the first balloon-size event (the device has processed the first LOCK
-    batch, its reclaim included: with 2 MiB pages one batch is up to 1 GiB, with 4 KiB pages
-    2 MiB) and the size event that reaches the target.
+    Latencies are from just before the ``PUT /vms/{name}/target`` call (our
+    ``time.monotonic()``) to the device-side ``monotonic`` stamp of ``GET /events`` entries
+    (vdev's ``time.monotonic()``, CLOCK_MONOTONIC: the same clock in both processes; a size
+    event is stamped when the device has finished the batch, its reclaim done and its
+    completion given to the guest): the first balloon-size event (the first LOCK batch done:
+    with 2 MiB pages one batch is up to 1 GiB, with 4 KiB pages 2 MiB) and the size event
+    that reaches the target. A vdev without the stamp (``VBALLOON_BENCH_VDEV`` A/B runs of an
+    older one) is measured with the wall-clock ``time`` its control plane stamps when it
+    forwards the event (later than the device finished, by a scheduling round or more).
     """
     pages = balloon_bytes // PAGE_SIZE
     name = f"vm{slot}"
@@ -522,6 +539,7 @@ async def reaction(
     deflate_ms: list[float] = []
     first_batch_pages: list[int] = []
     target_ms: list[float] = []
+    clocks: set[str] = set()
     verified = True
     async with (
         open_guest(
@@ -544,7 +562,7 @@ async def reaction(
                     recv.receive_nowait()
                 except trio.WouldBlock:
                     break
-            t_api = time.time()
+            t_api = _now()
             await api.set_target(name, pages)
             seen: list[dict[str, Any]] = []
             first = await _next_size_event(recv, name, lambda s: s > 0, 30, seen)
@@ -555,16 +573,17 @@ async def reaction(
             )
             for ev in seen:
                 if ev.get("kind") == "target" and int(ev.get("target_pages", -1)) == pages:
-                    target_ms.append((float(ev["time"]) - t_api) * 1e3)
+                    target_ms.append(_since(ev, t_api))
                     break
             verified &= a0 - g.allocated() >= 0.99 * pages * PAGE_SIZE
-            first_ms.append((float(first["time"]) - t_api) * 1e3)
-            reached_ms.append((float(reached["time"]) - t_api) * 1e3)
+            first_ms.append(_since(first, t_api))
+            reached_ms.append(_since(reached, t_api))
             first_batch_pages.append(int(first["size_pages"]))
-            t_api = time.time()
+            clocks.add("monotonic" if "monotonic" in first else "wall")
+            t_api = _now()
             await api.set_target(name, 0)
             gone = await _next_size_event(recv, name, lambda s: s == 0, 30)
-            deflate_ms.append((float(gone["time"]) - t_api) * 1e3)
+            deflate_ms.append(_since(gone, t_api))
         nursery.cancel_scope.cancel()
         poll = g.driver.config.poll_interval
 
@@ -587,6 +606,7 @@ async def reaction(
         "balloon_bytes": balloon_bytes,
         "page_size": "2M" if huge else "4K",
         "first_batch_pages_p50": float(np.median(first_batch_pages)),
+        "clock": "+".join(sorted(clocks)),
         "verified_st_blocks": bool(verified),
         "target_event": dist(target_ms) if target_ms else None,
         "first_lock": dist(first_ms),
