@@ -55,10 +55,15 @@ _SO_ACCEPTCON = 0x10000
 
 
 def unix_listening(paths: Sequence[str]) -> bool:
-    """Whether a unix socket listens on each of ``paths`` (as bound), without connecting
-    (a connection would be a front-end to vdev). A socket file appears at ``bind()``, before
-    ``listen()``: connecting in between is refused, so its existence is not enough. Falls
-    back to "the socket file exists" where ``/proc/net/unix`` cannot be read."""
+    """Whether a unix socket listens on each of ``paths``, without connecting (a connection
+    would be a front-end to vdev). A socket file appears at ``bind()``, before ``listen()``:
+    connecting in between is refused, so its existence is not enough; ``/proc/net/unix``
+    lists listening sockets by the name they were bound to: the path itself, or for vdev's
+    vhost-user sockets the temporary name renamed onto it once listening
+    (:func:`vdev.server.listen_temp_path`). Falls back to "the socket file exists" where
+    ``/proc/net/unix`` cannot be read."""
+    from vdev.server import listen_temp_path
+
     try:
         with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
             next(f)
@@ -69,7 +74,10 @@ def unix_listening(paths: Sequence[str]) -> bool:
             }
     except (OSError, StopIteration, ValueError):
         return all(Path(p).is_socket() for p in paths)
-    return all(str(p) in bound and Path(p).is_socket() for p in paths)
+    return all(
+        (str(p) in bound or listen_temp_path(str(p)) in bound) and Path(p).is_socket()
+        for p in paths
+    )
 
 
 def socket_paths(socket_path: str | Path, sockets: int | None = None) -> list[str]:

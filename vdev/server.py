@@ -98,6 +98,14 @@ def socket_paths(path: str, count: int | None) -> list[str]:
     return [f"{path}{i}" for i in range(count)]
 
 
+def listen_temp_path(path: str) -> str:
+    """The name a listener is bound to before it is renamed onto ``path`` (``.NAME~`` beside
+    it). ``/proc/net/unix`` keeps the bound name, so this is the name it lists for ``path``
+    (``guest_driver.vdev_process.unix_listening`` looks for both)."""
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}~")
+
+
 async def _close_in_thread(regions: Sequence[Region | int]) -> None:
     """:func:`~vdev.memory.close_regions` in a worker thread, shielded (they must be closed
     even when the connection is being cancelled)."""
@@ -709,15 +717,29 @@ class Server:
             await self._serve(sock, name)
 
     async def _listen(self, path: str) -> trio.socket.SocketType:
+        """A listener on ``path`` that never exists bound but not yet listening (a connect in
+        between would be refused): bind a temporary name in the same directory, listen, then
+        ``rename`` it onto ``path`` (atomic; it replaces a stale socket file there)."""
         p = Path(path)
-        if p.is_socket():
-            p.unlink()
+        if p.exists() and not p.is_socket():
+            raise OSError(errno.EADDRINUSE, "exists and is not a socket", path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        tmp = listen_temp_path(path)
+        if len(os.fsencode(tmp)) >= 108:  # sun_path: no room for it
+            tmp = ""  # bind the final name (a connect may race the listen)
+        stale = Path(tmp or path)
+        if stale.is_socket():
+            stale.unlink()  # left by a vdev that is gone
         try:
-            await sock.bind(path)
+            await sock.bind(tmp or path)
             sock.listen(8)
+            if tmp:
+                os.rename(tmp, path)
         except OSError:
             sock.close()
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise
         return sock
 
