@@ -348,17 +348,19 @@ async def act2(demo: Demo) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vbdemo2-"))
     config = demo.run_dir / "act2-vdev.toml"
     config.write_text(act2_config())
-    extra = ["--socket-path", str(tmp / "vm"), "--socket-count", "3",
-             "--host-memory", f"{ACT2_HOST // GiB}G", "--config", str(config)]  # fmt: skip
+    extra = ["--host-memory", f"{ACT2_HOST // GiB}G", "--config", str(config)]
     peak: dict[str, Any] = {}
     released: list[dict[str, Any]] = []
     stat_text = ""
     pngs: list[Path] = []
     try:
-        # --socket-path in ``extra`` overrides vdev_serve's: sockets vm0..vm2, it waits for vm0
-        async with (
+        async with (  # sockets vm0..vm2 (guests vm0..vm2), every one listening
             vdev_serve(
-                tmp, socket_name="vm0", extra=extra, log_path=demo.run_dir / "act2-vdev.log"
+                tmp,
+                socket_name="vm",
+                socket_count=3,
+                extra=extra,
+                log_path=demo.run_dir / "act2-vdev.log",
             ) as vdev,
             contextlib.AsyncExitStack() as stack,
         ):
@@ -367,7 +369,7 @@ async def act2(demo: Demo) -> None:
             for i in range(3):
                 glog = stack.enter_context((demo.run_dir / f"act2-vm{i}-guest.log").open("ab"))
                 argv = [sys.executable, "-m", "guest_driver", "run", "--socket",
-                        str(tmp / f"vm{i}"), "--memory", str(ACT2_GUEST)]  # fmt: skip
+                        str(vdev.socket_paths[i]), "--memory", str(ACT2_GUEST)]  # fmt: skip
                 await stack.enter_async_context(
                     qemu_process(argv, stdout=glog.fileno(), stderr=glog.fileno())
                 )

@@ -9,14 +9,17 @@
   fuzzer) returns a listening :class:`VdevProcess`, also a context manager that stops it;
   :func:`open_vdev` is the same as an async context manager (the stop is shielded);
   :func:`spawn_vdev` only starts it.
+* ``socket_count=N`` (every helper) is vdev's ``--socket-count``: sockets ``PATH0..PATH(N-1)``
+  for guests vm0..vm(N-1), each waited for (:func:`socket_paths`).
 * :func:`vdev_serve` (demo, end-to-end tests) yields an :class:`ApiVdev`: what an operator has,
   the API (``PUT /vms/{name}/target``, ``POST /vms/{name}/reset``, ``GET /vms/{name}``) and
   the operator CLI (``vdev stat`` ...) pointed at the same socket. The API client is
   synchronous (httpx); its calls run in a worker thread, one at a time.
 
 The child gets its own session (a terminal's Ctrl-C reaches only us; we stop it), stdin from
-``/dev/null``, stdout and stderr appended to the log file, the repository first on
-``PYTHONPATH`` (so another ``vdev_cmd`` script imports this tree's ``vdev``).
+``/dev/null``, stdout and stderr appended to the log file (or ours: ``inherit_output``), the
+repository as its working directory (``cwd``) and first on ``PYTHONPATH`` (so another
+``vdev_cmd`` script imports this tree's ``vdev``).
 """
 
 from __future__ import annotations
@@ -80,17 +83,17 @@ def unix_listening(paths: Sequence[str]) -> bool:
     )
 
 
-def socket_paths(socket_path: str | Path, sockets: int | None = None) -> list[str]:
-    """``PATH`` alone, or ``PATH0..PATH(sockets-1)`` (``--socket-count``)."""
-    if sockets is None:
+def socket_paths(socket_path: str | Path, socket_count: int | None = None) -> list[str]:
+    """``PATH`` alone, or ``PATH0..PATH(socket_count-1)`` (vdev's ``--socket-count``)."""
+    if socket_count is None:
         return [str(socket_path)]
-    return [f"{socket_path}{i}" for i in range(sockets)]
+    return [f"{socket_path}{i}" for i in range(socket_count)]
 
 
 def serve_argv(
     socket_path: str | Path,
     *,
-    sockets: int | None = None,
+    socket_count: int | None = None,
     api_socket: str | Path | None = None,
     no_api: bool = False,
     device: str | None = None,
@@ -99,15 +102,16 @@ def serve_argv(
     extra: Sequence[str] = (),
     vdev_cmd: Sequence[str] | None = None,
 ) -> list[str]:
-    """``vdev serve`` on ``socket_path`` (``sockets`` of them with ``--socket-count``); the API
-    on ``api_socket`` (default: vdev's, ``<first socket>.api``), none with ``no_api``;
+    """``vdev serve`` on ``socket_path`` (with ``socket_count``: ``--socket-count``, sockets
+    ``socket_path0..``, see :func:`socket_paths`); the API on ``api_socket`` (default: vdev's,
+    ``<first socket>.api``), none with ``no_api``;
     ``device`` None leaves vdev's default personality; ``extra`` is appended."""
     argv = [*(vdev_cmd or VDEV_CMD), "serve"]
     if device is not None:
         argv += ["--device", device]
     argv += ["--socket-path", str(socket_path)]
-    if sockets is not None:
-        argv += ["--socket-count", str(sockets)]
+    if socket_count is not None:
+        argv += ["--socket-count", str(socket_count)]
     if api_socket is not None:
         argv += ["--api-socket", str(api_socket)]
     if no_api:
@@ -138,7 +142,9 @@ class VdevProcess:
     """A ``vdev serve`` child (see :func:`start_vdev` / :func:`open_vdev`).
 
     ``proc`` is the :class:`subprocess.Popen`; ``paths`` the vhost-user sockets; ``api_socket``
-    the API socket waited for (None: not waited for); ``args`` the command line."""
+    the API socket waited for (None: not waited for); ``args`` the command line. Its output
+    goes to ``log_path`` (appended), else nowhere, or with ``inherit_output`` to our stdout
+    and stderr; it runs in ``cwd`` (default the repository; None: ours)."""
 
     def __init__(
         self,
@@ -148,6 +154,8 @@ class VdevProcess:
         api_socket: str | Path | None = None,
         log_path: Path | None = None,
         env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = REPO_ROOT,
+        inherit_output: bool = False,
     ) -> None:
         self.args = list(args)
         self.paths = list(paths)
@@ -157,12 +165,12 @@ class VdevProcess:
         environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), environ.get("PYTHONPATH")) if p
         )
-        out: Any = subprocess.DEVNULL
+        out: Any = None if inherit_output else subprocess.DEVNULL
         if log_path is not None:
             out = open(log_path, "ab")  # noqa: SIM115 (the child keeps its own copy)
         try:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                self.args, cwd=REPO_ROOT, env=environ, stdin=subprocess.DEVNULL,
+                self.args, cwd=cwd, env=environ, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=out, start_new_session=True,
             )  # fmt: skip
         finally:
@@ -259,18 +267,24 @@ class VdevProcess:
 def spawn_vdev(
     socket_path: str | Path,
     *,
-    sockets: int | None = None,
+    socket_count: int | None = None,
     api_socket: str | Path | None = None,
     log_path: Path | None = None,
     env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = REPO_ROOT,
+    inherit_output: bool = False,
     **argv_kw: Any,
 ) -> VdevProcess:
-    """Start ``vdev serve`` without waiting. ``argv_kw`` goes to :func:`serve_argv`
-    (``device``, ``target``, ``verbose``, ``extra``, ``no_api``, ``vdev_cmd``); the API socket,
-    when given, is waited for too."""
-    argv = serve_argv(socket_path, sockets=sockets, api_socket=api_socket, **argv_kw)
-    paths = socket_paths(socket_path, sockets)
-    return VdevProcess(argv, paths, api_socket=api_socket, log_path=log_path, env=env)
+    """Start ``vdev serve`` without waiting: on ``socket_path``, or with ``socket_count`` on
+    ``socket_path0..socket_path(N-1)`` (``paths``: every one is waited for). ``argv_kw`` goes
+    to :func:`serve_argv` (``device``, ``target``, ``verbose``, ``extra``, ``no_api``,
+    ``vdev_cmd``); the API socket, when given, is waited for too."""
+    argv = serve_argv(socket_path, socket_count=socket_count, api_socket=api_socket, **argv_kw)
+    paths = socket_paths(socket_path, socket_count)
+    return VdevProcess(
+        argv, paths, api_socket=api_socket, log_path=log_path, env=env, cwd=cwd,
+        inherit_output=inherit_output,
+    )  # fmt: skip
 
 
 def start_vdev(
@@ -303,7 +317,8 @@ class ApiVdev:
         from vdev.client import ApiClient
 
         self.proc = proc  # pid, returncode, log(), stop()
-        self.socket_path = socket_path
+        self.socket_path = socket_path  # the first socket (guest vm0's)
+        self.socket_paths = [Path(p) for p in proc.paths]  # vm0, vm1, ... in order
         self.api_socket = api_socket
         self.name = name
         self.client = ApiClient(str(api_socket))
@@ -353,23 +368,28 @@ async def vdev_serve(
     target: str = "0",
     name: str = "vm0",
     socket_name: str = "vm0.sock",
+    socket_count: int | None = None,
     settings: Mapping[str, int] | None = None,
     extra: Sequence[str] = (),
     log_path: Path | None = None,
     verbose: int = 1,
     timeout: float = START_TIMEOUT,
 ) -> AsyncIterator[ApiVdev]:
-    """``vdev serve`` on ``directory/socket_name`` with its API on ``directory/vdev.api``.
+    """``vdev serve`` on ``directory/socket_name`` with its API on ``directory/vdev.api``;
+    with ``socket_count`` N (``--socket-count``) on ``directory/socket_name0`` ..
+    ``socket_name(N-1)`` (guests vm0..vm(N-1); every socket listens before this yields;
+    :attr:`ApiVdev.socket_paths`).
 
     ``settings`` (ESXi-style paths, e.g. ``{"Mem/CtlMaxPercent": 99}``) are applied through
     the API before yielding; ``extra`` goes to the command line (``--host-memory 64G`` ...);
     its output goes to ``log_path`` (default ``directory/vdev.log``)."""
     sock, api = directory / socket_name, directory / "vdev.api"
     async with open_vdev(
-        sock, api_socket=api, log_path=log_path or directory / "vdev.log", timeout=timeout,
+        sock, socket_count=socket_count, api_socket=api,
+        log_path=log_path or directory / "vdev.log", timeout=timeout,
         device=device, target=target, verbose=verbose, extra=extra,
     ) as proc:  # fmt: skip
-        handle = ApiVdev(proc, sock, api, name)
+        handle = ApiVdev(proc, Path(proc.paths[0]), api, name)
         try:
             for path, value in (settings or {}).items():
                 await handle.set_setting(path, value)

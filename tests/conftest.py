@@ -37,7 +37,7 @@ def vdev_process(tmp_path: Path) -> Iterator[Callable[..., VdevProcess]]:
     ) -> VdevProcess:
         n = len(started)
         srv = start_vdev(
-            tmp_path / f"vu{n}.sock", sockets=sockets, target=target, verbose=verbose,
+            tmp_path / f"vu{n}.sock", socket_count=sockets, target=target, verbose=verbose,
             extra=extra, log_path=tmp_path / f"vdev{n}.log", timeout=10,
         )  # fmt: skip
         started.append(srv)

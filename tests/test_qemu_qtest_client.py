@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -25,6 +23,7 @@ from guest_driver.qtest import (
     qtest_vm,
 )
 from guest_driver.transport_qtest import QtestTransport, vhost_user_device
+from guest_driver.vdev_process import open_vdev
 
 
 async def fake_qemu(stream: trio.abc.Stream, script: dict[str, list[str]]) -> None:
@@ -94,29 +93,26 @@ async def test_vdev_as_a_separate_process() -> None:
         pytest.skip("no QEMU (run scripts/setup)")
     d = q.scratch_dir("vbq-")
     sock = d / "vu.sock"
-    cmd = [sys.executable, "-m", "vdev", "serve", "--device", "vmw", "--socket-path", str(sock),
-           "--target", "64M", "--no-api"]  # fmt: skip
-    vdev = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     try:
         with trio.fail_after(30):
-            while not sock.is_socket():
-                assert vdev.poll() is None
-                await trio.sleep(0.02)
-            device, vid = vhost_user_device("vmw", q)
-            async with qtest_vm(q, devices=[device], chardevs={"c0": sock}, scratch=d) as vm:
-                dev = await VirtioPci.find(vm.qt, vid)
-                t = await QtestTransport.open(dev, GuestAllocator())
-                drv = BalloonDriver(t, GuestPages(256 * 256, kernel_pages=1024), DriverConfig())
-                await vm.qt.memset(4 << 20, 96 << 20, 0x5A)
-                before = vm.memfd_bytes()
-                for _ in range(10):
-                    await drv.work()
-                    if drv.size and drv.size == drv.target:
-                        break
-                assert drv.size == drv.target == 16384
-                assert before - vm.memfd_bytes() >= (64 << 20) - (2 << 20)
-            assert vdev.poll() is None  # QEMU gone, vdev still serving
+            async with open_vdev(
+                sock, device="vmw", target="64M", no_api=True, verbose=0
+            ) as vdev:  # stopped on exit, by its pid
+                device, vid = vhost_user_device("vmw", q)
+                async with qtest_vm(q, devices=[device], chardevs={"c0": sock}, scratch=d) as vm:
+                    dev = await VirtioPci.find(vm.qt, vid)
+                    t = await QtestTransport.open(dev, GuestAllocator())
+                    pages = GuestPages(256 * 256, kernel_pages=1024)
+                    drv = BalloonDriver(t, pages, DriverConfig())
+                    await vm.qt.memset(4 << 20, 96 << 20, 0x5A)
+                    before = vm.memfd_bytes()
+                    for _ in range(10):
+                        await drv.work()
+                        if drv.size and drv.size == drv.target:
+                            break
+                    assert drv.size == drv.target == 16384
+                    assert before - vm.memfd_bytes() >= (64 << 20) - (2 << 20)
+                assert vdev.alive()  # QEMU gone, vdev still serving
+            assert vdev.returncode == 0
     finally:
-        vdev.terminate()
-        vdev.wait(10)
         shutil.rmtree(d, ignore_errors=True)

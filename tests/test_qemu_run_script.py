@@ -62,3 +62,50 @@ async def test_run_qemu_attaches_to_vdev(device: str) -> None:
                 finally:
                     proc.terminate()  # run-qemu exec'd QEMU: this is QEMU's pid
             assert proc.returncode is not None
+
+
+async def test_spawn_vdev_starts_and_stops_it(tmp_path: Path) -> None:
+    """``--spawn-vdev``: vdev (through guest_driver.vdev_process) listens before QEMU starts,
+    QEMU attaches to it, and a SIGTERM to run-qemu stops QEMU, then vdev, and removes the
+    scratch socket directory."""
+    import re
+    import signal
+
+    from vdev.client import ApiClient
+
+    q = next((x for x in qemu.find_qemus() if x.root is None), None)  # paths as they are
+    if q is None:
+        pytest.skip("no host QEMU")
+    bios = write_hlt_bios(tmp_path / "hlt.bin")
+    argv = [str(SCRIPT), "--device", "vmw", "--qemu", q.name, "--ram", "256", "--spawn-vdev",
+            "--", "-bios", q.host_path(bios)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with trio.fail_after(30):
+            assert proc.stdout is not None
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            m = re.search(r"-chardev socket,id=c0,path=(\S+)", line)
+            assert m, line
+            sock = Path(m.group(1))
+            api = f"{sock}.api"
+
+            def connected() -> bool:
+                try:
+                    with ApiClient(api) as c:
+                        return bool(c.vm("vm0")["connected"])
+                except Exception:
+                    return False
+
+            while not await trio.to_thread.run_sync(connected):  # QEMU did the handshake
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                await trio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            _out, err = await trio.to_thread.run_sync(proc.communicate)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "run-qemu: " in err and " serve --device vmw --socket-path " in err
+    assert "Traceback" not in err
+    assert not sock.parent.exists()  # vdev stopped (its sockets gone), scratch dir removed

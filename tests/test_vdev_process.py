@@ -36,7 +36,7 @@ def _fds() -> int:
 
 
 def test_serve_argv() -> None:
-    argv = serve_argv("/s", sockets=2, no_api=True, device="vmw", target="1M", verbose=2,
+    argv = serve_argv("/s", socket_count=2, no_api=True, device="vmw", target="1M", verbose=2,
                       extra=["--x"], vdev_cmd=["vd"])  # fmt: skip
     assert argv == [
         "vd", "serve", "--device", "vmw", "--socket-path", "/s", "--socket-count", "2",
@@ -55,7 +55,7 @@ def test_unix_listening_means_listen_not_just_bound(tmp_path: Path) -> None:
 
 
 def test_start_vdev_sync_stop_returns_the_exit_code(tmp_path: Path) -> None:
-    with start_vdev(tmp_path / "vm", sockets=2, log_path=tmp_path / "log", timeout=15) as vdev:
+    with start_vdev(tmp_path / "vm", socket_count=2, log_path=tmp_path / "log", timeout=15) as vdev:
         assert vdev.alive() and vdev.returncode is None
         assert [Path(p).is_socket() for p in vdev.paths] == [True, True]
         assert vdev.stop() == 0
@@ -66,6 +66,20 @@ def test_start_vdev_sync_stop_returns_the_exit_code(tmp_path: Path) -> None:
 def test_start_vdev_reports_a_process_that_exits(tmp_path: Path) -> None:
     with pytest.raises(VdevStartError, match="exited 2"):
         start_vdev(tmp_path / "vm", extra=["--host-memory", "lots"], log_path=tmp_path / "log")
+
+
+async def test_vdev_serve_socket_count(tmp_path: Path) -> None:
+    """``socket_count=3``: sockets vm0..vm2 for guests vm0..vm2, all listening when it yields."""
+    with trio.fail_after(30):
+        async with vdev_serve(tmp_path, socket_name="vm", socket_count=3) as vdev:
+            assert vdev.socket_paths == [tmp_path / f"vm{i}" for i in range(3)]
+            assert vdev.socket_path == tmp_path / "vm0"
+            assert unix_listening([str(p) for p in vdev.socket_paths])
+            assert [v["name"] for v in await trio.to_thread.run_sync(vdev.client.vms)] == [
+                "vm0", "vm1", "vm2",
+            ]  # fmt: skip
+            assert "--socket-count" in vdev.proc.args
+        assert vdev.proc.returncode == 0
 
 
 async def test_open_vdev_stops_on_exit_and_kills_a_stubborn_one(tmp_path: Path) -> None:

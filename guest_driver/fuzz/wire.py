@@ -92,7 +92,7 @@ def session(device: str = "vmw", vdev_cmd: list[str] | None = None) -> Iterator[
     with (
         tempfile.TemporaryDirectory(prefix="vballoon-wire-") as tmp,
         start_vdev(
-            Path(tmp) / "vm", sockets=2, no_api=True, device=device, target=str(64 << 20),
+            Path(tmp) / "vm", socket_count=2, no_api=True, device=device, target=str(64 << 20),
             verbose=0, vdev_cmd=vdev_cmd, log_path=Path(tmp) / "vdev.log",
         ) as vdev,
     ):  # fmt: skip

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -18,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from ..vdev_process import VDEV_CMD, VdevProcess, VdevStartError, serve_argv
 from .cases import Case
 from .context import CaseFailed, Context, Skipped
 from .rawfrontend import Closed
@@ -63,13 +61,14 @@ async def run_case(c: Case, ctx: Context) -> Result:
 
 
 class VdevSpawner:
-    """Start ``vdev serve`` per needed initial target (one process per value, reused)."""
+    """Start ``vdev serve`` per needed initial target (one process per value, reused), through
+    :mod:`guest_driver.vdev_process`; each is waited for until its socket and its API listen."""
 
     def __init__(self, device: str, vdev_cmd: Sequence[str] | None = None) -> None:
         self.device = device
-        self.vdev_cmd = list(vdev_cmd or [sys.executable, "-m", "vdev"])
+        self.vdev_cmd = list(vdev_cmd or VDEV_CMD)
         self.tmp = tempfile.TemporaryDirectory(prefix="vballoon-harness-")
-        self.procs: dict[int | None, tuple[subprocess.Popen[bytes], str]] = {}
+        self.procs: dict[int | None, tuple[VdevProcess, str]] = {}
         self.log = Path(self.tmp.name) / "vdev.log"
 
     @property
@@ -82,38 +81,33 @@ class VdevSpawner:
     async def socket_for(self, target: int | None) -> str:
         if target in self.procs:
             proc, path = self.procs[target]
-            if proc.poll() is None:
+            if proc.alive():
                 return path
             tail = self.log.read_text(errors="replace")[-1500:]
             raise CaseFailed(f"vdev (target {target}) exited with {proc.returncode}: {tail}")
         path = str(Path(self.tmp.name) / f"vdev-{len(self.procs)}.sock")
-        cmd = [*self.vdev_cmd, "serve", "--socket-path", path, "--device", self.device]
-        if target is not None:
-            cmd += ["--target", str(target * 4096)]
+        argv = serve_argv(
+            path, api_socket=f"{path}.api", device=self.device, verbose=0,
+            target="0" if target is None else str(target * 4096), vdev_cmd=self.vdev_cmd,
+        )  # fmt: skip
         with self.log.open("ab") as log:
-            log.write(f"$ {shlex.join(cmd)}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+        proc = VdevProcess(
+            argv, [path], api_socket=f"{path}.api", log_path=self.log, cwd=None
+        )  # a relative --vdev command is relative to our working directory
         self.procs[target] = (proc, path)
-        with trio.move_on_after(15):
-            while not os.path.exists(path):
-                if proc.poll() is not None:
-                    tail = self.log.read_text(errors="replace")[-800:]
-                    raise Skipped(f"vdev serve exited {proc.returncode}: {tail}")
-                await trio.sleep(0.02)
-            return path
-        raise Skipped(f"vdev serve did not create {path} within 15 s")
+        try:
+            await proc.wait_listening_async(15)
+        except VdevStartError as e:
+            raise Skipped(str(e)) from None
+        return path
 
     def close(self) -> None:
+        for proc, _ in self.procs.values():  # SIGTERM to all first, then wait for each
+            if proc.alive():
+                proc.proc.send_signal(signal.SIGTERM)
         for proc, _ in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, _ in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.stop(timeout=5)
         self.procs.clear()
         self.tmp.cleanup()
 
