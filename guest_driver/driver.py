@@ -78,6 +78,7 @@ STAT_NAMES = ("timer", "doorbell", "reset", "shrink", "shrinkFree")
 PAGE_STAT_NAMES = ("alloc", "allocFail", "errAlloc", "errFree", "free")
 
 _EMPTY = np.empty(0, dtype=np.int64)
+_SUCCESS = int(Status.SUCCESS)  # a plain int: numpy compares it without the enum
 
 
 class PageSource(Protocol):
@@ -433,7 +434,7 @@ class BalloonDriver:
                 cmd = Command.LOCK if inflate else Command.UNLOCK
                 batch_status = (await self._cmd(cmd, pfn, n)).status
             statuses = np.full(n, batch_status, dtype=np.uint64)
-        ok = statuses == Status.SUCCESS
+        ok = statuses == _SUCCESS
         refused = n - int(np.count_nonzero(ok))
         if refused:
             self.stats.page_inc("errAlloc", size, refused)

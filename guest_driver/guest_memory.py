@@ -44,6 +44,8 @@ from protocol.errors import ConfigError, LocalError
 PAGE_SIZE = 4096
 PAGES_PER_2M = 512
 FRAME_SHIFT = 9
+_FRAME_OFFSETS = np.arange(PAGES_PER_2M, dtype=np.int64)
+_EMPTY_PFNS = np.empty(0, dtype=np.int64)
 
 I64Array = npt.NDArray[np.int64]
 _MARKER_SALT = np.uint64(0x5642_414C_4C4F_4F4E)  # "VBALLOON"
@@ -70,6 +72,9 @@ class PageState(enum.IntEnum):
     CACHE = 2
     APP = 3
     BALLOON = 4
+
+
+_FREE = int(PageState.FREE)  # a plain int: numpy compares it without the enum
 
 
 CRITICAL = 3  # application priority that is never reclaimed
@@ -256,18 +261,25 @@ class GuestMemory:
         """``n`` free pages (or fewer), most fragmented frames first, address order inside."""
         if n <= 0:
             return np.empty(0, dtype=np.int64)
-        candidates = np.flatnonzero(self.frame_free > 0)
-        if candidates.size == 0:
-            return np.empty(0, dtype=np.int64)
-        # Partially free frames first (fewest free pages first), whole free frames last.
-        order = np.argsort(self.frame_free[candidates], kind="stable")
-        frames = candidates[order]
-        enough = int(np.searchsorted(np.cumsum(self.frame_free[frames]), n)) + 1
-        frames = frames[:enough]
-        rows = self.state.reshape(self.frames, PAGES_PER_2M)[frames] == PageState.FREE
-        r, c = np.nonzero(rows)
-        pfns = (frames[r].astype(np.int64) << FRAME_SHIFT) + c
-        return pfns[:n]
+        free = self.frame_free
+        # Partially free frames first (fewest free pages first, stable: address order among
+        # equals), whole free frames last in address order. Only the partial frames need
+        # sorting and a look at their page states; whole ones are all free.
+        partial = np.flatnonzero((free > 0) & (free < PAGES_PER_2M))
+        head = _EMPTY_PFNS
+        if partial.size:
+            partial = partial[np.argsort(free[partial], kind="stable")]
+            enough = int(np.searchsorted(np.cumsum(free[partial]), n)) + 1
+            frames = partial[:enough]
+            rows = self.state.reshape(self.frames, PAGES_PER_2M)[frames] == _FREE
+            r, c = np.nonzero(rows)
+            head = (frames[r].astype(np.int64) << FRAME_SHIFT) + c
+            if head.size >= n:
+                return head[:n]
+        need = n - head.size
+        whole = np.flatnonzero(free == PAGES_PER_2M)[: -(-need // PAGES_PER_2M)]
+        tail = ((whole.astype(np.int64)[:, None] << FRAME_SHIFT) + _FRAME_OFFSETS).reshape(-1)
+        return np.concatenate((head, tail[:need])) if head.size else tail[:need]
 
     def _pick_state(self, state: PageState, n: int, *, by_priority: bool = False) -> I64Array:
         if n <= 0:
