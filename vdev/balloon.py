@@ -494,8 +494,7 @@ class BalloonModel:
         huge = command in (Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK)
         if not 1 <= count <= BATCH_MAX_ENTRIES:
             return Status.ERROR_CMD_INVALID, ()
-        page = np.array([batch_pfn], dtype=np.uint64)
-        if not ram.ram_pfn_mask(page, 1)[0] or self._pages.covered_pfn(batch_pfn):
+        if not _page_is_ram(ram, batch_pfn) or self._pages.covered_pfn(batch_pfn):
             return Status.ERROR_CMD_INVALID, ()
         gpa = batch_pfn << PAGE_SHIFT
         try:
@@ -676,6 +675,15 @@ class BalloonModel:
             f"BalloonModel(size={self.size}, target={self._target}, caps={int(self._caps):#x}, "
             f"reset_demanded={self._reset_demanded})"
         )
+
+
+def _page_is_ram(ram: GuestRam, pfn: int) -> bool:
+    """``ram.ram_pfn_mask([pfn], 1)[0]``, through the RAM's scalar ``contains(gpa, length)``
+    when it has one (vdev's GuestMemory: the same test, without arrays)."""
+    contains = getattr(ram, "contains", None)
+    if contains is not None:
+        return bool(contains(pfn << PAGE_SHIFT, 1 << PAGE_SHIFT))
+    return bool(ram.ram_pfn_mask(np.array([pfn], dtype=np.uint64), 1)[0])
 
 
 def _counter_names() -> list[str]:

@@ -407,6 +407,15 @@ class GuestMemory:
         regions = self._regions if regions is None else list(regions)
         if not starts.size or not regions:
             return pieces
+        if starts.size == 1:  # one run (a contiguous batch): the same plan with Python ints
+            first = min(int(starts[0]), U64_MAX >> PAGE_SHIFT)
+            lo = first << PAGE_SHIFT
+            hi = (first + min(int(counts[0]), (U64_MAX >> PAGE_SHIFT) - first)) << PAGE_SHIFT
+            for r in regions:
+                a, b = max(lo, r.gpa), min(hi, r.gpa + r.size)
+                if a < b:
+                    pieces.append((r, a - r.gpa, b - a))
+            return pieces
         # PFNs past 2**52 cannot be guest RAM: clip them so the shifts stay inside 64 bits
         cap = np.uint64(U64_MAX >> PAGE_SHIFT)
         first = np.minimum(starts, cap)
