@@ -549,7 +549,7 @@ class BalloonModel:
             statuses[invalid] = Status.ERROR_PPN_INVALID
             todo = ~invalid
 
-        frames = pfns >> np.uint64(FRAME_SHIFT) if huge else None
+        frames = pfns >> np.uint64(FRAME_SHIFT)  # used for 2M only (one cheap shift)
         pages = self._pages
         if lock:
             pinned = self._pinned_mask(pfns, npages, batch_pfn)

@@ -408,11 +408,11 @@ class GuestMemory:
         if not starts.size or not regions:
             return pieces
         if starts.size == 1:  # one run (a contiguous batch): the same plan with Python ints
-            first = min(int(starts[0]), U64_MAX >> PAGE_SHIFT)
-            lo = first << PAGE_SHIFT
-            hi = (first + min(int(counts[0]), (U64_MAX >> PAGE_SHIFT) - first)) << PAGE_SHIFT
+            pfn = min(int(starts[0]), U64_MAX >> PAGE_SHIFT)
+            run_lo = pfn << PAGE_SHIFT
+            run_hi = (pfn + min(int(counts[0]), (U64_MAX >> PAGE_SHIFT) - pfn)) << PAGE_SHIFT
             for r in regions:
-                a, b = max(lo, r.gpa), min(hi, r.gpa + r.size)
+                a, b = max(run_lo, r.gpa), min(run_hi, r.gpa + r.size)
                 if a < b:
                     pieces.append((r, a - r.gpa, b - a))
             return pieces
