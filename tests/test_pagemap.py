@@ -176,3 +176,28 @@ def test_ensure_growth(start: int, end: int, limit: int | None, expected: int) -
     m = PageMap(start)
     m.ensure(end, limit=limit)
     assert m.capacity == expected
+
+
+# --------------------------------------------------------------------------- PinnedRanges
+
+
+def test_pinned_ranges_merge_per_owner_and_overlap() -> None:
+    from protocol.errors import ConfigError
+    from vdev.pagemap import PinnedRanges
+
+    pinned = PinnedRanges()
+    pfns = np.array([0, 9, 10, 14, 15, 20, 29, 30], dtype=np.uint64)
+    assert not pinned.overlaps(pfns).any()
+    pinned.set("rings", [(10, 5), (12, 0)])  # pages 10..14; a zero-length range is dropped
+    pinned.set("operator", [(20, 10)])  # pages 20..29
+    assert pinned.by_owner() == {"rings": ((10, 5),), "operator": ((20, 10),)}
+    assert pinned.overlaps(pfns).tolist() == [False, False, True, True, False, True, True, False]
+    # A 2 MiB-style range overlaps when any of its pages is pinned.
+    assert pinned.overlaps(np.array([0, 512], dtype=np.uint64), 512).tolist() == [True, False]
+    pinned.set("operator", [(14, 7)])  # touches and overlaps "rings": merged into 10..20
+    assert pinned.overlaps(np.array([15, 20, 21], dtype=np.uint64)).tolist() == [True, True, False]
+    pinned.set("rings", [])
+    assert pinned.by_owner() == {"operator": ((14, 7),)}
+    assert not pinned.overlaps(np.array([10, 13], dtype=np.uint64)).any()
+    with pytest.raises(ConfigError):
+        pinned.set("operator", [(-1, 2)])

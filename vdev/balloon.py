@@ -94,7 +94,7 @@ from protocol.vmw import (
     with_statuses,
 )
 
-from .pagemap import FRAME_SHIFT, PageMap
+from .pagemap import FRAME_SHIFT, PageMap, PinnedRanges
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +240,7 @@ class BalloonModel:
         self._doorbell: tuple[int, int] | None = None
         self._ram_pages: int | None = None
         self._pages = PageMap()
-        self._pinned: dict[str, tuple[tuple[int, int], ...]] = {}
-        self._pin_starts: U64Array = np.zeros(0, np.uint64)
-        self._pin_ends: U64Array = np.zeros(0, np.uint64)
+        self._pinned = PinnedRanges()
         #: Set by the server on SIGTERM: every command then answers ERROR_BUSY.
         self.shutting_down = False
         self._counters: dict[str, int] = dict.fromkeys(_counter_names(), 0)
@@ -324,7 +322,7 @@ class BalloonModel:
 
     @property
     def pinned(self) -> dict[str, tuple[tuple[int, int], ...]]:
-        return dict(self._pinned)
+        return self._pinned.by_owner()
 
     def state(self) -> ModelState:
         """A snapshot of everything but the counters (O(pages covered); for tests)."""
@@ -339,7 +337,7 @@ class BalloonModel:
             size=self.size,
             locked_4k=tuple(int(p) for p in self._pages.locked_4k()),
             locked_2m=tuple(int(f) for f in self._pages.locked_2m()),
-            pinned=tuple(sorted(self._pinned.items())),
+            pinned=tuple(sorted(self._pinned.by_owner().items())),
         )
 
     # ----------------------------------------------------------------- operator side
@@ -369,25 +367,7 @@ class BalloonModel:
 
     def set_pinned(self, owner: str, ranges: Iterable[tuple[int, int]]) -> None:
         """Replace ``owner``'s pinned ranges ((first PFN, count) pairs); [] removes them."""
-        cleaned: list[tuple[int, int]] = []
-        for start, count in ranges:
-            if start < 0 or count < 0:
-                raise ConfigError(f"bad pinned range ({start}, {count})")
-            if count:
-                cleaned.append((int(start), int(count)))
-        if cleaned:
-            self._pinned[owner] = tuple(sorted(cleaned))
-        else:
-            self._pinned.pop(owner, None)
-        spans = sorted(span for spans in self._pinned.values() for span in spans)
-        merged: list[list[int]] = []
-        for start, count in spans:
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], start + count)
-            else:
-                merged.append([start, start + count])
-        self._pin_starts = np.array([s for s, _ in merged], dtype=np.uint64)
-        self._pin_ends = np.array([e for _, e in merged], dtype=np.uint64)
+        self._pinned.set(owner, ranges)
 
     # -------------------------------------------------------------------- guest side
 
@@ -617,15 +597,10 @@ class BalloonModel:
 
     def _pinned_mask(self, pfns: U64Array, npages: int, batch_pfn: int | None) -> BoolArray:
         """Per entry: ``[pfn, pfn + npages)`` overlaps a pinned range or the batch page."""
-        ends = pfns + np.uint64(npages)  # PFNs here are RAM, so no wrap-around
-        mask = np.zeros(pfns.shape, dtype=np.bool_)
-        if self._pin_starts.size:
-            j = np.searchsorted(self._pin_starts, ends, side="left").astype(np.intp) - 1
-            hit = j >= 0
-            mask = hit & (self._pin_ends[np.maximum(j, 0)] > pfns)
+        mask = self._pinned.overlaps(pfns, npages)
         if batch_pfn is not None:
             page = np.uint64(batch_pfn)
-            mask |= (pfns <= page) & (page < ends)
+            mask |= (pfns <= page) & (page < pfns + np.uint64(npages))
         return mask
 
     def _commit(

@@ -70,7 +70,7 @@ from protocol.errors import ConfigError
 
 from .balloon import Reclaim, coalesce
 from .device import Device, DeviceContext, DeviceStatus, Work
-from .pagemap import PageMap
+from .pagemap import PageMap, PinnedRanges
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,7 @@ class VirtioBalloon:
         self.guest_stats: dict[str, int] = empty_stats()
         self.stats_last_update: float | None = None  # host time of the last stats buffer
         self.held_stats: int | None = None  # head of the statsq buffer we hold
-        self._pinned: dict[str, tuple[tuple[int, int], ...]] = {}
-        self._pin_starts: U64Array = np.zeros(0, np.uint64)
-        self._pin_ends: U64Array = np.zeros(0, np.uint64)
+        self._pinned = PinnedRanges()
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "inflate buffers",
@@ -212,20 +210,7 @@ class VirtioBalloon:
 
     def set_pinned(self, owner: str, ranges: Iterable[tuple[int, int]]) -> None:
         """Replace ``owner``'s pinned (first PFN, count) ranges: pages never reclaimed."""
-        cleaned = tuple(sorted((int(s), int(c)) for s, c in ranges if c > 0))
-        if cleaned:
-            self._pinned[owner] = cleaned
-        else:
-            self._pinned.pop(owner, None)
-        spans = sorted(s for spans in self._pinned.values() for s in spans)
-        merged: list[list[int]] = []
-        for start, count in spans:
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], start + count)
-            else:
-                merged.append([start, start + count])
-        self._pin_starts = np.array([s for s, _ in merged], dtype=np.uint64)
-        self._pin_ends = np.array([e for _, e in merged], dtype=np.uint64)
+        self._pinned.set(owner, ranges)
 
     # ------------------------------------------------------------------ config space
 
@@ -268,7 +253,7 @@ class VirtioBalloon:
         pfns = np.unique(pfns)
         ok = np.asarray(ram.ram_pfn_mask(pfns, 1), dtype=np.bool_)
         self.counters["inflate ignored: not RAM"] += int(np.count_nonzero(~ok))
-        pinned = ok & self._pinned_mask(pfns)
+        pinned = ok & self._pinned.overlaps(pfns)
         self.counters["inflate ignored: pinned"] += int(np.count_nonzero(pinned))
         ok &= ~pinned
         present = ok & self.pages.covered(pfns)
@@ -345,12 +330,6 @@ class VirtioBalloon:
         self.negotiated = 0
 
     # ------------------------------------------------------------------ helpers
-
-    def _pinned_mask(self, pfns: U64Array) -> npt.NDArray[np.bool_]:
-        if not self._pin_starts.size:
-            return np.zeros(pfns.shape, dtype=np.bool_)
-        j = np.searchsorted(self._pin_starts, pfns, side="right").astype(np.intp) - 1
-        return (j >= 0) & (self._pin_ends[np.maximum(j, 0)] > pfns)
 
     def snapshot(self) -> dict[str, Any]:
         return {

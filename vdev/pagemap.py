@@ -18,8 +18,12 @@ arrays of PFNs (or frames) and works on them at once; there is no per-page Pytho
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import numpy.typing as npt
+
+from protocol.errors import ConfigError
 
 PAGES_PER_2M = 512
 FRAME_SHIFT = 9
@@ -264,3 +268,48 @@ def _update(bits: npt.NDArray[np.uint8], index: U64Array, *, set_bits: bool) -> 
         np.bitwise_and.at(bits, byte_index, np.invert(masks))
     after = int(np.bitwise_count(bits[touched]).sum(dtype=np.int64))
     return after - before if set_bits else before - after
+
+
+class PinnedRanges:
+    """Pages the device may never take, kept per owner ("rings", an operator's ranges).
+
+    Each owner's ranges are (first PFN, count) pairs; the union is kept merged and sorted so
+    a whole batch is tested with one ``searchsorted``.
+    """
+
+    def __init__(self) -> None:
+        self._by_owner: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._starts: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)
+        self._ends: npt.NDArray[np.uint64] = np.zeros(0, np.uint64)
+
+    def set(self, owner: str, ranges: Iterable[tuple[int, int]]) -> None:
+        """Replace ``owner``'s ranges; an empty iterable removes the owner."""
+        cleaned: list[tuple[int, int]] = []
+        for start, count in ranges:
+            if start < 0 or count < 0:
+                raise ConfigError(f"bad pinned range ({start}, {count})")
+            if count:
+                cleaned.append((int(start), int(count)))
+        if cleaned:
+            self._by_owner[owner] = tuple(sorted(cleaned))
+        else:
+            self._by_owner.pop(owner, None)
+        merged: list[list[int]] = []
+        for start, count in sorted(r for rs in self._by_owner.values() for r in rs):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], start + count)
+            else:
+                merged.append([start, start + count])
+        self._starts = np.array([s for s, _ in merged], dtype=np.uint64)
+        self._ends = np.array([e for _, e in merged], dtype=np.uint64)
+
+    def by_owner(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        return dict(self._by_owner)
+
+    def overlaps(self, pfns: npt.NDArray[np.uint64], npages: int = 1) -> npt.NDArray[np.bool_]:
+        """Per PFN: ``[pfn, pfn + npages)`` overlaps a pinned range (PFNs are RAM: no wrap)."""
+        if not self._starts.size:
+            return np.zeros(pfns.shape, dtype=np.bool_)
+        ends = pfns + np.uint64(npages)
+        j = np.searchsorted(self._starts, ends, side="left").astype(np.intp) - 1
+        return (j >= 0) & (self._ends[np.maximum(j, 0)] > pfns)
