@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -376,6 +377,24 @@ async def act2(demo: Demo) -> None:
             with trio.fail_after(20):  # every driver running (MCTL? = Y)
                 while not all(v["driver_active"] for v in await call(api.vms)):
                     await trio.sleep(0.2)
+            # Every target the policy sets, with its reason, from the events stream: a
+            # step can pass through a reason faster than the table is polled.
+            told: list[tuple[str, str]] = []
+            following = threading.Event()
+            events_api = ApiClient(str(vdev.api_socket))
+            stack.callback(events_api.close)
+
+            def follow() -> None:
+                # Ends when events_api is closed at the end of the act; how the stream then
+                # fails is of no interest.
+                with contextlib.suppress(Exception):
+                    for event in events_api.events():
+                        following.set()
+                        if event.get("kind") == "target" and isinstance(event.get("name"), str):
+                            told.append((event["name"], str(event.get("reason") or "")))
+
+            threading.Thread(target=follow, name="act2-events", daemon=True).start()
+            await trio.to_thread.run_sync(following.wait, 10)
             start = time.monotonic()
             note = "3 guests connected"
             with Live(console=console, refresh_per_second=8, transient=True) as live:
@@ -389,6 +408,7 @@ async def act2(demo: Demo) -> None:
                 for n, free in enumerate(steps, 1):
                     before = {v["name"]: v["size_bytes"] for v in vms}
                     reasons: dict[str, list[str]] = {v["name"]: [] for v in vms}
+                    told_before = len(told)
                     t0 = time.monotonic()
                     host = await call(api.set_simulated_free, free_mib=free)
                     entered = host["state"]
@@ -422,6 +442,9 @@ async def act2(demo: Demo) -> None:
                             break
                         await trio.sleep(0.2)
                     settle_s = (settled_since or time.monotonic()) - t0
+                    for name, polled in reasons.items():  # the policy's order first
+                        from_events = [r for n, r in told[told_before:] if n == name]
+                        reasons[name] = list(dict.fromkeys(from_events + polled))
                     moved = {v["name"]: v["size_bytes"] - before[v["name"]] for v in vms}
                     total = sum(moved.values())
                     what = (
