@@ -93,10 +93,16 @@ async def test_manual_override_wins_and_policy_resumes() -> None:
         applied, reason = control.set_manual_target("vm0", VM_PAGES)
         assert (applied, reason) == (cap, "capped:CtlMaxPercent")
         assert registry.view("vm0").target_pages == cap
-        # Raising the cap lets the manual target through on the next step.
+        # Raising the cap lets the manual target through on the next step, at once (manual
+        # targets skip the rate limit), and the cap that still binds stays the reason.
         control.set_setting("/Mem/CtlMaxPercent", 99)
         control.step(now=4.0)
         assert registry.view("vm0").target_pages == VM_PAGES * 99 // 100
+        assert control.reason("vm0") == "capped:CtlMaxPercent"
+        control.set_setting("/Mem/CtlMaxPercent", 50)  # a lowered cap binds at once
+        control.step(now=4.5)
+        assert registry.view("vm0").target_pages == VM_PAGES * 50 // 100
+        assert control.reason("vm0") == "capped:CtlMaxPercent"
 
         with pytest.raises(ValueError, match="more than the guest's RAM"):
             control.set_manual_target("vm0", VM_PAGES + 1)

@@ -544,9 +544,10 @@ class ControlPlane:
             target, reason = d.target_pages, d.reason
             manual = self.manual.get(name)
             if manual is not None:
-                # Manual wins over rate limit and hysteresis; the cap still holds.
+                # Manual wins over rate limit and hysteresis; the cap still holds, and is
+                # then the reason (d.reason may name the rate limit manual targets skip).
                 target = min(manual, d.max_pages)
-                reason = "manual" if manual <= d.max_pages else d.reason
+                reason = "manual" if manual <= d.max_pages else d.desired_reason
             self._apply(name, target, reason)
         for name, view in views.items():
             d2 = decision.vms.get(name)

@@ -831,6 +831,7 @@ class VmDecision:
     desired_pages: int  # the entitlement before hysteresis and rate limit
     max_pages: int  # most the balloon may hold (esxtop MCTLMAX)
     capped_pages: int = 0  # its limit / manual target beyond max_pages (see Entitlement)
+    desired_reason: str = ""  # why the entitlement is desired_pages (e.g. the cap that binds)
 
 
 @dataclass(frozen=True)
@@ -972,6 +973,7 @@ class PolicyEngine:
                 desired_pages=ent.vms[name].target_pages,
                 max_pages=ent.vms[name].max_pages,
                 capped_pages=ent.vms[name].capped_pages,
+                desired_reason=ent.vms[name].reason,
             )
             for name in vms
         }
