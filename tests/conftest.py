@@ -21,7 +21,10 @@ from typing import Any
 import pytest
 import trio
 
+from guest_driver import linux_image, qemu
 from guest_driver.frontend import GuestRamFile
+from guest_driver.linux_image import LinuxImage, ProvisionError
+from guest_driver.qemu import QemuBinary
 from guest_driver.vdev_process import VdevProcess, start_vdev
 
 MiB = 1 << 20
@@ -79,3 +82,17 @@ def guest_ram() -> Iterator[Callable[..., GuestRamFile]]:
     yield make
     for ram in made:
         ram.close()
+
+
+@pytest.fixture(scope="module")
+def linux_env() -> tuple[QemuBinary, LinuxImage]:
+    """A QEMU with the generic vhost-user device (>= 10.2) and the Linux guest image, both
+    provided by scripts/setup; the test is skipped, saying why, where set-up could not."""
+    q = qemu.best_qemu(need_test_device=True)
+    if q is None:
+        pytest.skip(f"no QEMU >= 10.2 with {qemu.TEST_DEVICE} on this machine (scripts/setup)")
+    try:
+        image = linux_image.build()
+    except ProvisionError as e:
+        pytest.skip(f"the Linux guest image could not be provisioned here: {e}")
+    return q, image

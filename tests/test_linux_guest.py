@@ -49,7 +49,6 @@ from guest_driver.linux_guest import (
     wait_balloon,
     wait_until,
 )
-from guest_driver.linux_image import ProvisionError
 from guest_driver.qemu import QemuBinary
 from guest_driver.vdev_process import ApiVdev, vdev_serve
 from protocol import virtio_balloon as vb
@@ -108,21 +107,9 @@ def test_report_parsing() -> None:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def env() -> tuple[QemuBinary, linux_image.LinuxImage]:
-    q = qemu.best_qemu(need_test_device=True)
-    if q is None:
-        pytest.skip(f"no QEMU >= 10.2 with {qemu.TEST_DEVICE} on this machine (scripts/setup)")
-    try:
-        image = linux_image.build()
-    except ProvisionError as e:
-        pytest.skip(f"the Linux guest image could not be provisioned here: {e}")
-    return q, image
-
-
 @pytest.fixture
-def scratch(env: tuple[QemuBinary, linux_image.LinuxImage]) -> Iterator[Path]:
-    d = env[0].scratch_dir("vbl-")
+def scratch(linux_env: tuple[QemuBinary, linux_image.LinuxImage]) -> Iterator[Path]:
+    d = linux_env[0].scratch_dir("vbl-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -198,12 +185,12 @@ async def disconnected(vdev: InProcessVdev) -> Any:
 @pytest.mark.qemu
 @pytest.mark.linux_guest
 async def test_linux_inflates_to_vdev_target_and_qemu_memory_falls(
-    env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
+    linux_env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
 ) -> None:
     """Without DEFLATE_ON_OOM: every target is met page for page by the guest's driver,
     MemTotal shrinks by it, vdev punches it out of the memfd and QEMU's RssShmem falls by
     it; deflating restores MemTotal and the guest's next touch raises RssShmem again."""
-    q, image = env
+    q, image = linux_env
     with trio.fail_after(100):
         async with (
             serve_vdev(scratch, device_cls=device_class(deflate_on_oom=False)) as vdev,
@@ -272,12 +259,12 @@ async def test_linux_inflates_to_vdev_target_and_qemu_memory_falls(
 @pytest.mark.qemu
 @pytest.mark.linux_guest
 async def test_linux_deflates_on_oom_instead_of_killing(
-    env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
+    linux_env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
 ) -> None:
     """With DEFLATE_ON_OOM (vdev's default): MemTotal stays, MemFree pays for the balloon;
     a workload bigger than free memory gets its memory from the balloon (the driver's OOM
     notifier deflates) and the OOM killer never runs. vdev follows the guest down."""
-    q, image = env
+    q, image = linux_env
     with trio.fail_after(100):
         async with (
             serve_vdev(scratch) as vdev,
@@ -316,12 +303,12 @@ async def test_linux_deflates_on_oom_instead_of_killing(
 @pytest.mark.qemu
 @pytest.mark.linux_guest
 async def test_vdev_serve_process_serves_the_next_vm_after_poweroff(
-    env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
+    linux_env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
 ) -> None:
     """A real ``vdev serve --device virtio-balloon`` process, driven through its management
     API and its CLI; two QEMUs one after the other on the same socket. The target is set
     before any guest exists; each guest inflates to it as its driver probes."""
-    q, image = env
+    q, image = linux_env
     pages = 32 * PAGES_PER_MIB
     accepted = int(vb.Feature.STATS_VQ | vb.Feature.DEFLATE_ON_OOM)
     with trio.fail_after(100):

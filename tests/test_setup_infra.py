@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from guest_driver import linux_image, qemu
-from guest_driver.linux_image import BALLOON_DEVICE_ID, PREFIX, ProvisionError
+from guest_driver.linux_image import BALLOON_DEVICE_ID, PREFIX
 from guest_driver.qemu import QemuBinary
 
 # --------------------------------------------------------------------------- pure
@@ -189,26 +189,14 @@ async def test_qemu_answers_qtest(q: QemuBinary | None) -> None:
 # --------------------------------------------------------------------------- Linux guest
 
 
-@pytest.fixture(scope="module")
-def guest() -> tuple[QemuBinary, linux_image.LinuxImage]:
-    q = qemu.best_qemu(need_test_device=True)
-    if q is None:
-        pytest.skip(f"no QEMU >= 10.2 with {qemu.TEST_DEVICE} on this machine (scripts/setup)")
-    try:
-        image = linux_image.build()
-    except ProvisionError as e:
-        pytest.skip(f"the Linux guest image could not be provisioned here: {e}")
-    return q, image
-
-
 @pytest.mark.qemu
 @pytest.mark.linux_guest
 async def test_linux_guest_binds_builtin_balloon(
-    guest: tuple[QemuBinary, linux_image.LinuxImage],
+    linux_env: tuple[QemuBinary, linux_image.LinuxImage],
 ) -> None:
     """A real Linux binds virtio_balloon to QEMU's own virtio-balloon-pci, runs a workload
     on request and powers off when told to."""
-    q, image = guest
+    q, image = linux_env
     with trio.fail_after(60):
         async with linux_image.run_guest(
             q, image, append="vb.autooff=55 vb.interval=30", extra=["-device", "virtio-balloon-pci"]
@@ -236,9 +224,9 @@ async def test_linux_guest_binds_builtin_balloon(
 @pytest.mark.qemu
 @pytest.mark.linux_guest
 async def test_linux_guest_powers_off_by_itself(
-    guest: tuple[QemuBinary, linux_image.LinuxImage],
+    linux_env: tuple[QemuBinary, linux_image.LinuxImage],
 ) -> None:
-    q, image = guest
+    q, image = linux_env
     with trio.fail_after(60):
         result = await linux_image.boot_check(q, image, autooff=2, timeout=55)
     assert result.ok, "\n".join(result.lines)
