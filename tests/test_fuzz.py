@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,29 @@ def test_wire_smoke_against_vdev(tmp_path: Path) -> None:
         )
     assert stats.execs >= 10
     assert not stats.findings, [Reproducer.load(p).error for p in stats.findings]
+
+
+@pytest.mark.timeout(90)
+def test_wire_reports_the_coverage_reached_inside_vdev(tmp_path: Path) -> None:
+    """`scripts/fuzz wire --vdev-coverage FILE`: vdev runs under coverage.py and the campaign
+    says how much of vdev and protocol its attacks reached (the fuzzer cannot see it)."""
+    data = tmp_path / "vdev.coverage"
+    run = subprocess.run(
+        [sys.executable, "-m", "guest_driver.fuzz", "wire", "--time", "3", "--seed", "2",
+         "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes"),
+         "--vdev-coverage", str(data)],
+        cwd=REPO, capture_output=True, text=True, timeout=80,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    m = re.search(r"vdev coverage: ([0-9.]+) % of lines in (\d+) files", run.stdout)
+    assert m, run.stdout
+    assert 10 < float(m[1]) < 100 and int(m[2]) >= 10  # the server, rings, model were reached
+    assert data.stat().st_size > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "guest_driver.fuzz", "frames", "--vdev-coverage", str(data)],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "needs a target that runs vdev" in bad.stderr
 
 
 @pytest.mark.timeout(90)
