@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ import trio
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory, PageSize, PageState
 from guest_driver.transport_vhost_user import VhostUserTransport, connect_transport
+from guest_driver.vdev_process import VdevProcess, spawn_vdev
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, Request
 
 from .system import GIB, MIB, PAGE_SIZE, ProcSample, proc_sample, self_cpu_s
@@ -64,7 +64,7 @@ def guest_ram_for(balloon_bytes: int, *, scatter: bool = False) -> int:
 
 
 class Vdev:
-    """``vdev serve`` in a subprocess (own process group), with its API socket."""
+    """``vdev serve`` in a subprocess (own session), with its API socket."""
 
     def __init__(self, workdir: Path, sockets: int, *, log_path: Path | None = None) -> None:
         self.dir = workdir
@@ -72,7 +72,7 @@ class Vdev:
         self.sock_base = str(workdir / "vm")
         self.api_path = str(workdir / "api.sock")
         self.log_path = log_path or workdir / "vdev.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: VdevProcess | None = None
 
     def socket_path(self, i: int) -> str:
         return f"{self.sock_base}{i}"
@@ -85,57 +85,27 @@ class Vdev:
     async def start(self, timeout: float = 30.0) -> None:
         # VBALLOON_BENCH_VDEV: a script to run instead of ``-m vdev`` (A/B experiments)
         alt = os.environ.get("VBALLOON_BENCH_VDEV")
-        cmd = [
-            sys.executable,
-            *([alt] if alt else ["-m", "vdev"]),
-            "serve",
-            "--socket-path",
+        self.proc = spawn_vdev(
             self.sock_base,
-            "--socket-count",
-            str(self.sockets),
-            "--api-socket",
-            self.api_path,
-            "--host-memory",
-            "1T",
-            "--policy-period",
-            "3600",
-            "--target",
-            "0",
-        ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
-                cmd, stdout=logf, stderr=logf, cwd=str(ROOT), env=env, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        wanted = [self.api_path, *(self.socket_path(i) for i in range(self.sockets))]
-        while not all(os.path.exists(p) for p in wanted):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vdev serve exited {self.proc.returncode}: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vdev serve did not come up: {self.log_tail()}")
-            await trio.sleep(0.05)
+            socket_count=self.sockets,
+            api_socket=self.api_path,
+            log_path=self.log_path,
+            verbose=0,
+            target="0",
+            extra=["--host-memory", "1T", "--policy-period", "3600"],
+            vdev_cmd=[sys.executable, alt] if alt else None,
+        )
+        await self.proc.wait_listening_async(timeout)
 
     def sample(self) -> ProcSample:
         return proc_sample(self.pid)
 
     def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+        return self.proc.log_tail(n) if self.proc is not None else ""
 
     async def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        with trio.move_on_after(10):
-            while self.proc.poll() is None:
-                await trio.sleep(0.05)
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            await self.proc.stop_async()
 
 
 @contextlib.asynccontextmanager
@@ -145,15 +115,7 @@ async def running_vdev(sockets: int, workdir: Path | None = None) -> AsyncIterat
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vbbench-")))
         vdev = Vdev(workdir, sockets)
         try:
-            for attempt in range(3):  # the tree may be mid-edit by someone else: retry
-                try:
-                    await vdev.start()
-                    break
-                except RuntimeError:
-                    if attempt == 2:
-                        raise
-                    log.warning("vdev serve did not start; retrying: %s", vdev.log_tail(500))
-                    await trio.sleep(10)
+            await vdev.start()
             yield vdev
         finally:
             with trio.CancelScope(shield=True):
