@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,20 @@ def test_ratios_targets_plots(results: tuple[dict[str, Any], Path, str]) -> None
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert p.stat().st_size < 200_000
+
+
+def test_process_cpu_clock_is_finer_than_a_tick() -> None:
+    """vdev's CPU is read from the process CPU clock (ns), not /proc's 10 ms ticks: a case
+    that used 5 ms of CPU reads as 5 ms, not 0 or 10 (test_throughput failed on `2M vdev
+    CPU = 0.0` when the quick 2 MiB case used less than one tick)."""
+    from guest_driver.bench.system import proc_cpu_s
+
+    pid = os.getpid()
+    c0, p0 = proc_cpu_s(pid), time.process_time()
+    while time.process_time() - p0 < 0.005:
+        pass
+    c1, p1 = proc_cpu_s(pid), time.process_time()
+    assert abs((c1 - c0) - (p1 - p0)) < 0.002, (c1 - c0, p1 - p0)
 
 
 if __name__ == "__main__":  # pragma: no cover
