@@ -1,6 +1,6 @@
 """``python -m guest_driver`` = ``guest-driver``."""
 
-from .cli import main
+from guest_driver.cli import main
 
 if __name__ == "__main__":
     main()

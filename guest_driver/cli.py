@@ -27,11 +27,10 @@ from typing import Any
 import click
 import trio
 
+from guest_driver.driver import DriverConfig
+from guest_driver.guest_memory import PAGE_SIZE, WorkloadSpec
 from protocol.errors import ConfigError, VballoonError
 from protocol.vmw import ALL_CAPABILITIES, Capability
-
-from .driver import DriverConfig
-from .guest_memory import PAGE_SIZE, WorkloadSpec
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ def run(
     verbose: int,
 ) -> None:
     """Connect to vdev as a vhost-user front-end and run the balloon driver."""
-    from .transport_vhost_user import GuestOptions, run_guest
+    from guest_driver.transport_vhost_user import GuestOptions, run_guest
 
     logging.basicConfig(
         level=logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG,

@@ -50,6 +50,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from guest_driver.guest_memory import PAGE_SIZE, PAGES_PER_2M, PageSize
+from guest_driver.transport import Transport
 from protocol import vmw
 from protocol.vmw import (
     ALL_CAPABILITIES,
@@ -62,9 +64,6 @@ from protocol.vmw import (
     Response,
     Status,
 )
-
-from .guest_memory import PAGE_SIZE, PAGES_PER_2M, PageSize
-from .transport import Transport
 
 log = logging.getLogger(__name__)
 

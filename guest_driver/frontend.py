@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from guest_driver.virtq import Buffer, DriverQueue, RingLayout
 from protocol import vhost_user as vu
 from protocol.errors import FormatError, FrontendError, LocalError
 from protocol.vhost_user import FrontendRequest as R
@@ -47,8 +48,6 @@ from protocol.vmw import (
     Response,
     parse_event,
 )
-
-from .virtq import Buffer, DriverQueue, RingLayout
 
 UVA_BASE = 0x7F00_0000_0000
 #: QEMU's x86 low-RAM holes (VGA/ROM at 0xc0000-0xdffff, BIOS shadow at 0xf0000-0xfffff).

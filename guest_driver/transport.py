@@ -15,7 +15,7 @@ one object implementing :class:`Transport`, injected at construction:
   ``VMCI_DOORBELL_SET``, or ``None`` when the transport cannot receive events.
 
 Implementations: :mod:`guest_driver.transport_vhost_user` (our vhost-user front-end) and
-:mod:`guest_driver.transport_qtest` (QEMU's qtest). Tests use an in-process transport around
+:mod:`lab.transport_qtest` (QEMU's qtest). Tests use an in-process transport around
 the real sans-I/O device model.
 """
 

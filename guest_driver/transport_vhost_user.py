@@ -30,13 +30,12 @@ from typing import Any
 
 import trio
 
+from guest_driver.driver import BalloonDriver, DriverConfig
+from guest_driver.frontend import GuestRamFile, VmwChannel, connect_frontend
+from guest_driver.guest_memory import PAGE_SIZE, GuestMemory, Workload, WorkloadSpec
+from guest_driver.transport import DeviceGone
 from protocol import vmw
 from protocol.errors import FrontendError
-
-from .driver import BalloonDriver, DriverConfig
-from .frontend import GuestRamFile, VmwChannel, connect_frontend
-from .guest_memory import PAGE_SIZE, GuestMemory, Workload, WorkloadSpec
-from .transport import DeviceGone
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ async def run_guest(
     options: GuestOptions, *, task_status: trio.TaskStatus[Guest] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Connect, set up, run the driver until cancelled; then START(0) and pop (shielded)."""
-    from .cli import serve_control
+    from guest_driver.cli import serve_control
 
     async with connect_transport(options.socket_path, options.ram_bytes) as transport:
         view = memoryview(transport.ram.mm)

@@ -1,7 +1,7 @@
 """Shared fixtures for the back-end tests (and anyone else's).
 
 * ``vdev_process`` — a factory starting ``vdev serve`` as a separate process on a fresh
-  socket in ``tmp_path`` (:func:`guest_driver.vdev_process.start_vdev`):
+  socket in ``tmp_path`` (:func:`lab.vdev_process.start_vdev`):
   ``srv = vdev_process(sockets=2, target="64M")``; ``srv.paths``, ``srv.proc``, ``srv.log()``
   (its output so far), ``srv.stop()`` (SIGTERM, then SIGKILL; returns the exit code). Every
   process is stopped at teardown.
@@ -21,18 +21,18 @@ from typing import Any
 import pytest
 import trio
 
-from guest_driver import linux_image, qemu
 from guest_driver.frontend import GuestRamFile
-from guest_driver.linux_image import LinuxImage, ProvisionError
-from guest_driver.qemu import QemuBinary
-from guest_driver.vdev_process import VdevProcess, start_vdev
+from lab import linux_image, qemu
+from lab.linux_image import LinuxImage, ProvisionError
+from lab.qemu import QemuBinary
+from lab.vdev_process import VdevProcess, start_vdev
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def vdev_process(tmp_path: Path) -> Iterator[Callable[..., VdevProcess]]:
-    """A factory over :func:`guest_driver.vdev_process.start_vdev`; all stopped at teardown."""
+    """A factory over :func:`lab.vdev_process.start_vdev`; all stopped at teardown."""
     started: list[VdevProcess] = []
 
     def start(
@@ -54,7 +54,7 @@ def vdev_process(tmp_path: Path) -> Iterator[Callable[..., VdevProcess]]:
 
 @pytest.fixture
 async def vdev_inproc(nursery: trio.Nursery, tmp_path: Path) -> Any:
-    from vdev.device import get_personality
+    from vdev.devices.base import get_personality
     from vdev.registry import GuestRegistry
     from vdev.server import Server
 

@@ -4,7 +4,7 @@ and moves its balloon towards the target when told to (`settle`)."""
 
 from __future__ import annotations
 
-from vdev.device import DeviceStatus
+from vdev.devices.base import DeviceStatus
 from vdev.registry import GuestRegistry
 
 

@@ -1,4 +1,4 @@
-"""vdev/api.py over a real unix socket, served by hypercorn's trio worker.
+"""vdev/api/app.py over a real unix socket, served by hypercorn's trio worker.
 
 Part 1 runs the API in-process over the real GuestRegistry with fake guests (every endpoint,
 bad bodies, unknown VMs, the OpenAPI document kept true, socket handling). Part 2
@@ -28,13 +28,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
 from protocol.errors import ConfigError
-from vdev.api import OPENAPI, bind_unix_socket, create_app, default_api_socket, serve_api, vm_info
+from vdev.api.app import (
+    OPENAPI,
+    bind_unix_socket,
+    create_app,
+    default_api_socket,
+    serve_api,
+    vm_info,
+)
 from vdev.config import ControlConfig, PoolSpec, VmConfig
-from vdev.control import ControlPlane
-from vdev.device import DeviceContext, get_personality
+from vdev.devices.base import DeviceContext, get_personality
 from vdev.memory import GuestMemory
 from vdev.metrics import render_metrics
-from vdev.policy import PAGE_SIZE
+from vdev.policy.control import ControlPlane
+from vdev.policy.model import PAGE_SIZE
 from vdev.virtq import VirtQueue
 
 MIB = 1 << 20

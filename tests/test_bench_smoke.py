@@ -170,7 +170,7 @@ def test_process_cpu_clock_is_finer_than_a_tick() -> None:
     """vdev's CPU is read from the process CPU clock (ns), not /proc's 10 ms ticks: a case
     that used 5 ms of CPU reads as 5 ms, not 0 or 10 (test_throughput failed on `2M vdev
     CPU = 0.0` when the quick 2 MiB case used less than one tick)."""
-    from guest_driver.bench.system import proc_cpu_s
+    from lab.bench.system import proc_cpu_s
 
     pid = os.getpid()
     c0, p0 = proc_cpu_s(pid), time.process_time()

@@ -21,8 +21,8 @@ import trio
 from click.testing import CliRunner, Result
 from control_fakes import GuestProcess, wait_until
 
-from vdev.cli import main
-from vdev.client import ApiClient, ApiError
+from vdev.api.client import ApiClient, ApiError
+from vdev.cli.main import main
 
 T = TypeVar("T")
 
@@ -297,7 +297,7 @@ class _FakeClient:
 
 
 def test_stat_off_a_terminal_is_not_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("vdev.cli_operator._client", _FakeClient)
+    monkeypatch.setattr("vdev.cli.operator._client", _FakeClient)
     r = CliRunner().invoke(main, ["stat", "--api-socket", "x"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
@@ -313,7 +313,7 @@ def test_stat_off_a_terminal_is_not_wrapped(monkeypatch: pytest.MonkeyPatch) -> 
 def test_stat_on_a_narrow_terminal_breaks_between_fields(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("vdev.cli_operator._client", _FakeClient)
+    monkeypatch.setattr("vdev.cli.operator._client", _FakeClient)
     r = CliRunner().invoke(
         main, ["stat", "--api-socket", "x"], terminal_width=80, catch_exceptions=False
     )

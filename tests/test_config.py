@@ -16,7 +16,7 @@ from vdev.config import (
     parse_shares,
     parse_size,
 )
-from vdev.policy import PAGE_SIZE, SharesLevel
+from vdev.policy.model import PAGE_SIZE, SharesLevel
 
 MIB = 1 << 20
 GIB = 1 << 30

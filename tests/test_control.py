@@ -1,4 +1,4 @@
-"""vdev/control.py: the policy loop over the real GuestRegistry (guests are fakes that follow
+"""vdev/policy/control.py: the policy loop over the real GuestRegistry (guests are fakes that follow
 their targets): simulated host pressure -> targets on the registry's guests, manual
 override, the inflation rate limit, history, rates, events, the period and pokes."""
 
@@ -14,9 +14,9 @@ from control_fakes import FakeGuest, make_registry
 
 from protocol.errors import HostResourceError
 from vdev.config import ControlConfig, VmConfig
-from vdev.control import ControlPlane, NotSimulated, find_cgroup_v2_dir
-from vdev.device import DeviceStatus
-from vdev.policy import PAGE_SIZE, HostSample, HostState
+from vdev.devices.base import DeviceStatus
+from vdev.policy.control import ControlPlane, NotSimulated, find_cgroup_v2_dir
+from vdev.policy.model import PAGE_SIZE, HostSample, HostState
 
 MIB = 1 << 20
 GIB = 1 << 30

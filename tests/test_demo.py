@@ -1,4 +1,4 @@
-"""``scripts/demo``'s program (``python -m guest_driver.demo --quick``), run as a user runs it:
+"""``scripts/demo``'s program (``python -m lab.demo --quick``), run as a user runs it:
 a subprocess with a timeout. Each act's last line carries its numbers; they are checked here,
 not only the exit status. Act 3 needs a QEMU (marked ``qemu``)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_driver import qemu
+from lab import qemu
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def run_demo(out: Path, *args: str, timeout: float) -> str:
     """The demo's output (stdout); fails with its tail if it did not exit 0."""
-    argv = [sys.executable, "-m", "guest_driver.demo", "--quick", "--out", str(out), *args]
+    argv = [sys.executable, "-m", "lab.demo", "--quick", "--out", str(out), *args]
     # wide enough that no result line wraps
     env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
     done = subprocess.run(

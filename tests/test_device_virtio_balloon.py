@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from guest_driver.virtq import Buffer, DriverQueue, RingLayout
 from protocol import virtio_balloon as vb
-from vdev.device import DeviceContext, get_personality
-from vdev.device_virtio_balloon import (
+from vdev.devices.base import DeviceContext, get_personality
+from vdev.devices.virtio_balloon import (
     CONFIG_SIZE,
     DEFLATEQ,
     DEVICE_FEATURES,

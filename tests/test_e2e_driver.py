@@ -1,6 +1,6 @@
 """End to end: the vdev server in a subprocess, our driver over the real vhost-user front-end.
 
-The device is a real ``vdev serve`` process (:func:`guest_driver.vdev_process.vdev_serve`),
+The device is a real ``vdev serve`` process (:func:`lab.vdev_process.vdev_serve`),
 driven only through its management API: ``PUT /vms/vm0/target``, ``POST /vms/vm0/reset``,
 ``GET /vms/vm0``. It simulates a roomy host (``--host-memory``) so that the policy never sets
 a target of its own, and lets a manual target go up to 99 % of the guest's RAM. The guest
@@ -24,7 +24,7 @@ import trio
 from guest_driver.driver import DriverConfig
 from guest_driver.guest_memory import PAGES_PER_2M, PageSize, PageState, WorkloadSpec
 from guest_driver.transport_vhost_user import Guest, GuestOptions, run_guest
-from guest_driver.vdev_process import ApiVdev, vdev_serve
+from lab.vdev_process import ApiVdev, vdev_serve
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, Request, Response
 
 MiB = 1 << 20

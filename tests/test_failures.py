@@ -1,4 +1,4 @@
-"""The FAIL column (vdev.control.failures): the guest did something wrong, each time once;
+"""The FAIL column (vdev.policy.control.failures): the guest did something wrong, each time once;
 normal balloon flow (ERROR_RESET, ERROR_BUSY, PPN_NOTNEEDED, PPN_PINNED) is not a failure."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from protocol.vmw import (
     build_batch,
 )
 from vdev.balloon import BalloonModel
-from vdev.control import failures
+from vdev.policy.control import failures
 from vdev.ram import BytearrayRam
 
 MiB = 1 << 20

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_driver.fuzz import frames
-from guest_driver.fuzz.corpus import REGRESSION_DIR, REPO, Draw, Finding, Reproducer
-from guest_driver.fuzz.engine import builtin_fuzz, load_target, minimise, run_one, signature
+from lab.fuzz import frames
+from lab.fuzz.corpus import REGRESSION_DIR, REPO, Draw, Finding, Reproducer
+from lab.fuzz.engine import builtin_fuzz, load_target, minimise, run_one, signature
 
 REPRODUCERS = sorted(REGRESSION_DIR.glob("*.json"))
 
@@ -121,7 +121,7 @@ def test_frames_smoke_atheris(tmp_path: Path) -> None:
     """A few seconds of the real CLI; anything it finds must be a known, still-open bug."""
     pytest.importorskip("atheris")
     proc = subprocess.run(
-        [sys.executable, "-m", "guest_driver.fuzz", "frames", "--time", "4",
+        [sys.executable, "-m", "lab.fuzz", "frames", "--time", "4",
          "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes")],
         capture_output=True, text=True, cwd=REPO, timeout=100, check=False,
     )  # fmt: skip
@@ -150,7 +150,7 @@ def test_replay_cli_reports_open_reproducer(tmp_path: Path) -> None:
 def test_device_seeds_and_random_inputs_hold_the_invariants() -> None:
     import random
 
-    from guest_driver.fuzz import device
+    from lab.fuzz import device
 
     rng = random.Random(7)
     inputs = device.seeds() + [bytes(rng.randrange(256) for _ in range(400)) for _ in range(60)]
@@ -163,7 +163,7 @@ def test_device_oracle_catches_a_broken_model(monkeypatch: pytest.MonkeyPatch) -
     """The oracle is not vacuous: a model that forgets the batch page pin is caught."""
     import random
 
-    from guest_driver.fuzz import device
+    from lab.fuzz import device
     from vdev.balloon import BalloonModel
 
     orig = BalloonModel._pinned_mask
@@ -184,7 +184,7 @@ def test_device_oracle_catches_a_broken_model(monkeypatch: pytest.MonkeyPatch) -
 def test_device_smoke_atheris(tmp_path: Path) -> None:
     pytest.importorskip("atheris")
     proc = subprocess.run(
-        [sys.executable, "-m", "guest_driver.fuzz", "device", "--time", "4",
+        [sys.executable, "-m", "lab.fuzz", "device", "--time", "4",
          "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes")],
         capture_output=True, text=True, cwd=REPO, timeout=100, check=False,
     )  # fmt: skip
@@ -196,7 +196,7 @@ def test_device_smoke_atheris(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_wire_smoke_against_vdev(tmp_path: Path) -> None:
     """A few seconds of the live attack; vdev must survive and stay accountable."""
-    from guest_driver.fuzz import wire
+    from lab.fuzz import wire
 
     with wire.session():
         stats = builtin_fuzz(
@@ -212,7 +212,7 @@ def test_wire_reports_the_coverage_reached_inside_vdev(tmp_path: Path) -> None:
     says how much of vdev and protocol its attacks reached (the fuzzer cannot see it)."""
     data = tmp_path / "vdev.coverage"
     run = subprocess.run(
-        [sys.executable, "-m", "guest_driver.fuzz", "wire", "--time", "3", "--seed", "2",
+        [sys.executable, "-m", "lab.fuzz", "wire", "--time", "3", "--seed", "2",
          "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes"),
          "--vdev-coverage", str(data)],
         cwd=REPO, capture_output=True, text=True, timeout=80,
@@ -223,7 +223,7 @@ def test_wire_reports_the_coverage_reached_inside_vdev(tmp_path: Path) -> None:
     assert 10 < float(m[1]) < 100 and int(m[2]) >= 10  # the server, rings, model were reached
     assert data.stat().st_size > 0
     bad = subprocess.run(
-        [sys.executable, "-m", "guest_driver.fuzz", "frames", "--vdev-coverage", str(data)],
+        [sys.executable, "-m", "lab.fuzz", "frames", "--vdev-coverage", str(data)],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert bad.returncode == 2 and "needs a target that runs vdev" in bad.stderr
@@ -231,7 +231,7 @@ def test_wire_reports_the_coverage_reached_inside_vdev(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_wire_oracle_catches_a_vdev_that_does_not_reclaim() -> None:
-    from guest_driver.fuzz import wire
+    from lab.fuzz import wire
 
     mutant = [sys.executable, str(REPO / "tests" / "test_harness.py"), "no-reclaim"]
     with wire.session(vdev_cmd=mutant):

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from guest_driver.harness import cases as catalogue
-from guest_driver.harness.__main__ import main as harness_main
-from guest_driver.harness.runner import FAIL, PASS, SKIP, Result, VdevSpawner, run_all, write_junit
+from conformance import cases as catalogue
+from conformance.__main__ import main as harness_main
+from conformance.runner import FAIL, PASS, SKIP, Result, VdevSpawner, run_all, write_junit
 from protocol import vhost_user as vu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -322,7 +322,7 @@ async def test_mutant_vdev_fails_the_right_cases(
 def test_cli_exit_status_and_junit_against_a_mutant(tmp_path: Path) -> None:
     junit = tmp_path / "out.xml"
     cmd = [
-        sys.executable, "-m", "guest_driver.harness", "--spawn-vdev", "--device", "vmw",
+        sys.executable, "-m", "conformance", "--spawn-vdev", "--device", "vmw",
         "--vdev", " ".join(_mutant_cmd("no-batch-pin")),
         "-k", "vmw.pinned-ring-pages,vmw.guest-id", "--junit", str(junit),
     ]  # fmt: skip
@@ -337,7 +337,7 @@ def test_cli_exit_status_and_junit_against_a_mutant(tmp_path: Path) -> None:
 if __name__ == "__main__":
     # python tests/test_harness.py MUTANT vdev-args...: vdev with one rule inverted
     MUTANTS[sys.argv[1]]()
-    from vdev.cli import main
+    from vdev.cli.main import main
 
     sys.argv = ["vdev", *sys.argv[2:]]
     main()

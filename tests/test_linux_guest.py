@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import trio
 
-from guest_driver import linux_image, qemu
-from guest_driver.linux_guest import (
+from lab import linux_image, qemu
+from lab.linux_guest import (
     BALLOON_DEVICE_ID,
     BALLOON_DRIVER,
     KIB,
@@ -49,8 +49,8 @@ from guest_driver.linux_guest import (
     wait_balloon,
     wait_until,
 )
-from guest_driver.qemu import QemuBinary
-from guest_driver.vdev_process import ApiVdev, vdev_serve
+from lab.qemu import QemuBinary
+from lab.vdev_process import ApiVdev, vdev_serve
 from protocol import virtio_balloon as vb
 
 QUIET = f"vb.interval={QUIET_INTERVAL}"
@@ -71,7 +71,7 @@ TOUCH_SLACK_MIB = 24
 
 
 def test_device_arg_matches_the_personality() -> None:
-    from vdev.device_virtio_balloon import VirtioBalloonDevice
+    from vdev.devices.virtio_balloon import VirtioBalloonDevice
 
     arg = balloon_device_arg("c7")
     assert arg.startswith(f"{qemu.TEST_DEVICE},chardev=c7,virtio-id=5,")
@@ -85,7 +85,7 @@ def test_device_arg_matches_the_personality() -> None:
 
 
 def test_report_parsing() -> None:
-    from guest_driver.linux_guest import VirtioDevice, _kv
+    from lab.linux_guest import VirtioDevice, _kv
 
     feats = "0110" + "0" * 28 + "1" + "0" * 31
     d = VirtioDevice.parse(

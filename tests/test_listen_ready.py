@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from guest_driver.vdev_process import spawn_vdev, unix_listening
-from vdev.device import get_personality
+from lab.vdev_process import spawn_vdev, unix_listening
+from vdev.devices.base import get_personality
 from vdev.registry import GuestRegistry
 from vdev.server import Server
 

@@ -10,7 +10,7 @@ import matplotlib.image
 import matplotlib.pyplot as plt
 import pytest
 
-from vdev.plot import history_figure, plot_history
+from vdev.cli.plot import history_figure, plot_history
 
 MIB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""Tests for the sans-I/O host memory policy (vdev/policy.py).
+"""Tests for the sans-I/O host memory policy (vdev/policy/model.py).
 
 Numbers are in 4 KiB pages unless a name says otherwise. Worked arithmetic is in the comments
 so that each expected value can be checked by hand.
@@ -13,7 +13,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
-from vdev.policy import (
+from vdev.policy.host import SimulatedHost
+from vdev.policy.model import (
     GIB,
     PAGE_SIZE,
     FillItem,
@@ -34,7 +35,6 @@ from vdev.policy import (
     vm_bounds,
     water_fill,
 )
-from vdev.pressure import SimulatedHost
 
 MIB = 1 << 20
 

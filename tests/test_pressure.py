@@ -1,4 +1,4 @@
-"""Tests for vdev/pressure.py: parsers fed text captured from a real host, malformed input,
+"""Tests for vdev/policy/host.py: parsers fed text captured from a real host, malformed input,
 the cgroup view, and the simulated host."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from protocol.errors import HostResourceError
-from vdev.policy import PAGE_SIZE, HostSample
-from vdev.pressure import (
+from vdev.policy.host import (
     MemInfo,
     Psi,
     PsiLine,
@@ -24,6 +23,7 @@ from vdev.pressure import (
     parse_psi,
     read_host_sample,
 )
+from vdev.policy.model import PAGE_SIZE, HostSample
 
 # `cat /proc/meminfo` on the build machine (Linux 6.18, 24 GB, no swap), verbatim.
 MEMINFO_CAPTURED = """\

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from guest_driver import qemu
-from guest_driver.qtest import GuestAllocator, VirtioPci, pci_scan, qtest_vm
-from guest_driver.virtio_balloon import PagePool, VirtioBalloonDriver
+from lab import qemu
+from lab.qtest import GuestAllocator, VirtioPci, pci_scan, qtest_vm
+from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
 from protocol import virtio_balloon as vb
 
 pytestmark = pytest.mark.qemu

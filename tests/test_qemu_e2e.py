@@ -8,7 +8,7 @@ touches the pages again, a guest device reset in the middle of an inflation foll
 re-initialisation, and QEMU dying in the middle of a command (vdev survives and serves the
 next QEMU on the same socket).
 
-vdev runs in-process (:func:`guest_driver.transport_qtest.vdev_rig`): its trio tasks answer
+vdev runs in-process (:func:`lab.transport_qtest.vdev_rig`): its trio tasks answer
 QEMU's vhost-user messages while the guest awaits its qtest replies.
 """
 
@@ -21,20 +21,20 @@ import numpy as np
 import pytest
 import trio
 
-from guest_driver import qemu
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
 from guest_driver.guest_memory import PageSize
-from guest_driver.qtest import GuestAllocator, QtestError, QtestVm, VirtioPci, qtest_vm
 from guest_driver.transport import DeviceGone
-from guest_driver.transport_qtest import (
+from lab import qemu
+from lab.qtest import GuestAllocator, QtestError, QtestVm, VirtioPci, qtest_vm
+from lab.transport_qtest import (
     CMDQ,
     QtestTransport,
     VdevRig,
     vdev_rig,
     vhost_user_device,
 )
-from guest_driver.virtio_balloon import PagePool, VirtioBalloonDriver
+from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
 from protocol import virtio_balloon as vb
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, EventKind, Request, Response
 

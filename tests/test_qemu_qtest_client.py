@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from guest_driver import qemu
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
-from guest_driver.qtest import (
+from lab import qemu
+from lab.qtest import (
     BarAllocator,
     GuestAllocator,
     Qtest,
@@ -22,8 +22,8 @@ from guest_driver.qtest import (
     VirtioPci,
     qtest_vm,
 )
-from guest_driver.transport_qtest import QtestTransport, vhost_user_device
-from guest_driver.vdev_process import open_vdev
+from lab.transport_qtest import QtestTransport, vhost_user_device
+from lab.vdev_process import open_vdev
 
 
 async def fake_qemu(stream: trio.abc.Stream, script: dict[str, list[str]]) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from guest_driver import qemu
-from guest_driver.qemu import write_hlt_bios
-from guest_driver.transport_qtest import vdev_rig
+from lab import qemu
+from lab.qemu import write_hlt_bios
+from lab.transport_qtest import vdev_rig
 
 pytestmark = pytest.mark.qemu
 
@@ -65,13 +65,13 @@ async def test_run_qemu_attaches_to_vdev(device: str) -> None:
 
 
 async def test_spawn_vdev_starts_and_stops_it(tmp_path: Path) -> None:
-    """``--spawn-vdev``: vdev (through guest_driver.vdev_process) listens before QEMU starts,
+    """``--spawn-vdev``: vdev (through lab.vdev_process) listens before QEMU starts,
     QEMU attaches to it, and a SIGTERM to run-qemu stops QEMU, then vdev, and removes the
     scratch socket directory."""
     import re
     import signal
 
-    from vdev.client import ApiClient
+    from vdev.api.client import ApiClient
 
     q = next((x for x in qemu.find_qemus() if x.root is None), None)  # paths as they are
     if q is None:

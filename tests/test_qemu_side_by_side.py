@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from guest_driver import qemu
-from guest_driver.transport_qtest import AGREED, side_by_side
+from lab import qemu
+from lab.transport_qtest import AGREED, side_by_side
 from protocol import virtio_balloon as vb
 
 pytestmark = pytest.mark.qemu

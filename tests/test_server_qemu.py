@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import trio
 
-from guest_driver.qemu import QemuNotFoundError, require_qemu
-from guest_driver.qtest import GuestAllocator, VirtioPci, qtest_vm
 from guest_driver.virtq import Buffer
+from lab.qemu import QemuNotFoundError, require_qemu
+from lab.qtest import GuestAllocator, VirtioPci, qtest_vm
 from protocol.vmw import (
     ALL_CAPABILITIES,
     PAGE_SIZE,

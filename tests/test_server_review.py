@@ -27,13 +27,13 @@ from protocol import virtio_balloon as vb
 from protocol.errors import FrontendError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vmw import ALL_CAPABILITIES, Command, Status
-from vdev.api import OPENAPI, serve_api
+from vdev.api.app import OPENAPI, serve_api
 from vdev.config import ControlConfig
-from vdev.control import ControlPlane
-from vdev.device import get_personality
-from vdev.device_virtio_balloon import STATSQ, build_stats
-from vdev.device_vmw import VmwDevice
+from vdev.devices.base import get_personality
+from vdev.devices.virtio_balloon import STATSQ, build_stats
+from vdev.devices.vmw import VmwDevice
 from vdev.memory import GuestMemory, RegionSpec
+from vdev.policy.control import ControlPlane
 from vdev.registry import GuestRegistry
 from vdev.server import Server
 

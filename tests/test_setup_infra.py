@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from guest_driver import linux_image, qemu
-from guest_driver.linux_image import BALLOON_DEVICE_ID, PREFIX
-from guest_driver.qemu import QemuBinary
+from lab import linux_image, qemu
+from lab.linux_image import BALLOON_DEVICE_ID, PREFIX
+from lab.qemu import QemuBinary
 
 # --------------------------------------------------------------------------- pure
 

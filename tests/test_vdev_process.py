@@ -1,4 +1,4 @@
-"""``guest_driver.vdev_process`` (the one way to run ``vdev serve`` as a child) and the
+"""``lab.vdev_process`` (the one way to run ``vdev serve`` as a child) and the
 front-end's connection handling: no socket leaked on a failed connect, ``retry`` while vdev
 still holds the previous front-end, the back-end's hang-up seen at once (``DeviceGone``
 within a second, not after the 10 s command timeout)."""
@@ -18,7 +18,7 @@ from guest_driver.driver import DriverConfig
 from guest_driver.frontend import BackendHungUp, GuestRamFile, VmwChannel, connect_frontend
 from guest_driver.transport import DeviceGone
 from guest_driver.transport_vhost_user import GuestOptions, connect_transport, run_guest
-from guest_driver.vdev_process import (
+from lab.vdev_process import (
     VdevStartError,
     open_vdev,
     serve_argv,

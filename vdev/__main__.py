@@ -1,3 +1,3 @@
-from vdev.cli import main
+from vdev.cli.main import main
 
 main()

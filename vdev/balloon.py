@@ -93,8 +93,7 @@ from protocol.vmw import (
     required_capabilities,
     with_statuses,
 )
-
-from .pagemap import FRAME_SHIFT, PageMap, PinnedRanges
+from vdev.pagemap import FRAME_SHIFT, PageMap, PinnedRanges
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import ConfigError
-from vdev.policy import (
+from vdev.policy.model import (
     PAGE_SIZE,
     PolicyEngine,
     PolicySettings,

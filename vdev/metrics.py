@@ -38,13 +38,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from vdev.control import driver_active, failures
-from vdev.policy import PAGE_SIZE, HostState
+from vdev.policy.control import driver_active, failures
+from vdev.policy.model import PAGE_SIZE, HostState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from vdev.control import ControlPlane
+    from vdev.policy.control import ControlPlane
 
 
 class ControlPlaneCollector(Collector):

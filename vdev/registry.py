@@ -31,7 +31,7 @@ SUBSCRIBER_BUFFER = 4096
 class LiveDevice(Protocol):
     """What the registry needs of a connected guest (implemented by the server)."""
 
-    def status(self) -> Any: ...  # vdev.device.DeviceStatus
+    def status(self) -> Any: ...  # vdev.devices.base.DeviceStatus
     def ram_pages(self) -> int: ...
     def ram_allocated_bytes(self) -> int: ...
     def reclaimed_bytes_total(self) -> int: ...
@@ -54,7 +54,7 @@ class GuestView:
     capabilities: int
     guest_type: int | None
     doorbell_registered: bool
-    #: esxtop MCTL?: the balloon driver runs (vdev.device.DeviceStatus.driver_active);
+    #: esxtop MCTL?: the balloon driver runs (vdev.devices.base.DeviceStatus.driver_active);
     #: never inferred from ``capabilities`` (a virtio driver may accept no feature bits).
     driver_active: bool = False
     counters: Mapping[str, int] = field(default_factory=dict)

@@ -56,12 +56,11 @@ from protocol import vhost_user as vu
 from protocol.errors import FrontendError, GuestError, HostResourceError, PeerError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
-
-from .device import Device, DeviceContext, DeviceStatus, Work
-from .memory import GuestMemory, Region, RegionSpec, close_regions
-from .registry import GuestRegistry
-from .vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
-from .virtq import RingBroken, VirtQueue
+from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
+from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
+from vdev.registry import GuestRegistry
+from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
+from vdev.virtq import RingBroken, VirtQueue
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def socket_paths(path: str, count: int | None) -> list[str]:
 def listen_temp_path(path: str) -> str:
     """The name a listener is bound to before it is renamed onto ``path`` (``.NAME~`` beside
     it). ``/proc/net/unix`` keeps the bound name, so this is the name it lists for ``path``
-    (``guest_driver.vdev_process.unix_listening`` looks for both)."""
+    (``lab.vdev_process.unix_listening`` looks for both)."""
     head, name = os.path.split(path)
     return os.path.join(head, f".{name}~")
 

@@ -38,8 +38,7 @@ import numpy as np
 
 from protocol import virtqueue as vq
 from protocol.errors import FrontendError, GuestError
-
-from .memory import GuestMemory
+from vdev.memory import GuestMemory
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,207 @@
+"""Run conformance cases against a back-end; report as a table and as JUnit XML."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import signal
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from conformance.cases import Case
+from conformance.context import CaseFailed, Context, Skipped
+from conformance.rawfrontend import Closed
+from lab.vdev_process import VDEV_CMD, VdevProcess, VdevStartError, serve_argv
+
+PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
+
+
+@dataclass(frozen=True)
+class Result:
+    case: Case
+    outcome: str
+    message: str = ""
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome in (FAIL, ERROR)
+
+
+async def run_case(c: Case, ctx: Context) -> Result:
+    t0 = time.monotonic()
+    try:
+        with trio.fail_after(c.timeout):
+            await c.fn(ctx)
+    except Skipped as exc:
+        return Result(c, SKIP, str(exc), time.monotonic() - t0)
+    except CaseFailed as exc:
+        return Result(c, FAIL, str(exc), time.monotonic() - t0)
+    except trio.TooSlowError:
+        return Result(c, FAIL, f"no answer within {c.timeout:g}s", time.monotonic() - t0)
+    except Closed as exc:
+        return Result(c, FAIL, f"back-end closed the connection: {exc}", time.monotonic() - t0)
+    except (AssertionError, OSError) as exc:
+        return Result(c, FAIL, f"{type(exc).__name__}: {exc}", time.monotonic() - t0)
+    except Exception as exc:
+        tb = traceback.extract_tb(exc.__traceback__)[-1]
+        where = f"{Path(tb.filename).name}:{tb.lineno}"
+        msg = f"{type(exc).__name__}: {exc} (at {where})"
+        return Result(c, ERROR, msg, time.monotonic() - t0)
+    finally:
+        ctx.close_all()
+    return Result(c, PASS, "", time.monotonic() - t0)
+
+
+class VdevSpawner:
+    """Start ``vdev serve`` per needed initial target (one process per value, reused), through
+    :mod:`lab.vdev_process`; each is waited for until its socket and its API listen."""
+
+    def __init__(self, device: str, vdev_cmd: Sequence[str] | None = None) -> None:
+        self.device = device
+        self.vdev_cmd = list(vdev_cmd or VDEV_CMD)
+        self.tmp = tempfile.TemporaryDirectory(prefix="vballoon-harness-")
+        self.procs: dict[int | None, tuple[VdevProcess, str]] = {}
+        self.log = Path(self.tmp.name) / "vdev.log"
+
+    @property
+    def target_hook(self) -> str:
+        """Set a spawned vdev's target through its management API (``vdev set-target``)."""
+        return (
+            f"{shlex.join(self.vdev_cmd)} set-target --api-socket {{socket}}.api {{vm}} {{bytes}}"
+        )
+
+    async def socket_for(self, target: int | None) -> str:
+        if target in self.procs:
+            proc, path = self.procs[target]
+            if proc.alive():
+                return path
+            tail = self.log.read_text(errors="replace")[-1500:]
+            raise CaseFailed(f"vdev (target {target}) exited with {proc.returncode}: {tail}")
+        path = str(Path(self.tmp.name) / f"vdev-{len(self.procs)}.sock")
+        argv = serve_argv(
+            path, api_socket=f"{path}.api", device=self.device, verbose=0,
+            target="0" if target is None else str(target * 4096), vdev_cmd=self.vdev_cmd,
+        )  # fmt: skip
+        with self.log.open("ab") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+        proc = VdevProcess(
+            argv, [path], api_socket=f"{path}.api", log_path=self.log, cwd=None
+        )  # a relative --vdev command is relative to our working directory
+        self.procs[target] = (proc, path)
+        try:
+            await proc.wait_listening_async(15)
+        except VdevStartError as e:
+            raise Skipped(str(e)) from None
+        return path
+
+    def close(self) -> None:
+        for proc, _ in self.procs.values():  # SIGTERM to all first, then wait for each
+            if proc.alive():
+                proc.proc.send_signal(signal.SIGTERM)
+        for proc, _ in self.procs.values():
+            proc.stop(timeout=5)
+        self.procs.clear()
+        self.tmp.cleanup()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[VdevSpawner]:
+        try:
+            yield self
+        finally:
+            self.close()
+
+
+async def run_all(
+    cases: Sequence[Case],
+    *,
+    device: str,
+    socket: str | None = None,
+    target_hook: str | None = None,
+    spawner: VdevSpawner | None = None,
+    vm: str = "vm0",
+    on_result: object = None,
+) -> list[Result]:
+    results: list[Result] = []
+    for c in cases:
+        initial = None
+        try:
+            if spawner is not None:
+                path = await spawner.socket_for(c.target)
+                initial = c.target
+            else:
+                assert socket is not None
+                path = socket
+        except Skipped as exc:
+            results.append(Result(c, SKIP, str(exc)))
+            continue
+        ctx = Context(
+            socket=path, device=device, vm=vm, target_hook=target_hook, initial_target=initial
+        )
+        result = await run_case(c, ctx)
+        results.append(result)
+        if callable(on_result):
+            on_result(result)
+    return results
+
+
+def render_table(results: Sequence[Result], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    style = {PASS: "green", FAIL: "bold red", ERROR: "bold red", SKIP: "yellow"}
+    table = Table(title=title, show_lines=False)
+    table.add_column("case", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    table.add_column("spec")
+    table.add_column("detail")
+    for r in results:
+        table.add_row(
+            r.case.name,
+            f"[{style[r.outcome]}]{r.outcome}[/]",
+            r.case.spec,
+            r.message or r.case.checks,
+        )
+    console = Console(width=max(140, Console().width))
+    console.print(table)
+    counts = {k: sum(1 for r in results if r.outcome == k) for k in (PASS, FAIL, ERROR, SKIP)}
+    secs = sum(r.seconds for r in results)
+    console.print(
+        f"{counts[PASS]} passed, {counts[FAIL] + counts[ERROR]} failed, {counts[SKIP]} skipped "
+        f"in {secs:.1f}s"
+    )
+
+
+def write_junit(results: Sequence[Result], path: Path, suite: str) -> None:
+    root = ET.Element(
+        "testsuite",
+        name=suite,
+        tests=str(len(results)),
+        failures=str(sum(1 for r in results if r.outcome == FAIL)),
+        errors=str(sum(1 for r in results if r.outcome == ERROR)),
+        skipped=str(sum(1 for r in results if r.outcome == SKIP)),
+        time=f"{sum(r.seconds for r in results):.3f}",
+    )
+    for r in results:
+        tc = ET.SubElement(
+            root, "testcase", classname=suite, name=r.case.name, time=f"{r.seconds:.3f}"
+        )
+        ET.SubElement(tc, "properties").append(
+            ET.Element("property", name="spec", value=r.case.spec)
+        )
+        if r.outcome == FAIL:
+            ET.SubElement(tc, "failure", message=r.message).text = f"{r.case.checks}\n{r.message}"
+        elif r.outcome == ERROR:
+            ET.SubElement(tc, "error", message=r.message).text = r.message
+        elif r.outcome == SKIP:
+            ET.SubElement(tc, "skipped", message=r.message)
+    tree = ET.ElementTree(root)
+    ET.indent(tree)
+    tree.write(path, encoding="utf-8", xml_declaration=True)

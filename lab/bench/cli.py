@@ -1,0 +1,214 @@
+"""``scripts/bench [--quick] [--json FILE] [--plots DIR]``: every case in one process tree.
+
+This process is the guest side (front-ends, guest memory models, driver cores) and the
+orchestrator; every ``vdev serve`` it starts is a child process. See docs/bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lab.bench import SCHEMA, e2e, model, raw, report, system
+from lab.bench.system import GIB, MIB
+
+log = logging.getLogger("lab.bench")
+
+
+@dataclass(frozen=True)
+class Params:
+    raw_bytes: int
+    raw_per_page_pages: int
+    raw_reps: int
+    model_batches: int
+    model_calls: int
+    balloon_bytes: int
+    reps: int
+    batch_sizes: tuple[int, ...]
+    batch_commands: int
+    size_sweep_balloon: int
+    size_sweep_guests: tuple[int, ...]
+    reaction_bytes: int
+    reaction_small_bytes: int
+    doorbell_changes: int
+    polling_changes: int
+    polling_big_changes: int
+    cost_guests: tuple[int, ...]
+    cost_fixed: int
+    scale_guests: tuple[int, ...]
+    scale_bytes: int
+    rtt_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = Params(
+    raw_bytes=GIB,
+    raw_per_page_pages=1 << 17,
+    raw_reps=3,
+    model_batches=400,
+    model_calls=20000,
+    balloon_bytes=GIB,
+    reps=3,
+    batch_sizes=(1, 8, 64, 512),
+    batch_commands=256,
+    size_sweep_balloon=512 * MIB,
+    size_sweep_guests=(GIB, 4 * GIB, 16 * GIB),
+    reaction_bytes=GIB,
+    reaction_small_bytes=8 * MIB,
+    doorbell_changes=200,
+    polling_changes=200,
+    polling_big_changes=50,
+    cost_guests=(GIB, 16 * GIB, 64 * GIB),
+    cost_fixed=512 * MIB,
+    scale_guests=(1, 8, 32),
+    scale_bytes=128 * MIB,
+    rtt_seconds=3.0,
+)
+
+QUICK = Params(
+    raw_bytes=256 * MIB,
+    raw_per_page_pages=1 << 14,
+    raw_reps=2,
+    model_batches=100,
+    model_calls=5000,
+    balloon_bytes=256 * MIB,
+    reps=1,
+    batch_sizes=(8, 512),
+    batch_commands=64,
+    size_sweep_balloon=128 * MIB,
+    size_sweep_guests=(512 * MIB, 2 * GIB),
+    reaction_bytes=256 * MIB,
+    reaction_small_bytes=8 * MIB,
+    doorbell_changes=20,
+    polling_changes=3,
+    polling_big_changes=2,
+    cost_guests=(GIB, 4 * GIB),
+    cost_fixed=256 * MIB,
+    scale_guests=(1, 8, 32),
+    scale_bytes=16 * MIB,
+    rtt_seconds=1.0,
+)
+
+SCALE_SOCKETS = 32
+
+
+def _say(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any]:
+    t_start = time.time()
+    out: dict[str, Any] = {
+        "schema": SCHEMA,
+        "quick": quick,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
+        "machine": system.machine(),
+        "versions": system.versions(),
+        "settings": {
+            "nice": os.nice(0),
+            "params": {k: v for k, v in p.__dict__.items() if k != "extra"},
+        },
+    }
+    _say("raw limits")
+    out["raw"] = raw.measure(size=p.raw_bytes, per_page_pages=p.raw_per_page_pages, reps=p.raw_reps)
+    _say("device model alone")
+    out["model"] = model.measure(batches=p.model_batches, calls=p.model_calls)
+
+    async with e2e.running_vdev(SCALE_SOCKETS, workdir) as vdev, e2e.api_for(vdev) as api:
+        out["vdev_pid_rss_idle"] = vdev.sample().vm_rss
+        _say("throughput")
+        out["throughput"] = {}
+        for mode in e2e.MODES:
+            _say(f"  {mode}")
+            out["throughput"][mode] = await e2e.throughput(vdev, api, mode, p.balloon_bytes, p.reps)
+        _say("batch sizes")
+        sweep = []
+        for mode in ("2M", "4K-contiguous"):
+            unit = 2 * MIB if mode == "2M" else 4096
+            for b in p.batch_sizes:
+                amount = min(p.balloon_bytes, b * unit * p.batch_commands)
+                _say(f"  {mode} batch {b} ({amount >> 20} MiB)")
+                sweep.append(await e2e.throughput(vdev, api, mode, amount, 1, batch=b))
+        out["batch_sweep"] = sweep
+        _say("guest sizes")
+        sizes = []
+        for mode in ("2M", "4K-contiguous"):
+            for g in p.size_sweep_guests:
+                _say(f"  {mode} guest {g >> 20} MiB")
+                sizes.append(
+                    await e2e.throughput(vdev, api, mode, p.size_sweep_balloon, 1, guest_bytes=g)
+                )
+        out["size_sweep"] = sizes
+        _say("GET_TARGET round trips")
+        out["protocol"] = {"get_target_e2e": await e2e.get_target_rtt(vdev, api, p.rtt_seconds)}
+        out["reaction"] = {}
+        variants = [
+            # (mechanism, huge pages, bytes per change, changes)
+            ("doorbell", False, p.reaction_small_bytes, p.doorbell_changes),
+            ("doorbell", True, p.reaction_bytes, p.doorbell_changes),
+            ("polling", False, p.reaction_small_bytes, p.polling_changes),
+            ("polling", True, p.reaction_bytes, p.polling_big_changes),
+        ]
+        for mech, huge, nbytes, changes in variants:
+            key = f"{mech}, {'2 MiB' if huge else '4 KiB'} pages, {nbytes >> 20} MiB"
+            _say(f"reaction latency: {key} ({changes} changes)")
+            out["reaction"][key] = await e2e.reaction(
+                vdev,
+                api,
+                doorbell=mech == "doorbell",
+                changes=changes,
+                balloon_bytes=nbytes,
+                huge=huge,
+            )
+        _say("scale")
+        out["scale"] = []
+        for n in p.scale_guests:
+            _say(f"  {n} guests")
+            out["scale"].append(await e2e.scale(vdev, api, n, p.scale_bytes))
+    _say("cost")
+    out["cost"] = []
+    for g in p.cost_guests:
+        _say(f"  guest {g >> 30} GiB")
+        out["cost"].append(await e2e.cost(g, fixed_bytes=p.cost_fixed))
+    _say("raw limits again")
+    out["raw_end"] = raw.measure(
+        size=p.raw_bytes, per_page_pages=p.raw_per_page_pages, reps=p.raw_reps
+    )
+    out["machine"]["loadavg_at_end"] = system.loadavg()
+    out["duration_s"] = time.time() - t_start
+    report.derive(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (CI smoke, < 2 min)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--plots", type=Path, default=None, help="write PNG charts here")
+    ap.add_argument("--table", type=Path, default=None, help="also write the table as text")
+    ap.add_argument("--workdir", type=Path, default=None, help="sockets and vdev logs here")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    params = QUICK if args.quick else FULL
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    results = trio.run(run_all, params, args.quick, args.workdir)
+    text = report.table(results)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.clean(results), indent=1, sort_keys=False) + "\n")
+    if args.table is not None:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(text)
+    if args.plots is not None:
+        report.plots(results, args.plots)

@@ -1,0 +1,225 @@
+"""``python -m lab.fuzz`` (``scripts/fuzz``).
+
+    scripts/fuzz TARGET [--time SECONDS] [--corpus DIR] [--seed N] [--engine E] [--crashes DIR]
+    scripts/fuzz replay FILE [FILE...]
+
+TARGET is ``frames``, ``device`` or ``wire``. Findings are minimised and written as
+reproducer JSON files (default ``.cache/fuzz/TARGET/crashes``); the run exits 1 when it
+found anything. ``replay`` exits 1 when any file still reproduces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from lab.fuzz.corpus import REPO, SEED_DIR, Reproducer, load_corpus, write_corpus
+from lab.fuzz.engine import TARGETS, Stats, builtin_fuzz, load_target, minimise, run_one, signature
+
+
+def _atheris_available() -> bool:
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _atheris_child(argv: list[str]) -> None:
+    """Runs inside the child process: instrument the target's packages, then fuzz forever."""
+    import importlib
+
+    import atheris
+
+    name, libfuzzer_args = argv[0], argv[1:]
+    module_name = TARGETS[name]
+    include = ["protocol", "vdev", "lab.fuzz", "construct"]
+    with atheris.instrument_imports(include=include):
+        target = importlib.import_module(module_name)
+    session = getattr(target, "session", None)
+    stack = contextlib.ExitStack()
+    if session is not None:
+        stack.enter_context(session())
+
+    artifacts = Path(next(a for a in libfuzzer_args if a.startswith("-artifact_prefix="))[17:])
+    seen: set[str] = set()
+
+    def test_one_input(data: bytes) -> None:
+        # keep going after a finding: save the first input of each signature, fuzz on
+        try:
+            target.one_input(data)
+        except Exception as exc:
+            sig = signature(exc)
+            if sig not in seen:
+                seen.add(sig)
+                (artifacts / f"finding-{len(seen)}").write_bytes(data)
+                print(f"fuzz: finding {sig}", file=sys.stderr)
+
+    atheris.Setup([sys.argv[0], *libfuzzer_args], test_one_input)
+    atheris.Fuzz()
+
+
+_STAT = re.compile(r"stat::(\w+):\s*(\d+)")
+_PROGRESS = re.compile(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)")
+
+
+def _run_atheris(
+    name: str, seconds: float, corpus: Path, seed: int, crash_dir: Path
+) -> tuple[Stats, list[Path]]:
+    artifacts = crash_dir / "raw"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    before = set(artifacts.iterdir())
+    cmd = [
+        sys.executable,
+        "-m",
+        "lab.fuzz",
+        "_atheris",
+        name,
+        f"-max_total_time={max(1, int(seconds))}",
+        f"-seed={seed}",
+        "-print_final_stats=1",
+        f"-artifact_prefix={artifacts}/",
+        "-max_len=4096",
+        "-timeout=10",
+        "-rss_limit_mb=2048",
+        str(corpus),
+    ]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    stats = Stats(target=name, engine="atheris", seconds=time.monotonic() - t0)
+    finals = dict(_STAT.findall(proc.stderr))
+    progress = _PROGRESS.findall(proc.stderr)
+    stats.execs = int(finals.get("number_of_executed_units", 0))
+    if progress:
+        _, cov, ft, corp = progress[-1]
+        stats.coverage = f"libFuzzer cov {cov} edges, ft {ft}"
+        stats.corpus = int(corp)
+    new = sorted(set(artifacts.iterdir()) - before)
+    if proc.returncode != 0 and not new:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"atheris child exited {proc.returncode} without an artifact")
+    return stats, new
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    name: str = args.target
+    target = load_target(name)
+    crash_dir = Path(args.crashes or REPO / ".cache" / "fuzz" / name / "crashes")
+    corpus_dir = Path(args.corpus or REPO / ".cache" / "fuzz" / name / "corpus")
+    if not load_corpus(corpus_dir):
+        write_corpus(corpus_dir, load_corpus(SEED_DIR / name) + list(target.seeds()))
+    engine = args.engine or getattr(target, "ENGINE", "atheris")
+    if engine == "atheris" and not _atheris_available():
+        print("fuzz: atheris is not installed; using the built-in engine", file=sys.stderr)
+        engine = "builtin"
+    if engine == "atheris":
+        stats, raw = _run_atheris(name, args.time, corpus_dir, args.seed, crash_dir)
+        for path in raw:
+            data = path.read_bytes()
+            exc = run_one(target, data)
+            if exc is None:
+                print(f"fuzz: {path} does not reproduce in-process (flaky?)", file=sys.stderr)
+                rep = Reproducer(name, data, error="did not reproduce", note="atheris artifact")
+            else:
+                small = minimise(target, data, signature(exc))
+                err = "".join(traceback.format_exception_only(exc)).strip()
+                rep = Reproducer(name, small, error=err, note=f"atheris, seed {args.seed}")
+            stats.findings.append(rep.save(crash_dir))
+    else:
+        session: Any = getattr(target, "session", None)
+        live = session(vdev_cmd=_coverage_cmd(args.vdev_coverage)) if session is not None else None
+        with live if live is not None else contextlib.nullcontext():
+            stats = builtin_fuzz(
+                target,
+                seconds=args.time,
+                corpus=load_corpus(corpus_dir),
+                seed=args.seed,
+                crash_dir=crash_dir,
+                guided=engine == "builtin" and getattr(target, "GUIDED", True),
+                on_new=lambda data: write_corpus(corpus_dir, [data]),
+            )
+    print(stats.summary())
+    if args.vdev_coverage:
+        print(_coverage_summary(args.vdev_coverage))
+    for path in stats.findings:
+        rep = Reproducer.load(path)
+        print(f"  finding: {path}\n    {rep.error.splitlines()[-1] if rep.error else ''}")
+    return 1 if stats.findings else 0
+
+
+def _coverage_cmd(data_file: str | None) -> list[str] | None:
+    """``vdev`` run under coverage.py, for targets that attack a live vdev process (its code
+    runs out of the fuzzer's process, so the fuzzer's own coverage cannot see it)."""
+    if not data_file:
+        return None
+    return [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}",
+            "--source=vdev,protocol", "-m", "vdev"]  # fmt: skip
+
+
+def _coverage_summary(data_file: str) -> str:
+    """The line coverage vdev reached during the campaign (written when vdev exited)."""
+    import coverage
+
+    cov = coverage.Coverage(data_file=data_file)
+    cov.load()
+    with open(os.devnull, "w") as sink:
+        percent = cov.report(file=sink)
+    measured = len(cov.get_data().measured_files())
+    return f"vdev coverage: {percent:.1f} % of lines in {measured} files (vdev, protocol); data {data_file}"
+
+
+def _replay(files: list[str]) -> int:
+    failed = 0
+    for file in files:
+        rep = Reproducer.load(Path(file))
+        target = load_target(rep.target)
+        session: Any = getattr(target, "session", None)
+        with session() if session is not None else contextlib.nullcontext():
+            exc = run_one(target, rep.data)
+        if exc is None:
+            print(f"{file}: {rep.target}: passes (fixed)")
+        else:
+            failed += 1
+            print(f"{file}: {rep.target}: FAILS")
+            traceback.print_exception(exc)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_atheris"]:
+        _atheris_child(argv[1:])
+        return 0
+    if argv[:1] == ["replay"]:
+        if len(argv) < 2:
+            raise SystemExit("usage: fuzz replay FILE [FILE...]")
+        return _replay(argv[1:])
+    parser = argparse.ArgumentParser(prog="fuzz", description=__doc__.splitlines()[0])
+    parser.add_argument("target", choices=sorted(TARGETS))
+    parser.add_argument("--time", type=float, default=60.0, help="seconds to fuzz")
+    parser.add_argument("--corpus", help="corpus directory (kept between runs)")
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("FUZZ_SEED", "1")))
+    parser.add_argument("--engine", choices=["atheris", "builtin"], help="default: per target")
+    parser.add_argument("--crashes", help="where reproducers go")
+    parser.add_argument(
+        "--vdev-coverage",
+        metavar="FILE",
+        help="wire: run vdev under coverage.py, write its data here and report the line "
+        "coverage reached in vdev and protocol",
+    )
+    args = parser.parse_args(argv)
+    if args.vdev_coverage and getattr(load_target(args.target), "session", None) is None:
+        parser.error(f"--vdev-coverage needs a target that runs vdev (wire), not {args.target}")
+    return _fuzz(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

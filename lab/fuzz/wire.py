@@ -1,0 +1,328 @@
+"""Fuzz target ``wire``: a live ``vdev serve`` attacked over its vhost-user socket.
+
+:func:`session` starts ``vdev serve --socket-count 2``: socket 0 is attacked, socket 1
+belongs to a healthy guest. Each input drives one attack connection: malformed vhost-user
+messages (any id, flags and size, lying sizes), wrong and extra fds, memory tables that
+overlap or lie, rings pointing anywhere, and random vmmemctl command streams and raw
+descriptors through real rings. Oracle, after every input:
+
+* the process is still running;
+* a healthy guest on the other socket completes START, a batch LOCK of resident pages and
+  an UNLOCK within a deadline;
+* the device's accounting matches the RAM file: those locked pages are gone from the
+  healthy guest's memfd (``st_blocks`` dropped by exactly that much) and read back as zeros;
+* its RSS stays bounded and its open fds return to the baseline (no fd leak per connection).
+
+The attack is out of process, so coverage guidance is unavailable: the built-in engine
+mutates structure-aware inputs blind (``GUIDED = False``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from conformance.rawfrontend import (
+    BATCH_PAGE,
+    FREE_START_PFN,
+    PAGE,
+    QVA_BASE,
+    Frontend,
+    Ram,
+    VmwGuest,
+    table_payload,
+    vring_addr,
+    vring_state,
+)
+from guest_driver.frontend import GuestRamFile, VmwChannel, connect_frontend
+from lab.fuzz.corpus import Draw, Finding
+from lab.vdev_process import VdevProcess, start_vdev
+from protocol import vhost_user as vu
+from protocol import vmw
+from protocol.errors import FrontendError
+from protocol.vhost_user import FrontendRequest as R
+from protocol.vmw import Command as C
+
+ENGINE = "builtin"
+GUIDED = False
+INSTRUMENT = ("vdev",)
+RSS_LIMIT_MB = 1024
+FD_SLACK = 8
+DEADLINE = 5.0
+HEALTHY_RAM = 32 << 20
+HEALTHY_PAGES = 64
+RECONNECT_RETRY = 3.0
+
+
+@dataclass
+class Live:
+    vdev: VdevProcess
+    attack: str
+    healthy: str
+    base_fds: int = 0
+    base_rss_kb: int = 0
+
+
+_LIVE: Live | None = None
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def session(device: str = "vmw", vdev_cmd: list[str] | None = None) -> Iterator[Live]:
+    """Start ``vdev serve`` (or ``vdev_cmd``) with two sockets for a campaign."""
+    global _LIVE
+    with (
+        tempfile.TemporaryDirectory(prefix="vballoon-wire-") as tmp,
+        start_vdev(
+            Path(tmp) / "vm", socket_count=2, no_api=True, device=device, target=str(64 << 20),
+            verbose=0, vdev_cmd=vdev_cmd, log_path=Path(tmp) / "vdev.log",
+        ) as vdev,
+    ):  # fmt: skip
+        live = Live(vdev, vdev.paths[0], vdev.paths[1])
+        live.base_fds = _fd_count(vdev.pid)
+        live.base_rss_kb = _rss_kb(vdev.pid)
+        _LIVE = live
+        try:
+            yield live
+        finally:
+            _LIVE = None
+
+
+# --------------------------------------------------------------------------------------
+# attacks
+
+
+def _some_fds(d: Draw, fe: Frontend, owned: list[int]) -> list[int]:
+    out = []
+    for _ in range(d.choice([0, 0, 1, 1, 2, 9])):
+        kind = d.below(3)
+        if kind == 0:
+            fd = os.eventfd(0, os.EFD_CLOEXEC)
+            owned.append(fd)
+        elif kind == 1:
+            fd = fe.ram.fd
+        else:
+            r, w = os.pipe()
+            owned += [r, w]
+            fd = r
+        out.append(fd)
+    return out
+
+
+def _region(d: Draw, ram: Ram) -> dict[str, int]:
+    reg = ram.region()
+    k = d.below(8)
+    if k == 1:
+        reg["memory_size"] = d.choice([0, 1, PAGE - 1, 1 << 40, (1 << 64) - 1])
+    elif k == 2:
+        reg["guest_phys_addr"] = d.choice([(1 << 64) - PAGE, 1 << 63, PAGE // 2, d.u64()])
+    elif k == 3:
+        reg["mmap_offset"] = d.choice([PAGE, 1 << 40, (1 << 64) - PAGE, d.u64()])
+    elif k == 4:
+        reg["userspace_addr"] = d.choice([0, (1 << 64) - PAGE, d.u64()])
+    return reg
+
+
+async def _raw_message(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    known = [int(r) for r in R]
+    request = d.choice(known) if d.chance(3, 4) else d.u32()
+    flags = vu.VERSION if d.chance(3, 4) else d.u32()
+    if d.chance(1, 2):
+        flags |= vu.FLAG_NEED_REPLY
+    payload = d.blob(64) if d.chance(3, 4) else bytes(d.below(300))
+    size = len(payload) if d.chance(7, 8) else d.choice([len(payload) + 8, 4097, d.u32()])
+    fds = _some_fds(d, fe, owned)
+    await fe.chan.send(request, payload, fds, flags=flags, size=size)
+
+
+async def _mem_table(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    n = d.choice([1, 1, 2, 3, 0, 9])
+    regions = [_region(d, fe.ram) for _ in range(n)]
+    fds = [fe.ram.fd] * n if d.chance(3, 4) else _some_fds(d, fe, owned)
+    await fe.chan.send(R.SET_MEM_TABLE, table_payload(regions), fds, flags=vu.VERSION)
+
+
+async def _mem_reg(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    req = d.choice([R.ADD_MEM_REG, R.REM_MEM_REG])
+    payload = vu.build_payload(vu.SINGLE_REGION, {"padding": 0, "region": _region(d, fe.ram)}, "r")
+    fds = [fe.ram.fd] if d.chance(3, 4) else _some_fds(d, fe, owned)
+    await fe.chan.send(req, payload, fds, flags=vu.VERSION)
+
+
+async def _bogus_ring(d: Draw, fe: Frontend, owned: list[int]) -> None:
+    idx = d.choice([0, 1, 1, 2, 255, d.u32()])
+    await fe.chan.send(
+        R.SET_VRING_NUM, vring_state(idx & 0xFFFF_FFFF, d.choice([0, 3, 64, 1 << 15, 1 << 16]))
+    )
+    addrs = [d.choice([QVA_BASE, QVA_BASE + 1, QVA_BASE + (1 << 40), d.u64(), 0]) for _ in range(3)]
+    await fe.chan.send(R.SET_VRING_ADDR, vring_addr(idx & 0xFFFF_FFFF, *addrs))
+    await fe.chan.send(R.SET_VRING_BASE, vring_state(idx & 0xFFFF_FFFF, d.u16()))
+    kick = os.eventfd(1, os.EFD_CLOEXEC)
+    owned.append(kick)
+    await fe.chan.send(R.SET_VRING_KICK, vu.u64(idx & 0xFF), [kick])
+    await fe.chan.send(R.SET_VRING_ENABLE, vring_state(idx & 0xFFFF_FFFF, 1))
+
+
+async def _commands(d: Draw, fe: Frontend) -> None:
+    """Random vmmemctl traffic through properly set up rings (if the set-up survived)."""
+    g = VmwGuest(fe)
+    if 0 not in fe.queues:
+        await fe.set_mem_table()
+        await fe.setup_queue(0)
+        await fe.setup_queue(1)
+        await g.start()
+    end = fe.ram.size // PAGE
+    for _ in range(d.below(8)):
+        k = d.below(6)
+        cmd = d.choice(list(C)) if k else d.u32()
+        pfn = d.choice([FREE_START_PFN + d.below(2048), end, d.u64(), 0, BATCH_PAGE // PAGE])
+        if cmd in (C.BATCHED_LOCK, C.BATCHED_UNLOCK, C.BATCHED_2M_LOCK, C.BATCHED_2M_UNLOCK):
+            pfns = [FREE_START_PFN + d.below(4096) for _ in range(d.below(20))]
+            entries = [p << 12 | (d.u8() if d.chance(1, 8) else 0) for p in pfns]
+            with trio.move_on_after(1):
+                await g.batch(cmd, [], raw_entries=entries, count=d.choice([len(entries), 0, 513]))
+        elif d.chance(1, 5):
+            # raw descriptors anywhere
+            q = g.cmdq
+            head = q.ring._free[0] if q.ring._free else 0
+            rows = {
+                head + i: (d.u64() if d.chance(1, 2) else d.below(fe.ram.size), d.u32(), d.below(8), d.below(70))
+                for i in range(d.between(1, 3))
+            }  # fmt: skip
+            await q.ring.post_raw(head, rows)
+            q.kick_now()
+            await trio.sleep(0.005)
+        else:
+            with trio.move_on_after(1):
+                await g.command(cmd, pfn, d.choice([0, 1, 512, d.u64()]))
+
+
+async def _attack(d: Draw, path: str) -> None:
+    owned: list[int] = []
+    fe = await Frontend.connect(path, ram_size=16 << 20)
+    try:
+        # anything going wrong on the attacker's side (a reply it did not expect, its own ring
+        # bookkeeping confused by raw descriptors) ends the attack; only the oracle judges
+        with contextlib.suppress(Exception):
+            if d.chance(2, 3):
+                await fe.negotiate()
+            for _ in range(d.between(1, 8)):
+                k = d.below(10)
+                if k < 3:
+                    await _raw_message(d, fe, owned)
+                elif k < 5:
+                    await _mem_table(d, fe, owned)
+                elif k < 6:
+                    await _mem_reg(d, fe, owned)
+                elif k < 7:
+                    await _bogus_ring(d, fe, owned)
+                else:
+                    await _commands(d, fe)
+            await trio.sleep(0.01)
+    finally:
+        fe.close()
+        for fd in owned:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def _healthy(path: str) -> None:
+    """The well-behaved guest on the other socket (our normal front-end): START, a batch LOCK
+    of resident pages, the RAM file shrinks by exactly those pages, they read back as zeros,
+    UNLOCK. Raises :class:`Finding` when the device gets any of it wrong."""
+    ram = GuestRamFile(HEALTHY_RAM, name="wire-healthy-ram")
+    try:
+        # the previous healthy connection may not be noticed gone yet: vdev refuses us then
+        async with connect_frontend(path, ram, retry=RECONNECT_RETRY) as fe:
+            problem = await _healthy_checks(VmwChannel(fe), ram)
+    finally:
+        ram.close()
+    if problem:
+        raise Finding(problem)
+
+
+async def _healthy_checks(ch: VmwChannel, ram: GuestRamFile) -> str | None:
+    resp = await ch.call(C.START, int(vmw.ALL_CAPABILITIES))
+    if resp.status != vmw.Status.SUCCESS_WITH_CAPABILITIES:
+        return f"healthy guest: START answered {resp.status:#x}"
+    n = HEALTHY_PAGES
+    first = max(FREE_START_PFN, -(-ch.end // PAGE)) + 100  # clear of the rings and channel
+    batch_pfn = first + n
+    ram.fill(first * PAGE, n * PAGE, 0xA5)
+    ram.fill(batch_pfn * PAGE, PAGE, 0)  # resident before measuring, like the locked pages
+    before = ram.allocated_bytes()
+    request = vmw.Request(C.BATCHED_LOCK, batch_pfn, n)
+    resp, after = await ch.command(request, vmw.build_batch(range(first, first + n)))
+    assert after is not None
+    bad = [int(s) for s in vmw.entry_statuses(vmw.batch_entries(after, n)) if s]
+    if resp.status != 0 or bad:
+        return f"healthy guest: batch lock {resp.status:#x}, entry statuses {bad[:4]}"
+    freed = before - ram.allocated_bytes()
+    if freed != n * PAGE:
+        return f"accounting: {n} pages locked, RAM file shrank by {freed} bytes"
+    if ram.read(first * PAGE, PAGE) != bytes(PAGE):
+        return "accounting: a locked page still holds data"
+    resp = await ch.call(C.UNLOCK, first)
+    if resp.status != 0:
+        return f"healthy guest: UNLOCK answered {resp.status:#x}"
+    return None
+
+
+def one_input(data: bytes) -> None:
+    live = _LIVE
+    if live is None:
+        with session() as _:
+            one_input(data)
+        return
+
+    async def main() -> None:
+        d = Draw(data)
+        with trio.move_on_after(DEADLINE):
+            await _attack(d, live.attack)
+        if not live.vdev.alive():
+            raise Finding(f"vdev exited with {live.vdev.returncode}: {live.vdev.log_tail()}")
+        try:
+            with trio.fail_after(DEADLINE):
+                await _healthy(live.healthy)
+        except* (trio.TooSlowError, FrontendError, OSError) as group:
+            exc = group.exceptions[0]  # (from the front-end's nursery: in a group)
+            raise Finding(f"healthy guest not served after the attack: {exc!r}") from None
+        rss_mb = _rss_kb(live.vdev.pid) // 1024
+        if rss_mb > RSS_LIMIT_MB:
+            raise Finding(f"vdev RSS {rss_mb} MiB > {RSS_LIMIT_MB} MiB")
+        # the attacked connection is gone: its fds must be closed (allow a moment)
+        for _ in range(50):
+            fds = _fd_count(live.vdev.pid)
+            if fds <= live.base_fds + FD_SLACK:
+                break
+            await trio.sleep(0.01)
+        else:
+            raise Finding(f"fd leak: vdev holds {fds} fds, {live.base_fds} at start")
+
+    trio.run(main)
+
+
+def seeds() -> list[bytes]:
+    return [
+        bytes([0, 9, 9, 9]) + bytes(range(64)),
+        bytes([0, 0, 7, 1]) + struct.pack("<Q", 2) * 8,
+        bytes([200, 3, 0, 0, 0]) + bytes(100),
+        bytes(range(255, 0, -1)),
+    ]

@@ -1,0 +1,466 @@
+"""The vmmemctl transport over qtest: the driver core runs unchanged against QEMU.
+
+QEMU attaches vdev (``vdev serve --device vmw``) as a vhost-user device; we are the guest,
+driving the device's virtio-pci function through qtest (:mod:`lab.qtest`):
+
+* queue 0 ``cmdq``: one command = one chain [24-byte request (R), 24-byte response (W)];
+  :meth:`QtestTransport.command` posts it, notifies, and waits for the used element
+  (interrupt via the intercepted IOAPIC line, ISR polled as a fallback);
+* queue 1 ``eventq``: :data:`EVENT_BUFFERS` 8-byte buffers kept posted; each used one is a
+  doorbell event (docs/PROTOCOL.md section 5), re-posted after it is read;
+* guest RAM ``read``/``write`` are qtest ``b64read``/``b64write``.
+
+The device may be ``vhost-user-gpio-pci`` (virtio id 41: two queues and an 8-byte config,
+exactly vmw's shape; any QEMU >= 10) or ``vhost-user-test-device-pci`` (QEMU >= 10.2):
+:meth:`QtestTransport.open` takes the first virtio function whose id is in ``device_ids``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from guest_driver.transport import DeviceGone
+from guest_driver.virtq import Buffer
+from lab.qemu import TEST_DEVICE, QemuBinary
+from lab.qtest import GuestAllocator, QtestError, VirtioPci
+from protocol.errors import FormatError, LocalError
+from protocol.vmw import (
+    EVENT_SIZE,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    EventKind,
+    Request,
+    Response,
+    parse_event,
+)
+
+if TYPE_CHECKING:
+    from vdev.registry import GuestRegistry, GuestView
+    from vdev.server import Connection, Server
+
+log = logging.getLogger(__name__)
+
+CMDQ = 0
+EVENTQ = 1
+EVENT_BUFFERS = 4
+VIRTIO_ID_GPIO = 41
+#: (context id, resource id) we register with VMCI_DOORBELL_SET (any valid pair will do)
+DOORBELL_IDS = (3, 0x10)
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+
+
+@dataclass
+class QtestTransport:
+    """:class:`guest_driver.transport.Transport` over one qtest-driven virtio-pci device."""
+
+    dev: VirtioPci
+    mem: GuestAllocator
+    timeout: float = 10.0
+    queue_size: int = 16
+    events: bool = True
+    _req: int = 0
+    _resp: int = 0
+    _event_pages: list[int] = field(default_factory=list)
+    _event_bufs: dict[int, int] = field(default_factory=dict)  # head -> gpa
+    _pending_events: list[EventKind] = field(default_factory=list)
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+    commands: int = 0
+
+    @classmethod
+    async def open(
+        cls,
+        dev: VirtioPci,
+        mem: GuestAllocator,
+        *,
+        timeout: float = 10.0,
+        event_idx: bool = True,
+        events: bool = True,
+    ) -> QtestTransport:
+        """Initialise the device (features, cmdq, eventq, DRIVER_OK) and post event buffers."""
+        t = cls(dev, mem, timeout=timeout, events=events)
+        await t.init(event_idx=event_idx)
+        return t
+
+    async def init(self, *, event_idx: bool = True) -> None:
+        """(Re)initialise the device from reset: what the driver does at probe time."""
+        try:
+            await self.dev.begin(VIRTIO_RING_F_EVENT_IDX if event_idx else 0)
+            if not self._req:
+                page = self.mem.alloc(4096)
+                self._req, self._resp = page, page + 64
+                self._event_pages = [page + 128 + 16 * i for i in range(EVENT_BUFFERS)]
+            await self.dev.setup_queue(CMDQ, self.queue_size, self.mem)
+            await self.dev.setup_queue(EVENTQ, self.queue_size, self.mem)
+            await self.dev.driver_ok()
+            self._event_bufs.clear()
+            self._pending_events.clear()
+            if self.events:
+                for gpa in self._event_pages:
+                    await self._post_event(gpa)
+                await self.dev.kick(EVENTQ)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+
+    async def _post_event(self, gpa: int) -> None:
+        head = await self.dev.queues[EVENTQ].add([Buffer(gpa, EVENT_SIZE, write=True)])
+        self._event_bufs[head] = gpa
+
+    # -- Transport ---------------------------------------------------------------------
+
+    async def command(self, request: Request) -> Response:
+        async with self._lock:
+            try:
+                await self.dev.qt.write(self._req, request.build())
+                q = self.dev.queues[CMDQ]
+                head = await q.add(
+                    [Buffer(self._req, REQUEST_SIZE), Buffer(self._resp, RESPONSE_SIZE, write=True)]
+                )
+                await self.dev.kick(CMDQ)
+                while True:
+                    elems = await self.dev.wait_used(CMDQ, self.timeout)
+                    mine = [e for e in elems if e.id == head]
+                    if mine:
+                        break
+                if mine[0].len < RESPONSE_SIZE:
+                    raise DeviceGone(f"cmdq: response of {mine[0].len} bytes")
+                raw = await self.dev.qt.read(self._resp, RESPONSE_SIZE)
+            except trio.TooSlowError as e:
+                raise DeviceGone(f"no response to {request!r} in {self.timeout} s") from e
+            except QtestError as e:
+                raise DeviceGone(f"qtest: {e}") from e
+            self.commands += 1
+            return Response.parse(raw)
+
+    async def read(self, gpa: int, n: int) -> bytes:
+        try:
+            return await self.dev.qt.read(gpa, n)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        try:
+            await self.dev.qt.write(gpa, data)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+
+    async def _collect_events(self) -> None:
+        q = self.dev.queues[EVENTQ]
+        elems = await q.poll_used()
+        for e in elems:
+            gpa = self._event_bufs.pop(e.id, None)
+            if gpa is None:
+                continue
+            if e.len >= EVENT_SIZE:
+                raw = await self.dev.qt.read(gpa, EVENT_SIZE)
+                try:
+                    self._pending_events.append(parse_event(raw))
+                except FormatError as exc:
+                    log.warning("eventq: bad event %s: %s", raw.hex(), exc)
+            await self._post_event(gpa)
+        if elems:
+            await self.dev.kick(EVENTQ)
+
+    async def wait_event(self, timeout: float) -> EventKind | None:
+        if not self.events:
+            await trio.sleep(timeout)
+            return None
+        try:
+            with trio.move_on_after(timeout):
+                while True:
+                    async with self._lock:
+                        seen = self.dev.qt.irq_raises
+                        await self._collect_events()
+                        if self._pending_events:
+                            return self._pending_events.pop(0)
+                        await self.dev.read_isr()
+                        await self._collect_events()
+                        if self._pending_events:
+                            return self._pending_events.pop(0)
+                    await self.dev.qt.wait_irq(seen, 0.05)
+        except QtestError as e:
+            raise DeviceGone(f"qtest: {e}") from e
+        return None
+
+    @property
+    def doorbell_ids(self) -> tuple[int, int] | None:
+        return DOORBELL_IDS if self.events else None
+
+    # -- config space (the carrier's 8 bytes: num_pages, actual) -----------------------
+
+    async def config(self) -> tuple[int, int]:
+        raw = await self.dev.config_bytes(0, 8)
+        return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+
+
+# --------------------------------------------------------------------------- vdev + QEMU rig
+
+#: The virtio id of QEMU's generic vhost-user device for each personality, or None when the
+#: carrier is used (vhost-user-gpio-pci, virtio id 41).
+VIRTIO_ID = {"virtio-balloon": 5, "vmw": None}
+
+
+def vhost_user_device(personality: str, qemu: QemuBinary, chardev: str = "c0") -> tuple[str, int]:
+    """The ``-device`` argument that attaches vdev's ``personality``, and the virtio id the
+    guest will find.
+
+    virtio-balloon: ``vhost-user-test-device-pci`` (QEMU >= 10.2) with virtio-id 5, 3 queues
+    (inflateq, deflateq, statsq) and an 8-byte config, so a stock Linux virtio_balloon binds.
+    Without it (QEMU 10.0/10.1 cannot instantiate the generic device), and for vmw (which
+    no stock guest driver knows anyway), the carrier ``vhost-user-gpio-pci``: two queues
+    and an 8-byte config, exactly inflate/deflate (no statsq) or cmdq/eventq.
+    """
+    vid = VIRTIO_ID.get(personality)
+    if vid is not None and qemu.has_test_device:
+        return (
+            f"{TEST_DEVICE},chardev={chardev},virtio-id={vid},num_vqs=3,config_size=8",
+            vid,
+        )
+    return f"vhost-user-gpio-pci,chardev={chardev}", VIRTIO_ID_GPIO
+
+
+@dataclass
+class VdevRig:
+    """An in-process ``vdev serve`` (trio tasks in the caller's nursery) on one socket."""
+
+    server: Server
+    registry: GuestRegistry
+    socket: Path
+    scratch: Path
+    personality: str
+    name: str = "vm0"
+
+    def view(self) -> GuestView:
+        return self.registry.view(self.name)
+
+    def set_target(self, pages: int) -> None:
+        self.registry.set_target(self.name, pages)
+
+    def connection(self) -> Connection | None:
+        for conn in self.server.connections:
+            if conn.guest == self.name and not conn.closed:
+                return conn
+        return None
+
+    async def request_stats(self) -> bool:
+        """virtio-balloon: give the held stats buffer back (the guest then refreshes it).
+        True when a held buffer went back (``Connection.refresh_stats``, the awaited form
+        of ``GuestRegistry.request_stats``)."""
+        conn = self.connection()
+        return conn is not None and await conn.refresh_stats()
+
+
+@contextlib.asynccontextmanager
+async def vdev_rig(
+    personality: str, qemu: QemuBinary, *, target: int = 0, scratch: Path | None = None
+) -> AsyncIterator[VdevRig]:
+    """Serve ``personality`` on ``SCRATCH/vu.sock`` (a scratch dir QEMU can see)."""
+    from vdev.devices.base import get_personality
+    from vdev.registry import GuestRegistry
+    from vdev.server import Server
+
+    own = scratch is None
+    d = qemu.scratch_dir("vbq-") if scratch is None else scratch
+    try:
+        sock = d / "vu.sock"
+        registry = GuestRegistry(personality, target=target)
+        server = Server(registry, get_personality(personality), socket_paths=[str(sock)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            try:
+                yield VdevRig(server, registry, sock, d, personality)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if own:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------- side by side with QEMU's own
+
+#: Observations that must agree between QEMU's virtio-balloon-pci and vdev's personality.
+AGREED = (
+    "features",
+    "num_pages_at_probe",
+    "actual_after_inflate",
+    "host_logical_size_after_inflate",
+    "reclaimed_pages_after_inflate",
+    "ballooned_page_reads_zero",
+    "guest_stats",
+    "actual_after_oom",
+    "actual_after_deflate",
+    "reclaimed_pages_after_deflate",
+    "deflated_page_reads_zero",
+    "ram_back_after_touch",
+)
+U64_MINUS_ONE = 2**64 - 1
+
+
+def normalise_stats(stats: dict[str, int]) -> dict[str, int]:
+    """QEMU's QMP shows a missing stat as 2**64-1 (it is a u64 there); we say -1."""
+    return {k: (-1 if v in (-1, U64_MINUS_ONE) else int(v)) for k, v in sorted(stats.items())}
+
+
+@dataclass
+class SideResult:
+    """What one balloon implementation showed the guest and the host."""
+
+    side: str  # "qemu" or "vdev"
+    qemu: str
+    device: str
+    observations: dict[str, object] = field(default_factory=dict)
+    inflate_s: list[float] = field(default_factory=list)
+    deflate_s: list[float] = field(default_factory=list)
+    pages: int = 0
+
+    def rate(self, which: str) -> float:
+        """Median pages per second of the inflate (or deflate) rounds."""
+        times = sorted(self.inflate_s if which == "inflate" else self.deflate_s)
+        return self.pages / times[len(times) // 2] if times else 0.0
+
+
+@contextlib.asynccontextmanager
+async def balloon_side(
+    side: str,
+    qemu: QemuBinary,
+    *,
+    pages: int = 16384,
+    ram_mib: int = 256,
+    touch: tuple[int, int] = (4 << 20, 100 << 20),
+    timeout: float = 60.0,
+) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """One balloon ready for the script: ``side`` "qemu" is virtio-balloon-pci with its target
+    set via QMP ``balloon``; "vdev" is vdev's virtio-balloon through QEMU with its target set
+    via the registry. Yields ``run_round(r)``: inflate by ``pages``, deflate to 0 (round 0
+    also records the observations into ``result``, reached as ``run_round.result``)."""
+    from lab.qtest import qtest_vm
+    from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
+
+    ram = ram_mib << 20
+    pool = PagePool(touch[0] >> 12, (touch[1] - touch[0]) >> 12)
+    if pages + 256 > pool.count:
+        raise LocalError(f"at most {pool.count - 256} pages")
+    rig_cm: contextlib.AbstractAsyncContextManager[VdevRig | None] = (
+        vdev_rig("virtio-balloon", qemu) if side == "vdev" else contextlib.nullcontext(None)
+    )
+    async with rig_cm as rig, contextlib.AsyncExitStack() as stack:
+        if rig is not None:
+            device, vid = vhost_user_device("virtio-balloon", qemu)
+            vm = await stack.enter_async_context(
+                qtest_vm(qemu, devices=[device], chardevs={"c0": rig.socket},
+                         scratch=rig.scratch, ram_mib=ram_mib)
+            )  # fmt: skip
+        else:
+            device, vid = "virtio-balloon-pci,id=balloon0,deflate-on-oom=on", 5
+            vm = await stack.enter_async_context(qtest_vm(qemu, devices=[device], ram_mib=ram_mib))
+        qmp = vm.qmp
+        assert qmp is not None
+        res = SideResult(side, f"{qemu.name} {qemu.version_str}", device.split(",")[0])
+        obs = res.observations
+        res.pages = pages
+
+        async def set_target(n: int) -> None:
+            if rig is not None:
+                rig.set_target(n)
+            else:
+                await qmp.execute("balloon", {"value": ram - n * 4096})
+
+        async def guest_stats() -> dict[str, int]:
+            if rig is not None:
+                return dict(rig.view().guest_stats)
+            got = await qmp.execute(
+                "qom-get", {"path": "/machine/peripheral/balloon0", "property": "guest-stats"}
+            )
+            return dict(got["stats"])
+
+        async def refresh_stats() -> None:
+            """Fresh stats from the guest: QEMU polls on a timer, vdev gives on request."""
+            if rig is not None:
+                await rig.request_stats()
+            else:
+                await qmp.execute(
+                    "qom-set",
+                    {"path": "/machine/peripheral/balloon0",
+                     "property": "guest-stats-polling-interval", "value": 1},
+                )  # fmt: skip
+            wanted = drv.counters.stats_requests + 1
+            while drv.counters.stats_requests < wanted:
+                await drv.service(timeout)
+            await trio.sleep(0.05)  # the device parses the buffer after the kick
+
+        dev = await VirtioPci.find(vm.qt, vid)
+        drv = VirtioBalloonDriver(dev, GuestAllocator(), pool, timeout=10)
+        await drv.start()
+        obs["features"] = drv.features
+        obs["num_pages_at_probe"] = await drv.target()
+        await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)
+        before = vm.memfd_bytes()
+
+        async def run_round(r: int) -> None:
+            with trio.fail_after(timeout):
+                t0 = trio.current_time()
+                await set_target(pages)
+                moved = await drv.on_config_change(timeout)
+                res.inflate_s.append(trio.current_time() - t0)
+                if moved != pages:
+                    raise LocalError(f"{side}: inflated {moved} pages, not {pages}")
+                if r == 0:
+                    obs["actual_after_inflate"] = await drv.read_actual()
+                    if rig is not None:
+                        logical = ram - rig.view().counters["actual"] * 4096
+                    else:
+                        logical = (await qmp.execute("query-balloon"))["actual"]
+                    obs["host_logical_size_after_inflate"] = logical
+                    obs["reclaimed_pages_after_inflate"] = (before - vm.memfd_bytes()) // 4096
+                    page = await vm.qt.read(drv.pages[-1] << 12, 4096)
+                    obs["ballooned_page_reads_zero"] = page == bytes(4096)
+                    obs["guest_stats"] = None
+                    if drv.has_stats:
+                        await refresh_stats()
+                        obs["guest_stats"] = normalise_stats(await guest_stats())
+                    obs["actual_after_oom"] = (await drv.oom(256), await drv.read_actual())
+                t0 = trio.current_time()
+                await set_target(0)
+                await drv.on_config_change(timeout)
+                res.deflate_s.append(trio.current_time() - t0)
+                if r == 0:
+                    obs["actual_after_deflate"] = await drv.read_actual()
+                    obs["reclaimed_pages_after_deflate"] = (before - vm.memfd_bytes()) // 4096
+                    first = pool.first_pfn << 12
+                    obs["deflated_page_reads_zero"] = await vm.qt.read(first, 4096) == bytes(4096)
+                await vm.qt.memset(touch[0], touch[1] - touch[0], 0x5A)  # the guest uses it again
+                if r == 0:
+                    obs["ram_back_after_touch"] = vm.memfd_bytes() >= before
+
+        run_round.result = res  # type: ignore[attr-defined]
+        yield run_round
+
+
+async def side_by_side(
+    *, pages: int = 16384, rounds: int = 1, timeout: float = 120.0
+) -> tuple[SideResult, SideResult]:
+    """The same script on QEMU's virtio-balloon-pci and on vdev's virtio-balloon, on the same
+    QEMU binary when it has the generic vhost-user device. Both VMs run at once and the
+    rounds alternate, so that a change in the machine's load hits both sides alike."""
+    from lab.qemu import best_qemu
+
+    vq = best_qemu(need_test_device=True) or best_qemu(need_test_device=False)
+    if vq is None:
+        raise LocalError("no QEMU (run scripts/setup)")
+    with trio.fail_after(timeout):
+        async with (
+            balloon_side("qemu", vq, pages=pages) as qemu_round,
+            balloon_side("vdev", vq, pages=pages) as vdev_round,
+        ):
+            for r in range(rounds):
+                first, second = (qemu_round, vdev_round) if r % 2 == 0 else (vdev_round, qemu_round)
+                await first(r)
+                await second(r)
+            return qemu_round.result, vdev_round.result  # type: ignore[attr-defined]

@@ -1,0 +1,398 @@
+"""``vdev serve`` as a child process: the one way the guest side and the tests start it.
+
+* :func:`serve_argv`: the command line (``python -m vdev serve`` or another ``vdev_cmd``).
+* :class:`VdevProcess`: a started child with its log file; waits until its sockets listen
+  (:meth:`~VdevProcess.wait_listening`, or ``await`` :meth:`~VdevProcess.wait_listening_async`)
+  and stops by its PID (:meth:`~VdevProcess.stop`: SIGTERM, then SIGKILL after ``timeout``;
+  returns the exit code; ``await`` :meth:`~VdevProcess.stop_async` runs the same in a thread).
+* :func:`start_vdev` (blocking: tests' ``vdev_process`` fixture, ``run-qemu --linux``, the wire
+  fuzzer) returns a listening :class:`VdevProcess`, also a context manager that stops it;
+  :func:`open_vdev` is the same as an async context manager (the stop is shielded);
+  :func:`spawn_vdev` only starts it.
+* ``socket_count=N`` (every helper) is vdev's ``--socket-count``: sockets ``PATH0..PATH(N-1)``
+  for guests vm0..vm(N-1), each waited for (:func:`socket_paths`).
+* :func:`vdev_serve` (demo, end-to-end tests) yields an :class:`ApiVdev`: what an operator has,
+  the API (``PUT /vms/{name}/target``, ``POST /vms/{name}/reset``, ``GET /vms/{name}``) and
+  the operator CLI (``vdev stat`` ...) pointed at the same socket. The API client is
+  synchronous (httpx); its calls run in a worker thread, one at a time.
+
+The child gets its own session (a terminal's Ctrl-C reaches only us; we stop it), stdin from
+``/dev/null``, stdout and stderr appended to the log file (or ours: ``inherit_output``), the
+repository as its working directory (``cwd``) and first on ``PYTHONPATH`` (so another
+``vdev_cmd`` script imports this tree's ``vdev``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import trio
+
+from protocol.errors import LocalError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: ``python -m vdev``: what runs ``serve`` unless a caller gives another ``vdev_cmd``.
+VDEV_CMD = (sys.executable, "-m", "vdev")
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+class VdevStartError(LocalError):
+    """``vdev serve`` exited, or did not listen in time, before it was ready."""
+
+
+#: ``__SO_ACCEPTCON`` in ``/proc/net/unix``'s Flags column: the socket listens.
+_SO_ACCEPTCON = 0x10000
+
+
+def unix_listening(paths: Sequence[str]) -> bool:
+    """Whether a unix socket listens on each of ``paths``, without connecting (a connection
+    would be a front-end to vdev). A socket file appears at ``bind()``, before ``listen()``:
+    connecting in between is refused, so its existence is not enough; ``/proc/net/unix``
+    lists listening sockets by the name they were bound to: the path itself, or for vdev's
+    vhost-user sockets the temporary name renamed onto it once listening
+    (:func:`vdev.server.listen_temp_path`). Falls back to "the socket file exists" where
+    ``/proc/net/unix`` cannot be read."""
+    from vdev.server import listen_temp_path
+
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            next(f)
+            bound = {
+                fields[7]
+                for fields in (line.rstrip("\n").split(None, 7) for line in f)
+                if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON
+            }
+    except (OSError, StopIteration, ValueError):
+        return all(Path(p).is_socket() for p in paths)
+    return all(
+        (str(p) in bound or listen_temp_path(str(p)) in bound) and Path(p).is_socket()
+        for p in paths
+    )
+
+
+def socket_paths(socket_path: str | Path, socket_count: int | None = None) -> list[str]:
+    """``PATH`` alone, or ``PATH0..PATH(socket_count-1)`` (vdev's ``--socket-count``)."""
+    if socket_count is None:
+        return [str(socket_path)]
+    return [f"{socket_path}{i}" for i in range(socket_count)]
+
+
+def serve_argv(
+    socket_path: str | Path,
+    *,
+    socket_count: int | None = None,
+    api_socket: str | Path | None = None,
+    no_api: bool = False,
+    device: str | None = None,
+    target: str = "0",
+    verbose: int = 1,
+    extra: Sequence[str] = (),
+    vdev_cmd: Sequence[str] | None = None,
+) -> list[str]:
+    """``vdev serve`` on ``socket_path`` (with ``socket_count``: ``--socket-count``, sockets
+    ``socket_path0..``, see :func:`socket_paths`); the API on ``api_socket`` (default: vdev's,
+    ``<first socket>.api``), none with ``no_api``;
+    ``device`` None leaves vdev's default personality; ``extra`` is appended."""
+    argv = [*(vdev_cmd or VDEV_CMD), "serve"]
+    if device is not None:
+        argv += ["--device", device]
+    argv += ["--socket-path", str(socket_path)]
+    if socket_count is not None:
+        argv += ["--socket-count", str(socket_count)]
+    if api_socket is not None:
+        argv += ["--api-socket", str(api_socket)]
+    if no_api:
+        argv.append("--no-api")
+    argv += ["--target", target]
+    if verbose:
+        argv.append("-" + "v" * verbose)
+    return [*argv, *extra]
+
+
+def vdev_serve_argv(
+    socket_path: Path,
+    api_socket: Path,
+    *,
+    device: str = "vmw",
+    target: str = "0",
+    verbose: int = 1,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """:func:`serve_argv` with an explicit API socket and personality (``run-qemu --dry-run``)."""
+    return serve_argv(
+        socket_path, api_socket=api_socket, device=device, target=target, verbose=verbose,
+        extra=extra,
+    )  # fmt: skip
+
+
+class VdevProcess:
+    """A ``vdev serve`` child (see :func:`start_vdev` / :func:`open_vdev`).
+
+    ``proc`` is the :class:`subprocess.Popen`; ``paths`` the vhost-user sockets; ``api_socket``
+    the API socket waited for (None: not waited for); ``args`` the command line. Its output
+    goes to ``log_path`` (appended), else nowhere, or with ``inherit_output`` to our stdout
+    and stderr; it runs in ``cwd`` (default the repository; None: ours)."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        paths: Sequence[str],
+        *,
+        api_socket: str | Path | None = None,
+        log_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = REPO_ROOT,
+        inherit_output: bool = False,
+    ) -> None:
+        self.args = list(args)
+        self.paths = list(paths)
+        self.api_socket = None if api_socket is None else str(api_socket)
+        self.log_path = log_path
+        environ = dict(os.environ if env is None else env)
+        environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), environ.get("PYTHONPATH")) if p
+        )
+        out: Any = None if inherit_output else subprocess.DEVNULL
+        if log_path is not None:
+            out = open(log_path, "ab")  # noqa: SIM115 (the child keeps its own copy)
+        try:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                self.args, cwd=cwd, env=environ, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            if log_path is not None:
+                out.close()
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code, None while it runs (polls)."""
+        return self.proc.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        """Its output so far ("" without a log file)."""
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 1500) -> str:
+        return self.log()[-n:]
+
+    # -- start -----------------------------------------------------------------------------
+
+    def listening(self) -> bool:
+        """Every socket waited for listens; :class:`VdevStartError` if the process exited."""
+        if self.proc.poll() is not None:
+            raise VdevStartError(
+                f"vdev serve exited {self.proc.returncode} before listening: {self.log_tail()}"
+            )
+        wanted = [*self.paths, *([self.api_socket] if self.api_socket else [])]
+        return unix_listening(wanted)
+
+    def _not_listening(self, timeout: float) -> VdevStartError:
+        return VdevStartError(
+            f"vdev serve did not listen on {self.paths} within {timeout} s: {self.log_tail()}"
+        )
+
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        """Block until it listens; on failure the process is stopped and this raises."""
+        deadline = time.monotonic() + timeout
+        while not self.listening():
+            if time.monotonic() > deadline:
+                self.stop(timeout=1)
+                raise self._not_listening(timeout)
+            time.sleep(0.02)
+
+    async def wait_listening_async(self, timeout: float = START_TIMEOUT) -> None:
+        """:meth:`wait_listening` for trio."""
+        with trio.move_on_after(timeout):
+            while not self.listening():
+                await trio.sleep(0.02)
+            return
+        await self.stop_async(timeout=1)
+        raise self._not_listening(timeout)
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig`` (if still running), wait ``timeout`` s, then SIGKILL; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    async def stop_async(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """:meth:`stop` in a worker thread, shielded from cancellation (it is bounded)."""
+        with trio.CancelScope(shield=True):
+            code = await trio.to_thread.run_sync(self.stop, sig, timeout)
+        return code
+
+    def __enter__(self) -> VdevProcess:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def spawn_vdev(
+    socket_path: str | Path,
+    *,
+    socket_count: int | None = None,
+    api_socket: str | Path | None = None,
+    log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = REPO_ROOT,
+    inherit_output: bool = False,
+    **argv_kw: Any,
+) -> VdevProcess:
+    """Start ``vdev serve`` without waiting: on ``socket_path``, or with ``socket_count`` on
+    ``socket_path0..socket_path(N-1)`` (``paths``: every one is waited for). ``argv_kw`` goes
+    to :func:`serve_argv` (``device``, ``target``, ``verbose``, ``extra``, ``no_api``,
+    ``vdev_cmd``); the API socket, when given, is waited for too."""
+    argv = serve_argv(socket_path, socket_count=socket_count, api_socket=api_socket, **argv_kw)
+    paths = socket_paths(socket_path, socket_count)
+    return VdevProcess(
+        argv, paths, api_socket=api_socket, log_path=log_path, env=env, cwd=cwd,
+        inherit_output=inherit_output,
+    )  # fmt: skip
+
+
+def start_vdev(
+    socket_path: str | Path, *, timeout: float = START_TIMEOUT, **kw: Any
+) -> VdevProcess:
+    """:func:`spawn_vdev`, then block until it listens (or raise :class:`VdevStartError`,
+    the process stopped). Use it as a context manager to stop it on exit."""
+    vdev = spawn_vdev(socket_path, **kw)
+    vdev.wait_listening(timeout)
+    return vdev
+
+
+@contextlib.asynccontextmanager
+async def open_vdev(
+    socket_path: str | Path, *, timeout: float = START_TIMEOUT, **kw: Any
+) -> AsyncIterator[VdevProcess]:
+    """:func:`start_vdev` for trio: yields once it listens; stopped on exit (shielded)."""
+    vdev = spawn_vdev(socket_path, **kw)
+    try:
+        await vdev.wait_listening_async(timeout)
+        yield vdev
+    finally:
+        await vdev.stop_async()
+
+
+class ApiVdev:
+    """A running ``vdev serve`` seen through its API socket; methods act on guest ``name``."""
+
+    def __init__(self, proc: VdevProcess, socket_path: Path, api_socket: Path, name: str):
+        from vdev.api.client import ApiClient
+
+        self.proc = proc  # pid, returncode, log(), stop()
+        self.socket_path = socket_path  # the first socket (guest vm0's)
+        self.socket_paths = [Path(p) for p in proc.paths]  # vm0, vm1, ... in order
+        self.api_socket = api_socket
+        self.name = name
+        self.client = ApiClient(str(api_socket))
+        self._lock = trio.Lock()
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        async with self._lock:
+            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw))
+
+    async def vm(self) -> dict[str, Any]:
+        """``GET /vms/{name}``."""
+        return await self._call(self.client.vm, self.name)
+
+    async def size_pages(self) -> int:
+        return int((await self.vm())["size_pages"])
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.vm()
+
+    async def set_target(self, pages: int) -> dict[str, Any]:
+        """``PUT /vms/{name}/target {"target_pages": N}`` (a manual target); the VM's view."""
+        return await self._call(self.client.set_target, self.name, target_pages=pages)
+
+    async def reset(self) -> dict[str, Any]:
+        """``POST /vms/{name}/reset``: demand a balloon reset."""
+        return await self._call(self.client.reset, self.name)
+
+    async def set_setting(self, path: str, value: int) -> int:
+        """``PUT /settings/{path}``, e.g. ``("Mem/CtlMaxPercent", 99)``."""
+        return await self._call(self.client.set_setting, path, value)
+
+    async def cli(self, *args: str) -> str:
+        """``vdev ARGS --api-socket S`` (the operator CLI); its stdout. Raises on failure."""
+        argv = [sys.executable, "-m", "vdev", *args, "--api-socket", str(self.api_socket)]
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, cwd=REPO_ROOT)
+        return bytes(done.stdout).decode()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@contextlib.asynccontextmanager
+async def vdev_serve(
+    directory: Path,
+    *,
+    device: str = "vmw",
+    target: str = "0",
+    name: str = "vm0",
+    socket_name: str = "vm0.sock",
+    socket_count: int | None = None,
+    settings: Mapping[str, int] | None = None,
+    extra: Sequence[str] = (),
+    log_path: Path | None = None,
+    verbose: int = 1,
+    timeout: float = START_TIMEOUT,
+) -> AsyncIterator[ApiVdev]:
+    """``vdev serve`` on ``directory/socket_name`` with its API on ``directory/vdev.api``;
+    with ``socket_count`` N (``--socket-count``) on ``directory/socket_name0`` ..
+    ``socket_name(N-1)`` (guests vm0..vm(N-1); every socket listens before this yields;
+    :attr:`ApiVdev.socket_paths`).
+
+    ``settings`` (ESXi-style paths, e.g. ``{"Mem/CtlMaxPercent": 99}``) are applied through
+    the API before yielding; ``extra`` goes to the command line (``--host-memory 64G`` ...);
+    its output goes to ``log_path`` (default ``directory/vdev.log``)."""
+    sock, api = directory / socket_name, directory / "vdev.api"
+    async with open_vdev(
+        sock, socket_count=socket_count, api_socket=api,
+        log_path=log_path or directory / "vdev.log", timeout=timeout,
+        device=device, target=target, verbose=verbose, extra=extra,
+    ) as proc:  # fmt: skip
+        handle = ApiVdev(proc, Path(proc.paths[0]), api, name)
+        try:
+            for path, value in (settings or {}).items():
+                await handle.set_setting(path, value)
+            yield handle
+        finally:
+            handle.close()

@@ -1,0 +1,1 @@
+"""The management API (HTTP on a unix socket) and its client."""

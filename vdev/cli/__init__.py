@@ -1,0 +1,1 @@
+"""The ``vdev`` command line: ``vdev serve`` and the operator commands."""

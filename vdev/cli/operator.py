@@ -1,0 +1,611 @@
+"""The operator's side of ``vdev``: subcommands that talk to a running ``vdev serve`` through
+its management API, and the options that ``vdev serve`` grows for the control plane.
+
+    vdev stat                 one table in esxtop's vocabulary (MCTL?, MCTLSZ, MCTLTGT, MCTLMAX)
+    vdev top                  the same, live (redrawn on every event, and each --interval)
+    vdev set-target VM SIZE   manual balloon target (512M, 1.5G, 0); SIZE "policy" hands back
+    vdev reset VM             demand a balloon reset
+    vdev host [--set-free S]  host memory state (and the simulated host's free memory)
+    vdev pools                resource pools
+    vdev config list | get PATH | set PATH VALUE    advanced settings (/Mem/CtlMaxPercent ...)
+    vdev events [--vm VM] [--json]                  the event stream, as it happens
+    vdev plot VM --output FILE.png                  target, size and host free memory over time
+
+Every command takes ``--api-socket PATH`` (or ``$VDEV_API_SOCKET``); ``vdev serve`` puts the
+socket next to its first vhost-user socket, at ``<socket>.api``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import click
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.live import Live
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from protocol.errors import ConfigError
+from vdev.api.client import ApiClient, ApiError
+
+if TYPE_CHECKING:
+    import trio
+
+    from vdev.registry import GuestRegistry
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MIB = 1 << 20
+PAGE_SIZE = 4096
+CONTROL_META = "vdev.control_config"
+
+# ------------------------------------------------------------------------------ vdev serve
+
+
+def serve_options(f: F) -> F:
+    """Adds the control-plane options to ``vdev serve`` and stashes the resulting config in
+    the click context for :func:`start_control_plane` (flags override the config file)."""
+
+    @click.option(
+        "--api-socket",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Management API socket (default: <first --socket-path>.api; mode 0600).",
+    )
+    @click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, exists=True),
+        default=None,
+        help="TOML config: [serve], [settings], [pools.*], [vms.*].",
+    )
+    @click.option(
+        "--host-memory",
+        default=None,
+        help="Simulate a host of this size (e.g. 16G) instead of sampling /proc/meminfo.",
+    )
+    @click.option(
+        "--policy-period",
+        type=click.FloatRange(min=0.001),
+        default=None,
+        help="Seconds between policy steps (default 1).",
+    )
+    @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any,
+        api_socket: str | None,
+        config_file: str | None,
+        host_memory: str | None,
+        policy_period: float | None,
+        no_api: bool,
+        **kwargs: Any,
+    ) -> Any:
+        from vdev.config import ControlConfig, load_config, parse_size
+
+        try:
+            cfg = load_config(config_file) if config_file else ControlConfig()
+            cfg.override(
+                api_socket=api_socket,
+                host_memory=None
+                if host_memory is None
+                else parse_size(host_memory, "--host-memory"),
+                policy_period=policy_period,
+            )
+            if not no_api and not kwargs.get("print_capabilities"):
+                # refuse a live API socket before anything starts
+                from vdev.api.app import check_socket_path, default_api_socket
+                from vdev.server import socket_paths
+
+                if cfg.api_socket is None and kwargs.get("socket_path"):
+                    paths = socket_paths(kwargs["socket_path"], kwargs.get("socket_count"))
+                    cfg.api_socket = default_api_socket(paths)
+                if cfg.api_socket is not None:
+                    check_socket_path(cfg.api_socket)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
+        ctx = click.get_current_context()
+        ctx.meta[CONTROL_META] = (cfg, no_api)
+        return f(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+async def start_control_plane(
+    nursery: trio.Nursery, registry: GuestRegistry, socket_paths: list[str]
+) -> None:
+    """The hook ``vdev serve`` calls inside its nursery: starts the policy loop and the API.
+
+    Does nothing when not called under ``vdev serve`` (no options in the click context)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or CONTROL_META not in ctx.meta:
+        return
+    from vdev.api.app import default_api_socket, serve_api
+    from vdev.policy.control import ControlPlane
+
+    cfg, no_api = ctx.meta[CONTROL_META]
+    control = ControlPlane(registry, cfg, initial_target_pages=registry.default_target)
+    await nursery.start(control.run)
+    if no_api:
+        return
+    path = cfg.api_socket
+    if path is None:
+        if not socket_paths:
+            click.echo("vdev serve: no --api-socket given with --fd: no management API", err=True)
+            return
+        path = default_api_socket(socket_paths)
+    await nursery.start(functools.partial(serve_api, control, path, mode=cfg.api_socket_mode))
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def api_option(f: F) -> F:
+    return click.option(
+        "--api-socket",
+        envvar="VDEV_API_SOCKET",
+        type=click.Path(dir_okay=False),
+        required=True,
+        help="The vdev serve management socket (env VDEV_API_SOCKET).",
+    )(f)
+
+
+def _client(path: str) -> ApiClient:
+    return ApiClient(path)
+
+
+def _fail(e: Exception) -> click.ClickException:
+    return click.ClickException(str(getattr(e, "message", e)))
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except ApiError as e:
+        raise _fail(e) from None
+
+
+#: Off a terminal (a pipe, a log, a README) nothing is wrapped: lines are as long as they are.
+UNWRAPPED_WIDTH = 1000
+
+
+def _console() -> Console:
+    """The terminal's width on a terminal (or click's ``terminal_width`` when set); off a
+    terminal a width no line reaches, so that tables and the host line keep their natural
+    width."""
+    ctx = click.get_current_context(silent=True)
+    width = None if ctx is None else ctx.terminal_width
+    if width is None and not sys.stdout.isatty():
+        width = UNWRAPPED_WIDTH
+    return Console(width=width, soft_wrap=False, highlight=False)
+
+
+class Fields:
+    """Text fields on one line, separated by two spaces; where the width is too small, the
+    line breaks between fields (never inside one), continuation lines indented."""
+
+    def __init__(self, fields: list[Text], indent: int = 5) -> None:
+        self.fields = fields
+        self.indent = indent
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        line = Text()
+        for field in self.fields:
+            sep = "  " if line.plain.strip() else ""
+            if line.plain.strip() and line.cell_len + len(sep) + field.cell_len > width:
+                yield line
+                line, sep = Text(" " * self.indent), ""
+            line.append(sep)
+            line.append_text(field)
+        if line.plain:
+            yield line
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        total = sum(f.cell_len for f in self.fields) + 2 * max(0, len(self.fields) - 1)
+        widest = max((f.cell_len for f in self.fields), default=0)
+        return Measurement(min(widest, options.max_width), min(total, options.max_width))
+
+
+def mb(nbytes: int | float | None) -> str:
+    """esxtop prints MB with two decimals."""
+    return "-" if nbytes is None else f"{nbytes / MIB:.2f}"
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _state_style(state: str | None) -> str:
+    return {
+        "high": "green",
+        "clear": "cyan",
+        "soft": "yellow",
+        "hard": "red",
+        "low": "bold red",
+    }.get(state or "", "dim")
+
+
+def stat_renderable(vms: list[dict[str, Any]], host: dict[str, Any]) -> Group:
+    """The `vdev stat` screen: a host line, then one row per VM (esxtop memory view)."""
+    cur = sum(v["size_bytes"] for v in vms)
+    tgt = sum(v["target_bytes"] for v in vms)
+    mx = sum(v["max_bytes"] for v in vms)
+    state = host.get("state")
+    fields = [
+        Text.assemble(("HOST ", "bold"), (f"state {state or '-'}", _state_style(state))),
+        Text(
+            f"PMEM/MB total {mb(host.get('total_bytes'))} free {mb(host.get('free_bytes'))}"
+            f" minFree {mb(host.get('min_free_bytes'))}"
+        ),
+    ]
+    psi = host.get("psi") or {}
+    some, full = psi.get("some_avg10"), psi.get("full_avg10")
+    if some is not None or full is not None:
+        fields.append(Text(f"PSI some {_dash(some)} full {_dash(full)}"))
+    fields.append(Text(f"MEMCTL/MB {mb(cur)} curr, {mb(tgt)} target, {mb(mx)} max"))
+    if host.get("simulated"):
+        fields.append(Text("(simulated)", style="dim"))
+    if host.get("error"):
+        fields.append(Text(f"error: {host['error']}", style="red"))
+    line = Fields(fields)
+
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
+    for column, justify in (
+        ("VM", "left"),
+        ("DEV", "left"),
+        ("CONN", "left"),
+        ("MCTL?", "left"),
+        ("MEMSZ", "right"),
+        ("MCTLSZ", "right"),
+        ("MCTLTGT", "right"),
+        ("MCTLMAX", "right"),
+        ("CTRL", "left"),
+        ("REASON", "left"),
+        ("INFL/s", "right"),
+        ("DEFL/s", "right"),
+        ("FAIL", "right"),
+    ):
+        # On a narrow terminal only REASON wraps (at spaces); numbers are never cut.
+        wraps = column == "REASON"
+        table.add_column(
+            column,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+        )
+    for v in vms:
+        rates = v["rates"]
+        table.add_row(
+            v["name"],
+            v["personality"],
+            "Y" if v["connected"] else "N",
+            Text("Y", style="green") if v["driver_active"] else Text("N", style="dim"),
+            mb(v["ram_bytes"]),
+            mb(v["size_bytes"]),
+            mb(v["target_bytes"]),
+            mb(v["max_bytes"]),
+            Text(v["control"], style="bold magenta" if v["control"] == "manual" else ""),
+            v["reason"],
+            f"{rates['inflate_pages_per_s']:.0f}",
+            f"{rates['deflate_pages_per_s']:.0f}",
+            str(v["failures"]),
+        )
+    return Group(line, table)
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+@click.command()
+@api_option
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead.")
+def stat(api_socket: str, as_json: bool) -> None:
+    """Balloon state of every VM and the host, in esxtop's vocabulary (sizes in MB).
+
+    MCTL? the balloon driver runs; MCTLSZ balloon size; MCTLTGT target; MCTLMAX the cap
+    (Mem.CtlMaxPercent); CTRL policy or manual, REASON what decided the target; INFL/s and
+    DEFL/s pages per second.
+
+    FAIL counts the times the guest did something wrong, each once: bad frames (and bad
+    ring chains), commands answered ERROR_CMD_INVALID, and pages refused PPN_INVALID,
+    PPN_LOCKED or PPN_UNLOCKED (virtio-balloon: inflated PFNs that are not RAM or already
+    in the balloon). Normal balloon flow is not a failure: ERROR_RESET (a command before
+    START after a reset), ERROR_BUSY, PPN_NOTNEEDED (the target fell), PPN_PINNED (ring
+    pages). The raw counters are in --json.
+    """
+    with _client(api_socket) as c:
+        vms, host = _call(c.vms), _call(c.host)
+    if as_json:
+        click.echo(json.dumps({"host": host, "vms": vms}, indent=2))
+        return
+    _console().print(stat_renderable(vms, host))
+
+
+@click.command()
+@api_option
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Redraw at least this often (rates move without events).",
+)
+@click.option(
+    "--iterations",
+    "-n",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many redraws.",
+)
+def top(api_socket: str, interval: float, iterations: int | None) -> None:
+    """`vdev stat`, live: redrawn on every event from the API, and every --interval."""
+    changed = threading.Event()
+
+    def listen() -> None:
+        try:
+            with _client(api_socket) as events_client:
+                for _ in events_client.events():
+                    changed.set()
+        except Exception:  # the display loop reports connection trouble itself
+            changed.set()
+
+    threading.Thread(target=listen, daemon=True, name="vdev-top-events").start()
+    count = 0
+    with _client(api_socket) as c, Live(console=_console(), auto_refresh=False) as live:
+        while iterations is None or count < iterations:
+            changed.clear()
+            live.update(stat_renderable(_call(c.vms), _call(c.host)), refresh=True)
+            count += 1
+            if iterations is not None and count >= iterations:
+                break
+            changed.wait(interval)
+            time.sleep(0.05)  # coalesce bursts of events into one redraw
+
+
+@click.command("set-target")
+@api_option
+@click.argument("vm")
+@click.argument("size")
+def set_target(api_socket: str, vm: str, size: str) -> None:
+    """Pin VM's balloon target to SIZE (512M, 1.5G, 4096, 0); SIZE "policy" hands it back."""
+    body: dict[str, Any] = (
+        {"policy": True} if size.lower() in ("policy", "auto") else {"target": size}
+    )
+    with _client(api_socket) as c:
+        v = _call(lambda: c.set_target(vm, **body))
+    if v["control"] == "policy":
+        click.echo(f"{vm}: target under policy control ({mb(v['target_bytes'])} MB, {v['reason']})")
+        return
+    msg = f"{vm}: MCTLTGT {mb(v['target_bytes'])} MB (manual)"
+    if v["reason"] != "manual":
+        msg += f", {v['reason']}: requested {mb(v['manual_target_pages'] * PAGE_SIZE)} MB, MCTLMAX {mb(v['max_bytes'])} MB"
+    click.echo(msg)
+
+
+@click.command()
+@api_option
+@click.argument("vm")
+def reset(api_socket: str, vm: str) -> None:
+    """Demand a balloon reset: the guest driver pops every page and starts over."""
+    with _client(api_socket) as c:
+        _call(lambda: c.reset(vm))
+    click.echo(f"{vm}: reset demanded")
+
+
+@click.command()
+@api_option
+@click.option("--set-free", default=None, help="Simulated host only: set free memory (e.g. 2G).")
+@click.option("--json", "as_json", is_flag=True)
+def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
+    """Host memory state: high / clear / soft / hard / low, free vs minFree, PSI."""
+    with _client(api_socket) as c:
+        h = _call(lambda: c.set_simulated_free(free=set_free)) if set_free else _call(c.host)
+    if as_json:
+        click.echo(json.dumps(h, indent=2))
+        return
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    psi = h.get("psi") or {}
+    for key, value in (
+        ("state", Text(str(h.get("state")), style=_state_style(h.get("state")))),
+        ("source", h["source"]),
+        ("total MB", mb(h.get("total_bytes"))),
+        ("free MB", mb(h.get("free_bytes"))),
+        ("minFree MB", mb(h.get("min_free_bytes"))),
+        ("PSI some/full avg10", f"{_dash(psi.get('some_avg10'))} / {_dash(psi.get('full_avg10'))}"),
+        ("pressure pages", str(h.get("pressure_pages"))),
+        ("unmet pages", str(h.get("unmet_pages"))),
+        ("capped pages", _capped(h)),
+        ("policy period s", str(h.get("policy_period_s"))),
+        ("steps", str(h.get("steps"))),
+    ):
+        table.add_row(key, value)
+    if h.get("error"):
+        table.add_row("error", Text(h["error"], style="red"))
+    _console().print(table)
+
+
+def _capped(h: dict[str, Any]) -> str:
+    """Limit / manual requests the caps cut: the total, then by VM and by pool."""
+    total = str(h.get("capped_pages", 0))
+    capped = h.get("capped") or {}
+    parts = [f"{n} {p}" for n, p in sorted((capped.get("vms") or {}).items())]
+    parts += [f"pool {n} {p}" for n, p in sorted((capped.get("pools") or {}).items())]
+    return f"{total} ({', '.join(parts)})" if parts else total
+
+
+@click.command()
+@api_option
+def pools(api_socket: str) -> None:
+    """Resource pools: reservation, limit, shares and member VMs."""
+    with _client(api_socket) as c:
+        ps = _call(c.pools)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("POOL", "PARENT", "RESV/MB", "LIMIT/MB", "SHARES", "EXPANDABLE", "VMS"):
+        table.add_column(col)
+    for p in ps:
+        table.add_row(
+            p["name"],
+            p["parent"] or "-",
+            mb(p["reservation_bytes"]),
+            "unlimited" if p["limit_bytes"] is None else mb(p["limit_bytes"]),
+            f"{p['shares']} ({p['share_count']:.0f})",
+            "yes" if p["expandable_reservation"] else "no",
+            ", ".join(p["vms"]) or "-",
+        )
+    if not ps:
+        click.echo("no resource pools configured")
+        return
+    _console().print(table)
+
+
+@click.group()
+def config() -> None:
+    """Advanced settings, ESXi style (/Mem/CtlMaxPercent, /Mem/IdleTax, /VBalloon/...)."""
+
+
+@config.command("list")
+@api_option
+def config_list(api_socket: str) -> None:
+    """Every setting and its value."""
+    with _client(api_socket) as c:
+        settings = _call(c.settings)
+    width = max(len(p) for p in settings) if settings else 0
+    for path, value in settings.items():
+        click.echo(f"{path:<{width}}  {value}")
+
+
+@config.command("get")
+@api_option
+@click.argument("path")
+def config_get(api_socket: str, path: str) -> None:
+    """Print one setting (e.g. /Mem/CtlMaxPercent or Mem.CtlMaxPercent)."""
+    with _client(api_socket) as c:
+        click.echo(_call(lambda: c.setting(path)))
+
+
+@config.command("set")
+@api_option
+@click.argument("path")
+@click.argument("value", type=int)
+def config_set(api_socket: str, path: str, value: int) -> None:
+    """Change one setting; the policy applies it at once."""
+    with _client(api_socket) as c:
+        new = _call(lambda: c.set_setting(path, value))
+    click.echo(f"/{path.strip('/').replace('.', '/')} = {new}")
+
+
+def format_event(event: dict[str, Any]) -> str:
+    t = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
+    frac = f"{event.get('time', 0.0) % 1:.3f}"[1:]
+    kind = event.get("type")
+    name = event.get("name", "")
+    if kind == "guest":
+        what = event.get("kind")
+        if what == "target":
+            detail = f"MCTLTGT {mb(event['target_pages'] * PAGE_SIZE)} MB ({event.get('reason')})"
+        elif what == "size":
+            detail = f"MCTLSZ {mb(event['size_pages'] * PAGE_SIZE)} MB"
+        else:
+            detail = str(what)
+    elif kind == "control":
+        detail = (
+            f"control -> {event['control']}" if "control" in event else str(event.get("action"))
+        )
+    elif kind == "host":
+        if "state" in event:
+            detail = f"host state {event.get('previous') or '-'} -> {event['state']} (free {mb(event.get('free_bytes'))} MB)"
+        else:
+            detail = f"host free set to {mb(event.get('free_bytes'))} MB"
+    elif kind == "setting":
+        detail = f"{event['path']} = {event['value']}"
+    elif kind == "hello":
+        detail = f"connected; VMs: {', '.join(event.get('vms', []))}"
+    else:
+        detail = json.dumps(event)
+    return f"{t}{frac} {name:<8} {detail}"
+
+
+@click.command()
+@api_option
+@click.option("--vm", default=None, help="Only this VM's events.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per line (as the API sends)."
+)
+@click.option(
+    "--count", "-n", type=click.IntRange(min=1), default=None, help="Stop after N events."
+)
+def events(api_socket: str, vm: str | None, as_json: bool, count: int | None) -> None:
+    """Follow target, size, state, host and setting changes as they happen (no polling)."""
+    seen = 0
+    with _client(api_socket) as c:
+        stream: Iterator[dict[str, Any]] = c.events(vm)
+        try:
+            for event in _call(lambda: _first(stream)):
+                if event.get("type") == "heartbeat":
+                    continue
+                click.echo(json.dumps(event) if as_json else format_event(event))
+                if event.get("type") != "hello":
+                    seen += 1
+                if count is not None and seen >= count:
+                    break
+        except KeyboardInterrupt:
+            pass
+        except ApiError as e:  # the server went away mid-stream
+            raise _fail(e) from None
+
+
+def _first(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Pull the first event eagerly so that connection errors surface inside _call."""
+    first = next(stream)
+
+    def chain() -> Iterator[dict[str, Any]]:
+        yield first
+        yield from stream
+
+    return chain()
+
+
+@click.command()
+@api_option
+@click.argument("vm")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="PNG file.")
+@click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N points.")
+def plot(api_socket: str, vm: str, output: str, last: int | None) -> None:
+    """Plot VM's balloon target, size and MCTLMAX and the host's free memory over time."""
+    from vdev.cli.plot import plot_history
+
+    with _client(api_socket) as c:
+        history = _call(lambda: c.history(vm, last))
+    try:
+        n = plot_history(history, output)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{output}: {n} points for {vm}")
+
+
+OPERATOR_COMMANDS: tuple[click.Command, ...] = (
+    stat,
+    top,
+    set_target,
+    reset,
+    host,
+    pools,
+    config,
+    events,
+    plot,
+)
+
+
+def register_operator_commands(group: click.Group) -> None:
+    for command in OPERATOR_COMMANDS:
+        group.add_command(command)

@@ -1,0 +1,1 @@
+"""The two personalities of the device: vmw (vmmemctl) and virtio-balloon."""

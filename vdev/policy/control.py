@@ -1,0 +1,611 @@
+"""The control plane's engine room: runs the policy on a period and applies its targets.
+
+One :class:`ControlPlane` per ``vdev serve``. Every ``policy_period`` seconds (and at once after
+anything that should change a target: a manual target, a setting, the simulated host) it
+
+1. samples the host: :func:`vdev.policy.host.read_host_sample` (MemAvailable, PSI, and the cgroup
+   v2 memory controller when the process sits in a limited cgroup), or a
+   :class:`vdev.policy.host.SimulatedHost` when ``--host-memory`` is given;
+2. builds a :class:`vdev.policy.model.VmState` per guest whose balloon driver is running (esxtop
+   MCTL? = Y), sized by the guest's RAM;
+3. steps the :class:`vdev.policy.model.PolicyEngine` and applies the targets to the registry.
+
+Manual targets (``PUT /vms/{name}/target``) override the policy: they are applied at once,
+not rate limited (the operator asked for that number), and are capped by MCTLMAX like every
+target; the policy sees them as fixed and shares the pressure among the other VMs.
+
+It also keeps, in memory only, a ring of history points per VM (for ``vdev plot``), inflate
+and deflate rates over a sliding window, and fans events out to API subscribers
+(``GET /events``): the registry's target / size / state events, tagged with the reason of the
+last target we set, plus control-plane events (host state changes, manual/policy switches,
+setting changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from protocol.errors import ConfigError, HostResourceError
+from vdev.config import ControlConfig
+from vdev.policy.host import SimulatedHost, read_host_sample
+from vdev.policy.model import (
+    PAGE_SIZE,
+    HostSample,
+    PolicyDecision,
+    PolicyEngine,
+    VmState,
+    min_free_bytes,
+    vm_bounds,
+)
+from vdev.registry import GuestEvent
+
+log = logging.getLogger(__name__)
+
+#: Events buffered per API subscriber; a subscriber that falls this far behind is dropped
+#: (its stream ends; it reconnects and re-reads the state).
+SUBSCRIBER_BUFFER = 4096
+#: A poke runs the policy step this much later, not at once: what poked (a manual target,
+#: a setting, the simulated host) has already been applied, so the step only re-shares the
+#: other guests; meanwhile the guest whose doorbell a manual target just rang gets its first
+#: commands (GET_TARGET, the first LOCK) served without waiting behind a step over every
+#: guest (~0.3-0.6 ms with 32), and a burst of API calls is one step.
+POKE_DELAY = 0.005
+
+
+class GuestViewLike(Protocol):
+    """What the control plane reads of a :class:`vdev.registry.GuestView`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def ram_pages(self) -> int: ...
+    @property
+    def size_pages(self) -> int: ...
+    @property
+    def target_pages(self) -> int: ...
+    @property
+    def guest_stats(self) -> Mapping[str, int]: ...
+    @property
+    def driver_active(self) -> bool: ...
+
+
+class RegistryLike(Protocol):
+    """The :class:`vdev.registry.GuestRegistry` interface (docs/ARCHITECTURE.md)."""
+
+    def names(self) -> list[str]: ...
+    def view(self, name: str) -> Any: ...
+    def set_target(self, name: str, pages: int) -> None: ...
+    def demand_reset(self, name: str) -> None: ...
+    def subscribe(self) -> trio.MemoryReceiveChannel[Any]: ...
+
+
+class NotSimulated(Exception):
+    """The host is real: its free memory cannot be set."""
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclasses, enums, mappings and sequences to plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Flag):
+        return [str(m.name) for m in value]  # a capability set: the names of its members
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value) if isinstance(value.value, str) else value.name.lower()
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def driver_active(view: Any) -> bool:
+    """esxtop MCTL?: a connected guest whose balloon driver runs, as its personality says
+    (:attr:`vdev.registry.GuestView.driver_active`; never inferred from capabilities)."""
+    return bool(view.connected) and bool(view.driver_active)
+
+
+#: Per-page refusals that mean the guest did something wrong (``lock refused <STATUS> (4k)``,
+#: ``unlock refused <STATUS> (2M)`` ...): a PFN that is not RAM, a page already in the
+#: balloon, a page not in it. Not PPN_NOTNEEDED (the target fell meanwhile) nor PPN_PINNED
+#: (a ring page: the driver cannot know where the front-end put its rings).
+FAIL_REFUSALS = ("ERROR_PPN_INVALID", "ERROR_PPN_LOCKED", "ERROR_PPN_UNLOCKED")
+#: virtio-balloon's counterparts (vdev/devices/virtio_balloon.py). Not "inflate ignored:
+#: pinned" (a ring page, as PPN_PINNED) nor "deflate ignored: not in balloon" (after the
+#: operator's reset the device forgot pages the guest still holds, and rightly deflates).
+FAIL_VIRTIO_COUNTERS = ("inflate ignored: not RAM", "inflate ignored: already in balloon")
+
+
+def failures(counters: dict[str, int]) -> int:
+    """The FAIL column: how many times the guest did something wrong, each counted once.
+
+    * bad frames: a cmdq frame that is not a request or cannot take the answer
+      (``bad frame``), and chains the ring code rejected (``q<N> bad_chains``, any
+      personality);
+    * commands answered ERROR_CMD_INVALID (unknown or not negotiated command, bad batch page
+      or count); a bad frame answered ERROR_CMD_INVALID counts once, as a bad frame;
+    * pages refused PPN_INVALID / PPN_LOCKED / PPN_UNLOCKED (:data:`FAIL_REFUSALS`; single
+      and batched, 4k and 2M: a refused single LOCK is one page, not also a failed command),
+      and virtio-balloon's :data:`FAIL_VIRTIO_COUNTERS`.
+
+    Normal balloon flow is not a failure: ERROR_RESET (commands before START after a reset,
+    e.g. Linux's DOORBELL_SET(unregister) on its first reset), ERROR_BUSY (vdev shutting
+    down), PPN_NOTNEEDED (the target fell), PPN_PINNED (ring pages). That is why the debugfs
+    ``<cmd> failed`` counters are not summed: they count all of those.
+
+    Answered bad frames are the ``status <NAME>`` answers that no ``<cmd>`` counter accounts
+    for (an executed command bumps its ``<cmd>`` and one ``status``; a bad frame a status only).
+    """
+    bad = counters.get("bad frame", 0)
+    bad += sum(v for k, v in counters.items() if k.startswith("q") and k.endswith(" bad_chains"))
+    answered = sum(v for k, v in counters.items() if k.startswith("status "))
+    executed = sum(
+        counters.get(k.removesuffix(" failed"), 0) for k in counters if k.endswith(" failed")
+    )
+    answered_bad = max(0, answered - executed)
+    invalid = max(0, counters.get("status ERROR_CMD_INVALID", 0) - answered_bad)
+    refused = sum(
+        v
+        for k, v in counters.items()
+        if k.startswith(("lock refused ", "unlock refused ")) and k.split(" ")[2] in FAIL_REFUSALS
+    )
+    virtio = sum(counters.get(k, 0) for k in FAIL_VIRTIO_COUNTERS)
+    return bad + invalid + refused + virtio
+
+
+def find_cgroup_v2_dir(proc: str = "/proc", root: str = "/sys/fs/cgroup") -> str | None:
+    """This process's cgroup v2 directory if it has a memory controller and is not the root."""
+    try:
+        with open(os.path.join(proc, "self", "cgroup"), encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            rel = line[3:].strip()
+            if rel in ("", "/"):
+                return None
+            path = os.path.join(root, rel.lstrip("/"))
+            if os.path.exists(os.path.join(path, "memory.max")):
+                return path
+    return None
+
+
+@dataclass(frozen=True)
+class HistoryPoint:
+    t: float  # wall-clock seconds (time.time())
+    target_pages: int
+    size_pages: int
+    max_pages: int
+    host_free_bytes: int
+    host_state: str
+    connected: bool = True  # a front-end was connected (False: no guest; vdev plot skips it)
+
+
+@dataclass
+class _VmTrack:
+    history: deque[HistoryPoint]
+    sizes: deque[tuple[float, int]]  # (monotonic time, size pages) for the rates
+    reason: str = "none"
+    last_target: int | None = None
+
+
+class ControlPlane:
+    """Owns the policy engine, the host sampler, manual targets, history and event fan-out."""
+
+    def __init__(
+        self,
+        registry: RegistryLike,
+        config: ControlConfig | None = None,
+        *,
+        host_sampler: Callable[[], HostSample] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        initial_target_pages: int = 0,
+    ) -> None:
+        self.registry = registry
+        self.config = config if config is not None else ControlConfig()
+        self.engine = PolicyEngine(self.config.settings, self.config.pools)
+        self.simulated: SimulatedHost | None = None
+        if host_sampler is not None:
+            self._sample = host_sampler
+            self.host_source = "custom"
+        elif self.config.host_memory is not None:
+            self.simulated = SimulatedHost(self.config.host_memory, self.config.host_memory)
+            self._sample = self.simulated.sample
+            self.host_source = "simulated"
+        else:
+            cgroup = find_cgroup_v2_dir()
+            self._sample = lambda: read_host_sample(cgroup_dir=cgroup)
+            self.host_source = "cgroup:" + cgroup if cgroup else "proc"
+        self._wall = wall_clock
+        self.manual: dict[str, int] = {}
+        #: ``vdev serve --target``: an operator's target, so a manual pin on every guest
+        #: (applied when the guest is first seen) until ``{"policy": true}``.
+        self.initial_target_pages = initial_target_pages
+        self._seen: set[str] = set()
+        self.last_decision: PolicyDecision | None = None
+        self.last_sample: HostSample | None = None
+        self.last_error: str | None = None
+        self.steps = 0
+        self._last_step_wall: float | None = None
+        self._tracks: dict[str, _VmTrack] = {}
+        self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._wakeup = trio.Event()
+        self._known_sizes: dict[str, int] = {}
+
+    # ----------------------------------------------------------------------------- events
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](SUBSCRIBER_BUFFER)
+        self._subscribers.append(send)
+        return receive
+
+    def publish(self, event: dict[str, Any]) -> None:
+        event.setdefault("time", self._wall())
+        # the guest events carry the registry's stamp (when the device did it); the others
+        # are stamped here
+        event.setdefault("monotonic", time.monotonic())
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning(
+                    "event subscriber fell %d events behind; dropping it", SUBSCRIBER_BUFFER
+                )
+                send.close()
+                self._subscribers.remove(send)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(send)
+
+    def _on_guest_event(self, event: Any) -> None:
+        if type(event) is GuestEvent:  # the registry's own events: no generic conversion
+            track = self._track(event.name)
+            if event.kind == "size":
+                self._note_size(event.name, event.size_pages)
+            else:
+                self._note_size(event.name)
+            self.publish(
+                {
+                    "type": "guest",
+                    "name": event.name,
+                    "kind": event.kind,
+                    "target_pages": event.target_pages,
+                    "size_pages": event.size_pages,
+                    "connected": event.connected,
+                    "monotonic": event.monotonic,
+                    "reason": track.reason,
+                }
+            )
+            return
+        data = jsonable(event)
+        if not isinstance(data, dict):
+            data = {"event": data}
+        kind = data.get("kind", data.get("type"))
+        data = {"type": "guest", **data}
+        if kind is not None:
+            data["kind"] = kind
+        name = data.get("name")
+        if isinstance(name, str):
+            track = self._track(name)
+            data.setdefault("reason", track.reason)
+            self._note_size(name)
+        self.publish(data)
+
+    def _note_size(self, name: str, size: int | None = None) -> None:
+        """Record the guest's balloon size (``size``, or read from the registry) for the rates
+        and the simulated host."""
+        if size is None:
+            try:
+                view = self.registry.view(name)
+            except KeyError:
+                return
+            size = int(view.size_pages)
+        previous = self._known_sizes.get(name)
+        self._known_sizes[name] = size
+        if previous is not None and previous != size and self.simulated is not None:
+            self.simulated.balloon_changed(size - previous)
+        track = self._track(name)
+        if not track.sizes or track.sizes[-1][1] != size:
+            track.sizes.append((trio.current_time(), size))
+
+    # ----------------------------------------------------------------------------- state
+
+    def _track(self, name: str) -> _VmTrack:
+        track = self._tracks.get(name)
+        if track is None:
+            track = _VmTrack(history=deque(maxlen=self.config.history), sizes=deque(maxlen=65536))
+            self._tracks[name] = track
+        return track
+
+    def rates(self, name: str) -> tuple[float, float]:
+        """(inflate, deflate) pages per second over the last ``rate_window`` seconds."""
+        track = self._tracks.get(name)
+        if track is None or len(track.sizes) < 2:
+            return 0.0, 0.0
+        window = self.config.rate_window
+        now = trio.current_time()
+        start = now - window
+        while len(track.sizes) > 2 and track.sizes[1][0] < start:
+            track.sizes.popleft()
+        up = down = 0
+        prev = None
+        for t, size in track.sizes:
+            if prev is not None and t >= start:
+                delta = size - prev
+                if delta > 0:
+                    up += delta
+                else:
+                    down -= delta
+            prev = size
+        return up / window, down / window
+
+    def reason(self, name: str) -> str:
+        return self._track(name).reason
+
+    def max_pages(self, name: str, view: Any) -> int:
+        """MCTLMAX: the most this VM's balloon may hold under the current settings."""
+        spec = self.config.vm(name).spec(int(view.ram_pages))
+        if spec is None:
+            return 0
+        return vm_bounds(VmState(spec), self.engine.settings).max_pages
+
+    def history(self, name: str) -> list[HistoryPoint]:
+        self.registry.view(name)  # KeyError for an unknown guest
+        return list(self._track(name).history)
+
+    def host_info(self) -> dict[str, Any]:
+        sample = self.last_sample
+        decision = self.last_decision
+        info: dict[str, Any] = {
+            "source": self.host_source,
+            "simulated": self.simulated is not None,
+            "state": decision.state.value if decision else None,
+            "total_bytes": sample.total_bytes if sample else None,
+            "free_bytes": sample.free_bytes if sample else None,
+            "min_free_bytes": (
+                min_free_bytes(sample.total_bytes, self.engine.settings.min_free_pct)
+                if sample
+                else None
+            ),
+            "psi": {
+                "some_avg10": sample.psi_some_avg10 if sample else None,
+                "full_avg10": sample.psi_full_avg10 if sample else None,
+            },
+            "pressure_pages": decision.pressure_pages if decision else 0,
+            "unmet_pages": decision.unmet_pages if decision else 0,
+            "capped_pages": decision.capped_pages if decision else 0,
+            "capped": {
+                "vms": (
+                    {n: d.capped_pages for n, d in decision.vms.items() if d.capped_pages}
+                    if decision
+                    else {}
+                ),
+                "pools": dict(decision.pool_capped_pages) if decision else {},
+            },
+            "policy_period_s": self.config.policy_period,
+            "steps": self.steps,
+            "last_step": self._last_step_wall,
+            "error": self.last_error,
+        }
+        return info
+
+    # ----------------------------------------------------------------------------- commands
+
+    def set_manual_target(self, name: str, pages: int) -> tuple[int, str]:
+        """Pin ``name``'s target (KeyError: unknown guest; ValueError: above its RAM).
+
+        Returns the target actually applied and why (``manual`` or the cap that bound)."""
+        view = self.registry.view(name)
+        if pages < 0:
+            raise ValueError("a target must be >= 0")
+        ram = int(view.ram_pages)
+        if ram > 0 and pages > ram:
+            raise ValueError(
+                f"target {pages} pages is more than the guest's RAM ({ram} pages, "
+                f"{ram * PAGE_SIZE >> 20} MiB)"
+            )
+        was_manual = name in self.manual
+        self.manual[name] = pages
+        spec = self.config.vm(name).spec(ram)
+        applied, reason = pages, "manual"
+        if spec is not None:
+            bounds = vm_bounds(VmState(spec, manual_target_pages=pages), self.engine.settings)
+            if pages > bounds.max_pages:
+                applied, reason = bounds.max_pages, bounds.max_reason
+        self._apply(name, applied, reason)
+        if not was_manual:
+            self.publish({"type": "control", "name": name, "control": "manual"})
+        self.poke()
+        return applied, reason
+
+    def clear_manual_target(self, name: str) -> None:
+        self.registry.view(name)
+        if self.manual.pop(name, None) is not None:
+            self.publish({"type": "control", "name": name, "control": "policy"})
+        self.poke()
+
+    def reset(self, name: str) -> None:
+        self.registry.demand_reset(name)
+        self.publish({"type": "control", "name": name, "action": "reset"})
+
+    def set_setting(self, path: str, value: int) -> None:
+        self.engine.settings.set(path, value)  # ConfigError: unknown path or bad value
+        self.publish({"type": "setting", "path": path, "value": value})
+        self.poke()
+
+    def set_simulated_free(self, free_bytes: int) -> int:
+        if self.simulated is None:
+            raise NotSimulated("the host is not simulated (start vdev serve with --host-memory)")
+        if not 0 <= free_bytes <= self.simulated.total_bytes:
+            raise ValueError(
+                f"free memory must be in 0..{self.simulated.total_bytes} bytes, got {free_bytes}"
+            )
+        self.simulated.free_bytes = free_bytes
+        self.publish({"type": "host", "free_bytes": free_bytes, "simulated": True})
+        self.poke()
+        return self.simulated.free_bytes
+
+    def wall(self) -> float:
+        """Wall-clock time as the control plane stamps events and history."""
+        return self._wall()
+
+    def poke(self) -> None:
+        """Run a policy step now (within :data:`POKE_DELAY`) rather than at the next period."""
+        self._wakeup.set()
+
+    def _apply(self, name: str, pages: int, reason: str) -> None:
+        track = self._track(name)
+        track.reason = reason
+        view = self.registry.view(name)
+        if int(view.target_pages) != pages:
+            self.registry.set_target(name, pages)
+        track.last_target = pages
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def step(self, now: float | None = None) -> PolicyDecision | None:
+        """One policy step: sample, decide, apply. Errors are logged and kept for GET /host."""
+        now = trio.current_time() if now is None else now
+        # One view per guest for the whole step (a view copies the device's counters and
+        # fstats its RAM file); fresh ones only for the guests whose target we set.
+        views: dict[str, Any] = {}
+        for name in self.registry.names():
+            if name not in self._seen:
+                self._seen.add(name)
+                if self.initial_target_pages > 0 and name not in self.manual:
+                    self.manual[name] = self.initial_target_pages
+            try:
+                view = self.registry.view(name)
+            except KeyError:
+                continue
+            views[name] = view
+            # sizes first: the simulated host gets its memory back
+            self._note_size(name, int(view.size_pages))
+        try:
+            sample = self._sample()
+        except HostResourceError as e:
+            self.last_error = f"host sampling failed: {e}"
+            log.warning("%s", self.last_error)
+            return None
+        self.last_sample = sample
+        vms: dict[str, VmState] = {}
+        for name, view in views.items():
+            cfg = self.config.vm(name)
+            spec = cfg.spec(int(view.ram_pages))
+            if spec is None or not driver_active(view):
+                # Only a running balloon driver (MCTL? = Y) can give memory back: pressure
+                # placed on any other guest would never be reclaimed (ESXi swaps instead).
+                # Its target stays as it is (manual targets still apply at once).
+                continue
+            vms[name] = VmState(
+                spec=spec,
+                active_fraction=self._active_fraction(cfg.active_fraction, view),
+                balloon_pages=min(max(0, int(view.size_pages)), spec.size_pages),
+                manual_target_pages=self.manual.get(name),
+            )
+        try:
+            decision = self.engine.step(now, sample, vms)
+        except ConfigError as e:
+            self.last_error = f"policy step failed: {e}"
+            log.warning("%s", self.last_error)
+            return None
+        self.last_error = None
+        previous_state = self.last_decision.state if self.last_decision else None
+        self.last_decision = decision
+        self.steps += 1
+        if decision.state is not previous_state:
+            self.publish(
+                {
+                    "type": "host",
+                    "state": decision.state.value,
+                    "previous": previous_state.value if previous_state else None,
+                    "free_bytes": sample.free_bytes,
+                }
+            )
+        wall = self._wall()
+        self._last_step_wall = wall
+        for name, d in decision.vms.items():
+            target, reason = d.target_pages, d.reason
+            manual = self.manual.get(name)
+            if manual is not None:
+                # Manual wins over rate limit and hysteresis; the cap still holds, and is
+                # then the reason (d.reason may name the rate limit manual targets skip).
+                target = min(manual, d.max_pages)
+                reason = "manual" if manual <= d.max_pages else d.desired_reason
+            self._apply(name, target, reason)
+        for name, view in views.items():
+            d2 = decision.vms.get(name)
+            fresh = self.registry.view(name) if d2 is not None else view
+            self._track(name).history.append(
+                HistoryPoint(
+                    t=wall,
+                    target_pages=int(fresh.target_pages),
+                    size_pages=int(fresh.size_pages),
+                    max_pages=d2.max_pages if d2 else self.max_pages(name, view),
+                    host_free_bytes=sample.free_bytes,
+                    host_state=decision.state.value,
+                    connected=bool(fresh.connected),
+                )
+            )
+        return decision
+
+    @staticmethod
+    def _active_fraction(fixed: float | None, view: Any) -> float:
+        """A fixed estimate from the config, else 1 - available/total from guest stats
+        (virtio-balloon), else 1.0 (fully active: no idle tax, the conservative choice)."""
+        if fixed is not None:
+            return fixed
+        stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
+        total = stats.get("stat-total-memory", -1)
+        avail = stats.get("stat-available-memory", stats.get("stat-free-memory", -1))
+        if total > 0 and 0 <= avail <= total:
+            return 1.0 - avail / total
+        return 1.0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Step every ``policy_period`` seconds, or sooner when poked; forward guest events."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._forward, self.registry.subscribe())
+            self.step()
+            task_status.started()
+            period = self.config.policy_period
+            deadline = trio.current_time() + period
+            while True:
+                with trio.move_on_at(deadline):
+                    await self._wakeup.wait()
+                if self._wakeup.is_set() and trio.current_time() < deadline:
+                    await trio.sleep(POKE_DELAY)
+                self._wakeup = trio.Event()
+                self.step()
+                now = trio.current_time()
+                if now >= deadline:
+                    deadline = max(deadline + period, now)
+
+    async def _forward(self, events: trio.MemoryReceiveChannel[Any]) -> None:
+        """Forward registry events; if the registry drops us (we fell behind), subscribe again
+        and tell our subscribers that events were lost."""
+        while True:
+            async with events:
+                async for event in events:
+                    self._on_guest_event(event)
+            log.warning("the registry dropped our event subscription; subscribing again")
+            events = self.registry.subscribe()
+            self.publish({"type": "resync"})
+            for name in self.registry.names():
+                self._note_size(name)
