@@ -228,6 +228,22 @@ def test_water_fill_shares_two_to_one() -> None:
     assert 2000 / kept[0] == pytest.approx(1000 / kept[1], rel=1e-3)
 
 
+def test_water_fill_monotone_at_a_breakpoint_that_rounds() -> None:
+    # 0.969... * (15977 / 0.969...) rounds just above 15977: the claimant on its slope was taken
+    # for clamped, nothing was left to solve for, and rounding gave the whole reclaim to the
+    # first item (found by test_prop_monotonic_in_host_pressure: more pressure, less taken
+    # from vm0). Each item's share of the reclaim must grow with the reclaim.
+    items = [FillItem(63, 116, 2.1296875), FillItem(8628, 15977, 0.9690721649484536)]
+    previous = [116, 15977]
+    for reclaim in range(7000, 7403):
+        kept, _ = water_fill(items, reclaim)
+        assert sum(kept) == 116 + 15977 - reclaim
+        assert all(k <= p for k, p in zip(kept, previous, strict=True)), (reclaim, kept, previous)
+        previous = kept
+    # vm1's weight per page is lower: it gives everything before vm0 gives anything.
+    assert water_fill(items, 7348)[0] == [116, 8629]
+
+
 def test_water_fill_lowest_rho_loses_first() -> None:
     # A: rho = 1000 / 10000 = 0.1, B: rho = 1000 / 5000 = 0.2. Reclaim 3000 < 5000 (the gap
     # that brings A down to B's ratio), so only A loses: A keeps 7000 (rho 0.143 < 0.2).

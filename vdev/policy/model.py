@@ -485,14 +485,22 @@ def water_fill(items: Sequence[FillItem], reclaim: int) -> tuple[list[int], list
         | {items[i].high / items[i].weight for i in rest}
     )
     # kept() is nondecreasing in mu: find the first breakpoint where it reaches the target.
-    upper = next((mu for mu in breakpoints if kept(mu) >= target_kept), breakpoints[-1])
+    k = next((j for j, mu in enumerate(breakpoints) if kept(mu) >= target_kept), None)
+    k = len(breakpoints) - 1 if k is None else k
+    upper = breakpoints[k]
+    # Classify each claimant on the segment (lower, upper) by its midpoint, not at ``upper``
+    # itself: at a breakpoint ``weight * (high / weight)`` may round just above ``high`` and a
+    # claimant still on its slope would be taken for clamped (then nothing is free to solve
+    # for, and rounding hands the whole reclaim to whoever comes first).
+    lower = breakpoints[k - 1] if k > 0 else 0.0
+    mid = (lower + upper) / 2
     clamped_sum = 0.0
     free_weight = 0.0
     for i in rest:
         it = items[i]
-        if it.weight * upper <= it.low:
+        if it.weight * mid <= it.low:
             clamped_sum += it.low
-        elif it.weight * upper > it.high:
+        elif it.weight * mid >= it.high:
             clamped_sum += it.high
         else:  # on the slope just below ``upper``
             free_weight += it.weight
