@@ -33,13 +33,13 @@ active_fraction = 0.5                   # fixed active-memory estimate (else fro
 ```
 
 Sizes are bytes (integers) or strings with a binary suffix: ``512M``, ``4G``, ``4GiB``, ``1.5T``
-(K/M/G/T are powers of 1024; a trailing ``B`` or ``iB`` is accepted).
+(K/M/G/T/P are powers of 1024; a trailing ``B`` or ``iB`` is accepted): the one grammar of
+:func:`protocol.units.parse_size`, shared with every command line and the API.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import ConfigError
+from protocol.units import format_size, parse_size
 from vdev.policy.model import (
     PAGE_SIZE,
     PolicyEngine,
@@ -66,44 +67,6 @@ __all__ = [
     "parse_shares",
     "parse_size",
 ]
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGTP]?)(?:I?B)?\s*$", re.I)
-
-
-def parse_size(value: object, what: str = "size") -> int:
-    """Bytes from an integer or a string such as ``"4G"``, ``"512MiB"``, ``"1.5T"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{what}: a size must be >= 0, got {value}")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{what}: a size must be a finite number >= 0, got {value}")
-        return int(value)
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m is None:
-            raise ConfigError(
-                f"{what}: cannot parse size {value!r} (examples: 4096, 512M, 4G, 1.5GiB)"
-            )
-        return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    raise ConfigError(f"{what}: expected a size, got {value!r}")
-
-
-def format_size(nbytes: int | float) -> str:
-    """``1536 MiB`` -> ``"1.5G"``: the shortest binary-suffixed form, for tables."""
-    value = float(nbytes)
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(value) < 1024 or suffix == "T":
-            if suffix == "":
-                return f"{int(value)}"
-            return f"{value:.1f}{suffix}".replace(".0" + suffix, suffix)
-        value /= 1024
-    raise AssertionError("unreachable")
-
 
 def parse_shares(value: object, what: str = "shares") -> Shares:
     if isinstance(value, str):

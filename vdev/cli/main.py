@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import signal
 import sys
 
@@ -17,7 +16,7 @@ import click
 import trio
 
 from protocol.errors import ConfigError
-from protocol.vmw import PAGE_SIZE
+from protocol.units import PAGE_SIZE, parse_size
 from vdev.cli.operator import register_operator_commands, serve_options, start_control_plane
 from vdev.devices.base import PERSONALITIES, get_personality
 from vdev.registry import GuestRegistry
@@ -25,19 +24,8 @@ from vdev.server import Server, socket_paths
 
 log = logging.getLogger("vdev")
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``512M``, ``2G``, ``4096``, ``1.5G`` (bytes; binary units; optional ``iB``/``B``)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
 def size_to_pages(text: str) -> int:
-    return parse_size(text) // PAGE_SIZE
+    return parse_size(text, "--target") // PAGE_SIZE
 
 
 def setup_logging(verbose: int) -> None:
