@@ -63,9 +63,9 @@ def unix_listening(paths: Sequence[str]) -> bool:
     connecting in between is refused, so its existence is not enough; ``/proc/net/unix``
     lists listening sockets by the name they were bound to: the path itself, or for vdev's
     vhost-user sockets the temporary name renamed onto it once listening
-    (:func:`vdev.server.listen_temp_path`). Falls back to "the socket file exists" where
+    (:func:`vdev.socket_files.is_listen_temp_name`). Falls back to "the socket file exists" where
     ``/proc/net/unix`` cannot be read."""
-    from vdev.server import listen_temp_path
+    from vdev.socket_files import is_listen_temp_name
 
     try:
         with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
@@ -78,7 +78,8 @@ def unix_listening(paths: Sequence[str]) -> bool:
     except (OSError, StopIteration, ValueError):
         return all(Path(p).is_socket() for p in paths)
     return all(
-        (str(p) in bound or listen_temp_path(str(p)) in bound) and Path(p).is_socket()
+        (str(p) in bound or any(is_listen_temp_name(str(p), b) for b in bound))
+        and Path(p).is_socket()
         for p in paths
     )
 

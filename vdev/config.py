@@ -48,6 +48,7 @@ from typing import Any
 
 from protocol.errors import ConfigError
 from protocol.units import format_size, parse_size
+from vdev.names import check_name
 from vdev.policy.model import (
     PAGE_SIZE,
     PolicyEngine,
@@ -98,6 +99,13 @@ def _octal(value: object, what: str) -> int:
         raise ConfigError(f'{what}: expected an octal mode like "0600", got {value!r}')
     if not 0 <= mode <= 0o777:
         raise ConfigError(f"{what}: mode out of range: {oct(mode)}")
+    if mode & 0o002:
+        raise ConfigError(
+            f"{what}: {mode:04o} is world-writable: every local user could change every "
+            "guest's balloon (use 0600, or 0660 with a group)"
+        )
+    if mode & 0o600 != 0o600:
+        raise ConfigError(f"{what}: {mode:04o} does not let the owner read and write it")
     return mode
 
 
@@ -137,6 +145,8 @@ class ControlConfig:
 
     api_socket: str | None = None
     api_socket_mode: int = 0o600
+    #: Group of the vhost-user sockets (mode 0660 then; None: 0600, owner only).
+    socket_group: str | None = None
     policy_period: float = 1.0
     host_memory: int | None = None  # bytes; None: sample the real host
     history: int = 3600
@@ -147,6 +157,15 @@ class ControlConfig:
 
     def vm(self, name: str) -> VmConfig:
         return self.vms.get(name, VmConfig())
+
+    def check_vm_names(self, known: list[str]) -> None:
+        """ConfigError for a ``[vms.NAME]`` table naming no guest of this ``vdev serve``."""
+        unknown = sorted(set(self.vms) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"[vms.{unknown[0]}]: no guest named {unknown[0]!r}; "
+                f"the guests are {', '.join(known) or 'none'} (--name sets them)"
+            )
 
     def override(
         self,
@@ -166,14 +185,28 @@ class ControlConfig:
         return self
 
     def check(self) -> None:
-        if not (math.isfinite(self.policy_period) and self.policy_period > 0):
-            raise ConfigError(f"policy period must be > 0 seconds, got {self.policy_period}")
-        if not (math.isfinite(self.rate_window) and self.rate_window > 0):
-            raise ConfigError(f"rate_window must be > 0 seconds, got {self.rate_window}")
-        if self.history < 2:
-            raise ConfigError(f"history must keep at least 2 points, got {self.history}")
+        if not (math.isfinite(self.policy_period) and self.policy_period >= MIN_POLICY_PERIOD):
+            raise ConfigError(
+                f"policy_period must be >= {MIN_POLICY_PERIOD} seconds, got {self.policy_period}"
+            )
+        if not (math.isfinite(self.rate_window) and 0 < self.rate_window <= MAX_RATE_WINDOW):
+            raise ConfigError(
+                f"rate_window must be > 0 and <= {MAX_RATE_WINDOW} seconds, "
+                f"got {self.rate_window}"
+            )
+        if not 2 <= self.history <= MAX_HISTORY:
+            raise ConfigError(
+                f"history must keep 2 to {MAX_HISTORY} points per VM, got {self.history}"
+            )
         if self.host_memory is not None and self.host_memory <= 0:
             raise ConfigError(f"host memory must be > 0, got {self.host_memory}")
+
+
+#: The CLI's ``--policy-period`` floor: a shorter period only burns a core.
+MIN_POLICY_PERIOD = 0.001
+#: History points kept per VM at most (11 days at one a second; each point is ~200 bytes).
+MAX_HISTORY = 1_000_000
+MAX_RATE_WINDOW = 86400.0
 
 
 def _flatten_settings(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -205,6 +238,7 @@ def _table(value: object, where: str) -> Mapping[str, Any]:
 _SERVE_KEYS = {
     "api_socket",
     "api_socket_mode",
+    "socket_group",
     "policy_period",
     "host_memory",
     "history",
@@ -232,6 +266,11 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
         cfg.api_socket = serve["api_socket"]
     if "api_socket_mode" in serve:
         cfg.api_socket_mode = _octal(serve["api_socket_mode"], f"{source} [serve] api_socket_mode")
+    if "socket_group" in serve:
+        group = serve["socket_group"]
+        if not isinstance(group, str | int) or isinstance(group, bool) or group == "":
+            raise ConfigError(f"{source} [serve] socket_group: expected a group name or id")
+        cfg.socket_group = str(group)
     if "policy_period" in serve:
         cfg.policy_period = _number(serve["policy_period"], f"{source} [serve] policy_period")
     if "host_memory" in serve:
@@ -274,6 +313,7 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
     vms = _table(doc.get("vms", {}), f"{source} [vms]")
     for name, raw in vms.items():
         where = f"{source} [vms.{name}]"
+        check_name(name, where)
         t = _table(raw, where)
         _check_keys(t, _VM_KEYS, where)
         pool = t.get("pool")
@@ -295,6 +335,11 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
             pool=pool,
             active_fraction=active,
         )
+        if vm.limit_pages is not None and vm.reservation_pages > vm.limit_pages:
+            raise ConfigError(
+                f"{where}: reservation ({format_size(vm.reservation_pages * PAGE_SIZE)}) is "
+                f"above limit ({format_size(vm.limit_pages * PAGE_SIZE)})"
+            )
         if vm.memory_pages is not None:  # reservation and limit against the configured size
             VmSpec(
                 size_pages=max(1, vm.memory_pages),
@@ -321,4 +366,8 @@ def load_config(path: str | Path) -> ControlConfig:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): a TOML file is UTF-8") from e
+    except RecursionError as e:
+        raise ConfigError(f"{p}: nested too deeply") from e
     return parse_config(doc, str(p))

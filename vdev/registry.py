@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import trio
 
 from protocol.errors import ConfigError
+from vdev.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class GuestRegistry:
     # -- set-up (the server) -------------------------------------------------------------
 
     def add(self, name: str, socket_path: str, *, target: int | None = None) -> None:
+        """A guest; ConfigError for a name that breaks :mod:`vdev.names`' rule or is taken."""
+        check_name(name, "guest name")
         if name in self._entries:
             raise ConfigError(f"guest name {name!r} used twice")
         self._entries[name] = _Entry(

@@ -47,7 +47,6 @@ import math
 import os
 import socket
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -56,6 +55,7 @@ from protocol import vhost_user as vu
 from protocol.errors import FrontendError, GuestError, HostResourceError, PeerError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
+from vdev import socket_files
 from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
 from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
 from vdev.registry import GuestRegistry
@@ -95,14 +95,6 @@ def socket_paths(path: str, count: int | None) -> list[str]:
     if count is None:
         return [path]
     return [f"{path}{i}" for i in range(count)]
-
-
-def listen_temp_path(path: str) -> str:
-    """The name a listener is bound to before it is renamed onto ``path`` (``.NAME~`` beside
-    it). ``/proc/net/unix`` keeps the bound name, so this is the name it lists for ``path``
-    (``lab.vdev_process.unix_listening`` looks for both)."""
-    head, name = os.path.split(path)
-    return os.path.join(head, f".{name}~")
 
 
 async def _close_in_thread(regions: Sequence[Region | int]) -> None:
@@ -676,6 +668,8 @@ class Server:
         socket_paths: Sequence[str] = (),
         names: Sequence[str] | None = None,
         stats_interval: float = 0.0,
+        socket_mode: int = 0o600,
+        socket_gid: int | None = None,
     ) -> None:
         if not (stats_interval >= 0 and math.isfinite(stats_interval)):
             raise ValueError("the stats interval must be >= 0 seconds")
@@ -694,17 +688,24 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._listeners: list[trio.socket.SocketType] = []
         self._guest_locks: dict[str, trio.Lock] = {}
+        #: vhost-user socket files: mode, group (``--socket-group``), what we bound.
+        self.socket_mode = socket_mode
+        self.socket_gid = socket_gid
+        self._owned: list[tuple[socket_files.Listener, socket_files.Claim]] = []
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on every socket and serve until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            for name, path in zip(self.names, self.socket_paths, strict=True):
-                listener = await self._listen(path)
-                self._listeners.append(listener)
-                nursery.start_soon(self._accept_loop, listener, name)
-            log.info("serving %s on %s", self.device_cls.name, ", ".join(self.socket_paths) or "-")
-            task_status.started(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for name, path in zip(self.names, self.socket_paths, strict=True):
+                    listener = await self._listen(path)
+                    self._listeners.append(listener)
+                    nursery.start_soon(self._accept_loop, listener, name)
+                log.info("serving %s on %s", self.device_cls.name, ", ".join(self.socket_paths) or "-")
+                task_status.started(self)
+        finally:
+            self._remove_sockets()
 
     async def serve_fd(self, fd: int, name: str = "vm0") -> None:
         """Serve one already-connected socket (``--fd``) until it closes."""
@@ -716,31 +717,23 @@ class Server:
             await self._serve(sock, name)
 
     async def _listen(self, path: str) -> trio.socket.SocketType:
-        """A listener on ``path`` that never exists bound but not yet listening (a connect in
-        between would be refused): bind a temporary name in the same directory, listen, then
-        ``rename`` it onto ``path`` (atomic; it replaces a stale socket file there)."""
-        p = Path(path)
-        if p.exists() and not p.is_socket():
-            raise OSError(errno.EADDRINUSE, "exists and is not a socket", path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = listen_temp_path(path)
-        if len(os.fsencode(tmp)) >= 108:  # sun_path: no room for it
-            tmp = ""  # bind the final name (a connect may race the listen)
-        stale = Path(tmp or path)
-        if stale.is_socket():
-            stale.unlink()  # left by a vdev that is gone
+        """A listener on ``path``, claimed for this process, with the socket mode set
+        (:mod:`vdev.socket_files`: never a path another vdev or program owns)."""
+        claim = socket_files.claim(path, "vhost-user socket")
         try:
-            await sock.bind(tmp or path)
-            sock.listen(8)
-            if tmp:
-                os.rename(tmp, path)
-        except OSError:
-            sock.close()
-            if tmp:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+            listener = socket_files.bind_listener(path, mode=self.socket_mode, gid=self.socket_gid)
+        except BaseException:
+            claim.release()
             raise
-        return sock
+        self._owned.append((listener, claim))
+        return trio.socket.from_stdlib_socket(listener.sock)
+
+    def _remove_sockets(self) -> None:
+        """Unlink the socket files we bound (only if still ours) and release the paths."""
+        owned, self._owned = self._owned, []
+        for listener, claim in owned:
+            socket_files.unlink_if_ours(listener.path, listener.ident)
+            claim.release()
 
     async def _accept_loop(self, listener: trio.socket.SocketType, name: str) -> None:
         with listener:
@@ -800,9 +793,6 @@ class Server:
             async with trio.open_nursery() as nursery:
                 for conn in connections:
                     nursery.start_soon(conn.answer_queued)
-        for path in self.socket_paths:
-            with contextlib.suppress(OSError):
-                if Path(path).is_socket():
-                    os.unlink(path)
+        self._remove_sockets()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()

@@ -7,9 +7,14 @@ Back-end program conventions (QEMU vhost-user.rst): ``--socket-path``, ``--fd``,
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
+import math
+import os
 import signal
+import socket
+import stat
 import sys
 
 import click
@@ -17,8 +22,16 @@ import trio
 
 from protocol.errors import ConfigError
 from protocol.units import PAGE_SIZE, parse_size
-from vdev.cli.operator import register_operator_commands, serve_options, start_control_plane
+from vdev import socket_files
+from vdev.cli.operator import (
+    CONTROL_META,
+    register_operator_commands,
+    serve_options,
+    start_control_plane,
+)
+from vdev.config import ControlConfig
 from vdev.devices.base import PERSONALITIES, get_personality
+from vdev.names import check_names
 from vdev.registry import GuestRegistry
 from vdev.server import Server, socket_paths
 
@@ -69,6 +82,12 @@ def main() -> None:
     "--name", "names", multiple=True, help="Guest names instead of vm0.. (one per socket)."
 )
 @click.option(
+    "--socket-group",
+    default=None,
+    help="Group of the vhost-user sockets (name or id): mode 0660 and that group, for a "
+    "front-end running as another user (libvirt's qemu). Default: mode 0600, owner only.",
+)
+@click.option(
     "--stats-interval",
     type=click.FloatRange(min=0, max=1e9),
     default=5.0,
@@ -86,6 +105,7 @@ def serve(
     device: str,
     target: str,
     names: tuple[str, ...],
+    socket_group: str | None,
     stats_interval: float,
     verbose: int,
 ) -> None:
@@ -101,20 +121,93 @@ def serve(
         raise click.UsageError("give exactly one of --socket-path and --fd")
     if fd is not None and socket_count is not None:
         raise click.UsageError("--socket-count needs --socket-path")
+    if not math.isfinite(stats_interval):
+        raise click.BadParameter(f"{stats_interval} is not a number", param_hint="--stats-interval")
     try:
         target_pages = size_to_pages(target)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--target") from None
+    paths = socket_paths(socket_path, socket_count) if socket_path is not None else []
+    ctx = click.get_current_context()
+    cfg, no_api = ctx.meta.get(CONTROL_META, (ControlConfig(), True))
+    try:
+        guests = check_names(names or [f"vm{i}" for i in range(max(len(paths), 1))], "--name")
+        if names and len(names) != max(len(paths), 1):
+            raise ConfigError(f"--name: give one per socket ({max(len(paths), 1)})")
+        cfg.check_vm_names(guests)
+        if fd is not None:
+            _check_fd(fd)
+        gid = _group_id(socket_group or cfg.socket_group)
+        api = None if no_api else cfg.api_socket
+        for i, p in enumerate(paths):
+            if api is not None and socket_files.same_path(api, p):
+                raise ConfigError(f"--api-socket {api} is also a vhost-user socket path")
+            for q in paths[:i]:
+                if socket_files.same_path(p, q):
+                    raise ConfigError(f"--socket-path: {p} given twice")
+        # Every path this process will listen on is ours before anything starts.
+        claims = socket_files.claim_all(
+            [*paths, *([api] if api is not None else [])], "vdev socket"
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     setup_logging(verbose)
     registry = GuestRegistry(device, target=target_pages)
-    paths = socket_paths(socket_path, socket_count) if socket_path is not None else []
-    if names and len(names) != max(len(paths), 1):
-        raise click.UsageError("give one --name per socket")
+    with claims:
+        try:
+            trio.run(
+                _serve,
+                registry,
+                device_cls,
+                paths,
+                list(names) or None,
+                fd,
+                stats_interval,
+                0o660 if gid is not None else 0o600,
+                gid,
+            )
+        except* (OSError, ConfigError) as group:
+            for leaf in _leaves(group):
+                click.echo(f"vdev serve: {leaf}", err=True)
+            sys.exit(1)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+def _check_fd(fd: int) -> None:
+    """``--fd``: an open, connected unix stream socket (QEMU passes one end of a
+    socketpair)."""
     try:
-        trio.run(_serve, registry, device_cls, paths, list(names) or None, fd, stats_interval)
-    except OSError as exc:
-        click.echo(f"vdev serve: {exc}", err=True)
-        sys.exit(1)
+        st = os.fstat(fd)
+    except (OSError, OverflowError):
+        raise ConfigError(f"--fd {fd}: not an open file descriptor") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"--fd {fd}: not a socket")
+    with socket.socket(fileno=fd) as s:
+        try:
+            family, kind = s.family, s.type
+        finally:
+            s.detach()
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+        raise ConfigError(f"--fd {fd}: not a unix stream socket")
+
+
+def _group_id(group: str | None) -> int | None:
+    """``--socket-group``: a group name or numeric id (None: no group)."""
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        pass
+    if group.isdigit():
+        return int(group)
+    raise ConfigError(f"--socket-group: no group named {group!r}")
 
 
 async def _serve(
@@ -124,6 +217,8 @@ async def _serve(
     names: list[str] | None,
     fd: int | None,
     stats_interval: float = 0.0,
+    socket_mode: int = 0o600,
+    socket_gid: int | None = None,
 ) -> None:
     server = Server(
         registry,
@@ -131,6 +226,8 @@ async def _serve(
         socket_paths=paths,
         names=names if paths else None,
         stats_interval=stats_interval,
+        socket_mode=socket_mode,
+        socket_gid=socket_gid,
     )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

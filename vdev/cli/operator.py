@@ -108,6 +108,9 @@ def serve_options(f: F) -> F:
                     paths = socket_paths(kwargs["socket_path"], kwargs.get("socket_count"))
                     cfg.api_socket = default_api_socket(paths)
                 if cfg.api_socket is not None:
+                    from vdev.socket_files import check_socket_path_length
+
+                    check_socket_path_length(cfg.api_socket, "--api-socket")
                     check_socket_path(cfg.api_socket)
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
