@@ -3,6 +3,11 @@
 Synchronous, because its users are the operator CLI commands; :meth:`ApiClient.events`
 streams ``GET /events`` line by line. Errors come back as :class:`ApiError` carrying the
 server's ``{"error": ...}`` message.
+
+Names and setting paths become URL path segments only after checking (a VM name follows
+:mod:`vdev.names`' rule, a setting path has no empty, ``.`` or ``..`` segment:
+:class:`~protocol.errors.ConfigError` otherwise) and percent-escaping, so no argument can
+address another resource (``vm0/../vm1``, ``../settings``).
 """
 
 from __future__ import annotations
@@ -10,10 +15,33 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-__all__ = ["ApiClient", "ApiError"]
+from protocol.errors import ConfigError
+from vdev.names import check_name
+
+__all__ = ["ApiClient", "ApiError", "setting_segments", "vm_path"]
+
+
+def vm_path(name: str, *rest: str) -> str:
+    """``/vms/NAME[/REST...]`` for a name that follows the name rule, escaped."""
+    return "/".join(["/vms", quote(check_name(name, "VM"), safe=""), *rest])
+
+
+def setting_segments(path: str) -> list[str]:
+    """``/Mem/CtlMaxPercent`` -> ``["Mem", "CtlMaxPercent"]``; ConfigError for a path with
+    an empty, ``.`` or ``..`` segment."""
+    segments = path.strip("/").split("/")
+    for seg in segments:
+        if seg in ("", ".", "..") or not seg.isprintable():
+            raise ConfigError(f"setting path {path!r}: bad segment {seg!r}")
+    return segments
+
+
+def _settings_path(path: str) -> str:
+    return "/settings/" + "/".join(quote(seg, safe="") for seg in setting_segments(path))
 
 
 class ApiError(Exception):
@@ -73,20 +101,20 @@ class ApiClient:
         return vms
 
     def vm(self, name: str) -> dict[str, Any]:
-        vm: dict[str, Any] = self.request("GET", f"/vms/{name}")
+        vm: dict[str, Any] = self.request("GET", vm_path(name))
         return vm
 
     def set_target(self, name: str, **body: Any) -> dict[str, Any]:
         """``set_target("vm0", target_mib=512)``, ``target_pages=``, ``target=``, ``policy=True``."""
-        vm: dict[str, Any] = self.request("PUT", f"/vms/{name}/target", body)
+        vm: dict[str, Any] = self.request("PUT", vm_path(name, "target"), body)
         return vm
 
     def reset(self, name: str) -> dict[str, Any]:
-        vm: dict[str, Any] = self.request("POST", f"/vms/{name}/reset")
+        vm: dict[str, Any] = self.request("POST", vm_path(name, "reset"))
         return vm
 
     def history(self, name: str, last: int | None = None) -> dict[str, Any]:
-        h: dict[str, Any] = self.request("GET", f"/vms/{name}/history", last=last)
+        h: dict[str, Any] = self.request("GET", vm_path(name, "history"), last=last)
         return h
 
     def host(self) -> dict[str, Any]:
@@ -106,11 +134,11 @@ class ApiClient:
         return settings
 
     def setting(self, path: str) -> int:
-        value: int = self.request("GET", f"/settings/{path.strip('/')}")["value"]
+        value: int = self.request("GET", _settings_path(path))["value"]
         return value
 
     def set_setting(self, path: str, value: int) -> int:
-        result: int = self.request("PUT", f"/settings/{path.strip('/')}", {"value": value})["value"]
+        result: int = self.request("PUT", _settings_path(path), {"value": value})["value"]
         return result
 
     def metrics(self) -> str:

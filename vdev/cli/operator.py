@@ -33,7 +33,8 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.errors import ConfigError
-from vdev.api.client import ApiClient, ApiError
+from vdev.api.client import ApiClient, ApiError, setting_segments
+from vdev.names import check_name
 
 if TYPE_CHECKING:
     import trio
@@ -158,6 +159,24 @@ def api_option(f: F) -> F:
         required=True,
         help="The vdev serve management socket (env VDEV_API_SOCKET).",
     )(f)
+
+
+def _vm_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A VM argument follows the one name rule (:mod:`vdev.names`) before it goes near a URL."""
+    if value is None:
+        return None
+    try:
+        return check_name(value, "VM")
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _setting_path(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        setting_segments(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 def _client(path: str) -> ApiClient:
@@ -375,7 +394,7 @@ def top(api_socket: str, interval: float, iterations: int | None) -> None:
 
 @click.command("set-target")
 @api_option
-@click.argument("vm")
+@click.argument("vm", callback=_vm_name)
 @click.argument("size")
 def set_target(api_socket: str, vm: str, size: str) -> None:
     """Pin VM's balloon target to SIZE (512M, 1.5G, 4096, 0); SIZE "policy" hands it back."""
@@ -395,7 +414,7 @@ def set_target(api_socket: str, vm: str, size: str) -> None:
 
 @click.command()
 @api_option
-@click.argument("vm")
+@click.argument("vm", callback=_vm_name)
 def reset(api_socket: str, vm: str) -> None:
     """Demand a balloon reset: the guest driver pops every page and starts over."""
     with _client(api_socket) as c:
@@ -489,7 +508,7 @@ def config_list(api_socket: str) -> None:
 
 @config.command("get")
 @api_option
-@click.argument("path")
+@click.argument("path", callback=_setting_path)
 def config_get(api_socket: str, path: str) -> None:
     """Print one setting (e.g. /Mem/CtlMaxPercent or Mem.CtlMaxPercent)."""
     with _client(api_socket) as c:
@@ -498,7 +517,7 @@ def config_get(api_socket: str, path: str) -> None:
 
 @config.command("set")
 @api_option
-@click.argument("path")
+@click.argument("path", callback=_setting_path)
 @click.argument("value", type=int)
 def config_set(api_socket: str, path: str, value: int) -> None:
     """Change one setting; the policy applies it at once."""
@@ -540,7 +559,7 @@ def format_event(event: dict[str, Any]) -> str:
 
 @click.command()
 @api_option
-@click.option("--vm", default=None, help="Only this VM's events.")
+@click.option("--vm", default=None, callback=_vm_name, help="Only this VM's events.")
 @click.option(
     "--json", "as_json", is_flag=True, help="One JSON object per line (as the API sends)."
 )
@@ -580,7 +599,7 @@ def _first(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 @click.command()
 @api_option
-@click.argument("vm")
+@click.argument("vm", callback=_vm_name)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="PNG file.")
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N points.")
 def plot(api_socket: str, vm: str, output: str, last: int | None) -> None:
