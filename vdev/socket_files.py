@@ -196,7 +196,7 @@ def _check_free(path: str, what: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise _refuse(path, f"exists and is not a socket: not replacing it with a {what}")
+        raise _refuse(path, f"exists and is not a socket (given as {what}; not replaced)")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

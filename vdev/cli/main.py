@@ -146,9 +146,13 @@ def serve(
                 if socket_files.same_path(p, q):
                     raise ConfigError(f"--socket-path: {p} given twice")
         # Every path this process will listen on is ours before anything starts.
-        claims = socket_files.claim_all(
-            [*paths, *([api] if api is not None else [])], "vdev socket"
-        )
+        claims = socket_files.claim_all(paths, "--socket-path")
+        if api is not None:
+            try:
+                claims.enter_context(socket_files.claim(api, "--api-socket"))
+            except BaseException:
+                claims.close()
+                raise
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     setup_logging(verbose)
