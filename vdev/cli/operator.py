@@ -101,18 +101,17 @@ def serve_options(f: F) -> F:
                 policy_period=policy_period,
             )
             if not no_api and not kwargs.get("print_capabilities"):
-                # refuse a live API socket before anything starts
-                from vdev.api.app import check_socket_path, default_api_socket
+                # The API socket's path; `vdev serve` claims it (vdev.socket_files: a live
+                # one is refused) before anything starts, and only then is a stale one removed.
+                from vdev.api.app import default_api_socket
                 from vdev.server import socket_paths
+                from vdev.socket_files import check_socket_path_length
 
                 if cfg.api_socket is None and kwargs.get("socket_path"):
                     paths = socket_paths(kwargs["socket_path"], kwargs.get("socket_count"))
                     cfg.api_socket = default_api_socket(paths)
                 if cfg.api_socket is not None:
-                    from vdev.socket_files import check_socket_path_length
-
                     check_socket_path_length(cfg.api_socket, "--api-socket")
-                    check_socket_path(cfg.api_socket)
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
         ctx = click.get_current_context()
