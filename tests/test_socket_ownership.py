@@ -208,3 +208,59 @@ def test_socket_group_lets_that_group_connect(open_dir: Path) -> None:
         # the API socket keeps its own mode (api_socket_mode, 0600)
         assert _connect_as_nobody(Path(f"{srv.paths[0]}.api")) == os.strerror(13)
         assert srv.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("setup", "why"),
+    [
+        ("symlink-lock", "cannot open the lock file"),
+        ("dir-lock", "cannot open the lock file"),
+        ("fifo-lock", "is not a regular file"),
+        ("symlink-path", "exists and is not a socket"),
+        ("file-path", "exists and is not a socket"),
+        ("no-dir", "does not exist"),
+    ],
+)
+def test_claim_refuses_what_is_not_ours_and_touches_nothing(
+    tmp_path: Path, setup: str, why: str
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    path = tmp_path / "s"
+    lock = Path(f"{path}.lock")
+    if setup == "symlink-lock":
+        lock.symlink_to(victim)
+    elif setup == "dir-lock":
+        lock.mkdir()
+    elif setup == "fifo-lock":
+        os.mkfifo(lock)
+    elif setup == "symlink-path":
+        path.symlink_to(victim)
+    elif setup == "file-path":
+        path.write_text("precious")
+    else:
+        path = tmp_path / "nodir" / "s"
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(socket_files.ConfigError, match=why):
+        socket_files.claim(str(path))
+    assert sorted(os.listdir(tmp_path)) == before
+    assert victim.read_text() == "precious"
+
+
+def test_remove_checks_the_inode_which_cannot_be_reused(tmp_path: Path) -> None:
+    """The listener closed (as at shutdown), its file replaced by someone: the new file
+    cannot get the old inode number (a duplicate fd keeps it allocated) and stays."""
+    path = tmp_path / "s"
+    with socket_files.claim(str(path)):
+        listener = socket_files.bind_listener(str(path), mode=0o640)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640
+        listener.sock.close()
+        for _ in range(20):  # freed inode numbers are reused at once: try hard
+            path.unlink()
+            path.write_text("someone else's")
+            assert _ident(path) != listener.ident
+        assert not listener.remove()
+        assert path.read_text() == "someone else's"
+        listener = socket_files.bind_listener(str(tmp_path / "t"))
+        assert listener.remove() and not (tmp_path / "t").exists()
+        listener.sock.close()

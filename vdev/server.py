@@ -732,7 +732,7 @@ class Server:
         """Unlink the socket files we bound (only if still ours) and release the paths."""
         owned, self._owned = self._owned, []
         for listener, claim in owned:
-            socket_files.unlink_if_ours(listener.path, listener.ident)
+            listener.remove()
             claim.release()
 
     async def _accept_loop(self, listener: trio.socket.SocketType, name: str) -> None:

@@ -12,8 +12,9 @@
   name is ever touched), given its mode (and group) explicitly while nobody can connect yet
   (umask has no say: 0600 by default, 0660 with a group for QEMU running as another user),
   listening, then renamed onto the path. The listener's ``(st_dev, st_ino)`` is recorded.
-* **Remove** (:func:`unlink_if_ours`): only a file that is still the one we bound (same
-  device and inode) is unlinked: never one another process put at the path since. The lock
+* **Remove** (:meth:`Listener.remove`): only a file that is still the one we bound (same
+  device and inode, kept allocated by a duplicate fd of the socket until then) is unlinked:
+  never one another process put at the path since. The lock
   file is removed by its last owner while it holds the lock (a competitor that opened the
   old file sees the inode change and retries), and only when it is a vdev lock file.
 """
@@ -219,11 +220,25 @@ def is_listen_temp_name(path: str, bound: str) -> bool:
 
 @dataclass
 class Listener:
-    """A listening socket at ``path`` and the identity of the file we bound there."""
+    """A listening socket at ``path`` and the identity of the file we bound there.
+
+    ``keep`` is a duplicate of the socket's fd, held until :meth:`remove`: while any fd of the
+    bound socket is open its file's inode stays allocated, so the identity cannot be reused
+    by a file someone else puts at the path after ``sock`` is closed."""
 
     sock: socket.socket
     path: str
     ident: tuple[int, int]
+    keep: int = -1
+
+    def remove(self) -> bool:
+        """Unlink the path if it is still the file we bound; then let go of the socket."""
+        try:
+            return unlink_if_ours(self.path, self.ident)
+        finally:
+            if self.keep >= 0:
+                os.close(self.keep)
+                self.keep = -1
 
 
 def bind_listener(
@@ -261,7 +276,7 @@ def bind_listener(
             with contextlib.suppress(OSError):
                 os.unlink(tmp)  # the name our bind created
         raise
-    return Listener(sock, path, (st.st_dev, st.st_ino))
+    return Listener(sock, path, (st.st_dev, st.st_ino), os.dup(sock.fileno()))
 
 
 def unlink_if_ours(path: str, ident: tuple[int, int]) -> bool:
