@@ -4,11 +4,12 @@ and per-VM memory configuration. Command-line flags override the file.
 ```toml
 [serve]
 api_socket = "/run/vballoon/vdev.api"   # default: <first vhost-user socket>.api
-api_socket_mode = "0600"                # octal string or integer
-policy_period = 1.0                     # seconds between policy steps
+api_socket_mode = "0600"                # octal string or integer; never world-writable
+socket_group = "qemu"                   # vhost-user sockets 0660 with this group (default 0600)
+policy_period = 1.0                     # seconds between policy steps (>= 0.001)
 host_memory = "16G"                     # simulated host of this size; omit for the real host
-history = 3600                          # points kept per VM for `vdev plot`
-rate_window = 10.0                      # seconds over which inflate/deflate rates are computed
+history = 3600                          # points kept per VM for `vdev plot` (2..1000000)
+rate_window = 10.0                      # seconds over which rates are computed (0..86400]
 
 [settings]                              # ESXi-style advanced settings (GET /settings)
 "/Mem/CtlMaxPercent" = 65
@@ -22,7 +23,7 @@ limit = "8G"
 shares = "high"                         # low | normal | high | an integer
 expandable_reservation = true
 
-[vms.vm0]                               # keyed by guest name (vm0.. or --name)
+[vms.vm0]                               # keyed by guest name (vm0.. or --name; must exist)
 memory = "4G"                           # configured size when no guest is connected yet
 reservation = "512M"
 limit = "3G"                            # a limit balloons even on an idle host
