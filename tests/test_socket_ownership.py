@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -264,3 +265,31 @@ def test_remove_checks_the_inode_which_cannot_be_reused(tmp_path: Path) -> None:
         listener = socket_files.bind_listener(str(tmp_path / "t"))
         assert listener.remove() and not (tmp_path / "t").exists()
         listener.sock.close()
+
+
+def test_vdevs_racing_for_one_path_exactly_one_wins(tmp_path: Path) -> None:
+    """Three ``vdev serve`` started at once on the same paths: one serves, the others exit 2
+    naming it, and none of them removed a file of the winner's (its API answers)."""
+    from lab.vdev_process import spawn_vdev, unix_listening
+    from vdev.api.client import ApiClient
+
+    sock = tmp_path / "vm.sock"
+    racers = [spawn_vdev(sock, log_path=tmp_path / f"log{i}", verbose=0) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 60
+        while sum(r.alive() for r in racers) > 1 or not unix_listening([str(sock), f"{sock}.api"]):
+            assert time.monotonic() < deadline, [r.log_tail() for r in racers]
+            time.sleep(0.05)
+        (winner,) = [r for r in racers if r.alive()]
+        for r in racers:
+            if r is not winner:
+                assert r.returncode == 2, r.log_tail()
+                assert f"in use by a running vdev (pid {winner.pid})" in r.log(), r.log_tail()
+        assert Path(f"{sock}.lock").read_text() == f"vdev pid {winner.pid}\n"
+        with ApiClient(f"{sock}.api") as client:
+            assert [v["name"] for v in client.vms()] == ["vm0"]
+        assert winner.stop() == 0
+    finally:
+        for r in racers:
+            r.stop()
+    assert sorted(os.listdir(tmp_path)) == [f"log{i}" for i in range(3)]

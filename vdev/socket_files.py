@@ -28,6 +28,7 @@ import os
 import secrets
 import socket
 import stat
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,10 +137,16 @@ def _open_lock(path: str) -> tuple[int, bool]:
 
 
 def _owner(fd: int) -> str:
-    with contextlib.suppress(OSError):
-        text = os.pread(fd, 64, 0)
-        if text.startswith(_LOCK_MAGIC):
-            return f" (pid {text[len(_LOCK_MAGIC):].strip().decode(errors='replace')})"
+    """`` (pid N)`` from a held lock file (its owner writes it right after locking: a
+    moment's wait covers a vdev that is starting at the same time)."""
+    for _ in range(20):
+        with contextlib.suppress(OSError):
+            text = os.pread(fd, 64, 0)
+            if text.startswith(_LOCK_MAGIC) and text.endswith(b"\n"):
+                return f" (pid {text[len(_LOCK_MAGIC):].strip().decode(errors='replace')})"
+            if text and not (text.startswith(_LOCK_MAGIC) or _LOCK_MAGIC.startswith(text)):
+                return ""  # not a vdev lock file
+        time.sleep(0.005)
     return ""
 
 
