@@ -35,12 +35,12 @@ import trio
 from guest_driver.virtq import Buffer, DriverQueue, RingLayout
 from protocol import vhost_user as vu
 from protocol.errors import FormatError, FrontendError, LocalError
+from protocol.units import PAGE_SIZE
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
 from protocol.vmw import (
     EVENT_SIZE,
-    PAGE_SIZE,
     REQUEST_SIZE,
     RESPONSE_SIZE,
     EventKind,

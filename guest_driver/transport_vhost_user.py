@@ -32,10 +32,11 @@ import trio
 
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.frontend import GuestRamFile, VmwChannel, connect_frontend
-from guest_driver.guest_memory import PAGE_SIZE, GuestMemory, Workload, WorkloadSpec
+from guest_driver.guest_memory import GuestMemory, Workload, WorkloadSpec
 from guest_driver.transport import DeviceGone
 from protocol import vmw
 from protocol.errors import FrontendError
+from protocol.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -55,11 +55,11 @@ from lab.qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, require_qemu
 from lab.vdev_process import start_vdev, vdev_serve_argv
 from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
+from protocol.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PAGE_SIZE = 4096
 KIB = 1024
 MIB = 1 << 20
 PAGES_PER_MIB = MIB // PAGE_SIZE

@@ -42,10 +42,10 @@ import trio
 from guest_driver.virtq import DriverQueue, RingLayout, UsedElem
 from lab.qemu import QemuBinary, Qmp, build_argv, qemu_process, write_hlt_bios
 from protocol.errors import LocalError
+from protocol.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 4096
 
 
 class QtestError(LocalError):

@@ -34,10 +34,10 @@ from guest_driver.virtq import Buffer
 from lab.qtest import ISR_CONFIG, ISR_QUEUE, GuestAllocator, VirtioPci
 from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
+from protocol.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 1 << vb.PFN_SHIFT
 OOM_NR_PAGES = 256  # VIRTIO_BALLOON_OOM_NR_PAGES
 #: Linux's order of stats in the buffer (update_balloon_stats), the subset it always sends
 LINUX_STATS_ORDER: tuple[vb.StatTag, ...] = (

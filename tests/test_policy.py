@@ -13,10 +13,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.policy.host import SimulatedHost
 from vdev.policy.model import (
     GIB,
-    PAGE_SIZE,
     FillItem,
     HostSample,
     HostState,

@@ -8,10 +8,10 @@ import numpy as np
 import trio
 
 from guest_driver.frontend import VmwChannel, connect_frontend
+from protocol.units import PAGE_SIZE
 from protocol.vhost_user import FrontendRequest
 from protocol.vmw import (
     ALL_CAPABILITIES,
-    PAGE_SIZE,
     Capability,
     Command,
     EventKind,

@@ -18,11 +18,11 @@ import trio
 from guest_driver.frontend import UVA_BASE, VmwChannel, connect_frontend
 from protocol import vhost_user as vu
 from protocol.errors import FrontendError
+from protocol.units import PAGE_SIZE
 from protocol.vhost_user import FrontendRequest as R
 from protocol.virtqueue import DescFlag
 from protocol.vmw import (
     ALL_CAPABILITIES,
-    PAGE_SIZE,
     Command,
     Request,
     Status,

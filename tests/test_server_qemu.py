@@ -16,9 +16,9 @@ import trio
 from guest_driver.virtq import Buffer
 from lab.qemu import QemuNotFoundError, require_qemu
 from lab.qtest import GuestAllocator, VirtioPci, qtest_vm
+from protocol.units import PAGE_SIZE
 from protocol.vmw import (
     ALL_CAPABILITIES,
-    PAGE_SIZE,
     Command,
     Request,
     Response,

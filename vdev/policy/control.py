@@ -37,10 +37,10 @@ from typing import Any, Protocol
 import trio
 
 from protocol.errors import ConfigError, HostResourceError
+from protocol.units import PAGE_SIZE
 from vdev.config import ControlConfig
 from vdev.policy.host import SimulatedHost, read_host_sample
 from vdev.policy.model import (
-    PAGE_SIZE,
     HostSample,
     PolicyDecision,
     PolicyEngine,

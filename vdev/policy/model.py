@@ -40,8 +40,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 
-PAGE_SIZE = 4096
 PAGES_PER_MIB = (1 << 20) // PAGE_SIZE  # 256
 
 #: The vmmemctl driver polls GET_TARGET once a second (BALLOON_POLL_PERIOD, reference §7.3).
