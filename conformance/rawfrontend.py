@@ -636,7 +636,7 @@ class BalloonGuest:
     async def post_stats(
         self, entries: Sequence[tuple[int, int]], *, gpa: int = STATS_BUFFER
     ) -> None:
-        data = b"".join(struct.pack("<HQ", tag, val) for tag, val in entries)
+        data = vb.pack_stats(entries)
         await self.fe.mem.write(gpa, data)
         await self.fe.queues[vb.Queue.STATS].ring.add([Buffer(gpa, len(data))])
         self.fe.queues[vb.Queue.STATS].kick_now()

@@ -23,7 +23,6 @@ one PFN range of guest RAM the test owns).
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -283,7 +282,7 @@ class VirtioBalloonDriver:
         order = [t for t in LINUX_STATS_ORDER if t in stats] + [
             t for t in stats if t not in LINUX_STATS_ORDER
         ]
-        data = b"".join(struct.pack("<HQ", int(t), stats[t] & (2**64 - 1)) for t in order)
+        data = vb.pack_stats((t, stats[t]) for t in order)
         await self.dev.qt.write(self._stats_buf, data)
         await self.dev.queues[self.STATSQ].add([Buffer(self._stats_buf, len(data))])
         await self.dev.kick(self.STATSQ)

@@ -550,6 +550,15 @@ def test_stat_dtype_view_equals_construct(data: bytes) -> None:
 
 
 @FAST
+@given(st.lists(st.tuples(st.integers(0, 2**16 - 1), st.integers(-(2**64), 2**65)), max_size=32))
+def test_pack_stats_is_the_declared_entry(entries: list[tuple[int, int]]) -> None:
+    data = vb.pack_stats(entries)
+    expect = [{"tag": t, "val": v % 2**64} for t, v in entries]
+    assert plain(cs.Array(len(entries), vb.STAT).parse(data)) == expect
+    assert len(data) == vb.STAT_SIZE * len(entries)
+
+
+@FAST
 @given(st.lists(st.integers(0, 2**32 - 1), max_size=256))
 def test_balloon_pfn_dtype(pfns: list[int]) -> None:
     data = cs.Array(len(pfns), vb.PFN).build(pfns)

@@ -30,7 +30,7 @@ from protocol.vmw import ALL_CAPABILITIES, Command, Status
 from vdev.api.app import OPENAPI, serve_api
 from vdev.config import ControlConfig
 from vdev.devices.base import get_personality
-from vdev.devices.virtio_balloon import STATSQ, build_stats
+from vdev.devices.virtio_balloon import STATSQ
 from vdev.devices.vmw import VmwDevice
 from vdev.memory import GuestMemory, RegionSpec
 from vdev.policy.control import ControlPlane
@@ -65,7 +65,7 @@ async def wait_for(pred: Any, timeout: float = 5.0) -> None:
 
 
 async def post_stats(fe: Any, free: int) -> int:
-    fe.ram.write(STATS_GPA, build_stats({vb.StatTag.MEMFREE: free}))
+    fe.ram.write(STATS_GPA, vb.pack_stats([(vb.StatTag.MEMFREE, free)]))
     q = fe.queues[STATSQ]
     head = await q.driver.add([Buffer(STATS_GPA, 10)])
     await q.kick()
