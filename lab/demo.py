@@ -752,7 +752,8 @@ async def act3_qtest(demo: Demo, why: str) -> None:
     from guest_driver.driver import BalloonDriver, DriverConfig
     from guest_driver.guest_memory import GuestMemory
     from lab.qemu import best_qemu
-    from lab.qtest import GuestAllocator, VirtioPci, qtest_vm
+    from lab.qtest.launcher import qtest_vm
+    from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
     from lab.transport_qtest import QtestTransport, vhost_user_device
 
     q = best_qemu(need_test_device=False)

@@ -51,6 +51,7 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 from lab.linux_image import PREFIX, GuestConsole, LinuxImage, run_guest
+from lab.procfs import rss_shmem_kib
 from lab.qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, require_qemu
 from lab.vdev_process import start_vdev, vdev_serve_argv
 from protocol import virtio_balloon as vb
@@ -113,21 +114,6 @@ def balloon_qemu_args(qemu: QemuBinary, socket_path: Path, chardev: str = CHARDE
         "-device",
         balloon_device_arg(chardev),
     ]
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    """A ``kB`` line of ``/proc/PID/status`` (``RssShmem``, ``VmRSS``...)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(f"no {key} in /proc/{pid}/status")
-
-
-def rss_shmem_kib(pid: int) -> int:
-    """QEMU's resident shared memory: the guest RAM pages it has touched and that are
-    still in the memfd (a punched page leaves it)."""
-    return proc_status_kib(pid, "RssShmem")
 
 
 # --------------------------------------------------------------------------- guest reports

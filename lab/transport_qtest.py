@@ -30,7 +30,8 @@ import trio
 from guest_driver.transport import DeviceGone
 from guest_driver.virtq import Buffer
 from lab.qemu import TEST_DEVICE, QemuBinary
-from lab.qtest import GuestAllocator, QtestError, VirtioPci
+from lab.qtest.client import QtestError
+from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
 from protocol.errors import FormatError, LocalError
 from protocol.vmw import (
     EVENT_SIZE,
@@ -340,7 +341,7 @@ async def balloon_side(
     set via QMP ``balloon``; "vdev" is vdev's virtio-balloon through QEMU with its target set
     via the registry. Yields ``run_round(r)``: inflate by ``pages``, deflate to 0 (round 0
     also records the observations into ``result``, reached as ``run_round.result``)."""
-    from lab.qtest import qtest_vm
+    from lab.qtest.launcher import qtest_vm
     from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
 
     ram = ram_mib << 20

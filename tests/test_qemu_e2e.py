@@ -26,7 +26,9 @@ from guest_driver.guest_memory import GuestMemory as GuestPages
 from guest_driver.guest_memory import PageSize
 from guest_driver.transport import DeviceGone
 from lab import qemu
-from lab.qtest import GuestAllocator, QtestError, QtestVm, VirtioPci, qtest_vm
+from lab.qtest.client import QtestError
+from lab.qtest.launcher import QtestVm, qtest_vm
+from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
 from lab.transport_qtest import (
     CMDQ,
     QtestTransport,
