@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from conformance.backend import unix_listening
 from guest_driver.driver import DriverConfig
 from guest_driver.frontend import BackendHungUp, GuestRamFile, VmwChannel, connect_frontend
 from guest_driver.transport import DeviceGone
@@ -23,7 +24,6 @@ from lab.vdev_process import (
     open_vdev,
     serve_argv,
     start_vdev,
-    unix_listening,
     vdev_serve,
 )
 from protocol.vmw import ALL_CAPABILITIES, Command, Request, Status

@@ -99,8 +99,8 @@ def socket_paths(path: str, count: int | None) -> list[str]:
 
 def listen_temp_path(path: str) -> str:
     """The name a listener is bound to before it is renamed onto ``path`` (``.NAME~`` beside
-    it). ``/proc/net/unix`` keeps the bound name, so this is the name it lists for ``path``
-    (``lab.vdev_process.unix_listening`` looks for both)."""
+    it). ``/proc/net/unix`` keeps the bound name, so ``path`` itself is never listed short
+    of ``listen()`` (what ``conformance.backend.unix_listening`` checks)."""
     head, name = os.path.split(path)
     return os.path.join(head, f".{name}~")
 
