@@ -40,9 +40,10 @@ _SO_ACCEPTCON = 0x10000
 
 
 class BackendStartError(LocalError):
-    """A back-end child exited, or did not listen in time, before it was ready. Raised by
-    :meth:`BackendProcess.wait_listening`; the harness reports the cases as skipped, a rig
-    fails its test."""
+    """A back-end child exited, or did not listen in time, before it was ready.
+
+    Raised by :meth:`BackendProcess.wait_listening`; caught by :class:`BackendSpawner`
+    (the harness reports the cases as skipped); a rig's test fails with it."""
 
 
 def unix_listening(paths: Sequence[str | Path]) -> bool:

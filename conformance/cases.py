@@ -26,7 +26,6 @@ from conformance.rawfrontend import (
     INDIRECT,
     PAGE,
     QVA_BASE,
-    Closed,
     Frontend,
     Ram,
     VmwGuest,
@@ -41,6 +40,7 @@ from protocol import vhost_user as vu
 from protocol import virtio_balloon as vb
 from protocol import virtqueue as vq
 from protocol import vmw
+from protocol.errors import BackendHungUp
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
@@ -396,7 +396,7 @@ async def vu_bad_header(ctx: Context) -> None:
         with trio.move_on_after(0.5):
             try:
                 reply = await fe.chan.recv()
-            except Closed:
+            except BackendHungUp:
                 reply = None
             expect(reply is None, f"GET_FEATURES with flags {flags:#x} was answered")
         await _expect_rejected(ctx, fe, f"a header with flags {flags:#x}")
@@ -439,7 +439,7 @@ async def vu_fds(ctx: Context) -> None:
     try:
         ack = await fe.ack(R.SET_MEM_TABLE, table_payload([fe.ram.region()]), [])
         ok = ack == 0
-    except Closed:
+    except BackendHungUp:
         ok = False
     expect(not ok, "SET_MEM_TABLE without its fd was acked 0")
     await ctx.still_serving("SET_MEM_TABLE without fds")
@@ -474,7 +474,7 @@ async def vu_mem_lies(ctx: Context) -> None:
         for regions in tables:
             fe = await ctx.frontend()
             await fe.negotiate()
-            with contextlib.suppress(Closed):
+            with contextlib.suppress(BackendHungUp):
                 await fe.ack(R.SET_MEM_TABLE, table_payload(regions), [ram.fd] * len(regions))
             await ctx.still_serving(f"SET_MEM_TABLE {regions}")
     finally:
@@ -508,7 +508,7 @@ async def vu_vring_bogus(ctx: Context) -> None:
                 await trio.sleep(0.1)
             finally:
                 os.close(kick)
-        except Closed:
+        except BackendHungUp:
             pass
         await ctx.still_serving(f"SET_VRING_ADDR desc={desc:#x}")
 
@@ -1328,7 +1328,7 @@ async def vb_queue_index(ctx: Context) -> None:
     for idx in (3, 4):
         try:
             await fe.ack(R.SET_VRING_NUM, vring_state(idx, 64))
-        except Closed:
+        except BackendHungUp:
             break
     await ctx.still_serving("rings configured beyond the negotiated queues")
 

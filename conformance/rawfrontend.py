@@ -16,7 +16,7 @@ Layers:
 * :class:`VmwGuest`, :class:`BalloonGuest`: issue vmmemctl commands on ``cmdq`` /
   inflate-deflate-stats on virtio-balloon queues through :class:`guest_driver.virtq.DriverQueue`.
 
-Every wait is bounded by the caller's ``trio.fail_after``; :class:`Closed` means the
+Every wait is bounded by the caller's ``trio.fail_after``; :class:`BackendHungUp` means the
 back-end hung up.
 """
 
@@ -42,15 +42,12 @@ from guest_driver.virtq import Buffer, DriverQueue, RingLayout, UsedElem
 from protocol import vhost_user as vu
 from protocol import virtio_balloon as vb
 from protocol import vmw
+from protocol.errors import BackendHungUp
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
 
 PAGE = 4096
-
-
-class Closed(Exception):
-    """The back-end closed the connection."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ class Channel:
             while sent < len(data):
                 sent += await self.sock.send(data[sent:])
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise Closed(str(exc)) from None
+            raise BackendHungUp(str(exc)) from None
 
     async def send(
         self,
@@ -124,7 +121,7 @@ class Channel:
             except ConnectionResetError:
                 data = b""
             if not data:
-                raise Closed(f"back-end closed the connection ({len(buf)}/{n} bytes read)")
+                raise BackendHungUp(f"back-end closed the connection ({len(buf)}/{n} bytes read)")
             buf += data
         return buf, fds
 
@@ -300,7 +297,7 @@ class Frontend:
             try:
                 await chan.send(R.GET_FEATURES)
                 reply = await chan.recv()
-            except Closed:
+            except BackendHungUp:
                 chan.close()
                 if trio.current_time() >= deadline:
                     raise

@@ -14,7 +14,7 @@ import trio
 from conformance.backend import BackendSpawner
 from conformance.cases import Case
 from conformance.context import CaseFailed, Context, Skipped
-from conformance.rawfrontend import Closed
+from protocol.errors import BackendHungUp
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
 
@@ -42,7 +42,7 @@ async def run_case(c: Case, ctx: Context) -> Result:
         return Result(c, FAIL, str(exc), time.monotonic() - t0)
     except trio.TooSlowError:
         return Result(c, FAIL, f"no answer within {c.timeout:g}s", time.monotonic() - t0)
-    except Closed as exc:
+    except BackendHungUp as exc:
         return Result(c, FAIL, f"back-end closed the connection: {exc}", time.monotonic() - t0)
     except (AssertionError, OSError) as exc:
         return Result(c, FAIL, f"{type(exc).__name__}: {exc}", time.monotonic() - t0)

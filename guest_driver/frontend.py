@@ -34,7 +34,7 @@ import trio
 
 from guest_driver.virtq import Buffer, DriverQueue, RingLayout
 from protocol import vhost_user as vu
-from protocol.errors import FormatError, FrontendError, LocalError
+from protocol.errors import BackendError, BackendHungUp, FormatError, LocalError
 from protocol.units import PAGE_SIZE
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
@@ -58,10 +58,6 @@ WANTED_PROTOCOL = (
 )
 #: Where the rings of queue 0 start (the first RAM page above QEMU's holes).
 RING_BASE = 0x100000
-
-
-class BackendHungUp(FrontendError):
-    """The back-end closed the vhost-user connection (or reset it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +288,7 @@ class VhostUserFrontend:
     async def recv_reply(self, request: int) -> bytes:
         header = vu.parse_header(await self._recv_exact(vu.HEADER_SIZE))
         if header.flags != vu.REPLY_FLAGS or header.request != request:
-            raise FrontendError(
+            raise BackendError(
                 f"bad reply header: request {header.request} flags {header.flags:#x}"
             )
         return await self._recv_exact(header.size)
@@ -308,7 +304,7 @@ class VhostUserFrontend:
         """Send one request; return the reply payload (or None when none is owed).
 
         ``need_reply`` defaults to what QEMU does: NEED_REPLY on the requests QEMU sends it
-        with, when REPLY_ACK was negotiated. A non-zero ack raises FrontendError.
+        with, when REPLY_ACK was negotiated. A non-zero ack raises BackendError.
         """
         fmt = vu.REQUEST_PAYLOAD.get(request)
         payload = b"" if fmt is None else vu.build_payload(fmt, body, request.name)
@@ -330,7 +326,7 @@ class VhostUserFrontend:
             if need_reply:
                 ack = await self.recv_reply(request)
                 if vu.parse_payload(vu.U64, ack, "ack").value != 0:
-                    raise FrontendError(f"back-end refused {request.name}")
+                    raise BackendError(f"back-end refused {request.name}")
                 return ack
         return None
 
@@ -352,7 +348,7 @@ class VhostUserFrontend:
         """Device realize: QEMU's order (qemu-interop.md section 1)."""
         offered = await self.probe()
         if not offered & VF.PROTOCOL_FEATURES:
-            raise FrontendError("back-end does not offer PROTOCOL_FEATURES")
+            raise BackendError("back-end does not offer PROTOCOL_FEATURES")
         offered_proto = await self.get_u64(R.GET_PROTOCOL_FEATURES)
         self.protocol_features = offered_proto & self.wanted_protocol
         await self.request(R.SET_PROTOCOL_FEATURES, {"value": self.protocol_features})
@@ -664,7 +660,7 @@ class VmwChannel:
             await self.cmdq.kick()
             length = await self._complete(self.cmdq, head)
             if length != RESPONSE_SIZE:
-                raise FrontendError(f"device wrote {length} response bytes")
+                raise BackendError(f"device wrote {length} response bytes")
             response = Response.parse(ram.read(self.response_gpa, RESPONSE_SIZE))
             after = None
             if batch is not None and batch_pfn is not None:

@@ -75,7 +75,10 @@ T = TypeVar("T")
 
 
 class GuestFailure(LocalError):
-    """The guest did not do what was asked (or its console said something unexpected)."""
+    """The guest did not do what was asked (or its console said something unexpected).
+
+    Raised by the Linux guest rig (:class:`LinuxGuest`'s commands); caught by nothing: the
+    test or the demo act that drove the guest fails with it."""
 
 
 # --------------------------------------------------------------------------- QEMU side

@@ -77,7 +77,11 @@ BALLOON_DEVICE_ID = "0x0005"
 
 
 class ProvisionError(LocalError):
-    """The image cannot be made on this machine (no apt source, download failed...)."""
+    """The image cannot be made on this machine (no apt source, download failed...).
+
+    Raised by the image builder; caught by its own retry (stale package lists), by
+    ``scripts/setup`` (reported, exit 1) and by the tests' ``linux_env`` fixture (a skip, or
+    a failure under CI)."""
 
 
 def default_image_dir() -> Path:

@@ -60,7 +60,10 @@ def default_trixie_root() -> Path:
 
 
 class QemuNotFoundError(LocalError):
-    """No usable QEMU on this machine (run scripts/setup)."""
+    """No usable QEMU on this machine (run scripts/setup).
+
+    Raised by :func:`require_qemu`; caught by the QEMU tests (a skip, or a failure under
+    CI)."""
 
 
 @dataclass(frozen=True)
@@ -414,7 +417,9 @@ async def qemu_process(
 
 
 class QmpError(LocalError):
-    """A QMP command failed, or QMP spoke nonsense."""
+    """A QMP command failed, or QMP spoke nonsense.
+
+    Raised by :class:`Qmp`; caught by nothing in the lab: the rig or test using QMP fails."""
 
 
 @dataclass

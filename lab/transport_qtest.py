@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from guest_driver.transport import DeviceGone
 from guest_driver.virtq import Buffer
 from lab.qemu import TEST_DEVICE, QemuBinary
 from lab.qtest.client import QtestError
 from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
-from protocol.errors import FormatError, LocalError
+from protocol.errors import DeviceGone, FormatError, LocalError
 from protocol.vmw import (
     EVENT_SIZE,
     REQUEST_SIZE,

@@ -44,7 +44,10 @@ T = TypeVar("T")
 
 
 class VdevStartError(BackendStartError):
-    """``vdev serve`` exited, or did not listen in time, before it was ready."""
+    """``vdev serve`` exited, or did not listen in time, before it was ready.
+
+    Raised by :class:`VdevProcess`'s waits (``start_vdev``, ``open_vdev``); caught by
+    ``scripts/run-qemu`` (reported, exit 1); in tests and the demo it fails the caller."""
 
 
 def socket_paths(socket_path: str | Path, socket_count: int | None = None) -> list[str]:

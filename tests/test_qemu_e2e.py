@@ -24,7 +24,6 @@ import trio
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
 from guest_driver.guest_memory import PageSize
-from guest_driver.transport import DeviceGone
 from lab import qemu
 from lab.qtest.client import QtestError
 from lab.qtest.launcher import QtestVm, qtest_vm
@@ -38,6 +37,7 @@ from lab.transport_qtest import (
 )
 from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
 from protocol import virtio_balloon as vb
+from protocol.errors import DeviceGone
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, EventKind, Request, Response
 
 pytestmark = pytest.mark.qemu

@@ -24,7 +24,7 @@ from guest_driver.frontend import WANTED_FEATURES, VmwChannel, connect_frontend
 from guest_driver.virtq import Buffer
 from protocol import vhost_user as vu
 from protocol import virtio_balloon as vb
-from protocol.errors import FrontendError
+from protocol.errors import BackendError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vmw import ALL_CAPABILITIES, Command, Status
 from vdev.api.app import OPENAPI, serve_api
@@ -260,7 +260,7 @@ async def test_a_bug_in_one_connection_spares_the_others(nursery, tmp_path, gues
                 Status.SUCCESS_WITH_CAPABILITIES
             )
             async with connect_frontend(paths[1], guest_ram(32 * MiB), start=False) as bad:
-                with contextlib.suppress(OSError, FrontendError):
+                with contextlib.suppress(OSError, BackendError):
                     await bad.start()  # the first kick hits the bug
                 await wait_for(lambda: not registry.view("vm1").connected)  # kicked on start
                 with trio.fail_after(5), contextlib.suppress(OSError):  # the back-end closed it

@@ -16,8 +16,7 @@ import trio
 
 from conformance.backend import unix_listening
 from guest_driver.driver import DriverConfig
-from guest_driver.frontend import BackendHungUp, GuestRamFile, VmwChannel, connect_frontend
-from guest_driver.transport import DeviceGone
+from guest_driver.frontend import GuestRamFile, VmwChannel, connect_frontend
 from guest_driver.transport_vhost_user import GuestOptions, connect_transport, run_guest
 from lab.vdev_process import (
     VdevStartError,
@@ -26,6 +25,7 @@ from lab.vdev_process import (
     start_vdev,
     vdev_serve,
 )
+from protocol.errors import BackendHungUp, DeviceGone
 from protocol.vmw import ALL_CAPABILITIES, Command, Request, Status
 
 MiB = 1 << 20

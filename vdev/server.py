@@ -53,7 +53,7 @@ from typing import Any
 import trio
 
 from protocol import vhost_user as vu
-from protocol.errors import FrontendError, GuestError, HostResourceError, PeerError
+from protocol.errors import FrontendError, GuestError, HostResourceError, PeerClosed, PeerError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
@@ -74,10 +74,6 @@ SHUTDOWN_GRACE = 0.5
 RECONNECT_GRACE = 2.0
 _ANC_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * array.array("i").itemsize)
 _serial = itertools.count(1)
-
-
-class PeerClosed(Exception):
-    """The front-end closed the connection (a normal end)."""
 
 
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

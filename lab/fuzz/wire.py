@@ -46,7 +46,7 @@ from lab.fuzz.corpus import Draw, Finding
 from lab.vdev_process import VdevProcess, start_vdev
 from protocol import vhost_user as vu
 from protocol import vmw
-from protocol.errors import FrontendError
+from protocol.errors import BackendError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vmw import Command as C
 
@@ -301,7 +301,7 @@ def one_input(data: bytes) -> None:
         try:
             with trio.fail_after(DEADLINE):
                 await _healthy(live.healthy)
-        except* (trio.TooSlowError, FrontendError, OSError) as group:
+        except* (trio.TooSlowError, BackendError, OSError) as group:
             exc = group.exceptions[0]  # (from the front-end's nursery: in a group)
             raise Finding(f"healthy guest not served after the attack: {exc!r}") from None
         rss_mb = _rss_kb(live.vdev.pid) // 1024

@@ -28,11 +28,16 @@ log = logging.getLogger(__name__)
 
 
 class QtestError(LocalError):
-    """qtest answered FAIL, or spoke nonsense."""
+    """qtest answered FAIL, or spoke nonsense.
+
+    Raised by :class:`Qtest`; caught by the qtest transport (``lab.transport_qtest``), which
+    turns it into :class:`~protocol.errors.DeviceGone`."""
 
 
 class QtestClosed(QtestError):
-    """QEMU closed the qtest connection (it quit or was killed)."""
+    """QEMU closed the qtest connection (it quit or was killed).
+
+    Raised by :class:`Qtest`'s reader; caught as a :class:`QtestError`."""
 
 
 async def listen_unix(path: str | os.PathLike[str], backlog: int = 1) -> trio.SocketListener:
