@@ -53,6 +53,7 @@ import trio
 from lab.linux_image import PREFIX, GuestConsole, LinuxImage, run_guest
 from lab.procfs import rss_shmem_kib
 from lab.qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, require_qemu
+from lab.vdev_inprocess import InProcessVdev
 from lab.vdev_process import start_vdev, vdev_serve_argv
 from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
@@ -331,44 +332,6 @@ class VdevLike(Protocol):
     async def snapshot(self) -> Any: ...  # GuestView, or the API's GET /vms/{name} dict
 
 
-class InProcessVdev:
-    """``vdev serve --device virtio-balloon`` run in the caller's trio nursery: the real
-    :class:`vdev.server.Server`, controlled through its :class:`vdev.registry.GuestRegistry`
-    (the same object the management API talks to)."""
-
-    def __init__(self, server: Any, socket_path: Path, name: str) -> None:
-        self.server = server
-        self.registry = server.registry
-        self.socket_path = socket_path
-        self.name = name
-
-    def view(self) -> Any:
-        """The guest's :class:`vdev.registry.GuestView`."""
-        return self.registry.view(self.name)
-
-    async def size_pages(self) -> int:
-        return int(self.view().size_pages)
-
-    async def snapshot(self) -> Any:
-        return self.view()
-
-    def set_target(self, pages: int) -> None:
-        self.registry.set_target(self.name, pages)
-
-    def set_target_mib(self, mib: int) -> None:
-        self.set_target(mib * PAGES_PER_MIB)
-
-    def request_stats(self) -> bool:
-        """Hand the guest's stats buffer back so it sends fresh stats (what ``vdev serve
-        --stats-interval`` and QEMU's ``guest-stats-polling-interval`` do). False when
-        nothing is connected."""
-        return bool(self.registry.request_stats(self.name))
-
-    async def fresh_stats(self, *, poll: float = 0.05) -> dict[str, int]:
-        """Request stats and wait until the guest sent a new buffer; its stats."""
-        return await fresh_stats(self, self.request_stats, poll=poll)
-
-
 async def fresh_stats(
     vdev: VdevLike, request: Callable[[], Any], *, poll: float = 0.05
 ) -> dict[str, int]:
@@ -416,23 +379,15 @@ async def serve_vdev(
     target_pages: int = 0,
     name: str = "vm0",
 ) -> AsyncIterator[InProcessVdev]:
-    """Run vdev's server (virtio-balloon personality) on ``directory/vdev.sock`` in a
-    nursery of its own; cancelled on exit."""
-    from vdev.registry import GuestRegistry
-    from vdev.server import Server
+    """Run vdev in-process (:mod:`lab.vdev_inprocess`; the virtio-balloon personality, or
+    ``device_cls``) on ``directory/vdev.sock``; shut down on exit."""
+    from lab.vdev_inprocess import open_inprocess_vdev
 
-    cls = device_cls or device_class()
-    registry = GuestRegistry(cls.name, target=target_pages)
-    path = directory / VDEV_SOCKET_NAME
-    server = Server(registry, cls, socket_paths=[str(path)], names=[name])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        try:
-            yield InProcessVdev(server, path, name)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await server.shutdown()
-            nursery.cancel_scope.cancel()
+    async with open_inprocess_vdev(
+        [directory / VDEV_SOCKET_NAME], device=device_cls or device_class(),
+        target_pages=target_pages, names=[name],
+    ) as vdev:  # fmt: skip
+        yield vdev
 
 
 # --------------------------------------------------------------------------- waiting

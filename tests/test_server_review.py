@@ -22,6 +22,7 @@ from control_fakes import FakeGuest, make_registry
 
 from guest_driver.frontend import WANTED_FEATURES, VmwChannel, connect_frontend
 from guest_driver.virtq import Buffer
+from lab.vdev_inprocess import start_inprocess_vdev
 from protocol import vhost_user as vu
 from protocol import virtio_balloon as vb
 from protocol.errors import BackendError
@@ -29,7 +30,6 @@ from protocol.vhost_user import FrontendRequest as R
 from protocol.vmw import ALL_CAPABILITIES, Command, Status
 from vdev.api.app import OPENAPI, serve_api
 from vdev.config import ControlConfig
-from vdev.devices.base import get_personality
 from vdev.devices.virtio_balloon import STATSQ
 from vdev.devices.vmw import VmwDevice
 from vdev.memory import GuestMemory, RegionSpec
@@ -50,12 +50,11 @@ async def start_server(
     sockets: int = 1,
     stats_interval: float = 0.0,
 ) -> tuple[Server, GuestRegistry, list[str]]:
-    cls = get_personality(device) if isinstance(device, str) else device
-    registry = GuestRegistry(cls.name)
-    paths = [str(tmp_path / f"r{i}.sock") for i in range(sockets)]
-    server = Server(registry, cls, socket_paths=paths, stats_interval=stats_interval)
-    await nursery.start(server.run)
-    return server, registry, paths
+    vdev = await start_inprocess_vdev(
+        nursery, [tmp_path / f"r{i}.sock" for i in range(sockets)], device=device,
+        stats_interval=stats_interval,
+    )  # fmt: skip
+    return vdev.server, vdev.registry, [str(p) for p in vdev.socket_paths]
 
 
 async def wait_for(pred: Any, timeout: float = 5.0) -> None:
