@@ -35,7 +35,6 @@ from conformance.rawfrontend import (
     PAGE,
     QVA_BASE,
     Frontend,
-    Ram,
     VmwGuest,
     table_payload,
     vring_addr,
@@ -126,8 +125,8 @@ def _some_fds(d: Draw, fe: Frontend, owned: list[int]) -> list[int]:
     return out
 
 
-def _region(d: Draw, ram: Ram) -> dict[str, int]:
-    reg = ram.region()
+def _region(d: Draw, ram: GuestRamFile) -> dict[str, int]:
+    reg = ram.vhost_regions()[0]
     k = d.below(8)
     if k == 1:
         reg["memory_size"] = d.choice([0, 1, PAGE - 1, 1 << 40, (1 << 64) - 1])
