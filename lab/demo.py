@@ -26,7 +26,6 @@ last lines (``act N: ...``) are the numbers ``tests/test_demo.py`` checks.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
 import trio
 
 from lab.qemu import qemu_process
@@ -854,20 +854,27 @@ async def run(acts: Sequence[int], quick: bool, out: Path | None, qtest: bool = 
     return 0 if all(ok for ok, _ in demo.results) else 1
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--act", type=int, action="append", choices=sorted(ACTS),
-                    help="run only this act (repeatable); default all")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter steps")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="run directory for logs and PNGs (default runs/demo-<time>)")  # fmt: skip
-    ap.add_argument("--qtest", action="store_true",
-                    help="act 3 on the qtest guest even when the Linux guest could run")  # fmt: skip
-    args = ap.parse_args(argv)
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command(name="scripts/demo", help=(__doc__ or "").split("\n\n")[0], context_settings=_HELP)
+@click.option(
+    "--act", "act", type=click.Choice([str(a) for a in sorted(ACTS)]), multiple=True,
+    help="run only this act (repeatable); default all",
+)  # fmt: skip
+@click.option("--quick", is_flag=True, help="fewer, shorter steps")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None,
+    help="run directory for logs and PNGs (default runs/demo-<time>)",
+)  # fmt: skip
+@click.option(
+    "--qtest", is_flag=True, help="act 3 on the qtest guest even when the Linux guest could run"
+)
+def main(act: tuple[str, ...], quick: bool, out: Path | None, qtest: bool) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    acts = sorted(set(args.act)) if args.act else sorted(ACTS)
-    sys.exit(trio.run(run, acts, args.quick, args.out, args.qtest))
+    acts = sorted({int(a) for a in act}) if act else sorted(ACTS)
+    sys.exit(trio.run(run, acts, quick, out, qtest))
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="scripts/demo")

@@ -32,7 +32,6 @@ attached to a ``vdev serve`` child process with the serial console on the termin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import logging
@@ -48,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import click
 import trio
 
 from lab.linux_image import PREFIX, GuestConsole, LinuxImage, run_guest
@@ -514,47 +514,56 @@ def interactive(
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(name="python -m lab.linux_guest", help=(__doc__ or "").split("\n\n")[0], context_settings=_HELP)
+def main() -> None:
+    pass
+
+
+@main.command(name="run", help="boot the Linux guest with vdev as its balloon (interactive)")
+@click.option("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
+@click.option("--target", default="0", help="initial balloon target, e.g. 64M (default 0)")
+@click.option("--interval", type=int, default=2, help="guest report interval, seconds")
+@click.option("--append", default="", help="more kernel command line")
+@click.option("--vdev-log", type=click.Path(path_type=Path), default=None, help="vdev's log file")
+@click.option("--keep", is_flag=True, help="keep the scratch directory")
+@click.option("--dry-run", is_flag=True, help="print the vdev and QEMU lines only")
+@click.option("-v", "--verbose", is_flag=True)
+def run_cmd(
+    ram: int,
+    target: str,
+    interval: int,
+    append: str,
+    vdev_log: Path | None,
+    keep: bool,
+    dry_run: bool,
+    verbose: bool,
+) -> None:
     from lab import linux_image
 
-    ap = argparse.ArgumentParser(prog="python -m lab.linux_guest", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="boot the Linux guest with vdev as its balloon (interactive)")
-    r.add_argument("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
-    r.add_argument("--target", default="0", help="initial balloon target, e.g. 64M (default 0)")
-    r.add_argument("--interval", type=int, default=2, help="guest report interval, seconds")
-    r.add_argument("--append", default="", help="more kernel command line")
-    r.add_argument("--vdev-log", type=Path, default=None, help="vdev's log file")
-    r.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    r.add_argument("--dry-run", action="store_true", help="print the vdev and QEMU lines only")
-    r.add_argument("-v", "--verbose", action="store_true")
-    sub.add_parser("print-device", help="print the -device argument for vdev's balloon")
-    args = ap.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s"
     )
-    if args.cmd == "print-device":
-        print(balloon_device_arg())
-        return 0
     qemu = require_qemu(need_test_device=True)
     image = linux_image.build()
-    append = f"vb.interval={args.interval} {args.append}".strip()
-    return interactive(
-        qemu,
-        image,
-        ram_mib=args.ram,
-        target=args.target,
-        append=append,
-        vdev_log=args.vdev_log,
-        keep=args.keep,
-        dry_run=args.dry_run,
-    )
+    code = interactive(
+        qemu, image, ram_mib=ram, target=target,
+        append=f"vb.interval={interval} {append}".strip(), vdev_log=vdev_log, keep=keep,
+        dry_run=dry_run,
+    )  # fmt: skip
+    raise SystemExit(code)
+
+
+@main.command(name="print-device", help="print the -device argument for vdev's balloon")
+def print_device_cmd() -> None:
+    print(balloon_device_arg())
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    main()
 
 
 __all__ = [
