@@ -43,11 +43,12 @@ import trio
 
 from lab.qemu import qemu_process
 from lab.vdev_process import REPO_ROOT, vdev_serve
+from protocol.units import PAGE_SIZE, PAGES_PER_MIB
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -610,13 +611,7 @@ async def act3_linux(demo: Demo, q: Any, image: Any) -> None:
     from rich.progress import BarColumn, Progress, TextColumn
     from rich.text import Text
 
-    from lab.linux_guest import (
-        PAGES_PER_MIB,
-        QUIET_INTERVAL,
-        VDEV_SOCKET_NAME,
-        boot_guest,
-        wait_agree,
-    )
+    from lab.linux_guest import QUIET_INTERVAL, VDEV_SOCKET_NAME, boot_guest, wait_agree
 
     console = demo.console
     target_mib = 64 if demo.quick else 128

@@ -57,14 +57,12 @@ from lab.vdev_inprocess import InProcessVdev
 from lab.vdev_process import start_vdev, vdev_serve_argv
 from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
-from protocol.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KIB = 1024
 MIB = 1 << 20
-PAGES_PER_MIB = MIB // PAGE_SIZE
 CHARDEV_ID = "vb0"
 VDEV_SOCKET_NAME = "vdev.sock"
 BALLOON_DRIVER = "virtio_balloon"

@@ -19,12 +19,11 @@ from typing import Any
 
 import trio
 
-from protocol.units import PAGE_SIZE
+from protocol.units import PAGES_PER_MIB
 from vdev.devices.base import Device, get_personality
 from vdev.registry import GuestRegistry, GuestView
 from vdev.server import Connection, Server
 
-PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
 #: How long the shutdown on exit may take before the tasks are cancelled anyway.
 SHUTDOWN_TIMEOUT = 5.0
 

@@ -10,3 +10,5 @@ from __future__ import annotations
 PAGE_SHIFT = 12
 #: The page, in bytes (4 KiB).
 PAGE_SIZE = 1 << PAGE_SHIFT
+#: Pages in a MiB (256).
+PAGES_PER_MIB = (1 << 20) // PAGE_SIZE
