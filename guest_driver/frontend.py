@@ -3,7 +3,11 @@
 * :class:`GuestRamFile`: guest RAM as a sparse memfd, optionally laid out like QEMU's
   low RAM with the two ROM holes (``layout="qemu"``), with a fake front-end virtual address
   space (``uva = UVA_BASE + file offset``, like QEMU's single mapping of the memfd).
-* :class:`MemfdPort`: the async memory port :mod:`guest_driver.virtq` runs over.
+  ``layout="flat"`` is one region at any ``gpa`` (the conformance front-end's RAM).
+* :class:`MemfdPort`: the async memory port :mod:`guest_driver.virtq` runs over (over one or
+  more RAM files).
+* The bytes go through :mod:`guest_driver.wire` (SCM_RIGHTS, exact reads, hang-up, connect
+  retry), the wire both front-ends share.
 * :class:`VhostUserFrontend` (open it with :func:`connect_frontend`): connects to the
   back-end's socket and speaks QEMU 10's message order (docs: qemu-interop.md sections 1-2):
   :meth:`~VhostUserFrontend.handshake` (realize) then :meth:`~VhostUserFrontend.start`
