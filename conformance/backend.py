@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -46,7 +48,18 @@ class BackendStartError(LocalError):
     (the harness reports the cases as skipped); a rig's test fails with it."""
 
 
-def unix_listening(paths: Sequence[str | Path]) -> bool:
+def socket_identity(path: str | Path) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the socket file at ``path``; None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def unix_listening(
+    paths: Sequence[str | Path], *, stale: Mapping[str, tuple[int, int] | None] | None = None
+) -> bool:
     """Whether a unix socket listens on each of ``paths``, without connecting (a connection
     would be a front-end to the back-end). A socket file appears at ``bind()``, before
     ``listen()``, so its existence is not enough: ``/proc/net/unix`` lists every socket by the
@@ -54,7 +67,9 @@ def unix_listening(paths: Sequence[str | Path]) -> bool:
     socket and no socket bound to that name is still short of ``listen()``; a socket bound
     under another name and renamed onto the path once listening (as vdev does, so that a
     connect never meets a bound-but-not-listening socket) is not listed under the path.
-    Falls back to "the socket file exists" where ``/proc/net/unix`` cannot be read."""
+    ``stale`` maps a path to the socket file that was there before (:func:`socket_identity`):
+    that one does not count, a new one must appear. Falls back to "a new socket file exists"
+    where ``/proc/net/unix`` cannot be read."""
     try:
         with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
             next(f)
@@ -65,7 +80,13 @@ def unix_listening(paths: Sequence[str | Path]) -> bool:
             }
     except (OSError, StopIteration, ValueError):
         not_yet = set()
-    return all(Path(p).is_socket() and str(p) not in not_yet for p in paths)
+    old = stale or {}
+
+    def ready(p: str | Path) -> bool:
+        ident = socket_identity(p)
+        return ident is not None and ident != old.get(str(p)) and str(p) not in not_yet
+
+    return all(ready(p) for p in paths)
 
 
 class BackendProcess:
@@ -92,6 +113,9 @@ class BackendProcess:
     ) -> None:
         self.args = list(args)
         self.wait_for = [str(p) for p in wait_for]
+        #: socket files already at those paths: left by a back-end that is gone (or being
+        #: replaced); only new ones count as this child's
+        self.stale = {p: socket_identity(p) for p in self.wait_for}
         self.what = what
         self.log_path = log_path
         out: Any = None if inherit_output else subprocess.DEVNULL
@@ -140,7 +164,7 @@ class BackendProcess:
             raise self.start_error(
                 f"{self.what} exited {self.proc.returncode} before listening: {self.log_tail()}"
             )
-        return unix_listening(self.wait_for)
+        return unix_listening(self.wait_for, stale=self.stale)
 
     def _not_listening(self, timeout: float) -> BackendStartError:
         return self.start_error(
