@@ -28,8 +28,9 @@ import click
 import trio
 
 from guest_driver.driver import DriverConfig
-from guest_driver.guest_memory import PAGE_SIZE, WorkloadSpec
+from guest_driver.guest_memory import WorkloadSpec
 from protocol.errors import ConfigError, VballoonError
+from protocol.units import PAGE_SIZE
 from protocol.vmw import ALL_CAPABILITIES, Capability
 
 log = logging.getLogger(__name__)

@@ -54,18 +54,16 @@ def vdev_process(tmp_path: Path) -> Iterator[Callable[..., VdevProcess]]:
 
 @pytest.fixture
 async def vdev_inproc(nursery: trio.Nursery, tmp_path: Path) -> Any:
-    from vdev.devices.base import get_personality
-    from vdev.registry import GuestRegistry
-    from vdev.server import Server
+    from lab.vdev_inprocess import start_inprocess_vdev
 
     async def start(
         sockets: int = 1, target_pages: int = 0, device: str = "vmw"
     ) -> tuple[Any, Any]:
-        registry = GuestRegistry(device, target=target_pages)
-        paths = [str(tmp_path / f"in{i}.sock") for i in range(sockets)]
-        server = Server(registry, get_personality(device), socket_paths=paths)
-        await nursery.start(server.run)
-        return server, registry
+        paths = [tmp_path / f"in{i}.sock" for i in range(sockets)]
+        vdev = await start_inprocess_vdev(
+            nursery, paths, device=device, target_pages=target_pages
+        )
+        return vdev.server, vdev.registry
 
     return start
 

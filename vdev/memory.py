@@ -47,11 +47,10 @@ import numpy.typing as npt
 import trio
 
 from protocol.errors import FrontendError, GuestError, HostResourceError
+from protocol.units import PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 U64_MAX = (1 << 64) - 1
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -38,8 +38,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.units import PAGE_SIZE
 from vdev.policy.control import driver_active, failures
-from vdev.policy.model import PAGE_SIZE, HostState
+from vdev.policy.model import HostState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

@@ -53,7 +53,7 @@ from typing import Any
 import trio
 
 from protocol import vhost_user as vu
-from protocol.errors import FrontendError, GuestError, HostResourceError, PeerError
+from protocol.errors import FrontendError, GuestError, HostResourceError, PeerClosed, PeerError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
@@ -76,10 +76,6 @@ _ANC_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * array.array("i").itemsize)
 _serial = itertools.count(1)
 
 
-class PeerClosed(Exception):
-    """The front-end closed the connection (a normal end)."""
-
-
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -99,8 +95,8 @@ def socket_paths(path: str, count: int | None) -> list[str]:
 
 def listen_temp_path(path: str) -> str:
     """The name a listener is bound to before it is renamed onto ``path`` (``.NAME~`` beside
-    it). ``/proc/net/unix`` keeps the bound name, so this is the name it lists for ``path``
-    (``lab.vdev_process.unix_listening`` looks for both)."""
+    it). ``/proc/net/unix`` keeps the bound name, so ``path`` itself is never listed short
+    of ``listen()`` (what ``conformance.backend.unix_listening`` checks)."""
     head, name = os.path.split(path)
     return os.path.join(head, f".{name}~")
 

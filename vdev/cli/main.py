@@ -17,7 +17,7 @@ import click
 import trio
 
 from protocol.errors import ConfigError
-from protocol.vmw import PAGE_SIZE
+from protocol.units import PAGE_SIZE
 from vdev.cli.operator import register_operator_commands, serve_options, start_control_plane
 from vdev.devices.base import PERSONALITIES, get_personality
 from vdev.registry import GuestRegistry

@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.api.client import ApiClient, ApiError
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 MIB = 1 << 20
-PAGE_SIZE = 4096
 CONTROL_META = "vdev.control_config"
 
 # ------------------------------------------------------------------------------ vdev serve

@@ -36,11 +36,11 @@ from typing import Any, Protocol
 
 import trio
 
-from protocol.errors import ConfigError, HostResourceError
+from protocol.errors import ConfigError, HostResourceError, NotSimulated
+from protocol.units import PAGE_SIZE
 from vdev.config import ControlConfig
 from vdev.policy.host import SimulatedHost, read_host_sample
 from vdev.policy.model import (
-    PAGE_SIZE,
     HostSample,
     PolicyDecision,
     PolicyEngine,
@@ -90,10 +90,6 @@ class RegistryLike(Protocol):
     def set_target(self, name: str, pages: int) -> None: ...
     def demand_reset(self, name: str) -> None: ...
     def subscribe(self) -> trio.MemoryReceiveChannel[Any]: ...
-
-
-class NotSimulated(Exception):
-    """The host is real: its free memory cannot be set."""
 
 
 def jsonable(value: Any) -> Any:
