@@ -26,7 +26,15 @@ vballoon_policy_{pressure,unmet}_pages                 last policy step (pressur
 vballoon_policy_capped_pages{vm}                       limit / manual target cut by MCTLMAX
 vballoon_policy_steps_total                            policy steps taken
 vballoon_setting{path}                                 advanced settings
+vballoon_vm_info{vm,socket}                            1 per guest: the socket it is served on
+vballoon_build_info{version}                           1: the vballoon package version
+process_start_time_seconds, process_* (Linux)          prometheus_client's process collector:
+                                                       a change of the start time = a restart
 =====================================================  ===============================
+
+A reclaim the host refused (``fallocate``/``madvise`` failed: the pages stay resident) counts
+in ``vballoon_vm_balloon_events_total{counter="reclaim failures"}``. The alerting rules and the
+Grafana dashboard over these series are in ``contrib/prometheus`` and ``contrib/grafana``.
 """
 
 from __future__ import annotations
@@ -34,10 +42,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.version import package_version
 from vdev.policy.control import driver_active, failures
 from vdev.policy.model import PAGE_SIZE, HostState
 
@@ -106,6 +115,9 @@ class ControlPlaneCollector(Collector):
         stats = GaugeMetricFamily(
             "vballoon_vm_guest_stat", "virtio-balloon guest statistics", labels=["vm", "stat"]
         )
+        info = GaugeMetricFamily(
+            "vballoon_vm_info", "The guest and the socket it is served on", labels=["vm", "socket"]
+        )
 
         for name in control.registry.names():
             try:
@@ -115,6 +127,7 @@ class ControlPlaneCollector(Collector):
             counters = {
                 str(k): int(v) for k, v in dict(getattr(view, "counters", {}) or {}).items()
             }
+            info.add_metric([name, str(getattr(view, "socket_path", ""))], 1)
             connected.add_metric(
                 [name, str(getattr(view, "personality", ""))], float(bool(view.connected))
             )
@@ -137,7 +150,12 @@ class ControlPlaneCollector(Collector):
                 if int(value) >= 0:  # -1: the guest does not report it
                     stats.add_metric([name, str(stat)], int(value))
         yield from (connected, active, size, target, maximum, manual, ram, resident)
-        yield from (inflate, deflate, events, levels, fails, reclaimed, stats)
+        yield from (inflate, deflate, events, levels, fails, reclaimed, stats, info)
+        build = GaugeMetricFamily(
+            "vballoon_build_info", "The vballoon package version", labels=["version"]
+        )
+        build.add_metric([package_version()], 1)
+        yield build
 
         sample = control.last_sample
         decision = control.last_decision
@@ -206,4 +224,5 @@ class ControlPlaneCollector(Collector):
 def render_metrics(control: ControlPlane) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControlPlaneCollector(control))
+    ProcessCollector(registry=registry)  # process_start_time_seconds: restarts
     return generate_latest(registry)
