@@ -39,13 +39,17 @@ Grafana dashboard over these series are in ``contrib/prometheus`` and ``contrib/
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import trio
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.errors import ConfigError
 from protocol.version import package_version
 from vdev.policy.control import driver_active, failures
 from vdev.policy.model import PAGE_SIZE, HostState
@@ -54,6 +58,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from vdev.policy.control import ControlPlane
+
+log = logging.getLogger(__name__)
 
 
 class ControlPlaneCollector(Collector):
@@ -226,3 +232,60 @@ def render_metrics(control: ControlPlane) -> bytes:
     registry.register(ControlPlaneCollector(control))
     ProcessCollector(registry=registry)  # process_start_time_seconds: restarts
     return generate_latest(registry)
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``127.0.0.1:9851``, ``[::1]:9851``; ``:9851`` = every address; port 0:
+    one the kernel picks, logged)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"not HOST:PORT: {text!r} (example: 127.0.0.1:9851)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def serve_metrics(
+    control: ControlPlane,
+    address: str,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``GET /metrics`` (only) over TCP on ``address`` for Prometheus, which cannot scrape the
+    API's unix socket. Read-only: nothing here changes a target. Runs until cancelled."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    host, port = parse_metrics_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen for metrics on {address}: {exc.strerror}") from exc
+    bound = sock.getsockname()[:2]
+
+    async def metrics(request: Request) -> Response:
+        return Response(render_metrics(control), media_type=CONTENT_TYPE_LATEST)
+
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 0.5
+    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+
+    class _Started:
+        def started(self, value: object = None) -> None:
+            log.info("metrics on http://%s:%d/metrics", *bound)
+            task_status.started((str(bound[0]), int(bound[1])))
+
+    await hypercorn_serve(app, config, task_status=_Started())  # type: ignore[arg-type]
