@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import httpx
 import jsonschema
 import pytest
 import trio
+import yaml  # type: ignore[import-untyped]
 from conftest import missing_prerequisite
 from control_fakes import GuestProcess
 from observability_series import (
@@ -57,11 +59,11 @@ def test_promtool_test_rules() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     alerts = {
         rule["alert"]
-        for group in __import__("yaml").safe_load(RULES.read_text())["groups"]
+        for group in yaml.safe_load(RULES.read_text())["groups"]
         for rule in group["rules"]
         if "alert" in rule
     }
-    tested = set(__import__("re").findall(r"alertname: (\w+)", RULE_TESTS.read_text()))
+    tested = set(re.findall(r"alertname: (\w+)", RULE_TESTS.read_text()))
     assert alerts == tested, f"alerts without a unit test: {alerts - tested}"
 
 
