@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import trio
@@ -28,6 +29,14 @@ from lab.qemu import QemuBinary
 from lab.vdev_process import VdevProcess, start_vdev
 
 MiB = 1 << 20
+
+
+def missing_prerequisite(reason: str) -> NoReturn:
+    """A prerequisite scripts/setup provides is missing: skip, saying why, or under CI
+    (``CI=true``, where set-up ran on a fresh machine) fail."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: scripts/setup must provide it)")
+    pytest.skip(reason)
 
 
 @pytest.fixture

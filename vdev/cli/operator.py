@@ -45,6 +45,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 MIB = 1 << 20
 CONTROL_META = "vdev.control_config"
+METRICS_META = "vdev.metrics_address"
 
 # ------------------------------------------------------------------------------ vdev serve
 
@@ -78,6 +79,12 @@ def serve_options(f: F) -> F:
         help="Seconds between policy steps (default 1).",
     )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
+    @click.option(
+        "--metrics-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="Also serve GET /metrics over TCP here, for Prometheus (e.g. 127.0.0.1:9851).",
+    )
     @functools.wraps(f)
     def wrapper(
         *args: Any,
@@ -86,9 +93,11 @@ def serve_options(f: F) -> F:
         host_memory: str | None,
         policy_period: float | None,
         no_api: bool,
+        metrics_address: str | None,
         **kwargs: Any,
     ) -> Any:
         from vdev.config import ControlConfig, load_config, parse_size
+        from vdev.metrics import parse_metrics_address
 
         try:
             cfg = load_config(config_file) if config_file else ControlConfig()
@@ -109,10 +118,13 @@ def serve_options(f: F) -> F:
                     cfg.api_socket = default_api_socket(paths)
                 if cfg.api_socket is not None:
                     check_socket_path(cfg.api_socket)
+            if metrics_address is not None:
+                parse_metrics_address(metrics_address)
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
         ctx = click.get_current_context()
         ctx.meta[CONTROL_META] = (cfg, no_api)
+        ctx.meta[METRICS_META] = metrics_address
         return f(*args, **kwargs)
 
     return cast(F, wrapper)
@@ -133,6 +145,11 @@ async def start_control_plane(
     cfg, no_api = ctx.meta[CONTROL_META]
     control = ControlPlane(registry, cfg, initial_target_pages=registry.default_target)
     await nursery.start(control.run)
+    metrics_address = ctx.meta.get(METRICS_META)
+    if metrics_address is not None:
+        from vdev.metrics import serve_metrics
+
+        await nursery.start(serve_metrics, control, metrics_address)
     if no_api:
         return
     path = cfg.api_socket
