@@ -1,5 +1,8 @@
-"""Sizes: the page size, binary size constants, and the one size grammar every command line,
-config file and API request uses.
+"""Units every layer shares: the page, binary size constants, and the one size grammar every
+command line, config file and API request uses.
+
+vballoon's pages are 4 KiB everywhere: vmmemctl PPNs, virtio-balloon PFNs
+(``VIRTIO_BALLOON_PFN_SHIFT``), vhost-user region offsets, the policy's page counts.
 
 The grammar (case-insensitive, surrounding whitespace ignored)::
 
@@ -29,6 +32,7 @@ __all__ = [
     "KIB",
     "MAX_SIZE",
     "MIB",
+    "PAGES_PER_MIB",
     "PAGE_SHIFT",
     "PAGE_SIZE",
     "PIB",
@@ -37,12 +41,14 @@ __all__ = [
     "parse_size",
 ]
 
-#: The guest page size every format and model uses (4 KiB; vmmemctl PPNs and virtio-balloon
-#: PFNs are in these units).
+#: log2 of the page size.
 PAGE_SHIFT = 12
+#: The page, in bytes (4 KiB).
 PAGE_SIZE = 1 << PAGE_SHIFT
 KIB = 1 << 10
 MIB = 1 << 20
+#: Pages in a MiB (256).
+PAGES_PER_MIB = MIB // PAGE_SIZE
 GIB = 1 << 30
 TIB = 1 << 40
 PIB = 1 << 50

@@ -31,10 +31,10 @@ COMMAND_LINES = [
     ("missing-dir", ["--socket-path", "{d}/nosuchdir/s"], "does not exist"),
     ("not-a-socket", ["--socket-path", "{d}/plain"], "exists and is not a socket"),
     ("name-twice", ["--socket-path", "{d}/s", "--socket-count", "2", "--name", "a", "--name", "a"],
-     "'a' given twice"),
-    ("name-empty", ["--socket-path", "{d}/s", "--name", ""], "bad name ''"),
-    ("name-slash", ["--socket-path", "{d}/s", "--name", "vm0/../vm1"], "bad name 'vm0/../vm1'"),
-    ("name-dotdot", ["--socket-path", "{d}/s", "--name", ".."], "bad name '..'"),
+     "guest names must be distinct"),
+    ("name-empty", ["--socket-path", "{d}/s", "--name", ""], "bad guest name ''"),
+    ("name-slash", ["--socket-path", "{d}/s", "--name", "vm0/../vm1"], "bad guest name 'vm0/../vm1'"),
+    ("name-dotdot", ["--socket-path", "{d}/s", "--name", ".."], "bad guest name '..'"),
     ("name-count", ["--socket-path", "{d}/s", "--socket-count", "2", "--name", "a"],
      "one per socket"),
     ("api-is-socket", ["--socket-path", "{d}/s", "--api-socket", "{d}/s"],
@@ -60,7 +60,7 @@ CONFIGS = [
     ("memory-negative", "[vms.vm0]\nmemory = -5\n", "memory: a size must be >= 0"),
     ("unknown-vm", '[vms.nosuchvm]\nmemory = "1G"\n',
      "no guest named 'nosuchvm'; the guests are vm0"),
-    ("bad-vm-name", '[vms."a/b"]\nmemory = "1G"\n', "bad name 'a/b'"),
+    ("bad-vm-name", '[vms."a/b"]\nmemory = "1G"\n', "bad guest name 'a/b'"),
     ("history-float", "[serve]\nhistory = 1e13\n", "history: expected an integer"),
     ("history-huge", "[serve]\nhistory = 10000000000000\n", "history must keep 2 to 1000000"),
     ("mode-0777", '[serve]\napi_socket_mode = "0777"\n', "0777 is world-writable"),
@@ -136,7 +136,7 @@ def test_bad_config_values_are_usage_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--socket-path", "s", "--name", "web-1.prod_2"], ["--socket-path", "s", "--name", "A" * 64]],
+    [["--socket-path", "s", "--name", "web-1.prod_2"], ["--socket-path", "s", "--name", "A" * 128], ["--socket-path", "s", "--name", "dom:a@b+c"]],
 )
 def test_good_names_start(tmp_path: Path, argv: list[str]) -> None:
     """The name rule lets ordinary names through (the server starts; stopped at once)."""

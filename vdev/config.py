@@ -48,17 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import ConfigError
-from protocol.units import format_size, parse_size
-from vdev.names import check_name
-from vdev.policy.model import (
-    PAGE_SIZE,
-    PolicyEngine,
-    PolicySettings,
-    PoolSpec,
-    Shares,
-    SharesLevel,
-    VmSpec,
-)
+from protocol.units import PAGE_SIZE, format_size, parse_size
+from vdev.policy.model import PolicyEngine, PolicySettings, PoolSpec, Shares, SharesLevel, VmSpec
+from vdev.registry import check_guest_name
 
 __all__ = [
     "ControlConfig",
@@ -314,7 +306,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
     vms = _table(doc.get("vms", {}), f"{source} [vms]")
     for name, raw in vms.items():
         where = f"{source} [vms.{name}]"
-        check_name(name, where)
+        try:
+            check_guest_name(name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         t = _table(raw, where)
         _check_keys(t, _VM_KEYS, where)
         pool = t.get("pool")

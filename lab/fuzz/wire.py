@@ -45,9 +45,7 @@ from conformance.rawfrontend import (
     QVA_BASE,
     STATS_BUFFER,
     BalloonGuest,
-    Closed,
     Frontend,
-    Ram,
     VmwGuest,
     table_payload,
     vring_addr,
@@ -61,7 +59,7 @@ from lab.vdev_process import VdevProcess, start_vdev
 from protocol import vhost_user as vu
 from protocol import virtio_balloon as vb
 from protocol import vmw
-from protocol.errors import FrontendError
+from protocol.errors import BackendError, BackendHungUp
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vmw import Command as C
 
@@ -197,8 +195,8 @@ def _some_fds(d: Draw, fe: Frontend, owned: list[int]) -> list[int]:
     return out
 
 
-def _region(d: Draw, ram: Ram) -> dict[str, int]:
-    reg = ram.region()
+def _region(d: Draw, ram: GuestRamFile) -> dict[str, int]:
+    reg = ram.vhost_regions()[0]
     k = d.below(8)
     if k == 1:
         reg["memory_size"] = d.choice([0, 1, PAGE - 1, 1 << 40, (1 << 64) - 1])
@@ -394,7 +392,7 @@ async def _healthy_vb(path: str) -> None:
 async def _healthy_vb_checks(b: BalloonGuest) -> str | None:
     ram, n = b.fe.ram, HEALTHY_PAGES
     first = FREE_START_PFN + 100
-    ram.touch(first, n)
+    ram.fill(first * PAGE, n * PAGE, 0xA5)
     before = ram.allocated_bytes()
     used = await b.inflate(list(range(first, first + n)))
     if used.len != 0:
@@ -402,7 +400,7 @@ async def _healthy_vb_checks(b: BalloonGuest) -> str | None:
     freed = before - ram.allocated_bytes()
     if freed != n * PAGE:
         return f"accounting: {n} pages inflated, RAM file shrank by {freed} bytes"
-    if ram.read_sync(first * PAGE, PAGE) != bytes(PAGE):
+    if ram.read(first * PAGE, PAGE) != bytes(PAGE):
         return "accounting: an inflated page still holds data"
     used = await b.deflate(list(range(first, first + n)))
     if used.len != 0:
@@ -458,7 +456,7 @@ def one_input(data: bytes) -> None:
                     await _healthy(v.healthy)
                 else:
                     await _healthy_vb(v.healthy)
-        except* (trio.TooSlowError, FrontendError, OSError, Closed) as group:
+        except* (trio.TooSlowError, BackendError, BackendHungUp, OSError) as group:
             exc = group.exceptions[0]  # (from the front-end's nursery: in a group)
             raise Finding(
                 f"healthy {v.device} guest not served after the attack: {exc!r}"

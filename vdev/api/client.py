@@ -5,7 +5,7 @@ streams ``GET /events`` line by line. Errors come back as :class:`ApiError` carr
 server's ``{"error": ...}`` message.
 
 Names and setting paths become URL path segments only after checking (a VM name follows
-:mod:`vdev.names`' rule, a setting path has no empty, ``.`` or ``..`` segment:
+:func:`vdev.registry.check_guest_name`, a setting path has no empty, ``.`` or ``..`` segment:
 :class:`~protocol.errors.ConfigError` otherwise) and percent-escaping, so no argument can
 address another resource (``vm0/../vm1``, ``../settings``).
 """
@@ -20,14 +20,14 @@ from urllib.parse import quote
 import httpx
 
 from protocol.errors import ConfigError
-from vdev.names import check_name
+from vdev.registry import check_guest_name
 
 __all__ = ["ApiClient", "ApiError", "setting_segments", "vm_path"]
 
 
 def vm_path(name: str, *rest: str) -> str:
     """``/vms/NAME[/REST...]`` for a name that follows the name rule, escaped."""
-    return "/".join(["/vms", quote(check_name(name, "VM"), safe=""), *rest])
+    return "/".join(["/vms", quote(check_guest_name(name), safe=""), *rest])
 
 
 def setting_segments(path: str) -> list[str]:

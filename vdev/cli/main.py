@@ -22,6 +22,7 @@ import trio
 
 from protocol.errors import ConfigError
 from protocol.units import PAGE_SIZE, parse_size
+from protocol.version import package_version
 from vdev import socket_files
 from vdev.cli.operator import (
     CONTROL_META,
@@ -31,8 +32,8 @@ from vdev.cli.operator import (
 )
 from vdev.config import ControlConfig
 from vdev.devices.base import PERSONALITIES, get_personality
-from vdev.names import check_names
-from vdev.registry import GuestRegistry
+from vdev.logs import LOG_FORMATS, setup_logging, verbosity_level
+from vdev.registry import GuestRegistry, check_guest_name, name_from_socket_path
 from vdev.server import Server, socket_paths
 
 log = logging.getLogger("vdev")
@@ -41,16 +42,10 @@ def size_to_pages(text: str) -> int:
     return parse_size(text, "--target") // PAGE_SIZE
 
 
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-
-
 @click.group()
+@click.version_option(
+    package_version(), "--version", prog_name="vdev", message="%(prog)s %(version)s"
+)
 def main() -> None:
     """vballoon device side."""
 
@@ -95,7 +90,20 @@ def main() -> None:
     help="Seconds between guest statistics refreshes, 0 = only on request "
     "(QEMU's guest-stats-polling-interval; personalities with a stats queue: virtio-balloon).",
 )
-@click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
+@click.option("-v", "--verbose", count=True, help="Default info; -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object a line (time, level, logger, vm, event, message).",
+)
+@click.option(
+    "--name-from-socket",
+    is_flag=True,
+    help="Name each guest after its socket file (/run/vdev/DOMAIN.sock -> DOMAIN).",
+)
 @serve_options
 def serve(
     socket_path: str | None,
@@ -108,6 +116,9 @@ def serve(
     socket_group: str | None,
     stats_interval: float,
     verbose: int,
+    quiet: bool,
+    log_format: str,
+    name_from_socket: bool,
 ) -> None:
     """Run the vhost-user back-end."""
     try:
@@ -130,11 +141,23 @@ def serve(
     paths = socket_paths(socket_path, socket_count) if socket_path is not None else []
     ctx = click.get_current_context()
     cfg, no_api = ctx.meta.get(CONTROL_META, (ControlConfig(), True))
+    if names and name_from_socket:
+        raise click.UsageError("give either --name or --name-from-socket")
     try:
-        guests = check_names(names or [f"vm{i}" for i in range(max(len(paths), 1))], "--name")
+        if name_from_socket:
+            if not paths:
+                raise ConfigError("--name-from-socket needs --socket-path")
+            names = tuple(name_from_socket_path(p) for p in paths)
         if names and len(names) != max(len(paths), 1):
             raise ConfigError(f"--name: give one per socket ({max(len(paths), 1)})")
-        cfg.check_vm_names(guests)
+        for name in names:
+            try:
+                check_guest_name(name)
+            except ConfigError as exc:
+                raise ConfigError(f"--name: {exc}") from None
+        if len(set(names)) != len(names):
+            raise ConfigError("--name: guest names must be distinct")
+        cfg.check_vm_names(list(names) or [f"vm{i}" for i in range(max(len(paths), 1))])
         if fd is not None:
             _check_fd(fd)
         gid = _group_id(socket_group or cfg.socket_group)
@@ -155,7 +178,7 @@ def serve(
                 raise
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    setup_logging(verbose)
+    setup_logging(verbosity_level(verbose, quiet), log_format)
     registry = GuestRegistry(device, target=target_pages)
     with claims:
         try:

@@ -33,8 +33,9 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.api.client import ApiClient, ApiError, setting_segments
-from vdev.names import check_name
+from vdev.registry import check_guest_name
 
 if TYPE_CHECKING:
     import trio
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 MIB = 1 << 20
-PAGE_SIZE = 4096
 CONTROL_META = "vdev.control_config"
+METRICS_META = "vdev.metrics_address"
 
 # ------------------------------------------------------------------------------ vdev serve
 
@@ -79,6 +80,12 @@ def serve_options(f: F) -> F:
         help="Seconds between policy steps (default 1).",
     )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
+    @click.option(
+        "--metrics-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="Also serve GET /metrics over TCP here, for Prometheus (e.g. 127.0.0.1:9851).",
+    )
     @functools.wraps(f)
     def wrapper(
         *args: Any,
@@ -87,9 +94,11 @@ def serve_options(f: F) -> F:
         host_memory: str | None,
         policy_period: float | None,
         no_api: bool,
+        metrics_address: str | None,
         **kwargs: Any,
     ) -> Any:
         from vdev.config import ControlConfig, load_config, parse_size
+        from vdev.metrics import parse_metrics_address
 
         try:
             cfg = load_config(config_file) if config_file else ControlConfig()
@@ -112,10 +121,13 @@ def serve_options(f: F) -> F:
                     cfg.api_socket = default_api_socket(paths)
                 if cfg.api_socket is not None:
                     check_socket_path_length(cfg.api_socket, "--api-socket")
+            if metrics_address is not None:
+                parse_metrics_address(metrics_address)
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
         ctx = click.get_current_context()
         ctx.meta[CONTROL_META] = (cfg, no_api)
+        ctx.meta[METRICS_META] = metrics_address
         return f(*args, **kwargs)
 
     return cast(F, wrapper)
@@ -136,6 +148,11 @@ async def start_control_plane(
     cfg, no_api = ctx.meta[CONTROL_META]
     control = ControlPlane(registry, cfg, initial_target_pages=registry.default_target)
     await nursery.start(control.run)
+    metrics_address = ctx.meta.get(METRICS_META)
+    if metrics_address is not None:
+        from vdev.metrics import serve_metrics
+
+        await nursery.start(serve_metrics, control, metrics_address)
     if no_api:
         return
     path = cfg.api_socket
@@ -161,11 +178,12 @@ def api_option(f: F) -> F:
 
 
 def _vm_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """A VM argument follows the one name rule (:mod:`vdev.names`) before it goes near a URL."""
+    """A VM argument follows the one name rule (:func:`vdev.registry.check_guest_name`) before
+    it goes near a URL."""
     if value is None:
         return None
     try:
-        return check_name(value, "VM")
+        return check_guest_name(value)
     except ConfigError as e:
         raise click.BadParameter(str(e)) from None
 
