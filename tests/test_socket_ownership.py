@@ -270,7 +270,8 @@ def test_remove_checks_the_inode_which_cannot_be_reused(tmp_path: Path) -> None:
 def test_vdevs_racing_for_one_path_exactly_one_wins(tmp_path: Path) -> None:
     """Three ``vdev serve`` started at once on the same paths: one serves, the others exit 2
     naming it, and none of them removed a file of the winner's (its API answers)."""
-    from lab.vdev_process import spawn_vdev, unix_listening
+    from conformance.backend import unix_listening
+    from lab.vdev_process import spawn_vdev
     from vdev.api.client import ApiClient
 
     sock = tmp_path / "vm.sock"

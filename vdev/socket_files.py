@@ -42,7 +42,6 @@ __all__ = [
     "check_socket_path_length",
     "claim",
     "claim_all",
-    "is_listen_temp_name",
     "lock_path",
     "same_path",
     "unlink_if_ours",
@@ -215,14 +214,6 @@ def _check_free(path: str, what: str) -> None:
     finally:
         probe.close()
     raise _refuse(path, "another program is listening on it")
-
-
-def is_listen_temp_name(path: str, bound: str) -> bool:
-    """Whether ``bound`` (a name from ``/proc/net/unix``) is a temporary name
-    :func:`bind_listener` used for ``path``."""
-    head, name = os.path.split(path)
-    bhead, bname = os.path.split(bound)
-    return bhead == head and bname.startswith(f".{name}~")
 
 
 @dataclass
