@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import numpy as np
 import pytest
 import trio
+from conftest import missing_prerequisite
 
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
@@ -55,7 +56,7 @@ def want_qemu(personality: str) -> qemu.QemuBinary:
     q = qemu.best_qemu(need_test_device=personality == "virtio-balloon")
     q = q or qemu.best_qemu(need_test_device=False)
     if q is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     return q
 
 
@@ -272,7 +273,7 @@ async def test_virtio_balloon_stats_buffer_survives_vm_stop_cont() -> None:
     same buffer is popped again and can still be given back (reference section 6.5)."""
     q = want_qemu("virtio-balloon")
     if not q.has_test_device:
-        pytest.skip("needs QEMU >= 10.2 (statsq)")
+        missing_prerequisite("needs QEMU >= 10.2 (statsq)")
     with trio.fail_after(60):
         async with vdev_rig("virtio-balloon", q) as rig, guest(rig, q, qmp=True) as (vm, dev):
             assert vm.qmp is not None
