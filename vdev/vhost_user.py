@@ -286,7 +286,7 @@ class BackendConnection:
             if body.value & ~(vu.VRING_INDEX_MASK | vu.VRING_NOFD_MASK):
                 raise FrontendError(f"{self.name}: {request.name} reserved bits {body.value:#x}")
         elif request is R.REM_MEM_REG:
-            # allowed, never used: the owner closes it (vdev/server.py: in a worker thread,
+            # allowed, never used: the owner closes it (vdev/connection.py: in a worker thread,
             # it may be the last reference to a populated RAM file)
             return fds
         else:

@@ -111,7 +111,7 @@ def serve_options(f: F) -> F:
             if not no_api and not kwargs.get("print_capabilities"):
                 # refuse a live API socket before anything starts
                 from vdev.api.app import check_socket_path, default_api_socket
-                from vdev.server import socket_paths
+                from vdev.listeners import socket_paths
 
                 if cfg.api_socket is None and kwargs.get("socket_path"):
                     paths = socket_paths(kwargs["socket_path"], kwargs.get("socket_count"))

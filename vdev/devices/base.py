@@ -1,6 +1,6 @@
 """The interface between the vhost-user server and a device personality.
 
-The server (``vdev/server.py``) is personality-agnostic. Per connection it creates one
+The server (``vdev/connection.py``) is personality-agnostic. Per connection it creates one
 :class:`Device` (``cls(ctx, target=pages)``), hands it a :class:`DeviceContext` (the
 connection's :class:`~vdev.memory.GuestMemory` and :class:`~vdev.virtq.VirtQueue` objects),
 and calls it *sans-I/O*: every call that can change guest-visible state returns a
