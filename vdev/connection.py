@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from protocol import vhost_user as vu
-from protocol.errors import FrontendError, HostResourceError, PeerClosed, PeerError
+from protocol.errors import ConfigError, FrontendError, HostResourceError, PeerClosed, PeerError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
@@ -178,6 +178,15 @@ class Connection:
         self._control_send.send_nowait(action)
 
     def request_reset(self) -> None:
+        """The operator's reset (``vdev reset``). :class:`~protocol.errors.ConfigError` for a
+        personality that has none (:attr:`~vdev.devices.base.Device.operator_reset`)."""
+        if not self.device.operator_reset:
+            raise ConfigError(
+                f"{self.guest}: a {self.device.name} device cannot make its driver start over "
+                "(virtio has no device-initiated reset); set the target to 0 to take the "
+                "balloon back"
+            )
+
         def reset() -> Work:
             self.server.registry.note_reset(self.guest)
             return self.device.demand_reset()
@@ -324,16 +333,33 @@ class Connection:
                     if self.proto.rings_start_enabled:
                         q.enabled = True
                 self.device.features_negotiated(self.proto.acked_features)
-            return self.proto.answer(msg)
-        handler = getattr(self, f"_on_{r.name.lower()}")
-        result: bytes | None = await handler(msg)
-        return result if result is not None else self.proto.ack(msg)
+            reply = self.proto.answer(msg)
+        else:
+            handler = getattr(self, f"_on_{r.name.lower()}")
+            result: bytes | None = await handler(msg)
+            reply = result if result is not None else self.proto.ack(msg)
+        reason = self.proto.take_reset()
+        if reason is not None:
+            await self._device_reset(reason)
+        return reply
 
-    def _queue(self, msg: Message, *, stopped: bool = False) -> VirtQueue:
-        q = self.queues[msg.vring_index]
-        if stopped and q.started:
-            raise FrontendError(f"{self.name}: {msg.request.name} on running ring {q.index}")
-        return q
+    async def _device_reset(self, reason: str) -> None:
+        """The front-end reset the device (``vdev/vhost_user.py`` says how that is seen: a
+        ring restarted at another base, features re-negotiated, RESET_DEVICE): the device
+        forgets the balloon, as a real one does. The pages it had reclaimed are zero pages
+        the guest may use again; what the new driver inflates is reclaimed anew."""
+        async with self.lock:
+            forgotten = self.device.size_pages()
+            work = self.device.device_reset()
+            self.server.registry.note_reset(self.guest)
+            await self._execute(work)
+            self.server.registry.note_size(self.guest, self.device.size_pages())
+        log.info(
+            "%s: device reset (%s): forgot a balloon of %d pages", self.name, reason, forgotten
+        )
+
+    def _queue(self, msg: Message) -> VirtQueue:
+        return self.queues[msg.vring_index]  # index and ring state checked by the machine
 
     async def _on_set_mem_table(self, msg: Message) -> None:
         specs = [
@@ -381,16 +407,16 @@ class Connection:
 
     async def _on_set_vring_num(self, msg: Message) -> None:
         async with self.lock:
-            self._queue(msg, stopped=True).set_num(msg.body.num)
+            self._queue(msg).set_num(msg.body.num)
 
     async def _on_set_vring_base(self, msg: Message) -> None:
         async with self.lock:
-            self._queue(msg, stopped=True).set_base(msg.body.num)
+            self._queue(msg).set_base(msg.body.num)
 
     async def _on_set_vring_addr(self, msg: Message) -> None:
         b = msg.body
         async with self.lock:
-            self._queue(msg, stopped=True).set_addr(self.memory, b.desc, b.used, b.avail)
+            self._queue(msg).set_addr(self.memory, b.desc, b.used, b.avail)
             self.device.rings_changed()
 
     async def _on_get_vring_base(self, msg: Message) -> bytes:
@@ -401,8 +427,7 @@ class Connection:
             base = q.stop()
             self.rings.disarm(q.index)
         log.debug("%s: ring %d stopped at %d", self.name, q.index, base)
-        body = vu.build_payload(vu.VRING_STATE, {"index": q.index, "num": base}, "vring state")
-        return self.proto.reply(msg, body)
+        return self.proto.vring_base_reply(msg, base)
 
     async def _on_set_vring_kick(self, msg: Message) -> None:
         q = self._queue(msg)
@@ -477,10 +502,7 @@ class Connection:
                 q.broken = False
                 self.rings.disarm(i)
             self.device.features_negotiated(0)  # the acked features are gone (vhost_user.py)
-            work = self.device.demand_reset()
-            self.server.registry.note_reset(self.guest)
-            await self._execute(work)
-        log.info("%s: device reset by the front-end", self.name)
+        # the balloon is forgotten by _handle: the machine reports RESET_DEVICE as a reset
 
     _on_reset_owner = _on_reset_device
 
