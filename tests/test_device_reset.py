@@ -8,6 +8,8 @@ personalities; and the operator reset of virtio-balloon is refused, saying why.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +18,11 @@ import trio
 
 from guest_driver.frontend import VhostUserFrontend, VmwChannel, connect_frontend
 from guest_driver.virtq import Buffer
+from lab.vdev_process import vdev_serve
 from protocol import virtio_balloon as vb
 from protocol.errors import ConfigError
 from protocol.vmw import ALL_CAPABILITIES, Command, Status
+from vdev.api.client import ApiError
 
 MiB = 1 << 20
 FIRST = 0x1000  # PFN 0x1000 = 16 MiB: ordinary RAM, far above the rings
@@ -112,3 +116,30 @@ async def test_vmw_pause_keeps_reboot_demands_a_reset(vdev_inproc: Any, guest_ra
             assert start.status == Status.SUCCESS_WITH_CAPABILITIES
             assert (await ch.call(Command.LOCK, FIRST)).status == Status.SUCCESS  # anew
             assert registry.view("vm0").size_pages == 1
+
+
+async def test_vdev_reset_of_a_virtio_balloon_guest_is_refused_saying_why(
+    tmp_path: Path, guest_ram: Any
+) -> None:
+    """``vdev reset`` / ``POST /vms/vm0/reset`` through a real ``vdev serve``: 409 and a
+    message that says what to do instead; the CLI fails with it; the balloon is untouched."""
+    ram = guest_ram(64 * MiB)
+    with trio.fail_after(30):
+        async with (
+            vdev_serve(tmp_path, device="virtio-balloon") as vdev,
+            connect_frontend(str(vdev.socket_path), ram) as fe,
+        ):
+            await tell_host(fe, 0, np.arange(FIRST, FIRST + N, dtype=np.uint64))
+            with pytest.raises(ApiError, match="set the target to 0") as refused:
+                await vdev.reset()
+            assert refused.value.status == 409
+            argv = [sys.executable, "-m", "vdev", "reset", "vm0"]
+            done = await trio.run_process(
+                [*argv, "--api-socket", str(vdev.api_socket)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert done.returncode != 0
+            assert b"set the target to 0" in done.stderr
+            assert (await vdev.vm())["size_pages"] == N
