@@ -411,7 +411,8 @@ def set_target(api_socket: str, vm: str, size: str) -> None:
 @api_option
 @click.argument("vm")
 def reset(api_socket: str, vm: str) -> None:
-    """Demand a balloon reset: the guest driver pops every page and starts over."""
+    """Demand a balloon reset: the guest driver pops every page and starts over (vmw; a
+    virtio-balloon guest cannot be told to, so vdev refuses: set the target to 0 instead)."""
     with _client(api_socket) as c:
         _call(lambda: c.reset(vm))
     click.echo(f"{vm}: reset demanded")
