@@ -136,8 +136,9 @@ async def test_vmw_inflate_deflate_reclaims(page: str) -> None:
 
 
 async def test_vmw_guest_reset_mid_inflation() -> None:
-    """status 0 between two batches (QEMU: SET_VRING_ENABLE 0, GET_VRING_BASE), re-init,
-    and the same driver carries on: the device kept its pages, the rings restart at 0."""
+    """status 0 between two batches (QEMU: SET_VRING_ENABLE 0, GET_VRING_BASE), re-init
+    with the rings at 0: the device forgets its balloon and tells the driver (ERROR_RESET),
+    which pops its pages and starts over (vmballoon_reset); both end at the target."""
     q = want_qemu("vmw")
     with trio.fail_after(60):
         async with vdev_rig("vmw", q) as rig, guest(rig, q) as (_vm, dev):
@@ -242,10 +243,14 @@ async def test_virtio_balloon_guest_reset_mid_inflation() -> None:
             async def fill(num: int) -> int:
                 nonlocal calls
                 calls += 1
-                if calls == 10:
+                if calls == 10:  # the VM reboots mid-inflation
                     await dev.reset()  # GET_VRING_BASE on every ring (statsq: rewound)
                     assert not any(qq.started for qq in conn.queues)
-                    await drv.start()  # virtballoon_restore: rings, DRIVER_OK, actual again
+                    assert rig.view().size_pages == 9 * vb.MAX_PFNS_PER_BUFFER  # not yet
+                    drv.reboot()  # the new kernel's driver: an empty balloon
+                    await drv.start()  # probe: rings at 0 -> vdev forgets its balloon
+                    assert rig.view().size_pages == 0
+                    assert rig.view().counters["forgotten (4k)"] == 9 * vb.MAX_PFNS_PER_BUFFER
                 return await real(num)
 
             drv.fill = fill  # type: ignore[method-assign]
