@@ -47,7 +47,11 @@ LOCK_TIMEOUT = 600.0
 
 
 class LibvirtError(LocalError):
-    """libvirt (its root, daemon or virsh) did not do what was asked."""
+    """libvirt (its root, daemon or virsh) did not do what was asked.
+
+    Raised by :class:`LibvirtRoot` and :class:`LibvirtSession` (daemon, mounts, ``virsh``);
+    caught by the libvirt test (which reports it with the daemon's log) and by nothing else:
+    it ends the run."""
 
 
 def default_libvirt_root() -> Path:

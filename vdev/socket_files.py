@@ -38,11 +38,13 @@ __all__ = [
     "SUN_PATH_MAX",
     "Claim",
     "Listener",
+    "Owned",
     "bind_listener",
     "check_socket_path_length",
     "claim",
     "claim_all",
     "lock_path",
+    "own_listener",
     "same_path",
     "unlink_if_ours",
 ]
@@ -299,3 +301,30 @@ def claim_all(paths: Sequence[str], what: str = "socket") -> contextlib.ExitStac
         stack.close()
         raise
     return stack
+
+
+@dataclass
+class Owned:
+    """A listener at a path this process claimed: :meth:`remove` undoes both."""
+
+    listener: Listener
+    claim: Claim
+
+    def remove(self) -> None:
+        try:
+            self.listener.remove()
+        finally:
+            self.claim.release()
+
+
+def own_listener(
+    path: str, *, mode: int = 0o600, gid: int | None = None, what: str = "socket"
+) -> Owned:
+    """:func:`claim` ``path``, then :func:`bind_listener` on it (the claim is released if
+    that fails)."""
+    c = claim(path, what)
+    try:
+        return Owned(bind_listener(path, mode=mode, gid=gid), c)
+    except BaseException:
+        c.release()
+        raise

@@ -113,7 +113,7 @@ def serve_options(f: F) -> F:
                 # The API socket's path; `vdev serve` claims it (vdev.socket_files: a live
                 # one is refused) before anything starts, and only then is a stale one removed.
                 from vdev.api.app import default_api_socket
-                from vdev.server import socket_paths
+                from vdev.listeners import socket_paths
                 from vdev.socket_files import check_socket_path_length
 
                 if cfg.api_socket is None and kwargs.get("socket_path"):
@@ -433,7 +433,8 @@ def set_target(api_socket: str, vm: str, size: str) -> None:
 @api_option
 @click.argument("vm", callback=_vm_name)
 def reset(api_socket: str, vm: str) -> None:
-    """Demand a balloon reset: the guest driver pops every page and starts over."""
+    """Demand a balloon reset: the guest driver pops every page and starts over (vmw; a
+    virtio-balloon guest cannot be told to, so vdev refuses: set the target to 0 instead)."""
     with _client(api_socket) as c:
         _call(lambda: c.reset(vm))
     click.echo(f"{vm}: reset demanded")
