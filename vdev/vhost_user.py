@@ -308,6 +308,18 @@ class BackendConnection:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
+    def check_header(self, data: bytes) -> int:
+        """Validate a 12-byte header before its payload arrives; returns the payload size
+        (a :class:`FrontendError` for a bad one, the connection is then dead)."""
+        try:
+            self._check_header(vu.parse_header(data))
+        except (FrontendError, FormatError) as exc:
+            self.fail()
+            if isinstance(exc, FrontendError):
+                raise
+            raise FrontendError(f"{self.name}: {exc}") from None
+        return int(vu.parse_header(data).size)
+
     def _check_header(self, header: Any) -> None:
         flags = header.flags
         if flags & vu.VERSION_MASK != vu.VERSION:
