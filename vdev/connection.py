@@ -60,6 +60,7 @@ from vdev.handover import ConnStore, HandoverError, StateFile
 from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
 from vdev.pagemap import PAGES_PER_2M, PageMap
 from vdev.rings import Rings
+from vdev.sdnotify import same_open_file
 from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
 from vdev.virtq import RingBroken, VirtQueue
 
@@ -397,27 +398,38 @@ class Connection:
                 if reply:
                     await self._send_all(reply)
                 state.h["vu_sent"] = seq + 1
-            await self._consume(len(data))
+            await self._consume(len(data), len(fds))
 
     async def _peek_message(self) -> tuple[bytes, list[int]]:
-        """The next whole message (header + payload) and its fds, left in the socket."""
+        """The next whole message (header + payload) and its fds, left in the socket.
+
+        A peek hands out the fds of the next skb even when it copies no byte of it (Linux
+        ``unix_stream_read_generic`` moves on to the next skb with MSG_PEEK whatever is left
+        to read). So the fds of a peek are the message's own only when the message is one
+        that carries fds; otherwise they are the next message's and are dropped here. The
+        consuming read then checks the count (:meth:`_consume`)."""
         delay = 0.001
         while True:
-            data, anc, flags, _ = await self.sock.recvmsg(
-                vu.HEADER_SIZE + vu.MAX_PAYLOAD, _ANC_SPACE, socket.MSG_PEEK
-            )
-            fds = _fds_from(anc)
-            if flags & socket.MSG_CTRUNC:
-                close_fds(fds)
-                raise FrontendError(f"{self.name}: more than {vu.MAX_FDS} fds in one message")
-            if not data:
-                close_fds(fds)
-                raise PeerClosed
+            data, fds = await self._peek(vu.HEADER_SIZE)
             need = vu.HEADER_SIZE
-            if len(data) >= vu.HEADER_SIZE:
-                need += self.proto.check_header(data[: vu.HEADER_SIZE])
-                if len(data) >= need:
-                    return data[:need], fds
+            if len(data) == vu.HEADER_SIZE:
+                try:
+                    need += self.proto.check_header(data)
+                except FrontendError:
+                    close_fds(fds)
+                    raise
+                if need == vu.HEADER_SIZE:
+                    if not self.proto.expected_fds(data):
+                        close_fds(fds)
+                        fds = []
+                    return data, fds
+                close_fds(fds)
+                data, fds = await self._peek(need)
+                if len(data) == need:
+                    if not self.proto.expected_fds(data):
+                        close_fds(fds)
+                        fds = []
+                    return data, fds
             close_fds(fds)
             if _inq(self.sock) >= need:  # the rest is there but behind fds: not one message
                 self.proto.fail()
@@ -427,18 +439,36 @@ class Connection:
             await trio.sleep(delay)  # a front-end writing a message in pieces
             delay = min(delay * 2, 0.05)
 
-    async def _consume(self, n: int) -> None:
-        """Take ``n`` bytes (a message already handled) off the socket; close its fds."""
+    async def _peek(self, n: int) -> tuple[bytes, list[int]]:
+        data, anc, flags, _ = await self.sock.recvmsg(n, _ANC_SPACE, socket.MSG_PEEK)
+        fds = _fds_from(anc)
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise FrontendError(f"{self.name}: more than {vu.MAX_FDS} fds in one message")
+        if not data:
+            close_fds(fds)
+            raise PeerClosed
+        return data, fds
+
+    async def _consume(self, n: int, nfds: int | None = None) -> None:
+        """Take ``n`` bytes (a message already handled) off the socket; close its fds. A
+        message whose real fds are not the ``nfds`` the peek gave (a front-end that sent
+        fds a message does not carry) closes the connection."""
         left = n
+        got = 0
         while left:
             chunk, anc, _, _ = await self.sock.recvmsg(left, _ANC_SPACE)
-            close_fds(_fds_from(anc))
+            fds = _fds_from(anc)
+            got += len(fds)
+            close_fds(fds)
             if not chunk:
                 raise PeerClosed
             left -= len(chunk)
         self._vu_consumed += 1
         if self.state is not None:
             self.state.h["vu_consumed"] = self._vu_consumed
+        if nfds is not None and got != nfds:
+            raise FrontendError(f"{self.name}: a message carried {got} fds, expected {nfds}")
 
     # -- hand-over: the record -------------------------------------------------------------
 
@@ -461,7 +491,13 @@ class Connection:
             st.put(key, None)
         for key, fd in want.items():
             if key not in st.names:
-                st.put(key, fd, poll=not key.startswith("mem."))
+                same = None
+                if key.startswith("mem."):  # regions are often dups of one memfd
+                    same = next(
+                        (k for k in st.names if k.startswith("mem.") and same_open_file(fd, want[k])),
+                        None,
+                    )
+                st.put(key, fd, poll=not key.startswith("mem."), same_as=same)
 
     def _record(self, pending: list[tuple[int, int, int]], vu_note: dict[str, Any] | None) -> dict[str, Any]:
         st = self.fdstore

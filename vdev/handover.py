@@ -269,6 +269,7 @@ class Handover:
         self.inherited = inherited
         self.token = secrets.token_hex(3)
         self._serial = 0
+        self._taken: dict[str, int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -279,13 +280,16 @@ class Handover:
         return f"{kind}.{guest}.{self.token}.{self._serial}"
 
     def take(self, name: str) -> int | None:
-        """The inherited fd stored as ``name`` (claimed: not cleaned up)."""
+        """The inherited fd stored as ``name`` (claimed: not cleaned up). Asked again for
+        the same name (roles sharing one entry), a dup of it."""
         fds = self.inherited.pop(name, None)
         if not fds:
-            return None
+            first = self._taken.get(name)
+            return os.dup(first) if first is not None else None
         for extra in fds[1:]:
             with contextlib.suppress(OSError):
                 os.close(extra)
+        self._taken[name] = fds[0]
         return fds[0]
 
     def cleanup(self) -> list[str]:
@@ -313,11 +317,17 @@ class ConnStore:
         self.names: dict[str, str] = {}
         self._obsolete: list[str] = []
 
-    def put(self, key: str, fd: int | None, *, poll: bool = True) -> None:
+    def put(self, key: str, fd: int | None, *, poll: bool = True, same_as: str | None = None) -> None:
+        """Store ``fd`` as role ``key`` (None: the role let its fd go). ``same_as``: the
+        key of an fd sharing its open file description, already stored: the store would drop
+        this one as a duplicate (systemd does), so the role reuses that entry's name."""
         old = self.names.pop(key, None)
         if old is not None:
             self._obsolete.append(old)
         if fd is None:
+            return
+        if same_as is not None and same_as in self.names:
+            self.names[key] = self.names[same_as]
             return
         name = self.handover.name(key.replace(".", "-"), self.guest)
         self.handover.store.store(name, fd, poll=poll)
@@ -331,8 +341,10 @@ class ConnStore:
             self._obsolete.append(self.names.pop(key))
 
     def committed(self) -> None:
+        live = set(self.names.values())
         for name in self._obsolete:
-            self.handover.store.remove(name)
+            if name not in live:  # another role may share the entry
+                self.handover.store.remove(name)
         self._obsolete.clear()
 
     def remove_all(self) -> None:

@@ -15,6 +15,8 @@ The same protocol is served by systemd (``Type=notify``, ``FileDescriptorStoreMa
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
 import os
 import re
@@ -28,6 +30,29 @@ SD_LISTEN_FDS_START = 3
 _FDNAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
 #: The kernel's limit of fds in one AF_UNIX message.
 MAX_FDS_PER_MESSAGE = 253
+
+
+F_DUPFD_QUERY = 1027  # Linux 6.10
+_SYS_KCMP = 312  # x86_64
+_KCMP_FILE = 0
+
+
+def same_open_file(a: int, b: int) -> bool:
+    """``a`` and ``b`` share one open file description (what systemd's fd store compares
+    to drop a duplicate: ``F_DUPFD_QUERY``, else ``kcmp(KCMP_FILE)``). Two eventfds, or
+    two memfds, are *not* the same even though they share an inode."""
+    if a == b:
+        return True
+    try:
+        return fcntl.fcntl(a, F_DUPFD_QUERY, b) == 1
+    except OSError:
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pid = os.getpid()
+        return int(libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, a, b)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def valid_fdname(name: str) -> bool:

@@ -145,9 +145,9 @@ class Server:
                     os.close(fd)
                 ho.store.remove(f"{what}.{name}")
             return None
-        log.info(
-            "%s: connection resumed (balloon %d pages)", conn.name, conn.device.size_pages()
-        )
+        status = conn.device.status()
+        self.registry.set_target(name, status.target_pages)  # the record's, not --target's
+        log.info("%s: connection resumed (balloon %d pages)", conn.name, status.size_pages)
         return conn
 
     async def _run_resumed(self, conn: Connection, lock: trio.Lock) -> None:

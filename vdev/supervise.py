@@ -43,10 +43,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vdev.sdnotify import same_open_file
+
 log = logging.getLogger("vdev.supervise")
 
 _ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
-F_DUPFD_QUERY = 1027  # Linux 6.10: do two fds share one open file description?
 
 
 @dataclass
@@ -54,14 +55,6 @@ class Stored:
     name: str
     fd: int
     poll: bool
-
-
-def _same_file(a: int, b: int) -> bool:
-    """Same open file description (F_DUPFD_QUERY, else kcmp-free fallback: never)."""
-    try:
-        return fcntl.fcntl(a, F_DUPFD_QUERY, b) == 1
-    except OSError:
-        return False
 
 
 class Supervisor:
@@ -136,7 +129,7 @@ class Supervisor:
                 self._close([entry.fd])
         if fields.get("FDSTORE") == "1":
             for fd in fds:
-                if any(_same_file(fd, e.fd) for e in self.store):
+                if any(same_open_file(fd, e.fd) for e in self.store):
                     self._close([fd])  # "Suppressing duplicate fd"
                 elif len(self.store) >= self.max_fds:
                     log.warning("fd store full (%d): closing %s", self.max_fds, name)
