@@ -1,0 +1,294 @@
+"""The hand-over: ``vdev serve`` under ``vdev supervise`` killed with SIGKILL at random moments
+while a guest inflates and deflates without pause; every restart resumes the connection from
+the fd store and the state file, and no guest notices.
+
+Invariants checked after the storm (and the guest's own checks all along):
+
+* every request is answered exactly once (a used element per buffer, none extra; the vmw
+  driver never sees its device go away);
+* vdev's balloon size equals the guest's;
+* no page is both in the balloon and in use: the pages the guest gave are holes in the RAM
+  file, the pages it took back (and wrote) are data: the RAM file's holes are vdev's map;
+* the guest's own pages kept their contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import trio
+
+from conformance.rawfrontend import FREE_START_PFN, BalloonGuest
+from guest_driver.driver import DriverConfig
+from guest_driver.guest_memory import PageSize, PageState
+from guest_driver.transport_vhost_user import GuestOptions, run_guest
+from lab.vdev_process import ApiVdev, served_pid, vdev_serve
+from protocol import handover as ho
+from vdev.handover import StateFile
+from vdev.pagemap import PageMap
+from vdev.sdnotify import FdStore, listen_fds, notify, same_open_file
+from vdev.supervise import Supervisor
+
+T = TypeVar("T")
+PAGE = 4096
+MiB = 1 << 20
+KILLS = 20
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+
+def hole_mask(fd: int, first_pfn: int, count: int) -> np.ndarray:
+    """Per page of ``[first_pfn, first_pfn + count)``: a hole in the file (SEEK_DATA/HOLE)."""
+    holes = np.ones(count, dtype=bool)
+    start, end = first_pfn * PAGE, (first_pfn + count) * PAGE
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        if data >= end:
+            break
+        stop = min(os.lseek(fd, data, SEEK_HOLE), end)
+        holes[(data - start) // PAGE : -(-(stop - start) // PAGE)] = False
+        pos = stop
+    return holes
+
+
+async def retry(fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+    """``fn()`` until it works: the API is down while vdev restarts."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                return await fn()
+            except Exception:  # noqa: BLE001 - connection refused, reset, ...
+                await trio.sleep(0.05)
+
+
+async def kill9(vdev: ApiVdev) -> int:
+    """SIGKILL the vdev the supervisor runs; return once its successor answers the API with
+    the guest connected (the connection resumed)."""
+    pid = served_pid(vdev.proc.pid)
+    assert pid is not None, "vdev supervise runs no vdev"
+    os.kill(pid, signal.SIGKILL)
+    with trio.fail_after(30):
+        while served_pid(vdev.proc.pid) in (pid, None):
+            await trio.sleep(0.01)
+
+        async def resumed() -> dict[str, Any]:
+            view = await vdev.vm()
+            assert view["connected"]
+            return view
+
+        return int((await retry(resumed))["size_pages"])
+
+
+def supervised(tmp_path: Path, device: str) -> Any:
+    return vdev_serve(
+        tmp_path,
+        device=device,
+        extra=["--host-memory", "64G", "--stats-interval", "0"],
+        settings={"Mem/CtlMaxPercent": 99},
+        supervised=True,
+    )
+
+
+async def test_kill9_storm_virtio_balloon(tmp_path: Path) -> None:
+    """20 SIGKILLs while a virtio-balloon guest inflates and deflates 256-page buffers."""
+    rng = random.Random(13)
+    n = 4096  # the pages the guest plays with
+    first = FREE_START_PFN
+    with trio.fail_after(400):
+        async with supervised(tmp_path, "virtio-balloon") as vdev:
+            g = await BalloonGuest.attach(str(vdev.socket_path))
+            try:
+                g.fe.ram.touch(first, n)  # every page in use (data) to begin with
+                ballooned = np.zeros(n, dtype=bool)
+                answered = 0
+                done = trio.Event()
+
+                async def guest() -> None:
+                    nonlocal answered
+                    while not done.is_set():
+                        inflate = rng.random() < 0.6 or not ballooned.any()
+                        pool = np.flatnonzero(~ballooned if inflate else ballooned)
+                        if not pool.size:
+                            continue
+                        pick = np.sort(rng.sample(list(pool), min(256, pool.size)))
+                        pfns = [int(first + p) for p in pick]
+                        with trio.fail_after(60):  # answered, whatever the kills
+                            used = await (g.inflate(pfns) if inflate else g.deflate(pfns))
+                        assert used.len == 0
+                        answered += 1
+                        if inflate:
+                            ballooned[pick] = True
+                        else:
+                            ballooned[pick] = False
+                            for p in pfns:  # the guest uses its pages again
+                                g.fe.ram.map[p * PAGE : p * PAGE + 8] = struct.pack("<Q", p)
+                        await trio.sleep(0)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(guest)
+                    for _ in range(KILLS):
+                        await trio.sleep(rng.uniform(0.05, 0.6))
+                        await kill9(vdev)
+                    done.set()
+                # no extra used element on any ring (none answered twice)
+                for q in (g.fe.queues[0], g.fe.queues[1]):
+                    assert not await q.ring.poll_used()
+                view = await retry(vdev.vm)
+                assert answered > KILLS
+                assert view["size_pages"] == int(ballooned.sum())
+                holes = hole_mask(g.fe.ram.fd, first, n)
+                assert np.array_equal(holes, ballooned), (
+                    f"{int((holes & ~ballooned).sum())} holes not in the balloon, "
+                    f"{int((ballooned & ~holes).sum())} ballooned pages still data"
+                )
+                for p in np.flatnonzero(~ballooned)[:64]:  # contents of pages in use kept
+                    pfn = first + int(p)
+                    data = bytes(g.fe.ram.map[pfn * PAGE : pfn * PAGE + 8])
+                    assert data in (struct.pack("<Q", pfn), b"\xa5" * 8)
+                log = (tmp_path / "vdev.log").read_text()
+                assert log.count("connection resumed") >= KILLS
+            finally:
+                g.close()
+
+
+async def test_kill9_storm_vmw_driver(tmp_path: Path) -> None:
+    """20 SIGKILLs while the vmw driver core inflates and deflates with batches (2 MiB and
+    4 KiB) as the target swings: it never sees its device go away."""
+    rng = random.Random(7)
+    ram = 128 * MiB
+    pages = ram // PAGE
+    with trio.fail_after(400):
+        async with supervised(tmp_path, "vmw") as vdev, trio.open_nursery() as nursery:
+            options = GuestOptions(
+                str(vdev.socket_path), ram, DriverConfig(poll_interval=0.05), control_path=None
+            )
+            guest = await nursery.start(run_guest, options)
+            driver = guest.driver
+            for _ in range(KILLS):
+                target = rng.choice([0, pages // 8, pages // 3, pages // 2, pages * 3 // 4])
+                await retry(lambda t=target: vdev.set_target(t))  # type: ignore[misc]
+                await trio.sleep(rng.uniform(0.05, 0.5))
+                await kill9(vdev)
+            await retry(lambda: vdev.set_target(pages // 2))
+            with trio.fail_after(60):
+                while True:
+                    view = await retry(vdev.vm)
+                    if (
+                        not driver.reset_required
+                        and view["size_pages"] == driver.size
+                        and abs(driver.size - pages // 2) < 512
+                    ):
+                        break
+                    await trio.sleep(0.05)
+            mem = guest.memory
+            assert mem.count(PageState.BALLOON) == driver.size
+            assert mem.verify_app() == 0
+            holes = hole_mask(guest.transport.ram.fd, 0, pages)
+            locked = np.zeros(pages, dtype=bool)
+            locked[driver.pages(PageSize.SIZE_4K)] = True
+            for f in driver.pages(PageSize.SIZE_2M):
+                locked[int(f) : int(f) + 512] = True
+            assert not (locked & ~holes).any(), "a ballooned page is still data"
+            assert int(view["ram_allocated_bytes"]) <= (pages - driver.size) * PAGE
+            stats = driver.stats.ops if hasattr(driver.stats, "ops") else {}
+            assert "timeout" not in json.dumps(stats, default=str)
+            nursery.cancel_scope.cancel()
+
+
+# -- the pieces, without processes ------------------------------------------------------------
+
+
+def test_state_file_rollback_and_commit() -> None:
+    """Map edits after the last commit are undone; committed ones stay."""
+    st = StateFile.create("t")
+    try:
+        m = PageMap(backing=st)
+        m.set_4k(np.arange(100, 200, dtype=np.uint64))
+        st.commit({"v": ho.RECORD_VERSION, "n": 1})
+        m.set_4k(np.arange(5000, 5600, 3, dtype=np.uint64))  # scattered
+        m.clear_4k(np.arange(100, 150, dtype=np.uint64))  # one span
+        m.set_2m(np.array([40], dtype=np.uint64))
+        again = StateFile.open(os.dup(st.fd))
+        assert again.read_record() == {"v": 1, "n": 1}
+        assert again.rollback() == 3
+        back = PageMap(backing=again)
+        assert back.size == 100 and back.count_2m == 0
+        assert back.locked_4k().tolist() == list(range(100, 200))
+        assert again.rollback() == 0  # nothing twice
+        m2 = PageMap(backing=again)
+        m2.clear()  # a full clear, journaled too
+        again.commit({"v": 1, "n": 2})
+        assert PageMap(backing=again).size == 0
+        again.close()
+    finally:
+        st.close()
+
+
+def test_state_file_refuses_foreign_layouts() -> None:
+    fd = os.memfd_create("x")
+    os.ftruncate(fd, 8192)
+    with pytest.raises(Exception, match="layout|state"):
+        StateFile.open(fd)
+
+
+def test_sd_notify_and_listen_fds(tmp_path: Path) -> None:
+    """The wire format both ends agree on, and LISTEN_* parsing (names, pid check)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    sock.bind(path)
+    efd = os.eventfd(0)
+    try:
+        store = FdStore(path)
+        store.store("conn.vm0", efd)
+        msg, fds, _, _ = socket.recv_fds(sock, 4096, 4)
+        assert msg == b"FDSTORE=1\nFDNAME=conn.vm0\n" and len(fds) == 1
+        assert same_open_file(fds[0], efd) and not same_open_file(fds[0], os.eventfd(0))
+        os.close(fds[0])
+        with pytest.raises(ValueError):
+            store.store("bad:name", efd)
+        assert not notify({"READY": 1}, address=None) or os.environ.get("NOTIFY_SOCKET")
+    finally:
+        sock.close()
+        os.close(efd)
+    env = {"LISTEN_FDS": "0", "LISTEN_PID": str(os.getpid())}
+    assert listen_fds(env) == {} and "LISTEN_FDS" not in env
+    env = {"LISTEN_FDS": "2", "LISTEN_PID": "1", "LISTEN_FDNAMES": "a:b"}
+    assert listen_fds(env) == {}  # not for us
+
+
+def test_supervisor_store_rules() -> None:
+    """FDSTORE / FDSTOREREMOVE / duplicates / FDPOLL, as systemd applies them."""
+    sup = Supervisor(["true"], notify_name=f"vballoon-test-{os.getpid()}")
+    try:
+        a, b = os.eventfd(0), os.eventfd(0)
+        sup._apply("FDSTORE=1\nFDNAME=one\n", [a])
+        sup._apply("FDSTORE=1\nFDNAME=dup\n", [os.dup(a)])  # same open file: dropped
+        sup._apply("FDSTORE=1\nFDNAME=two\nFDPOLL=0\n", [b])
+        assert [(e.name, e.poll) for e in sup.store] == [("one", True), ("two", False)]
+        sup._apply("FDSTOREREMOVE=1\nFDNAME=one\n", [])
+        assert [e.name for e in sup.store] == ["two"]
+        x, y = socket.socketpair()
+        sup._apply("FDSTORE=1\nFDNAME=conn\n", [x.detach()])
+        y.close()  # the peer hangs up: a polled entry goes
+        sup._poll_store()
+        assert [e.name for e in sup.store] == ["two"]
+        extra = os.eventfd(0)
+        sup._apply("READY=1\n", [extra])  # fds without FDSTORE=1 are closed
+        with pytest.raises(OSError):
+            os.fstat(extra)
+    finally:
+        sup._close([e.fd for e in sup.store])
+        sup.sock.close()
