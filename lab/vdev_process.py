@@ -69,6 +69,7 @@ def serve_argv(
     extra: Sequence[str] = (),
     vdev_cmd: Sequence[str] | None = None,
     supervised: bool = False,
+    supervisor_args: Sequence[str] = (),
 ) -> list[str]:
     """``vdev serve`` on ``socket_path`` (with ``socket_count``: ``--socket-count``, sockets
     ``socket_path0..``, see :func:`socket_paths`); the API on ``api_socket`` (default: vdev's,
@@ -76,7 +77,9 @@ def serve_argv(
     ``device`` None leaves vdev's default personality; ``extra`` is appended. ``supervised``:
     under ``vdev supervise`` (the fd store and restarts; :func:`served_pid` is the vdev)."""
     cmd = list(vdev_cmd or VDEV_CMD)
-    prefix = [*cmd, "supervise", "--restart-delay", "0", "--"] if supervised else []
+    prefix = (
+        [*cmd, "supervise", "--restart-delay", "0", *supervisor_args, "--"] if supervised else []
+    )
     argv = [*prefix, *cmd, "serve"]
     if device is not None:
         argv += ["--device", device]
@@ -270,6 +273,7 @@ async def vdev_serve(
     verbose: int = 1,
     timeout: float = START_TIMEOUT,
     supervised: bool = False,
+    supervisor_args: Sequence[str] = (),
 ) -> AsyncIterator[ApiVdev]:
     """``vdev serve`` on ``directory/socket_name`` with its API on ``directory/vdev.api``;
     with ``socket_count`` N (``--socket-count``) on ``directory/socket_name0`` ..
@@ -284,6 +288,7 @@ async def vdev_serve(
         sock, socket_count=socket_count, api_socket=api,
         log_path=log_path or directory / "vdev.log", timeout=timeout,
         device=device, target=target, verbose=verbose, extra=extra, supervised=supervised,
+        supervisor_args=supervisor_args,
     ) as proc:  # fmt: skip
         handle = ApiVdev(proc, Path(proc.paths[0]), api, name)
         try:

@@ -120,6 +120,7 @@ class Connection:
             self.fdstore = ConnStore(handover, guest)
         self._vu_consumed = 0  # vhost-user messages consumed from the socket
         self._resumed = False
+        self.manual_target: int | None = None  # the record's (a resumed connection)
         self.device = device_cls(
             DeviceContext(
                 self.name,
@@ -554,6 +555,7 @@ class Connection:
             "used_base": {str(q.index): q.used_idx for q in self.queues},
             "vu": vu_note,
             "reclaimed": self.memory.reclaimed_bytes_total,
+            "manual_target": self.server.registry.manual.get(self.guest),
         }
 
     def _commit(
@@ -659,6 +661,8 @@ class Connection:
         self.device.features_negotiated(self.proto.acked_features)
         self.device.rings_changed()
         self.memory.reclaimed_bytes_total = int(rec.get("reclaimed", 0))
+        manual = rec.get("manual_target")
+        self.manual_target = int(manual) if isinstance(manual, int) else None
         # the last batch's completions: written again where they were (idempotent)
         base = {int(k): int(v) for k, v in (rec.get("used_base") or {}).items()}
         by_queue: dict[int, list[tuple[int, int]]] = {}
@@ -995,7 +999,9 @@ class Connection:
             self._config_change_pending = True
             return
         self._config_change_pending = False
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+        with contextlib.suppress(
+            trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+        ):  # a full channel already holds one; a writer that ended logged why
             self._backend_send.send_nowait(self.proto.config_change_message())
 
     async def _backend_writer(

@@ -96,10 +96,8 @@ class Server:
                 nursery.start_soon(accept_loop, listener, name, partial(self._spawn, name=name))
             if self.handover is not None:
                 self.handover.cleanup()  # whatever no listener or connection claimed
-            for conn in resumed:
-                lock = self._guest_locks.setdefault(conn.guest, trio.Lock())
-                lock.acquire_nowait()
-                nursery.start_soon(self._run_resumed, conn, lock)
+            for conn in resumed:  # each holds its guest's lock before any accept is served
+                await nursery.start(self._run_resumed, conn)
             log.info("serving %s on %s", self.device_cls.name, ", ".join(self.socket_paths) or "-")
             task_status.started(self)
 
@@ -147,14 +145,21 @@ class Server:
             return None
         status = conn.device.status()
         self.registry.set_target(name, status.target_pages)  # the record's, not --target's
+        self.registry.resumed.add(name)
+        manual = conn.manual_target
+        if manual is not None:
+            self.registry.manual[name] = int(manual)
+        else:
+            self.registry.manual.pop(name, None)
         log.info("%s: connection resumed (balloon %d pages)", conn.name, status.size_pages)
         return conn
 
-    async def _run_resumed(self, conn: Connection, lock: trio.Lock) -> None:
-        try:
+    async def _run_resumed(
+        self, conn: Connection, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self._guest_locks.setdefault(conn.guest, trio.Lock()):
+            task_status.started()
             await self._run_connection(conn, resumed=True)
-        finally:
-            lock.release()
 
     async def serve_fd(self, fd: int, name: str = "vm0") -> None:
         """Serve one already-connected socket (``--fd``) until it closes."""

@@ -171,6 +171,12 @@ def serve(
             raise click.BadParameter(str(exc), param_hint="--name") from None
     if len(set(names)) != len(names):
         raise click.BadParameter("guest names must be distinct", param_hint="--name")
+    import vdev as package
+
+    log.info(
+        "vdev serve %s from %s (pid %d)",
+        getattr(package, "BUILD", "-"), os.path.dirname(package.__file__), os.getpid(),
+    )  # fmt: skip
     handover = Handover(FdStore(), listen_fds())
     stop = StopMode(deflate=deflate_on_stop, timeout=stop_timeout)
     try:
