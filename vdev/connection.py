@@ -60,7 +60,6 @@ from vdev.handover import ConnStore, HandoverError, StateFile
 from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
 from vdev.pagemap import PAGES_PER_2M, PageMap
 from vdev.rings import Rings
-from vdev.sdnotify import same_open_file
 from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
 from vdev.virtq import RingBroken, VirtQueue
 
@@ -318,6 +317,8 @@ class Connection:
             self.fdstore.remove_all()
             self.fdstore.handover.store.remove(f"conn.{self.guest}")
             self.fdstore.handover.store.remove(f"state.{self.guest}")
+        elif self.fdstore is not None:
+            self.fdstore.close()
         if self.state is not None and not self.server.handing_over:
             state, self.state = self.state, None
             state.close()  # the map views keep the mapping until they go; the fd goes now
@@ -492,13 +493,7 @@ class Connection:
             st.put(key, None)
         for key, fd in want.items():
             if key not in st.names:
-                same = None
-                if key.startswith("mem."):  # regions are often dups of one memfd
-                    same = next(
-                        (k for k in st.names if k.startswith("mem.") and same_open_file(fd, want[k])),
-                        None,
-                    )
-                st.put(key, fd, poll=not key.startswith("mem."), same_as=same)
+                st.put(key, fd, poll=not key.startswith("mem."))
 
     def _record(self, pending: list[tuple[int, int, int]], vu_note: dict[str, Any] | None) -> dict[str, Any]:
         st = self.fdstore
@@ -618,7 +613,7 @@ class Connection:
             fd = handover.take(name)
             if fd is None:
                 raise HandoverError(f"{self.name}: stored fd {name} is missing")
-            st.adopt(f"{key}.{fd}", name)
+            st.adopt(f"{key}.{fd}", name, fd)
             return fd
 
         p = rec["proto"]
@@ -631,7 +626,7 @@ class Connection:
             fd = handover.take(m["fd"])
             if fd is None:
                 raise HandoverError(f"{self.name}: stored memory fd {m['fd']} is missing")
-            st.adopt(f"mem.{fd}", m["fd"])
+            st.adopt(f"mem.{fd}", m["fd"], fd)
             specs.append(RegionSpec(int(m["gpa"]), int(m["size"]), int(m["uaddr"]), int(m["offset"])))
             fds.append(fd)
         if specs:

@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from protocol import handover as ho
 from protocol.errors import HostResourceError
-from vdev.sdnotify import FdStore
+from vdev.sdnotify import FdStore, same_open_file
 
 log = logging.getLogger(__name__)
 
@@ -308,50 +308,67 @@ class Handover:
 
 class ConnStore:
     """The fd store entries of one connection: one name per role key (``conn``,
-    ``backend``, ``mem.3``, ``q0.kick``...). A replaced entry's old name is removed only
-    after the next commit (a crash in between leaves the old record valid)."""
+    ``backend.N``, ``mem.N``, ``q0.kick.N``...). The store keeps one entry per open file
+    description (systemd drops a duplicate), so roles whose fds share one (regions of one
+    memfd; an eventfd QEMU hands over again, or for another ring) share that entry's name:
+    the connection keeps a dup of every stored fd to compare. A name a role let go is removed
+    only after the next commit (a crash in between leaves the old record valid), and only
+    when no role uses it any more."""
 
     def __init__(self, handover: Handover, guest: str) -> None:
         self.handover = handover
         self.guest = guest
         self.names: dict[str, str] = {}
-        self._obsolete: list[str] = []
+        self._dups: dict[str, int] = {}  # stored name -> our dup of its fd
+        self._obsolete: set[str] = set()
 
-    def put(self, key: str, fd: int | None, *, poll: bool = True, same_as: str | None = None) -> None:
-        """Store ``fd`` as role ``key`` (None: the role let its fd go). ``same_as``: the
-        key of an fd sharing its open file description, already stored: the store would drop
-        this one as a duplicate (systemd does), so the role reuses that entry's name."""
+    def put(self, key: str, fd: int | None, *, poll: bool = True) -> None:
+        """Store ``fd`` as role ``key`` (None: the role let its fd go)."""
         old = self.names.pop(key, None)
         if old is not None:
-            self._obsolete.append(old)
+            self._obsolete.add(old)
         if fd is None:
             return
-        if same_as is not None and same_as in self.names:
-            self.names[key] = self.names[same_as]
-            return
+        for name, dup in self._dups.items():
+            if same_open_file(fd, dup):
+                self.names[key] = name
+                self._obsolete.discard(name)
+                return
         name = self.handover.name(key.replace(".", "-"), self.guest)
         self.handover.store.store(name, fd, poll=poll)
         self.names[key] = name
+        self._dups[name] = os.dup(fd)
 
-    def adopt(self, key: str, name: str) -> None:
+    def adopt(self, key: str, name: str, fd: int) -> None:
+        """A role of a resumed connection, stored as ``name`` by the previous process."""
         self.names[key] = name
-
-    def drop_prefix(self, prefix: str) -> None:
-        for key in [k for k in self.names if k.startswith(prefix)]:
-            self._obsolete.append(self.names.pop(key))
+        if name not in self._dups:
+            self._dups[name] = os.dup(fd)
 
     def committed(self) -> None:
         live = set(self.names.values())
-        for name in self._obsolete:
-            if name not in live:  # another role may share the entry
-                self.handover.store.remove(name)
+        for name in self._obsolete - live:
+            self.handover.store.remove(name)
+            with contextlib.suppress(OSError, KeyError):
+                os.close(self._dups.pop(name))
         self._obsolete.clear()
 
     def remove_all(self) -> None:
-        for name in [*self.names.values(), *self._obsolete]:
+        for name in {*self.names.values(), *self._obsolete, *self._dups}:
             self.handover.store.remove(name)
+        for dup in self._dups.values():
+            with contextlib.suppress(OSError):
+                os.close(dup)
         self.names.clear()
+        self._dups.clear()
         self._obsolete.clear()
+
+    def close(self) -> None:
+        """Close our dups, leaving the store as it is (a hand-over)."""
+        for dup in self._dups.values():
+            with contextlib.suppress(OSError):
+                os.close(dup)
+        self._dups.clear()
 
 
 Journal = Callable[[int, int, int, "npt.NDArray[np.intp] | None"], None]
