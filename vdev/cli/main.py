@@ -253,12 +253,16 @@ async def _serve(
                     return
 
             nursery.start_soon(on_signal)
-            await start_control_plane(nursery, registry, paths)
             if fd is not None:
+                await start_control_plane(nursery, registry, paths)
                 await server.serve_fd(fd, (names or ["vm0"])[0])
                 nursery.cancel_scope.cancel()
             else:
+                # the sockets (and the connections a previous vdev handed over) first: a
+                # resumed guest is answered before the control plane and the API start
                 await nursery.start(server.run)
+                await trio.sleep(0.01)
+                await start_control_plane(nursery, registry, paths)
                 if managed:
                     store = server.handover.store  # type: ignore[union-attr]
                     store.send({"READY": 1, "STATUS": f"serving {len(paths)} guests"})
