@@ -60,7 +60,7 @@ from vdev.handover import ConnStore, HandoverError, StateFile
 from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
 from vdev.pagemap import PAGES_PER_2M, PageMap
 from vdev.rings import Rings
-from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
+from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, State, close_fds
 from vdev.virtq import RingBroken, VirtQueue
 
 if TYPE_CHECKING:
@@ -506,8 +506,9 @@ class Connection:
             "proto": {
                 "acked": self.proto.acked_features,
                 "protocol": self.proto.protocol_features,
-                "owner": self.proto.owner,
-                "features_set": self.proto.features_set,
+                "state": self.proto.state.value,
+                "started": sorted(self.proto.started),
+                "stopped_at": {str(k): v for k, v in self.proto.stopped_at.items()},
             },
             "memory": [
                 {
@@ -619,8 +620,9 @@ class Connection:
         p = rec["proto"]
         self.proto.acked_features = int(p["acked"])
         self.proto.protocol_features = int(p["protocol"])
-        self.proto.owner = bool(p["owner"])
-        self.proto.features_set = bool(p["features_set"])
+        self.proto.state = State(p.get("state", State.NEGOTIATED.value))
+        self.proto.started = {int(i) for i in p.get("started", ())}
+        self.proto.stopped_at = {int(k): int(v) for k, v in p.get("stopped_at", {}).items()}
         specs, fds = [], []
         for m in rec["memory"]:
             fd = handover.take(m["fd"])
