@@ -384,3 +384,55 @@ def test_supervisor_store_rules() -> None:
     finally:
         sup._close([e.fd for e in sup.store])
         sup.sock.close()
+
+
+# -- a vhost-user message in flight at the crash --------------------------------------------
+
+
+@pytest.mark.parametrize("point", ["before-commit", "before-send", "before-consume"])
+async def test_message_in_flight_at_the_crash_is_answered_once(tmp_path: Path, point: str) -> None:
+    """QEMU waits for each reply: vdev killed while it handles GET_CONFIG (before recording
+    it, after recording it but before replying, after replying but before consuming it)
+    must answer it once after the restart: the front-end gets exactly one GET_CONFIG reply,
+    then the reply to its next request (a second, stale one would come back instead)."""
+    from protocol.vhost_user import FrontendRequest as R
+
+    flag = tmp_path / "armed"
+    sock, api = tmp_path / "vm0.sock", tmp_path / "vdev.api"
+    argv = serve_argv(
+        sock, api_socket=api, device="virtio-balloon", target=str(3 * PAGE * 1000),
+        extra=["--stats-interval", "0"],
+    )  # fmt: skip
+    crash = [
+        "/usr/bin/env", f"VBALLOON_CRASH_AT={point}", f"VBALLOON_CRASH_REQUEST={int(R.GET_CONFIG)}",
+        f"VBALLOON_CRASH_FLAG={flag}", argv[0], str(REPO / "tests" / "crashing_vdev.py"),
+        *argv[3:],
+    ]  # fmt: skip
+    cmd_file = tmp_path / "vdev.json"
+    cmd_file.write_text(json.dumps(crash))
+    with trio.fail_after(120):
+        async with vdev_serve(
+            tmp_path, device="virtio-balloon", supervised=True,
+            supervisor_args=["--command-file", str(cmd_file)],
+        ) as vdev:  # fmt: skip
+            g = await BalloonGuest.attach(str(vdev.socket_path))
+            try:
+                first = served_pid(vdev.proc.pid)
+                flag.touch()
+                num_pages, actual = await g.config()  # the crash, the restart, the answer
+                assert not flag.exists(), "the crash point was never reached"
+                with trio.fail_after(30):  # (the reply may have left just before the kill)
+                    while served_pid(vdev.proc.pid) in (first, None):
+                        await trio.sleep(0.01)
+                assert (num_pages, actual) == (3000, 0)
+                # the next reply is GET_FEATURES' own (request() checks the reply's type)
+                assert await g.fe.get_u64(R.GET_FEATURES) & (1 << 32)
+                used = await g.inflate([FREE_START_PFN + i for i in range(8)])
+                assert used.len == 0
+                assert (await retry(vdev.vm))["size_pages"] == 8
+                log = (tmp_path / "vdev.log").read_text()
+                assert "connection resumed" in log
+                if point == "before-send":
+                    assert "sending the reply to message" in log
+            finally:
+                g.close()
