@@ -2,9 +2,12 @@
 
 Run as ``python tests/crashing_vdev.py serve ...`` with ``VBALLOON_CRASH_AT`` one of
 ``before-commit`` (a message handled, nothing recorded), ``before-send`` (recorded, reply not
-sent), ``before-consume`` (reply sent and marked, message still in the socket),
-``VBALLOON_CRASH_REQUEST`` the vhost-user request number and ``VBALLOON_CRASH_FLAG`` a file
-whose existence arms the crash (it is removed when it fires: the restarted vdev runs on).
+sent), ``before-consume`` (reply sent and marked, message still in the socket) with
+``VBALLOON_CRASH_REQUEST`` the vhost-user request number; or, on a ring batch that reclaims
+pages, ``batch-before-commit`` (the model changed the page map, nothing recorded) and
+``batch-before-push`` (recorded and reclaimed, the used ring not written).
+``VBALLOON_CRASH_FLAG`` is a file whose existence arms the crash (it is removed when it fires:
+the restarted vdev runs on).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ REQUEST = int(os.environ.get("VBALLOON_CRASH_REQUEST", "-1"))
 FLAG = Path(os.environ.get("VBALLOON_CRASH_FLAG", "/nonexistent"))
 
 
-def _fire(conn: Any, point: str) -> None:
-    if point == POINT and getattr(conn, "_crash_request", None) == REQUEST and FLAG.exists():
+def _fire(conn: Any, point: str, *, batch: bool = False) -> None:
+    if point != POINT or not FLAG.exists():
+        return
+    if batch or getattr(conn, "_crash_request", None) == REQUEST:
         FLAG.unlink()
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -34,6 +39,19 @@ def _fire(conn: Any, point: str) -> None:
 _handle, _commit, _send, _consume = (
     C.Connection._handle, C.Connection._commit, C.Connection._send_all, C.Connection._consume,
 )  # fmt: skip
+_execute, _complete = C.Connection._execute, C.Connection._complete
+
+
+async def execute(self: Any, work: Any) -> None:
+    if work.reclaims:
+        _fire(self, "batch-before-commit", batch=True)
+    await _execute(self, work)
+
+
+def complete(self: Any, work: Any, *, committed: bool = False) -> None:
+    if work.reclaims and committed:
+        _fire(self, "batch-before-push", batch=True)
+    _complete(self, work, committed=committed)
 
 
 async def handle(self: Any, msg: Any) -> Any:
@@ -61,6 +79,8 @@ C.Connection._handle = handle  # type: ignore[method-assign]
 C.Connection._commit = commit  # type: ignore[method-assign]
 C.Connection._send_all = send_all  # type: ignore[method-assign]
 C.Connection._consume = consume  # type: ignore[method-assign]
+C.Connection._execute = execute  # type: ignore[method-assign]
+C.Connection._complete = complete  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     main()

@@ -436,3 +436,58 @@ async def test_message_in_flight_at_the_crash_is_answered_once(tmp_path: Path, p
                     assert "sending the reply to message" in log
             finally:
                 g.close()
+
+
+@pytest.mark.parametrize("point", ["batch-before-commit", "batch-before-push"])
+async def test_mid_batch_kill_vmw_driver(tmp_path: Path, point: str) -> None:
+    """vdev killed in the middle of a BATCHED_LOCK (after the model locked the pages, before
+    anything was recorded; or after recording and reclaiming, before the used ring): the
+    driver's command is answered once after the restart, with the statuses it would have
+    had; driver size == vdev size, every ballooned page a hole in the RAM file."""
+    flag = tmp_path / "armed"
+    sock, api = tmp_path / "vm0.sock", tmp_path / "vdev.api"
+    argv = serve_argv(
+        sock, api_socket=api, device="vmw", extra=["--host-memory", "64G", "--stats-interval", "0"]
+    )
+    crash = [
+        "/usr/bin/env", f"VBALLOON_CRASH_AT={point}", f"VBALLOON_CRASH_FLAG={flag}",
+        argv[0], str(REPO / "tests" / "crashing_vdev.py"), *argv[3:],
+    ]  # fmt: skip
+    cmd_file = tmp_path / "vdev.json"
+    cmd_file.write_text(json.dumps(crash))
+    ram = 64 * MiB
+    pages = ram // PAGE
+    with trio.fail_after(120):
+        async with vdev_serve(
+            tmp_path, device="vmw", supervised=True,
+            supervisor_args=["--command-file", str(cmd_file)],
+        ) as vdev, trio.open_nursery() as nursery:  # fmt: skip
+            options = GuestOptions(
+                str(vdev.socket_path), ram, DriverConfig(poll_interval=0.05), control_path=None
+            )
+            guest = await nursery.start(run_guest, options)
+            driver = guest.driver
+            await until(lambda: not driver.reset_required)
+            first = served_pid(vdev.proc.pid)
+            flag.touch()
+            await retry(lambda: vdev.set_target(pages // 2))
+            with trio.fail_after(30):
+                while flag.exists():
+                    await trio.sleep(0.01)
+                while served_pid(vdev.proc.pid) in (first, None):
+                    await trio.sleep(0.01)
+            view = await settle(vdev, driver, pages // 2)
+            mem = guest.memory
+            assert mem.count(PageState.BALLOON) == driver.size == view["size_pages"]
+            assert mem.verify_app() == 0
+            holes = hole_mask(guest.transport.ram.fd, 0, pages)
+            locked = np.zeros(pages, dtype=bool)
+            locked[driver.pages(PageSize.SIZE_4K)] = True
+            for f in driver.pages(PageSize.SIZE_2M):
+                locked[int(f) : int(f) + 512] = True
+            assert not (locked & ~holes).any(), "a ballooned page is still data"
+            log = (tmp_path / "vdev.log").read_text()
+            assert "connection resumed" in log
+            if point == "batch-before-commit":
+                assert "rolled back an unfinished batch" in log
+            nursery.cancel_scope.cancel()
