@@ -119,6 +119,10 @@ class Connection:
             self.fdstore = ConnStore(handover, guest)
         self._vu_consumed = 0  # vhost-user messages consumed from the socket
         self._resumed = False
+        #: The last batch's completions not yet pushed, and the used index of each ring
+        #: before them (the hand-over record's "pending" / "used_base").
+        self._pending: tuple[list[tuple[int, int, int]], dict[str, int]] | None = None
+        self._vu_note: dict[str, Any] | None = None  # the last message answered (recorded)
         self.manual_target: int | None = None  # the record's (a resumed connection)
         self.device = device_cls(
             DeviceContext(
@@ -495,7 +499,7 @@ class Connection:
             if key not in st.names:
                 st.put(key, fd, poll=not key.startswith("mem."))
 
-    def _record(self, pending: list[tuple[int, int, int]], vu_note: dict[str, Any] | None) -> dict[str, Any]:
+    def _record(self) -> dict[str, Any]:
         st = self.fdstore
         assert st is not None
         names = st.names
@@ -547,9 +551,9 @@ class Connection:
             ),
             "config_change_pending": self._config_change_pending,
             "device_state": self.device.save_state(),
-            "pending": [list(c) for c in pending],
-            "used_base": {str(q.index): q.used_idx for q in self.queues},
-            "vu": vu_note,
+            "pending": [list(c) for c in self._pending[0]] if self._pending else [],
+            "used_base": self._pending[1] if self._pending else {},
+            "vu": self._vu_note,
             "reclaimed": self.memory.reclaimed_bytes_total,
             "manual_target": self.server.registry.manual.get(self.guest),
         }
@@ -557,11 +561,20 @@ class Connection:
     def _commit(
         self, pending: list[tuple[int, int, int]] | None = None, vu: dict[str, Any] | None = None
     ) -> None:
-        """Commit the connection's state (with the completions about to be pushed)."""
+        """Commit the connection's state. ``pending``: the completions of the batch about to
+        be pushed (kept, with the used indices they start at, until :meth:`_complete` pushed
+        them: a commit in between, e.g. for a vhost-user message while a reclaim runs in a
+        thread, records them too). ``vu``: the vhost-user message being answered (kept
+        likewise until a newer one: :meth:`resume_vhost_user` acts on it only while that
+        message is still unconsumed)."""
         if self.state is None or self.fdstore is None or self.closed:
             return
+        if pending is not None:
+            self._pending = (list(pending), {str(q.index): q.used_idx for q in self.queues})
+        if vu is not None:
+            self._vu_note = vu
         self._sync_fds()
-        self.state.commit(self._record(pending or [], vu))
+        self.state.commit(self._record())
         self.fdstore.committed()
 
     # -- hand-over: resuming -------------------------------------------------------------
@@ -965,6 +978,7 @@ class Connection:
         if work and not committed:
             self._commit(work.completions)
         self.rings.push(self.memory, work.completions)
+        self._pending = None  # pushed: nothing to write again after a restart
         if work.config_changed:
             self._send_config_change()
         if work.reclaims or work.popped:
