@@ -113,7 +113,7 @@ async def test_kill9_storm_virtio_balloon(tmp_path: Path) -> None:
         async with supervised(tmp_path, "virtio-balloon") as vdev:
             g = await BalloonGuest.attach(str(vdev.socket_path))
             try:
-                g.fe.ram.touch(first, n)  # every page in use (data) to begin with
+                g.fe.ram.fill(first * PAGE, n * PAGE, 0xA5)  # every page in use (data) to begin with
                 ballooned = np.zeros(n, dtype=bool)
                 answered = 0
                 done = trio.Event()
@@ -136,7 +136,7 @@ async def test_kill9_storm_virtio_balloon(tmp_path: Path) -> None:
                         else:
                             ballooned[pick] = False
                             for p in pfns:  # the guest uses its pages again
-                                g.fe.ram.map[p * PAGE : p * PAGE + 8] = struct.pack("<Q", p)
+                                g.fe.ram.mm[p * PAGE : p * PAGE + 8] = struct.pack("<Q", p)
                         await trio.sleep(0)
 
                 async with trio.open_nursery() as nursery:
@@ -158,7 +158,7 @@ async def test_kill9_storm_virtio_balloon(tmp_path: Path) -> None:
                 )
                 for p in np.flatnonzero(~ballooned)[:64]:  # contents of pages in use kept
                     pfn = first + int(p)
-                    data = bytes(g.fe.ram.map[pfn * PAGE : pfn * PAGE + 8])
+                    data = bytes(g.fe.ram.mm[pfn * PAGE : pfn * PAGE + 8])
                     assert data in (struct.pack("<Q", pfn), b"\xa5" * 8)
                 log = (tmp_path / "vdev.log").read_text()
                 assert log.count("connection resumed") >= KILLS

@@ -29,7 +29,6 @@ import trio
 from lab import linux_image
 from lab.linux_guest import (
     MIB,
-    PAGES_PER_MIB,
     QUIET_INTERVAL,
     VDEV_SOCKET_NAME,
     LinuxGuest,
@@ -39,6 +38,7 @@ from lab.linux_guest import (
 )
 from lab.qemu import QemuBinary
 from lab.vdev_process import REPO_ROOT, ApiVdev, serve_argv, served_pid, vdev_serve
+from protocol.units import PAGES_PER_MIB
 
 QUIET = f"vb.interval={QUIET_INTERVAL}"
 RAM_MIB = 512
