@@ -39,6 +39,7 @@ __all__ = [
     "Claim",
     "Listener",
     "Owned",
+    "adopt_listener",
     "bind_listener",
     "check_socket_path_length",
     "claim",
@@ -151,7 +152,7 @@ def _owner(fd: int) -> str:
     return ""
 
 
-def claim(path: str, what: str = "socket") -> Claim:
+def claim(path: str, what: str = "socket", *, probe: bool = True) -> Claim:
     """Hold ``path`` for this process (again, if it already does); ConfigError when another
     vdev holds it, another program listens on it, or something other than a stale socket is
     there."""
@@ -191,7 +192,7 @@ def claim(path: str, what: str = "socket") -> Claim:
         os.pwrite(fd, _LOCK_MAGIC + f"{os.getpid()}\n".encode(), 0)
     c = Claim(path, fd, ours)
     try:
-        _check_free(path, what)
+        _check_free(path, what, probe)
     except BaseException:
         c.release()
         raise
@@ -199,22 +200,24 @@ def claim(path: str, what: str = "socket") -> Claim:
     return c
 
 
-def _check_free(path: str, what: str) -> None:
+def _check_free(path: str, what: str, probe: bool = True) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise _refuse(path, f"exists and is not a socket (given as {what}; not replaced)")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if not probe:  # a hand-over: the socket there is a previous vdev's, still listening
+        return
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
+        conn.connect(path)
     except OSError as e:
         if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
             raise _refuse(path, f"cannot probe the socket there: {e.strerror}") from None
         return  # stale: left by a process that is gone
     finally:
-        probe.close()
+        conn.close()
     raise _refuse(path, "another program is listening on it")
 
 
@@ -291,12 +294,14 @@ def unlink_if_ours(path: str, ident: tuple[int, int]) -> bool:
     return True
 
 
-def claim_all(paths: Sequence[str], what: str = "socket") -> contextlib.ExitStack:
+def claim_all(
+    paths: Sequence[str], what: str = "socket", *, probe: bool = True
+) -> contextlib.ExitStack:
     """:func:`claim` every path, or none (ConfigError)."""
     stack = contextlib.ExitStack()
     try:
         for p in paths:
-            stack.enter_context(claim(p, what))
+            stack.enter_context(claim(p, what, probe=probe))
     except BaseException:
         stack.close()
         raise
@@ -308,13 +313,29 @@ class Owned:
     """A listener at a path this process claimed: :meth:`remove` undoes both."""
 
     listener: Listener
-    claim: Claim
+    claim: Claim | None
 
     def remove(self) -> None:
         try:
             self.listener.remove()
         finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the path but leave the file (a hand-over: the next vdev takes it)."""
+        if self.listener.keep >= 0:
+            os.close(self.listener.keep)
+            self.listener.keep = -1
+        if self.claim is not None:
             self.claim.release()
+            self.claim = None
+
+
+def adopt_listener(sock: socket.socket, path: str) -> Owned:
+    """A listening socket handed over by a previous vdev (the fd store): its file at
+    ``path`` is recorded as ours now (the claim is this process's command line's)."""
+    st = os.lstat(path)
+    return Owned(Listener(sock, path, (st.st_dev, st.st_ino), os.dup(sock.fileno())), None)
 
 
 def own_listener(

@@ -7,6 +7,7 @@ Back-end program conventions (QEMU vhost-user.rst): ``--socket-path``, ``--fd``,
 
 from __future__ import annotations
 
+import functools
 import grp
 import json
 import logging
@@ -32,9 +33,11 @@ from vdev.cli.operator import (
 )
 from vdev.config import ControlConfig
 from vdev.devices.base import PERSONALITIES, get_personality
+from vdev.handover import Handover
 from vdev.listeners import socket_paths
 from vdev.logs import LOG_FORMATS, setup_logging, verbosity_level
 from vdev.registry import GuestRegistry, check_guest_name, name_from_socket_path
+from vdev.sdnotify import FdStore, listen_fds
 from vdev.server import Server
 
 log = logging.getLogger("vdev")
@@ -91,6 +94,20 @@ def main() -> None:
     help="Seconds between guest statistics refreshes, 0 = only on request "
     "(QEMU's guest-stats-polling-interval; personalities with a stats queue: virtio-balloon).",
 )
+@click.option(
+    "--deflate-on-stop",
+    is_flag=True,
+    help="Make SIGTERM a final stop: deflate every guest (target 0, at most --stop-timeout s, "
+    "reported), then leave the fd store and exit. Without it, SIGTERM under systemd or "
+    "vdev supervise is a hand-over: the next vdev resumes every guest.",
+)
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=0, max=3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds --deflate-on-stop waits for the guests to deflate.",
+)
 @click.option("-v", "--verbose", count=True, help="Default info; -vv debug.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
 @click.option(
@@ -116,12 +133,18 @@ def serve(
     names: tuple[str, ...],
     socket_group: str | None,
     stats_interval: float,
+    deflate_on_stop: bool,
+    stop_timeout: float,
     verbose: int,
     quiet: bool,
     log_format: str,
     name_from_socket: bool,
 ) -> None:
-    """Run the vhost-user back-end."""
+    """Run the vhost-user back-end.
+
+    Under systemd (Type=notify, FileDescriptorStoreMax=) or ``vdev supervise`` it keeps
+    everything QEMU gave it, and its state, in the manager's fd store: a crash, SIGTERM or
+    an upgrade is a hand-over the guests do not notice."""
     try:
         device_cls = get_personality(device)
     except ConfigError as exc:
@@ -169,11 +192,15 @@ def serve(
             for q in paths[:i]:
                 if socket_files.same_path(p, q):
                     raise ConfigError(f"--socket-path: {p} given twice")
-        # Every path this process will listen on is ours before anything starts.
-        claims = socket_files.claim_all(paths, "--socket-path")
+        # Every path this process will listen on is ours before anything starts. Under a
+        # manager with an fd store the listeners may be a previous vdev's, handed over (it
+        # has exited: the locks are free, the sockets still listen): no connect probe then.
+        handover = Handover(FdStore(), listen_fds())
+        probe = not handover.enabled
+        claims = socket_files.claim_all(paths, "--socket-path", probe=probe)
         if api is not None:
             try:
-                claims.enter_context(socket_files.claim(api, "--api-socket"))
+                claims.enter_context(socket_files.claim(api, "--api-socket", probe=probe))
             except BaseException:
                 claims.close()
                 raise
@@ -181,19 +208,22 @@ def serve(
         raise click.UsageError(str(exc)) from None
     setup_logging(verbosity_level(verbose, quiet), log_format)
     registry = GuestRegistry(device, target=target_pages)
+    import vdev as package
+
+    log.info(
+        "vdev serve %s from %s (pid %d)",
+        getattr(package, "BUILD", "-"), os.path.dirname(package.__file__), os.getpid(),
+    )  # fmt: skip
+    stop = StopMode(deflate=deflate_on_stop, timeout=stop_timeout)
     with claims:
         try:
             trio.run(
-                _serve,
-                registry,
-                device_cls,
-                paths,
-                list(names) or None,
-                fd,
-                stats_interval,
-                0o660 if gid is not None else 0o600,
-                gid,
-            )
+                functools.partial(
+                    _serve, registry, device_cls, paths, list(names) or None, fd,
+                    stats_interval, handover=handover, stop=stop,
+                    socket_mode=0o660 if gid is not None else 0o600, socket_gid=gid,
+                )
+            )  # fmt: skip
         except* (OSError, ConfigError) as group:
             for leaf in _leaves(group):
                 click.echo(f"vdev serve: {leaf}", err=True)
@@ -238,6 +268,29 @@ def _group_id(group: str | None) -> int | None:
     raise ConfigError(f"--socket-group: no group named {group!r}")
 
 
+class StopMode:
+    """What SIGTERM/SIGINT does (``vdev serve --deflate-on-stop``, ``--stop-timeout``)."""
+
+    def __init__(self, *, deflate: bool = False, timeout: float = 30.0) -> None:
+        self.deflate = deflate
+        self.timeout = timeout
+
+
+async def _watchdog(store: FdStore) -> None:
+    """WATCHDOG=1 every half of WATCHDOG_USEC (systemd's WatchdogSec=), from the trio
+    loop itself: a loop that hangs stops the pings."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+        pid = int(os.environ.get("WATCHDOG_PID", str(os.getpid())))
+    except ValueError:
+        return
+    if usec <= 0 or pid != os.getpid():
+        return
+    while True:
+        store.send({"WATCHDOG": 1})
+        await trio.sleep(usec / 2e6)
+
+
 async def _serve(
     registry: GuestRegistry,
     device_cls: type,
@@ -247,7 +300,10 @@ async def _serve(
     stats_interval: float = 0.0,
     socket_mode: int = 0o600,
     socket_gid: int | None = None,
+    handover: Handover | None = None,
+    stop: StopMode | None = None,
 ) -> None:
+    stop = stop or StopMode()
     server = Server(
         registry,
         device_cls,
@@ -256,24 +312,87 @@ async def _serve(
         stats_interval=stats_interval,
         socket_mode=socket_mode,
         socket_gid=socket_gid,
+        handover=handover if fd is None else None,
     )
+    managed = server.handover is not None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
-                    await server.shutdown()
+                    if stop.deflate:
+                        left = await server.final_stop(stop.timeout)
+                        if managed:
+                            held = sum(left.values())
+                            server.handover.store.send(  # type: ignore[union-attr]
+                                {"STOPPING": 1, "STATUS": f"final stop, {held} pages left"}
+                            )
+                    elif managed:
+                        await server.hand_over()
+                    else:
+                        await server.shutdown()
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(on_signal)
-            await start_control_plane(nursery, registry, paths)
             if fd is not None:
+                await start_control_plane(nursery, registry, paths)
                 await server.serve_fd(fd, (names or ["vm0"])[0])
                 nursery.cancel_scope.cancel()
             else:
+                # the sockets (and the connections a previous vdev handed over) first: a
+                # resumed guest is answered before the control plane and the API start
                 await nursery.start(server.run)
+                await trio.sleep(0.01)
+                await start_control_plane(nursery, registry, paths)
+                if managed:
+                    store = server.handover.store  # type: ignore[union-attr]
+                    store.send({"READY": 1, "STATUS": f"serving {len(paths)} guests"})
+                    nursery.start_soon(_watchdog, store)
 
 
 register_operator_commands(main)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--command-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON list: the command to start, re-read at every (re)start (point it at a new "
+    "build, then SIGHUP the supervisor: an upgrade).",
+)
+@click.option("--max-fds", type=click.IntRange(1, 65536), default=4096, show_default=True,
+              help="FileDescriptorStoreMax=.")  # fmt: skip
+@click.option("--restart-delay", type=click.FloatRange(0, 60), default=0.1, show_default=True,
+              help="RestartSec=: seconds between an exit and the restart.")  # fmt: skip
+@click.option("--watchdog-sec", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
+              help="WatchdogSec=: SIGABRT the child when it does not ping for this long (0: off).")  # fmt: skip
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def supervise(
+    command_file: str | None,
+    max_fds: int,
+    restart_delay: float,
+    watchdog_sec: float,
+    verbose: int,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND (e.g. ``-- vdev serve ...``) as systemd would: notify socket, fd store,
+    restart on exit. For tests, CI and containers; under systemd use contrib/systemd."""
+    from vdev.supervise import supervise as run_supervisor
+
+    setup_logging(max(verbose, 1))
+    try:
+        code = run_supervisor(
+            list(command),
+            command_file=command_file,
+            max_fds=max_fds,
+            restart_delay=restart_delay,
+            watchdog_sec=watchdog_sec,
+        )
+    except (OSError, ValueError) as exc:
+        click.echo(f"vdev supervise: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
