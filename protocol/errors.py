@@ -41,3 +41,22 @@ class ConfigError(LocalError, ValueError):
 
 class HostResourceError(LocalError):
     """A host resource failed: mmap, fallocate, eventfd, a socket we own."""
+
+
+class ApiError(VballoonError):
+    """An error answer of vdev's management API: an HTTP ``status`` and a ``message``.
+
+    Raised by the API's handlers and its HTTP server (:mod:`vdev.api.app`,
+    :mod:`vdev.api.serve`), which turn it into ``{"error": message}`` with that status; and
+    by :class:`vdev.api.client.ApiClient` when the API answered one (``status`` 0: the API
+    could not be reached at all). Caught by the API's exception handler on the server side
+    and by the operator CLI (:mod:`vdev.cli.operator`), which prints the message.
+
+    Whose fault: a 4xx status is the API client's (bad request, unknown name, refused
+    access, too big or too slow); a 5xx or 0 is vdev's side or the transport's.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message if status == 0 else f"{message} (HTTP {status})")
+        self.status = status
+        self.message = message

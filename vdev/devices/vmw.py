@@ -148,6 +148,7 @@ class VmwDevice(Device):
             target_pages=m.target,
             capabilities=int(m.capabilities),
             driver_active=bool(m.capabilities) and not m.reset_demanded,
+            reset_demanded=m.reset_demanded,
             guest_type=None if gt is None else int(gt),
             doorbell_registered=m.doorbell is not None,
             counters=counters,
