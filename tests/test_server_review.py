@@ -27,7 +27,8 @@ from protocol import virtio_balloon as vb
 from protocol.errors import FrontendError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vmw import ALL_CAPABILITIES, Command, Status
-from vdev.api.app import OPENAPI, serve_api
+from vdev.api.app import OPENAPI
+from vdev.api.serve import serve_api
 from vdev.config import ControlConfig
 from vdev.devices.base import get_personality
 from vdev.devices.virtio_balloon import STATSQ, build_stats

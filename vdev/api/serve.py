@@ -34,9 +34,9 @@ import socket
 import stat
 import struct
 import urllib.parse
-from http import HTTPStatus
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import h11

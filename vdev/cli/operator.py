@@ -567,6 +567,9 @@ def config_set(api_socket: str, path: str, value: int) -> None:
     click.echo(f"/{path.strip('/').replace('.', '/')} = {new}")
 
 
+_AUDIT_FIXED = {"type", "time", "monotonic", "name", "action", "peer"}
+
+
 def format_event(event: dict[str, Any]) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
     frac = f"{event.get('time', 0.0) % 1:.3f}"[1:]
@@ -593,6 +596,13 @@ def format_event(event: dict[str, Any]) -> str:
         detail = f"{event['path']} = {event['value']}"
     elif kind == "hello":
         detail = f"connected; VMs: {', '.join(event.get('vms', []))}"
+    elif kind == "audit":
+        peer = event.get("peer") or {}
+        what = {k: v for k, v in event.items() if k not in _AUDIT_FIXED}
+        detail = (
+            f"audit {event.get('action')} {json.dumps(what, separators=(',', ':'))} by uid "
+            f"{peer.get('uid')} pid {peer.get('pid')} ({peer.get('cmdline')})"
+        )
     else:
         detail = json.dumps(event)
     return f"{t}{frac} {name:<8} {detail}"
