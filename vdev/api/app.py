@@ -261,9 +261,7 @@ class Audit:
         self.control.publish({"type": "audit", "action": action, **details, "peer": who})
 
 
-def create_app(
-    control: ControlPlane, *, max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS
-) -> FastAPI:
+def create_app(control: ControlPlane, *, max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS) -> FastAPI:
     app = FastAPI(
         title=TITLE,
         version="1",
@@ -291,9 +289,7 @@ def create_app(
         response_model=models.Vm,
         responses=_err(400, 404, 413, 422),
     )
-    async def put_target(
-        request: Request, name: Name, body: TargetBody
-    ) -> models.Vm:
+    async def put_target(request: Request, name: Name, body: TargetBody) -> models.Vm:
         name = _vm_name(control, name)
         try:
             pages = models.target_pages(body)
@@ -373,9 +369,7 @@ def create_app(
         response_model=models.Host,
         responses=_err(400, 409, 413, 422),
     )
-    async def put_simulated(
-        request: Request, body: SimulatedBody
-    ) -> models.Host:
+    async def put_simulated(request: Request, body: SimulatedBody) -> models.Host:
         try:
             free = models.free_bytes(body)
         except ValueError as e:

@@ -361,15 +361,15 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["hello", "heartbeat", "guest", "control", "host", "setting", "resync", "audit"] = (
-        Field(
-            description="guest: the registry's target/size/state event (with the reason of the "
-            "last target set); control: manual/policy switch or reset; host: host state change "
-            "or simulated free memory; setting: a setting changed; resync: guest events were "
-            "lost, re-read the VMs; audit: a change made through the API, who made it (uid, "
-            "pid, cmdline) and its outcome. A client that falls 4096 events behind is "
-            "disconnected."
-        )
+    type: Literal[
+        "hello", "heartbeat", "guest", "control", "host", "setting", "resync", "audit"
+    ] = Field(
+        description="guest: the registry's target/size/state event (with the reason of the "
+        "last target set); control: manual/policy switch or reset; host: host state change "
+        "or simulated free memory; setting: a setting changed; resync: guest events were "
+        "lost, re-read the VMs; audit: a change made through the API, who made it (uid, "
+        "pid, cmdline) and its outcome. A client that falls 4096 events behind is "
+        "disconnected."
     )
     time: float
     monotonic: float | None = Field(

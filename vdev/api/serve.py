@@ -352,9 +352,7 @@ class ApiServer:
     ) -> h11.Request | None:
         """The next request head (None: the client closed cleanly between requests)."""
         limits = self.limits
-        deadline = trio.current_time() + (
-            limits.header_timeout if first else limits.idle_timeout
-        )
+        deadline = trio.current_time() + (limits.header_timeout if first else limits.idle_timeout)
         started = first
         while True:
             try:
