@@ -515,9 +515,17 @@ class ApiServer:
             return {"type": "http.disconnect"}
 
         async def send(message: Message) -> None:
-            nonlocal done
+            # a client that went away (or would not read) ends its connection quietly: its
+            # writes are dropped and the app sees http.disconnect, so an event stream stops
             if disconnected.is_set():
-                raise OSError(errno.EPIPE, "the API client went away")
+                return
+            try:
+                await write(message)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                disconnected.set()
+
+        async def write(message: Message) -> None:
+            nonlocal done
             kind = message["type"]
             if kind == "http.response.start":
                 started.append(message)
@@ -586,6 +594,8 @@ async def serve_api(
     0600 becomes 0660 so that they can connect)."""
     limits = limits or ApiLimits()
     limits.check()
+    # the audit trail is written whatever the verbosity (vdev serve -v or not)
+    logging.getLogger("vdev.audit").setLevel(logging.INFO)
     nofile = raise_nofile_limit()
     if read_group is not None and mode & 0o060 == 0:
         mode |= 0o060
