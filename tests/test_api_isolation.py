@@ -103,9 +103,15 @@ class Inflater:
     def __init__(self, vdev: ApiVdev, guest: Guest, cycle_limit: float = 15.0) -> None:
         self.vdev, self.guest, self.cycle_limit = vdev, guest, cycle_limit
         self.cycles = 0
+        self.durations: list[float] = []
+
+    def summary(self, since: int = 0) -> str:
+        d = sorted(self.durations[since:]) or [0.0]
+        return f"{len(d)} cycles, median {d[len(d) // 2]:.3f} s, max {d[-1]:.3f} s"
 
     async def run(self) -> None:
         while True:
+            t0 = trio.current_time()
             with trio.fail_after(self.cycle_limit):
                 for target in (CYCLE_PAGES, 0):
                     await retrying(lambda t=target: self.vdev.set_target(t))  # type: ignore[misc]
@@ -113,6 +119,7 @@ class Inflater:
                         self.guest.driver.size >= target if target else self.guest.driver.size == 0
                     ):
                         await trio.sleep(0.01)
+            self.durations.append(trio.current_time() - t0)
             self.cycles += 1
 
     async def cycles_while(self, attack: Callable[[], Any]) -> int:
@@ -167,16 +174,21 @@ async def test_api_storms_never_stop_a_guest_inflating(tmp_path: Path) -> None:
             guest = await start_guest(nursery, str(vdev.socket_path))
             inflater = Inflater(vdev, guest)
             nursery.start_soon(inflater.run)
-            while inflater.cycles < 1:
+            while inflater.cycles < 5:
                 await trio.sleep(0.05)
+            print(f"\nquiet API: {inflater.summary()}")
             api = str(vdev.api_socket)
             # the aborted-upload loop (it took 10-24 of these to kill vdev before)
+            mark = len(inflater.durations)
             cycles = await inflater.cycles_while(lambda: aborted_uploads(api, 200))
+            print(f"200 aborted uploads: {inflater.summary(mark)}")
             assert vdev.proc.alive()
             assert cycles >= 1, "the guest did not inflate during the aborted uploads"
             # 2,000 held connections closed at once, three times
+            mark = len(inflater.durations)
             for _ in range(3):
                 await trio.to_thread.run_sync(held_then_closed, api, 2000)
+            print(f"3 x 2,000 held then closed: {inflater.summary(mark)}")
             before = inflater.cycles
             while inflater.cycles < before + 2:  # and the guest goes on
                 await trio.sleep(0.05)
