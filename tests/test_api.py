@@ -27,8 +27,10 @@ from control_fakes import FakeGuest, GuestProcess, make_registry
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
-from protocol.errors import ConfigError
+from protocol.errors import ApiError, ConfigError
+from protocol.vmw import ALL_CAPABILITIES, Command, Request
 from vdev.api.app import OPENAPI, create_app, vm_info
+from vdev.api.client import ApiClient
 from vdev.api.serve import bind_unix_socket, default_api_socket, serve_api
 from vdev.config import ControlConfig, PoolSpec, VmConfig
 from vdev.devices.base import DeviceContext, get_personality
@@ -36,6 +38,7 @@ from vdev.memory import GuestMemory
 from vdev.metrics import render_metrics
 from vdev.policy.control import ControlPlane
 from vdev.policy.model import PAGE_SIZE
+from vdev.ram import BytearrayRam
 from vdev.virtq import VirtQueue
 
 MIB = 1 << 20
@@ -225,9 +228,21 @@ async def test_every_endpoint(tmp_path: Path) -> None:
         ("PUT", "/vms/vm0/target", b'{"policy": false}', 422, "policy: Input should be True"),
         ("PUT", "/vms/vm0/target", b'{"policy": true, "target_mib": 1}', 422, "exactly one"),
         # overflow, NaN, inf, huge and deep: a 4xx naming the field, never a 500
-        ("PUT", "/vms/vm0/target", b'{"target_mib": 1e400}', 422, "target_mib: must be a finite number"),
+        (
+            "PUT",
+            "/vms/vm0/target",
+            b'{"target_mib": 1e400}',
+            422,
+            "target_mib: must be a finite number",
+        ),
         ("PUT", "/vms/vm0/target", b'{"target_mib": 1e308}', 422, "target_mib: Input should be"),
-        ("PUT", "/vms/vm0/target", b'{"target_mib": NaN}', 422, "target_mib: must be a finite number"),
+        (
+            "PUT",
+            "/vms/vm0/target",
+            b'{"target_mib": NaN}',
+            422,
+            "target_mib: must be a finite number",
+        ),
         ("PUT", "/vms/vm0/target", b'{"target_mib": Infinity}', 422, "target_mib: must be"),
         ("PUT", "/vms/vm0/target", b'{"target_mib": -Infinity}', 422, "target_mib: must be"),
         ("PUT", "/vms/vm0/target", b'{"target_pages": %s}' % (b"9" * 400), 422, "target_pages"),
@@ -654,3 +669,46 @@ async def test_serve_every_endpoint_and_errors(vdev_process: Any, tmp_path: Path
             assert r.status_code == 404
             r = await c.put("/settings/Mem/Nope", json={"value": 1})
             assert r.status_code == 404
+
+
+async def test_resetting_is_reported_until_the_guest_starts_over() -> None:
+    """vm_info reported "resetting" only through a field GuestView lacked: never. Now the
+    real vmw device's status says a reset is pending until the driver STARTs again."""
+    cls = get_personality("vmw")
+    device = cls(
+        DeviceContext("vm0", GuestMemory("vm0"), [VirtQueue(i) for i in range(cls.num_queues)])
+    )
+    registry, [guest] = make_registry(VM_PAGES)
+    guest.status = device.status  # type: ignore[method-assign]
+    control = ControlPlane(registry, ControlConfig(host_memory=4 * GIB))
+    assert vm_info(control, "vm0").state == "inactive"  # no START yet
+    ram = BytearrayRam([(0, 1 << 20)])
+    start = Request(Command.START, int(ALL_CAPABILITIES))
+    device.model.handle(start, ram)
+    assert device.model.capabilities and not device.model.reset_demanded
+    assert vm_info(control, "vm0").state == "active"
+    device.demand_reset()
+    view = vm_info(control, "vm0")
+    assert (view.state, view.driver_active) == ("resetting", False)
+    schema_validator("Vm").validate(view.model_dump())
+    device.model.handle(start, ram)  # the driver starts over
+    assert vm_info(control, "vm0").state == "active"
+
+
+async def test_the_client_keeps_names_in_one_path_segment(tmp_path: Path) -> None:
+    control, _ = make_control()
+    path = tmp_path / "api"
+    with trio.fail_after(20):
+        async with running(control, path):
+
+            def attempt() -> list[int]:
+                statuses = []
+                with ApiClient(str(path)) as client:
+                    for name in ("vm0/../vm1", "../settings", "..", "vm0%2F..%2Fvm1"):
+                        with pytest.raises(ApiError) as e:
+                            client.set_target(name, target_mib=1)
+                        statuses.append(e.value.status)
+                return statuses
+
+            assert await trio.to_thread.run_sync(attempt) == [404] * 4
+    assert control.manual == {}
