@@ -307,7 +307,7 @@ class ApiServer:
             await self._connection(stream, Peer.of(stream.socket))
         except _Close:
             pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass  # the client went away or would not read
         except Exception:
             self.failed += 1
@@ -406,6 +406,10 @@ class ApiServer:
                 413,
                 f"request body of {length} bytes is larger than {limits.max_body_bytes} bytes "
                 "(--api-max-body-bytes)",
+            )
+        if conn.they_are_waiting_for_100_continue:  # curl -d with more than 1 KiB
+            await self._send(
+                stream, conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
             )
         body = bytearray()
         with trio.move_on_after(limits.body_timeout) as timer:
