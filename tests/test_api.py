@@ -31,7 +31,8 @@ from protocol.errors import ApiError, ConfigError
 from protocol.vmw import ALL_CAPABILITIES, Command, Request
 from vdev.api.app import OPENAPI, create_app, vm_info
 from vdev.api.client import ApiClient
-from vdev.api.serve import bind_unix_socket, default_api_socket, serve_api
+from vdev.api.limits import ApiLimits
+from vdev.api.serve import Access, ApiServer, bind_unix_socket, default_api_socket, serve_api
 from vdev.config import ControlConfig, PoolSpec, VmConfig
 from vdev.devices.base import DeviceContext, get_personality
 from vdev.memory import GuestMemory
@@ -712,3 +713,36 @@ async def test_the_client_keeps_names_in_one_path_segment(tmp_path: Path) -> Non
 
             assert await trio.to_thread.run_sync(attempt) == [404] * 4
     assert control.manual == {}
+
+
+async def test_a_half_closed_client_still_gets_its_whole_answer(tmp_path: Path) -> None:
+    """A client may shut down its sending side after the request (EOF) and then read the
+    answer: that EOF is not a disconnect for the answer's body (the api fuzz target found
+    vdev writing the headers and dropping the body when it saw the EOF between the two).
+    The app here pauses between the two, so the server sees the EOF in between."""
+
+    async def slow_app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"11")]})  # fmt: skip
+        await trio.sleep(0.2)
+        await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+    server = ApiServer(slow_app, ApiLimits(), Access())
+    path = str(tmp_path / "api")
+    sock = bind_unix_socket(path)
+    sock.listen(8)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, sock)
+            for request in (b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n",) * 3:
+                s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                await s.connect(path)
+                await s.send(request)
+                s.shutdown(socket.SHUT_WR)
+                answer = b""
+                while data := await s.recv(65536):
+                    answer += data
+                s.close()
+                assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"ok":true}')
+            nursery.cancel_scope.cancel()

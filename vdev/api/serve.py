@@ -518,14 +518,19 @@ class ApiServer:
             await disconnected.wait()
             return {"type": "http.disconnect"}
 
+        broken = False  # writes failed (or the client floods us): drop the rest
+
         async def send(message: Message) -> None:
             # a client that went away (or would not read) ends its connection quietly: its
-            # writes are dropped and the app sees http.disconnect, so an event stream stops
-            if disconnected.is_set():
+            # writes are dropped and the app sees http.disconnect, so an event stream stops.
+            # A client that only half-closed (EOF after its request) still reads its answer.
+            nonlocal broken
+            if broken:
                 return
             try:
                 await write(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                broken = True
                 disconnected.set()
 
         async def write(message: Message) -> None:
@@ -558,7 +563,9 @@ class ApiServer:
                     return
                 conn.receive_data(data)
                 if len(conn.trailing_data[0]) > self.limits.max_header_bytes:
-                    disconnected.set()  # not a client that waits for its answers
+                    nonlocal broken
+                    broken = True  # not a client that waits for its answers
+                    disconnected.set()
                     return
 
         try:
