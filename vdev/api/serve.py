@@ -518,7 +518,7 @@ class ApiServer:
             await disconnected.wait()
             return {"type": "http.disconnect"}
 
-        broken = False  # writes failed (or the client floods us): drop the rest
+        broken = False  # a write failed: drop the rest
 
         async def send(message: Message) -> None:
             # a client that went away (or would not read) ends its connection quietly: its
@@ -563,9 +563,9 @@ class ApiServer:
                     return
                 conn.receive_data(data)
                 if len(conn.trailing_data[0]) > self.limits.max_header_bytes:
-                    nonlocal broken
-                    broken = True  # not a client that waits for its answers
-                    disconnected.set()
+                    # pipelined more than a request head: stop reading (the kernel holds
+                    # the rest); this answer is still written whole, the next request
+                    # then gets its 431
                     return
 
         try:
