@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
 from protocol.errors import ApiError, ConfigError
+from protocol.units import PAGE_SIZE
 from protocol.vmw import ALL_CAPABILITIES, Command, Request
 from vdev.api.app import OPENAPI, create_app, vm_info
 from vdev.api.client import ApiClient
@@ -38,7 +39,6 @@ from vdev.devices.base import DeviceContext, get_personality
 from vdev.memory import GuestMemory
 from vdev.metrics import render_metrics
 from vdev.policy.control import ControlPlane
-from vdev.policy.model import PAGE_SIZE
 from vdev.ram import BytearrayRam
 from vdev.virtq import VirtQueue
 

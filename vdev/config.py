@@ -53,16 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.api.limits import LIMIT_RANGES, ApiLimits, resolve_group
-from vdev.policy.model import (
-    PAGE_SIZE,
-    PolicyEngine,
-    PolicySettings,
-    PoolSpec,
-    Shares,
-    SharesLevel,
-    VmSpec,
-)
+from vdev.policy.model import PolicyEngine, PolicySettings, PoolSpec, Shares, SharesLevel, VmSpec
 
 __all__ = [
     "ControlConfig",

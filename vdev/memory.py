@@ -47,11 +47,10 @@ import numpy.typing as npt
 import trio
 
 from protocol.errors import FrontendError, GuestError, HostResourceError
+from protocol.units import PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 U64_MAX = (1 << 64) - 1
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -164,6 +163,8 @@ class GuestMemory:
         self._released: list[Region | int] = []  # for the owner to close (take_released)
         self.generation = 0  # bumps on every table change
         self.reclaimed_bytes_total = 0
+        #: Reclaims that failed (a punch the host refused): the pages stay resident.
+        self.reclaim_failures = 0
         self._index()
 
     # -- table management ----------------------------------------------------------------
@@ -472,7 +473,11 @@ class GuestMemory:
 
     def reclaim(self, pfn_starts: npt.ArrayLike, pfn_counts: npt.ArrayLike) -> int:
         """Punch the pages out of the RAM files now; returns the bytes punched."""
-        done = self._punch(self._plan(pfn_starts, pfn_counts))
+        try:
+            done = self._punch(self._plan(pfn_starts, pfn_counts))
+        except HostResourceError:
+            self.reclaim_failures += 1
+            raise
         self.reclaimed_bytes_total += done
         return done
 
@@ -483,7 +488,11 @@ class GuestMemory:
         counts = np.asarray(pfn_counts, dtype=np.uint64).ravel()
         upper = int(np.minimum(counts, np.uint64(1 << 40)).sum()) << PAGE_SHIFT
         if starts.size <= THREAD_RECLAIM_PIECES and upper < THREAD_RECLAIM_BYTES:
-            done = self._punch(self._plan(starts, counts))
+            try:
+                done = self._punch(self._plan(starts, counts))
+            except HostResourceError:
+                self.reclaim_failures += 1
+                raise
         else:
             regions = list(self._regions)
             for r in regions:
@@ -492,6 +501,9 @@ class GuestMemory:
                 done = await trio.to_thread.run_sync(
                     lambda: self._punch(self._plan(starts, counts, regions))
                 )
+            except HostResourceError:
+                self.reclaim_failures += 1
+                raise
             finally:
                 for r in regions:
                     r.busy -= 1

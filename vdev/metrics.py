@@ -26,25 +26,41 @@ vballoon_policy_{pressure,unmet}_pages                 last policy step (pressur
 vballoon_policy_capped_pages{vm}                       limit / manual target cut by MCTLMAX
 vballoon_policy_steps_total                            policy steps taken
 vballoon_setting{path}                                 advanced settings
+vballoon_vm_info{vm,socket}                            1 per guest: the socket it is served on
+vballoon_build_info{version}                           1: the vballoon package version
+process_start_time_seconds, process_* (Linux)          prometheus_client's process collector:
+                                                       a change of the start time = a restart
 =====================================================  ===============================
+
+A reclaim the host refused (``fallocate``/``madvise`` failed: the pages stay resident) counts
+in ``vballoon_vm_balloon_events_total{counter="reclaim failures"}``. The alerting rules and the
+Grafana dashboard over these series are in ``contrib/prometheus`` and ``contrib/grafana``.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+import trio
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
+from protocol.version import package_version
 from vdev.policy.control import driver_active, failures
-from vdev.policy.model import PAGE_SIZE, HostState
+from vdev.policy.model import HostState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from vdev.policy.control import ControlPlane
+
+log = logging.getLogger(__name__)
 
 
 class ControlPlaneCollector(Collector):
@@ -106,6 +122,9 @@ class ControlPlaneCollector(Collector):
         stats = GaugeMetricFamily(
             "vballoon_vm_guest_stat", "virtio-balloon guest statistics", labels=["vm", "stat"]
         )
+        info = GaugeMetricFamily(
+            "vballoon_vm_info", "The guest and the socket it is served on", labels=["vm", "socket"]
+        )
 
         for name in control.registry.names():
             try:
@@ -115,6 +134,7 @@ class ControlPlaneCollector(Collector):
             counters = {
                 str(k): int(v) for k, v in dict(getattr(view, "counters", {}) or {}).items()
             }
+            info.add_metric([name, str(getattr(view, "socket_path", ""))], 1)
             connected.add_metric(
                 [name, str(getattr(view, "personality", ""))], float(bool(view.connected))
             )
@@ -137,7 +157,12 @@ class ControlPlaneCollector(Collector):
                 if int(value) >= 0:  # -1: the guest does not report it
                     stats.add_metric([name, str(stat)], int(value))
         yield from (connected, active, size, target, maximum, manual, ram, resident)
-        yield from (inflate, deflate, events, levels, fails, reclaimed, stats)
+        yield from (inflate, deflate, events, levels, fails, reclaimed, stats, info)
+        build = GaugeMetricFamily(
+            "vballoon_build_info", "The vballoon package version", labels=["version"]
+        )
+        build.add_metric([package_version()], 1)
+        yield build
 
         sample = control.last_sample
         decision = control.last_decision
@@ -206,4 +231,61 @@ class ControlPlaneCollector(Collector):
 def render_metrics(control: ControlPlane) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControlPlaneCollector(control))
+    ProcessCollector(registry=registry)  # process_start_time_seconds: restarts
     return generate_latest(registry)
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``127.0.0.1:9851``, ``[::1]:9851``; ``:9851`` = every address; port 0:
+    one the kernel picks, logged)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"not HOST:PORT: {text!r} (example: 127.0.0.1:9851)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def serve_metrics(
+    control: ControlPlane,
+    address: str,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``GET /metrics`` (only) over TCP on ``address`` for Prometheus, which cannot scrape the
+    API's unix socket. Read-only: nothing here changes a target. Runs until cancelled."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from vdev.api.limits import ApiLimits
+    from vdev.api.serve import ApiServer
+
+    host, port = parse_metrics_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen for metrics on {address}: {exc.strerror}") from exc
+    bound = sock.getsockname()[:2]
+
+    async def metrics(request: Request) -> Response:
+        return Response(render_metrics(control), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+    # the management API's server: a scraper or anyone else on the network cannot stop vdev,
+    # hold its fds or memory (bounds, containment: vdev/api/serve.py); no SO_PEERCRED on TCP,
+    # and the app only reads
+    server = ApiServer(app, ApiLimits(), None)
+    try:
+        log.info("metrics on http://%s:%d/metrics", *bound)
+        task_status.started((str(bound[0]), int(bound[1])))
+        await server.serve(sock)
+    finally:
+        sock.close()

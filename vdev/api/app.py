@@ -52,12 +52,13 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from protocol.errors import ApiError, ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.api import models
 from vdev.api.limits import DEFAULT_MAX_SUBSCRIBERS
 from vdev.api.models import describe_validation_error
 from vdev.metrics import render_metrics
 from vdev.policy.control import ControlPlane, NotSimulated, driver_active, failures, jsonable
-from vdev.policy.model import PAGE_SIZE, SharesLevel
+from vdev.policy.model import SharesLevel
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("vdev.audit")

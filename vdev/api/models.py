@@ -28,8 +28,8 @@ from pydantic import (
 )
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.config import parse_size
-from vdev.policy.model import PAGE_SIZE
 
 MIB = 1 << 20
 #: The largest size any request may name: 4 PiB, what 52 physical address bits (x86-64's

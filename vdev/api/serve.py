@@ -240,9 +240,11 @@ def canned_error(status: int, message: str) -> bytes:
 
 
 class ApiServer:
-    """Accepts API connections and serves ``app`` on each, within ``limits`` and ``access``."""
+    """Accepts API connections and serves ``app`` on each, within ``limits`` and ``access``
+    (None: no peer credentials to check, e.g. ``--metrics-address``'s TCP socket, whose app
+    only reads)."""
 
-    def __init__(self, app: Asgi, limits: ApiLimits, access: Access) -> None:
+    def __init__(self, app: Asgi, limits: ApiLimits, access: Access | None) -> None:
         self.app = app
         self.limits = limits
         self.access = access
@@ -304,7 +306,8 @@ class ApiServer:
 
     async def _guarded(self, stream: trio.SocketStream) -> None:
         try:
-            await self._connection(stream, Peer.of(stream.socket))
+            peer = Peer.of(stream.socket) if self.access is not None else None
+            await self._connection(stream, peer)
         except _Close:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
@@ -446,7 +449,7 @@ class ApiServer:
         )
         raise AssertionError("unreachable")
 
-    async def _connection(self, stream: trio.SocketStream, peer: Peer) -> None:
+    async def _connection(self, stream: trio.SocketStream, peer: Peer | None) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         first = True
         while True:
@@ -465,7 +468,9 @@ class ApiServer:
                     f"{self.limits.max_header_bytes} bytes (--api-max-header-bytes)",
                 )
             method = request.method.decode("ascii", "replace")
-            refusal = self.access.refusal(peer, method)
+            refusal = (
+                None if peer is None or self.access is None else self.access.refusal(peer, method)
+            )
             if refusal is not None:
                 log.warning("API: refused %s %r: %s", method, request.target, refusal)
                 await self._error(stream, conn, 403, refusal)
@@ -482,7 +487,7 @@ class ApiServer:
         conn: h11.Connection,
         request: h11.Request,
         body: bytes,
-        peer: Peer,
+        peer: Peer | None,
     ) -> None:
         target = request.target
         if not target.startswith(b"/"):  # absolute form: take its path

@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 
 from protocol.errors import ConfigError, HostResourceError
-from vdev.policy.model import PAGE_SIZE, HostSample
+from protocol.units import PAGE_SIZE
+from vdev.policy.model import HostSample
 
 # --------------------------------------------------------------------------------------------
 # /proc/meminfo
