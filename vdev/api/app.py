@@ -317,13 +317,16 @@ def create_app(control: ControlPlane, *, max_subscribers: int = DEFAULT_MAX_SUBS
 
     @app.post(
         "/vms/{name}/reset",
-        summary="Demand a balloon reset",
+        summary="Demand a balloon reset (vmw; a virtio-balloon device has none: 409)",
         response_model=models.Vm,
-        responses=_err(404),
+        responses=_err(404, 409),
     )
     async def reset_vm(request: Request, name: Name) -> models.Vm:
         name = _vm_name(control, name)
-        control.reset(name)
+        try:
+            control.reset(name)
+        except ConfigError as e:  # the personality has no operator reset (virtio-balloon)
+            raise ApiError(409, str(e)) from None
         audit(request, "reset", name=name)
         return vm_info(control, name)
 

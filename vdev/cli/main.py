@@ -21,9 +21,10 @@ from protocol.units import PAGE_SIZE
 from protocol.version import package_version
 from vdev.cli.operator import register_operator_commands, serve_options, start_control_plane
 from vdev.devices.base import PERSONALITIES, get_personality
+from vdev.listeners import socket_paths
 from vdev.logs import LOG_FORMATS, setup_logging, verbosity_level
 from vdev.registry import GuestRegistry, check_guest_name, name_from_socket_path
-from vdev.server import Server, socket_paths
+from vdev.server import Server
 
 log = logging.getLogger("vdev")
 

@@ -1,6 +1,6 @@
 """The interface between the vhost-user server and a device personality.
 
-The server (``vdev/server.py``) is personality-agnostic. Per connection it creates one
+The server (``vdev/connection.py``) is personality-agnostic. Per connection it creates one
 :class:`Device` (``cls(ctx, target=pages)``), hands it a :class:`DeviceContext` (the
 connection's :class:`~vdev.memory.GuestMemory` and :class:`~vdev.virtq.VirtQueue` objects),
 and calls it *sans-I/O*: every call that can change guest-visible state returns a
@@ -100,6 +100,9 @@ class Device(ABC):
     #: The device holds a guest statistics buffer that :meth:`request_stats` gives back
     #: (the server polls it every ``--stats-interval`` seconds).
     supports_stats: ClassVar[bool] = False
+    #: The operator's reset (``vdev reset``) is possible: the device can make its driver
+    #: start over (vmw: ERROR_RESET). A virtio driver cannot be told to (False).
+    operator_reset: ClassVar[bool] = True
     #: The entries of ``status().counters`` that are gauges (current levels), not totals that
     #: only grow; every other entry is a counter. Reported in :attr:`DeviceStatus.gauges`.
     gauges: ClassVar[frozenset[str]] = frozenset()
@@ -139,7 +142,14 @@ class Device(ABC):
 
     @abstractmethod
     def demand_reset(self) -> Work:
-        """Forget the balloon and make the guest start over (operator or device reset)."""
+        """The operator's reset: forget the balloon and make the guest start over (only
+        called when :attr:`operator_reset`)."""
+
+    def device_reset(self) -> Work:
+        """The front-end reset the device (the guest reset or rebooted it, RESET_DEVICE):
+        forget the balloon, as a real device does. The default is :meth:`demand_reset`
+        (the driver, if it is still there, is told to start over)."""
+        return self.demand_reset()
 
     def request_stats(self) -> Work:
         """Give the held guest statistics buffer back so the driver refills it

@@ -45,12 +45,19 @@ Decisions:
   :meth:`queue_stopped` returns 1: the server reports ``last_avail_idx - 1`` so that the
   held head is popped again after a restart. Otherwise the guest's only stats buffer would
   be lost and stats would stop forever.
-* ``demand_reset`` (operator): virtio has no way to make a driver start over, so the device
-  forgets its map (the guest's pages stay reclaimed; deflating them later is acked as
-  usual) and raises a config change so the guest re-reads the target.
-* Device reset (the driver wrote status 0) keeps the page map: Linux keeps its balloon pages
-  across a freeze/restore and reports them in ``actual`` again; the pages stay reclaimed.
-  The connection closing forgets everything (the object goes away).
+* Operator reset (``vdev reset``): refused (:attr:`VirtioBalloonDevice.operator_reset` is
+  False, the error says why). Virtio has no way to make a driver start over, and forgetting
+  the map while the guest keeps its pages would leave pages the guest thinks are ballooned
+  and vdev does not; a target of 0 takes the balloon back instead.
+* Device reset (the guest reset the device or the VM rebooted; seen by
+  ``vdev/vhost_user.py``): the device forgets its balloon, as a real one does. Linux's
+  ``remove_common()`` deflates everything before it resets the device (unbind, freeze for
+  hibernation), and after a reboot the new kernel's driver starts from an empty balloon:
+  either way the guest holds no balloon pages any more. The pages vdev punched are zero
+  pages the guest may use again (a touch faults one in); the map, ``actual`` and the held
+  stats buffer start from zero, and what the new driver inflates is reclaimed anew, so the
+  RAM file's holes follow the new balloon. The connection closing forgets everything too
+  (the object goes away).
 """
 
 from __future__ import annotations
@@ -316,11 +323,17 @@ class VirtioBalloon:
             return 1
         return 0
 
-    def reset(self) -> None:
-        """The driver reset the device: drop the held stats buffer (its ring is gone)."""
+    def reset(self) -> int:
+        """The device was reset: forget the balloon (the guest holds none any more: see the
+        module docstring), ``actual`` and the held stats buffer (its ring is gone). Returns
+        the number of pages forgotten. The negotiated features are the transport's business
+        (:meth:`set_features`)."""
         self.counters["resets"] += 1
+        forgotten = self.pages.size
+        self.pages.clear()
+        self.actual = 0
         self.held_stats = None
-        self.negotiated = 0
+        return forgotten
 
     # ------------------------------------------------------------------ helpers
 
@@ -344,6 +357,7 @@ class VirtioBalloonDevice(Device):
     features = DEVICE_FEATURES
     config_size = CONFIG_SIZE
     supports_stats = True
+    operator_reset = False
     #: ``actual`` is what the driver last wrote; ``stats held`` is 0 or 1.
     gauges = frozenset({"actual", "stats held"})
 
@@ -404,9 +418,11 @@ class VirtioBalloonDevice(Device):
         return Work() if head is None else Work(completions=[(STATSQ, head, 0)])
 
     def demand_reset(self) -> Work:
-        self.forgotten += self.core.size
-        self.core.pages.clear()
-        return Work(config_changed=True)
+        raise ConfigError(f"{self.ctx.name}: virtio-balloon has no operator reset")
+
+    def device_reset(self) -> Work:
+        self.forgotten += self.core.reset()
+        return Work()
 
     def shutdown(self) -> None:
         # a virtio balloon cannot answer BUSY: buffers keep being acked until the end

@@ -1,0 +1,621 @@
+"""One vhost-user front-end connection: its reader task and the dispatch of its messages.
+
+After rust-vmm's ``vhost-user-backend`` handler (``VhostUserHandler``). Each front-end a
+:class:`~vdev.server.Server` accepts becomes a :class:`Connection` running in the server's
+nursery:
+
+* one reader task: ``recvmsg`` the 12-byte header (the fds arrive with it), then exactly
+  ``size`` payload bytes; feed :class:`~vdev.vhost_user.BackendConnection`; act; reply;
+* one task per ring (:mod:`vdev.rings`) waiting on its kick eventfd and letting the
+  personality process the ring (:meth:`Connection.process`);
+* one control task applying operator requests from the registry (target, reset, stats);
+* with ``stats_interval`` > 0 and a personality that holds a stats buffer (virtio-balloon),
+  one task giving that buffer back every ``stats_interval`` seconds so the guest refreshes
+  its statistics (QEMU's ``guest-stats-polling-interval``);
+* a back-end channel sender (``CONFIG_CHANGE_MSG`` without NEED_REPLY, coalesced) and a
+  reader that discards whatever the front-end writes on that channel.
+
+Everything that touches a connection's rings or memory runs under that connection's lock,
+so a new memory table or a GET_VRING_BASE never lands in the middle of a batch. Large
+reclaims run in a worker thread. A slow or hostile front-end/guest therefore only ever
+delays itself. A :class:`~protocol.errors.PeerError` (or a host resource failure caused by
+the peer's input) closes that one connection with a log line naming it; a
+:class:`~protocol.errors.GuestError` inside a ring is answered and counted, never fatal.
+
+On disconnect every fd and mapping of the connection is closed and the registry entry goes
+back to "disconnected" (the balloon is forgotten). The guest-RAM mappings and fds are
+released in a worker thread: when the front-end is already gone, closing the last fd of
+its RAM file frees all of that RAM synchronously (about a second per few GiB), which
+would stall every other guest if done in the trio thread. The same goes for the regions a
+SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG replaces or refuses (a hostile front-end may hand
+over its only copy of a large populated memfd, then replace the table): the memory layer
+releases them and the connection closes them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import itertools
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from protocol import vhost_user as vu
+from protocol.errors import ConfigError, FrontendError, HostResourceError, PeerClosed, PeerError
+from protocol.vhost_user import FrontendRequest as R
+from protocol.vhost_user import ProtocolFeature as PF
+from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
+from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
+from vdev.rings import Rings
+from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
+from vdev.virtq import RingBroken, VirtQueue
+
+if TYPE_CHECKING:
+    from vdev.server import Server
+
+log = logging.getLogger(__name__)
+
+_ANC_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * array.array("i").itemsize)
+_serial = itertools.count(1)
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+async def _close_in_thread(regions: Sequence[Region | int]) -> None:
+    """:func:`~vdev.memory.close_regions` in a worker thread, shielded (they must be closed
+    even when the connection is being cancelled)."""
+    if regions:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close_regions, list(regions))
+
+
+class Connection:
+    """One vhost-user front-end on one guest's socket (see the module docstring)."""
+
+    def __init__(
+        self,
+        server: Server,
+        sock: trio.socket.SocketType,
+        guest: str,
+        device_cls: type[Device],
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.guest = guest
+        self.name = f"{guest}#{next(_serial)}"
+        self.memory = GuestMemory(self.name)
+        self.rings = Rings(self.name, device_cls.num_queues)
+        self.queues = self.rings.queues
+        self.device = device_cls(
+            DeviceContext(self.name, self.memory, self.queues),
+            target=server.registry.target_of(guest),
+        )
+        self.proto = BackendConnection(
+            name=self.name,
+            device_features=device_cls.features,
+            num_queues=device_cls.num_queues,
+        )
+        self.lock = trio.Lock()
+        self._control_send, self._control_recv = trio.open_memory_channel[Callable[[], Work]](
+            math.inf
+        )
+        self._control_queued = 0  # actions sent to the control task and not yet carried out
+        self._backend: trio.socket.SocketType | None = None
+        self._backend_send: trio.MemorySendChannel[bytes] | None = None
+        self._config_change_pending = False
+        self._nursery: trio.Nursery | None = None
+        self._detached: list[Region | int] = []
+        self.closed = False
+
+    # -- LiveDevice (what the registry reads and asks) -----------------------------------
+
+    def status(self) -> DeviceStatus:
+        st = self.device.status()
+        counters = dict(st.counters)
+        for q in self.queues:
+            for key, value in q.counters.items():
+                counters[f"q{q.index} {key}"] = value
+        counters["reclaim failures"] = self.memory.reclaim_failures
+        return DeviceStatus(
+            size_pages=st.size_pages,
+            target_pages=st.target_pages,
+            capabilities=st.capabilities,
+            driver_active=st.driver_active,
+            guest_type=st.guest_type,
+            doorbell_registered=st.doorbell_registered,
+            counters=counters,
+            gauges=st.gauges,  # the ring counters are all monotonic
+            guest_stats=st.guest_stats,
+        )
+
+    def ram_pages(self) -> int:
+        return self.memory.total_pages
+
+    def ram_allocated_bytes(self) -> int:
+        return self.memory.allocated_bytes()
+
+    def reclaimed_bytes_total(self) -> int:
+        return self.memory.reclaimed_bytes_total
+
+    def request_target(self, pages: int) -> None:
+        """A new target: applied at once when the connection is idle (the doorbell rings
+        before the caller, e.g. the API handler, goes on), else queued in order."""
+        self._control(lambda: self.device.set_target(pages))
+
+    def _control(self, action: Callable[[], Work]) -> None:
+        """Carry out an operator action now, in the caller (the trio thread), when nothing
+        holds the connection lock and no earlier action is queued: exactly what the control
+        task would do had it got the lock at once, minus a scheduling round. Otherwise queue
+        it for the control task (order kept)."""
+        if not self.closed and not self._control_queued and not self.lock.locked():
+            try:
+                work = action()
+                if not work.reclaims:  # operator actions reclaim nothing; if one did, the
+                    self._complete(work)  # task carries it out (it may need a thread)
+                    return
+            except RingBroken:  # logged by the ring; it waits for the front-end to re-arm it
+                return
+            except Exception:  # a bug: lose this connection, not the caller (the API)
+                log.exception("%s: internal error in an operator action, closing", self.name)
+                self.close()
+                return
+            action = lambda: work  # noqa: E731
+        self._control_queued += 1
+        self._control_send.send_nowait(action)
+
+    def request_reset(self) -> None:
+        """The operator's reset (``vdev reset``). :class:`~protocol.errors.ConfigError` for a
+        personality that has none (:attr:`~vdev.devices.base.Device.operator_reset`)."""
+        if not self.device.operator_reset:
+            raise ConfigError(
+                f"{self.guest}: a {self.device.name} device cannot make its driver start over "
+                "(virtio has no device-initiated reset); set the target to 0 to take the "
+                "balloon back"
+            )
+
+        def reset() -> Work:
+            self.server.registry.note_reset(self.guest)
+            return self.device.demand_reset()
+
+        self._control(reset)
+
+    def request_stats(self) -> bool:
+        """Queue a guest stats refresh (the personality gives its held stats buffer back;
+        the driver refills it). False when the personality keeps no stats."""
+        if not self.device.supports_stats or self.closed:
+            return False
+        self._control_queued += 1
+        self._control_send.send_nowait(self.device.request_stats)
+        return True
+
+    async def refresh_stats(self) -> bool:
+        """:meth:`request_stats`, carried out now under the connection lock: True when a
+        held stats buffer was given back to the guest."""
+        if not self.device.supports_stats:
+            return False
+        async with self.lock:
+            if self.closed:
+                return False
+            work = self.device.request_stats()
+            await self._execute(work)
+        return bool(work.completions)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        registry = self.server.registry
+        registry.attach(self.guest, self)
+        log.info("%s: front-end connected", self.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._control_loop)
+                if self.server.stats_interval > 0 and self.device.supports_stats:
+                    nursery.start_soon(self._stats_loop, self.server.stats_interval)
+                for q in self.queues:
+                    nursery.start_soon(self._kick_loop, q)
+                try:
+                    await self._reader()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.close()
+            registry.detach(self.guest, self)
+            await self._release_memory()
+
+    async def _release_memory(self) -> None:
+        """Unmap and close the detached guest-RAM regions in a worker thread."""
+        regions, self._detached = self._detached, []
+        await _close_in_thread(regions)
+
+    async def _close_released(self) -> None:
+        """Close the regions a table change (or a finished reclaim) released, in a worker
+        thread: they may hold the last fd of a large populated RAM file. Awaited by this
+        connection only (its next message waits; its rings and every other guest run on)."""
+        await _close_in_thread(self.memory.take_released())
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                for msg in await self._recv_messages():
+                    reply = await self._handle(msg)
+                    if reply:
+                        await self._send_all(reply)
+        except PeerClosed:
+            log.info("%s: front-end disconnected", self.name)
+        except (PeerError, HostResourceError) as exc:
+            log.error("%s: closing the connection: %s", self.name, exc)
+        except trio.ClosedResourceError:
+            log.info("%s: connection closed locally", self.name)
+        except OSError as exc:
+            log.warning("%s: socket error, closing: %s", self.name, exc)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.rings.close()
+        self._detached += self.memory.detach()  # closed by run() in a worker thread
+        self.proto.fail()
+        self._control_send.close()
+        if self._backend_send is not None:
+            self._backend_send.close()
+        if self._backend is not None:
+            self._backend.close()
+        self.sock.close()
+
+    # -- the wire ------------------------------------------------------------------------
+
+    async def _recv_exact(self, n: int) -> tuple[bytes, list[int]]:
+        data = bytearray()
+        fds: list[int] = []
+        while len(data) < n:
+            try:
+                chunk, anc, flags, _ = await self.sock.recvmsg(n - len(data), _ANC_SPACE)
+            except OSError:
+                close_fds(fds)
+                raise
+            fds += _fds_from(anc)
+            if flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                raise FrontendError(f"{self.name}: more than {vu.MAX_FDS} fds in one message")
+            if not chunk:
+                close_fds(fds)
+                if data:
+                    raise FrontendError(f"{self.name}: connection closed inside a message")
+                raise PeerClosed
+            data += chunk
+        return bytes(data), fds
+
+    async def _recv_messages(self) -> list[Message]:
+        header, fds = await self._recv_exact(vu.HEADER_SIZE)
+        msgs = self.proto.receive(header, fds)  # validates the header before we read on
+        if msgs:
+            return msgs
+        size = vu.parse_header(header).size
+        payload, stray = await self._recv_exact(size)
+        if stray:
+            close_fds(stray)
+            self.proto.fail()
+            raise FrontendError(f"{self.name}: fds arrived inside a payload")
+        return self.proto.receive(payload)
+
+    async def _send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def _handle(self, msg: Message) -> bytes:
+        log.debug("%s: %s", self.name, msg)
+        r = msg.request
+        if r in NEGOTIATION:
+            if r is R.SET_FEATURES:
+                for q in self.queues:
+                    q.event_idx = self.proto.event_idx
+                    q.indirect = self.proto.indirect
+                    if self.proto.rings_start_enabled:
+                        q.enabled = True
+                self.device.features_negotiated(self.proto.acked_features)
+            reply = self.proto.answer(msg)
+        else:
+            handler = getattr(self, f"_on_{r.name.lower()}")
+            result: bytes | None = await handler(msg)
+            reply = result if result is not None else self.proto.ack(msg)
+        reason = self.proto.take_reset()
+        if reason is not None:
+            await self._device_reset(reason)
+        return reply
+
+    async def _device_reset(self, reason: str) -> None:
+        """The front-end reset the device (``vdev/vhost_user.py`` says how that is seen: a
+        ring restarted at another base, features re-negotiated, RESET_DEVICE): the device
+        forgets the balloon, as a real one does. The pages it had reclaimed are zero pages
+        the guest may use again; what the new driver inflates is reclaimed anew."""
+        async with self.lock:
+            forgotten = self.device.size_pages()
+            work = self.device.device_reset()
+            self.server.registry.note_reset(self.guest)
+            await self._execute(work)
+            self.server.registry.note_size(self.guest, self.device.size_pages())
+        log.info(
+            "%s: device reset (%s): forgot a balloon of %d pages", self.name, reason, forgotten
+        )
+
+    def _queue(self, msg: Message) -> VirtQueue:
+        return self.queues[msg.vring_index]  # index and ring state checked by the machine
+
+    async def _on_set_mem_table(self, msg: Message) -> None:
+        specs = [
+            RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+            for r in msg.body.regions
+        ]
+        try:
+            async with self.lock:
+                self.memory.set_table(specs, list(msg.fds))
+                self.device.rings_changed()
+        finally:
+            await self._close_released()  # the old table (or the refused one)
+        log.info(
+            "%s: memory table: %d regions, %d pages of RAM",
+            self.name,
+            len(specs),
+            self.memory.total_pages,
+        )
+
+    async def _on_add_mem_reg(self, msg: Message) -> None:
+        r = msg.body.region
+        spec = RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        try:
+            async with self.lock:
+                if len(self.memory.regions) >= self.proto.max_mem_slots:
+                    await _close_in_thread(msg.fds)
+                    raise FrontendError(
+                        f"{self.name}: more than {self.proto.max_mem_slots} regions"
+                    )
+                self.memory.add_region(spec, msg.fds[0])
+                self.device.rings_changed()
+        finally:
+            await self._close_released()  # a region it replaced (or the refused one)
+
+    async def _on_rem_mem_reg(self, msg: Message) -> None:
+        r = msg.body.region
+        spec = RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+        async with self.lock:
+            if not self.memory.remove_region(spec):
+                log.warning(
+                    "%s: REM_MEM_REG of an unknown region gpa=%#x", self.name, spec.guest_phys_addr
+                )
+            self.device.rings_changed()
+        await _close_in_thread([*self.memory.take_released(), *msg.fds])  # fd: unused
+
+    async def _on_set_vring_num(self, msg: Message) -> None:
+        async with self.lock:
+            self._queue(msg).set_num(msg.body.num)
+
+    async def _on_set_vring_base(self, msg: Message) -> None:
+        async with self.lock:
+            self._queue(msg).set_base(msg.body.num)
+
+    async def _on_set_vring_addr(self, msg: Message) -> None:
+        b = msg.body
+        async with self.lock:
+            self._queue(msg).set_addr(self.memory, b.desc, b.used, b.avail)
+            self.device.rings_changed()
+
+    async def _on_get_vring_base(self, msg: Message) -> bytes:
+        async with self.lock:
+            q = self._queue(msg)
+            self.device.queue_stopped(q.index)
+            self.rings.forget_kick(q)
+            base = q.stop()
+            self.rings.disarm(q.index)
+        log.debug("%s: ring %d stopped at %d", self.name, q.index, base)
+        return self.proto.vring_base_reply(msg, base)
+
+    async def _on_set_vring_kick(self, msg: Message) -> None:
+        q = self._queue(msg)
+        fd = msg.fd
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, False)
+        self.rings.forget_kick(q)
+        q.replace_fd("kick", fd)
+        q.started = True
+        self.rings.arm(q.index)
+        if self._config_change_pending:
+            self._send_config_change()
+
+    async def _on_set_vring_call(self, msg: Message) -> None:
+        self._queue(msg).replace_fd("call", msg.fd)
+
+    async def _on_set_vring_err(self, msg: Message) -> None:
+        self._queue(msg).replace_fd("err", msg.fd)
+
+    async def _on_set_vring_enable(self, msg: Message) -> None:
+        q = self._queue(msg)
+        q.enabled = bool(msg.body.num)
+        if q.enabled and q.started and self._nursery is not None:
+            self._nursery.start_soon(self.process, q.index)
+
+    async def _on_get_config(self, msg: Message) -> bytes:
+        b = msg.body
+        data = self.device.read_config(b.offset, b.size)
+        body = vu.build_payload(
+            vu.CONFIG,
+            {"offset": b.offset, "size": b.size, "flags": b.flags, "data": data},
+            "config",
+        )
+        return self.proto.reply(msg, body)
+
+    async def _on_set_config(self, msg: Message) -> None:
+        b = msg.body
+        async with self.lock:
+            work = self.device.write_config(b.offset, bytes(b.data), migration=b.flags == 1)
+            await self._execute(work)
+
+    async def _on_set_backend_req_fd(self, msg: Message) -> None:
+        fd = msg.fds[0]
+        try:
+            sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        except OSError as exc:
+            close_fds(msg.fds)
+            raise FrontendError(
+                f"{self.name}: SET_BACKEND_REQ_FD fd is not a socket: {exc}"
+            ) from None
+        if sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise FrontendError(f"{self.name}: back-end channel is not a stream socket")
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = sock
+        send, recv = trio.open_memory_channel[bytes](1)
+        if self._backend_send is not None:
+            self._backend_send.close()
+        self._backend_send = send
+        assert self._nursery is not None
+        self._nursery.start_soon(self._backend_writer, sock, recv)
+        self._nursery.start_soon(self._backend_reader, sock)
+
+    async def _on_reset_device(self, msg: Message) -> None:
+        async with self.lock:
+            for i, q in enumerate(self.queues):
+                self.rings.forget_kick(q)
+                q.close()
+                q.enabled = False
+                q.broken = False
+                self.rings.disarm(i)
+            self.device.features_negotiated(0)  # the acked features are gone (vhost_user.py)
+        # the balloon is forgotten by _handle: the machine reports RESET_DEVICE as a reset
+
+    _on_reset_owner = _on_reset_device
+
+    # -- rings ---------------------------------------------------------------------------
+
+    async def _kick_loop(self, q: VirtQueue) -> None:
+        await self.rings.kick_loop(q, self.process)
+
+    async def process(self, index: int) -> None:
+        """Let the device serve ring ``index`` until it takes nothing more."""
+        q = self.queues[index]
+        while True:
+            async with self.lock:
+                if not q.ready or self.closed:
+                    return
+                try:
+                    work = self.device.kick(index)
+                    await self._execute(work)
+                    more = q.publish_avail_event(self.memory) if q.ready else False
+                except RingBroken:
+                    return
+            if not (work.popped and (more or not q.event_idx)):
+                return
+            await trio.lowlevel.checkpoint()
+
+    async def process_all(self) -> None:
+        for q in self.queues:
+            await self.process(q.index)
+
+    async def answer_queued(self) -> None:
+        """One pass over every ready ring: what the guest queued is answered (BUSY after
+        :meth:`Device.shutdown`); what it queues afterwards is not waited for. (Serving the
+        rings until they go quiet would let a busy guest hold shutdown up.)"""
+        for q in self.queues:
+            async with self.lock:
+                if not q.ready or self.closed:
+                    continue
+                try:
+                    await self._execute(self.device.kick(q.index))
+                except RingBroken:
+                    continue
+                except Exception:  # a bug: this guest's queue goes unanswered, not shutdown
+                    log.exception("%s: answering ring %d at shutdown", self.name, q.index)
+
+    async def _execute(self, work: Work) -> None:
+        """Carry out a device's Work: reclaim, then used rings, then calls, then config."""
+        for rec in work.reclaims:
+            try:
+                await self.memory.reclaim_async(rec.pfn_starts, rec.pfn_counts)
+            except HostResourceError as exc:
+                log.error("%s: reclaim failed: %s", self.name, exc)
+        if work.reclaims:
+            await self._close_released()  # regions the table dropped while a worker used them
+        self._complete(work)
+
+    def _complete(self, work: Work) -> None:
+        """The synchronous rest of :meth:`_execute` (after the reclaims): used rings, calls,
+        config change, size event."""
+        self.rings.push(self.memory, work.completions)
+        if work.config_changed:
+            self._send_config_change()
+        if work.reclaims or work.popped:
+            self.server.registry.note_size(self.guest, self.device.size_pages())
+
+    # -- operator requests ---------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        async for action in self._control_recv:
+            try:
+                async with self.lock:
+                    await self._execute(action())
+            finally:
+                self._control_queued -= 1
+
+    async def _stats_loop(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            await self.refresh_stats()
+
+    # -- back-end channel ----------------------------------------------------------------
+
+    def _send_config_change(self) -> None:
+        if self._backend_send is None or not (
+            self.proto.has_protocol(PF.CONFIG) and self.proto.has_protocol(PF.BACKEND_REQ)
+        ):
+            return
+        if not any(q.started for q in self.queues):  # suspended: no messages to the front-end
+            self._config_change_pending = True
+            return
+        self._config_change_pending = False
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._backend_send.send_nowait(self.proto.config_change_message())
+
+    async def _backend_writer(
+        self, sock: trio.socket.SocketType, recv: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        async with recv:
+            async for data in recv:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[await sock.send(view) :]
+                except (OSError, trio.ClosedResourceError) as exc:
+                    log.warning("%s: back-end channel send failed: %s", self.name, exc)
+                    return
+
+    async def _backend_reader(self, sock: trio.socket.SocketType) -> None:
+        """Discard anything the front-end sends on the back-end channel (we never ask)."""
+        try:
+            while True:
+                data, anc, _, _ = await sock.recvmsg(4096, _ANC_SPACE)
+                close_fds(_fds_from(anc))
+                if not data:
+                    return
+        except (OSError, trio.ClosedResourceError):
+            return
