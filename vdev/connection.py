@@ -36,24 +36,31 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import itertools
 import logging
 import math
 import os
+import select
 import socket
+import termios
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import trio
 
 from protocol import vhost_user as vu
 from protocol.errors import ConfigError, FrontendError, HostResourceError, PeerClosed, PeerError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
+from vdev.balloon import coalesce
 from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
+from vdev.handover import ConnStore, HandoverError, StateFile
 from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
+from vdev.pagemap import PAGES_PER_2M, PageMap
 from vdev.rings import Rings
-from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
+from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, State, close_fds
 from vdev.virtq import RingBroken, VirtQueue
 
 if TYPE_CHECKING:
@@ -92,6 +99,8 @@ class Connection:
         sock: trio.socket.SocketType,
         guest: str,
         device_cls: type[Device],
+        *,
+        state: StateFile | None = None,
     ) -> None:
         self.server = server
         self.sock = sock
@@ -100,8 +109,28 @@ class Connection:
         self.memory = GuestMemory(self.name)
         self.rings = Rings(self.name, device_cls.num_queues)
         self.queues = self.rings.queues
+        # the hand-over (vdev under systemd or vdev supervise): the state file and the fd
+        # store entries of this connection; None when nothing would keep them
+        handover = server.handover
+        self.state: StateFile | None = None
+        self.fdstore: ConnStore | None = None
+        if handover is not None and handover.enabled:
+            self.state = state if state is not None else StateFile.create(guest)
+            self.fdstore = ConnStore(handover, guest)
+        self._vu_consumed = 0  # vhost-user messages consumed from the socket
+        self._resumed = False
+        #: The last batch's completions not yet pushed, and the used index of each ring
+        #: before them (the hand-over record's "pending" / "used_base").
+        self._pending: tuple[list[tuple[int, int, int]], dict[str, int]] | None = None
+        self._vu_note: dict[str, Any] | None = None  # the last message answered (recorded)
+        self.manual_target: int | None = None  # the record's (a resumed connection)
         self.device = device_cls(
-            DeviceContext(self.name, self.memory, self.queues),
+            DeviceContext(
+                self.name,
+                self.memory,
+                self.queues,
+                pages=PageMap(backing=self.state) if self.state is not None else None,
+            ),
             target=server.registry.target_of(guest),
         )
         self.proto = BackendConnection(
@@ -216,18 +245,32 @@ class Connection:
 
     # -- life cycle ----------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, *, resumed: bool = False) -> None:
         registry = self.server.registry
         registry.attach(self.guest, self)
-        log.info("%s: front-end connected", self.name)
+        self._resumed = resumed
+        if resumed:
+            registry.note_size(self.guest, self.device.size_pages())
+        else:
+            log.info("%s: front-end connected", self.name)
+            if self.state is not None and self.fdstore is not None:
+                self.fdstore.handover.store.store(f"state.{self.guest}", self.state.fd)
+                self.fdstore.handover.store.store(f"conn.{self.guest}", self.sock.fileno())
+                self._commit()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if resumed and self._backend is not None:
+                    self._start_backend(self._backend)
                 nursery.start_soon(self._control_loop)
                 if self.server.stats_interval > 0 and self.device.supports_stats:
                     nursery.start_soon(self._stats_loop, self.server.stats_interval)
                 for q in self.queues:
                     nursery.start_soon(self._kick_loop, q)
+                if resumed:  # what the guest posted while vdev was down
+                    for q in self.queues:
+                        if q.ready:
+                            nursery.start_soon(self.process, q.index)
                 try:
                     await self._reader()
                 finally:
@@ -250,6 +293,10 @@ class Connection:
 
     async def _reader(self) -> None:
         try:
+            if self.state is not None:
+                if self._resumed:
+                    await self.resume_vhost_user()
+                await self._serve_peeked()
             while True:
                 for msg in await self._recv_messages():
                     reply = await self._handle(msg)
@@ -268,6 +315,17 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        if self.fdstore is not None and not self.server.handing_over:
+            # the front-end is gone (or broke the protocol): nothing to resume; our copies
+            # alone must not keep its socket open
+            self.fdstore.remove_all()
+            self.fdstore.handover.store.remove(f"conn.{self.guest}")
+            self.fdstore.handover.store.remove(f"state.{self.guest}")
+        elif self.fdstore is not None:
+            self.fdstore.close()
+        if self.state is not None and not self.server.handing_over:
+            state, self.state = self.state, None
+            state.close()  # the map views keep the mapping until they go; the fd goes now
         self.rings.close()
         self._detached += self.memory.detach()  # closed by run() in a worker thread
         self.proto.fail()
@@ -319,6 +377,356 @@ class Connection:
         while view:
             sent = await self.sock.send(view)
             view = view[sent:]
+
+    # -- the wire under the hand-over: peek, handle, record, reply, consume ---------------
+    #
+    # A message is read with MSG_PEEK (its fds are cloned into ours) and stays in the
+    # socket while it is handled. The new state and the reply are committed to the state
+    # file, the reply is sent and marked sent (``vu_sent``), and only then is the message
+    # consumed (``vu_consumed``). A vdev killed anywhere in between finds the message
+    # again: not recorded -> handled again from the recorded state (same reply); recorded
+    # and marked sent -> consumed only; recorded, not marked sent -> the reply is sent
+    # unless the socket shows it went (bytes still unread by QEMU in our send queue, or
+    # QEMU already sent its next message). The one window left is between the send
+    # returning and the mark (a few instructions): a reply QEMU already read would then be
+    # sent twice. docs/ARCHITECTURE.md, "Hand-over".
+
+    async def _serve_peeked(self) -> None:
+        state = self.state
+        assert state is not None
+        while True:
+            data, fds = await self._peek_message()
+            msgs = self.proto.receive(data, fds)
+            for msg in msgs:
+                reply = await self._handle(msg)
+                seq = self._vu_consumed
+                self._commit(vu={"seq": seq, "reply": reply.hex()})
+                if reply:
+                    await self._send_all(reply)
+                state.h["vu_sent"] = seq + 1
+            await self._consume(len(data), len(fds))
+
+    async def _peek_message(self) -> tuple[bytes, list[int]]:
+        """The next whole message (header + payload) and its fds, left in the socket.
+
+        A peek hands out the fds of the next skb even when it copies no byte of it (Linux
+        ``unix_stream_read_generic`` moves on to the next skb with MSG_PEEK whatever is left
+        to read). So the fds of a peek are the message's own only when the message is one
+        that carries fds; otherwise they are the next message's and are dropped here. The
+        consuming read then checks the count (:meth:`_consume`)."""
+        delay = 0.001
+        while True:
+            data, fds = await self._peek(vu.HEADER_SIZE)
+            need = vu.HEADER_SIZE
+            if len(data) == vu.HEADER_SIZE:
+                try:
+                    need += self.proto.check_header(data)
+                except FrontendError:
+                    close_fds(fds)
+                    raise
+                if need == vu.HEADER_SIZE:
+                    if not self.proto.expected_fds(data):
+                        close_fds(fds)
+                        fds = []
+                    return data, fds
+                close_fds(fds)
+                data, fds = await self._peek(need)
+                if len(data) == need:
+                    if not self.proto.expected_fds(data):
+                        close_fds(fds)
+                        fds = []
+                    return data, fds
+            close_fds(fds)
+            if _inq(self.sock) >= need:  # the rest is there but behind fds: not one message
+                self.proto.fail()
+                raise FrontendError(f"{self.name}: fds arrived inside a payload")
+            if _peer_hung_up(self.sock):
+                raise FrontendError(f"{self.name}: connection closed inside a message")
+            await trio.sleep(delay)  # a front-end writing a message in pieces
+            delay = min(delay * 2, 0.05)
+
+    async def _peek(self, n: int) -> tuple[bytes, list[int]]:
+        data, anc, flags, _ = await self.sock.recvmsg(n, _ANC_SPACE, socket.MSG_PEEK)
+        fds = _fds_from(anc)
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise FrontendError(f"{self.name}: more than {vu.MAX_FDS} fds in one message")
+        if not data:
+            close_fds(fds)
+            raise PeerClosed
+        return data, fds
+
+    async def _consume(self, n: int, nfds: int | None = None) -> None:
+        """Take ``n`` bytes (a message already handled) off the socket; close its fds. A
+        message whose real fds are not the ``nfds`` the peek gave (a front-end that sent
+        fds a message does not carry) closes the connection."""
+        left = n
+        got = 0
+        while left:
+            chunk, anc, _, _ = await self.sock.recvmsg(left, _ANC_SPACE)
+            fds = _fds_from(anc)
+            got += len(fds)
+            close_fds(fds)
+            if not chunk:
+                raise PeerClosed
+            left -= len(chunk)
+        self._vu_consumed += 1
+        if self.state is not None:
+            self.state.h["vu_consumed"] = self._vu_consumed
+        if nfds is not None and got != nfds:
+            raise FrontendError(f"{self.name}: a message carried {got} fds, expected {nfds}")
+
+    # -- hand-over: the record -------------------------------------------------------------
+
+    def _sync_fds(self) -> None:
+        """Store every fd the connection holds now under its role; drop what it let go."""
+        st = self.fdstore
+        if st is None:
+            return
+        want: dict[str, int] = {}
+        for r in self.memory.regions:
+            want[f"mem.{r.fd}"] = r.fd
+        for q in self.queues:
+            for which in ("kick", "call", "err"):
+                fd = getattr(q, f"{which}_fd")
+                if fd is not None:
+                    want[f"q{q.index}.{which}.{fd}"] = fd
+        if self._backend is not None:
+            want[f"backend.{self._backend.fileno()}"] = self._backend.fileno()
+        for key in [k for k in st.names if k not in want]:
+            st.put(key, None)
+        for key, fd in want.items():
+            if key not in st.names:
+                st.put(key, fd, poll=not key.startswith("mem."))
+
+    def _record(self) -> dict[str, Any]:
+        st = self.fdstore
+        assert st is not None
+        names = st.names
+        return {
+            "v": 1,
+            "device": self.device.name,
+            "guest": self.guest,
+            "proto": {
+                "acked": self.proto.acked_features,
+                "protocol": self.proto.protocol_features,
+                "state": self.proto.state.value,
+                "started": sorted(self.proto.started),
+                "stopped_at": {str(k): v for k, v in self.proto.stopped_at.items()},
+            },
+            "memory": [
+                {
+                    "gpa": r.spec.guest_phys_addr,
+                    "size": r.spec.memory_size,
+                    "uaddr": r.spec.userspace_addr,
+                    "offset": r.spec.mmap_offset,
+                    "fd": names[f"mem.{r.fd}"],
+                }
+                for r in self.memory.regions
+            ],
+            "rings": [
+                {
+                    "size": q.size,
+                    "desc": q.desc,
+                    "avail": q.avail,
+                    "used": q.used,
+                    "addr_set": q.addr_set,
+                    "last_avail": q.last_avail_idx,
+                    "used_idx": q.used_idx,
+                    "event_idx": q.event_idx,
+                    "indirect": q.indirect,
+                    "enabled": q.enabled,
+                    "started": q.started,
+                    "broken": q.broken,
+                    "counters": dict(q.counters),
+                    **{
+                        which: names.get(f"q{q.index}.{which}.{getattr(q, f'{which}_fd')}")
+                        for which in ("kick", "call", "err")
+                    },
+                }
+                for q in self.queues
+            ],
+            "backend": (
+                names.get(f"backend.{self._backend.fileno()}") if self._backend is not None else None
+            ),
+            "config_change_pending": self._config_change_pending,
+            "device_state": self.device.save_state(),
+            "pending": [list(c) for c in self._pending[0]] if self._pending else [],
+            "used_base": self._pending[1] if self._pending else {},
+            "vu": self._vu_note,
+            "reclaimed": self.memory.reclaimed_bytes_total,
+            "manual_target": self.server.registry.manual.get(self.guest),
+        }
+
+    def _commit(
+        self, pending: list[tuple[int, int, int]] | None = None, vu: dict[str, Any] | None = None
+    ) -> None:
+        """Commit the connection's state. ``pending``: the completions of the batch about to
+        be pushed (kept, with the used indices they start at, until :meth:`_complete` pushed
+        them: a commit in between, e.g. for a vhost-user message while a reclaim runs in a
+        thread, records them too). ``vu``: the vhost-user message being answered (kept
+        likewise until a newer one: :meth:`resume_vhost_user` acts on it only while that
+        message is still unconsumed)."""
+        if self.state is None or self.fdstore is None or self.closed:
+            return
+        if pending is not None:
+            self._pending = (list(pending), {str(q.index): q.used_idx for q in self.queues})
+        if vu is not None:
+            self._vu_note = vu
+        self._sync_fds()
+        self.state.commit(self._record())
+        self.fdstore.committed()
+
+    # -- hand-over: resuming -------------------------------------------------------------
+
+    @classmethod
+    def resume(
+        cls,
+        server: Server,
+        guest: str,
+        device_cls: type[Device],
+        sock_fd: int,
+        state_fd: int,
+    ) -> Connection:
+        """Rebuild a connection from the fd store (``conn.<guest>``, ``state.<guest>`` and
+        the fds its record names). Raises :class:`HandoverError` when it cannot."""
+        handover = server.handover
+        assert handover is not None
+        state = StateFile.open(state_fd)
+        try:
+            record = state.read_record()
+            if record is None:
+                raise HandoverError("no committed record")
+            if record.get("device") != device_cls.name:
+                raise HandoverError(f"state of a {record.get('device')!r} device")
+            undone = state.rollback()
+            if undone:
+                log.info("%s: rolled back an unfinished batch (%d map edits)", guest, undone)
+        except BaseException:
+            state.close()
+            raise
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=sock_fd))
+        self = cls(server, sock, guest, device_cls, state=state)
+        try:
+            self._restore(record)
+        except BaseException:
+            self.closed = True
+            self.rings.close()
+            close_regions(self.memory.detach())
+            raise
+        return self
+
+    def _restore(self, rec: dict[str, Any]) -> None:
+        handover = self.server.handover
+        st = self.fdstore
+        assert handover is not None and st is not None and self.state is not None
+
+        def fd_of(name: str | None, key: str) -> int | None:
+            if not name:
+                return None
+            fd = handover.take(name)
+            if fd is None:
+                raise HandoverError(f"{self.name}: stored fd {name} is missing")
+            st.adopt(f"{key}.{fd}", name, fd)
+            return fd
+
+        p = rec["proto"]
+        self.proto.acked_features = int(p["acked"])
+        self.proto.protocol_features = int(p["protocol"])
+        self.proto.state = State(p.get("state", State.NEGOTIATED.value))
+        self.proto.started = {int(i) for i in p.get("started", ())}
+        self.proto.stopped_at = {int(k): int(v) for k, v in p.get("stopped_at", {}).items()}
+        specs, fds = [], []
+        for m in rec["memory"]:
+            fd = handover.take(m["fd"])
+            if fd is None:
+                raise HandoverError(f"{self.name}: stored memory fd {m['fd']} is missing")
+            st.adopt(f"mem.{fd}", m["fd"], fd)
+            specs.append(RegionSpec(int(m["gpa"]), int(m["size"]), int(m["uaddr"]), int(m["offset"])))
+            fds.append(fd)
+        if specs:
+            self.memory.set_table(specs, fds)
+        for q, r in zip(self.queues, rec["rings"], strict=False):
+            q.size = int(r["size"])
+            q.desc, q.avail, q.used = int(r["desc"]), int(r["avail"]), int(r["used"])
+            q.addr_set = bool(r["addr_set"])
+            q.last_avail_idx = int(r["last_avail"])
+            q.used_idx = int(r["used_idx"])
+            q.event_idx, q.indirect = bool(r["event_idx"]), bool(r["indirect"])
+            q.enabled, q.started, q.broken = bool(r["enabled"]), bool(r["started"]), bool(r["broken"])
+            q.counters.update({k: int(v) for k, v in r.get("counters", {}).items() if k in q.counters})
+            for which in ("kick", "call", "err"):
+                fd = fd_of(r.get(which), f"q{q.index}.{which}")
+                if which == "kick" and fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.set_blocking(fd, False)
+                setattr(q, f"{which}_fd", fd)
+            if q.started:
+                self.rings.arm(q.index)
+        backend = fd_of(rec.get("backend"), "backend")
+        if backend is not None:
+            self._backend = trio.socket.from_stdlib_socket(socket.socket(fileno=backend))
+        self._config_change_pending = bool(rec.get("config_change_pending"))
+        self.device.load_state(rec.get("device_state") or {})
+        self.device.features_negotiated(self.proto.acked_features)
+        self.device.rings_changed()
+        self.memory.reclaimed_bytes_total = int(rec.get("reclaimed", 0))
+        manual = rec.get("manual_target")
+        self.manual_target = int(manual) if isinstance(manual, int) else None
+        # the last batch's completions: written again where they were (idempotent)
+        base = {int(k): int(v) for k, v in (rec.get("used_base") or {}).items()}
+        by_queue: dict[int, list[tuple[int, int]]] = {}
+        for qi, head, length in rec.get("pending") or []:
+            by_queue.setdefault(int(qi), []).append((int(head), int(length)))
+        for qi, done in by_queue.items():
+            q = self.queues[qi]
+            if not q.addr_set or qi not in base:
+                continue
+            q.used_idx = base[qi]
+            try:
+                if q.push(self.memory, done):
+                    q.signal()
+            except RingBroken:
+                pass
+        self._reconcile_holes()
+        self._vu_consumed = int(self.state.h["vu_consumed"])
+
+    def _reconcile_holes(self) -> None:
+        """Punch every page of the map out of the RAM files again (idempotent): a reclaim
+        the previous process had not finished is finished."""
+        pages = self.device.ctx.pages
+        if pages is None or self.memory.empty:
+            return
+        for starts, length in (
+            (pages.locked_4k(), 1),
+            (pages.locked_2m() * np.uint64(PAGES_PER_2M), PAGES_PER_2M),
+        ):
+            if starts.size:
+                rec = coalesce(starts, length)
+                with contextlib.suppress(HostResourceError):
+                    self.memory.reclaim(rec.pfn_starts, rec.pfn_counts)
+
+    async def resume_vhost_user(self) -> None:
+        """Finish the vhost-user message the previous process was answering (see above)."""
+        state = self.state
+        assert state is not None
+        rec = state.read_record() or {}
+        note = rec.get("vu")
+        if not note or int(note.get("seq", -1)) != self._vu_consumed:
+            return  # nothing recorded but unconsumed: the reader handles what is queued
+        seq = self._vu_consumed
+        reply = bytes.fromhex(note.get("reply", ""))
+        data, fds = await self._peek_message()
+        close_fds(fds)
+        if reply and int(state.h["vu_sent"]) != seq + 1:
+            queued_after = _inq(self.sock) > len(data)
+            if _outq(self.sock) > 0 or queued_after:
+                log.info("%s: the reply to message %d had gone out", self.name, seq)
+            else:
+                log.warning("%s: sending the reply to message %d again", self.name, seq)
+                await self._send_all(reply)
+            state.h["vu_sent"] = seq + 1
+        await self._consume(len(data))
 
     # -- requests ------------------------------------------------------------------------
 
@@ -485,6 +893,9 @@ class Connection:
         if self._backend is not None:
             self._backend.close()
         self._backend = sock
+        self._start_backend(sock)
+
+    def _start_backend(self, sock: trio.socket.SocketType) -> None:
         send, recv = trio.open_memory_channel[bytes](1)
         if self._backend_send is not None:
             self._backend_send.close()
@@ -548,7 +959,10 @@ class Connection:
                     log.exception("%s: answering ring %d at shutdown", self.name, q.index)
 
     async def _execute(self, work: Work) -> None:
-        """Carry out a device's Work: reclaim, then used rings, then calls, then config."""
+        """Carry out a device's Work: commit it (hand-over), reclaim, then used rings, then
+        calls, then config."""
+        if work:
+            self._commit(work.completions)
         for rec in work.reclaims:
             try:
                 await self.memory.reclaim_async(rec.pfn_starts, rec.pfn_counts)
@@ -556,12 +970,15 @@ class Connection:
                 log.error("%s: reclaim failed: %s", self.name, exc)
         if work.reclaims:
             await self._close_released()  # regions the table dropped while a worker used them
-        self._complete(work)
+        self._complete(work, committed=True)
 
-    def _complete(self, work: Work) -> None:
+    def _complete(self, work: Work, *, committed: bool = False) -> None:
         """The synchronous rest of :meth:`_execute` (after the reclaims): used rings, calls,
         config change, size event."""
+        if work and not committed:
+            self._commit(work.completions)
         self.rings.push(self.memory, work.completions)
+        self._pending = None  # pushed: nothing to write again after a restart
         if work.config_changed:
             self._send_config_change()
         if work.reclaims or work.popped:
@@ -593,7 +1010,9 @@ class Connection:
             self._config_change_pending = True
             return
         self._config_change_pending = False
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+        with contextlib.suppress(
+            trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError
+        ):  # a full channel already holds one; a writer that ended logged why
             self._backend_send.send_nowait(self.proto.config_change_message())
 
     async def _backend_writer(
@@ -619,3 +1038,29 @@ class Connection:
                     return
         except (OSError, trio.ClosedResourceError):
             return
+
+
+def _inq(sock: trio.socket.SocketType) -> int:
+    """Bytes queued for reading (SIOCINQ: every skb of a unix stream socket)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return int(buf[0])
+
+
+def _outq(sock: trio.socket.SocketType) -> int:
+    """Bytes we sent that the peer has not read yet (SIOCOUTQ)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+    except OSError:
+        return 0
+    return int(buf[0])
+
+
+def _peer_hung_up(sock: trio.socket.SocketType) -> bool:
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in p.poll(0))

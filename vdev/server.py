@@ -31,6 +31,7 @@ import trio
 from protocol.errors import GuestError
 from vdev.connection import Connection
 from vdev.devices.base import Device
+from vdev.handover import Handover, HandoverError
 from vdev.listeners import accept_loop, listen
 from vdev.logs import current_vm
 from vdev.registry import GuestRegistry
@@ -56,6 +57,7 @@ class Server:
         socket_paths: Sequence[str] = (),
         names: Sequence[str] | None = None,
         stats_interval: float = 0.0,
+        handover: Handover | None = None,
     ) -> None:
         if not (stats_interval >= 0 and math.isfinite(stats_interval)):
             raise ValueError("the stats interval must be >= 0 seconds")
@@ -74,17 +76,90 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._listeners: list[trio.socket.SocketType] = []
         self._guest_locks: dict[str, trio.Lock] = {}
+        #: The fd store and what this process inherited from it (None: unmanaged).
+        self.handover = handover if handover is not None and handover.enabled else None
+        #: Set while stopping for a hand-over: connections keep their store entries.
+        self.handing_over = False
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on every socket and serve until cancelled."""
+        """Listen on every socket (resuming the connections a previous vdev handed over)
+        and serve until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            resumed: list[Connection] = []
             for name, path in zip(self.names, self.socket_paths, strict=True):
-                listener = await listen(path)
+                listener = await self._listener(name, path)
                 self._listeners.append(listener)
+                conn = self._resume(name)
+                if conn is not None:
+                    resumed.append(conn)
                 nursery.start_soon(accept_loop, listener, name, partial(self._spawn, name=name))
+            if self.handover is not None:
+                self.handover.cleanup()  # whatever no listener or connection claimed
+            for conn in resumed:  # each holds its guest's lock before any accept is served
+                await nursery.start(self._run_resumed, conn)
             log.info("serving %s on %s", self.device_cls.name, ", ".join(self.socket_paths) or "-")
             task_status.started(self)
+
+    async def _listener(self, name: str, path: str) -> trio.socket.SocketType:
+        """The listening socket of guest ``name``: the stored one, else a new one (stored)."""
+        ho = self.handover
+        if ho is not None:
+            fd = ho.take(f"listen.{name}")
+            if fd is not None:
+                sock = socket.socket(fileno=fd)
+                if (
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    and sock.family == socket.AF_UNIX
+                    and Path(path).is_socket()
+                ):
+                    log.info("%s: listening socket taken over from the fd store", name)
+                    return trio.socket.from_stdlib_socket(sock)
+                sock.close()
+                ho.store.remove(f"listen.{name}")
+        listener = await listen(path)
+        if ho is not None:
+            ho.store.store(f"listen.{name}", listener.fileno())
+        return listener
+
+    def _resume(self, name: str) -> Connection | None:
+        """The connection of guest ``name`` a previous vdev handed over, rebuilt."""
+        ho = self.handover
+        if ho is None:
+            return None
+        sock_fd, state_fd = ho.take(f"conn.{name}"), ho.take(f"state.{name}")
+        if sock_fd is None or state_fd is None:
+            for fd, what in ((sock_fd, "conn"), (state_fd, "state")):
+                if fd is not None:
+                    os.close(fd)
+                    ho.store.remove(f"{what}.{name}")
+            return None
+        try:
+            conn = Connection.resume(self, name, self.device_cls, sock_fd, state_fd)
+        except (HandoverError, OSError, KeyError, ValueError, TypeError) as exc:
+            log.error("%s: cannot resume the handed-over connection: %s", name, exc)
+            for what, fd in (("conn", sock_fd), ("state", state_fd)):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                ho.store.remove(f"{what}.{name}")
+            return None
+        status = conn.device.status()
+        self.registry.set_target(name, status.target_pages)  # the record's, not --target's
+        self.registry.resumed.add(name)
+        manual = conn.manual_target
+        if manual is not None:
+            self.registry.manual[name] = int(manual)
+        else:
+            self.registry.manual.pop(name, None)
+        log.info("%s: connection resumed (balloon %d pages)", conn.name, status.size_pages)
+        return conn
+
+    async def _run_resumed(
+        self, conn: Connection, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with self._guest_locks.setdefault(conn.guest, trio.Lock()):
+            task_status.started()
+            await self._run_connection(conn, resumed=True)
 
     async def serve_fd(self, fd: int, name: str = "vm0") -> None:
         """Serve one already-connected socket (``--fd``) until it closes."""
@@ -123,15 +198,61 @@ class Server:
         except BaseException:
             sock.close()
             raise
+        await self._run_connection(conn)
+
+    async def _run_connection(self, conn: Connection, *, resumed: bool = False) -> None:
         self.connections.add(conn)
         try:
-            await conn.run()
+            await conn.run(resumed=resumed)
         except GuestError as exc:  # should have been answered inside; never fatal
             log.error("%s: unexpected guest error: %s", conn.name, exc)
         except Exception:  # a bug: lose this connection, not every guest of the process
             log.exception("%s: internal error, connection closed", conn.name)
         finally:
             self.connections.discard(conn)
+
+    async def hand_over(self) -> None:
+        """Stop for a restart (SIGTERM under a manager): finish the batches in progress,
+        commit every connection, and stop, leaving the sockets, fds and state in the store
+        (the next vdev resumes them; no guest notices)."""
+        log.info("stopping for a hand-over: %d connections stay in the fd store", len(self.connections))
+        self.handing_over = True
+        for conn in list(self.connections):
+            async with conn.lock:  # no batch in the middle
+                conn._commit()
+        if self.handover is not None:
+            self.handover.store.send({"STOPPING": 1, "STATUS": "handing over"})
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def deflate_all(self, timeout: float) -> dict[str, int]:
+        """Target 0 for every connected guest; wait (at most ``timeout`` s) until their
+        balloons are empty. Returns the pages each guest still held at the end."""
+        for name in self.names:
+            self.registry.set_target(name, 0)
+        left: dict[str, int] = {}
+        with trio.move_on_after(timeout):
+            while True:
+                left = {c.guest: c.device.size_pages() for c in self.connections if not c.closed}
+                if not any(left.values()):
+                    break
+                await trio.sleep(0.05)
+        return left
+
+    async def final_stop(self, timeout: float) -> dict[str, int]:
+        """A stop that strands no memory: deflate every guest (bounded, reported), then
+        stop answering, remove everything from the fd store and close."""
+        left = await self.deflate_all(timeout)
+        for guest, pages in sorted(left.items()):
+            if pages:
+                log.warning("%s: %d pages still ballooned after %.1f s", guest, pages, timeout)
+            else:
+                log.info("%s: deflated", guest)
+        if self.handover is not None:
+            for name in self.names:
+                self.handover.store.remove(f"listen.{name}")
+        await self.shutdown()
+        return left
 
     async def shutdown(self) -> None:
         """Answer queued requests with BUSY, then close every connection and listener."""

@@ -308,6 +308,37 @@ class BackendConnection:
     def pending_bytes(self) -> int:
         return len(self._buf)
 
+    def check_header(self, data: bytes) -> int:
+        """Validate a 12-byte header before its payload arrives; returns the payload size
+        (a :class:`FrontendError` for a bad one, the connection is then dead)."""
+        try:
+            self._check_header(vu.parse_header(data))
+        except (FrontendError, FormatError) as exc:
+            self.fail()
+            if isinstance(exc, FrontendError):
+                raise
+            raise FrontendError(f"{self.name}: {exc}") from None
+        return int(vu.parse_header(data).size)
+
+    @staticmethod
+    def expected_fds(data: bytes) -> int:
+        """How many fds the whole message ``data`` (header + payload) must carry (0 when
+        it does not parse: :meth:`receive` then says why). REM_MEM_REG counts 0: its
+        optional fd is never used."""
+        try:
+            request = R(vu.parse_header(data[: vu.HEADER_SIZE]).request)
+            if request in (R.ADD_MEM_REG, R.SET_BACKEND_REQ_FD):
+                return 1
+            if request is not R.SET_MEM_TABLE and request not in VRING_FD_REQUESTS:
+                return 0
+            fmt = vu.REQUEST_PAYLOAD[request]
+            body: Any = vu.parse_payload(fmt, data[vu.HEADER_SIZE :], request.name)
+        except (FormatError, ValueError, KeyError):
+            return 0
+        if request is R.SET_MEM_TABLE:
+            return int(body.nregions)
+        return 0 if body.value & vu.VRING_NOFD_MASK else 1
+
     def _check_header(self, header: Any) -> None:
         flags = header.flags
         if flags & vu.VERSION_MASK != vu.VERSION:

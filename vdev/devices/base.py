@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from protocol.errors import ConfigError
 from vdev.memory import GuestMemory
+from vdev.pagemap import PageMap
 from vdev.virtq import VirtQueue
 
 
@@ -59,6 +60,9 @@ class DeviceContext:
     name: str  # the guest's name, for log lines
     memory: GuestMemory
     queues: list[VirtQueue]
+    #: The page map to keep the balloon in (the hand-over's, in the state file), or None
+    #: for a fresh in-memory one.
+    pages: PageMap | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +159,16 @@ class Device(ABC):
         """Give the held guest statistics buffer back so the driver refills it
         (:attr:`supports_stats`; QEMU's ``guest-stats-polling-interval`` timer)."""
         return Work()
+
+    def save_state(self) -> dict[str, Any]:
+        """The personality's state for the hand-over record, JSON-able, without the page
+        map (kept in :attr:`DeviceContext.pages`) and pinned ranges (re-derived by
+        :meth:`rings_changed`). Keys are the personality's; :meth:`load_state` of another
+        vdev build must accept a record with keys it does not know or misses."""
+        return {}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Take back what :meth:`save_state` returned (a restarted vdev)."""
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,12 +154,12 @@ class VirtioBalloon:
     config_size = CONFIG_SIZE
     features = DEVICE_FEATURES
 
-    def __init__(self, *, target: int = 0) -> None:
+    def __init__(self, *, target: int = 0, pages: PageMap | None = None) -> None:
         if target < 0:
             raise ConfigError("the balloon target cannot be negative")
         self._target = int(target)
         self.actual = 0
-        self.pages = PageMap()
+        self.pages = PageMap() if pages is None else pages
         self.negotiated = 0  # device feature bits the driver accepted
         self.guest_stats: dict[str, int] = empty_stats()
         self.stats_last_update: float | None = None  # host time of the last stats buffer
@@ -335,6 +335,39 @@ class VirtioBalloon:
         self.held_stats = None
         return forgotten
 
+    # ------------------------------------------------------------------ hand-over
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything but the page map (own storage) and pinned ranges (from the rings)."""
+        return {
+            "target": self._target,
+            "actual": self.actual,
+            "negotiated": self.negotiated,
+            "guest_stats": dict(self.guest_stats),
+            "stats_last_update": self.stats_last_update,
+            "held_stats": self.held_stats,
+            "counters": dict(self.counters),
+        }
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        """Take back :meth:`export_state` (unknown keys ignored, missing ones defaulted)."""
+        g = state.get
+        self._target = int(g("target", self._target))
+        self.actual = int(g("actual", 0))
+        self.negotiated = int(g("negotiated", 0)) & self.features
+        stats = g("guest_stats")
+        if isinstance(stats, dict):
+            self.guest_stats.update({k: int(v) for k, v in stats.items() if k in self.guest_stats})
+        slu = g("stats_last_update")
+        self.stats_last_update = float(slu) if isinstance(slu, int | float) else None
+        held = g("held_stats")
+        self.held_stats = int(held) if isinstance(held, int) else None
+        counters = g("counters")
+        if isinstance(counters, dict):
+            for key, value in counters.items():
+                if key in self.counters and isinstance(value, int):
+                    self.counters[key] = value
+
     # ------------------------------------------------------------------ helpers
 
     def snapshot(self) -> dict[str, Any]:
@@ -363,7 +396,7 @@ class VirtioBalloonDevice(Device):
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         super().__init__(ctx, target=target)
-        self.core = VirtioBalloon(target=target)
+        self.core = VirtioBalloon(target=target, pages=ctx.pages)
         self.core.features = self.features  # a subclass may offer fewer bits
         self.shutting_down = False
         self.forgotten = 0
@@ -423,6 +456,13 @@ class VirtioBalloonDevice(Device):
     def device_reset(self) -> Work:
         self.forgotten += self.core.reset()
         return Work()
+
+    def save_state(self) -> dict[str, Any]:
+        return {**self.core.export_state(), "forgotten": self.forgotten}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.core.import_state(state)
+        self.forgotten = int(state.get("forgotten", 0))
 
     def shutdown(self) -> None:
         # a virtio balloon cannot answer BUSY: buffers keep being acked until the end
