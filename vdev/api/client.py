@@ -1,13 +1,9 @@
 """A small client for the management API over its unix socket (httpx's UDS transport).
 
 Synchronous, because its users are the operator CLI commands; :meth:`ApiClient.events`
-streams ``GET /events`` line by line. Errors come back as :class:`ApiError` carrying the
-server's ``{"error": ...}`` message.
-
-Names and setting paths become URL path segments only after checking (a VM name follows
-:func:`vdev.registry.check_guest_name`, a setting path has no empty, ``.`` or ``..`` segment:
-:class:`~protocol.errors.ConfigError` otherwise) and percent-escaping, so no argument can
-address another resource (``vm0/../vm1``, ``../settings``).
+streams ``GET /events`` line by line. Errors come back as :class:`protocol.errors.ApiError`
+(the same class the server raises) carrying the server's ``{"error": ...}`` message. Names
+are escaped into the URL (``vm0/../vm1`` stays one path segment).
 """
 
 from __future__ import annotations
@@ -19,38 +15,19 @@ from urllib.parse import quote
 
 import httpx
 
-from protocol.errors import ConfigError
-from vdev.registry import check_guest_name
+from protocol.errors import ApiError
 
 __all__ = ["ApiClient", "ApiError", "setting_segments", "vm_path"]
 
 
-def vm_path(name: str, *rest: str) -> str:
-    """``/vms/NAME[/REST...]`` for a name that follows the name rule, escaped."""
-    return "/".join(["/vms", quote(check_guest_name(name), safe=""), *rest])
+def _seg(name: str) -> str:
+    """One URL path segment: ``/``, ``..`` and the like cannot leave it."""
+    return quote(name, safe="")
 
 
-def setting_segments(path: str) -> list[str]:
-    """``/Mem/CtlMaxPercent`` -> ``["Mem", "CtlMaxPercent"]``; ConfigError for a path with
-    an empty, ``.`` or ``..`` segment."""
-    segments = path.strip("/").split("/")
-    for seg in segments:
-        if seg in ("", ".", "..") or not seg.isprintable():
-            raise ConfigError(f"setting path {path!r}: bad segment {seg!r}")
-    return segments
-
-
-def _settings_path(path: str) -> str:
-    return "/settings/" + "/".join(quote(seg, safe="") for seg in setting_segments(path))
-
-
-class ApiError(Exception):
-    """The API answered with an error (``status`` 0: could not reach it at all)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message if status == 0 else f"{message} (HTTP {status})")
-        self.status = status
-        self.message = message
+def _setting(path: str) -> str:
+    """A setting path (``Mem/CtlMaxPercent``): each part escaped, slashes kept."""
+    return "/".join(_seg(p) for p in path.strip("/").split("/"))
 
 
 class ApiClient:
@@ -101,20 +78,20 @@ class ApiClient:
         return vms
 
     def vm(self, name: str) -> dict[str, Any]:
-        vm: dict[str, Any] = self.request("GET", vm_path(name))
+        vm: dict[str, Any] = self.request("GET", f"/vms/{_seg(name)}")
         return vm
 
     def set_target(self, name: str, **body: Any) -> dict[str, Any]:
         """``set_target("vm0", target_mib=512)``, ``target_pages=``, ``target=``, ``policy=True``."""
-        vm: dict[str, Any] = self.request("PUT", vm_path(name, "target"), body)
+        vm: dict[str, Any] = self.request("PUT", f"/vms/{_seg(name)}/target", body)
         return vm
 
     def reset(self, name: str) -> dict[str, Any]:
-        vm: dict[str, Any] = self.request("POST", vm_path(name, "reset"))
+        vm: dict[str, Any] = self.request("POST", f"/vms/{_seg(name)}/reset")
         return vm
 
     def history(self, name: str, last: int | None = None) -> dict[str, Any]:
-        h: dict[str, Any] = self.request("GET", vm_path(name, "history"), last=last)
+        h: dict[str, Any] = self.request("GET", f"/vms/{_seg(name)}/history", last=last)
         return h
 
     def host(self) -> dict[str, Any]:
@@ -134,11 +111,11 @@ class ApiClient:
         return settings
 
     def setting(self, path: str) -> int:
-        value: int = self.request("GET", _settings_path(path))["value"]
+        value: int = self.request("GET", f"/settings/{_setting(path)}")["value"]
         return value
 
     def set_setting(self, path: str, value: int) -> int:
-        result: int = self.request("PUT", _settings_path(path), {"value": value})["value"]
+        result: int = self.request("PUT", f"/settings/{_setting(path)}", {"value": value})["value"]
         return result
 
     def metrics(self) -> str:
@@ -166,3 +143,23 @@ class ApiClient:
             if started:
                 raise ApiError(0, f"the event stream ended (vdev serve stopped?): {e}") from e
             raise ApiError(0, f"cannot reach the vdev API at {self.socket_path}: {e}") from e
+
+
+def vm_path(name: str, *rest: str) -> str:
+    """``/vms/NAME[/REST...]`` for a name that follows the guest name rule
+    (:func:`vdev.registry.check_guest_name`; ConfigError otherwise), escaped."""
+    from vdev.registry import check_guest_name
+
+    return "/".join(["/vms", _seg(check_guest_name(name)), *rest])
+
+
+def setting_segments(path: str) -> list[str]:
+    """``/Mem/CtlMaxPercent`` -> ``["Mem", "CtlMaxPercent"]``; ConfigError for a path with
+    an empty, ``.`` or ``..`` segment (the operator CLI checks its PATH arguments with it)."""
+    from protocol.errors import ConfigError
+
+    segments = path.strip("/").split("/")
+    for seg in segments:
+        if seg in ("", ".", "..") or not seg.isprintable():
+            raise ConfigError(f"setting path {path!r}: bad segment {seg!r}")
+    return segments
