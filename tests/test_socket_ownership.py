@@ -39,6 +39,14 @@ def _serve(*argv: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
     )  # fmt: skip
 
 
+def _wait_socket(path: Path | str, srv: object) -> None:
+    """The API socket listens a moment after the vhost-user ones: wait (with a deadline)."""
+    deadline = time.monotonic() + 20
+    while not Path(path).is_socket():
+        assert time.monotonic() < deadline, getattr(srv, "log_tail", lambda: "")()
+        time.sleep(0.02)
+
+
 def _ident(path: Path) -> tuple[int, int]:
     st = os.lstat(path)
     return st.st_dev, st.st_ino
@@ -84,6 +92,10 @@ def test_shutdown_unlinks_only_what_it_bound(tmp_path: Path) -> None:
     with start_vdev(sock, socket_count=2, log_path=tmp_path / "log", timeout=20) as srv:
         paths = [Path(p) for p in srv.paths]
         api = Path(f"{paths[0]}.api")
+        deadline = time.monotonic() + 20  # the API listens a moment after the vhost-user sockets
+        while not api.is_socket():
+            assert time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.02)
         assert all(p.is_socket() for p in [*paths, api])
         # Someone replaces vm.sock1 and the API socket with sockets of their own.
         squatters = []
@@ -191,6 +203,7 @@ def test_umask_000_still_gives_0600_sockets(open_dir: Path) -> None:
         os.umask(old)
     with srv:
         api = Path(f"{srv.paths[0]}.api")
+        _wait_socket(api, srv)
         for p in [*srv.paths, api, *(f"{q}.lock" for q in srv.paths)]:
             assert stat.S_IMODE(os.lstat(p).st_mode) == 0o600, p
         for p in [*srv.paths, api]:
@@ -203,6 +216,7 @@ def test_socket_group_lets_that_group_connect(open_dir: Path) -> None:
     with start_vdev(
         open_dir / "vm.sock", extra=["--socket-group", str(NOBODY)], log_path=open_dir / "log"
     ) as srv:
+        _wait_socket(f"{srv.paths[0]}.api", srv)
         st = os.lstat(srv.paths[0])
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == NOBODY
         assert _connect_as_nobody(Path(srv.paths[0])) == "ok"
