@@ -92,7 +92,7 @@ def parse_size(value: object, what: str = "size") -> int:
         raise ConfigError(f"{what}: a size must be >= 0, got {value!r}")
     if nbytes >= MAX_SIZE:
         shown = repr(value) if len(repr(value)) <= _MAX_TEXT else repr(value)[:_MAX_TEXT] + "..."
-        raise ConfigError(f"{what}: size {shown} is too large (the limit is 8E, 2**63 bytes)")
+        raise ConfigError(f"{what}: {shown} is too large (the limit is 8E, 2**63 bytes)")
     return math.floor(nbytes)
 
 

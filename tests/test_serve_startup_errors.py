@@ -56,7 +56,7 @@ CONFIGS = [
     ("policy-period", "[serve]\npolicy_period = 1e-9\n", "policy_period must be >= 0.001"),
     ("reservation-over-limit", '[vms.vm0]\nreservation = "2G"\nlimit = "1G"\n',
      "reservation (2G) is above limit (1G)"),
-    ("memory-huge", '[vms.vm0]\nmemory = "999999999999P"\n', "memory: size"),
+    ("memory-huge", '[vms.vm0]\nmemory = "999999999999P"\n', "memory: '999999999999P' is too large"),
     ("memory-negative", "[vms.vm0]\nmemory = -5\n", "memory: a size must be >= 0"),
     ("unknown-vm", '[vms.nosuchvm]\nmemory = "1G"\n',
      "no guest named 'nosuchvm'; the guests are vm0"),

@@ -110,7 +110,7 @@ def test_every_caller_agrees(text: str) -> None:
 
 
 def test_config_file_uses_the_grammar() -> None:
-    with pytest.raises(ConfigError, match=r"\[vms.vm0\] memory: size .* too large"):
+    with pytest.raises(ConfigError, match=r"\[vms.vm0\] memory: .* is too large"):
         vdev_config.parse_config({"vms": {"vm0": {"memory": "9" * 20 + "P"}}})
     with pytest.raises(ConfigError, match=r"\[serve\] host_memory: cannot parse size '1e3'"):
         vdev_config.parse_config({"serve": {"host_memory": "1e3"}})
