@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from lab.linux_guest import KIB, MIB, PAGES_PER_MIB, LinuxGuest, wait_until
+from lab.linux_guest import KIB, MIB, LinuxGuest, wait_until
 from lab.qemu import QemuBinary
 from lab.vdev_process import ApiVdev, vdev_serve
 from lab.vmw_guest import VmwGuestImage, boot_vmw_guest, guest_driver_stat, start_driver
+from protocol.units import PAGES_PER_MIB
 
 pytestmark = [pytest.mark.qemu, pytest.mark.linux_guest, pytest.mark.timeout(600)]
 
