@@ -6,8 +6,9 @@ QEMU 11 (TCG) boots the Linux test guest with 512 MiB of shared memfd RAM; the b
 function to ``uio_pci_generic`` and balloons pages it got from the guest kernel
 (:mod:`lab.vmw_guest`). One boot, in order:
 
-1. target 256 MiB through the API: the guest's MemFree falls by ~256 MiB, QEMU's RssShmem
-   and the RAM file's allocated bytes by ~256 MiB, vdev's size equals the driver's;
+1. the guest touches its free memory once (so it is resident in the RAM file), then target
+   256 MiB through the API: the guest's MemFree falls by ~256 MiB, QEMU's RssShmem and the
+   RAM file's allocated bytes by ~256 MiB, vdev's size equals the driver's;
 2. a process in the guest then needs 320 MiB: the driver deflates under the pressure and
    the process gets its memory without any OOM kill;
 3. target 0 deflates everything;
@@ -109,8 +110,13 @@ async def test_vmw_driver_inside_a_linux_guest(
                 with trio.fail_after(60):
                     vm = await wait_until(vdev.vm, lambda v: v["connected"] and v["driver_active"])
                 assert vm["personality"] == "vmw"
-                await trio.sleep(1)
+                # Touch the guest's free memory once (a guest that has run a while), so the
+                # pages the balloon takes are resident in the RAM file and their reclaim shows.
+                free = (await meminfo(guest))["MemFree"]
+                await guest.workload(free // MIB - 48)
+                await guest.workload(0)
                 before = await meminfo(guest)
+                vm = await vdev.vm()
                 rss0, ram0 = guest.rss_shmem_kib() * KIB, vm["ram_allocated_bytes"]
 
                 step(f"driver up; MemFree {before['MemFree'] // MIB} MiB, RssShmem {rss0 // MIB} MiB")
