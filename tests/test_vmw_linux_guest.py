@@ -135,7 +135,8 @@ async def test_vmw_driver_inside_a_linux_guest(
                 vm = await settled(guest, vdev, pages)
                 after = await meminfo(guest)
                 dropped = before["MemFree"] - after["MemFree"]
-                assert 230 * MIB <= dropped <= 290 * MIB, (before, after)
+                # ~256 MiB, plus what the driver process itself allocates while inflating
+                assert 240 * MIB <= dropped <= 320 * MIB, (before, after)
                 rss1 = guest.rss_shmem_kib() * KIB
                 assert 230 * MIB <= rss0 - rss1 <= 290 * MIB, (rss0, rss1)
                 assert 250 * MIB <= ram0 - vm["ram_allocated_bytes"] <= 262 * MIB, (ram0, vm)
