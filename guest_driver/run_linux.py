@@ -8,8 +8,8 @@ with the guest kernel's own pages (:class:`guest_driver.linux_memory.LinuxPageSo
 What a kernel driver gets for free and a userspace one must arrange:
 
 * **Never push the guest into OOM.** An allocation for the balloon is cut to what
-  ``MemAvailable`` allows above ``reserve`` (like the kernel driver's ``__GFP_NORETRY``:
-  the kernel may drop page cache for it, never kill for it).
+  ``MemAvailable`` allows above ``max(reserve, high)`` (like the kernel driver's
+  ``__GFP_NORETRY``: the kernel may drop page cache for it, never kill for it).
 * **Deflate under pressure, like the shrinker.** A watcher reads ``MemAvailable`` every
   ``pressure_poll`` s; below ``low`` it deflates (UNLOCK, then unmap) until ``high`` is
   free again, and inflation then pauses for the shrink delay (``VMBALLOON_SHRINK_DELAY``).
@@ -133,8 +133,10 @@ async def run_in_guest(
     try:
         port, dev = UioPort.open(find_function(*options.pci_id), locked)
         transport = await VirtioPciTransport.open(dev, locked)
-        source = GuardedPageSource(pagemap, locked, reserve=options.reserve_bytes,
-                                   huge=options.huge)  # fmt: skip
+        # Inflate only above ``high``, deflate below ``low``: the gap between them keeps the
+        # two from chasing each other while the guest's own use is steady.
+        reserve = max(options.reserve_bytes, options.high_bytes)
+        source = GuardedPageSource(pagemap, locked, reserve=reserve, huge=options.huge)
         driver = BalloonDriver(transport, source, options.config)
 
         def control(request: dict[str, Any]) -> dict[str, Any]:
