@@ -30,37 +30,23 @@ import trio
 from guest_driver.driver import DriverConfig
 from guest_driver.guest_memory import WorkloadSpec
 from protocol.errors import ConfigError, VballoonError
-from protocol.units import PAGE_SIZE
+from protocol.units import PAGE_SIZE, parse_size
 from protocol.version import package_version
 from protocol.vmw import ALL_CAPABILITIES, Capability
 
 log = logging.getLogger(__name__)
 
 CONTROL_SUFFIX = ".guest"
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``4G``, ``512M``, ``1.5G``, ``4096`` -> bytes (binary units)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
-    number = t[: len(t) - len(unit)] if unit else t
-    try:
-        return int(float(number) * _UNITS[unit])
-    except ValueError:
-        raise ConfigError(f"not a size: {text!r} (examples: 512M, 2G)") from None
-
-
 def parse_workload(text: str) -> WorkloadSpec:
     """``BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_GROWTH_PER_S]]]]`` (``256M:512M:20:128M:64M``)."""
     parts = text.split(":")
     if not 1 <= len(parts) <= 5 or not parts[0]:
         raise ConfigError(f"bad workload {text!r}: BASE[:AMPLITUDE[:PERIOD[:CACHE]]]")
-    base = parse_size(parts[0]) // PAGE_SIZE
-    amplitude = parse_size(parts[1]) // PAGE_SIZE if len(parts) > 1 and parts[1] else 0
+    base = parse_size(parts[0], "workload BASE") // PAGE_SIZE
+    amplitude = parse_size(parts[1], "workload AMPLITUDE") // PAGE_SIZE if len(parts) > 1 and parts[1] else 0
     period = float(parts[2]) if len(parts) > 2 and parts[2] else 20.0
-    cache = parse_size(parts[3]) // PAGE_SIZE if len(parts) > 3 and parts[3] else 0
-    growth = parse_size(parts[4]) // PAGE_SIZE if len(parts) > 4 and parts[4] else 0
+    cache = parse_size(parts[3], "workload CACHE") // PAGE_SIZE if len(parts) > 3 and parts[3] else 0
+    growth = parse_size(parts[4], "workload CACHE_GROWTH") // PAGE_SIZE if len(parts) > 4 and parts[4] else 0
     return WorkloadSpec(base=base, amplitude=amplitude, period=period, cache=cache,
                         cache_growth=growth)
 
@@ -209,7 +195,7 @@ def run(
             capabilities &= ~Capability.SIGNALLED_WAKEUP_CMD
         options = GuestOptions(
             socket_path=socket_path,
-            ram_bytes=parse_size(memory),
+            ram_bytes=parse_size(memory, "--memory"),
             config=DriverConfig(capabilities=capabilities, poll_interval=poll, shrinker=shrinker),
             workload=parse_workload(workload) if workload else None,
             control_path=control or default_control_path(socket_path),

@@ -237,7 +237,7 @@ async def test_serve_refuses_a_live_api_socket(vdev_process: Any, tmp_path: Path
             capture_stderr=True, check=False,
         )  # fmt: skip
         assert second.returncode == 2
-        assert f"API socket {api} is in use by another process" in second.stderr.decode()
+        assert f"{api}: in use by a running vdev (pid {srv.pid})" in second.stderr.decode()
         bad = await trio.run_process(
             [sys.executable, "-m", "vdev", "serve", "--socket-path", str(tmp_path / "o.sock"),
              "--host-memory", "lots"],

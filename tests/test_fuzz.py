@@ -229,6 +229,12 @@ def test_wire_reports_the_coverage_reached_inside_vdev(tmp_path: Path) -> None:
     assert m, run.stdout
     assert 10 < float(m[1]) < 100 and int(m[2]) >= 10  # the server, rings, model were reached
     assert data.stat().st_size > 0
+    # Both personalities are attacked, and the arcs measured inside vdev guide the corpus.
+    assert "fuzz wire [builtin+vdev-arcs]" in run.stdout
+    arcs = re.search(r"coverage (\d+) arcs inside vdev", run.stdout)
+    assert arcs and int(arcs[1]) > 1000, run.stdout
+    devices = dict(re.findall(r"(virtio_balloon|vmw) ([0-9.]+) %", run.stdout))
+    assert float(devices["virtio_balloon"]) > 20 and float(devices["vmw"]) > 20, run.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "lab.fuzz", "frames", "--vdev-coverage", str(data)],
         cwd=REPO, capture_output=True, text=True, timeout=30,
@@ -242,8 +248,39 @@ def test_wire_oracle_catches_a_vdev_that_does_not_reclaim() -> None:
 
     mutant = [sys.executable, str(REPO / "tests" / "test_harness.py"), "no-reclaim"]
     with wire.session(vdev_cmd=mutant):
-        exc = run_one(wire, wire.seeds()[0])
-    assert isinstance(exc, Finding) and "accounting" in str(exc), exc
+        for seed in (wire.seeds()[0], wire.seeds()[4]):  # a vmw input, a virtio-balloon one
+            exc = run_one(wire, seed)
+            assert isinstance(exc, Finding) and "accounting" in str(exc), exc
+
+
+def test_remote_coverage_keeps_inputs_that_reach_new_arcs(tmp_path: Path) -> None:
+    """The engine's rule for out-of-process targets (wire under --vdev-coverage): an input
+    joins the corpus when the arcs measured in vdev grew while it ran, and only then."""
+    import types
+
+    from lab.fuzz.engine import builtin_fuzz as engine
+
+    arcs = [100]
+    runs: list[bytes] = []
+
+    def one_input(data: bytes) -> None:
+        runs.append(data)
+        if data.startswith(b"new") and data not in runs[:-1]:
+            arcs[0] += 1  # a first run of a "new..." input reaches new code
+
+    target = types.SimpleNamespace(
+        __name__="lab.fuzz.fake", one_input=one_input, seeds=lambda: [b"a"],
+        coverage_count=lambda: arcs[0],
+    )  # fmt: skip
+    kept: list[bytes] = []
+    stats = engine(
+        target, seconds=0.3, corpus=[b"old", b"new1", b"new2"], seed=1, crash_dir=tmp_path,
+        guided=False, on_new=kept.append,
+    )  # fmt: skip
+    assert stats.engine == "builtin+vdev-arcs"
+    assert arcs[0] > 102 and stats.coverage == f"{arcs[0]} arcs inside vdev"
+    assert all(k.startswith(b"new") for k in kept)  # only inputs that moved the count
+    assert len(kept) == arcs[0] - 100 - 2  # the two seeds were in the corpus already
 
 
 @pytest.mark.timeout(90)

@@ -16,6 +16,7 @@ import trio
 
 from conformance.backend import unix_listening
 from lab.vdev_process import spawn_vdev
+from protocol.errors import ConfigError
 from vdev import listeners
 from vdev.devices.base import get_personality
 from vdev.registry import GuestRegistry
@@ -43,14 +44,13 @@ async def test_path_never_exists_before_listen(
     stale.bind(paths[1])
     stale.close()
     seen: list[int] = []
-    cls = type(trio.socket.socket(socket.AF_UNIX))
-    listen = cls.listen
+    listen = socket.socket.listen  # vdev.socket_files binds and listens with stdlib sockets
 
-    def probing_listen(self: object, backlog: int = 128) -> None:
+    def probing_listen(self: socket.socket, backlog: int = 128) -> None:
         seen.append(_connect(paths[len(seen)]))
-        listen(self, backlog)  # type: ignore[arg-type]
+        listen(self, backlog)
 
-    monkeypatch.setattr(cls, "listen", probing_listen)
+    monkeypatch.setattr(socket.socket, "listen", probing_listen)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server = Server(GuestRegistry("vmw"), get_personality("vmw"), socket_paths=paths)
@@ -61,11 +61,13 @@ async def test_path_never_exists_before_listen(
             monkeypatch.undo()
             assert unix_listening(paths)  # /proc/net/unix lists them by their bound names
             assert [_connect(p) for p in paths] == [0, 0]
-            assert sorted(os.listdir(tmp_path)) == ["fresh.sock", "stale.sock"]  # no temp names
+            assert sorted(os.listdir(tmp_path)) == [  # no temp names; the paths' locks
+                "fresh.sock", "fresh.sock.lock", "stale.sock", "stale.sock.lock"
+            ]  # fmt: skip
             nursery.cancel_scope.cancel()
 
     (tmp_path / "file").write_text("not a socket")
-    with pytest.raises(OSError, match="not a socket"):
+    with pytest.raises(ConfigError, match="not a socket"):
         await listeners.listen(str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "not a socket"
 

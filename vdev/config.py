@@ -4,16 +4,17 @@ and per-VM memory configuration. Command-line flags override the file.
 ```toml
 [serve]
 api_socket = "/run/vballoon/vdev.api"   # default: <first vhost-user socket>.api
-api_socket_mode = "0600"                # octal string or integer
+api_socket_mode = "0600"                # octal string or integer; never world-writable
+socket_group = "qemu"                   # vhost-user sockets 0660 with this group (default 0600)
 api_read_group = "monitoring"           # members may GET (stat, events, metrics); name or gid
 api_max_body_bytes = 4096               # API bounds (vdev serve --api-*; docs/SECURITY.md):
 api_max_connections = 64                # also api_max_header_bytes, api_header_timeout,
                                         # api_body_timeout, api_idle_timeout,
                                         # api_write_timeout, api_max_subscribers
-policy_period = 1.0                     # seconds between policy steps
+policy_period = 1.0                     # seconds between policy steps (>= 0.001)
 host_memory = "16G"                     # simulated host of this size; omit for the real host
-history = 3600                          # points kept per VM for `vdev plot`
-rate_window = 10.0                      # seconds over which inflate/deflate rates are computed
+history = 3600                          # points kept per VM for `vdev plot` (2..1000000)
+rate_window = 10.0                      # seconds over which rates are computed (0..86400]
 
 [settings]                              # ESXi-style advanced settings (GET /settings)
 "/Mem/CtlMaxPercent" = 65
@@ -27,7 +28,7 @@ limit = "8G"
 shares = "high"                         # low | normal | high | an integer
 expandable_reservation = true
 
-[vms.vm0]                               # keyed by guest name (vm0.. or --name)
+[vms.vm0]                               # keyed by guest name (vm0.. or --name; must exist)
 memory = "4G"                           # configured size when no guest is connected yet
 reservation = "512M"
 limit = "3G"                            # a limit balloons even on an idle host
@@ -38,14 +39,14 @@ active_fraction = 0.5                   # fixed active-memory estimate (else fro
 ```
 
 Sizes are bytes (integers) or strings with a binary suffix: ``512M``, ``4G``, ``4GiB``, ``1.5T``
-(K/M/G/T are powers of 1024; a trailing ``B`` or ``iB`` is accepted).
+(K/M/G/T/P are powers of 1024; a trailing ``B`` or ``iB`` is accepted): the one grammar of
+:func:`protocol.units.parse_size`, shared with every command line and the API.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,9 +54,10 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import ConfigError
-from protocol.units import PAGE_SIZE
+from protocol.units import PAGE_SIZE, format_size, parse_size
 from vdev.api.limits import LIMIT_RANGES, ApiLimits, resolve_group
 from vdev.policy.model import PolicyEngine, PolicySettings, PoolSpec, Shares, SharesLevel, VmSpec
+from vdev.registry import check_guest_name
 
 __all__ = [
     "ControlConfig",
@@ -66,44 +68,6 @@ __all__ = [
     "parse_shares",
     "parse_size",
 ]
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGTP]?)(?:I?B)?\s*$", re.I)
-
-
-def parse_size(value: object, what: str = "size") -> int:
-    """Bytes from an integer or a string such as ``"4G"``, ``"512MiB"``, ``"1.5T"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{what}: a size must be >= 0, got {value}")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{what}: a size must be a finite number >= 0, got {value}")
-        return int(value)
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m is None:
-            raise ConfigError(
-                f"{what}: cannot parse size {value!r} (examples: 4096, 512M, 4G, 1.5GiB)"
-            )
-        return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    raise ConfigError(f"{what}: expected a size, got {value!r}")
-
-
-def format_size(nbytes: int | float) -> str:
-    """``1536 MiB`` -> ``"1.5G"``: the shortest binary-suffixed form, for tables."""
-    value = float(nbytes)
-    for suffix in ("", "K", "M", "G", "T"):
-        if abs(value) < 1024 or suffix == "T":
-            if suffix == "":
-                return f"{int(value)}"
-            return f"{value:.1f}{suffix}".replace(".0" + suffix, suffix)
-        value /= 1024
-    raise AssertionError("unreachable")
-
 
 def parse_shares(value: object, what: str = "shares") -> Shares:
     if isinstance(value, str):
@@ -135,6 +99,13 @@ def _octal(value: object, what: str) -> int:
         raise ConfigError(f'{what}: expected an octal mode like "0600", got {value!r}')
     if not 0 <= mode <= 0o777:
         raise ConfigError(f"{what}: mode out of range: {oct(mode)}")
+    if mode & 0o002:
+        raise ConfigError(
+            f"{what}: {mode:04o} is world-writable: every local user could change every "
+            "guest's balloon (use 0600, or 0660 with a group)"
+        )
+    if mode & 0o600 != 0o600:
+        raise ConfigError(f"{what}: {mode:04o} does not let the owner read and write it")
     return mode
 
 
@@ -174,6 +145,8 @@ class ControlConfig:
 
     api_socket: str | None = None
     api_socket_mode: int = 0o600
+    #: Group of the vhost-user sockets (mode 0660 then; None: 0600, owner only).
+    socket_group: str | None = None
     #: gid whose members may read the API (None: only the owner and root may connect).
     api_read_group: int | None = None
     api_limits: ApiLimits = field(default_factory=ApiLimits)
@@ -187,6 +160,15 @@ class ControlConfig:
 
     def vm(self, name: str) -> VmConfig:
         return self.vms.get(name, VmConfig())
+
+    def check_vm_names(self, known: list[str]) -> None:
+        """ConfigError for a ``[vms.NAME]`` table naming no guest of this ``vdev serve``."""
+        unknown = sorted(set(self.vms) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"[vms.{unknown[0]}]: no guest named {unknown[0]!r}; "
+                f"the guests are {', '.join(known) or 'none'} (--name sets them)"
+            )
 
     def override(
         self,
@@ -214,14 +196,28 @@ class ControlConfig:
         return self
 
     def check(self) -> None:
-        if not (math.isfinite(self.policy_period) and self.policy_period > 0):
-            raise ConfigError(f"policy period must be > 0 seconds, got {self.policy_period}")
-        if not (math.isfinite(self.rate_window) and self.rate_window > 0):
-            raise ConfigError(f"rate_window must be > 0 seconds, got {self.rate_window}")
-        if self.history < 2:
-            raise ConfigError(f"history must keep at least 2 points, got {self.history}")
+        if not (math.isfinite(self.policy_period) and self.policy_period >= MIN_POLICY_PERIOD):
+            raise ConfigError(
+                f"policy_period must be >= {MIN_POLICY_PERIOD} seconds, got {self.policy_period}"
+            )
+        if not (math.isfinite(self.rate_window) and 0 < self.rate_window <= MAX_RATE_WINDOW):
+            raise ConfigError(
+                f"rate_window must be > 0 and <= {MAX_RATE_WINDOW} seconds, "
+                f"got {self.rate_window}"
+            )
+        if not 2 <= self.history <= MAX_HISTORY:
+            raise ConfigError(
+                f"history must keep 2 to {MAX_HISTORY} points per VM, got {self.history}"
+            )
         if self.host_memory is not None and self.host_memory <= 0:
             raise ConfigError(f"host memory must be > 0, got {self.host_memory}")
+
+
+#: The CLI's ``--policy-period`` floor: a shorter period only burns a core.
+MIN_POLICY_PERIOD = 0.001
+#: History points kept per VM at most (11 days at one a second; each point is ~200 bytes).
+MAX_HISTORY = 1_000_000
+MAX_RATE_WINDOW = 86400.0
 
 
 def _flatten_settings(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -255,6 +251,7 @@ _SERVE_KEYS = {
     *(f"api_{name}" for name in LIMIT_RANGES),
     "api_socket",
     "api_socket_mode",
+    "socket_group",
     "policy_period",
     "host_memory",
     "history",
@@ -282,6 +279,11 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
         cfg.api_socket = serve["api_socket"]
     if "api_socket_mode" in serve:
         cfg.api_socket_mode = _octal(serve["api_socket_mode"], f"{source} [serve] api_socket_mode")
+    if "socket_group" in serve:
+        group = serve["socket_group"]
+        if not isinstance(group, str | int) or isinstance(group, bool) or group == "":
+            raise ConfigError(f"{source} [serve] socket_group: expected a group name or id")
+        cfg.socket_group = str(group)
     if "api_read_group" in serve:
         try:
             cfg.api_read_group = resolve_group(serve["api_read_group"])
@@ -332,6 +334,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
     vms = _table(doc.get("vms", {}), f"{source} [vms]")
     for name, raw in vms.items():
         where = f"{source} [vms.{name}]"
+        try:
+            check_guest_name(name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         t = _table(raw, where)
         _check_keys(t, _VM_KEYS, where)
         pool = t.get("pool")
@@ -353,6 +359,11 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
             pool=pool,
             active_fraction=active,
         )
+        if vm.limit_pages is not None and vm.reservation_pages > vm.limit_pages:
+            raise ConfigError(
+                f"{where}: reservation ({format_size(vm.reservation_pages * PAGE_SIZE)}) is "
+                f"above limit ({format_size(vm.limit_pages * PAGE_SIZE)})"
+            )
         if vm.memory_pages is not None:  # reservation and limit against the configured size
             VmSpec(
                 size_pages=max(1, vm.memory_pages),
@@ -379,4 +390,8 @@ def load_config(path: str | Path) -> ControlConfig:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): a TOML file is UTF-8") from e
+    except RecursionError as e:
+        raise ConfigError(f"{p}: nested too deeply") from e
     return parse_config(doc, str(p))

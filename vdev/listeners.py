@@ -3,23 +3,22 @@
 One unix socket per guest (``--socket-path PATH``, or ``PATH0..PATH(N-1)`` with
 ``--socket-count N``, :func:`socket_paths`). :func:`listen` never lets the path exist bound
 but not yet listening (a connect in between would be refused, and QEMU's
-``-chardev socket,reconnect`` would give up a round): it binds a temporary name beside it
-(:func:`listen_temp_path`), listens, then renames it onto the path. :func:`accept_loop`
+``-chardev socket,reconnect`` would give up a round): it binds a temporary name beside it,
+listens, then renames it onto the path; the path is claimed first and the file removed only
+if still ours (:mod:`vdev.socket_files`). :func:`accept_loop`
 hands every accepted socket to the server (:class:`vdev.server.Server`), which decides
 whether it may be served.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import os
-import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import trio
+
+from vdev import socket_files
 
 log = logging.getLogger(__name__)
 
@@ -31,40 +30,16 @@ def socket_paths(path: str, count: int | None) -> list[str]:
     return [f"{path}{i}" for i in range(count)]
 
 
-def listen_temp_path(path: str) -> str:
-    """The name a listener is bound to before it is renamed onto ``path`` (``.NAME~`` beside
-    it). ``/proc/net/unix`` keeps the bound name, so ``path`` itself is never listed short
-    of ``listen()`` (what ``conformance.backend.unix_listening`` checks)."""
-    head, name = os.path.split(path)
-    return os.path.join(head, f".{name}~")
-
-
-async def listen(path: str) -> trio.socket.SocketType:
-    """A listener on ``path`` that never exists bound but not yet listening (a connect in
-    between would be refused): bind a temporary name in the same directory, listen, then
-    ``rename`` it onto ``path`` (atomic; it replaces a stale socket file there)."""
-    p = Path(path)
-    if p.exists() and not p.is_socket():
-        raise OSError(errno.EADDRINUSE, "exists and is not a socket", path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    tmp = listen_temp_path(path)
-    if len(os.fsencode(tmp)) >= 108:  # sun_path: no room for it
-        tmp = ""  # bind the final name (a connect may race the listen)
-    stale = Path(tmp or path)
-    if stale.is_socket():
-        stale.unlink()  # left by a vdev that is gone
-    try:
-        await sock.bind(tmp or path)
-        sock.listen(8)
-        if tmp:
-            os.rename(tmp, path)
-    except OSError:
-        sock.close()
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-    return sock
+async def listen(
+    path: str, *, mode: int = 0o600, gid: int | None = None
+) -> tuple[trio.socket.SocketType, socket_files.Owned]:
+    """A listener on ``path``, claimed for this process, with its mode (and group) set,
+    that never exists bound but not yet listening (a connect in between would be refused):
+    :func:`vdev.socket_files.own_listener` binds a unique temporary name beside it, listens,
+    then renames it onto ``path``. The second value removes the file (only if still ours)
+    and releases the path."""
+    owned = socket_files.own_listener(path, mode=mode, gid=gid, what="vhost-user socket")
+    return trio.socket.from_stdlib_socket(owned.listener.sock), owned
 
 
 async def accept_loop(

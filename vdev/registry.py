@@ -139,6 +139,7 @@ class GuestRegistry:
     # -- set-up (the server) -------------------------------------------------------------
 
     def add(self, name: str, socket_path: str, *, target: int | None = None) -> None:
+        """A guest; ConfigError for a name :func:`check_guest_name` refuses, or one taken."""
         check_guest_name(name)
         if name in self._entries:
             raise ConfigError(f"guest name {name!r} used twice")

@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from protocol.errors import GuestError
+from vdev import socket_files
 from vdev.connection import Connection
 from vdev.devices.base import Device
 from vdev.handover import Handover, HandoverError
@@ -57,6 +58,8 @@ class Server:
         socket_paths: Sequence[str] = (),
         names: Sequence[str] | None = None,
         stats_interval: float = 0.0,
+        socket_mode: int = 0o600,
+        socket_gid: int | None = None,
         handover: Handover | None = None,
     ) -> None:
         if not (stats_interval >= 0 and math.isfinite(stats_interval)):
@@ -75,6 +78,10 @@ class Server:
         self.connections: set[Connection] = set()
         self._nursery: trio.Nursery | None = None
         self._listeners: list[trio.socket.SocketType] = []
+        #: vhost-user socket files: mode, group (``--socket-group``), what we bound.
+        self.socket_mode = socket_mode
+        self.socket_gid = socket_gid
+        self._owned: list[socket_files.Owned] = []
         self._guest_locks: dict[str, trio.Lock] = {}
         #: The fd store and what this process inherited from it (None: unmanaged).
         self.handover = handover if handover is not None and handover.enabled else None
@@ -84,22 +91,39 @@ class Server:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on every socket (resuming the connections a previous vdev handed over)
         and serve until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            resumed: list[Connection] = []
-            for name, path in zip(self.names, self.socket_paths, strict=True):
-                listener = await self._listener(name, path)
-                self._listeners.append(listener)
-                conn = self._resume(name)
-                if conn is not None:
-                    resumed.append(conn)
-                nursery.start_soon(accept_loop, listener, name, partial(self._spawn, name=name))
-            if self.handover is not None:
-                self.handover.cleanup()  # whatever no listener or connection claimed
-            for conn in resumed:  # each holds its guest's lock before any accept is served
-                await nursery.start(self._run_resumed, conn)
-            log.info("serving %s on %s", self.device_cls.name, ", ".join(self.socket_paths) or "-")
-            task_status.started(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                resumed: list[Connection] = []
+                for name, path in zip(self.names, self.socket_paths, strict=True):
+                    listener = await self._listener(name, path)
+                    self._listeners.append(listener)
+                    conn = self._resume(name)
+                    if conn is not None:
+                        resumed.append(conn)
+                    nursery.start_soon(
+                        accept_loop, listener, name, partial(self._spawn, name=name)
+                    )
+                if self.handover is not None:
+                    self.handover.cleanup()  # whatever no listener or connection claimed
+                for conn in resumed:  # each holds its guest's lock before any accept is served
+                    await nursery.start(self._run_resumed, conn)
+                log.info(
+                    "serving %s on %s", self.device_cls.name, ", ".join(self.socket_paths) or "-"
+                )
+                task_status.started(self)
+        finally:
+            self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """Unlink the socket files we bound (only if still ours) and release the paths; on a
+        hand-over the files stay (the next vdev takes the listeners over)."""
+        owned, self._owned = self._owned, []
+        for o in owned:
+            if self.handing_over:
+                o.release()
+            else:
+                o.remove()
 
     async def _listener(self, name: str, path: str) -> trio.socket.SocketType:
         """The listening socket of guest ``name``: the stored one, else a new one (stored)."""
@@ -114,10 +138,12 @@ class Server:
                     and Path(path).is_socket()
                 ):
                     log.info("%s: listening socket taken over from the fd store", name)
+                    self._owned.append(socket_files.adopt_listener(sock, path))
                     return trio.socket.from_stdlib_socket(sock)
                 sock.close()
                 ho.store.remove(f"listen.{name}")
-        listener = await listen(path)
+        listener, owned = await listen(path, mode=self.socket_mode, gid=self.socket_gid)
+        self._owned.append(owned)
         if ho is not None:
             ho.store.store(f"listen.{name}", listener.fileno())
         return listener
@@ -264,9 +290,6 @@ class Server:
             async with trio.open_nursery() as nursery:
                 for conn in connections:
                     nursery.start_soon(conn.answer_queued)
-        for path in self.socket_paths:
-            with contextlib.suppress(OSError):
-                if Path(path).is_socket():
-                    os.unlink(path)
+        self._remove_sockets()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()

@@ -150,7 +150,7 @@ def _fuzz(args: FuzzArgs) -> int:
             stats.findings.append(rep.save(crash_dir))
     else:
         session: Any = getattr(target, "session", None)
-        live = session(vdev_cmd=_coverage_cmd(args.vdev_coverage)) if session is not None else None
+        live = session(coverage_file=args.vdev_coverage) if session is not None else None
         with live if live is not None else contextlib.nullcontext():
             stats = builtin_fuzz(
                 target,
@@ -170,25 +170,32 @@ def _fuzz(args: FuzzArgs) -> int:
     return 1 if stats.findings else 0
 
 
-def _coverage_cmd(data_file: str | None) -> list[str] | None:
-    """``vdev`` run under coverage.py, for targets that attack a live vdev process (its code
-    runs out of the fuzzer's process, so the fuzzer's own coverage cannot see it)."""
-    if not data_file:
-        return None
-    return [sys.executable, "-m", "coverage", "run", f"--data-file={data_file}",
-            "--source=vdev,protocol", "-m", "vdev"]  # fmt: skip
-
-
 def _coverage_summary(data_file: str) -> str:
-    """The line coverage vdev reached during the campaign (written when vdev exited)."""
+    """The coverage reached inside vdev during the campaign: every vdev's data file (written
+    when it exited) combined into ``data_file``; overall lines, and each personality's own
+    device module."""
     import coverage
 
-    cov = coverage.Coverage(data_file=data_file)
+    from lab.fuzz.wire import coverage_data_files
+
+    parts = [str(p) for p in coverage_data_files(data_file) if p.exists()]
+    cov = coverage.Coverage(data_file=data_file, config_file=False)
+    cov.combine(parts, keep=True)
+    cov.save()
     cov.load()
     with open(os.devnull, "w") as sink:
         percent = cov.report(file=sink)
-    measured = len(cov.get_data().measured_files())
-    return f"vdev coverage: {percent:.1f} % of lines in {measured} files (vdev, protocol); data {data_file}"
+        measured = cov.get_data().measured_files()
+        devices = []
+        for f in sorted(measured):
+            if "/vdev/devices/" in f and not f.endswith(("__init__.py", "base.py")):
+                pct = cov.report(morfs=[f], file=sink)
+                devices.append(f"{Path(f).stem} {pct:.1f} %")
+    return (
+        f"vdev coverage: {percent:.1f} % of lines in {len(measured)} files (vdev, protocol; "
+        f"branch coverage, arcs guide the corpus); devices: {', '.join(devices) or 'none'}; "
+        f"data {data_file}"
+    )
 
 
 def _replay(files: list[str]) -> int:

@@ -223,10 +223,18 @@ def builtin_fuzz(
     max_findings: int = 5,
     on_new: Callable[[bytes], None] | None = None,
 ) -> Stats:
-    """The fallback engine (and the one for ``wire``): mutate, run, keep what is new."""
+    """The fallback engine (and the one for ``wire``): mutate, run, keep what is new.
+
+    New means: lines never run before by the in-process tracer (``guided``), or, for a
+    target whose code under test runs in another process and that offers
+    ``coverage_count()`` (wire under ``--vdev-coverage``), a count of arcs measured there
+    that grew while the input ran."""
     rng = random.Random(seed)
     name = target.__name__.rsplit(".", 1)[-1]
-    stats = Stats(target=name, engine="builtin+lines" if guided else "builtin")
+    remote: Callable[[], int | None] | None = getattr(target, "coverage_count", None)
+    last = remote() if remote is not None and not guided else None
+    engine = "builtin+lines" if guided else "builtin+vdev-arcs" if last is not None else "builtin"
+    stats = Stats(target=name, engine=engine)
     cov = LineCoverage(instrument_roots(target)) if guided else None
     pool = list(corpus) or list(target.seeds()) or [b""]
     signatures: set[str] = set()
@@ -243,6 +251,14 @@ def builtin_fuzz(
                     on_new(data)
         else:
             exc = run_one(target, data)
+            if last is not None and remote is not None:
+                now = remote()
+                if now is not None and now > last:
+                    last = now
+                    if data not in pool:
+                        pool.append(data)
+                        if on_new:
+                            on_new(data)
         stats.execs += 1
         if exc is not None:
             sig = signature(exc)
@@ -257,5 +273,10 @@ def builtin_fuzz(
                 break
     stats.seconds = time.monotonic() - t0
     stats.corpus = len(pool)
-    stats.coverage = f"{len(cov.seen)} lines" if cov is not None else "n/a (out of process)"
+    if cov is not None:
+        stats.coverage = f"{len(cov.seen)} lines"
+    elif last is not None:
+        stats.coverage = f"{last} arcs inside vdev"
+    else:
+        stats.coverage = "n/a (out of process)"
     return stats

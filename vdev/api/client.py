@@ -17,7 +17,7 @@ import httpx
 
 from protocol.errors import ApiError
 
-__all__ = ["ApiClient", "ApiError"]
+__all__ = ["ApiClient", "ApiError", "setting_segments", "vm_path"]
 
 
 def _seg(name: str) -> str:
@@ -143,3 +143,23 @@ class ApiClient:
             if started:
                 raise ApiError(0, f"the event stream ended (vdev serve stopped?): {e}") from e
             raise ApiError(0, f"cannot reach the vdev API at {self.socket_path}: {e}") from e
+
+
+def vm_path(name: str, *rest: str) -> str:
+    """``/vms/NAME[/REST...]`` for a name that follows the guest name rule
+    (:func:`vdev.registry.check_guest_name`; ConfigError otherwise), escaped."""
+    from vdev.registry import check_guest_name
+
+    return "/".join(["/vms", _seg(check_guest_name(name)), *rest])
+
+
+def setting_segments(path: str) -> list[str]:
+    """``/Mem/CtlMaxPercent`` -> ``["Mem", "CtlMaxPercent"]``; ConfigError for a path with
+    an empty, ``.`` or ``..`` segment (the operator CLI checks its PATH arguments with it)."""
+    from protocol.errors import ConfigError
+
+    segments = path.strip("/").split("/")
+    for seg in segments:
+        if seg in ("", ".", "..") or not seg.isprintable():
+            raise ConfigError(f"setting path {path!r}: bad segment {seg!r}")
+    return segments

@@ -7,20 +7,31 @@ Back-end program conventions (QEMU vhost-user.rst): ``--socket-path``, ``--fd``,
 
 from __future__ import annotations
 
+import functools
+import grp
 import json
 import logging
+import math
 import os
-import re
 import signal
+import socket
+import stat
 import sys
 
 import click
 import trio
 
 from protocol.errors import ConfigError
-from protocol.units import PAGE_SIZE
+from protocol.units import PAGE_SIZE, parse_size
 from protocol.version import package_version
-from vdev.cli.operator import register_operator_commands, serve_options, start_control_plane
+from vdev import socket_files
+from vdev.cli.operator import (
+    CONTROL_META,
+    register_operator_commands,
+    serve_options,
+    start_control_plane,
+)
+from vdev.config import ControlConfig
 from vdev.devices.base import PERSONALITIES, get_personality
 from vdev.handover import Handover
 from vdev.listeners import socket_paths
@@ -31,19 +42,8 @@ from vdev.server import Server
 
 log = logging.getLogger("vdev")
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``512M``, ``2G``, ``4096``, ``1.5G`` (bytes; binary units; optional ``iB``/``B``)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
 def size_to_pages(text: str) -> int:
-    return parse_size(text) // PAGE_SIZE
+    return parse_size(text, "--target") // PAGE_SIZE
 
 
 @click.group()
@@ -79,6 +79,12 @@ def main() -> None:
 )
 @click.option(
     "--name", "names", multiple=True, help="Guest names instead of vm0.. (one per socket)."
+)
+@click.option(
+    "--socket-group",
+    default=None,
+    help="Group of the vhost-user sockets (name or id): mode 0660 and that group, for a "
+    "front-end running as another user (libvirt's qemu). Default: mode 0600, owner only.",
 )
 @click.option(
     "--stats-interval",
@@ -125,6 +131,7 @@ def serve(
     device: str,
     target: str,
     names: tuple[str, ...],
+    socket_group: str | None,
     stats_interval: float,
     deflate_on_stop: bool,
     stop_timeout: float,
@@ -149,44 +156,116 @@ def serve(
         raise click.UsageError("give exactly one of --socket-path and --fd")
     if fd is not None and socket_count is not None:
         raise click.UsageError("--socket-count needs --socket-path")
+    if not math.isfinite(stats_interval):
+        raise click.BadParameter(f"{stats_interval} is not a number", param_hint="--stats-interval")
     try:
         target_pages = size_to_pages(target)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--target") from None
-    setup_logging(verbosity_level(verbose, quiet), log_format)
-    registry = GuestRegistry(device, target=target_pages)
     paths = socket_paths(socket_path, socket_count) if socket_path is not None else []
+    ctx = click.get_current_context()
+    cfg, no_api = ctx.meta.get(CONTROL_META, (ControlConfig(), True))
     if names and name_from_socket:
         raise click.UsageError("give either --name or --name-from-socket")
-    if name_from_socket:
-        if not paths:
-            raise click.UsageError("--name-from-socket needs --socket-path")
-        names = tuple(name_from_socket_path(p) for p in paths)
-    if names and len(names) != max(len(paths), 1):
-        raise click.UsageError("give one --name per socket")
-    for name in names:
-        try:
-            check_guest_name(name)
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc), param_hint="--name") from None
-    if len(set(names)) != len(names):
-        raise click.BadParameter("guest names must be distinct", param_hint="--name")
+    try:
+        if name_from_socket:
+            if not paths:
+                raise ConfigError("--name-from-socket needs --socket-path")
+            names = tuple(name_from_socket_path(p) for p in paths)
+        if names and len(names) != max(len(paths), 1):
+            raise ConfigError(f"--name: give one per socket ({max(len(paths), 1)})")
+        for name in names:
+            try:
+                check_guest_name(name)
+            except ConfigError as exc:
+                raise ConfigError(f"--name: {exc}") from None
+        if len(set(names)) != len(names):
+            raise ConfigError("--name: guest names must be distinct")
+        cfg.check_vm_names(list(names) or [f"vm{i}" for i in range(max(len(paths), 1))])
+        if fd is not None:
+            _check_fd(fd)
+        gid = _group_id(socket_group or cfg.socket_group)
+        api = None if no_api else cfg.api_socket
+        for i, p in enumerate(paths):
+            if api is not None and socket_files.same_path(api, p):
+                raise ConfigError(f"--api-socket {api} is also a vhost-user socket path")
+            for q in paths[:i]:
+                if socket_files.same_path(p, q):
+                    raise ConfigError(f"--socket-path: {p} given twice")
+        # Every path this process will listen on is ours before anything starts. Under a
+        # manager with an fd store the listeners may be a previous vdev's, handed over (it
+        # has exited: the locks are free, the sockets still listen): no connect probe then.
+        handover = Handover(FdStore(), listen_fds())
+        probe = not handover.enabled
+        claims = socket_files.claim_all(paths, "--socket-path", probe=probe)
+        if api is not None:
+            try:
+                claims.enter_context(socket_files.claim(api, "--api-socket", probe=probe))
+            except BaseException:
+                claims.close()
+                raise
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    setup_logging(verbosity_level(verbose, quiet), log_format)
+    registry = GuestRegistry(device, target=target_pages)
     import vdev as package
 
     log.info(
         "vdev serve %s from %s (pid %d)",
         getattr(package, "BUILD", "-"), os.path.dirname(package.__file__), os.getpid(),
     )  # fmt: skip
-    handover = Handover(FdStore(), listen_fds())
     stop = StopMode(deflate=deflate_on_stop, timeout=stop_timeout)
+    with claims:
+        try:
+            trio.run(
+                functools.partial(
+                    _serve, registry, device_cls, paths, list(names) or None, fd,
+                    stats_interval, handover=handover, stop=stop,
+                    socket_mode=0o660 if gid is not None else 0o600, socket_gid=gid,
+                )
+            )  # fmt: skip
+        except* (OSError, ConfigError) as group:
+            for leaf in _leaves(group):
+                click.echo(f"vdev serve: {leaf}", err=True)
+            sys.exit(1)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+def _check_fd(fd: int) -> None:
+    """``--fd``: an open, connected unix stream socket (QEMU passes one end of a
+    socketpair)."""
     try:
-        trio.run(
-            _serve, registry, device_cls, paths, list(names) or None, fd, stats_interval,
-            handover, stop,
-        )  # fmt: skip
-    except OSError as exc:
-        click.echo(f"vdev serve: {exc}", err=True)
-        sys.exit(1)
+        st = os.fstat(fd)
+    except (OSError, OverflowError):
+        raise ConfigError(f"--fd {fd}: not an open file descriptor") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"--fd {fd}: not a socket")
+    with socket.socket(fileno=fd) as s:
+        try:
+            family, kind = s.family, s.type
+        finally:
+            s.detach()
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM:
+        raise ConfigError(f"--fd {fd}: not a unix stream socket")
+
+
+def _group_id(group: str | None) -> int | None:
+    """``--socket-group``: a group name or numeric id (None: no group)."""
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        pass
+    if group.isdigit():
+        return int(group)
+    raise ConfigError(f"--socket-group: no group named {group!r}")
 
 
 class StopMode:
@@ -219,6 +298,8 @@ async def _serve(
     names: list[str] | None,
     fd: int | None,
     stats_interval: float = 0.0,
+    socket_mode: int = 0o600,
+    socket_gid: int | None = None,
     handover: Handover | None = None,
     stop: StopMode | None = None,
 ) -> None:
@@ -229,6 +310,8 @@ async def _serve(
         socket_paths=paths,
         names=names if paths else None,
         stats_interval=stats_interval,
+        socket_mode=socket_mode,
+        socket_gid=socket_gid,
         handover=handover if fd is None else None,
     )
     managed = server.handover is not None

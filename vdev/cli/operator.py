@@ -34,8 +34,9 @@ from rich.text import Text
 
 from protocol.errors import ApiError, ConfigError
 from protocol.units import PAGE_SIZE
-from vdev.api.client import ApiClient
+from vdev.api.client import ApiClient, setting_segments
 from vdev.api.limits import LIMIT_RANGES
+from vdev.registry import check_guest_name
 
 if TYPE_CHECKING:
     import trio
@@ -128,15 +129,17 @@ def serve_options(f: F) -> F:
                 api_limits=limits,
             )
             if not no_api and not kwargs.get("print_capabilities"):
-                # refuse a live API socket before anything starts
-                from vdev.api.serve import check_socket_path, default_api_socket
+                # The API socket's path; `vdev serve` claims it (vdev.socket_files: a live
+                # one is refused) before anything starts, and only then is a stale one removed.
+                from vdev.api.serve import default_api_socket
                 from vdev.listeners import socket_paths
+                from vdev.socket_files import check_socket_path_length
 
                 if cfg.api_socket is None and kwargs.get("socket_path"):
                     paths = socket_paths(kwargs["socket_path"], kwargs.get("socket_count"))
                     cfg.api_socket = default_api_socket(paths)
                 if cfg.api_socket is not None:
-                    check_socket_path(cfg.api_socket)
+                    check_socket_path_length(cfg.api_socket, "--api-socket")
             if metrics_address is not None:
                 parse_metrics_address(metrics_address)
         except ConfigError as e:
@@ -235,6 +238,25 @@ def api_option(f: F) -> F:
         required=True,
         help="The vdev serve management socket (env VDEV_API_SOCKET).",
     )(f)
+
+
+def _vm_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A VM argument follows the one name rule (:func:`vdev.registry.check_guest_name`) before
+    it goes near a URL."""
+    if value is None:
+        return None
+    try:
+        return check_guest_name(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _setting_path(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        setting_segments(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 def _client(path: str) -> ApiClient:
@@ -452,7 +474,7 @@ def top(api_socket: str, interval: float, iterations: int | None) -> None:
 
 @click.command("set-target")
 @api_option
-@click.argument("vm")
+@click.argument("vm", callback=_vm_name)
 @click.argument("size")
 def set_target(api_socket: str, vm: str, size: str) -> None:
     """Pin VM's balloon target to SIZE (512M, 1.5G, 4096, 0); SIZE "policy" hands it back."""
@@ -472,7 +494,7 @@ def set_target(api_socket: str, vm: str, size: str) -> None:
 
 @click.command()
 @api_option
-@click.argument("vm")
+@click.argument("vm", callback=_vm_name)
 def reset(api_socket: str, vm: str) -> None:
     """Demand a balloon reset: the guest driver pops every page and starts over (vmw; a
     virtio-balloon guest cannot be told to, so vdev refuses: set the target to 0 instead)."""
@@ -567,7 +589,7 @@ def config_list(api_socket: str) -> None:
 
 @config.command("get")
 @api_option
-@click.argument("path")
+@click.argument("path", callback=_setting_path)
 def config_get(api_socket: str, path: str) -> None:
     """Print one setting (e.g. /Mem/CtlMaxPercent or Mem.CtlMaxPercent)."""
     with _client(api_socket) as c:
@@ -576,7 +598,7 @@ def config_get(api_socket: str, path: str) -> None:
 
 @config.command("set")
 @api_option
-@click.argument("path")
+@click.argument("path", callback=_setting_path)
 @click.argument("value", type=int)
 def config_set(api_socket: str, path: str, value: int) -> None:
     """Change one setting; the policy applies it at once."""
@@ -628,7 +650,7 @@ def format_event(event: dict[str, Any]) -> str:
 
 @click.command()
 @api_option
-@click.option("--vm", default=None, help="Only this VM's events.")
+@click.option("--vm", default=None, callback=_vm_name, help="Only this VM's events.")
 @click.option(
     "--json", "as_json", is_flag=True, help="One JSON object per line (as the API sends)."
 )
@@ -668,7 +690,7 @@ def _first(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 @click.command()
 @api_option
-@click.argument("vm")
+@click.argument("vm", callback=_vm_name)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="PNG file.")
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N points.")
 def plot(api_socket: str, vm: str, output: str, last: int | None) -> None:
