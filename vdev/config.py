@@ -9,6 +9,8 @@ policy_period = 1.0                     # seconds between policy steps
 host_memory = "16G"                     # simulated host of this size; omit for the real host
 history = 3600                          # points kept per VM for `vdev plot`
 rate_window = 10.0                      # seconds over which inflate/deflate rates are computed
+watch_cgroup = ["machine.slice"]        # memory cgroup(s) holding the VMs (v1 or v2; a path, or
+                                        # relative to the memory controller's mount)
 
 [settings]                              # ESXi-style advanced settings (GET /settings)
 "/Mem/CtlMaxPercent" = 65
@@ -178,6 +180,8 @@ class ControlConfig:
     host_memory: int | None = None  # bytes; None: sample the real host
     history: int = 3600
     rate_window: float = 10.0
+    #: ``--watch-cgroup``: the memory cgroups where the VMs live (empty: the host, /proc)
+    watch_cgroups: list[str] = field(default_factory=list)
     settings: PolicySettings = field(default_factory=PolicySettings)
     pools: list[PoolSpec] = field(default_factory=list)
     vms: dict[str, VmConfig] = field(default_factory=dict)
@@ -191,8 +195,11 @@ class ControlConfig:
         api_socket: str | None = None,
         host_memory: int | None = None,
         policy_period: float | None = None,
+        watch_cgroups: list[str] | None = None,
     ) -> ControlConfig:
         """Flags win over the file (None: not given on the command line)."""
+        if watch_cgroups:
+            self.watch_cgroups = list(watch_cgroups)
         if api_socket is not None:
             self.api_socket = api_socket
         if host_memory is not None:
@@ -246,6 +253,7 @@ _SERVE_KEYS = {
     "host_memory",
     "history",
     "rate_window",
+    "watch_cgroup",
 }
 _POOL_KEYS = {"parent", "reservation", "limit", "shares", "expandable_reservation"}
 _VM_KEYS = {"memory", "reservation", "limit", "shares", "maxmemctl", "pool", "active_fraction"}
@@ -280,6 +288,15 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
         cfg.history = h
     if "rate_window" in serve:
         cfg.rate_window = _number(serve["rate_window"], f"{source} [serve] rate_window")
+    if "watch_cgroup" in serve:
+        watch = serve["watch_cgroup"]
+        watch = [watch] if isinstance(watch, str) else watch
+        if not isinstance(watch, list) or not all(isinstance(w, str) and w for w in watch):
+            raise ConfigError(
+                f"{source} [serve] watch_cgroup: expected a cgroup path or a list of them,"
+                f" got {serve['watch_cgroup']!r}"
+            )
+        cfg.watch_cgroups = list(watch)
 
     settings = PolicySettings()
     for path, value in _flatten_settings(_table(doc.get("settings", {}), "[settings]")).items():

@@ -77,6 +77,13 @@ def serve_options(f: F) -> F:
         default=None,
         help="Seconds between policy steps (default 1).",
     )
+    @click.option(
+        "--watch-cgroup",
+        "watch_cgroups",
+        multiple=True,
+        help="Memory cgroup holding the VMs (repeatable; v1 or v2): a directory, or a path"
+        " under the memory controller's mount such as machine.slice. Default: the host.",
+    )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
     @functools.wraps(f)
     def wrapper(
@@ -85,6 +92,7 @@ def serve_options(f: F) -> F:
         config_file: str | None,
         host_memory: str | None,
         policy_period: float | None,
+        watch_cgroups: tuple[str, ...],
         no_api: bool,
         **kwargs: Any,
     ) -> Any:
@@ -98,7 +106,13 @@ def serve_options(f: F) -> F:
                 if host_memory is None
                 else parse_size(host_memory, "--host-memory"),
                 policy_period=policy_period,
+                watch_cgroups=list(watch_cgroups),
             )
+            if cfg.watch_cgroups:
+                from vdev.policy.cgroup import resolve_cgroup
+
+                for path in cfg.watch_cgroups:
+                    resolve_cgroup(path)  # refuse a path that is not a memory cgroup now
             if not no_api and not kwargs.get("print_capabilities"):
                 # refuse a live API socket before anything starts
                 from vdev.api.app import check_socket_path, default_api_socket
@@ -429,6 +443,24 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
         ("steps", str(h.get("steps"))),
     ):
         table.add_row(key, value)
+    if h.get("source_why"):
+        table.add_row("why", str(h["source_why"]))
+    for cg in h.get("cgroups") or []:
+        events = " ".join(f"{k}={v}" for k, v in sorted((cg.get("events") or {}).items()))
+        table.add_row(
+            f"cgroup v{cg['version']}",
+            f"{cg['path']}: usage {mb(cg.get('usage_bytes'))} / limit"
+            f" {mb(cg.get('limit_bytes')) if cg.get('limit_bytes') is not None else 'none'} MB"
+            + (f", high {mb(cg['high_bytes'])} MB" if cg.get("high_bytes") is not None else "")
+            + (f"; {events}" if events else ""),
+        )
+    notes = h.get("notifications") or {}
+    for armed in notes.get("armed") or []:
+        table.add_row("wakes on", str(armed))
+    for skipped in notes.get("skipped") or []:
+        table.add_row("not armed", Text(str(skipped), style="yellow"))
+    if notes:
+        table.add_row("notifications", str(notes.get("received", 0)))
     if h.get("error"):
         table.add_row("error", Text(h["error"], style="red"))
     _console().print(table)

@@ -23,6 +23,7 @@ setting changes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -38,7 +39,8 @@ import trio
 
 from protocol.errors import ConfigError, HostResourceError
 from vdev.config import ControlConfig
-from vdev.policy.host import SimulatedHost, read_host_sample
+from vdev.policy.cgroup import CgroupReading, CgroupSource, read_cgroup, resolve_cgroup
+from vdev.policy.host import SimulatedHost, host_sample_from_readings, read_host_sample
 from vdev.policy.model import (
     PAGE_SIZE,
     HostSample,
@@ -48,6 +50,7 @@ from vdev.policy.model import (
     min_free_bytes,
     vm_bounds,
 )
+from vdev.policy.watch import Notice, PressureWatch
 from vdev.registry import GuestEvent
 
 log = logging.getLogger(__name__)
@@ -222,17 +225,40 @@ class ControlPlane:
         self.config = config if config is not None else ControlConfig()
         self.engine = PolicyEngine(self.config.settings, self.config.pools)
         self.simulated: SimulatedHost | None = None
+        #: the watched memory cgroups (``--watch-cgroup``) and their last readings
+        self.cgroups: list[CgroupSource] = []
+        self.cgroup_readings: list[CgroupReading] = []
+        #: kernel notifications (:mod:`vdev.policy.watch`) when the host is real
+        self.watch: PressureWatch | None = None
+        self.pressure_notices = 0
+        self.last_notice: dict[str, Any] | None = None
         if host_sampler is not None:
             self._sample = host_sampler
             self.host_source = "custom"
+            self.host_source_why = "a sampler given by the caller"
         elif self.config.host_memory is not None:
             self.simulated = SimulatedHost(self.config.host_memory, self.config.host_memory)
             self._sample = self.simulated.sample
             self.host_source = "simulated"
+            self.host_source_why = "--host-memory / [serve] host_memory"
+        elif self.config.watch_cgroups:
+            self.cgroups = [resolve_cgroup(p) for p in self.config.watch_cgroups]  # ConfigError
+            self._sample = self._sample_cgroups
+            self.host_source = ", ".join(c.label for c in self.cgroups)
+            self.host_source_why = (
+                "--watch-cgroup " + " ".join(self.config.watch_cgroups)
+                + ": the most constrained cgroup (least free share of its limit) decides"
+            )
         else:
             cgroup = find_cgroup_v2_dir()
             self._sample = lambda: read_host_sample(cgroup_dir=cgroup)
             self.host_source = "cgroup:" + cgroup if cgroup else "proc"
+            self.host_source_why = (
+                "vdev's own cgroup v2 has a memory controller (no --watch-cgroup given)"
+                if cgroup
+                else "no --watch-cgroup given: host-wide /proc/meminfo (MemAvailable) and"
+                " /proc/pressure/memory"
+            )
         self._wall = wall_clock
         self.manual: dict[str, int] = {}
         #: ``vdev serve --target``: an operator's target, so a manual pin on every guest
@@ -248,6 +274,32 @@ class ControlPlane:
         self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._wakeup = trio.Event()
         self._known_sizes: dict[str, int] = {}
+
+    def _sample_cgroups(self) -> HostSample:
+        host = read_host_sample()
+        readings = [read_cgroup(c) for c in self.cgroups]
+        self.cgroup_readings = readings
+        if self.watch is not None:
+            for c in self.cgroups:
+                self.watch.rearm_thresholds(c)  # the limit may have changed
+        return host_sample_from_readings(readings, host)
+
+    def on_pressure(self, notices: list[Notice]) -> None:
+        """Kernel notifications: ask every guest for fresh statistics (hand the held stats
+        buffer back) and run a policy step now."""
+        self.pressure_notices += len(notices)
+        for name in self.registry.names():
+            request = getattr(self.registry, "request_stats", None)
+            if request is not None:
+                with contextlib.suppress(KeyError):
+                    request(name)
+        event = {
+            "type": "pressure",
+            "notices": [{"source": n.source, "kind": n.kind, "detail": n.detail} for n in notices],
+        }
+        self.last_notice = {**event, "time": self._wall()}
+        self.publish(event)
+        self.poke()
 
     # ----------------------------------------------------------------------------- events
 
@@ -374,6 +426,25 @@ class ControlPlane:
         decision = self.last_decision
         info: dict[str, Any] = {
             "source": self.host_source,
+            "source_why": self.host_source_why,
+            "cgroups": [
+                {
+                    "path": r.source.path,
+                    "version": r.source.version,
+                    "usage_bytes": r.usage_bytes,
+                    "limit_bytes": r.limit_bytes,
+                    "high_bytes": r.high_bytes,
+                    "events": dict(r.events),
+                    "stat": dict(r.stat),
+                }
+                for r in self.cgroup_readings
+            ],
+            "notifications": {
+                "armed": list(self.watch.armed) if self.watch else [],
+                "skipped": list(self.watch.skipped) if self.watch else [],
+                "received": self.pressure_notices,
+                "last": self.last_notice,
+            },
             "simulated": self.simulated is not None,
             "state": decision.state.value if decision else None,
             "total_bytes": sample.total_bytes if sample else None,
@@ -582,6 +653,9 @@ class ControlPlane:
         """Step every ``policy_period`` seconds, or sooner when poked; forward guest events."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward, self.registry.subscribe())
+            if self.host_source not in ("custom", "simulated"):
+                self.watch = PressureWatch(self.cgroups)
+                await nursery.start(self.watch.run, self.on_pressure)
             self.step()
             task_status.started()
             period = self.config.policy_period
