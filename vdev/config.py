@@ -11,6 +11,8 @@ history = 3600                          # points kept per VM for `vdev plot`
 rate_window = 10.0                      # seconds over which inflate/deflate rates are computed
 watch_cgroup = ["machine.slice"]        # memory cgroup(s) holding the VMs (v1 or v2; a path, or
                                         # relative to the memory controller's mount)
+backstop = false                        # v1: oom_kill_disable (pause, not kill); v2: memory.high
+backstop_deadline = 30.0                # v1: longest pause before the OOM killer is given back
 
 [settings]                              # ESXi-style advanced settings (GET /settings)
 "/Mem/CtlMaxPercent" = 65
@@ -182,6 +184,10 @@ class ControlConfig:
     rate_window: float = 10.0
     #: ``--watch-cgroup``: the memory cgroups where the VMs live (empty: the host, /proc)
     watch_cgroups: list[str] = field(default_factory=list)
+    #: ``--backstop``: slow (v2) or pause (v1) the watched cgroups at their limit instead of
+    #: letting the kernel kill a VM (:mod:`vdev.policy.backstop`)
+    backstop: bool = False
+    backstop_deadline: float = 30.0
     settings: PolicySettings = field(default_factory=PolicySettings)
     pools: list[PoolSpec] = field(default_factory=list)
     vms: dict[str, VmConfig] = field(default_factory=dict)
@@ -196,8 +202,11 @@ class ControlConfig:
         host_memory: int | None = None,
         policy_period: float | None = None,
         watch_cgroups: list[str] | None = None,
+        backstop: bool | None = None,
     ) -> ControlConfig:
         """Flags win over the file (None: not given on the command line)."""
+        if backstop is not None:
+            self.backstop = backstop
         if watch_cgroups:
             self.watch_cgroups = list(watch_cgroups)
         if api_socket is not None:
@@ -216,6 +225,12 @@ class ControlConfig:
             raise ConfigError(f"rate_window must be > 0 seconds, got {self.rate_window}")
         if self.history < 2:
             raise ConfigError(f"history must keep at least 2 points, got {self.history}")
+        if not (math.isfinite(self.backstop_deadline) and self.backstop_deadline > 0):
+            raise ConfigError(
+                f"backstop_deadline must be > 0 seconds, got {self.backstop_deadline}"
+            )
+        if self.backstop and not self.watch_cgroups:
+            raise ConfigError("the backstop acts on watched cgroups: give --watch-cgroup too")
         if self.host_memory is not None and self.host_memory <= 0:
             raise ConfigError(f"host memory must be > 0, got {self.host_memory}")
 
@@ -254,6 +269,8 @@ _SERVE_KEYS = {
     "history",
     "rate_window",
     "watch_cgroup",
+    "backstop",
+    "backstop_deadline",
 }
 _POOL_KEYS = {"parent", "reservation", "limit", "shares", "expandable_reservation"}
 _VM_KEYS = {"memory", "reservation", "limit", "shares", "maxmemctl", "pool", "active_fraction"}
@@ -297,6 +314,14 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
                 f" got {serve['watch_cgroup']!r}"
             )
         cfg.watch_cgroups = list(watch)
+    if "backstop" in serve:
+        if not isinstance(serve["backstop"], bool):
+            raise ConfigError(f"{source} [serve] backstop: expected true or false")
+        cfg.backstop = serve["backstop"]
+    if "backstop_deadline" in serve:
+        cfg.backstop_deadline = _number(
+            serve["backstop_deadline"], f"{source} [serve] backstop_deadline"
+        )
 
     settings = PolicySettings()
     for path, value in _flatten_settings(_table(doc.get("settings", {}), "[settings]")).items():

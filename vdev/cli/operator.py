@@ -84,6 +84,12 @@ def serve_options(f: F) -> F:
         help="Memory cgroup holding the VMs (repeatable; v1 or v2): a directory, or a path"
         " under the memory controller's mount such as machine.slice. Default: the host.",
     )
+    @click.option(
+        "--backstop/--no-backstop",
+        default=None,
+        help="At a watched cgroup's limit, pause (v1: oom_kill_disable) or throttle (v2:"
+        " memory.high) the VMs instead of letting the kernel kill one.",
+    )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
     @functools.wraps(f)
     def wrapper(
@@ -93,6 +99,7 @@ def serve_options(f: F) -> F:
         host_memory: str | None,
         policy_period: float | None,
         watch_cgroups: tuple[str, ...],
+        backstop: bool | None,
         no_api: bool,
         **kwargs: Any,
     ) -> Any:
@@ -107,6 +114,7 @@ def serve_options(f: F) -> F:
                 else parse_size(host_memory, "--host-memory"),
                 policy_period=policy_period,
                 watch_cgroups=list(watch_cgroups),
+                backstop=backstop,
             )
             if cfg.watch_cgroups:
                 from vdev.policy.cgroup import resolve_cgroup

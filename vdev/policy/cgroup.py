@@ -184,8 +184,10 @@ def resolve_cgroup(asked: str, mounts: Mounts | None = None) -> CgroupSource:
             continue
         version = cgroup_version(path)
         if version is None:
-            tried.append(f"{path}: no memory controller files (memory.current/memory.max or "
-                         "memory.usage_in_bytes/memory.limit_in_bytes)")
+            tried.append(
+                f"{path}: no memory controller files (memory.current/memory.max or "
+                "memory.usage_in_bytes/memory.limit_in_bytes)"
+            )
             continue
         return CgroupSource(path=os.path.normpath(path), version=version, asked=asked)
     if not tried:

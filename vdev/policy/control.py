@@ -39,6 +39,7 @@ import trio
 
 from protocol.errors import ConfigError, HostResourceError
 from vdev.config import ControlConfig
+from vdev.policy.backstop import Backstop
 from vdev.policy.cgroup import CgroupReading, CgroupSource, read_cgroup, resolve_cgroup
 from vdev.policy.host import SimulatedHost, host_sample_from_readings, read_host_sample
 from vdev.policy.model import (
@@ -231,6 +232,7 @@ class ControlPlane:
         #: kernel notifications (:mod:`vdev.policy.watch`) when the host is real
         self.watch: PressureWatch | None = None
         self.pressure_notices = 0
+        self.backstop: Backstop | None = None
         self.last_notice: dict[str, Any] | None = None
         if host_sampler is not None:
             self._sample = host_sampler
@@ -246,7 +248,8 @@ class ControlPlane:
             self._sample = self._sample_cgroups
             self.host_source = ", ".join(c.label for c in self.cgroups)
             self.host_source_why = (
-                "--watch-cgroup " + " ".join(self.config.watch_cgroups)
+                "--watch-cgroup "
+                + " ".join(self.config.watch_cgroups)
                 + ": the most constrained cgroup (least free share of its limit) decides"
             )
         else:
@@ -282,6 +285,9 @@ class ControlPlane:
         if self.watch is not None:
             for c in self.cgroups:
                 self.watch.rearm_thresholds(c)  # the limit may have changed
+        if self.backstop is not None:
+            for kind, path, detail in self.backstop.check(readings, time.monotonic()):
+                self.publish({"type": "backstop", "action": kind, "cgroup": path, "detail": detail})
         return host_sample_from_readings(readings, host)
 
     def on_pressure(self, notices: list[Notice]) -> None:
@@ -444,6 +450,14 @@ class ControlPlane:
                 "skipped": list(self.watch.skipped) if self.watch else [],
                 "received": self.pressure_notices,
                 "last": self.last_notice,
+            },
+            "backstop": {
+                "engaged": self.backstop is not None and bool(self.backstop.held),
+                "pauses": self.backstop.pauses if self.backstop else 0,
+                "actions": [
+                    {"action": k, "cgroup": p, "detail": d}
+                    for k, p, d in (self.backstop.actions[-20:] if self.backstop else [])
+                ],
             },
             "simulated": self.simulated is not None,
             "state": decision.state.value if decision else None,
@@ -656,20 +670,38 @@ class ControlPlane:
             if self.host_source not in ("custom", "simulated"):
                 self.watch = PressureWatch(self.cgroups)
                 await nursery.start(self.watch.run, self.on_pressure)
+            if self.cgroups and self.config.backstop:
+                self.backstop = Backstop(self.cgroups, self.config.backstop_deadline)
+                try:
+                    self.backstop.engage()
+                except HostResourceError:
+                    self.backstop.release()
+                    raise
+                for kind, path, detail in self.backstop.actions:
+                    self.publish(
+                        {"type": "backstop", "action": kind, "cgroup": path, "detail": detail}
+                    )
+            try:
+                await self._loop(task_status)
+            finally:
+                if self.backstop is not None:
+                    self.backstop.release()
+
+    async def _loop(self, task_status: trio.TaskStatus[None]) -> None:
+        self.step()
+        task_status.started()
+        period = self.config.policy_period
+        deadline = trio.current_time() + period
+        while True:
+            with trio.move_on_at(deadline):
+                await self._wakeup.wait()
+            if self._wakeup.is_set() and trio.current_time() < deadline:
+                await trio.sleep(POKE_DELAY)
+            self._wakeup = trio.Event()
             self.step()
-            task_status.started()
-            period = self.config.policy_period
-            deadline = trio.current_time() + period
-            while True:
-                with trio.move_on_at(deadline):
-                    await self._wakeup.wait()
-                if self._wakeup.is_set() and trio.current_time() < deadline:
-                    await trio.sleep(POKE_DELAY)
-                self._wakeup = trio.Event()
-                self.step()
-                now = trio.current_time()
-                if now >= deadline:
-                    deadline = max(deadline + period, now)
+            now = trio.current_time()
+            if now >= deadline:
+                deadline = max(deadline + period, now)
 
     async def _forward(self, events: trio.MemoryReceiveChannel[Any]) -> None:
         """Forward registry events; if the registry drops us (we fell behind), subscribe again

@@ -92,8 +92,9 @@ class PressureWatch:
                 self._events_file(source)
             else:
                 self._v1_register(source, "oom", "memory.oom_control", "")
-                self._v1_register(source, "pressure_level", "memory.pressure_level",
-                                  V1_PRESSURE_LEVEL)
+                self._v1_register(
+                    source, "pressure_level", "memory.pressure_level", V1_PRESSURE_LEVEL
+                )
                 self.rearm_thresholds(source)
 
     # ------------------------------------------------------------------ registrations
@@ -117,8 +118,7 @@ class PressureWatch:
                 os.close(fd)
                 last = e.strerror or str(e)
                 continue
-            self._add(_Reg(fd, label, "psi", f"some {PSI_STALL_US}us/{window}us"),
-                      select.EPOLLPRI)
+            self._add(_Reg(fd, label, "psi", f"some {PSI_STALL_US}us/{window}us"), select.EPOLLPRI)
             return
         self.skipped.append(f"{label}: PSI trigger refused by the kernel: {last}")
 
@@ -147,8 +147,9 @@ class PressureWatch:
                     os.close(fd)
             self.skipped.append(f"{source.label}: {kind} {args}: {e.strerror}")
             return None
-        self._add(_Reg(efd, source.label, kind, args, keep=(watched,), eventfd=True),
-                  select.EPOLLIN)
+        self._add(
+            _Reg(efd, source.label, kind, args, keep=(watched,), eventfd=True), select.EPOLLIN
+        )
         return efd
 
     def rearm_thresholds(self, source: CgroupSource) -> None:
@@ -171,8 +172,9 @@ class PressureWatch:
         if limit is None:
             return
         for fraction in V1_THRESHOLDS:
-            self._v1_register(source, "threshold", "memory.usage_in_bytes",
-                              str(int(limit * fraction)))
+            self._v1_register(
+                source, "threshold", "memory.usage_in_bytes", str(int(limit * fraction))
+            )
 
     def _drop(self, fd: int) -> None:
         reg = self._regs.pop(fd)
