@@ -305,6 +305,7 @@ async def boot_guest(
     extra: Sequence[str] = (),
     stderr_path: Path | None = None,
     wait_ready: bool = True,
+    cgroup_procs: Path | None = None,
 ) -> AsyncIterator[LinuxGuest]:
     """Boot the guest with vdev (listening on ``vdev_socket``) as its balloon.
 
@@ -319,6 +320,7 @@ async def boot_guest(
         append=append,
         extra=[*balloon_qemu_args(qemu, vdev_socket), *extra],
         stderr_path=err,
+        cgroup_procs=cgroup_procs,
     ) as console:
         guest = LinuxGuest(console, qemu, err)
         if wait_ready:

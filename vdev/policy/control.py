@@ -65,6 +65,25 @@ SUBSCRIBER_BUFFER = 4096
 #: commands (GET_TARGET, the first LOCK) served without waiting behind a step over every
 #: guest (~0.3-0.6 ms with 32), and a burst of API calls is one step.
 POKE_DELAY = 0.005
+#: A watched cgroup's growth rate is measured over this window (s) and projected this far
+#: ahead (s): what a burst will take before the balloons can answer counts as used now.
+GROWTH_WINDOW = 0.5
+GROWTH_HORIZON = 1.0
+#: A guest whose RAM file grew by more than this within GROWTH_WINDOW is busy: its balloon
+#: does not grow (its stats are stale and what it frees it is about to use).
+BUSY_GROWTH_BYTES = 4 << 20
+#: Inflating is futile for a guest when, over RETURN_WINDOW seconds, its balloon grew by at
+#: least FUTILE_MIN_GROWTH bytes and its RAM file shrank by less than a quarter of that; its
+#: balloon is then held for FUTILE_BACKOFF seconds.
+RETURN_WINDOW = 2.0
+FUTILE_MIN_GROWTH = 8 << 20
+FUTILE_BACKOFF = 30.0
+#: Error margin of the resident-free estimate (stats lag the balloon by one buffer).
+RESIDENT_SLACK = 8 << 20
+#: While a watched cgroup grows (projected growth > 0) the policy steps this often (s).
+FAST_PERIOD = 0.05
+#: /Mem/MinFreePct when watching cgroups and the setting is left at 0 (sliding scale).
+CGROUP_MIN_FREE_PCT = 20
 
 
 class GuestViewLike(Protocol):
@@ -233,6 +252,15 @@ class ControlPlane:
         self.watch: PressureWatch | None = None
         self.pressure_notices = 0
         self.backstop: Backstop | None = None
+        #: per watched cgroup: recent (monotonic, usage) and the growth expected ahead
+        self._usage_trail: dict[str, deque[tuple[float, int]]] = {}
+        self.projected_growth: dict[str, int] = {}
+        self._reclaimed_total = 0
+        #: per VM: (stats buffers seen, balloon bytes then); recent (monotonic, RAM file bytes)
+        self._stats_mark: dict[str, tuple[int, int]] = {}
+        self._alloc_trail: dict[str, deque[tuple[float, int]]] = {}
+        self._return_trail: dict[str, deque[tuple[float, int, int]]] = {}
+        self._futile_until: dict[str, float] = {}
         self.last_notice: dict[str, Any] | None = None
         if host_sampler is not None:
             self._sample = host_sampler
@@ -288,7 +316,22 @@ class ControlPlane:
         if self.backstop is not None:
             for kind, path, detail in self.backstop.check(readings, time.monotonic()):
                 self.publish({"type": "backstop", "action": kind, "cgroup": path, "detail": detail})
-        return host_sample_from_readings(readings, host)
+        growth: dict[str, int] = {}
+        now = time.monotonic()
+        for r in readings:
+            # gross growth: what the cgroup grew by plus what vdev punched out meanwhile
+            # (reclaim that keeps pace with a burst hides it from the usage alone)
+            gross = r.usage_bytes + self._reclaimed_total
+            trail = self._usage_trail.setdefault(r.source.path, deque(maxlen=64))
+            trail.append((now, gross))
+            while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
+                trail.popleft()
+            t_old, u_old = trail[0]
+            if now - t_old >= 0.02:
+                rate = (gross - u_old) / (now - t_old)
+                growth[r.source.path] = int(max(0.0, rate) * GROWTH_HORIZON)
+        self.projected_growth = growth
+        return host_sample_from_readings(readings, host, growth)
 
     def on_pressure(self, notices: list[Notice]) -> None:
         """Kernel notifications: ask every guest for fresh statistics (hand the held stats
@@ -472,6 +515,7 @@ class ControlPlane:
                 "some_avg10": sample.psi_some_avg10 if sample else None,
                 "full_avg10": sample.psi_full_avg10 if sample else None,
             },
+            "projected_growth_bytes": dict(self.projected_growth),
             "pressure_pages": decision.pressure_pages if decision else 0,
             "unmet_pages": decision.unmet_pages if decision else 0,
             "capped_pages": decision.capped_pages if decision else 0,
@@ -582,6 +626,9 @@ class ControlPlane:
             views[name] = view
             # sizes first: the simulated host gets its memory back
             self._note_size(name, int(view.size_pages))
+        self._reclaimed_total = sum(
+            int(getattr(v, "reclaimed_bytes_total", 0) or 0) for v in views.values()
+        )
         try:
             sample = self._sample()
         except HostResourceError as e:
@@ -603,6 +650,7 @@ class ControlPlane:
                 active_fraction=self._active_fraction(cfg.active_fraction, view),
                 balloon_pages=min(max(0, int(view.size_pages)), spec.size_pages),
                 manual_target_pages=self.manual.get(name),
+                host_return_pages=self._host_return_pages(name, view) if self.cgroups else None,
             )
         try:
             decision = self.engine.step(now, sample, vms)
@@ -649,6 +697,61 @@ class ControlPlane:
                 )
             )
         return decision
+
+    def _host_return_pages(self, name: str, view: Any) -> int | None:
+        """Balloon pages plus the guest's free pages that are resident in its RAM file.
+
+        With R the guest's RAM, F its free memory and B its balloon when it last sent stats,
+        and A the RAM file's allocated bytes now: the guest uses U = R - F - B (kernel,
+        caches, applications: all resident; inflating does not change U), so A - U of its
+        free memory is resident; inflating over the rest returns nothing to the host.
+
+        A guest whose RAM file is growing (it faults in new pages: it is busy, and its stats
+        are already stale) gets no more than it holds. None without stats."""
+        now = time.monotonic()
+        allocated = getattr(view, "ram_allocated_bytes", None)
+        balloon = int(view.size_pages) * PAGE_SIZE
+        stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
+        free = stats.get("stat-free-memory", -1)
+        ram = int(view.ram_pages) * PAGE_SIZE
+        if free < 0 or allocated is None or ram <= 0:
+            return None
+        buffers = int((getattr(view, "counters", {}) or {}).get("stats buffers", 0))
+        mark = self._stats_mark.get(name)
+        if mark is None or mark[0] != buffers:
+            mark = self._stats_mark[name] = (buffers, balloon)
+        balloon_at_stats = mark[1]
+        trail = self._alloc_trail.setdefault(name, deque(maxlen=64))
+        trail.append((now, int(allocated)))
+        while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
+            trail.popleft()
+        if int(allocated) - trail[0][1] > BUSY_GROWTH_BYTES:
+            return balloon // PAGE_SIZE
+        # Does inflating pay? Over the last RETURN_WINDOW, the RAM file must have shrunk by
+        # a fair share of what the balloon grew; if not, the balloon sits on pages that
+        # were never resident: hold it where it is for a while.
+        ret = self._return_trail.setdefault(name, deque(maxlen=256))
+        ret.append((now, balloon, int(allocated)))
+        while len(ret) > 2 and now - ret[1][0] >= RETURN_WINDOW:
+            ret.popleft()
+        grew = balloon - ret[0][1]
+        returned = ret[0][2] - int(allocated)
+        if grew >= FUTILE_MIN_GROWTH and returned * 4 < grew:
+            if now >= self._futile_until.get(name, 0.0):
+                self.publish(
+                    {
+                        "type": "futile",
+                        "name": name,
+                        "balloon_grew_bytes": grew,
+                        "host_regained_bytes": max(0, returned),
+                    }
+                )
+            self._futile_until[name] = now + FUTILE_BACKOFF
+        if now < self._futile_until.get(name, 0.0):
+            return balloon // PAGE_SIZE
+        used = max(0, ram - free - balloon_at_stats)
+        resident_free = max(0, int(allocated) - used - RESIDENT_SLACK)
+        return (balloon + resident_free) // PAGE_SIZE
 
     @staticmethod
     def _active_fraction(fixed: float | None, view: Any) -> float:
@@ -702,6 +805,8 @@ class ControlPlane:
             now = trio.current_time()
             if now >= deadline:
                 deadline = max(deadline + period, now)
+            if any(self.projected_growth.values()):
+                deadline = min(deadline, now + FAST_PERIOD)  # a burst: watch it closely
 
     async def _forward(self, events: trio.MemoryReceiveChannel[Any]) -> None:
         """Forward registry events; if the registry drops us (we fell behind), subscribe again
