@@ -275,8 +275,11 @@ class Lab:
                 while self.registry.view(vm.name).size_pages > 0 and not vm.dead:
                     await trio.sleep(0.1)
 
-    def reclaimed(self) -> int:
-        return sum(int(self.registry.view(vm.name).reclaimed_bytes_total) for vm in self.vms)
+    def reclaimed(self) -> dict[str, int]:
+        """Bytes vdev punched out of each guest's RAM file so far (per connection)."""
+        return {
+            vm.name: int(self.registry.view(vm.name).reclaimed_bytes_total) for vm in self.vms
+        }
 
     async def guest_oom_kills(self) -> int:
         total = 0
@@ -436,7 +439,10 @@ async def run_one(lab: Lab, scenario: str, policy: str) -> RunResult:
         limit_bytes=limit,
         peak_bytes=lab.cgroup.peak(),
         busy_seconds=busy_seconds,
-        regained_bytes=lab.reclaimed() - regained_before,
+        regained_bytes=sum(
+            max(0, after - regained_before.get(name, 0))  # a rebooted guest starts at 0
+            for name, after in lab.reclaimed().items()
+        ),
         backstop_pauses=pauses,
         killed=[vm.name for vm in lab.vms if vm.dead],
         deflated_seconds=deflated,

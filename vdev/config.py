@@ -11,6 +11,7 @@ history = 3600                          # points kept per VM for `vdev plot`
 rate_window = 10.0                      # seconds over which inflate/deflate rates are computed
 watch_cgroup = ["machine.slice"]        # memory cgroup(s) holding the VMs (v1 or v2; a path, or
                                         # relative to the memory controller's mount)
+policy = "esxi"                         # esxi (ours) | mom (oVirt MoM's balloon rules)
 backstop = false                        # v1: oom_kill_disable (pause, not kill); v2: memory.high
 backstop_deadline = 30.0                # v1: longest pause before the OOM killer is given back
 
@@ -70,6 +71,9 @@ __all__ = [
     "parse_shares",
     "parse_size",
 ]
+
+#: ``--policy`` values
+POLICIES = ("esxi", "mom")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGTP]?)(?:I?B)?\s*$", re.I)
@@ -188,6 +192,9 @@ class ControlConfig:
     #: letting the kernel kill a VM (:mod:`vdev.policy.backstop`)
     backstop: bool = False
     backstop_deadline: float = 30.0
+    #: ``--policy``: ``esxi`` (the ESXi model, vdev/policy/model.py) or ``mom`` (oVirt MoM's
+    #: balloon rules, vdev/policy/mom.py; it evaluates every policy period)
+    policy: str = "esxi"
     settings: PolicySettings = field(default_factory=PolicySettings)
     pools: list[PoolSpec] = field(default_factory=list)
     vms: dict[str, VmConfig] = field(default_factory=dict)
@@ -203,8 +210,11 @@ class ControlConfig:
         policy_period: float | None = None,
         watch_cgroups: list[str] | None = None,
         backstop: bool | None = None,
+        policy: str | None = None,
     ) -> ControlConfig:
         """Flags win over the file (None: not given on the command line)."""
+        if policy is not None:
+            self.policy = policy
         if backstop is not None:
             self.backstop = backstop
         if watch_cgroups:
@@ -229,6 +239,8 @@ class ControlConfig:
             raise ConfigError(
                 f"backstop_deadline must be > 0 seconds, got {self.backstop_deadline}"
             )
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.backstop and not self.watch_cgroups:
             raise ConfigError("the backstop acts on watched cgroups: give --watch-cgroup too")
         if self.host_memory is not None and self.host_memory <= 0:
@@ -271,6 +283,7 @@ _SERVE_KEYS = {
     "watch_cgroup",
     "backstop",
     "backstop_deadline",
+    "policy",
 }
 _POOL_KEYS = {"parent", "reservation", "limit", "shares", "expandable_reservation"}
 _VM_KEYS = {"memory", "reservation", "limit", "shares", "maxmemctl", "pool", "active_fraction"}
@@ -314,6 +327,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
                 f" got {serve['watch_cgroup']!r}"
             )
         cfg.watch_cgroups = list(watch)
+    if "policy" in serve:
+        if not isinstance(serve["policy"], str):
+            raise ConfigError(f"{source} [serve] policy: expected one of {', '.join(POLICIES)}")
+        cfg.policy = serve["policy"]
     if "backstop" in serve:
         if not isinstance(serve["backstop"], bool):
             raise ConfigError(f"{source} [serve] backstop: expected true or false")

@@ -85,6 +85,12 @@ def serve_options(f: F) -> F:
         " under the memory controller's mount such as machine.slice. Default: the host.",
     )
     @click.option(
+        "--policy",
+        type=click.Choice(["esxi", "mom"]),
+        default=None,
+        help="Balloon policy: esxi (default: the ESXi model) or mom (oVirt MoM's rules).",
+    )
+    @click.option(
         "--backstop/--no-backstop",
         default=None,
         help="At a watched cgroup's limit, pause (v1: oom_kill_disable) or throttle (v2:"
@@ -100,6 +106,7 @@ def serve_options(f: F) -> F:
         policy_period: float | None,
         watch_cgroups: tuple[str, ...],
         backstop: bool | None,
+        policy: str | None,
         no_api: bool,
         **kwargs: Any,
     ) -> Any:
@@ -115,6 +122,7 @@ def serve_options(f: F) -> F:
                 policy_period=policy_period,
                 watch_cgroups=list(watch_cgroups),
                 backstop=backstop,
+                policy=policy,
             )
             if cfg.watch_cgroups:
                 from vdev.policy.cgroup import resolve_cgroup

@@ -51,6 +51,7 @@ from vdev.policy.model import (
     min_free_bytes,
     vm_bounds,
 )
+from vdev.policy.mom import MomEngine
 from vdev.policy.watch import Notice, PressureWatch
 from vdev.registry import GuestEvent
 
@@ -243,7 +244,11 @@ class ControlPlane:
     ) -> None:
         self.registry = registry
         self.config = config if config is not None else ControlConfig()
-        self.engine = PolicyEngine(self.config.settings, self.config.pools)
+        self.engine: PolicyEngine | MomEngine
+        if self.config.policy == "mom":
+            self.engine = MomEngine(self.config.settings, interval=self.config.policy_period)
+        else:
+            self.engine = PolicyEngine(self.config.settings, self.config.pools)
         self.simulated: SimulatedHost | None = None
         #: the watched memory cgroups (``--watch-cgroup``) and their last readings
         self.cgroups: list[CgroupSource] = []
@@ -527,6 +532,7 @@ class ControlPlane:
                 ),
                 "pools": dict(decision.pool_capped_pages) if decision else {},
             },
+            "policy": self.config.policy,
             "policy_period_s": self.config.policy_period,
             "steps": self.steps,
             "last_step": self._last_step_wall,
@@ -650,7 +656,12 @@ class ControlPlane:
                 active_fraction=self._active_fraction(cfg.active_fraction, view),
                 balloon_pages=min(max(0, int(view.size_pages)), spec.size_pages),
                 manual_target_pages=self.manual.get(name),
-                host_return_pages=self._host_return_pages(name, view) if self.cgroups else None,
+                host_return_pages=(
+                    self._host_return_pages(name, view)
+                    if self.cgroups and self.config.policy == "esxi"
+                    else None
+                ),
+                guest_free_pages=self._guest_free_pages(view),
             )
         try:
             decision = self.engine.step(now, sample, vms)
@@ -752,6 +763,12 @@ class ControlPlane:
         used = max(0, ram - free - balloon_at_stats)
         resident_free = max(0, int(allocated) - used - RESIDENT_SLACK)
         return (balloon + resident_free) // PAGE_SIZE
+
+    @staticmethod
+    def _guest_free_pages(view: Any) -> int | None:
+        stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
+        free = stats.get("stat-free-memory", -1)
+        return free // PAGE_SIZE if free >= 0 else None
 
     @staticmethod
     def _active_fraction(fixed: float | None, view: Any) -> float:

@@ -382,6 +382,8 @@ class VmState:
     #: the guest's free pages that are resident in the host's RAM file (a balloon page that
     #: was never touched returns nothing). None: unknown (no guest stats), no such cap.
     host_return_pages: int | None = None
+    #: The guest's free memory from its statistics (virtio-balloon), pages; None: unknown.
+    guest_free_pages: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.active_fraction <= 1.0:
