@@ -1,0 +1,345 @@
+"""Watching the VMs' memory cgroup: parsers and resolution (v1 and v2), kernel notifications
+and the backstop on a real cgroup v1 child of our own memory cgroup, the control plane's
+source and wake-ups, MoM's rules, and the new config keys.
+
+cgroup v2 has no memory controller on these machines, so the v2 reader runs on files laid
+out as the kernel does (the parsers are the same code); everything v1 runs on the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol.errors import ConfigError, HostResourceError
+from vdev.config import ControlConfig, parse_config
+from vdev.policy.backstop import Backstop
+from vdev.policy.cgroup import (
+    Mounts,
+    own_memory_cgroup,
+    parse_flat_keyed,
+    parse_mountinfo,
+    parse_single,
+    read_cgroup,
+    resolve_cgroup,
+)
+from vdev.policy.host import host_sample_from_readings
+from vdev.policy.model import PAGE_SIZE, HostSample, HostState, VmSpec, VmState
+from vdev.policy.mom import MomEngine
+from vdev.policy.watch import PressureWatch
+
+MiB = 1 << 20
+
+MOUNTINFO = """\
+25 30 0:22 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs rw,mode=755
+31 25 0:27 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+32 25 0:28 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 25 0:35 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+# --------------------------------------------------------------------------- parsers
+
+
+def test_parse_mountinfo_finds_both_hierarchies() -> None:
+    m = parse_mountinfo(MOUNTINFO)
+    assert m == Mounts(v2="/sys/fs/cgroup/unified", v1_memory="/sys/fs/cgroup/memory")
+    assert parse_mountinfo("garbage\n") == Mounts(None, None)
+
+
+def test_parse_single_values() -> None:
+    assert parse_single("max\n", "memory.max") is None
+    assert parse_single("9223372036854771712\n", "memory.limit_in_bytes") is None  # v1 "none"
+    assert parse_single("1048576\n", "memory.max") == MiB
+
+
+@pytest.mark.parametrize("text", ["", "1 2", "-5", "abc", "1.5"])
+def test_parse_single_refuses(text: str) -> None:
+    with pytest.raises(HostResourceError, match=r"memory\.max"):
+        parse_single(text, "memory.max")
+
+
+@pytest.mark.parametrize("text", ["oom", "oom 1 2", "oom x", "oom -1"])
+def test_parse_flat_keyed_refuses(text: str) -> None:
+    with pytest.raises(HostResourceError, match=r"memory\.events"):
+        parse_flat_keyed(text, "memory.events")
+
+
+def _v2_dir(root: Path, **files: str) -> Path:
+    d = root / "machine.slice"
+    d.mkdir(parents=True)
+    base = {
+        "memory.current": "629145600\n",
+        "memory.max": "1073741824\n",
+        "memory.high": "max\n",
+        "memory.events": "low 0\nhigh 3\nmax 7\noom 1\noom_kill 1\noom_group_kill 0\n",
+        "memory.pressure": "some avg10=1.50 avg60=0.20 avg300=0.00 total=12\n"
+        "full avg10=0.50 avg60=0.00 avg300=0.00 total=3\n",
+        "memory.stat": "anon 1000\nfile 5000\nshmem 4000\nsock 0\n",
+    }
+    base.update(files)
+    for name, text in base.items():
+        (d / name).write_text(text)
+    return d
+
+
+def test_resolve_and_read_v2(tmp_path: Path) -> None:
+    d = _v2_dir(tmp_path / "unified")
+    mounts = Mounts(v2=str(tmp_path / "unified"), v1_memory=None)
+    src = resolve_cgroup("machine.slice", mounts)
+    assert (src.version, src.path) == (2, str(d))
+    r = read_cgroup(src)
+    assert (r.usage_bytes, r.limit_bytes, r.high_bytes) == (600 * MiB, 1024 * MiB, None)
+    assert r.oom_kills == 1 and r.events["high"] == 3
+    assert r.stat == {"anon": 1000, "file": 5000, "shmem": 4000}
+    assert (r.psi_some_avg10, r.psi_full_avg10) == (1.5, 0.5)
+    host = HostSample(total_bytes=16 << 30, free_bytes=8 << 30)
+    sample = host_sample_from_readings([r], host)
+    assert (sample.total_bytes, sample.free_bytes) == (1024 * MiB, 424 * MiB)
+    assert sample.psi_some_avg10 == 1.5
+    # projected growth counts as used
+    ahead = host_sample_from_readings([r], host, {src.path: 100 * MiB})
+    assert ahead.free_bytes == 324 * MiB
+
+
+def test_the_most_constrained_cgroup_decides(tmp_path: Path) -> None:
+    a = read_cgroup(resolve_cgroup(str(_v2_dir(tmp_path / "a"))))  # 424 of 1024 free
+    b = read_cgroup(
+        resolve_cgroup(str(_v2_dir(tmp_path / "b", **{"memory.max": str(700 * MiB)})))
+    )  # 100 of 700 free
+    host = HostSample(total_bytes=16 << 30, free_bytes=8 << 30)
+    assert host_sample_from_readings([a, b], host).free_bytes == 100 * MiB
+    assert host_sample_from_readings([], host) == host
+
+
+def test_resolve_refuses_what_is_not_a_memory_cgroup(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such directory"):
+        resolve_cgroup(str(tmp_path / "nope"))
+    (tmp_path / "cpu-only").mkdir()
+    with pytest.raises(ConfigError, match="no memory controller files"):
+        resolve_cgroup(str(tmp_path / "cpu-only"))
+    with pytest.raises(ConfigError, match="no cgroup v2 or v1 memory controller"):
+        resolve_cgroup("machine.slice", Mounts(None, None))
+    with pytest.raises(ConfigError, match="not a path"):
+        resolve_cgroup("")
+
+
+def test_read_reports_a_removed_cgroup(tmp_path: Path) -> None:
+    d = _v2_dir(tmp_path)
+    src = resolve_cgroup(str(d))
+    (d / "memory.current").unlink()
+    with pytest.raises(HostResourceError, match=r"memory\.current is gone"):
+        read_cgroup(src)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_keys() -> None:
+    cfg = parse_config(
+        {"serve": {"watch_cgroup": "machine.slice", "policy": "mom", "backstop": True,
+                   "backstop_deadline": 5}}
+    )  # fmt: skip
+    assert (cfg.watch_cgroups, cfg.policy, cfg.backstop, cfg.backstop_deadline) == (
+        ["machine.slice"], "mom", True, 5.0,
+    )  # fmt: skip
+    assert parse_config({"serve": {"watch_cgroup": ["a", "b"]}}).watch_cgroups == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("serve", "match"),
+    [
+        ({"watch_cgroup": 3}, "watch_cgroup: expected a cgroup path"),
+        ({"watch_cgroup": ["a", ""]}, "watch_cgroup"),
+        ({"policy": "drs"}, "policy: expected one of esxi, mom"),
+        ({"backstop": "yes"}, "backstop: expected true or false"),
+        ({"backstop": True}, "give --watch-cgroup too"),
+        ({"watch_cgroup": "a", "backstop_deadline": 0}, "backstop_deadline must be > 0"),
+    ],
+)
+def test_config_refuses(serve: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"serve": serve})
+
+
+# --------------------------------------------------------------------------- MoM's rules
+
+
+def _mom_vm(size_mib: int, balloon_mib: int, free_mib: int) -> VmState:
+    pages = size_mib * MiB // PAGE_SIZE
+    return VmState(
+        VmSpec(size_pages=pages),
+        balloon_pages=balloon_mib * MiB // PAGE_SIZE,
+        guest_free_pages=free_mib * MiB // PAGE_SIZE,
+    )
+
+
+def test_mom_shrinks_by_five_percent_under_pressure_and_respects_the_floor() -> None:
+    eng = MomEngine(interval=10.0)
+    host = HostSample(total_bytes=1000 * MiB, free_bytes=100 * MiB)  # 10 % free: shrink
+    d = eng.step(0.0, host, {"idle": _mom_vm(1000, 0, 900), "busy": _mom_vm(1000, 0, 50)})
+    assert d.state is HostState.SOFT
+    # idle: guest size 1000 -> 950 (5 %): balloon 50 MiB
+    assert d.vms["idle"].target_pages == 50 * MiB // PAGE_SIZE
+    assert d.vms["idle"].reason == "mom:shrink"
+    # busy: used 950 + 10 % of 1000 free floor = 1050 > 950: no smaller than it is
+    assert d.vms["busy"].target_pages == 0
+    # within the interval nothing is evaluated
+    d2 = eng.step(5.0, host, {"idle": _mom_vm(1000, 50, 850), "busy": _mom_vm(1000, 0, 50)})
+    assert d2.vms["idle"].reason == "mom:interval"
+
+
+def test_mom_grows_back_without_pressure_and_critical_forces_swap() -> None:
+    eng = MomEngine(interval=0.0)
+    calm = HostSample(total_bytes=1000 * MiB, free_bytes=500 * MiB)
+    d = eng.step(0.0, calm, {"vm": _mom_vm(1000, 400, 500)})
+    assert d.state is HostState.HIGH and d.vms["vm"].reason == "mom:grow"
+    assert d.vms["vm"].target_pages == 400 * MiB // PAGE_SIZE - 30 * MiB // PAGE_SIZE
+    crit = MomEngine(interval=0.0)
+    d = crit.step(0.0, HostSample(1000 * MiB, 10 * MiB), {"vm": _mom_vm(1000, 0, 0)})
+    assert d.state is HostState.HARD
+    # guest_free_percent = 0.01 - 0.05 < 0: the floor (used 1000 - 4 % of 1000 = 960 MiB)
+    # lies below the guest's size, so even a guest with nothing free shrinks (swaps)
+    assert d.vms["vm"].target_pages == 40 * MiB // PAGE_SIZE
+
+
+# --------------------------------------------------------------------------- real cgroup v1
+
+
+@pytest.fixture
+def v1_child() -> Iterator[Path]:
+    own = own_memory_cgroup()
+    if own is None or own.version != 1 or os.geteuid() != 0:
+        why = f"needs root and a cgroup v1 memory cgroup of our own (have {own})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    path = Path(own.path) / f"vballoon-test-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    (path / "memory.limit_in_bytes").write_text(str(64 * MiB))
+    try:
+        yield path
+    finally:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+                break
+            time.sleep(0.05)
+
+
+def _hog(cgroup: Path, *sizes_mib: int, hold: float = 0.5) -> list[str]:
+    """A python child that joins ``cgroup`` and allocates (and touches) ``sizes`` MiB."""
+    code = (
+        "import os, sys, time\n"
+        f"open({str(cgroup / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+        "keep = []\n"
+        f"for mib in {list(sizes_mib)!r}:\n"
+        "    keep.append(bytearray(mib << 20)); time.sleep(0.1)\n"
+        f"time.sleep({hold})\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+async def test_v1_thresholds_and_oom_wake_us(v1_child: Path) -> None:
+    src = resolve_cgroup(str(v1_child))
+    assert src.version == 1
+    watch = PressureWatch([src])
+    assert any("threshold" in a for a in watch.armed), (watch.armed, watch.skipped)
+    assert any(": oom" in a for a in watch.armed)
+    got: list[tuple[float, str]] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                watch.run, lambda ns: got.extend((time.monotonic(), n.kind) for n in ns)
+            )
+            t0 = time.monotonic()
+            proc = await trio.lowlevel.open_process(
+                _hog(v1_child, 30, 40)
+            )  # crosses 80 %, then the limit
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+    kinds = {k for _, k in got}
+    assert "threshold" in kinds, got
+    assert "oom" in kinds, got  # 70 MiB in 64 MiB: the kernel killed it
+    assert proc.returncode == -9
+    assert read_cgroup(src).oom_kills == 1
+    assert min(t for t, _ in got) - t0 < 10
+
+
+async def test_v1_backstop_pauses_instead_of_killing(v1_child: Path) -> None:
+    src = resolve_cgroup(str(v1_child))
+    backstop = Backstop([src], deadline=60.0)
+    backstop.engage()
+    try:
+        assert read_cgroup(src).events["oom_kill_disable"] == 1
+        with trio.fail_after(30):
+            proc = await trio.lowlevel.open_process(_hog(v1_child, 40, 40, hold=0.1))
+            while not read_cgroup(src).events.get("under_oom"):  # it sleeps, not killed
+                await trio.sleep(0.02)
+            acts = backstop.check([read_cgroup(src)], time.monotonic())
+            assert [a[0] for a in acts] == ["paused"]
+            assert proc.returncode is None
+            (v1_child / "memory.limit_in_bytes").write_text(str(256 * MiB))  # memory freed
+            assert await proc.wait() == 0  # it finished its work
+        acts = backstop.check([read_cgroup(src)], time.monotonic())
+        assert [a[0] for a in acts] == ["resumed"]
+        assert read_cgroup(src).oom_kills == 0
+    finally:
+        backstop.release()
+    assert read_cgroup(src).events["oom_kill_disable"] == 0  # restored
+
+
+async def test_v1_backstop_deadline_gives_the_killer_back(v1_child: Path) -> None:
+    src = resolve_cgroup(str(v1_child))
+    backstop = Backstop([src], deadline=0.3)
+    backstop.engage()
+    try:
+        with trio.fail_after(30):
+            proc = await trio.lowlevel.open_process(_hog(v1_child, 40, 40, hold=5))
+            while not read_cgroup(src).events.get("under_oom"):
+                await trio.sleep(0.02)
+            backstop.check([read_cgroup(src)], time.monotonic())
+            await trio.sleep(0.4)
+            acts = backstop.check([read_cgroup(src)], time.monotonic())
+            assert [a[0] for a in acts] == ["deadline"]
+            assert await proc.wait() == -9  # the explicit choice: the kernel may kill now
+    finally:
+        backstop.release()
+
+
+async def test_control_plane_watches_a_v1_cgroup_and_wakes_on_its_events(
+    v1_child: Path,
+) -> None:
+    from tests.control_fakes import FakeGuest
+    from vdev.policy.control import ControlPlane
+    from vdev.registry import GuestRegistry
+
+    registry = GuestRegistry("vmw")
+    registry.add("vm0", "/nonexistent/vm0.sock")
+    FakeGuest(registry, "vm0", 65536)
+    cfg = ControlConfig(watch_cgroups=[str(v1_child)], policy_period=60.0)
+    control = ControlPlane(registry, cfg)
+    assert control.host_source == f"cgroup v1 {v1_child}"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.run)
+            info = control.host_info()
+            assert "--watch-cgroup" in info["source_why"]
+            assert info["cgroups"][0]["limit_bytes"] == 64 * MiB
+            assert info["total_bytes"] == 64 * MiB
+            assert any("threshold" in a for a in info["notifications"]["armed"])
+            steps = control.steps
+            proc = await trio.lowlevel.open_process(_hog(v1_child, 55, hold=1.0))
+            # a 60 s period: only a notification can step the policy meanwhile
+            while control.steps == steps:
+                await trio.sleep(0.01)
+            assert control.pressure_notices > 0
+            assert control.last_notice is not None
+            await proc.wait()
+            nursery.cancel_scope.cancel()

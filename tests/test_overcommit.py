@@ -1,0 +1,63 @@
+"""The overcommit scenario suite (``pytest -m overcommit``): real Linux guests in a real
+memory cgroup whose limit is below what they could use, under no policy, MoM's and ours.
+
+Three guests (384 + 256 + 256 MiB, QEMU under TCG) boot once, their QEMUs in a child of this
+process's cgroup v1 memory cgroup, and are reused across the scenarios and policies (a guest
+the kernel kills is booted again). See :mod:`lab.overcommit` for the scenarios. Asserted:
+our policy has zero OOM kills of any kind in all four scenarios; with no balloon policy the
+kernel kills a VM in (b) and (c). Everything else (MoM's kills, peak usage vs limit, the busy
+workload's time, memory regained, backstop pauses) is recorded: ``overcommit.json`` under
+the test's tmp dir, and the table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.overcommit import (
+    POLICIES,
+    SCENARIOS,
+    ScenarioError,
+    format_table,
+    run_suite,
+)
+from vdev.policy.cgroup import own_memory_cgroup
+
+pytestmark = [pytest.mark.overcommit, pytest.mark.linux_guest]
+
+
+def _need_v1_memory_cgroup() -> None:
+    own = own_memory_cgroup()
+    if own is None or own.version != 1 or os.geteuid() != 0:
+        why = f"needs root and a cgroup v1 memory cgroup of our own (have {own})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+async def test_overcommit_scenarios(linux_env: tuple[Any, Any], tmp_path: Path) -> None:
+    _need_v1_memory_cgroup()
+    q, image = linux_env
+    try:
+        results = await run_suite(q, image, tmp_path, SCENARIOS, POLICIES)
+    except ScenarioError as e:
+        pytest.fail(str(e))
+    table = format_table(results)
+    print("\n" + table)
+    (tmp_path / "overcommit.txt").write_text(table + "\n")
+    assert json.loads((tmp_path / "overcommit.json").read_text())  # recorded
+    by = {(r.scenario, r.policy): r for r in results}
+    for scenario in SCENARIOS:
+        ours = by[(scenario, "ours")]
+        assert ours.cgroup_oom_kills == 0 and ours.guest_oom_kills == 0, (scenario, table)
+        assert not ours.killed, (scenario, table)
+        assert ours.busy_seconds is not None, (scenario, table)  # the busy guest finished
+    for scenario in ("b", "c"):
+        assert by[(scenario, "none")].cgroup_oom_kills >= 1, (scenario, table)
+    # ours got the memory from the idle guests: the host regained what the burst needed
+    assert by[("c", "ours")].regained_bytes > 0, table
