@@ -343,3 +343,49 @@ async def test_control_plane_watches_a_v1_cgroup_and_wakes_on_its_events(
             assert control.last_notice is not None
             await proc.wait()
             nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- respecting the guest
+
+
+async def test_a_guest_that_deflates_by_itself_is_backed_off_and_the_floor_holds() -> None:
+    from tests.control_fakes import make_registry
+    from vdev.policy.control import GUEST_BACKOFF, ControlPlane
+
+    vm_pages = (1 << 30) // PAGE_SIZE
+    with trio.fail_after(5):
+        registry, guests = make_registry(vm_pages, vm_pages)
+        for g in guests:
+            g.has_stats = True
+            g.request_stats()  # half of each guest free
+        control = ControlPlane(registry, ControlConfig(host_memory=4 << 30))
+        events = control.subscribe()
+        control.set_simulated_free(100 * MiB)  # SOFT: ballooning
+        d = control.step(now=1.0)
+        assert d is not None and d.vms["vm0"].target_pages > 0
+        for g in guests:
+            g.settle()
+        control.step(now=2.0)
+        # vm0's driver gives pages back on its own (deflate-on-OOM): size below target
+        g0 = guests[0]
+        target = registry.view("vm0").target_pages
+        g0.size = max(0, g0.size - 5000)
+        registry.note_size("vm0", g0.size)
+        d = control.step(now=3.0)
+        assert d is not None
+        assert d.vms["vm0"].target_pages <= g0.size  # its target falls to what it holds
+        assert d.vms["vm0"].max_pages == g0.size
+        assert d.vms["vm0"].target_pages < target
+        seen = []
+        while True:
+            try:
+                seen.append(events.receive_nowait())
+            except trio.WouldBlock:
+                break
+        backoff = [e for e in seen if e.get("type") == "guest-backoff"]
+        assert backoff and backoff[0]["name"] == "vm0" and backoff[0]["seconds"] == GUEST_BACKOFF
+        assert "deflated by itself" in backoff[0]["why"][0]
+        # the floor: a guest with 4 KiB free is not ballooned at all
+        guests[1].guest_stats = {"stat-free-memory": 4096, "stat-total-memory": vm_pages * 4096}
+        d = control.step(now=4.0)
+        assert d is not None and d.vms["vm1"].max_pages == guests[1].size

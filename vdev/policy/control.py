@@ -83,6 +83,11 @@ FUTILE_BACKOFF = 30.0
 RESIDENT_SLACK = 8 << 20
 #: While a watched cgroup grows (projected growth > 0) the policy steps this often (s).
 FAST_PERIOD = 0.05
+#: A guest that deflated by itself, OOM-killed or swapped is not inflated for this long (s).
+GUEST_BACKOFF = 60.0
+#: MoM's min_guest_free_percent and pressure_threshold, for the guest floor.
+MIN_GUEST_FREE = 0.20
+MOM_PRESSURE_THRESHOLD = 0.20
 #: /Mem/MinFreePct when watching cgroups and the setting is left at 0 (sliding scale).
 CGROUP_MIN_FREE_PCT = 20
 
@@ -266,6 +271,10 @@ class ControlPlane:
         self._alloc_trail: dict[str, deque[tuple[float, int]]] = {}
         self._return_trail: dict[str, deque[tuple[float, int, int]]] = {}
         self._futile_until: dict[str, float] = {}
+        #: respect: last balloon size, (OOM kills, swap-in) from stats, back-off deadlines
+        self._last_size: dict[str, int] = {}
+        self._guest_marks: dict[str, tuple[int, int]] = {}
+        self._backoff_until: dict[str, float] = {}
         self.last_notice: dict[str, Any] | None = None
         if host_sampler is not None:
             self._sample = host_sampler
@@ -656,11 +665,9 @@ class ControlPlane:
                 active_fraction=self._active_fraction(cfg.active_fraction, view),
                 balloon_pages=min(max(0, int(view.size_pages)), spec.size_pages),
                 manual_target_pages=self.manual.get(name),
-                host_return_pages=(
-                    self._host_return_pages(name, view)
-                    if self.cgroups and self.config.policy == "esxi"
-                    else None
-                ),
+                host_return_pages=self._caps(name, view, sample)
+                if self.config.policy == "esxi"
+                else None,
                 guest_free_pages=self._guest_free_pages(view),
             )
         try:
@@ -709,6 +716,66 @@ class ControlPlane:
             )
         return decision
 
+    def _caps(self, name: str, view: Any, sample: HostSample) -> int | None:
+        """The most this guest's balloon may hold now, from the guest's side (respect: its
+        own deflation, OOM kills, swapping, a MoM-style free-memory floor) and, when watching
+        cgroups, from the host's (what inflating gives back). None: no such limit."""
+        caps = [self._respect_cap(name, view, sample)]
+        if self.cgroups:
+            caps.append(self._host_return_pages(name, view))
+        known = [c for c in caps if c is not None]
+        return min(known) if known else None
+
+    def _respect_cap(self, name: str, view: Any, sample: HostSample) -> int | None:
+        """Respect the guest.
+
+        * Guest-initiated deflation (deflate-on-OOM: the balloon shrank while below its
+          target), a new guest OOM kill or swap-in in its stats: the guest needs its memory.
+          Its balloon is held at what it is (so the target falls to it) for GUEST_BACKOFF
+          seconds, and an event says why.
+        * A floor in MoM's style: leave the guest MIN_GUEST_FREE of its memory free, scaled
+          down as the host runs out (MoM's shrink rule: ``0.20 x host_free / 0.20``)."""
+        now = time.monotonic()
+        size = int(view.size_pages)
+        target = int(view.target_pages)
+        previous = self._last_size.get(name)
+        self._last_size[name] = size
+        stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
+        marks = (stats.get("stat-oom-kills", -1), stats.get("stat-swap-in", -1))
+        before = self._guest_marks.get(name)
+        self._guest_marks[name] = marks
+        why: list[str] = []
+        if previous is not None and size < previous and size < target:
+            why.append(f"deflated by itself to {size} pages below its target {target}")
+        if before is not None and marks[0] > before[0] >= 0:
+            why.append(f"OOM kills {before[0]} -> {marks[0]}")
+        if before is not None and marks[1] > before[1] >= 0:
+            why.append(f"swapped in {marks[1] - before[1]} pages")
+        if why:
+            self._backoff_until[name] = now + GUEST_BACKOFF
+            self.publish(
+                {"type": "guest-backoff", "name": name, "why": why, "seconds": GUEST_BACKOFF}
+            )
+        if now < self._backoff_until.get(name, 0.0):
+            return size
+        free = stats.get("stat-free-memory", -1)
+        ram = int(view.ram_pages) * PAGE_SIZE
+        if free < 0 or ram <= 0:
+            return None
+        host_free = sample.free_bytes / max(1, sample.total_bytes)
+        keep = MIN_GUEST_FREE * min(1.0, host_free / MOM_PRESSURE_THRESHOLD)
+        free_now = free - (size - self._balloon_at_stats(name, view)) * PAGE_SIZE
+        spare = free_now - keep * (ram - size * PAGE_SIZE)
+        return size + max(0, int(spare)) // PAGE_SIZE
+
+    def _balloon_at_stats(self, name: str, view: Any) -> int:
+        """The balloon's size (pages) when the guest's current stats were new to us."""
+        buffers = int((getattr(view, "counters", {}) or {}).get("stats buffers", 0))
+        mark = self._stats_mark.get(name)
+        if mark is None or mark[0] != buffers:
+            mark = self._stats_mark[name] = (buffers, int(view.size_pages) * PAGE_SIZE)
+        return mark[1] // PAGE_SIZE
+
     def _host_return_pages(self, name: str, view: Any) -> int | None:
         """Balloon pages plus the guest's free pages that are resident in its RAM file.
 
@@ -727,11 +794,7 @@ class ControlPlane:
         ram = int(view.ram_pages) * PAGE_SIZE
         if free < 0 or allocated is None or ram <= 0:
             return None
-        buffers = int((getattr(view, "counters", {}) or {}).get("stats buffers", 0))
-        mark = self._stats_mark.get(name)
-        if mark is None or mark[0] != buffers:
-            mark = self._stats_mark[name] = (buffers, balloon)
-        balloon_at_stats = mark[1]
+        balloon_at_stats = self._balloon_at_stats(name, view) * PAGE_SIZE
         trail = self._alloc_trail.setdefault(name, deque(maxlen=64))
         trail.append((now, int(allocated)))
         while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
