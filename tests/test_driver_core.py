@@ -237,9 +237,8 @@ async def test_deflate_4k_first_then_2m_and_hysteresis() -> None:
         t.model.set_target(PAGES_PER_2M)
         n = len(t.log)
         await driver.work()
-        unlocks = [
-            c for c in t.commands()[n:] if c in (Command.BATCHED_UNLOCK, Command.BATCHED_2M_UNLOCK)
-        ]
+        unlocks = [c for c in t.commands()[n:] if c in (Command.BATCHED_UNLOCK,
+                                                         Command.BATCHED_2M_UNLOCK)]
         assert unlocks == [Command.BATCHED_UNLOCK, Command.BATCHED_2M_UNLOCK]
         assert driver.count(PageSize.SIZE_4K) == 0
         assert driver.size == PAGES_PER_2M
@@ -325,8 +324,7 @@ async def test_start_zero_then_pop_on_exit() -> None:
 async def test_shrinker_deflates_with_unlock_and_blocks_inflation() -> None:
     clock = FakeClock()
     driver, t, memory = make(
-        target=2000,
-        config=DriverConfig(shrinker=True, capabilities=Capability(0x36)),
+        target=2000, config=DriverConfig(shrinker=True, capabilities=Capability(0x36)),
         clock=clock,
     )
     with trio.fail_after(5):
@@ -385,9 +383,8 @@ async def test_doorbell_wakes_the_worker_at_once() -> None:
 
 async def test_polling_without_doorbell() -> None:
     driver, t, _ = make(
-        config=DriverConfig(
-            poll_interval=0.05, capabilities=ALL_CAPABILITIES & ~Capability.SIGNALLED_WAKEUP_CMD
-        )
+        config=DriverConfig(poll_interval=0.05,
+                            capabilities=ALL_CAPABILITIES & ~Capability.SIGNALLED_WAKEUP_CMD)
     )
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -421,9 +418,8 @@ async def test_debugfs_text_layout() -> None:
     assert "alloc             (2M):                2" in lines
     assert lines[-1] == "free              (2M):                0"
     assert render_debugfs(driver.snapshot()) == text
-    fresh = BalloonDriver(
-        ModelTransport(BalloonModel(), BytearrayRam([(0, 4096 * 16)])), GuestMemory(16)
-    )
+    fresh = BalloonDriver(ModelTransport(BalloonModel(), BytearrayRam([(0, 4096 * 16)])),
+                          GuestMemory(16))
     assert fresh.render().splitlines()[1] == "used capabilities     :                0"
 
 
