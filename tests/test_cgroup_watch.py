@@ -389,3 +389,33 @@ async def test_a_guest_that_deflates_by_itself_is_backed_off_and_the_floor_holds
         guests[1].guest_stats = {"stat-free-memory": 4096, "stat-total-memory": vm_pages * 4096}
         d = control.step(now=4.0)
         assert d is not None and d.vms["vm1"].max_pages == guests[1].size
+
+
+def test_stat_shows_the_guests_own_memory_and_what_the_host_holds() -> None:
+    from rich.console import Console
+
+    from vdev.cli.operator import guest_memory_table
+
+    vm = {
+        "name": "vm1",
+        "connected": True,
+        "ram_allocated_bytes": 200 * MiB,
+        "guest_stats": {"stat-free-memory": 150 * MiB, "stat-available-memory": 160 * MiB,
+                        "stat-disk-caches": 5 * MiB, "stat-swap-in": 0, "stat-swap-out": -1,
+                        "stat-oom-kills": 2},
+    }  # fmt: skip
+    host = {"guests": {"vm1": {"stats_age_s": 0.4, "hold": "guest-backoff 55s"}}}
+    table = guest_memory_table([vm, {"name": "vm2", "connected": False}], host)
+    assert table is not None
+    console = Console(width=200, record=True)
+    console.print(table)
+    lines = console.export_text().splitlines()
+    assert lines[0].split() == [
+        "VM", "RESID", "GFREE", "GAVAIL", "GCACHE", "SWIN", "SWOUT", "GOOM", "AGE", "HOLD"
+    ]  # fmt: skip
+    assert lines[1].split() == [
+        "vm1", "200.00", "150.00", "160.00", "5.00", "0.00", "-", "2", "0.4", "guest-backoff",
+        "55s",
+    ]  # fmt: skip
+    assert len(lines) == 2  # vm2 is not connected
+    assert guest_memory_table([{"name": "v", "connected": True, "guest_stats": {}}], {}) is None

@@ -328,7 +328,54 @@ def stat_renderable(vms: list[dict[str, Any]], host: dict[str, Any]) -> Group:
             f"{rates['deflate_pages_per_s']:.0f}",
             str(v["failures"]),
         )
-    return Group(line, table)
+    guests = guest_memory_table(vms, host)
+    return Group(line, table, guests) if guests is not None else Group(line, table)
+
+
+def guest_memory_table(vms: list[dict[str, Any]], host: dict[str, Any]) -> Table | None:
+    """The guests' own memory (virtio-balloon stats) next to what each VM holds on the
+    host: RESID the RAM file's allocated MB (what vdev can really free), GFREE / GAVAIL /
+    GCACHE the guest's free, available and cache MB, SWIN / SWOUT MB swapped, GOOM the
+    guest's OOM kills, AGE seconds since its stats were new, HOLD what keeps its balloon
+    from growing. None when no connected guest has stats or a RAM file size."""
+    rows = [
+        v
+        for v in vms
+        if v.get("connected")
+        and (
+            v.get("ram_allocated_bytes")
+            or any(x >= 0 for x in (v.get("guest_stats") or {}).values())
+        )
+    ]
+    if not rows:
+        return None
+    info = host.get("guests") or {}
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
+    for column in ("VM", "RESID", "GFREE", "GAVAIL", "GCACHE", "SWIN", "SWOUT", "GOOM", "AGE",
+                   "HOLD"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("VM", "HOLD") else "right")
+
+    def stat_mb(stats: dict[str, Any], key: str) -> str:
+        value = stats.get(key, -1)
+        return "-" if value is None or value < 0 else mb(value)
+
+    for v in rows:
+        stats = v.get("guest_stats") or {}
+        oom = stats.get("stat-oom-kills", -1)
+        extra = info.get(v["name"]) or {}
+        table.add_row(
+            v["name"],
+            mb(v.get("ram_allocated_bytes")),
+            stat_mb(stats, "stat-free-memory"),
+            stat_mb(stats, "stat-available-memory"),
+            stat_mb(stats, "stat-disk-caches"),
+            stat_mb(stats, "stat-swap-in"),
+            stat_mb(stats, "stat-swap-out"),
+            "-" if oom is None or oom < 0 else str(oom),
+            _dash(extra.get("stats_age_s")),
+            _dash(extra.get("hold")),
+        )
+    return table
 
 
 # ------------------------------------------------------------------------------ commands

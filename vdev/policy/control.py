@@ -275,6 +275,7 @@ class ControlPlane:
         self._last_size: dict[str, int] = {}
         self._guest_marks: dict[str, tuple[int, int]] = {}
         self._backoff_until: dict[str, float] = {}
+        self._stats_seen: dict[str, float] = {}
         self.last_notice: dict[str, Any] | None = None
         if host_sampler is not None:
             self._sample = host_sampler
@@ -530,6 +531,7 @@ class ControlPlane:
                 "full_avg10": sample.psi_full_avg10 if sample else None,
             },
             "projected_growth_bytes": dict(self.projected_growth),
+            "guests": self.guests_info(),
             "pressure_pages": decision.pressure_pages if decision else 0,
             "unmet_pages": decision.unmet_pages if decision else 0,
             "capped_pages": decision.capped_pages if decision else 0,
@@ -774,7 +776,26 @@ class ControlPlane:
         mark = self._stats_mark.get(name)
         if mark is None or mark[0] != buffers:
             mark = self._stats_mark[name] = (buffers, int(view.size_pages) * PAGE_SIZE)
+            self._stats_seen[name] = time.monotonic()
         return mark[1] // PAGE_SIZE
+
+    def guests_info(self) -> dict[str, dict[str, Any]]:
+        """Per guest, for ``vdev stat``: how old its stats are (since the control plane
+        first saw them) and what holds its balloon (back-off, futile inflation)."""
+        now = time.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.registry.names():
+            hold = None
+            if now < self._backoff_until.get(name, 0.0):
+                hold = f"guest-backoff {self._backoff_until[name] - now:.0f}s"
+            elif now < self._futile_until.get(name, 0.0):
+                hold = f"futile {self._futile_until[name] - now:.0f}s"
+            seen = self._stats_seen.get(name)
+            out[name] = {
+                "stats_age_s": None if seen is None else round(now - seen, 1),
+                "hold": hold,
+            }
+        return out
 
     def _host_return_pages(self, name: str, view: Any) -> int | None:
         """Balloon pages plus the guest's free pages that are resident in its RAM file.
