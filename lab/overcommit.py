@@ -277,9 +277,7 @@ class Lab:
 
     def reclaimed(self) -> dict[str, int]:
         """Bytes vdev punched out of each guest's RAM file so far (per connection)."""
-        return {
-            vm.name: int(self.registry.view(vm.name).reclaimed_bytes_total) for vm in self.vms
-        }
+        return {vm.name: int(self.registry.view(vm.name).reclaimed_bytes_total) for vm in self.vms}
 
     async def guest_oom_kills(self) -> int:
         total = 0
@@ -482,3 +480,104 @@ async def run_suite(
         json.dumps([{**r.row(), "timeline": r.timeline} for r in results], indent=1)
     )
     return results
+
+
+# --------------------------------------------------------------------------- chart and CLI
+
+
+def plot_results(results: Sequence[RunResult], path: Path) -> Path:
+    """One panel per (scenario, policy): the cgroup's usage against its limit, each VM's
+    host-resident memory (its RAM file) and balloon, and every target the policy set
+    (markers where a target changed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = sorted({r.scenario for r in results})
+    policies = [p for p in POLICIES if any(r.policy == p for r in results)]
+    fig, axes = plt.subplots(
+        len(scenarios), len(policies), figsize=(5.2 * len(policies), 3.4 * len(scenarios)),
+        squeeze=False, sharey=True,
+    )  # fmt: skip
+    colours = {"vm0": "tab:red", "vm1": "tab:blue", "vm2": "tab:green"}
+    for r in results:
+        ax = axes[scenarios.index(r.scenario)][policies.index(r.policy)]
+        t = [p["t"] for p in r.timeline]
+        ax.plot(
+            t, [p["usage"] / MIB for p in r.timeline], color="black", lw=2, label="cgroup usage"
+        )
+        ax.axhline(r.limit_bytes / MIB, color="black", ls="--", lw=1, label="limit")
+        for name, colour in colours.items():
+            res = [p[name]["resident"] / MIB for p in r.timeline]
+            bal = [p[name]["balloon"] / MIB for p in r.timeline]
+            tgt = [p[name]["target"] / MIB for p in r.timeline]
+            ax.plot(t, res, color=colour, lw=1.2, label=f"{name} resident")
+            ax.plot(t, bal, color=colour, lw=1, ls=":", label=f"{name} balloon")
+            changes = [i for i in range(1, len(tgt)) if tgt[i] != tgt[i - 1]]
+            ax.plot([t[i] for i in changes], [tgt[i] for i in changes], ls="none",
+                    marker="|", color=colour, ms=6)  # fmt: skip
+        kills = r.cgroup_oom_kills + r.guest_oom_kills
+        ax.set_title(
+            f"({r.scenario}) {SCENARIO_TITLES[r.scenario]}\n{r.policy}: "
+            + (f"{kills} OOM kill(s), {','.join(r.killed)}" if kills else "no OOM kill"),
+            fontsize=9, color="red" if kills else "black",
+        )  # fmt: skip
+        ax.set_xlabel("s")
+        ax.set_ylabel("MiB")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+    import tempfile
+
+    from lab import linux_image
+    from lab import qemu as qemu_mod
+
+    ap = argparse.ArgumentParser(
+        prog="scripts/overcommit",
+        description="Overcommit scenarios with real Linux guests in a memory cgroup: no"
+        " policy, MoM's and ours, side by side (needs root and a cgroup v1 memory cgroup).",
+    )
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. b,c")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="e.g. ours,none")
+    ap.add_argument("--out", type=Path, default=None, help="directory for the JSON and chart")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("vdev", "lab.linux_guest", "lab.linux_image"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    policies = [p for p in args.policies.split(",") if p]
+    bad = [s for s in scenarios if s not in SCENARIOS] + [p for p in policies if p not in POLICIES]
+    if bad:
+        ap.error(f"unknown scenario or policy: {', '.join(bad)}")
+    q = qemu_mod.best_qemu(need_test_device=True)
+    if q is None:
+        print("overcommit: no QEMU >= 10.2 with the generic vhost-user device (scripts/setup)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    image = linux_image.build()
+    out = args.out or Path(tempfile.mkdtemp(prefix="overcommit-"))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = trio.run(run_suite, q, image, out, scenarios, policies)
+    except ScenarioError as e:
+        print(f"overcommit: {e}", file=sys.stderr)
+        return 1
+    table = format_table(results)
+    (out / "overcommit.txt").write_text(table + "\n")
+    chart = plot_results(results, out / "overcommit.png")
+    print(table)
+    print(f"results: {out / 'overcommit.json'}\nchart:   {chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,6 +24,7 @@ from lab.overcommit import (
     SCENARIOS,
     ScenarioError,
     format_table,
+    plot_results,
     run_suite,
 )
 from vdev.policy.cgroup import own_memory_cgroup
@@ -50,6 +51,7 @@ async def test_overcommit_scenarios(linux_env: tuple[Any, Any], tmp_path: Path) 
     table = format_table(results)
     print("\n" + table)
     (tmp_path / "overcommit.txt").write_text(table + "\n")
+    assert plot_results(results, tmp_path / "overcommit.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "overcommit.json").read_text())  # recorded
     by = {(r.scenario, r.policy): r for r in results}
     for scenario in SCENARIOS:
