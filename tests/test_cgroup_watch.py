@@ -334,6 +334,17 @@ async def test_control_plane_watches_a_v1_cgroup_and_wakes_on_its_events(
             assert info["cgroups"][0]["limit_bytes"] == 64 * MiB
             assert info["total_bytes"] == 64 * MiB
             assert any("threshold" in a for a in info["notifications"]["armed"])
+            from vdev.metrics import render_metrics
+
+            text = render_metrics(control).decode()
+            for line in (
+                f'vballoon_cgroup_limit_bytes{{cgroup="{v1_child}"}} 6.7108864e+07',
+                f'vballoon_cgroup_events_total{{cgroup="{v1_child}",event="oom_kill"}} 0.0',
+                f'vballoon_cgroup_under_oom{{cgroup="{v1_child}"}} 0.0',
+                'vballoon_vm_reclaim_failures_total{vm="vm0"} 0.0',
+                "vballoon_backstop_engaged 0.0",
+            ):
+                assert line in text, text
             steps = control.steps
             proc = await trio.lowlevel.open_process(_hog(v1_child, 55, hold=1.0))
             # a 60 s period: only a notification can step the policy meanwhile
@@ -404,18 +415,51 @@ def test_stat_shows_the_guests_own_memory_and_what_the_host_holds() -> None:
                         "stat-disk-caches": 5 * MiB, "stat-swap-in": 0, "stat-swap-out": -1,
                         "stat-oom-kills": 2},
     }  # fmt: skip
-    host = {"guests": {"vm1": {"stats_age_s": 0.4, "hold": "guest-backoff 55s"}}}
+    host = {
+        "guests": {"vm1": {"stats_age_s": 0.4, "hold": "guest-backoff 55s", "reclaim_failures": 3}}
+    }
     table = guest_memory_table([vm, {"name": "vm2", "connected": False}], host)
     assert table is not None
     console = Console(width=200, record=True)
     console.print(table)
     lines = console.export_text().splitlines()
     assert lines[0].split() == [
-        "VM", "RESID", "GFREE", "GAVAIL", "GCACHE", "SWIN", "SWOUT", "GOOM", "AGE", "HOLD"
+        "VM", "RESID", "GFREE", "GAVAIL", "GCACHE", "SWIN", "SWOUT", "GOOM", "AGE", "PFAIL",
+        "HOLD",
     ]  # fmt: skip
     assert lines[1].split() == [
-        "vm1", "200.00", "150.00", "160.00", "5.00", "0.00", "-", "2", "0.4", "guest-backoff",
-        "55s",
+        "vm1", "200.00", "150.00", "160.00", "5.00", "0.00", "-", "2", "0.4", "3",
+        "guest-backoff", "55s",
     ]  # fmt: skip
     assert len(lines) == 2  # vm2 is not connected
     assert guest_memory_table([{"name": "v", "connected": True, "guest_stats": {}}], {}) is None
+
+
+def test_a_failed_punch_is_counted() -> None:
+    import fcntl
+
+    import numpy as np
+
+    from vdev.memory import GuestMemory, RegionSpec
+
+    fd = os.memfd_create("sealed-ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4 * MiB)
+    mem = GuestMemory("t")
+    try:
+        mem.set_table([RegionSpec(0, 4 * MiB, 0x7F00_0000_0000, 0)], [os.dup(fd)])
+        mem.write(0, b"x" * (2 * MiB))
+        # F_SEAL_FUTURE_WRITE: the kernel refuses to punch holes in this file from now on
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0x0010)
+        with pytest.raises(HostResourceError):
+            mem.reclaim(np.array([0], dtype=np.uint64), np.array([256], dtype=np.uint64))
+        assert mem.reclaim_failures == 1
+        with pytest.raises(HostResourceError):
+            trio.run(
+                mem.reclaim_async,
+                np.array([0], dtype=np.uint64),
+                np.array([256], dtype=np.uint64),
+            )
+        assert mem.reclaim_failures == 2 and mem.reclaimed_bytes_total == 0
+    finally:
+        mem.close()
+        os.close(fd)

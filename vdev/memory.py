@@ -164,6 +164,9 @@ class GuestMemory:
         self._released: list[Region | int] = []  # for the owner to close (take_released)
         self.generation = 0  # bumps on every table change
         self.reclaimed_bytes_total = 0
+        #: reclaims whose punch failed (the guest was told the pages were taken, but the
+        #: host got nothing back): counted, shown in vdev stat and metrics
+        self.reclaim_failures = 0
         self._index()
 
     # -- table management ----------------------------------------------------------------
@@ -472,7 +475,11 @@ class GuestMemory:
 
     def reclaim(self, pfn_starts: npt.ArrayLike, pfn_counts: npt.ArrayLike) -> int:
         """Punch the pages out of the RAM files now; returns the bytes punched."""
-        done = self._punch(self._plan(pfn_starts, pfn_counts))
+        try:
+            done = self._punch(self._plan(pfn_starts, pfn_counts))
+        except HostResourceError:
+            self.reclaim_failures += 1
+            raise
         self.reclaimed_bytes_total += done
         return done
 
@@ -482,6 +489,17 @@ class GuestMemory:
         starts = np.asarray(pfn_starts, dtype=np.uint64).ravel()
         counts = np.asarray(pfn_counts, dtype=np.uint64).ravel()
         upper = int(np.minimum(counts, np.uint64(1 << 40)).sum()) << PAGE_SHIFT
+        try:
+            done = await self._reclaim_planned(starts, counts, upper)
+        except HostResourceError:
+            self.reclaim_failures += 1
+            raise
+        self.reclaimed_bytes_total += done
+        return done
+
+    async def _reclaim_planned(
+        self, starts: npt.NDArray[np.uint64], counts: npt.NDArray[np.uint64], upper: int
+    ) -> int:
         if starts.size <= THREAD_RECLAIM_PIECES and upper < THREAD_RECLAIM_BYTES:
             done = self._punch(self._plan(starts, counts))
         else:
@@ -498,7 +516,6 @@ class GuestMemory:
                     if r.retired and not r.busy:
                         self._retired.remove(r)
                         self._released.append(r)  # the owner closes it (take_released)
-        self.reclaimed_bytes_total += done
         return done
 
     def allocated_bytes(self) -> int:

@@ -63,6 +63,7 @@ class GuestView:
     guest_stats: Mapping[str, int] = field(default_factory=dict)
     ram_allocated_bytes: int = 0
     reclaimed_bytes_total: int = 0
+    reclaim_failures: int = 0  # punches that failed (the host got nothing back)
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ class GuestRegistry:
             guest_stats=dict(st.guest_stats),
             ram_allocated_bytes=dev.ram_allocated_bytes(),
             reclaimed_bytes_total=dev.reclaimed_bytes_total(),
+            reclaim_failures=int(getattr(dev, "reclaim_failures", lambda: 0)()),
         )
 
     def set_target(self, name: str, pages: int) -> None:

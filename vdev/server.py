@@ -180,6 +180,9 @@ class Connection:
     def reclaimed_bytes_total(self) -> int:
         return self.memory.reclaimed_bytes_total
 
+    def reclaim_failures(self) -> int:
+        return self.memory.reclaim_failures
+
     def request_target(self, pages: int) -> None:
         """A new target: applied at once when the connection is idle (the doorbell rings
         before the caller, e.g. the API handler, goes on), else queued in order."""

@@ -336,7 +336,8 @@ def guest_memory_table(vms: list[dict[str, Any]], host: dict[str, Any]) -> Table
     """The guests' own memory (virtio-balloon stats) next to what each VM holds on the
     host: RESID the RAM file's allocated MB (what vdev can really free), GFREE / GAVAIL /
     GCACHE the guest's free, available and cache MB, SWIN / SWOUT MB swapped, GOOM the
-    guest's OOM kills, AGE seconds since its stats were new, HOLD what keeps its balloon
+    guest's OOM kills, AGE seconds since its stats were new, PFAIL punches that failed (the
+    guest gave pages the host did not get back), HOLD what keeps its balloon
     from growing. None when no connected guest has stats or a RAM file size."""
     rows = [
         v
@@ -352,7 +353,7 @@ def guest_memory_table(vms: list[dict[str, Any]], host: dict[str, Any]) -> Table
     info = host.get("guests") or {}
     table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
     for column in ("VM", "RESID", "GFREE", "GAVAIL", "GCACHE", "SWIN", "SWOUT", "GOOM", "AGE",
-                   "HOLD"):  # fmt: skip
+                   "PFAIL", "HOLD"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("VM", "HOLD") else "right")
 
     def stat_mb(stats: dict[str, Any], key: str) -> str:
@@ -373,6 +374,7 @@ def guest_memory_table(vms: list[dict[str, Any]], host: dict[str, Any]) -> Table
             stat_mb(stats, "stat-swap-out"),
             "-" if oom is None or oom < 0 else str(oom),
             _dash(extra.get("stats_age_s")),
+            _dash(extra.get("reclaim_failures")),
             _dash(extra.get("hold")),
         )
     return table

@@ -791,9 +791,14 @@ class ControlPlane:
             elif now < self._futile_until.get(name, 0.0):
                 hold = f"futile {self._futile_until[name] - now:.0f}s"
             seen = self._stats_seen.get(name)
+            try:
+                failed = int(getattr(self.registry.view(name), "reclaim_failures", 0) or 0)
+            except KeyError:
+                failed = 0
             out[name] = {
                 "stats_age_s": None if seen is None else round(now - seen, 1),
                 "hold": hold,
+                "reclaim_failures": failed,
             }
         return out
 
