@@ -463,3 +463,43 @@ def test_a_failed_punch_is_counted() -> None:
     finally:
         mem.close()
         os.close(fd)
+
+
+def test_private_guest_ram_is_detected() -> None:
+    import mmap
+    import socket
+
+    from vdev.memory import RegionSpec
+    from vdev.ramcheck import check_peer_regions, parse_maps, peer_pid, private_regions
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert peer_pid(a) == os.getpid()
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 4 * MiB)
+    shared = mmap.mmap(fd, 2 * MiB, flags=mmap.MAP_SHARED)
+    private = mmap.mmap(fd, 2 * MiB, flags=mmap.MAP_PRIVATE, offset=2 * MiB)
+    try:
+        import ctypes
+
+        def addr(m: mmap.mmap) -> int:
+            return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+        regions = [
+            RegionSpec(0, 2 * MiB, addr(shared), 0),
+            RegionSpec(2 * MiB, 2 * MiB, addr(private), 2 * MiB),
+        ]
+        problems = check_peer_regions(os.getpid(), regions)
+        assert len(problems) == 1 and "guest 0x200000+2 MiB is mapped private" in problems[0]
+        assert check_peer_regions(None, regions) == []
+    finally:
+        shared.close()
+        private.close()
+        os.close(fd)
+    maps = parse_maps(
+        "7f0000000000-7f0000200000 rw-s 00000000 00:01 5 /memfd:mem (deleted)\n"
+        "7f0000200000-7f0000400000 rw-p 00000000 00:01 6 /memfd:mem (deleted)\nbad line\n"
+    )
+    assert [m.shared for m in maps] == [True, False]
+    region = RegionSpec(0, 2 * MiB, 0x7F0000200000, 0)
+    assert "/memfd:mem (deleted)" in private_regions(maps, [region])[0]

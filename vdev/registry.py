@@ -64,6 +64,7 @@ class GuestView:
     ram_allocated_bytes: int = 0
     reclaimed_bytes_total: int = 0
     reclaim_failures: int = 0  # punches that failed (the host got nothing back)
+    unreclaimable: tuple[str, ...] = ()  # RAM the front-end maps private (share=off)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class GuestRegistry:
             ram_allocated_bytes=dev.ram_allocated_bytes(),
             reclaimed_bytes_total=dev.reclaimed_bytes_total(),
             reclaim_failures=int(getattr(dev, "reclaim_failures", lambda: 0)()),
+            unreclaimable=tuple(getattr(dev, "unreclaimable", lambda: [])()),
         )
 
     def set_target(self, name: str, pages: int) -> None:

@@ -58,6 +58,7 @@ from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
 from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
+from vdev.ramcheck import check_peer_regions, peer_pid
 from vdev.registry import GuestRegistry
 from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, close_fds
 from vdev.virtq import RingBroken, VirtQueue
@@ -182,6 +183,10 @@ class Connection:
 
     def reclaim_failures(self) -> int:
         return self.memory.reclaim_failures
+
+    def unreclaimable(self) -> list[str]:
+        """Regions the front-end maps privately (share=off): punching them frees nothing."""
+        return list(getattr(self, "ram_problems", []))
 
     def request_target(self, pages: int) -> None:
         """A new target: applied at once when the connection is idle (the doorbell rings
@@ -386,6 +391,9 @@ class Connection:
             len(specs),
             self.memory.total_pages,
         )
+        self.ram_problems = check_peer_regions(peer_pid(self.sock), specs)  # type: ignore[arg-type]
+        for problem in self.ram_problems:
+            log.warning("%s: %s", self.name, problem)
 
     async def _on_add_mem_reg(self, msg: Message) -> None:
         r = msg.body.region

@@ -722,6 +722,8 @@ class ControlPlane:
         """The most this guest's balloon may hold now, from the guest's side (respect: its
         own deflation, OOM kills, swapping, a MoM-style free-memory floor) and, when watching
         cgroups, from the host's (what inflating gives back). None: no such limit."""
+        if getattr(view, "unreclaimable", ()):  # share=off: inflating frees nothing
+            return int(view.size_pages)
         caps = [self._respect_cap(name, view, sample)]
         if self.cgroups:
             caps.append(self._host_return_pages(name, view))
@@ -792,13 +794,18 @@ class ControlPlane:
                 hold = f"futile {self._futile_until[name] - now:.0f}s"
             seen = self._stats_seen.get(name)
             try:
-                failed = int(getattr(self.registry.view(name), "reclaim_failures", 0) or 0)
+                view = self.registry.view(name)
             except KeyError:
-                failed = 0
+                continue
+            failed = int(getattr(view, "reclaim_failures", 0) or 0)
+            private = list(getattr(view, "unreclaimable", ()) or ())
+            if private:
+                hold = "RAM not reclaimable (share=off?)"
             out[name] = {
                 "stats_age_s": None if seen is None else round(now - seen, 1),
                 "hold": hold,
                 "reclaim_failures": failed,
+                "unreclaimable": private,
             }
         return out
 
