@@ -667,8 +667,9 @@ class ControlPlane:
                 active_fraction=self._active_fraction(cfg.active_fraction, view),
                 balloon_pages=min(max(0, int(view.size_pages)), spec.size_pages),
                 manual_target_pages=self.manual.get(name),
+                # the operator's manual target is not second-guessed by the guest floor
                 host_return_pages=self._caps(name, view, sample)
-                if self.config.policy == "esxi"
+                if self.config.policy == "esxi" and name not in self.manual
                 else None,
                 guest_free_pages=self._guest_free_pages(view),
             )
