@@ -503,3 +503,18 @@ def test_private_guest_ram_is_detected() -> None:
     assert [m.shared for m in maps] == [True, False]
     region = RegionSpec(0, 2 * MiB, 0x7F0000200000, 0)
     assert "/memfd:mem (deleted)" in private_regions(maps, [region])[0]
+
+
+def test_v2_backstop_sets_memory_high_below_max_and_restores_it(tmp_path: Path) -> None:
+    d = _v2_dir(tmp_path)
+    src = resolve_cgroup(str(d))
+    backstop = Backstop([src])
+    backstop.engage()
+    assert int((d / "memory.high").read_text()) == 1024 * MiB - 1024 * MiB * 5 // 100
+    assert backstop.actions[0][0] == "engaged" and "never killed" in backstop.actions[0][2]
+    backstop.release()
+    assert (d / "memory.high").read_text() == "max"
+    (d / "memory.max").write_text("max\n")
+    skipped = Backstop([src])
+    skipped.engage()
+    assert skipped.actions[0][0] == "skipped" and not skipped.held
