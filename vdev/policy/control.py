@@ -88,8 +88,6 @@ GUEST_BACKOFF = 60.0
 #: MoM's min_guest_free_percent and pressure_threshold, for the guest floor.
 MIN_GUEST_FREE = 0.20
 MOM_PRESSURE_THRESHOLD = 0.20
-#: /Mem/MinFreePct when watching cgroups and the setting is left at 0 (sliding scale).
-CGROUP_MIN_FREE_PCT = 20
 
 
 class GuestViewLike(Protocol):
