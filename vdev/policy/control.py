@@ -83,6 +83,9 @@ FUTILE_BACKOFF = 30.0
 RESIDENT_SLACK = 8 << 20
 #: While a watched cgroup grows (projected growth > 0) the policy steps this often (s).
 FAST_PERIOD = 0.05
+#: Watching cgroups, pressure balloons are not deflated until the cgroup has been calm
+#: (no ballooning state, no growth) this long (s).
+DEFLATE_HOLD = 10.0
 #: A guest that deflated by itself, OOM-killed or swapped is not inflated for this long (s).
 GUEST_BACKOFF = 60.0
 #: MoM's min_guest_free_percent and pressure_threshold, for the guest floor.
@@ -274,6 +277,7 @@ class ControlPlane:
         self._guest_marks: dict[str, tuple[int, int]] = {}
         self._backoff_until: dict[str, float] = {}
         self._stats_seen: dict[str, float] = {}
+        self._last_pressure = -math.inf
         self.last_notice: dict[str, Any] | None = None
         if host_sampler is not None:
             self._sample = host_sampler
@@ -692,6 +696,10 @@ class ControlPlane:
             )
         wall = self._wall()
         self._last_step_wall = wall
+        mono = time.monotonic()
+        if decision.state.balloons or any(self.projected_growth.values()):
+            self._last_pressure = mono
+        hold_deflation = bool(self.cgroups) and mono - self._last_pressure < DEFLATE_HOLD
         for name, d in decision.vms.items():
             target, reason = d.target_pages, d.reason
             manual = self.manual.get(name)
@@ -700,6 +708,13 @@ class ControlPlane:
                 # then the reason (d.reason may name the rate limit manual targets skip).
                 target = min(manual, d.max_pages)
                 reason = "manual" if manual <= d.max_pages else d.desired_reason
+            elif hold_deflation:
+                # A cgroup under pressure a moment ago: deflating now would hand the guests
+                # pages that are no longer resident, and the next burst would have to be met
+                # by inflating over them (for nothing). Hold pressure balloons a while.
+                last = self._track(name).last_target
+                if last is not None and target < last <= d.max_pages:
+                    target, reason = last, "deflate-hold"
             self._apply(name, target, reason)
         for name, view in views.items():
             d2 = decision.vms.get(name)
