@@ -3,6 +3,7 @@
     scripts/harness --socket PATH [--device vmw|virtio-balloon] [--junit FILE] [-k PATTERN]
                     [--target-hook 'vdev set-target {vm} {pages}p']
     scripts/harness --spawn-vdev [--device ...]     # start vdev serve itself, per case target
+    scripts/harness --spawn 'CMD {socket} {bytes}' [--target-hook ...]   # any back-end
     scripts/harness --list [--device ...]
 
 Exit status: 0 when no case failed, 1 when one did, 2 on usage errors.
@@ -10,72 +11,101 @@ Exit status: 0 when no case failed, 1 when one did, 2 on usage errors.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from pathlib import Path
 
+import click
 import trio
 
+from conformance.backend import BackendSpawner
 from conformance.cases import select
-from conformance.runner import VdevSpawner, render_table, run_all, write_junit
+from conformance.runner import Result, render_table, run_all, write_junit
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
-    p.add_argument("--socket", help="the back-end's vhost-user socket (it listens)")
-    p.add_argument("--device", choices=["vmw", "virtio-balloon"], default="vmw")
-    p.add_argument("--junit", type=Path, help="write JUnit XML here")
-    p.add_argument("--list", action="store_true", help="list the cases and exit")
-    p.add_argument("-k", dest="pattern", help="only cases matching (glob or substring, a,b,c)")
-    p.add_argument(
-        "--target-hook",
-        help="shell command that sets the target: {vm} {pages} {bytes} {socket} substituted",
-    )
-    p.add_argument("--vm", default="vm0", help="guest name passed to --target-hook")
-    p.add_argument("--spawn-vdev", action="store_true", help="start vdev serve per case target")
-    p.add_argument("--vdev", help="command that runs vdev (default: this python -m vdev)")
-    return p
+@click.command(
+    name="harness",
+    help=(__doc__ or "").splitlines()[0],
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option("--socket", help="the back-end's vhost-user socket (it listens)")
+@click.option(
+    "--device", type=click.Choice(["vmw", "virtio-balloon"]), default="vmw", show_default=True
+)
+@click.option("--junit", type=click.Path(path_type=Path), help="write JUnit XML here")
+@click.option("--list", "list_", is_flag=True, help="list the cases and exit")
+@click.option("-k", "pattern", help="only cases matching (glob or substring, a,b,c)")
+@click.option(
+    "--target-hook",
+    help="shell command that sets the target: {vm} {pages} {bytes} {socket} substituted",
+)
+@click.option("--vm", default="vm0", show_default=True, help="guest name passed to --target-hook")
+@click.option("--spawn-vdev", is_flag=True, help="start vdev serve per case target")
+@click.option("--vdev", help="command that runs vdev (default: this python -m vdev)")
+@click.option(
+    "--spawn",
+    "spawn_cmd",
+    metavar="CMD",
+    help="start this back-end per case target: {socket} {device} {pages} {bytes} substituted; "
+    "it must listen on {socket}",
+)
+def cli(
+    socket: str | None,
+    device: str,
+    junit: Path | None,
+    list_: bool,
+    pattern: str | None,
+    target_hook: str | None,
+    vm: str,
+    spawn_vdev: bool,
+    vdev: str | None,
+    spawn_cmd: str | None,
+) -> int:
+    cases = select(device, pattern)
+    if list_:
+        for c in cases:
+            click.echo(f"{c.name:40} {c.spec}\n{'':40} {c.checks}")
+        click.echo(f"{len(cases)} cases for {device}")
+        return 0
+    if not (socket or spawn_vdev or spawn_cmd):
+        click.echo("harness: give --socket PATH or --spawn-vdev (or --spawn CMD)", err=True)
+        return 2
+    if not cases:
+        click.echo("harness: no case matches", err=True)
+        return 2
+
+    async def go() -> list[Result]:
+        if spawn_vdev or spawn_cmd:
+            spawner = BackendSpawner(
+                device, shlex.split(vdev) if vdev else None, command=spawn_cmd,
+                target_hook=target_hook,
+            )  # fmt: skip
+            async with spawner.running():
+                return await run_all(
+                    cases, device=device, spawner=spawner, target_hook=spawner.target_hook, vm=vm
+                )
+        return await run_all(cases, device=device, socket=socket, target_hook=target_hook, vm=vm)
+
+    results = trio.run(go)
+    where = socket or ("spawned vdev" if spawn_vdev else "spawned back-end")
+    render_table(results, f"vhost-user balloon conformance: {device} at {where}")
+    if junit:
+        write_junit(results, junit, f"harness.{device}")
+    return 1 if any(r.failed for r in results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    cases = select(args.device, args.pattern)
-    if args.list:
-        for c in cases:
-            print(f"{c.name:40} {c.spec}\n{'':40} {c.checks}")
-        print(f"{len(cases)} cases for {args.device}")
-        return 0
-    if not args.socket and not args.spawn_vdev:
-        print("harness: give --socket PATH or --spawn-vdev", file=sys.stderr)
-        return 2
-    if not cases:
-        print("harness: no case matches", file=sys.stderr)
-        return 2
-
-    async def go() -> list[object]:
-        if args.spawn_vdev:
-            spawner = VdevSpawner(args.device, shlex.split(args.vdev) if args.vdev else None)
-            async with spawner.running():
-                return list(
-                    await run_all(
-                        cases, device=args.device, spawner=spawner,
-                        target_hook=args.target_hook or spawner.target_hook, vm=args.vm,
-                    )
-                )  # fmt: skip
-        return list(
-            await run_all(
-                cases, device=args.device, socket=args.socket,
-                target_hook=args.target_hook, vm=args.vm,
-            )
-        )  # fmt: skip
-
-    results = trio.run(go)
-    title = f"vhost-user balloon conformance: {args.device} at {args.socket or 'spawned vdev'}"
-    render_table(results, title)  # type: ignore[arg-type]
-    if args.junit:
-        write_junit(results, args.junit, f"harness.{args.device}")  # type: ignore[arg-type]
-    return 1 if any(r.failed for r in results) else 0  # type: ignore[attr-defined]
+    """Run the harness; its exit status (2 on usage errors, as click reports them)."""
+    try:
+        return int(cli.main(args=argv, prog_name="harness", standalone_mode=False) or 0)
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:  # --help
+        return int(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ from conformance.rawfrontend import (
     INDIRECT,
     PAGE,
     QVA_BASE,
-    Closed,
     Frontend,
-    Ram,
     VmwGuest,
+    flat_ram,
     slot_gpa,
     status_of,
     table_payload,
+    touch,
     vring_addr,
     vring_state,
 )
@@ -41,6 +41,7 @@ from protocol import vhost_user as vu
 from protocol import virtio_balloon as vb
 from protocol import virtqueue as vq
 from protocol import vmw
+from protocol.errors import BackendHungUp
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
@@ -295,7 +296,7 @@ async def vu_get_vring_base(ctx: Context) -> None:
 async def vu_mem_table_replaced(ctx: Context) -> None:
     g = await ctx.vmw(start=True)
     fe = g.fe
-    region = fe.ram.region()
+    region = fe.ram.vhost_regions()[0]
     region["userspace_addr"] += 0x1000_0000  # the front-end remapped its RAM elsewhere
     dup = os.dup(fe.ram.fd)
     try:
@@ -324,11 +325,11 @@ async def vu_add_rem(ctx: Context) -> None:
         raise Skipped("CONFIGURE_MEM_SLOTS not offered")
     slots = await fe.get_u64(R.GET_MAX_MEM_SLOTS)
     expect(slots >= 2, f"GET_MAX_MEM_SLOTS {slots}")
-    extra = Ram(4 << 20, gpa=1 << 32, name="harness-extra")
-    fe.mem.regions.append(extra)
-    payload = vu.build_payload(vu.SINGLE_REGION, {"padding": 0, "region": extra.region()}, "r")
+    extra = flat_ram(4 << 20, gpa=1 << 32, name="harness-extra")
+    fe.mem.rams.append(extra)
+    payload = vu.build_payload(vu.SINGLE_REGION, {"padding": 0, "region": extra.vhost_regions()[0]}, "r")
     expect_eq(await fe.ack(R.ADD_MEM_REG, payload, [extra.fd]), 0, "ADD_MEM_REG ack")
-    pfn = extra.gpa // PAGE + 3
+    pfn = extra.regions[0].gpa // PAGE + 3
     expect_status(await g.command(C.LOCK, pfn), S.SUCCESS, "LOCK in the added region")
     expect_status(await g.command(C.UNLOCK, pfn), S.SUCCESS, "UNLOCK in the added region")
     expect_eq(await fe.ack(R.REM_MEM_REG, payload), 0, "REM_MEM_REG ack")
@@ -396,7 +397,7 @@ async def vu_bad_header(ctx: Context) -> None:
         with trio.move_on_after(0.5):
             try:
                 reply = await fe.chan.recv()
-            except Closed:
+            except BackendHungUp:
                 reply = None
             expect(reply is None, f"GET_FEATURES with flags {flags:#x} was answered")
         await _expect_rejected(ctx, fe, f"a header with flags {flags:#x}")
@@ -437,9 +438,9 @@ async def vu_fds(ctx: Context) -> None:
     await fe.negotiate()
     ok = True
     try:
-        ack = await fe.ack(R.SET_MEM_TABLE, table_payload([fe.ram.region()]), [])
+        ack = await fe.ack(R.SET_MEM_TABLE, table_payload([fe.ram.vhost_regions()[0]]), [])
         ok = ack == 0
-    except Closed:
+    except BackendHungUp:
         ok = False
     expect(not ok, "SET_MEM_TABLE without its fd was acked 0")
     await ctx.still_serving("SET_MEM_TABLE without fds")
@@ -459,22 +460,22 @@ async def vu_fds(ctx: Context) -> None:
     "refused or harmless; the device survives",
 )
 async def vu_mem_lies(ctx: Context) -> None:
-    ram = Ram(1 << 20, name="harness-lie")
+    ram = flat_ram(1 << 20, name="harness-lie")
     try:
         tables = [
             [  # two regions covering the same guest-physical range
-                ram.region(),
-                {**ram.region(), "userspace_addr": ram.qva + (1 << 30)},
+                ram.vhost_regions()[0],
+                {**ram.vhost_regions()[0], "userspace_addr": ram.regions[0].uva + (1 << 30)},
             ],
-            [{**ram.region(), "guest_phys_addr": (1 << 64) - PAGE, "memory_size": 2 * PAGE}],
-            [{**ram.region(), "memory_size": 1 << 40}],  # far larger than the memfd
-            [{**ram.region(), "memory_size": 0}],
-            [{**ram.region(), "mmap_offset": (1 << 64) - PAGE}],
+            [{**ram.vhost_regions()[0], "guest_phys_addr": (1 << 64) - PAGE, "memory_size": 2 * PAGE}],
+            [{**ram.vhost_regions()[0], "memory_size": 1 << 40}],  # far larger than the memfd
+            [{**ram.vhost_regions()[0], "memory_size": 0}],
+            [{**ram.vhost_regions()[0], "mmap_offset": (1 << 64) - PAGE}],
         ]
         for regions in tables:
             fe = await ctx.frontend()
             await fe.negotiate()
-            with contextlib.suppress(Closed):
+            with contextlib.suppress(BackendHungUp):
                 await fe.ack(R.SET_MEM_TABLE, table_payload(regions), [ram.fd] * len(regions))
             await ctx.still_serving(f"SET_MEM_TABLE {regions}")
     finally:
@@ -508,7 +509,7 @@ async def vu_vring_bogus(ctx: Context) -> None:
                 await trio.sleep(0.1)
             finally:
                 os.close(kick)
-        except Closed:
+        except BackendHungUp:
             pass
         await ctx.still_serving(f"SET_VRING_ADDR desc={desc:#x}")
 
@@ -782,8 +783,8 @@ async def vmw_clamp(ctx: Context) -> None:
     big = (1 << 32) + 5
     await ctx.need_target(big)
     fe = await ctx.frontend()
-    huge = Ram((1 << 44) + (1 << 33), gpa=1 << 45, name="harness-huge")  # sparse
-    fe.mem.regions.append(huge)
+    huge = flat_ram((1 << 44) + (1 << 33), gpa=1 << 45, name="harness-huge")  # sparse
+    fe.mem.rams.append(huge)
     await fe.start([0, 1])
     g = VmwGuest(fe)
     await g.start(ALL_CAPS & ~vmw.Capability.BIT64_TARGET)
@@ -900,7 +901,7 @@ async def vmw_pinned(ctx: Context) -> None:
 async def vmw_reclaim(ctx: Context) -> None:
     g = await _handshake_vmw(ctx, T)
     n = 1024
-    g.fe.ram.touch(_pfn(), n)
+    touch(g.fe.ram, _pfn(), n)
     before = g.fe.ram.allocated_bytes()
     for k in range(0, n, 512):
         resp, after = await g.batch(C.BATCHED_LOCK, [_pfn(k + i) for i in range(512)])
@@ -921,10 +922,10 @@ async def vmw_reclaim(ctx: Context) -> None:
 async def vmw_zeros(ctx: Context) -> None:
     g = await _handshake_vmw(ctx, T)
     pfn = _pfn(9)
-    g.fe.ram.touch(pfn, 1, 0x5A)
+    touch(g.fe.ram, pfn, 1, 0x5A)
     expect_status(await g.command(C.LOCK, pfn), S.SUCCESS, "LOCK")
     expect_status(await g.command(C.UNLOCK, pfn), S.SUCCESS, "UNLOCK")
-    data = g.fe.ram.read_sync(pfn * PAGE, PAGE)
+    data = g.fe.ram.read(pfn * PAGE, PAGE)
     expect(data == bytes(PAGE), f"unlocked page holds {data[:8].hex()}... (not zeros)")
 
 
@@ -1211,7 +1212,7 @@ async def vb_num_pages(ctx: Context) -> None:
 async def vb_inflate(ctx: Context) -> None:
     b = await ctx.balloon()
     n = 512
-    b.fe.ram.touch(_pfn(), n)
+    touch(b.fe.ram, _pfn(), n)
     before = b.fe.ram.allocated_bytes()
     for k in range(0, n, 256):
         used = await b.inflate([_pfn(k + i) for i in range(256)])
@@ -1220,7 +1221,7 @@ async def vb_inflate(ctx: Context) -> None:
     expect(freed >= n * PAGE, f"RAM file shrank by {freed} bytes, expected >= {n * PAGE}")
     used = await b.deflate([_pfn(i) for i in range(4)])
     expect_eq(used.len, 0, "deflate used length")
-    expect(b.fe.ram.read_sync(_pfn() * PAGE, PAGE) == bytes(PAGE), "deflated page not zeros")
+    expect(b.fe.ram.read(_pfn() * PAGE, PAGE) == bytes(PAGE), "deflated page not zeros")
 
 
 @case(
@@ -1232,7 +1233,7 @@ async def vb_inflate(ctx: Context) -> None:
 async def vb_split(ctx: Context) -> None:
     b = await ctx.balloon()
     pfns = [_pfn(100 + i) for i in range(6)]
-    b.fe.ram.touch(pfns[0], 6)
+    touch(b.fe.ram, pfns[0], 6)
     before = b.fe.ram.allocated_bytes()
     data = struct.pack("<6I", *pfns)
     gpa = 0x60000
@@ -1258,7 +1259,7 @@ async def vb_hostile(ctx: Context) -> None:
     end = b.fe.ram.size // PAGE
     used = await b.inflate([end, end + 1, 0xFFFF_FFFF])
     expect_eq(used.len, 0, "outside-RAM inflate used length")
-    b.fe.ram.touch(_pfn(200), 1)
+    touch(b.fe.ram, _pfn(200), 1)
     before = b.fe.ram.allocated_bytes()
     used = await b.pfns(0, [_pfn(200)], write=True)
     expect_eq(b.fe.ram.allocated_bytes(), before, "a writable inflate buffer was reclaimed")
@@ -1328,7 +1329,7 @@ async def vb_queue_index(ctx: Context) -> None:
     for idx in (3, 4):
         try:
             await fe.ack(R.SET_VRING_NUM, vring_state(idx, 64))
-        except Closed:
+        except BackendHungUp:
             break
     await ctx.still_serving("rings configured beyond the negotiated queues")
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import trio
 
-from conformance.rawfrontend import BalloonGuest, Closed, Frontend, VmwGuest
+from conformance.rawfrontend import BalloonGuest, Frontend, VmwGuest
 from protocol import vmw
+from protocol.errors import BackendHungUp
 
 
 class CaseFailed(AssertionError):
@@ -113,7 +114,7 @@ class Context:
                         expect_eq(used.len, 0, "inflate used length")
                     finally:
                         b.close()
-        except (Closed, OSError, trio.TooSlowError) as exc:
+        except (BackendHungUp, OSError, trio.TooSlowError) as exc:
             raise CaseFailed(
                 f"after {what}, a fresh healthy connection was not served: {exc!r}"
             ) from exc

@@ -8,25 +8,24 @@ SET_MEM_TABLE / ADD_MEM_REG, so the harness can also read the back-end's effects
 
 Layers:
 
-* :class:`Channel`: one AF_UNIX socket; ``send`` / ``recv`` raw messages with SCM_RIGHTS.
-* :class:`Ram`: one memfd region (gpa, size, fake front-end address), a
-  :class:`guest_driver.virtq.MemoryPort` over its mapping.
+* :class:`Channel`: the front-ends' one wire (:mod:`guest_driver.wire`: SCM_RIGHTS, exact
+  reads, connect retry) with the knobs to send any header, size and fds and to see the
+  reply's flags.
+* guest RAM is :class:`guest_driver.frontend.GuestRamFile` (:func:`flat_ram`: one memfd
+  region at a gpa), the rings' memory port :class:`guest_driver.frontend.MemfdPort`.
 * :class:`Frontend`: negotiation and ring set-up the way QEMU does it (reference
   vhost-user-virtio.md §2.5), with every knob exposed.
 * :class:`VmwGuest`, :class:`BalloonGuest`: issue vmmemctl commands on ``cmdq`` /
   inflate-deflate-stats on virtio-balloon queues through :class:`guest_driver.virtq.DriverQueue`.
 
-Every wait is bounded by the caller's ``trio.fail_after``; :class:`Closed` means the
+Every wait is bounded by the caller's ``trio.fail_after``; :class:`BackendHungUp` means the
 back-end hung up.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
-import mmap
 import os
-import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,28 +36,24 @@ import trio
 from guest_driver.frontend import (
     UVA_BASE as QVA_BASE,  # the fake front-end virtual address of gpa 0
 )
-from guest_driver.frontend import connect_unix
+from guest_driver.frontend import GuestRamFile, MemfdPort
 from guest_driver.virtq import Buffer, DriverQueue, RingLayout, UsedElem
+from guest_driver.wire import Message, WireChannel, connect_retrying
 from protocol import vhost_user as vu
 from protocol import virtio_balloon as vb
 from protocol import vmw
+from protocol.errors import BackendError, BackendHungUp
+from protocol.units import PAGE_SIZE
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
 
-PAGE = 4096
-
-
-class Closed(Exception):
-    """The back-end closed the connection."""
+PAGE = PAGE_SIZE
 
 
 @dataclass(frozen=True)
-class Reply:
-    request: int
-    flags: int
-    payload: bytes
-    fds: tuple[int, ...] = ()
+class Reply(Message):
+    """A message from the back-end, as received (flags included)."""
 
     @property
     def u64(self) -> int:
@@ -69,31 +64,11 @@ class Reply:
         return int(struct.unpack("=Q", self.payload)[0])
 
 
-class Channel:
-    """A raw vhost-user socket."""
+class Channel(WireChannel):
+    """The wire (:class:`guest_driver.wire.WireChannel`) with the harness's knobs: any
+    header (request, flags, a ``size`` that lies about the payload) and any fds."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.closed = False
-
-    @classmethod
-    async def connect(cls, path: str) -> Channel:
-        return cls(await connect_unix(path))
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
-
-    async def send_bytes(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        try:
-            sent = await self.sock.sendmsg([data], anc)
-            while sent < len(data):
-                sent += await self.sock.send(data[sent:])
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise Closed(str(exc)) from None
-
-    async def send(
+    async def send(  # type: ignore[override]
         self,
         request: int,
         payload: bytes = b"",
@@ -103,116 +78,28 @@ class Channel:
         size: int | None = None,
     ) -> None:
         header = vu.build_header(request, flags, len(payload) if size is None else size)
-        await self.send_bytes(header + payload, fds)
-
-    async def _recv_exact(self, n: int, want_fds: bool) -> tuple[bytes, list[int]]:
-        buf = b""
-        fds: list[int] = []
-        while len(buf) < n:
-            try:
-                if want_fds and not buf:
-                    data, anc, _flags, _ = await self.sock.recvmsg(
-                        n, socket.CMSG_SPACE(vu.MAX_FDS * 4)
-                    )
-                    for level, kind, cdata in anc:
-                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                            arr = array.array("i")
-                            arr.frombytes(cdata[: len(cdata) - len(cdata) % 4])
-                            fds.extend(arr)
-                else:
-                    data = await self.sock.recv(n - len(buf))
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                raise Closed(f"back-end closed the connection ({len(buf)}/{n} bytes read)")
-            buf += data
-        return buf, fds
+        await super().send(header + payload, fds)
 
     async def recv(self) -> Reply:
-        head, fds = await self._recv_exact(vu.HEADER_SIZE, True)
-        h = vu.parse_header(head)
-        if h.size > 1 << 20:
-            raise AssertionError(f"reply claims a {h.size}-byte payload")
-        payload = (await self._recv_exact(h.size, False))[0] if h.size else b""
-        return Reply(h.request, h.flags, payload, tuple(fds))
-
-    async def is_closed(self, wait: float = 0.3) -> bool:
-        """Whether the back-end hung up (EOF within ``wait`` seconds); data counts as open."""
-        with trio.move_on_after(wait):
-            try:
-                data = await self.sock.recv(1, socket.MSG_PEEK)
-            except (ConnectionResetError, BrokenPipeError):
-                return True
-            return not data
-        return False
+        """The next message; a payload claim over 1 MiB is a failed check, not a read."""
+        try:
+            m = await self.recv_message()
+        except BackendError as exc:
+            if isinstance(exc, BackendHungUp):
+                raise
+            raise AssertionError(str(exc)) from None
+        return Reply(m.request, m.flags, m.payload, m.fds)
 
 
-class Ram:
-    """One guest-RAM region backed by its own memfd."""
-
-    def __init__(self, size: int, gpa: int = 0, name: str = "harness-ram") -> None:
-        self.size = size
-        self.gpa = gpa
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, size)
-        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-
-    @property
-    def qva(self) -> int:
-        return QVA_BASE + self.gpa
-
-    def region(self) -> dict[str, int]:
-        return {
-            "guest_phys_addr": self.gpa,
-            "memory_size": self.size,
-            "userspace_addr": self.qva,
-            "mmap_offset": 0,
-        }
-
-    def contains(self, gpa: int, n: int = 1) -> bool:
-        return self.gpa <= gpa and gpa + n <= self.gpa + self.size
-
-    def read_sync(self, gpa: int, n: int) -> bytes:
-        off = gpa - self.gpa
-        return bytes(self.map[off : off + n])
-
-    def write_sync(self, gpa: int, data: bytes) -> None:
-        off = gpa - self.gpa
-        self.map[off : off + len(data)] = data
-
-    def allocated_bytes(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
-
-    def touch(self, first_pfn: int, count: int, byte: int = 0xA5) -> None:
-        """Make pages resident (written, so the memfd allocates them)."""
-        page = bytes([byte]) * PAGE
-        for pfn in range(first_pfn, first_pfn + count):
-            self.write_sync(pfn * PAGE, page)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.map.close()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+def flat_ram(size: int, gpa: int = 0, name: str = "harness-ram") -> GuestRamFile:
+    """One guest-RAM region at ``gpa`` backed by its own memfd (the harness's RAM, or a
+    region it adds or lies about)."""
+    return GuestRamFile(size, layout="flat", name=name, gpa=gpa)
 
 
-class Memory:
-    """All regions of a front-end, as the :class:`MemoryPort` DriverQueue needs."""
-
-    def __init__(self, regions: list[Ram]) -> None:
-        self.regions = regions
-
-    def _find(self, gpa: int, n: int) -> Ram:
-        for r in self.regions:
-            if r.contains(gpa, n):
-                return r
-        raise AssertionError(f"harness bug: gpa {gpa:#x}+{n} outside the harness's own RAM")
-
-    async def read(self, gpa: int, n: int) -> bytes:
-        return self._find(gpa, n).read_sync(gpa, n)
-
-    async def write(self, gpa: int, data: bytes) -> None:
-        self._find(gpa, len(data)).write_sync(gpa, data)
+def touch(ram: GuestRamFile, first_pfn: int, count: int, byte: int = 0xA5) -> None:
+    """Make pages resident (written, so the memfd allocates them)."""
+    ram.fill(first_pfn * PAGE, count * PAGE, byte)
 
 
 def table_payload(regions: Sequence[dict[str, int]]) -> bytes:
@@ -278,7 +165,7 @@ class Frontend:
     """Negotiation and ring set-up, QEMU's order, all knobs exposed."""
 
     chan: Channel
-    mem: Memory
+    mem: MemfdPort
     features: int = 0  # what the back-end offered
     protocol_features: int = 0
     acked: int = 0
@@ -293,30 +180,26 @@ class Frontend:
         cls, path: str, ram_size: int = DEFAULT_RAM, *, retry: float = 3.0
     ) -> Frontend:
         """Connect; a back-end serving one front-end per socket may refuse us while it has
-        not yet noticed the previous one leave, so probe with GET_FEATURES and retry."""
-        deadline = trio.current_time() + retry
-        while True:
-            chan = await Channel.connect(path)
-            try:
-                await chan.send(R.GET_FEATURES)
-                reply = await chan.recv()
-            except Closed:
-                chan.close()
-                if trio.current_time() >= deadline:
-                    raise
-                await trio.sleep(0.02)
-                continue
-            ram = Ram(ram_size)
-            # make the harness's own control area (rings, scratch, batch page) resident now,
-            # so that st_blocks measured later moves only by what the back-end reclaims
-            ram.write_sync(0, b"\x01" * min(ram_size, FREE_START_PFN * PAGE))
-            fe = cls(chan=chan, mem=Memory([ram]))
-            fe.reply_flags_seen.append((reply.request, reply.flags))
-            return fe
+        not yet noticed the previous one leave, so probe with GET_FEATURES and retry
+        (:func:`guest_driver.wire.connect_retrying`)."""
+
+        async def first(chan: WireChannel) -> tuple[Channel, Reply]:
+            raw = Channel(chan.sock)
+            await raw.send(R.GET_FEATURES)
+            return raw, await raw.recv()
+
+        chan, reply = await connect_retrying(path, first, retry=retry, refused=(BackendHungUp,))
+        ram = flat_ram(ram_size)
+        # make the harness's own control area (rings, scratch, batch page) resident now,
+        # so that st_blocks measured later moves only by what the back-end reclaims
+        ram.write(0, b"\x01" * min(ram_size, FREE_START_PFN * PAGE))
+        fe = cls(chan=chan, mem=MemfdPort(ram))
+        fe.reply_flags_seen.append((reply.request, reply.flags))
+        return fe
 
     @property
-    def ram(self) -> Ram:
-        return self.mem.regions[0]
+    def ram(self) -> GuestRamFile:
+        return self.mem.ram
 
     def close(self) -> None:
         self.chan.close()
@@ -326,7 +209,7 @@ class Frontend:
                     with contextlib.suppress(OSError):
                         os.close(fd)
         self.queues.clear()
-        for r in self.mem.regions:
+        for r in self.mem.rams:
             r.close()
 
     # -- messages ------------------------------------------------------------------------
@@ -398,10 +281,10 @@ class Frontend:
         self.acked = features
         await self.ack(R.SET_FEATURES, vu.u64(features))
 
-    async def set_mem_table(self, regions: Sequence[Ram] | None = None) -> int:
-        regions = list(self.mem.regions if regions is None else regions)
-        payload = table_payload([r.region() for r in regions])
-        return await self.ack(R.SET_MEM_TABLE, payload, [r.fd for r in regions])
+    async def set_mem_table(self, rams: Sequence[GuestRamFile] | None = None) -> int:
+        rams = list(self.mem.rams if rams is None else rams)
+        payload = table_payload([region for r in rams for region in r.vhost_regions()])
+        return await self.ack(R.SET_MEM_TABLE, payload, [r.fd for r in rams for _ in r.regions])
 
     async def setup_queue(
         self,
@@ -636,7 +519,7 @@ class BalloonGuest:
     async def post_stats(
         self, entries: Sequence[tuple[int, int]], *, gpa: int = STATS_BUFFER
     ) -> None:
-        data = b"".join(struct.pack("<HQ", tag, val) for tag, val in entries)
+        data = vb.pack_stats(entries)
         await self.fe.mem.write(gpa, data)
         await self.fe.queues[vb.Queue.STATS].ring.add([Buffer(gpa, len(data))])
         self.fe.queues[vb.Queue.STATS].kick_now()

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import shlex
-import signal
-import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
+from conformance.backend import BackendSpawner
 from conformance.cases import Case
 from conformance.context import CaseFailed, Context, Skipped
-from conformance.rawfrontend import Closed
-from lab.vdev_process import VDEV_CMD, VdevProcess, VdevStartError, serve_argv
+from protocol.errors import BackendHungUp
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
 
@@ -46,7 +42,7 @@ async def run_case(c: Case, ctx: Context) -> Result:
         return Result(c, FAIL, str(exc), time.monotonic() - t0)
     except trio.TooSlowError:
         return Result(c, FAIL, f"no answer within {c.timeout:g}s", time.monotonic() - t0)
-    except Closed as exc:
+    except BackendHungUp as exc:
         return Result(c, FAIL, f"back-end closed the connection: {exc}", time.monotonic() - t0)
     except (AssertionError, OSError) as exc:
         return Result(c, FAIL, f"{type(exc).__name__}: {exc}", time.monotonic() - t0)
@@ -60,72 +56,13 @@ async def run_case(c: Case, ctx: Context) -> Result:
     return Result(c, PASS, "", time.monotonic() - t0)
 
 
-class VdevSpawner:
-    """Start ``vdev serve`` per needed initial target (one process per value, reused), through
-    :mod:`lab.vdev_process`; each is waited for until its socket and its API listen."""
-
-    def __init__(self, device: str, vdev_cmd: Sequence[str] | None = None) -> None:
-        self.device = device
-        self.vdev_cmd = list(vdev_cmd or VDEV_CMD)
-        self.tmp = tempfile.TemporaryDirectory(prefix="vballoon-harness-")
-        self.procs: dict[int | None, tuple[VdevProcess, str]] = {}
-        self.log = Path(self.tmp.name) / "vdev.log"
-
-    @property
-    def target_hook(self) -> str:
-        """Set a spawned vdev's target through its management API (``vdev set-target``)."""
-        return (
-            f"{shlex.join(self.vdev_cmd)} set-target --api-socket {{socket}}.api {{vm}} {{bytes}}"
-        )
-
-    async def socket_for(self, target: int | None) -> str:
-        if target in self.procs:
-            proc, path = self.procs[target]
-            if proc.alive():
-                return path
-            tail = self.log.read_text(errors="replace")[-1500:]
-            raise CaseFailed(f"vdev (target {target}) exited with {proc.returncode}: {tail}")
-        path = str(Path(self.tmp.name) / f"vdev-{len(self.procs)}.sock")
-        argv = serve_argv(
-            path, api_socket=f"{path}.api", device=self.device, verbose=0,
-            target="0" if target is None else str(target * 4096), vdev_cmd=self.vdev_cmd,
-        )  # fmt: skip
-        with self.log.open("ab") as log:
-            log.write(f"$ {shlex.join(argv)}\n".encode())
-        proc = VdevProcess(
-            argv, [path], api_socket=f"{path}.api", log_path=self.log, cwd=None
-        )  # a relative --vdev command is relative to our working directory
-        self.procs[target] = (proc, path)
-        try:
-            await proc.wait_listening_async(15)
-        except VdevStartError as e:
-            raise Skipped(str(e)) from None
-        return path
-
-    def close(self) -> None:
-        for proc, _ in self.procs.values():  # SIGTERM to all first, then wait for each
-            if proc.alive():
-                proc.proc.send_signal(signal.SIGTERM)
-        for proc, _ in self.procs.values():
-            proc.stop(timeout=5)
-        self.procs.clear()
-        self.tmp.cleanup()
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[VdevSpawner]:
-        try:
-            yield self
-        finally:
-            self.close()
-
-
 async def run_all(
     cases: Sequence[Case],
     *,
     device: str,
     socket: str | None = None,
     target_hook: str | None = None,
-    spawner: VdevSpawner | None = None,
+    spawner: BackendSpawner | None = None,
     vm: str = "vm0",
     on_result: object = None,
 ) -> list[Result]:

@@ -28,8 +28,10 @@ import click
 import trio
 
 from guest_driver.driver import DriverConfig
-from guest_driver.guest_memory import PAGE_SIZE, WorkloadSpec
+from guest_driver.guest_memory import WorkloadSpec
 from protocol.errors import ConfigError, VballoonError
+from protocol.units import PAGE_SIZE
+from protocol.version import package_version
 from protocol.vmw import ALL_CAPABILITIES, Capability
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,9 @@ def format_stat_balloon(snapshot: dict[str, Any]) -> str:
 
 
 @click.group()
+@click.version_option(
+    package_version(), "--version", prog_name="guest-driver", message="%(prog)s %(version)s"
+)
 def main() -> None:
     """vballoon guest side: the vmmemctl guest driver."""
 

@@ -50,9 +50,10 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from guest_driver.guest_memory import PAGE_SIZE, PAGES_PER_2M, PageSize
+from guest_driver.guest_memory import PAGES_PER_2M, PageSize
 from guest_driver.transport import Transport
 from protocol import vmw
+from protocol.units import PAGE_SIZE
 from protocol.vmw import (
     ALL_CAPABILITIES,
     COMMAND_DEBUGFS_NAME,

@@ -3,7 +3,11 @@
 * :class:`GuestRamFile`: guest RAM as a sparse memfd, optionally laid out like QEMU's
   low RAM with the two ROM holes (``layout="qemu"``), with a fake front-end virtual address
   space (``uva = UVA_BASE + file offset``, like QEMU's single mapping of the memfd).
-* :class:`MemfdPort`: the async memory port :mod:`guest_driver.virtq` runs over.
+  ``layout="flat"`` is one region at any ``gpa`` (the conformance front-end's RAM).
+* :class:`MemfdPort`: the async memory port :mod:`guest_driver.virtq` runs over (over one or
+  more RAM files).
+* The bytes go through :mod:`guest_driver.wire` (SCM_RIGHTS, exact reads, hang-up, connect
+  retry), the wire both front-ends share.
 * :class:`VhostUserFrontend` (open it with :func:`connect_frontend`): connects to the
   back-end's socket and speaks QEMU 10's message order (docs: qemu-interop.md sections 1-2):
   :meth:`~VhostUserFrontend.handshake` (realize) then :meth:`~VhostUserFrontend.start`
@@ -20,7 +24,6 @@
 
 from __future__ import annotations
 
-import array
 import contextlib
 import mmap
 import os
@@ -33,14 +36,15 @@ from typing import Any
 import trio
 
 from guest_driver.virtq import Buffer, DriverQueue, RingLayout
+from guest_driver.wire import WireChannel, connect_retrying
 from protocol import vhost_user as vu
-from protocol.errors import FormatError, FrontendError, LocalError
+from protocol.errors import BackendError, FormatError, LocalError
+from protocol.units import PAGE_SIZE
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vhost_user import ProtocolFeature as PF
 from protocol.vhost_user import VirtioFeature as VF
 from protocol.vmw import (
     EVENT_SIZE,
-    PAGE_SIZE,
     REQUEST_SIZE,
     RESPONSE_SIZE,
     EventKind,
@@ -60,10 +64,6 @@ WANTED_PROTOCOL = (
 RING_BASE = 0x100000
 
 
-class BackendHungUp(FrontendError):
-    """The back-end closed the vhost-user connection (or reset it)."""
-
-
 @dataclass(frozen=True, slots=True)
 class RegionLayout:
     gpa: int
@@ -72,21 +72,37 @@ class RegionLayout:
 
     @property
     def uva(self) -> int:
-        return UVA_BASE + self.offset
+        """The fake front-end virtual address of ``gpa`` (one address space for all RAM)."""
+        return UVA_BASE + self.gpa
+
+    def vhost_region(self) -> dict[str, int]:
+        """The region as SET_MEM_TABLE / ADD_MEM_REG carry it."""
+        return {
+            "guest_phys_addr": self.gpa,
+            "memory_size": self.size,
+            "userspace_addr": self.uva,
+            "mmap_offset": self.offset,
+        }
 
 
 class GuestRamFile:
-    """Guest RAM: one sparse memfd, mapped once, split into regions (gpa == file offset)."""
+    """Guest RAM: one sparse memfd, mapped once, split into regions. With ``layout="qemu"``
+    QEMU's low RAM with its two ROM holes (gpa == file offset); ``"flat"`` is one region at
+    ``gpa`` (the whole file). The guest-RAM class of every front-end we have."""
 
-    def __init__(self, size: int, *, layout: str = "qemu", name: str = "guest-ram") -> None:
-        if size % PAGE_SIZE or size < 2 * RING_BASE:
-            raise LocalError("guest RAM must be page-aligned and at least 2 MiB")
+    def __init__(
+        self, size: int, *, layout: str = "qemu", name: str = "guest-ram", gpa: int = 0
+    ) -> None:
+        if size % PAGE_SIZE or size <= 0 or (layout == "qemu" and size < 2 * RING_BASE):
+            raise LocalError("guest RAM must be page-aligned (QEMU's layout: at least 2 MiB)")
+        if layout == "qemu" and gpa:
+            raise LocalError("QEMU's layout starts at gpa 0")
         self.size = size
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         if layout == "flat":
-            self.regions = [RegionLayout(0, size, 0)]
+            self.regions = [RegionLayout(gpa, size, 0)]
         elif layout == "qemu":
             self.regions = []
             start = 0
@@ -109,21 +125,27 @@ class GuestRamFile:
     def is_ram(self, gpa: int, length: int = 1) -> bool:
         return any(r.gpa <= gpa and gpa + length <= r.gpa + r.size for r in self.regions)
 
-    def _check(self, gpa: int, length: int) -> None:
-        if not self.is_ram(gpa, length):
-            raise LocalError(f"{gpa:#x}+{length:#x} is not guest RAM")
+    def _offset(self, gpa: int, length: int) -> int:
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.gpa + r.size:
+                return r.offset + gpa - r.gpa
+        raise LocalError(f"{gpa:#x}+{length:#x} is not guest RAM")
 
     def read(self, gpa: int, length: int) -> bytes:
-        self._check(gpa, length)
-        return self.mm[gpa : gpa + length]
+        off = self._offset(gpa, length)
+        return self.mm[off : off + length]
 
     def write(self, gpa: int, data: bytes) -> None:
-        self._check(gpa, len(data))
-        self.mm[gpa : gpa + len(data)] = data
+        off = self._offset(gpa, len(data))
+        self.mm[off : off + len(data)] = data
 
     def fill(self, gpa: int, length: int, byte: int) -> None:
-        self._check(gpa, length)
-        self.mm[gpa : gpa + length] = bytes([byte]) * length
+        off = self._offset(gpa, length)
+        self.mm[off : off + length] = bytes([byte]) * length
+
+    def vhost_regions(self) -> list[dict[str, int]]:
+        """Every region as SET_MEM_TABLE / ADD_MEM_REG carry it (all in :attr:`fd`)."""
+        return [r.vhost_region() for r in self.regions]
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
@@ -140,16 +162,29 @@ class GuestRamFile:
 
 
 class MemfdPort:
-    """The async memory port of :mod:`guest_driver.virtq` over a :class:`GuestRamFile`."""
+    """The async memory port of :mod:`guest_driver.virtq` over one or more
+    :class:`GuestRamFile` (``rams``: more can be added, e.g. a region hot-added by
+    ADD_MEM_REG)."""
 
-    def __init__(self, ram: GuestRamFile) -> None:
-        self.ram = ram
+    def __init__(self, *rams: GuestRamFile) -> None:
+        self.rams = list(rams)
+
+    @property
+    def ram(self) -> GuestRamFile:
+        """The first (main) RAM."""
+        return self.rams[0]
+
+    def _find(self, gpa: int, n: int) -> GuestRamFile:
+        for ram in self.rams:
+            if ram.is_ram(gpa, n):
+                return ram
+        raise LocalError(f"{gpa:#x}+{n:#x} is not guest RAM")
 
     async def read(self, gpa: int, n: int) -> bytes:
-        return self.ram.read(gpa, n)
+        return self._find(gpa, n).read(gpa, n)
 
     async def write(self, gpa: int, data: bytes) -> None:
-        self.ram.write(gpa, data)
+        self._find(gpa, len(data)).write(gpa, data)
 
 
 @dataclass
@@ -198,6 +233,7 @@ class VhostUserFrontend:
         wanted_protocol: int = int(WANTED_PROTOCOL),
     ) -> None:
         self.sock = sock
+        self.wire = WireChannel(sock, on_hangup=self._mark_hung_up)
         self.ram = ram
         self.port = MemfdPort(ram)
         self.queue_size = queue_size
@@ -267,35 +303,16 @@ class VhostUserFrontend:
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Send bytes (fds attached to the first byte), no checks: for hostile tests."""
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            sent = await self.sock.sendmsg([data], anc)
-        else:
-            sent = await self.sock.send(data)
-        view = memoryview(data)[sent:]
-        while view:
-            view = view[await self.sock.send(view) :]
-
-    async def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                chunk = await self.sock.recv(n - len(buf))
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                self._mark_hung_up()
-                raise BackendHungUp("back-end closed the connection")
-            buf += chunk
-        return bytes(buf)
+        await self.wire.send(data, fds)
 
     async def recv_reply(self, request: int) -> bytes:
-        header = vu.parse_header(await self._recv_exact(vu.HEADER_SIZE))
-        if header.flags != vu.REPLY_FLAGS or header.request != request:
-            raise FrontendError(
-                f"bad reply header: request {header.request} flags {header.flags:#x}"
-            )
-        return await self._recv_exact(header.size)
+        try:
+            reply = await self.wire.recv_message()
+        except FormatError as exc:
+            raise BackendError(f"bad reply to {request}: {exc}") from None
+        if reply.flags != vu.REPLY_FLAGS or reply.request != request:
+            raise BackendError(f"bad reply header: request {reply.request} flags {reply.flags:#x}")
+        return reply.payload
 
     async def request(
         self,
@@ -308,7 +325,7 @@ class VhostUserFrontend:
         """Send one request; return the reply payload (or None when none is owed).
 
         ``need_reply`` defaults to what QEMU does: NEED_REPLY on the requests QEMU sends it
-        with, when REPLY_ACK was negotiated. A non-zero ack raises FrontendError.
+        with, when REPLY_ACK was negotiated. A non-zero ack raises BackendError.
         """
         fmt = vu.REQUEST_PAYLOAD.get(request)
         payload = b"" if fmt is None else vu.build_payload(fmt, body, request.name)
@@ -330,7 +347,7 @@ class VhostUserFrontend:
             if need_reply:
                 ack = await self.recv_reply(request)
                 if vu.parse_payload(vu.U64, ack, "ack").value != 0:
-                    raise FrontendError(f"back-end refused {request.name}")
+                    raise BackendError(f"back-end refused {request.name}")
                 return ack
         return None
 
@@ -352,7 +369,7 @@ class VhostUserFrontend:
         """Device realize: QEMU's order (qemu-interop.md section 1)."""
         offered = await self.probe()
         if not offered & VF.PROTOCOL_FEATURES:
-            raise FrontendError("back-end does not offer PROTOCOL_FEATURES")
+            raise BackendError("back-end does not offer PROTOCOL_FEATURES")
         offered_proto = await self.get_u64(R.GET_PROTOCOL_FEATURES)
         self.protocol_features = offered_proto & self.wanted_protocol
         await self.request(R.SET_PROTOCOL_FEATURES, {"value": self.protocol_features})
@@ -390,15 +407,7 @@ class VhostUserFrontend:
         self.scratch = base  # first free page after the rings
 
     async def set_memory(self) -> None:
-        regions = [
-            {
-                "guest_phys_addr": r.gpa,
-                "memory_size": r.size,
-                "userspace_addr": r.uva,
-                "mmap_offset": r.offset,
-            }
-            for r in self.ram.regions
-        ]
+        regions = self.ram.vhost_regions()
         if self.protocol_features & PF.CONFIGURE_MEM_SLOTS:
             # like QEMU: only the regions the back-end does not have yet
             for region in regions:
@@ -523,47 +532,25 @@ class VhostUserFrontend:
         self.sock.close()
 
 
-async def connect_unix(path: str) -> trio.socket.SocketType:
-    """A connected AF_UNIX stream socket (closed again if connecting fails)."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.connect(path)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-#: What a back-end not (yet) taking us looks like: nothing listening, or a hang-up on accept.
-_REFUSED = (
-    BackendHungUp, FileNotFoundError, ConnectionRefusedError, BrokenPipeError, ConnectionResetError,
-)  # fmt: skip
-
-
 async def open_frontend(
     path: str, ram: GuestRamFile, *, probe: bool = True, retry: float = 0.0, **kw: Any
 ) -> VhostUserFrontend:
     """Connect (and :meth:`~VhostUserFrontend.probe`), retrying refusals for ``retry``
-    seconds (see :func:`connect_frontend`); nothing is left open when this raises. The
-    caller owns the front-end: :meth:`~VhostUserFrontend.run_in` a nursery, then close it."""
-    deadline = trio.current_time() + retry
-    while True:
-        sock: trio.socket.SocketType | None = None
-        fe: VhostUserFrontend | None = None
+    seconds (:func:`guest_driver.wire.connect_retrying`, see :func:`connect_frontend`);
+    nothing is left open when this raises. The caller owns the front-end:
+    :meth:`~VhostUserFrontend.run_in` a nursery, then close it."""
+
+    async def first(chan: WireChannel) -> VhostUserFrontend:
+        fe = VhostUserFrontend(chan.sock, ram, **kw)
         try:
-            sock = await connect_unix(path)
-            fe = VhostUserFrontend(sock, ram, **kw)
             if probe:
                 await fe.probe()
-            return fe
-        except BaseException as exc:
-            if fe is not None:
-                fe.close()
-            elif sock is not None:
-                sock.close()
-            if not isinstance(exc, _REFUSED) or trio.current_time() >= deadline:
-                raise
-        await trio.sleep(0.02)
+        except BaseException:
+            fe.close()
+            raise
+        return fe
+
+    return await connect_retrying(path, first, retry=retry)
 
 
 @contextlib.asynccontextmanager
@@ -664,7 +651,7 @@ class VmwChannel:
             await self.cmdq.kick()
             length = await self._complete(self.cmdq, head)
             if length != RESPONSE_SIZE:
-                raise FrontendError(f"device wrote {length} response bytes")
+                raise BackendError(f"device wrote {length} response bytes")
             response = Response.parse(ram.read(self.response_gpa, RESPONSE_SIZE))
             after = None
             if batch is not None and batch_pfn is not None:

@@ -40,8 +40,8 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol.errors import ConfigError, LocalError
+from protocol.units import PAGE_SIZE
 
-PAGE_SIZE = 4096
 PAGES_PER_2M = 512
 FRAME_SHIFT = 9
 _FRAME_OFFSETS = np.arange(PAGES_PER_2M, dtype=np.int64)

@@ -23,12 +23,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from protocol.errors import PeerError
 from protocol.vmw import EventKind, Request, Response
-
-
-class DeviceGone(PeerError):
-    """The device went away (connection closed, ring broken); the driver cannot go on."""
 
 
 @runtime_checkable
@@ -36,7 +31,7 @@ class Transport(Protocol):
     """The edge the driver core talks through. All awaits; no other I/O in the core."""
 
     async def command(self, request: Request) -> Response:
-        """Send one request and return the device's response. Raises :class:`DeviceGone`."""
+        """Send one request and return the device's response. Raises :class:`~protocol.errors.DeviceGone`."""
         ...
 
     async def read(self, gpa: int, n: int) -> bytes:

@@ -32,10 +32,10 @@ import trio
 
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.frontend import GuestRamFile, VmwChannel, connect_frontend
-from guest_driver.guest_memory import PAGE_SIZE, GuestMemory, Workload, WorkloadSpec
-from guest_driver.transport import DeviceGone
+from guest_driver.guest_memory import GuestMemory, Workload, WorkloadSpec
 from protocol import vmw
-from protocol.errors import FrontendError
+from protocol.errors import BackendError, DeviceGone
+from protocol.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ QUEUE_SIZE = 64
 EVENT_BUFFERS = 8
 COMMAND_TIMEOUT = 10.0
 #: What a dead front-end looks like from here (closed socket or eventfds, a bad reply).
-_GONE = (FrontendError, OSError, trio.ClosedResourceError, trio.BrokenResourceError)
+_GONE = (BackendError, OSError, trio.ClosedResourceError, trio.BrokenResourceError)
 
 
 class VhostUserTransport:

@@ -27,8 +27,7 @@ import numpy as np
 
 from protocol import virtqueue as vq
 from protocol.errors import LocalError
-
-PAGE_SIZE = 4096
+from protocol.units import PAGE_SIZE
 
 
 class MemoryPort(Protocol):

@@ -26,7 +26,6 @@ last lines (``act N: ...``) are the numbers ``tests/test_demo.py`` checks.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -39,15 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
 import trio
 
 from lab.qemu import qemu_process
 from lab.vdev_process import REPO_ROOT, vdev_serve
+from protocol.units import PAGE_SIZE, PAGES_PER_MIB
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -610,13 +611,7 @@ async def act3_linux(demo: Demo, q: Any, image: Any) -> None:
     from rich.progress import BarColumn, Progress, TextColumn
     from rich.text import Text
 
-    from lab.linux_guest import (
-        PAGES_PER_MIB,
-        QUIET_INTERVAL,
-        VDEV_SOCKET_NAME,
-        boot_guest,
-        wait_agree,
-    )
+    from lab.linux_guest import QUIET_INTERVAL, VDEV_SOCKET_NAME, boot_guest, wait_agree
 
     console = demo.console
     target_mib = 64 if demo.quick else 128
@@ -752,7 +747,8 @@ async def act3_qtest(demo: Demo, why: str) -> None:
     from guest_driver.driver import BalloonDriver, DriverConfig
     from guest_driver.guest_memory import GuestMemory
     from lab.qemu import best_qemu
-    from lab.qtest import GuestAllocator, VirtioPci, qtest_vm
+    from lab.qtest.launcher import qtest_vm
+    from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
     from lab.transport_qtest import QtestTransport, vhost_user_device
 
     q = best_qemu(need_test_device=False)
@@ -853,20 +849,27 @@ async def run(acts: Sequence[int], quick: bool, out: Path | None, qtest: bool = 
     return 0 if all(ok for ok, _ in demo.results) else 1
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--act", type=int, action="append", choices=sorted(ACTS),
-                    help="run only this act (repeatable); default all")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter steps")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="run directory for logs and PNGs (default runs/demo-<time>)")  # fmt: skip
-    ap.add_argument("--qtest", action="store_true",
-                    help="act 3 on the qtest guest even when the Linux guest could run")  # fmt: skip
-    args = ap.parse_args(argv)
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command(name="scripts/demo", help=(__doc__ or "").split("\n\n")[0], context_settings=_HELP)
+@click.option(
+    "--act", "act", type=click.Choice([str(a) for a in sorted(ACTS)]), multiple=True,
+    help="run only this act (repeatable); default all",
+)  # fmt: skip
+@click.option("--quick", is_flag=True, help="fewer, shorter steps")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None,
+    help="run directory for logs and PNGs (default runs/demo-<time>)",
+)  # fmt: skip
+@click.option(
+    "--qtest", is_flag=True, help="act 3 on the qtest guest even when the Linux guest could run"
+)
+def main(act: tuple[str, ...], quick: bool, out: Path | None, qtest: bool) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    acts = sorted(set(args.act)) if args.act else sorted(ACTS)
-    sys.exit(trio.run(run, acts, args.quick, args.out, args.qtest))
+    acts = sorted({int(a) for a in act}) if act else sorted(ACTS)
+    sys.exit(trio.run(run, acts, quick, out, qtest))
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="scripts/demo")

@@ -32,7 +32,6 @@ attached to a ``vdev serve`` child process with the serial console on the termin
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import logging
@@ -48,10 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import click
 import trio
 
 from lab.linux_image import PREFIX, GuestConsole, LinuxImage, run_guest
+from lab.procfs import rss_shmem_kib
 from lab.qemu import TEST_DEVICE, QemuBinary, chardev_socket_args, require_qemu
+from lab.vdev_inprocess import InProcessVdev
 from lab.vdev_process import start_vdev, vdev_serve_argv
 from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
@@ -59,10 +61,8 @@ from protocol.errors import LocalError
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PAGE_SIZE = 4096
 KIB = 1024
 MIB = 1 << 20
-PAGES_PER_MIB = MIB // PAGE_SIZE
 CHARDEV_ID = "vb0"
 VDEV_SOCKET_NAME = "vdev.sock"
 BALLOON_DRIVER = "virtio_balloon"
@@ -74,7 +74,10 @@ T = TypeVar("T")
 
 
 class GuestFailure(LocalError):
-    """The guest did not do what was asked (or its console said something unexpected)."""
+    """The guest did not do what was asked (or its console said something unexpected).
+
+    Raised by the Linux guest rig (:class:`LinuxGuest`'s commands); caught by nothing: the
+    test or the demo act that drove the guest fails with it."""
 
 
 # --------------------------------------------------------------------------- QEMU side
@@ -120,21 +123,6 @@ def balloon_qemu_args(
         "-device",
         balloon_device_arg(chardev, num_queues=num_queues),
     ]
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    """A ``kB`` line of ``/proc/PID/status`` (``RssShmem``, ``VmRSS``...)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(f"no {key} in /proc/{pid}/status")
-
-
-def rss_shmem_kib(pid: int) -> int:
-    """QEMU's resident shared memory: the guest RAM pages it has touched and that are
-    still in the memfd (a punched page leaves it)."""
-    return proc_status_kib(pid, "RssShmem")
 
 
 # --------------------------------------------------------------------------- guest reports
@@ -352,44 +340,6 @@ class VdevLike(Protocol):
     async def snapshot(self) -> Any: ...  # GuestView, or the API's GET /vms/{name} dict
 
 
-class InProcessVdev:
-    """``vdev serve --device virtio-balloon`` run in the caller's trio nursery: the real
-    :class:`vdev.server.Server`, controlled through its :class:`vdev.registry.GuestRegistry`
-    (the same object the management API talks to)."""
-
-    def __init__(self, server: Any, socket_path: Path, name: str) -> None:
-        self.server = server
-        self.registry = server.registry
-        self.socket_path = socket_path
-        self.name = name
-
-    def view(self) -> Any:
-        """The guest's :class:`vdev.registry.GuestView`."""
-        return self.registry.view(self.name)
-
-    async def size_pages(self) -> int:
-        return int(self.view().size_pages)
-
-    async def snapshot(self) -> Any:
-        return self.view()
-
-    def set_target(self, pages: int) -> None:
-        self.registry.set_target(self.name, pages)
-
-    def set_target_mib(self, mib: int) -> None:
-        self.set_target(mib * PAGES_PER_MIB)
-
-    def request_stats(self) -> bool:
-        """Hand the guest's stats buffer back so it sends fresh stats (what ``vdev serve
-        --stats-interval`` and QEMU's ``guest-stats-polling-interval`` do). False when
-        nothing is connected."""
-        return bool(self.registry.request_stats(self.name))
-
-    async def fresh_stats(self, *, poll: float = 0.05) -> dict[str, int]:
-        """Request stats and wait until the guest sent a new buffer; its stats."""
-        return await fresh_stats(self, self.request_stats, poll=poll)
-
-
 async def fresh_stats(
     vdev: VdevLike, request: Callable[[], Any], *, poll: float = 0.05
 ) -> dict[str, int]:
@@ -437,23 +387,15 @@ async def serve_vdev(
     target_pages: int = 0,
     name: str = "vm0",
 ) -> AsyncIterator[InProcessVdev]:
-    """Run vdev's server (virtio-balloon personality) on ``directory/vdev.sock`` in a
-    nursery of its own; cancelled on exit."""
-    from vdev.registry import GuestRegistry
-    from vdev.server import Server
+    """Run vdev in-process (:mod:`lab.vdev_inprocess`; the virtio-balloon personality, or
+    ``device_cls``) on ``directory/vdev.sock``; shut down on exit."""
+    from lab.vdev_inprocess import open_inprocess_vdev
 
-    cls = device_cls or device_class()
-    registry = GuestRegistry(cls.name, target=target_pages)
-    path = directory / VDEV_SOCKET_NAME
-    server = Server(registry, cls, socket_paths=[str(path)], names=[name])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        try:
-            yield InProcessVdev(server, path, name)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await server.shutdown()
-            nursery.cancel_scope.cancel()
+    async with open_inprocess_vdev(
+        [directory / VDEV_SOCKET_NAME], device=device_cls or device_class(),
+        target_pages=target_pages, names=[name],
+    ) as vdev:  # fmt: skip
+        yield vdev
 
 
 # --------------------------------------------------------------------------- waiting
@@ -580,47 +522,56 @@ def interactive(
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(name="python -m lab.linux_guest", help=(__doc__ or "").split("\n\n")[0], context_settings=_HELP)
+def main() -> None:
+    pass
+
+
+@main.command(name="run", help="boot the Linux guest with vdev as its balloon (interactive)")
+@click.option("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
+@click.option("--target", default="0", help="initial balloon target, e.g. 64M (default 0)")
+@click.option("--interval", type=int, default=2, help="guest report interval, seconds")
+@click.option("--append", default="", help="more kernel command line")
+@click.option("--vdev-log", type=click.Path(path_type=Path), default=None, help="vdev's log file")
+@click.option("--keep", is_flag=True, help="keep the scratch directory")
+@click.option("--dry-run", is_flag=True, help="print the vdev and QEMU lines only")
+@click.option("-v", "--verbose", is_flag=True)
+def run_cmd(
+    ram: int,
+    target: str,
+    interval: int,
+    append: str,
+    vdev_log: Path | None,
+    keep: bool,
+    dry_run: bool,
+    verbose: bool,
+) -> None:
     from lab import linux_image
 
-    ap = argparse.ArgumentParser(prog="python -m lab.linux_guest", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="boot the Linux guest with vdev as its balloon (interactive)")
-    r.add_argument("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
-    r.add_argument("--target", default="0", help="initial balloon target, e.g. 64M (default 0)")
-    r.add_argument("--interval", type=int, default=2, help="guest report interval, seconds")
-    r.add_argument("--append", default="", help="more kernel command line")
-    r.add_argument("--vdev-log", type=Path, default=None, help="vdev's log file")
-    r.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    r.add_argument("--dry-run", action="store_true", help="print the vdev and QEMU lines only")
-    r.add_argument("-v", "--verbose", action="store_true")
-    sub.add_parser("print-device", help="print the -device argument for vdev's balloon")
-    args = ap.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(name)s: %(message)s",
+        level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s"
     )
-    if args.cmd == "print-device":
-        print(balloon_device_arg())
-        return 0
     qemu = require_qemu(need_test_device=True)
     image = linux_image.build()
-    append = f"vb.interval={args.interval} {args.append}".strip()
-    return interactive(
-        qemu,
-        image,
-        ram_mib=args.ram,
-        target=args.target,
-        append=append,
-        vdev_log=args.vdev_log,
-        keep=args.keep,
-        dry_run=args.dry_run,
-    )
+    code = interactive(
+        qemu, image, ram_mib=ram, target=target,
+        append=f"vb.interval={interval} {append}".strip(), vdev_log=vdev_log, keep=keep,
+        dry_run=dry_run,
+    )  # fmt: skip
+    raise SystemExit(code)
+
+
+@main.command(name="print-device", help="print the -device argument for vdev's balloon")
+def print_device_cmd() -> None:
+    print(balloon_device_arg())
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    main()
 
 
 __all__ = [

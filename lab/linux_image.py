@@ -31,7 +31,6 @@ built-in ``virtio-balloon-pci`` and checks the report.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import gzip
@@ -52,6 +51,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import trio
 
 from lab.qemu import (
@@ -77,7 +77,11 @@ BALLOON_DEVICE_ID = "0x0005"
 
 
 class ProvisionError(LocalError):
-    """The image cannot be made on this machine (no apt source, download failed...)."""
+    """The image cannot be made on this machine (no apt source, download failed...).
+
+    Raised by the image builder; caught by its own retry (stale package lists), by
+    ``scripts/setup`` (reported, exit 1) and by the tests' ``linux_env`` fixture (a skip, or
+    a failure under CI)."""
 
 
 def default_image_dir() -> Path:
@@ -681,33 +685,48 @@ async def boot_check(
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.linux_image")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the image (cached)")
-    b.add_argument("outdir", type=Path, nargs="?", default=None)
-    b.add_argument("--force", action="store_true", help="rebuild even if present")
-    c = sub.add_parser("boot-check", help="boot it with QEMU's built-in virtio-balloon-pci")
-    c.add_argument("outdir", type=Path, nargs="?", default=None)
-    c.add_argument("--any-qemu", action="store_true", help="do not insist on QEMU >= 10.2")
-    args = ap.parse_args(argv)
+def _built(outdir: Path | None, force: bool) -> LinuxImage:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     t0 = time.monotonic()
     try:
-        image = build(args.outdir, force=getattr(args, "force", False))
+        image = build(outdir, force=force)
     except ProvisionError as e:
         print(f"linux_image: cannot build the image: {e}", file=sys.stderr)
-        return 1
+        raise SystemExit(1) from None
     print(
         f"linux_image: {image.directory}: kernel {image.kernel_version} ({image.source}),"
         f" modules {' '.join(image.modules) or '-'} [{time.monotonic() - t0:.1f}s]"
     )
-    if args.cmd == "build":
-        return 0
-    qemu = best_qemu(need_test_device=not args.any_qemu)
+    return image
+
+
+_OUTDIR = click.argument("outdir", type=click.Path(path_type=Path), required=False)
+
+
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(name="python -m lab.linux_image", context_settings=_HELP)
+def main() -> None:
+    """The Linux guest image: build it (cached), or boot-check it."""
+
+
+@main.command(name="build", help="build the image (cached)")
+@_OUTDIR
+@click.option("--force", is_flag=True, help="rebuild even if present")
+def build_cmd(outdir: Path | None, force: bool) -> None:
+    _built(outdir, force)
+
+
+@main.command(name="boot-check", help="boot it with QEMU's built-in virtio-balloon-pci")
+@_OUTDIR
+@click.option("--any-qemu", is_flag=True, help="do not insist on QEMU >= 10.2")
+def boot_check_cmd(outdir: Path | None, any_qemu: bool) -> None:
+    image = _built(outdir, False)
+    qemu = best_qemu(need_test_device=not any_qemu)
     if qemu is None:
         print("linux_image: no suitable QEMU (run scripts/setup)", file=sys.stderr)
-        return 1
+        raise SystemExit(1)
     result = trio.run(boot_check, qemu, image)
     for line in result.lines:
         print(f"  | {line}")
@@ -716,8 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" {'OK' if result.ok else 'FAILED'}; ready after {result.seconds_to_ready or 0:.1f}s,"
         f" QEMU exited {result.returncode} after {result.seconds_total:.1f}s"
     )
-    return 0 if result.ok else 1
+    raise SystemExit(0 if result.ok else 1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

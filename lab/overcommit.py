@@ -40,10 +40,11 @@ from typing import Any
 
 import trio
 
-from lab.linux_guest import MIB, PAGES_PER_MIB, LinuxGuest, boot_guest, device_class
+from lab.linux_guest import MIB, LinuxGuest, boot_guest, device_class
 from lab.linux_image import LinuxImage
 from lab.qemu import QemuBinary
 from protocol.errors import LocalError
+from protocol.units import PAGES_PER_MIB
 from vdev.policy.cgroup import CgroupSource, own_memory_cgroup, read_cgroup, resolve_cgroup
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ JSON file (scripts/setup calls it); ``python -m lab.qemu list`` prints it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -27,13 +26,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import trio
 
 from protocol.errors import ConfigError, LocalError
@@ -60,7 +59,10 @@ def default_trixie_root() -> Path:
 
 
 class QemuNotFoundError(LocalError):
-    """No usable QEMU on this machine (run scripts/setup)."""
+    """No usable QEMU on this machine (run scripts/setup).
+
+    Raised by :func:`require_qemu`; caught by the QEMU tests (a skip, or a failure under
+    CI)."""
 
 
 @dataclass(frozen=True)
@@ -414,7 +416,9 @@ async def qemu_process(
 
 
 class QmpError(LocalError):
-    """A QMP command failed, or QMP spoke nonsense."""
+    """A QMP command failed, or QMP spoke nonsense.
+
+    Raised by :class:`Qmp`; caught by nothing in the lab: the rig or test using QMP fails."""
 
 
 @dataclass
@@ -480,31 +484,37 @@ class Qmp:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m lab.qemu", description=__doc__.split("\n")[0]
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("discover", help="probe the QEMUs and write qemu.json")
-    d.add_argument("--root", type=Path, action="append", default=[], help="a chroot root with QEMU")
-    d.add_argument("--out", type=Path, default=QEMU_JSON)
-    sub.add_parser("list", help="print the QEMUs found")
-    args = ap.parse_args(argv)
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(name="python -m lab.qemu", help=(__doc__ or "").split("\n")[0], context_settings=_HELP)
+def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.cmd == "discover":
-        qemus = discover(args.root)
-        write_json(qemus, args.out)
-        for q in qemus:
-            print(
-                f"setup: QEMU {q.version_str} {' '.join(q.argv)}"
-                f" ({TEST_DEVICE}: {'yes' if q.has_test_device else 'no'})"
-            )
-        print(f"setup: wrote {args.out}")
-        return 0 if qemus else 1
+
+
+@main.command(name="discover", help="probe the QEMUs and write qemu.json")
+@click.option(
+    "--root", "roots", type=click.Path(path_type=Path), multiple=True,
+    help="a chroot root with QEMU",
+)  # fmt: skip
+@click.option("--out", type=click.Path(path_type=Path), default=QEMU_JSON, show_default=True)
+def discover_cmd(roots: tuple[Path, ...], out: Path) -> None:
+    qemus = discover(list(roots))
+    write_json(qemus, out)
+    for q in qemus:
+        print(
+            f"setup: QEMU {q.version_str} {' '.join(q.argv)}"
+            f" ({TEST_DEVICE}: {'yes' if q.has_test_device else 'no'})"
+        )
+    print(f"setup: wrote {out}")
+    raise SystemExit(0 if qemus else 1)
+
+
+@main.command(name="list", help="print the QEMUs found")
+def list_cmd() -> None:
     for q in find_qemus():
         print(json.dumps(q.to_json()))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

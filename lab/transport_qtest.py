@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from guest_driver.transport import DeviceGone
 from guest_driver.virtq import Buffer
 from lab.qemu import TEST_DEVICE, QemuBinary
-from lab.qtest import GuestAllocator, QtestError, VirtioPci
-from protocol.errors import FormatError, LocalError
+from lab.qtest.client import QtestError
+from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
+from protocol.errors import DeviceGone, FormatError, LocalError
 from protocol.vmw import (
     EVENT_SIZE,
     REQUEST_SIZE,
@@ -43,8 +43,7 @@ from protocol.vmw import (
 )
 
 if TYPE_CHECKING:
-    from vdev.registry import GuestRegistry, GuestView
-    from vdev.server import Connection, Server
+    from lab.vdev_inprocess import InProcessVdev
 
 log = logging.getLogger(__name__)
 
@@ -226,58 +225,21 @@ def vhost_user_device(personality: str, qemu: QemuBinary, chardev: str = "c0") -
     return f"vhost-user-gpio-pci,chardev={chardev}", VIRTIO_ID_GPIO
 
 
-@dataclass
-class VdevRig:
-    """An in-process ``vdev serve`` (trio tasks in the caller's nursery) on one socket."""
-
-    server: Server
-    registry: GuestRegistry
-    socket: Path
-    scratch: Path
-    personality: str
-    name: str = "vm0"
-
-    def view(self) -> GuestView:
-        return self.registry.view(self.name)
-
-    def set_target(self, pages: int) -> None:
-        self.registry.set_target(self.name, pages)
-
-    def connection(self) -> Connection | None:
-        for conn in self.server.connections:
-            if conn.guest == self.name and not conn.closed:
-                return conn
-        return None
-
-    async def request_stats(self) -> bool:
-        """virtio-balloon: give the held stats buffer back (the guest then refreshes it).
-        True when a held buffer went back (``Connection.refresh_stats``, the awaited form
-        of ``GuestRegistry.request_stats``)."""
-        conn = self.connection()
-        return conn is not None and await conn.refresh_stats()
-
-
 @contextlib.asynccontextmanager
 async def vdev_rig(
     personality: str, qemu: QemuBinary, *, target: int = 0, scratch: Path | None = None
-) -> AsyncIterator[VdevRig]:
-    """Serve ``personality`` on ``SCRATCH/vu.sock`` (a scratch dir QEMU can see)."""
-    from vdev.devices.base import get_personality
-    from vdev.registry import GuestRegistry
-    from vdev.server import Server
+) -> AsyncIterator[InProcessVdev]:
+    """Serve ``personality`` in-process (:mod:`lab.vdev_inprocess`) on ``SCRATCH/vu.sock``
+    (a scratch dir QEMU can see; the rig's :attr:`~InProcessVdev.scratch`)."""
+    from lab.vdev_inprocess import open_inprocess_vdev
 
     own = scratch is None
     d = qemu.scratch_dir("vbq-") if scratch is None else scratch
     try:
-        sock = d / "vu.sock"
-        registry = GuestRegistry(personality, target=target)
-        server = Server(registry, get_personality(personality), socket_paths=[str(sock)])
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            try:
-                yield VdevRig(server, registry, sock, d, personality)
-            finally:
-                nursery.cancel_scope.cancel()
+        async with open_inprocess_vdev(
+            [d / "vu.sock"], device=personality, target_pages=target, scratch=d
+        ) as rig:
+            yield rig
     finally:
         if own:
             shutil.rmtree(d, ignore_errors=True)
@@ -340,21 +302,21 @@ async def balloon_side(
     set via QMP ``balloon``; "vdev" is vdev's virtio-balloon through QEMU with its target set
     via the registry. Yields ``run_round(r)``: inflate by ``pages``, deflate to 0 (round 0
     also records the observations into ``result``, reached as ``run_round.result``)."""
-    from lab.qtest import qtest_vm
+    from lab.qtest.launcher import qtest_vm
     from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
 
     ram = ram_mib << 20
     pool = PagePool(touch[0] >> 12, (touch[1] - touch[0]) >> 12)
     if pages + 256 > pool.count:
         raise LocalError(f"at most {pool.count - 256} pages")
-    rig_cm: contextlib.AbstractAsyncContextManager[VdevRig | None] = (
+    rig_cm: contextlib.AbstractAsyncContextManager[InProcessVdev | None] = (
         vdev_rig("virtio-balloon", qemu) if side == "vdev" else contextlib.nullcontext(None)
     )
     async with rig_cm as rig, contextlib.AsyncExitStack() as stack:
         if rig is not None:
             device, vid = vhost_user_device("virtio-balloon", qemu)
             vm = await stack.enter_async_context(
-                qtest_vm(qemu, devices=[device], chardevs={"c0": rig.socket},
+                qtest_vm(qemu, devices=[device], chardevs={"c0": rig.socket_path},
                          scratch=rig.scratch, ram_mib=ram_mib)
             )  # fmt: skip
         else:

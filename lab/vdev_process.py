@@ -1,7 +1,8 @@
 """``vdev serve`` as a child process: the one way the guest side and the tests start it.
 
 * :func:`serve_argv`: the command line (``python -m vdev serve`` or another ``vdev_cmd``).
-* :class:`VdevProcess`: a started child with its log file; waits until its sockets listen
+* :class:`VdevProcess`: a started child with its log file (a
+  :class:`conformance.backend.BackendProcess`, the harness's one way to run any back-end); waits until its sockets listen
   (:meth:`~VdevProcess.wait_listening`, or ``await`` :meth:`~VdevProcess.wait_listening_async`)
   and stops by its PID (:meth:`~VdevProcess.stop`: SIGTERM, then SIGKILL after ``timeout``;
   returns the exit code; ``await`` :meth:`~VdevProcess.stop_async` runs the same in a thread).
@@ -27,60 +28,26 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
 
-from protocol.errors import LocalError
+from conformance.backend import VDEV_CMD, BackendProcess, BackendStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: ``python -m vdev``: what runs ``serve`` unless a caller gives another ``vdev_cmd``.
-VDEV_CMD = (sys.executable, "-m", "vdev")
 START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
 
 T = TypeVar("T")
 
 
-class VdevStartError(LocalError):
-    """``vdev serve`` exited, or did not listen in time, before it was ready."""
+class VdevStartError(BackendStartError):
+    """``vdev serve`` exited, or did not listen in time, before it was ready.
 
-
-#: ``__SO_ACCEPTCON`` in ``/proc/net/unix``'s Flags column: the socket listens.
-_SO_ACCEPTCON = 0x10000
-
-
-def unix_listening(paths: Sequence[str]) -> bool:
-    """Whether a unix socket listens on each of ``paths``, without connecting (a connection
-    would be a front-end to vdev). A socket file appears at ``bind()``, before ``listen()``:
-    connecting in between is refused, so its existence is not enough; ``/proc/net/unix``
-    lists listening sockets by the name they were bound to: the path itself, or for vdev's
-    vhost-user sockets the temporary name renamed onto it once listening
-    (:func:`vdev.server.listen_temp_path`). Falls back to "the socket file exists" where
-    ``/proc/net/unix`` cannot be read."""
-    from vdev.server import listen_temp_path
-
-    try:
-        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
-            next(f)
-            bound = {
-                fields[7]
-                for fields in (line.rstrip("\n").split(None, 7) for line in f)
-                if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON
-            }
-    except (OSError, StopIteration, ValueError):
-        return all(Path(p).is_socket() for p in paths)
-    return all(
-        (str(p) in bound or listen_temp_path(str(p)) in bound) and Path(p).is_socket()
-        for p in paths
-    )
+    Raised by :class:`VdevProcess`'s waits (``start_vdev``, ``open_vdev``); caught by
+    ``scripts/run-qemu`` (reported, exit 1); in tests and the demo it fails the caller."""
 
 
 def socket_paths(socket_path: str | Path, socket_count: int | None = None) -> list[str]:
@@ -138,13 +105,18 @@ def vdev_serve_argv(
     )  # fmt: skip
 
 
-class VdevProcess:
-    """A ``vdev serve`` child (see :func:`start_vdev` / :func:`open_vdev`).
+class VdevProcess(BackendProcess):
+    """A ``vdev serve`` child (see :func:`start_vdev` / :func:`open_vdev`): a
+    :class:`~conformance.backend.BackendProcess` that waits for its vhost-user sockets and,
+    when given, its API socket.
 
     ``proc`` is the :class:`subprocess.Popen`; ``paths`` the vhost-user sockets; ``api_socket``
     the API socket waited for (None: not waited for); ``args`` the command line. Its output
     goes to ``log_path`` (appended), else nowhere, or with ``inherit_output`` to our stdout
-    and stderr; it runs in ``cwd`` (default the repository; None: ours)."""
+    and stderr; it runs in ``cwd`` (default the repository; None: ours) with the repository
+    first on ``PYTHONPATH``."""
+
+    start_error = VdevStartError
 
     def __init__(
         self,
@@ -157,111 +129,20 @@ class VdevProcess:
         cwd: str | Path | None = REPO_ROOT,
         inherit_output: bool = False,
     ) -> None:
-        self.args = list(args)
         self.paths = list(paths)
         self.api_socket = None if api_socket is None else str(api_socket)
-        self.log_path = log_path
         environ = dict(os.environ if env is None else env)
         environ["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), environ.get("PYTHONPATH")) if p
         )
-        out: Any = None if inherit_output else subprocess.DEVNULL
-        if log_path is not None:
-            out = open(log_path, "ab")  # noqa: SIM115 (the child keeps its own copy)
-        try:
-            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                self.args, cwd=cwd, env=environ, stdin=subprocess.DEVNULL,
-                stdout=out, stderr=out, start_new_session=True,
-            )  # fmt: skip
-        finally:
-            if log_path is not None:
-                out.close()
-
-    # -- state -----------------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit code, None while it runs (polls)."""
-        return self.proc.poll()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        """Its output so far ("" without a log file)."""
-        if self.log_path is None:
-            return ""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n: int = 1500) -> str:
-        return self.log()[-n:]
-
-    # -- start -----------------------------------------------------------------------------
-
-    def listening(self) -> bool:
-        """Every socket waited for listens; :class:`VdevStartError` if the process exited."""
-        if self.proc.poll() is not None:
-            raise VdevStartError(
-                f"vdev serve exited {self.proc.returncode} before listening: {self.log_tail()}"
-            )
-        wanted = [*self.paths, *([self.api_socket] if self.api_socket else [])]
-        return unix_listening(wanted)
-
-    def _not_listening(self, timeout: float) -> VdevStartError:
-        return VdevStartError(
-            f"vdev serve did not listen on {self.paths} within {timeout} s: {self.log_tail()}"
-        )
-
-    def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
-        """Block until it listens; on failure the process is stopped and this raises."""
-        deadline = time.monotonic() + timeout
-        while not self.listening():
-            if time.monotonic() > deadline:
-                self.stop(timeout=1)
-                raise self._not_listening(timeout)
-            time.sleep(0.02)
-
-    async def wait_listening_async(self, timeout: float = START_TIMEOUT) -> None:
-        """:meth:`wait_listening` for trio."""
-        with trio.move_on_after(timeout):
-            while not self.listening():
-                await trio.sleep(0.02)
-            return
-        await self.stop_async(timeout=1)
-        raise self._not_listening(timeout)
-
-    # -- stop ------------------------------------------------------------------------------
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        """Send ``sig`` (if still running), wait ``timeout`` s, then SIGKILL; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    async def stop_async(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        """:meth:`stop` in a worker thread, shielded from cancellation (it is bounded)."""
-        with trio.CancelScope(shield=True):
-            code = await trio.to_thread.run_sync(self.stop, sig, timeout)
-        return code
+        super().__init__(
+            args, [*self.paths, *([self.api_socket] if self.api_socket else [])],
+            what="vdev serve", log_path=log_path, env=environ, cwd=cwd,
+            inherit_output=inherit_output,
+        )  # fmt: skip
 
     def __enter__(self) -> VdevProcess:
         return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def spawn_vdev(

@@ -1,6 +1,6 @@
 """A guest-side virtio-balloon driver, modelled on Linux's drivers/virtio/virtio_balloon.c.
 
-It runs over :class:`lab.qtest.VirtioPci` (our qtest "guest"), against QEMU's
+It runs over :class:`lab.qtest.virtio_pci.VirtioPci` (our qtest "guest"), against QEMU's
 built-in ``virtio-balloon-pci`` or vdev's virtio-balloon personality behind a vhost-user
 device. What it does, as Linux does:
 
@@ -23,7 +23,6 @@ one PFN range of guest RAM the test owns).
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -31,13 +30,14 @@ import numpy as np
 import trio
 
 from guest_driver.virtq import Buffer
-from lab.qtest import ISR_CONFIG, ISR_QUEUE, GuestAllocator, VirtioPci
+from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
 from protocol import virtio_balloon as vb
 from protocol.errors import LocalError
+from protocol.units import PAGE_SIZE
+from protocol.virtio_pci import Isr
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 1 << vb.PFN_SHIFT
 OOM_NR_PAGES = 256  # VIRTIO_BALLOON_OOM_NR_PAGES
 #: Linux's order of stats in the buffer (update_balloon_stats), the subset it always sends
 LINUX_STATS_ORDER: tuple[vb.StatTag, ...] = (
@@ -283,7 +283,7 @@ class VirtioBalloonDriver:
         order = [t for t in LINUX_STATS_ORDER if t in stats] + [
             t for t in stats if t not in LINUX_STATS_ORDER
         ]
-        data = b"".join(struct.pack("<HQ", int(t), stats[t] & (2**64 - 1)) for t in order)
+        data = vb.pack_stats((t, stats[t]) for t in order)
         await self.dev.qt.write(self._stats_buf, data)
         await self.dev.queues[self.STATSQ].add([Buffer(self._stats_buf, len(data))])
         await self.dev.kick(self.STATSQ)
@@ -303,15 +303,15 @@ class VirtioBalloonDriver:
     async def service(self, timeout: float) -> int:
         """Wait for one interrupt and act on it, as vp_interrupt + the vq callbacks do:
         any interrupt checks statsq (the device may have returned the stats buffer); a
-        config change runs the balloon work. Returns the ISR bits handled (ISR_CONFIG for
+        config change runs the balloon work. Returns the ISR bits handled (Isr.CONFIG for
         balloon work that was already due at probe time, without waiting)."""
         if self.work_pending:
             self.work_pending = False
             await self.balloon_work()
-            return ISR_CONFIG
-        bits = await self.dev.wait_isr(ISR_CONFIG | ISR_QUEUE, timeout)
+            return Isr.CONFIG
+        bits = await self.dev.wait_isr(Isr.CONFIG | Isr.QUEUE, timeout)
         await self.stats_handle_request()
-        if bits & ISR_CONFIG:
+        if bits & Isr.CONFIG:
             self.counters.config_changes += 1
             await self.balloon_work()
         return bits
@@ -321,7 +321,7 @@ class VirtioBalloonDriver:
         probe); returns the pages moved (negative: deflated)."""
         with trio.fail_after(timeout):
             before = self.counters.inflated_pages - self.counters.deflated_pages
-            while not await self.service(timeout) & ISR_CONFIG:
+            while not await self.service(timeout) & Isr.CONFIG:
                 pass
             return self.counters.inflated_pages - self.counters.deflated_pages - before
 

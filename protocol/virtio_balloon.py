@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Any
 
 import construct as cs
@@ -32,6 +33,14 @@ assert PFN_DTYPE.itemsize == PFN.sizeof()
 STAT = cs.Struct("tag" / cs.Int16ul, "val" / cs.Int64ul)  # packed: 10 bytes
 STAT_SIZE = STAT.sizeof()
 STAT_DTYPE: np.dtype[Any] = field_dtype(STAT)
+_U64 = (1 << 64) - 1
+
+
+def pack_stats(entries: Iterable[tuple[int, int]]) -> bytes:
+    """A stats buffer: one :data:`STAT` entry per ``(tag, value)``, in order (a driver's side;
+    values are taken modulo 2**64, as a u64 on the wire; a tag must fit in a u16)."""
+    rows = [(int(tag), int(val) & _U64) for tag, val in entries]
+    return np.array(rows, dtype=STAT_DTYPE).tobytes()
 
 
 class Feature(enum.IntFlag):

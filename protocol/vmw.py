@@ -17,10 +17,9 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _derive
+from .units import PAGE_SHIFT, PAGE_SIZE
 
 MAGIC = 0x456C6D6F  # "Elmo", the backdoor's EAX magic
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 PAGES_PER_2M = 512
 U32_MAX = 0xFFFF_FFFF
 VMCI_INVALID_ID = 0xFFFF_FFFF

@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import trio
@@ -28,6 +29,14 @@ from lab.qemu import QemuBinary
 from lab.vdev_process import VdevProcess, start_vdev
 
 MiB = 1 << 20
+
+
+def missing_prerequisite(reason: str) -> NoReturn:
+    """A prerequisite scripts/setup provides is missing: skip, saying why, or under CI
+    (``CI=true``, where set-up ran on a fresh machine) fail."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: scripts/setup must provide it)")
+    pytest.skip(reason)
 
 
 @pytest.fixture
@@ -54,18 +63,16 @@ def vdev_process(tmp_path: Path) -> Iterator[Callable[..., VdevProcess]]:
 
 @pytest.fixture
 async def vdev_inproc(nursery: trio.Nursery, tmp_path: Path) -> Any:
-    from vdev.devices.base import get_personality
-    from vdev.registry import GuestRegistry
-    from vdev.server import Server
+    from lab.vdev_inprocess import start_inprocess_vdev
 
     async def start(
         sockets: int = 1, target_pages: int = 0, device: str = "vmw"
     ) -> tuple[Any, Any]:
-        registry = GuestRegistry(device, target=target_pages)
-        paths = [str(tmp_path / f"in{i}.sock") for i in range(sockets)]
-        server = Server(registry, get_personality(device), socket_paths=paths)
-        await nursery.start(server.run)
-        return server, registry
+        paths = [tmp_path / f"in{i}.sock" for i in range(sockets)]
+        vdev = await start_inprocess_vdev(
+            nursery, paths, device=device, target_pages=target_pages
+        )
+        return vdev.server, vdev.registry
 
     return start
 

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.api.app import (
     OPENAPI,
     bind_unix_socket,
@@ -41,7 +42,6 @@ from vdev.devices.base import DeviceContext, get_personality
 from vdev.memory import GuestMemory
 from vdev.metrics import render_metrics
 from vdev.policy.control import ControlPlane
-from vdev.policy.model import PAGE_SIZE
 from vdev.virtq import VirtQueue
 
 MIB = 1 << 20

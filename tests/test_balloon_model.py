@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SHIFT
 from protocol.vmw import (
     ALL_CAPABILITIES,
     COMMAND_DEBUGFS_NAME,
     MAGIC,
-    PAGE_SHIFT,
     TARGET_CARRYING,
     U32_MAX,
     VMCI_INVALID_ID,

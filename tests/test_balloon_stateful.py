@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from protocol.units import PAGE_SHIFT
 from protocol.vmw import (
     MAGIC,
-    PAGE_SHIFT,
     TARGET_CARRYING,
     U32_MAX,
     VMCI_INVALID_ID,

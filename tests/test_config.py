@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.config import (
     ControlConfig,
     VmConfig,
@@ -16,7 +17,7 @@ from vdev.config import (
     parse_shares,
     parse_size,
 )
-from vdev.policy.model import PAGE_SIZE, SharesLevel
+from vdev.policy.model import SharesLevel
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -12,11 +12,12 @@ import trio
 import trio.testing
 from control_fakes import FakeGuest, make_registry
 
-from protocol.errors import HostResourceError
+from protocol.errors import HostResourceError, NotSimulated
+from protocol.units import PAGE_SIZE
 from vdev.config import ControlConfig, VmConfig
 from vdev.devices.base import DeviceStatus
-from vdev.policy.control import ControlPlane, NotSimulated, find_cgroup_v2_dir
-from vdev.policy.model import PAGE_SIZE, HostSample, HostState
+from vdev.policy.control import ControlPlane, find_cgroup_v2_dir
+from vdev.policy.model import HostSample, HostState
 
 MIB = 1 << 20
 GIB = 1 << 30

@@ -29,4 +29,4 @@ def test_help_without_a_venv(tmp_path: Path) -> None:
 def test_help_with_the_venv() -> None:
     done = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: scripts/demo")
+    assert done.stdout.startswith("Usage: scripts/demo")

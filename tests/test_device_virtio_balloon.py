@@ -24,7 +24,6 @@ from vdev.devices.virtio_balloon import (
     STATSQ,
     VirtioBalloon,
     VirtioBalloonDevice,
-    build_stats,
     parse_stats,
     pfn_array,
 )
@@ -99,9 +98,8 @@ def test_bad_chain_and_trailing_fragment() -> None:
 def test_stats_held_returned_and_rewound() -> None:
     r = ram()
     d = VirtioBalloon()
-    data = build_stats({vb.StatTag.MEMFREE: 123, vb.StatTag.MEMTOT: 456}) + struct.pack(
-        "<HQ", 99, 1
-    )  # unknown tag: ignored
+    data = vb.pack_stats([(vb.StatTag.MEMFREE, 123), (vb.StatTag.MEMTOT, 456), (99, 1)])
+    # tag 99 is unknown: ignored
     r.write(0x3000, data)
     out = d.process(STATSQ, [FakeChain(5, [(0x3000, len(data))])], r, now=42.0)
     assert out.completions == []  # held
@@ -220,7 +218,7 @@ async def test_device_inflate_reclaims_and_stats_rewind(gmem: GuestMemory) -> No
         dev.write_config(0, struct.pack("<II", 0, 64), migration=False)
         assert dev.read_config(0, 8) == struct.pack("<II", 64, 64)
         # stats: held, then given back on request; a stop while held rewinds the ring
-        gmem.write(0x200000, build_stats({vb.StatTag.MEMFREE: 5}))
+        gmem.write(0x200000, vb.pack_stats([(vb.StatTag.MEMFREE, 5)]))
         sh = await drv[STATSQ].add([Buffer(0x200000, 10)])
         assert dev.kick(STATSQ).completions == []
         assert dev.status().guest_stats["stat-free-memory"] == 5

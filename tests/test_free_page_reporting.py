@@ -16,8 +16,9 @@ from typing import Any
 
 import trio
 
-from lab.linux_guest import MIB, PAGES_PER_MIB, boot_guest, serve_vdev
+from lab.linux_guest import MIB, boot_guest, serve_vdev
 from protocol import virtio_balloon as vb
+from protocol.units import PAGES_PER_MIB
 from vdev.devices.virtio_balloon import VirtioBalloonReportingDevice
 
 FREED_MIB = 200

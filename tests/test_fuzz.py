@@ -70,8 +70,15 @@ def test_draw_is_total() -> None:
 
 
 def test_frames_seeds_are_valid() -> None:
-    for seed in frames.seeds():
-        frames.one_input(seed)
+    """Each parser's seed is a well-formed input: it parses and builds back (check raises
+    FormatError or Finding otherwise, which one_input would swallow or report), and every
+    seed routes to its own parser."""
+    seeds = frames.seeds()
+    assert len(seeds) == len(frames.PARSERS) > 0
+    for i, (seed, parser) in enumerate(zip(seeds, frames.PARSERS, strict=True)):
+        assert seed[0] == i and frames.PARSERS[seed[0] % len(frames.PARSERS)] is parser
+        parser.check(seed[1:])  # no FormatError: the seed is valid, not merely tolerated
+        assert run_one(frames, seed) is None
 
 
 def test_frames_oracle_accepts_declared_errors() -> None:

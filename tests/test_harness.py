@@ -25,7 +25,8 @@ import trio
 
 from conformance import cases as catalogue
 from conformance.__main__ import main as harness_main
-from conformance.runner import FAIL, PASS, SKIP, Result, VdevSpawner, run_all, write_junit
+from conformance.backend import BackendSpawner
+from conformance.runner import FAIL, PASS, SKIP, Result, run_all, write_junit
 from protocol import vhost_user as vu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def _failed(results: list[Result]) -> set[str]:
 async def _run(
     device: str, pattern: str | None = None, vdev_cmd: list[str] | None = None
 ) -> list[Result]:
-    spawner = VdevSpawner(device, vdev_cmd)
+    spawner = BackendSpawner(device, vdev_cmd)
     async with spawner.running():
         return await run_all(
             catalogue.select(device, pattern),
@@ -238,7 +239,7 @@ async def test_virtio_balloon_conformance_against_vdev() -> None:
 @pytest.mark.timeout(60)
 async def test_target_cases_skip_with_reason_without_hook(tmp_path: Path) -> None:
     with trio.fail_after(30):
-        spawner = VdevSpawner("vmw")
+        spawner = BackendSpawner("vmw")
         async with spawner.running():
             path = await spawner.socket_for(None)
             results = await run_all(
@@ -261,7 +262,7 @@ NEIGHBOURS = "vmw.lock-unlock,vmw.batch-statuses,vmw.guest-id,vu.reply-ack,vmw.b
 @pytest.mark.timeout(60)
 async def test_proxy_with_reply_flags_0xd_fails_exactly_the_flags_case(tmp_path: Path) -> None:
     with trio.fail_after(40):
-        spawner = VdevSpawner("vmw")
+        spawner = BackendSpawner("vmw")
         async with spawner.running(), trio.open_nursery() as nursery:
             upstream = await spawner.socket_for(T := catalogue.T)
             proxy = FlagProxy(str(tmp_path / "proxy.sock"), upstream, reply_flags=0xD)
@@ -333,6 +334,34 @@ def test_cli_exit_status_and_junit_against_a_mutant(tmp_path: Path) -> None:
     failing = [tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None]
     assert failing == ["vmw.pinned-ring-pages"]
 
+
+
+def test_cli_spawns_any_backend_from_a_command_line(tmp_path: Path) -> None:
+    """``--spawn CMD``: the harness starts whatever back-end the command line names (here
+    vdev without its API, so nothing of the default is used) and waits for ``{socket}``;
+    without ``--target-hook`` the cases that change the target are skipped with the reason."""
+    backend = (
+        f"{sys.executable} -m vdev serve --device {{device}} --socket-path {{socket}} --no-api "
+        f"--target {{bytes}}"
+    )
+    cmd = [
+        sys.executable, "-m", "conformance", "--spawn", backend, "--device", "vmw",
+        "-k", "vmw.guest-id,vmw.doorbell-target-change",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed, 0 failed, 1 skipped" in proc.stdout, proc.stdout
+    assert "spawned back-end" in proc.stdout
+
+
+def test_conformance_imports_nothing_of_vdev() -> None:
+    """The harness runs in a process where importing vdev is impossible."""
+    code = (
+        "import sys; sys.modules['vdev'] = None\n"
+        "import conformance.__main__, conformance.backend, conformance.runner\n"
+        "assert not [m for m in sys.modules if m.startswith('vdev.')]"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 if __name__ == "__main__":
     # python tests/test_harness.py MUTANT vdev-args...: vdev with one rule inverted

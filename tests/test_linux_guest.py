@@ -34,7 +34,6 @@ from lab.linux_guest import (
     BALLOON_DRIVER,
     KIB,
     MIB,
-    PAGES_PER_MIB,
     QUIET_INTERVAL,
     VDEV_SOCKET_NAME,
     InProcessVdev,
@@ -52,6 +51,7 @@ from lab.linux_guest import (
 from lab.qemu import QemuBinary
 from lab.vdev_process import ApiVdev, vdev_serve
 from protocol import virtio_balloon as vb
+from protocol.units import PAGES_PER_MIB
 
 QUIET = f"vb.interval={QUIET_INTERVAL}"
 VERSION_1 = 32

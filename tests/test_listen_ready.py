@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from lab.vdev_process import spawn_vdev, unix_listening
+from conformance.backend import unix_listening
+from lab.vdev_process import spawn_vdev
 from vdev.devices.base import get_personality
 from vdev.registry import GuestRegistry
 from vdev.server import Server

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from protocol.errors import FrontendError, GuestError
-from vdev.memory import PAGE_SIZE, GuestMemory, RegionSpec, close_regions
+from protocol.units import PAGE_SIZE
+from vdev.memory import GuestMemory, RegionSpec, close_regions
 
 MiB = 1 << 20
 UVA = 0x7F00_0000_0000

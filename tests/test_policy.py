@@ -13,10 +13,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.policy.host import SimulatedHost
 from vdev.policy.model import (
     GIB,
-    PAGE_SIZE,
     FillItem,
     HostSample,
     HostState,
@@ -496,7 +496,15 @@ def test_expandable_reservation_borrows_from_parent() -> None:
         "parent": PoolSpec("parent", reservation_pages=2500, expandable_reservation=False),
         "child": PoolSpec("child", parent="parent", reservation_pages=1000),
     }
-    compute_entitlements(child_vm, ok, PolicySettings(), 0)
+    none = compute_entitlements(child_vm, ok, PolicySettings(), 0)
+    assert none.vms["v"].target_pages == 0 and none.unmet_pages == 0
+    # Under pressure beyond what the tree can give, the VM keeps the parent's reservation
+    # (2500, which holds the child's 1000 and the 1000 it borrowed) and no more: its own
+    # reservation alone would let it go to 8000 (its max).
+    squeezed = compute_entitlements(child_vm, ok, PolicySettings(ctl_max_percent=99), 20_000)
+    e = squeezed.vms["v"]
+    assert (e.target_pages, e.max_pages) == (7500, 8000)
+    assert squeezed.pressure_pages == 7500 and squeezed.unmet_pages == 20_000 - 7500
     # ...which must have them: a non-expandable parent reserving only 1500 refuses.
     short = dict(
         ok, parent=PoolSpec("parent", reservation_pages=1500, expandable_reservation=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from protocol.errors import HostResourceError
+from protocol.units import PAGE_SIZE
 from vdev.policy.host import (
     MemInfo,
     Psi,
@@ -23,7 +24,7 @@ from vdev.policy.host import (
     parse_psi,
     read_host_sample,
 )
-from vdev.policy.model import PAGE_SIZE, HostSample
+from vdev.policy.model import HostSample
 
 # `cat /proc/meminfo` on the build machine (Linux 6.18, 24 GB, no swap), verbatim.
 MEMINFO_CAPTURED = """\

@@ -550,6 +550,15 @@ def test_stat_dtype_view_equals_construct(data: bytes) -> None:
 
 
 @FAST
+@given(st.lists(st.tuples(st.integers(0, 2**16 - 1), st.integers(-(2**64), 2**65)), max_size=32))
+def test_pack_stats_is_the_declared_entry(entries: list[tuple[int, int]]) -> None:
+    data = vb.pack_stats(entries)
+    expect = [{"tag": t, "val": v % 2**64} for t, v in entries]
+    assert plain(cs.Array(len(entries), vb.STAT).parse(data)) == expect
+    assert len(data) == vb.STAT_SIZE * len(entries)
+
+
+@FAST
 @given(st.lists(st.integers(0, 2**32 - 1), max_size=256))
 def test_balloon_pfn_dtype(pfns: list[int]) -> None:
     data = cs.Array(len(pfns), vb.PFN).build(pfns)
@@ -617,3 +626,32 @@ def test_vmw_parsers_raise_only_format_error(data: bytes) -> None:
     for parser in (vmw.Request.parse, vmw.Response.parse, vmw.parse_event, vu.parse_header):
         with contextlib.suppress(FormatError):
             parser(data)
+
+
+def test_virtio_pci_layout_matches_the_spec() -> None:
+    """virtio 1.x §4.1.4.3 and §4.1.4: the offsets drivers hard-code (Linux's
+    ``include/uapi/linux/virtio_pci.h`` VIRTIO_PCI_COMMON_*), derived from the declarations."""
+    from protocol import virtio_pci as vp
+
+    spec = {
+        "device_feature_select": 0, "device_feature": 4, "driver_feature_select": 8,
+        "driver_feature": 12, "config_msix_vector": 16, "num_queues": 18, "device_status": 20,
+        "config_generation": 21, "queue_select": 22, "queue_size": 24, "queue_msix_vector": 26,
+        "queue_enable": 28, "queue_notify_off": 30, "queue_desc": 32, "queue_driver": 40,
+        "queue_device": 48,
+    }  # fmt: skip
+    assert spec == vp.COMMON_CFG_OFFSET and vp.COMMON_CFG.sizeof() == 56
+    assert (vp.CC_STATUS, vp.CC_Q_NOTIFY_OFF, vp.CC_Q_DEVICE) == (0x14, 0x1E, 0x30)
+    assert vp.CAP.sizeof() == 16 and vp.NOTIFY_CAP.sizeof() == 20
+    assert {k: vp.CAP_OFFSET[k] for k in ("cfg_type", "bar", "offset", "length")} == {
+        "cfg_type": 3, "bar": 4, "offset": 8, "length": 12,
+    }  # fmt: skip
+    assert vp.CAP_OFFSET["notify_off_multiplier"] == 16
+    cap = vp.NOTIFY_CAP.parse(bytes([9, 0x40, 20, 2, 4, 0, 0, 0]) + bytes.fromhex(
+        "00300000" "00100000" "04000000"))  # fmt: skip
+    assert (cap.cfg_type, cap.bar, cap.offset, cap.length, cap.notify_off_multiplier) == (
+        vp.VIRTIO_PCI_CAP_NOTIFY_CFG, 4, 0x3000, 0x1000, 4)  # fmt: skip
+    assert vp.virtio_device_id(vp.VIRTIO_VENDOR, 0x1045) == 5
+    assert vp.virtio_device_id(vp.VIRTIO_VENDOR, 0x1002, 5) == 5
+    assert vp.virtio_device_id(0x8086, 0x1045) is None
+    assert vp.virtio_device_id(vp.VIRTIO_VENDOR, 0x1100) is None

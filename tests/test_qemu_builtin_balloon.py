@@ -6,7 +6,9 @@ import pytest
 import trio
 
 from lab import qemu
-from lab.qtest import GuestAllocator, VirtioPci, pci_scan, qtest_vm
+from lab.qtest.launcher import qtest_vm
+from lab.qtest.pci import pci_scan
+from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
 from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
 from protocol import virtio_balloon as vb
 

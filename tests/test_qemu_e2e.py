@@ -24,18 +24,20 @@ import trio
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
 from guest_driver.guest_memory import PageSize
-from guest_driver.transport import DeviceGone
 from lab import qemu
-from lab.qtest import GuestAllocator, QtestError, QtestVm, VirtioPci, qtest_vm
+from lab.qtest.client import QtestError
+from lab.qtest.launcher import QtestVm, qtest_vm
+from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
 from lab.transport_qtest import (
     CMDQ,
     QtestTransport,
-    VdevRig,
     vdev_rig,
     vhost_user_device,
 )
+from lab.vdev_inprocess import InProcessVdev
 from lab.virtio_balloon_driver import PagePool, VirtioBalloonDriver
 from protocol import virtio_balloon as vb
+from protocol.errors import DeviceGone
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, EventKind, Request, Response
 
 pytestmark = pytest.mark.qemu
@@ -59,11 +61,11 @@ def want_qemu(personality: str) -> qemu.QemuBinary:
 
 @contextlib.asynccontextmanager
 async def guest(
-    rig: VdevRig, q: qemu.QemuBinary, *, qmp: bool = False
+    rig: InProcessVdev, q: qemu.QemuBinary, *, qmp: bool = False
 ) -> AsyncIterator[tuple[QtestVm, VirtioPci]]:
     device, vid = vhost_user_device(rig.personality, q)
     async with qtest_vm(
-        q, devices=[device], chardevs={"c0": rig.socket}, scratch=rig.scratch, ram_mib=RAM_MIB,
+        q, devices=[device], chardevs={"c0": rig.socket_path}, scratch=rig.scratch, ram_mib=RAM_MIB,
         qmp=qmp,
     ) as vm:  # fmt: skip
         dev = await VirtioPci.find(vm.qt, vid)
@@ -292,7 +294,7 @@ async def test_virtio_balloon_stats_buffer_survives_vm_stop_cont() -> None:
 # ----------------------------------------------------------------- QEMU dies, vdev lives
 
 
-async def _vmw_session(rig: VdevRig, vm: QtestVm, dev: VirtioPci, kill_after: int | None) -> None:
+async def _vmw_session(rig: InProcessVdev, vm: QtestVm, dev: VirtioPci, kill_after: int | None) -> None:
     t = await QtestTransport.open(dev, GuestAllocator())
     drv = vmw_driver(t)
     await drv.work()
@@ -305,7 +307,7 @@ async def _vmw_session(rig: VdevRig, vm: QtestVm, dev: VirtioPci, kill_after: in
     await vmw_fill(drv, t)
 
 
-async def _vb_session(rig: VdevRig, vm: QtestVm, dev: VirtioPci, kill_after: int | None) -> None:
+async def _vb_session(rig: InProcessVdev, vm: QtestVm, dev: VirtioPci, kill_after: int | None) -> None:
     drv = vb_driver(dev)
     await drv.start()
     if kill_after is not None:
@@ -331,7 +333,7 @@ def _arm_kill(vm: QtestVm, dev: VirtioPci, queue: int, after: int) -> None:
     dev.notify = notify  # type: ignore[method-assign]
 
 
-SESSIONS: dict[str, Callable[[VdevRig, QtestVm, VirtioPci, int | None], Awaitable[None]]] = {
+SESSIONS: dict[str, Callable[[InProcessVdev, QtestVm, VirtioPci, int | None], Awaitable[None]]] = {
     "vmw": _vmw_session,
     "virtio-balloon": _vb_session,
 }

@@ -13,15 +13,10 @@ import trio.testing
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
 from lab import qemu
-from lab.qtest import (
-    BarAllocator,
-    GuestAllocator,
-    Qtest,
-    QtestClosed,
-    QtestError,
-    VirtioPci,
-    qtest_vm,
-)
+from lab.qtest.client import Qtest, QtestClosed, QtestError
+from lab.qtest.launcher import qtest_vm
+from lab.qtest.pci import BarAllocator
+from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
 from lab.transport_qtest import QtestTransport, vhost_user_device
 from lab.vdev_process import open_vdev
 

@@ -49,7 +49,7 @@ async def test_run_qemu_attaches_to_vdev(device: str) -> None:
         async with vdev_rig(device, q) as rig:
             bios = write_hlt_bios(rig.scratch / "hlt.bin")
             argv = [str(SCRIPT), "--device", device, "--qemu", q.name, "--ram", "256",
-                    "--socket", str(rig.socket), "--", "-bios", q.host_path(bios)]  # fmt: skip
+                    "--socket", str(rig.socket_path), "--", "-bios", q.host_path(bios)]  # fmt: skip
             async with trio.open_nursery() as n:
                 proc: trio.Process = await n.start(
                     lambda task_status: trio.run_process(

@@ -17,12 +17,12 @@ import trio
 
 from guest_driver.frontend import UVA_BASE, VmwChannel, connect_frontend
 from protocol import vhost_user as vu
-from protocol.errors import FrontendError
+from protocol.errors import BackendError
+from protocol.units import PAGE_SIZE
 from protocol.vhost_user import FrontendRequest as R
 from protocol.virtqueue import DescFlag
 from protocol.vmw import (
     ALL_CAPABILITIES,
-    PAGE_SIZE,
     Command,
     Request,
     Status,
@@ -270,7 +270,7 @@ async def test_bad_fd_kinds_do_not_kill(server, guest_ram) -> None:
             await fe.request(R.SET_PROTOCOL_FEATURES, {"value": fe.protocol_features})
             fd = os.eventfd(0)
             try:
-                with pytest.raises(FrontendError):
+                with pytest.raises(BackendError):  # the back-end refused
                     await fe.request(R.SET_BACKEND_REQ_FD, None, [fd])
             finally:
                 os.close(fd)

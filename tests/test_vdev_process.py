@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import trio
 
+from conformance.backend import socket_identity, unix_listening
 from guest_driver.driver import DriverConfig
-from guest_driver.frontend import BackendHungUp, GuestRamFile, VmwChannel, connect_frontend
-from guest_driver.transport import DeviceGone
+from guest_driver.frontend import GuestRamFile, VmwChannel, connect_frontend
 from guest_driver.transport_vhost_user import GuestOptions, connect_transport, run_guest
 from lab.vdev_process import (
     VdevStartError,
     open_vdev,
     serve_argv,
     start_vdev,
-    unix_listening,
     vdev_serve,
 )
+from protocol.errors import BackendHungUp, DeviceGone
 from protocol.vmw import ALL_CAPABILITIES, Command, Request, Status
 
 MiB = 1 << 20
@@ -52,6 +52,23 @@ def test_unix_listening_means_listen_not_just_bound(tmp_path: Path) -> None:
         sock.listen(1)
         assert unix_listening([path])
     assert not unix_listening([str(tmp_path / "none")])
+
+
+def test_unix_listening_ignores_a_stale_socket_file(tmp_path: Path) -> None:
+    """A socket file left by a back-end that is gone (nothing in /proc/net/unix holds it)
+    does not count once recorded as stale; the new back-end's socket, renamed onto the path
+    once listening (vdev's way), does."""
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
+        old.bind(path)
+        old.listen(1)
+    stale = {path: socket_identity(path)}
+    assert Path(path).is_socket() and not unix_listening([path], stale=stale)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as new:
+        new.bind(str(tmp_path / ".s~"))
+        new.listen(1)
+        os.rename(tmp_path / ".s~", path)
+        assert unix_listening([path], stale=stale)
 
 
 def test_start_vdev_sync_stop_returns_the_exit_code(tmp_path: Path) -> None:

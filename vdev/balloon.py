@@ -67,13 +67,13 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol.errors import ConfigError, GuestError
+from protocol.units import PAGE_SHIFT
 from protocol.vmw import (
     ALL_CAPABILITIES,
     BATCH_ENTRY_DTYPE,
     BATCH_MAX_ENTRIES,
     COMMAND_DEBUGFS_NAME,
     MAGIC,
-    PAGE_SHIFT,
     PAGES_PER_2M,
     REQUEST_SIZE,
     RESPONSE_SIZE,

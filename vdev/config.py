@@ -52,15 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import ConfigError
-from vdev.policy.model import (
-    PAGE_SIZE,
-    PolicyEngine,
-    PolicySettings,
-    PoolSpec,
-    Shares,
-    SharesLevel,
-    VmSpec,
-)
+from protocol.units import PAGE_SIZE
+from vdev.policy.model import PolicyEngine, PolicySettings, PoolSpec, Shares, SharesLevel, VmSpec
 
 __all__ = [
     "ControlConfig",

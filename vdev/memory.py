@@ -47,11 +47,10 @@ import numpy.typing as npt
 import trio
 
 from protocol.errors import FrontendError, GuestError, HostResourceError
+from protocol.units import PAGE_SHIFT, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 U64_MAX = (1 << 64) - 1
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -164,8 +163,7 @@ class GuestMemory:
         self._released: list[Region | int] = []  # for the owner to close (take_released)
         self.generation = 0  # bumps on every table change
         self.reclaimed_bytes_total = 0
-        #: reclaims whose punch failed (the guest was told the pages were taken, but the
-        #: host got nothing back): counted, shown in vdev stat and metrics
+        #: Reclaims that failed (a punch the host refused): the pages stay resident.
         self.reclaim_failures = 0
         self._index()
 
@@ -489,19 +487,12 @@ class GuestMemory:
         starts = np.asarray(pfn_starts, dtype=np.uint64).ravel()
         counts = np.asarray(pfn_counts, dtype=np.uint64).ravel()
         upper = int(np.minimum(counts, np.uint64(1 << 40)).sum()) << PAGE_SHIFT
-        try:
-            done = await self._reclaim_planned(starts, counts, upper)
-        except HostResourceError:
-            self.reclaim_failures += 1
-            raise
-        self.reclaimed_bytes_total += done
-        return done
-
-    async def _reclaim_planned(
-        self, starts: npt.NDArray[np.uint64], counts: npt.NDArray[np.uint64], upper: int
-    ) -> int:
         if starts.size <= THREAD_RECLAIM_PIECES and upper < THREAD_RECLAIM_BYTES:
-            done = self._punch(self._plan(starts, counts))
+            try:
+                done = self._punch(self._plan(starts, counts))
+            except HostResourceError:
+                self.reclaim_failures += 1
+                raise
         else:
             regions = list(self._regions)
             for r in regions:
@@ -510,12 +501,16 @@ class GuestMemory:
                 done = await trio.to_thread.run_sync(
                     lambda: self._punch(self._plan(starts, counts, regions))
                 )
+            except HostResourceError:
+                self.reclaim_failures += 1
+                raise
             finally:
                 for r in regions:
                     r.busy -= 1
                     if r.retired and not r.busy:
                         self._retired.remove(r)
                         self._released.append(r)  # the owner closes it (take_released)
+        self.reclaimed_bytes_total += done
         return done
 
     def allocated_bytes(self) -> int:

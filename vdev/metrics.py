@@ -26,7 +26,6 @@ vballoon_policy_{pressure,unmet}_pages                 last policy step (pressur
 vballoon_policy_capped_pages{vm}                       limit / manual target cut by MCTLMAX
 vballoon_policy_steps_total                            policy steps taken
 vballoon_setting{path}                                 advanced settings
-vballoon_vm_reclaim_failures_total{vm}                 punches that failed (host got nothing)
 vballoon_vm_reported_bytes_total{vm}                   free page reporting: bytes punched
 vballoon_vm_guest_backoff{vm}                          1 while the guest's balloon is held
 vballoon_cgroup_usage_bytes{cgroup}, _limit_bytes      a watched cgroup (--watch-cgroup)
@@ -34,25 +33,41 @@ vballoon_cgroup_events_total{cgroup,event}             its oom / oom_kill / max 
 vballoon_cgroup_under_oom{cgroup}                      v1: paused under OOM (backstop)
 vballoon_pressure_notifications_total                  kernel notifications that woke us
 vballoon_backstop_engaged, _pauses_total               the backstop (--backstop)
+vballoon_vm_info{vm,socket}                            1 per guest: the socket it is served on
+vballoon_build_info{version}                           1: the vballoon package version
+process_start_time_seconds, process_* (Linux)          prometheus_client's process collector:
+                                                       a change of the start time = a restart
 =====================================================  ===============================
+
+A reclaim the host refused (``fallocate``/``madvise`` failed: the pages stay resident) counts
+in ``vballoon_vm_balloon_events_total{counter="reclaim failures"}``. The alerting rules and the
+Grafana dashboard over these series are in ``contrib/prometheus`` and ``contrib/grafana``.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+import trio
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
+from protocol.version import package_version
 from vdev.policy.control import driver_active, failures
-from vdev.policy.model import PAGE_SIZE, HostState
+from vdev.policy.model import HostState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from vdev.policy.control import ControlPlane
+
+log = logging.getLogger(__name__)
 
 
 class ControlPlaneCollector(Collector):
@@ -114,6 +129,9 @@ class ControlPlaneCollector(Collector):
         stats = GaugeMetricFamily(
             "vballoon_vm_guest_stat", "virtio-balloon guest statistics", labels=["vm", "stat"]
         )
+        info = GaugeMetricFamily(
+            "vballoon_vm_info", "The guest and the socket it is served on", labels=["vm", "socket"]
+        )
 
         for name in control.registry.names():
             try:
@@ -123,6 +141,7 @@ class ControlPlaneCollector(Collector):
             counters = {
                 str(k): int(v) for k, v in dict(getattr(view, "counters", {}) or {}).items()
             }
+            info.add_metric([name, str(getattr(view, "socket_path", ""))], 1)
             connected.add_metric(
                 [name, str(getattr(view, "personality", ""))], float(bool(view.connected))
             )
@@ -145,7 +164,12 @@ class ControlPlaneCollector(Collector):
                 if int(value) >= 0:  # -1: the guest does not report it
                     stats.add_metric([name, str(stat)], int(value))
         yield from (connected, active, size, target, maximum, manual, ram, resident)
-        yield from (inflate, deflate, events, levels, fails, reclaimed, stats)
+        yield from (inflate, deflate, events, levels, fails, reclaimed, stats, info)
+        build = GaugeMetricFamily(
+            "vballoon_build_info", "The vballoon package version", labels=["version"]
+        )
+        build.add_metric([package_version()], 1)
+        yield build
 
         sample = control.last_sample
         decision = control.last_decision
@@ -217,12 +241,8 @@ CGROUP_EVENT_COUNTERS = ("low", "high", "max", "oom", "oom_kill", "oom_group_kil
 
 
 def overcommit_metrics(control: ControlPlane) -> Iterator[Metric]:
-    """Watched cgroups, kernel notifications, the backstop, and per VM: failed punches, free
-    page reporting, guest back-off."""
-    failed = CounterMetricFamily(
-        "vballoon_vm_reclaim_failures", "Punches that failed (the host got nothing back)",
-        labels=["vm"],
-    )  # fmt: skip
+    """Watched cgroups, kernel notifications, the backstop, and per VM: free page reporting
+    and guest back-off."""
     reported = CounterMetricFamily(
         "vballoon_vm_reported_bytes", "Free page reporting: bytes punched", labels=["vm"]
     )
@@ -237,11 +257,10 @@ def overcommit_metrics(control: ControlPlane) -> Iterator[Metric]:
         except KeyError:
             continue
         counters = dict(getattr(view, "counters", {}) or {})
-        failed.add_metric([name], int(getattr(view, "reclaim_failures", 0) or 0))
         reported.add_metric([name], int(counters.get("reported (4k)", 0)) * PAGE_SIZE)
         hold = (guests.get(name) or {}).get("hold") or ""
         held.add_metric([name], float(hold.startswith("guest-backoff")))
-    yield from (failed, reported, held)
+    yield from (reported, held)
     usage = GaugeMetricFamily("vballoon_cgroup_usage_bytes", "Watched cgroup usage",
                               labels=["cgroup"])  # fmt: skip
     limit = GaugeMetricFamily("vballoon_cgroup_limit_bytes", "Watched cgroup limit",
@@ -279,4 +298,62 @@ def overcommit_metrics(control: ControlPlane) -> Iterator[Metric]:
 def render_metrics(control: ControlPlane) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ControlPlaneCollector(control))
+    ProcessCollector(registry=registry)  # process_start_time_seconds: restarts
     return generate_latest(registry)
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``127.0.0.1:9851``, ``[::1]:9851``; ``:9851`` = every address; port 0:
+    one the kernel picks, logged)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"not HOST:PORT: {text!r} (example: 127.0.0.1:9851)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+async def serve_metrics(
+    control: ControlPlane,
+    address: str,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``GET /metrics`` (only) over TCP on ``address`` for Prometheus, which cannot scrape the
+    API's unix socket. Read-only: nothing here changes a target. Runs until cancelled."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+    from prometheus_client import CONTENT_TYPE_LATEST
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    host, port = parse_metrics_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen for metrics on {address}: {exc.strerror}") from exc
+    bound = sock.getsockname()[:2]
+
+    async def metrics(request: Request) -> Response:
+        return Response(render_metrics(control), media_type=CONTENT_TYPE_LATEST)
+
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = 0.5
+    app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
+
+    class _Started:
+        def started(self, value: object = None) -> None:
+            log.info("metrics on http://%s:%d/metrics", *bound)
+            task_status.started((str(bound[0]), int(bound[1])))
+
+    await hypercorn_serve(app, config, task_status=_Started())  # type: ignore[arg-type]

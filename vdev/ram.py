@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocol.errors import ConfigError, GuestError
-from protocol.vmw import PAGE_SHIFT, PAGE_SIZE
+from protocol.units import PAGE_SHIFT, PAGE_SIZE
 
 _PAGE_MASK = PAGE_SIZE - 1
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,30 @@ log = logging.getLogger(__name__)
 
 #: Events a subscriber may have queued before it is dropped.
 SUBSCRIBER_BUFFER = 4096
+
+
+#: What a guest name may be: a libvirt domain name in practice (letters, digits, ``._+:@-``),
+#: safe in a URL path segment, a Prometheus label value and a file name.
+GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:@-]{0,127}")
+
+
+def check_guest_name(name: str) -> str:
+    """``name`` if it is a valid guest name (:data:`GUEST_NAME`), else :class:`ConfigError`."""
+    if not GUEST_NAME.fullmatch(name):
+        raise ConfigError(
+            f"bad guest name {name!r}: 1-128 characters, letters, digits and ._+:@- "
+            "(not starting with punctuation)"
+        )
+    return name
+
+
+def name_from_socket_path(path: str) -> str:
+    """The guest name a socket path gives: its file name without the extension
+    (``/run/vdev/web1.sock`` -> ``web1``), as when the socket is named after the libvirt
+    domain."""
+    base = os.path.basename(os.fspath(path))
+    stem, ext = os.path.splitext(base)
+    return check_guest_name(stem if ext and stem else base)
 
 
 class LiveDevice(Protocol):
@@ -63,7 +88,6 @@ class GuestView:
     guest_stats: Mapping[str, int] = field(default_factory=dict)
     ram_allocated_bytes: int = 0
     reclaimed_bytes_total: int = 0
-    reclaim_failures: int = 0  # punches that failed (the host got nothing back)
     unreclaimable: tuple[str, ...] = ()  # RAM the front-end maps private (share=off)
 
 
@@ -107,6 +131,7 @@ class GuestRegistry:
     # -- set-up (the server) -------------------------------------------------------------
 
     def add(self, name: str, socket_path: str, *, target: int | None = None) -> None:
+        check_guest_name(name)
         if name in self._entries:
             raise ConfigError(f"guest name {name!r} used twice")
         self._entries[name] = _Entry(
@@ -190,7 +215,6 @@ class GuestRegistry:
             guest_stats=dict(st.guest_stats),
             ram_allocated_bytes=dev.ram_allocated_bytes(),
             reclaimed_bytes_total=dev.reclaimed_bytes_total(),
-            reclaim_failures=int(getattr(dev, "reclaim_failures", lambda: 0)()),
             unreclaimable=tuple(getattr(dev, "unreclaimable", lambda: [])()),
         )
 

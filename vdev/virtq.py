@@ -49,7 +49,10 @@ MAX_CHAIN_BYTES = 1 << 32
 
 
 class RingBroken(GuestError):
-    """The ring can no longer be followed; it stays stopped until the front-end re-arms it."""
+    """The ring can no longer be followed; it stays stopped until the front-end re-arms it.
+
+    Raised by :class:`VirtQueue` (a loop, an index jump beyond the queue size); caught by
+    vdev's connection (its kick loop stops serving that ring; the others go on)."""
 
 
 @dataclass(slots=True)

@@ -1,3 +1,3 @@
 from lab.bench.cli import main
 
-main()
+main(prog_name="scripts/bench")

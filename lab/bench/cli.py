@@ -6,7 +6,6 @@ orchestrator; every ``vdev serve`` it starts is a child process. See docs/bench/
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import trio
 
 from lab.bench import SCHEMA, e2e, model, raw, report, system
@@ -189,26 +189,38 @@ async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="small sizes (CI smoke, < 2 min)")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
-    ap.add_argument("--plots", type=Path, default=None, help="write PNG charts here")
-    ap.add_argument("--table", type=Path, default=None, help="also write the table as text")
-    ap.add_argument("--workdir", type=Path, default=None, help="sockets and vdev logs here")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    params = QUICK if args.quick else FULL
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    results = trio.run(run_all, params, args.quick, args.workdir)
+_PATH = click.Path(path_type=Path)
+
+
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command(name="scripts/bench", help=__doc__, context_settings=_HELP)
+@click.option("--quick", is_flag=True, help="small sizes (CI smoke, < 2 min)")
+@click.option("--json", "json_path", type=_PATH, default=None, help="write the results here")
+@click.option("--plots", type=_PATH, default=None, help="write PNG charts here")
+@click.option("--table", type=_PATH, default=None, help="also write the table as text")
+@click.option("--workdir", type=_PATH, default=None, help="sockets and vdev logs here")
+@click.option("-v", "--verbose", is_flag=True)
+def main(
+    quick: bool,
+    json_path: Path | None,
+    plots: Path | None,
+    table: Path | None,
+    workdir: Path | None,
+    verbose: bool,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    params = QUICK if quick else FULL
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    results = trio.run(run_all, params, quick, workdir)
     text = report.table(results)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.clean(results), indent=1, sort_keys=False) + "\n")
-    if args.table is not None:
-        args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(text)
-    if args.plots is not None:
-        report.plots(results, args.plots)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report.clean(results), indent=1, sort_keys=False) + "\n")
+    if table is not None:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(text)
+    if plots is not None:
+        report.plots(results, plots)

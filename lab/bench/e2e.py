@@ -38,8 +38,9 @@ import trio
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory, PageSize, PageState
 from guest_driver.transport_vhost_user import VhostUserTransport, connect_transport
-from lab.bench.system import GIB, MIB, PAGE_SIZE, ProcSample, proc_sample, self_cpu_s
+from lab.bench.system import GIB, MIB, ProcSample, proc_sample, self_cpu_s
 from lab.vdev_process import VdevProcess, spawn_vdev
+from protocol.units import PAGE_SIZE
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, Request
 
 log = logging.getLogger(__name__)

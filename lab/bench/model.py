@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from lab.bench.system import GIB
+from protocol.units import PAGE_SHIFT
 from protocol.vmw import (
     ALL_CAPABILITIES,
     BATCH_MAX_ENTRIES,
-    PAGE_SHIFT,
     PAGES_PER_2M,
     Command,
     Request,

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from lab.bench.system import GIB, MIB, PAGE_SIZE, allocated_bytes
+from lab.bench.system import GIB, MIB, allocated_bytes
+from protocol.units import PAGE_SIZE
 from vdev.memory import punch_hole
 
 MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from lab.bench.system import GIB, PAGE_SIZE
+from lab.bench.system import GIB
+from protocol.units import PAGE_SIZE
 
 KIB = 1024
 

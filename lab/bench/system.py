@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-PAGE_SIZE = 4096
 GIB = 1 << 30
 MIB = 1 << 20
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

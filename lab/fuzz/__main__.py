@@ -10,7 +10,6 @@ found anything. ``replay`` exits 1 when any file still reproduces.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -18,8 +17,11 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import click
 
 from lab.fuzz.corpus import REPO, SEED_DIR, Reproducer, load_corpus, write_corpus
 from lab.fuzz.engine import TARGETS, Stats, builtin_fuzz, load_target, minimise, run_one, signature
@@ -109,7 +111,20 @@ def _run_atheris(
     return stats, new
 
 
-def _fuzz(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class FuzzArgs:
+    """A campaign's options (``scripts/fuzz TARGET ...``)."""
+
+    target: str
+    time: float = 60.0
+    corpus: str | None = None
+    seed: int = 1
+    engine: str | None = None
+    crashes: str | None = None
+    vdev_coverage: str | None = None
+
+
+def _fuzz(args: FuzzArgs) -> int:
     name: str = args.target
     target = load_target(name)
     crash_dir = Path(args.crashes or REPO / ".cache" / "fuzz" / name / "crashes")
@@ -193,6 +208,42 @@ def _replay(files: list[str]) -> int:
     return 1 if failed else 0
 
 
+_HELP = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command(name="fuzz", help=(__doc__ or "").splitlines()[0], context_settings=_HELP)
+@click.argument("target", type=click.Choice(sorted(TARGETS)))
+@click.option("--time", "seconds", type=float, default=60.0, help="seconds to fuzz")
+@click.option("--corpus", help="corpus directory (kept between runs)")
+@click.option("--seed", type=int, default=lambda: int(os.environ.get("FUZZ_SEED", "1")))
+@click.option(
+    "--engine", type=click.Choice(["atheris", "builtin"]), help="default: per target"
+)
+@click.option("--crashes", help="where reproducers go")
+@click.option(
+    "--vdev-coverage",
+    metavar="FILE",
+    help="wire: run vdev under coverage.py, write its data here and report the line "
+    "coverage reached in vdev and protocol",
+)
+def fuzz_cmd(
+    target: str,
+    seconds: float,
+    corpus: str | None,
+    seed: int,
+    engine: str | None,
+    crashes: str | None,
+    vdev_coverage: str | None,
+) -> None:
+    if vdev_coverage and getattr(load_target(target), "session", None) is None:
+        raise click.UsageError(
+            f"--vdev-coverage needs a target that runs vdev (wire), not {target}"
+        )
+    raise SystemExit(
+        _fuzz(FuzzArgs(target, seconds, corpus, seed, engine, crashes, vdev_coverage))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_atheris"]:
@@ -202,23 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) < 2:
             raise SystemExit("usage: fuzz replay FILE [FILE...]")
         return _replay(argv[1:])
-    parser = argparse.ArgumentParser(prog="fuzz", description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=sorted(TARGETS))
-    parser.add_argument("--time", type=float, default=60.0, help="seconds to fuzz")
-    parser.add_argument("--corpus", help="corpus directory (kept between runs)")
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("FUZZ_SEED", "1")))
-    parser.add_argument("--engine", choices=["atheris", "builtin"], help="default: per target")
-    parser.add_argument("--crashes", help="where reproducers go")
-    parser.add_argument(
-        "--vdev-coverage",
-        metavar="FILE",
-        help="wire: run vdev under coverage.py, write its data here and report the line "
-        "coverage reached in vdev and protocol",
-    )
-    args = parser.parse_args(argv)
-    if args.vdev_coverage and getattr(load_target(args.target), "session", None) is None:
-        parser.error(f"--vdev-coverage needs a target that runs vdev (wire), not {args.target}")
-    return _fuzz(args)
+    fuzz_cmd.main(args=argv, prog_name="fuzz")  # exits
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 
 from lab.fuzz.corpus import Draw, Finding
 from protocol import vmw
+from protocol.units import PAGE_SIZE
 from protocol.vmw import Capability as Cap
 from protocol.vmw import Command as C
 from protocol.vmw import Status as S
@@ -34,7 +35,7 @@ from vdev.balloon import BalloonModel, DoorbellEvent, Forget, Reclaim
 from vdev.ram import BytearrayRam
 
 INSTRUMENT = ("vdev.balloon", "vdev.pagemap", "vdev.ram", "protocol.vmw")
-PAGE = vmw.PAGE_SIZE
+PAGE = PAGE_SIZE
 HUGE = vmw.PAGES_PER_2M
 MAX_STEPS = 40
 

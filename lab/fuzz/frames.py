@@ -139,7 +139,8 @@ def _parsers() -> list[Parser]:
         Parser("vmw.Request", _check_request, vmw.Request(vmw.Command.LOCK, 0x1234).build()),
         Parser("vmw.Response", _check_response, vmw.Response(0x0300_0000, 0, 0x3E).build()),
         Parser("vmw.event", _check_event, vmw.build_event(vmw.EventKind.TARGET_CHANGED)),
-        Parser("vmw.batch", _check_batch, b"\x03" + vmw.build_batch([1, 2, 3], [0, 3, 2])),
+        # the count is a 2-byte Draw.below(BATCH_MAX_ENTRIES + 8), then the page
+        Parser("vmw.batch", _check_batch, b"\x03\x00" + vmw.build_batch([1, 2, 3], [0, 3, 2])),
         Parser("vmw.BATCH_ENTRY", _prefix("BATCH_ENTRY", vmw.BATCH_ENTRY), bytes(8)),
         Parser("vhost_user.header", _check_header, vu.build_header(1, 1, 0)),
         Parser(

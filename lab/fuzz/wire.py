@@ -35,7 +35,6 @@ from conformance.rawfrontend import (
     PAGE,
     QVA_BASE,
     Frontend,
-    Ram,
     VmwGuest,
     table_payload,
     vring_addr,
@@ -46,7 +45,7 @@ from lab.fuzz.corpus import Draw, Finding
 from lab.vdev_process import VdevProcess, start_vdev
 from protocol import vhost_user as vu
 from protocol import vmw
-from protocol.errors import FrontendError
+from protocol.errors import BackendError
 from protocol.vhost_user import FrontendRequest as R
 from protocol.vmw import Command as C
 
@@ -126,8 +125,8 @@ def _some_fds(d: Draw, fe: Frontend, owned: list[int]) -> list[int]:
     return out
 
 
-def _region(d: Draw, ram: Ram) -> dict[str, int]:
-    reg = ram.region()
+def _region(d: Draw, ram: GuestRamFile) -> dict[str, int]:
+    reg = ram.vhost_regions()[0]
     k = d.below(8)
     if k == 1:
         reg["memory_size"] = d.choice([0, 1, PAGE - 1, 1 << 40, (1 << 64) - 1])
@@ -301,7 +300,7 @@ def one_input(data: bytes) -> None:
         try:
             with trio.fail_after(DEADLINE):
                 await _healthy(live.healthy)
-        except* (trio.TooSlowError, FrontendError, OSError) as group:
+        except* (trio.TooSlowError, BackendError, OSError) as group:
             exc = group.exceptions[0]  # (from the front-end's nursery: in a group)
             raise Finding(f"healthy guest not served after the attack: {exc!r}") from None
         rss_mb = _rss_kb(live.vdev.pid) // 1024

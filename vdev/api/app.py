@@ -55,10 +55,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.config import parse_size
 from vdev.metrics import render_metrics
 from vdev.policy.control import ControlPlane, NotSimulated, driver_active, failures, jsonable
-from vdev.policy.model import PAGE_SIZE, SharesLevel
+from vdev.policy.model import SharesLevel
 
 log = logging.getLogger(__name__)
 

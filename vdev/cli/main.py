@@ -17,10 +17,12 @@ import click
 import trio
 
 from protocol.errors import ConfigError
-from protocol.vmw import PAGE_SIZE
+from protocol.units import PAGE_SIZE
+from protocol.version import package_version
 from vdev.cli.operator import register_operator_commands, serve_options, start_control_plane
 from vdev.devices.base import PERSONALITIES, get_personality
-from vdev.registry import GuestRegistry
+from vdev.logs import LOG_FORMATS, setup_logging, verbosity_level
+from vdev.registry import GuestRegistry, check_guest_name, name_from_socket_path
 from vdev.server import Server, socket_paths
 
 log = logging.getLogger("vdev")
@@ -40,16 +42,10 @@ def size_to_pages(text: str) -> int:
     return parse_size(text) // PAGE_SIZE
 
 
-def setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-
-
 @click.group()
+@click.version_option(
+    package_version(), "--version", prog_name="vdev", message="%(prog)s %(version)s"
+)
 def main() -> None:
     """vballoon device side."""
 
@@ -88,7 +84,20 @@ def main() -> None:
     help="Seconds between guest statistics refreshes, 0 = only on request "
     "(QEMU's guest-stats-polling-interval; personalities with a stats queue: virtio-balloon).",
 )
-@click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
+@click.option("-v", "--verbose", count=True, help="Default info; -vv debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one object a line (time, level, logger, vm, event, message).",
+)
+@click.option(
+    "--name-from-socket",
+    is_flag=True,
+    help="Name each guest after its socket file (/run/vdev/DOMAIN.sock -> DOMAIN).",
+)
 @serve_options
 def serve(
     socket_path: str | None,
@@ -100,6 +109,9 @@ def serve(
     names: tuple[str, ...],
     stats_interval: float,
     verbose: int,
+    quiet: bool,
+    log_format: str,
+    name_from_socket: bool,
 ) -> None:
     """Run the vhost-user back-end."""
     try:
@@ -117,11 +129,24 @@ def serve(
         target_pages = size_to_pages(target)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--target") from None
-    setup_logging(verbose)
+    setup_logging(verbosity_level(verbose, quiet), log_format)
     registry = GuestRegistry(device, target=target_pages)
     paths = socket_paths(socket_path, socket_count) if socket_path is not None else []
+    if names and name_from_socket:
+        raise click.UsageError("give either --name or --name-from-socket")
+    if name_from_socket:
+        if not paths:
+            raise click.UsageError("--name-from-socket needs --socket-path")
+        names = tuple(name_from_socket_path(p) for p in paths)
     if names and len(names) != max(len(paths), 1):
         raise click.UsageError("give one --name per socket")
+    for name in names:
+        try:
+            check_guest_name(name)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--name") from None
+    if len(set(names)) != len(names):
+        raise click.BadParameter("guest names must be distinct", param_hint="--name")
     try:
         trio.run(_serve, registry, device_cls, paths, list(names) or None, fd, stats_interval)
     except OSError as exc:

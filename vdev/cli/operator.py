@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from protocol.errors import ConfigError
+from protocol.units import PAGE_SIZE
 from vdev.api.client import ApiClient, ApiError
 
 if TYPE_CHECKING:
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 MIB = 1 << 20
-PAGE_SIZE = 4096
 CONTROL_META = "vdev.control_config"
+METRICS_META = "vdev.metrics_address"
 
 # ------------------------------------------------------------------------------ vdev serve
 
@@ -97,6 +98,12 @@ def serve_options(f: F) -> F:
         " memory.high) the VMs instead of letting the kernel kill one.",
     )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
+    @click.option(
+        "--metrics-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="Also serve GET /metrics over TCP here, for Prometheus (e.g. 127.0.0.1:9851).",
+    )
     @functools.wraps(f)
     def wrapper(
         *args: Any,
@@ -108,9 +115,11 @@ def serve_options(f: F) -> F:
         backstop: bool | None,
         policy: str | None,
         no_api: bool,
+        metrics_address: str | None,
         **kwargs: Any,
     ) -> Any:
         from vdev.config import ControlConfig, load_config, parse_size
+        from vdev.metrics import parse_metrics_address
 
         try:
             cfg = load_config(config_file) if config_file else ControlConfig()
@@ -139,10 +148,13 @@ def serve_options(f: F) -> F:
                     cfg.api_socket = default_api_socket(paths)
                 if cfg.api_socket is not None:
                     check_socket_path(cfg.api_socket)
+            if metrics_address is not None:
+                parse_metrics_address(metrics_address)
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
         ctx = click.get_current_context()
         ctx.meta[CONTROL_META] = (cfg, no_api)
+        ctx.meta[METRICS_META] = metrics_address
         return f(*args, **kwargs)
 
     return cast(F, wrapper)
@@ -163,6 +175,11 @@ async def start_control_plane(
     cfg, no_api = ctx.meta[CONTROL_META]
     control = ControlPlane(registry, cfg, initial_target_pages=registry.default_target)
     await nursery.start(control.run)
+    metrics_address = ctx.meta.get(METRICS_META)
+    if metrics_address is not None:
+        from vdev.metrics import serve_metrics
+
+        await nursery.start(serve_metrics, control, metrics_address)
     if no_api:
         return
     path = cfg.api_socket

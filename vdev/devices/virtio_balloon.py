@@ -56,9 +56,8 @@ Decisions:
 from __future__ import annotations
 
 import logging
-import struct
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,11 +123,6 @@ def parse_stats(data: bytes) -> dict[str, int]:
             except ValueError:
                 continue  # unknown tags MUST be ignored
     return out
-
-
-def build_stats(stats: Mapping[vb.StatTag, int]) -> bytes:
-    """The driver side of :func:`parse_stats` (tests, tools)."""
-    return b"".join(struct.pack("<HQ", int(t), v & (2**64 - 1)) for t, v in stats.items())
 
 
 def pfn_array(data: bytes) -> U64Array:

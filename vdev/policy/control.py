@@ -37,13 +37,14 @@ from typing import Any, Protocol
 
 import trio
 
-from protocol.errors import ConfigError, HostResourceError
+from protocol.errors import ConfigError, HostResourceError, NotSimulated
+from protocol.units import PAGE_SIZE
 from vdev.config import ControlConfig
+from vdev.logs import event as log_event
 from vdev.policy.backstop import Backstop
 from vdev.policy.cgroup import CgroupReading, CgroupSource, read_cgroup, resolve_cgroup
 from vdev.policy.host import SimulatedHost, host_sample_from_readings, read_host_sample
 from vdev.policy.model import (
-    PAGE_SIZE,
     HostSample,
     PolicyDecision,
     PolicyEngine,
@@ -120,10 +121,6 @@ class RegistryLike(Protocol):
     def set_target(self, name: str, pages: int) -> None: ...
     def demand_reset(self, name: str) -> None: ...
     def subscribe(self) -> trio.MemoryReceiveChannel[Any]: ...
-
-
-class NotSimulated(Exception):
-    """The host is real: its free memory cannot be set."""
 
 
 def jsonable(value: Any) -> Any:
@@ -576,7 +573,24 @@ class ControlPlane:
             bounds = vm_bounds(VmState(spec, manual_target_pages=pages), self.engine.settings)
             if pages > bounds.max_pages:
                 applied, reason = bounds.max_pages, bounds.max_reason
-        self._apply(name, applied, reason)
+        previous = int(view.target_pages)
+        log_event(
+            log,
+            logging.INFO,
+            "manual_target",
+            "operator set a manual target of %d MiB (applied %d MiB: %s; was %d MiB)",
+            pages * PAGE_SIZE >> 20,
+            applied * PAGE_SIZE >> 20,
+            reason,
+            previous * PAGE_SIZE >> 20,
+            vm=name,
+            requested_bytes=pages * PAGE_SIZE,
+            target_bytes=applied * PAGE_SIZE,
+            previous_bytes=previous * PAGE_SIZE,
+            reason=reason,
+            source="operator",
+        )
+        self._apply(name, applied, reason, quiet=True)
         if not was_manual:
             self.publish({"type": "control", "name": name, "control": "manual"})
         self.poke()
@@ -585,15 +599,48 @@ class ControlPlane:
     def clear_manual_target(self, name: str) -> None:
         self.registry.view(name)
         if self.manual.pop(name, None) is not None:
+            log_event(
+                log,
+                logging.INFO,
+                "policy_target",
+                "operator handed the target back to the policy",
+                vm=name,
+                reason="operator",
+                source="operator",
+            )
             self.publish({"type": "control", "name": name, "control": "policy"})
         self.poke()
 
     def reset(self, name: str) -> None:
         self.registry.demand_reset(name)
+        log_event(
+            log,
+            logging.INFO,
+            "reset",
+            "operator demanded a balloon reset",
+            vm=name,
+            reason="operator",
+            source="operator",
+        )
         self.publish({"type": "control", "name": name, "action": "reset"})
 
     def set_setting(self, path: str, value: int) -> None:
-        self.engine.settings.set(path, value)  # ConfigError: unknown path or bad value
+        old = self.engine.settings.get(path)  # ConfigError: unknown path
+        self.engine.settings.set(path, value)  # ConfigError: bad value
+        log_event(
+            log,
+            logging.INFO,
+            "setting",
+            "operator set %s = %s (was %s)",
+            path,
+            value,
+            old,
+            path=path,
+            value=value,
+            previous=old,
+            reason="operator",
+            source="operator",
+        )
         self.publish({"type": "setting", "path": path, "value": value})
         self.poke()
 
@@ -605,6 +652,16 @@ class ControlPlane:
                 f"free memory must be in 0..{self.simulated.total_bytes} bytes, got {free_bytes}"
             )
         self.simulated.free_bytes = free_bytes
+        log_event(
+            log,
+            logging.INFO,
+            "simulated_free",
+            "operator set the simulated host's free memory to %d MiB",
+            free_bytes >> 20,
+            free_bytes=free_bytes,
+            reason="operator",
+            source="operator",
+        )
         self.publish({"type": "host", "free_bytes": free_bytes, "simulated": True})
         self.poke()
         return self.simulated.free_bytes
@@ -617,12 +674,32 @@ class ControlPlane:
         """Run a policy step now (within :data:`POKE_DELAY`) rather than at the next period."""
         self._wakeup.set()
 
-    def _apply(self, name: str, pages: int, reason: str) -> None:
+    def _apply(self, name: str, pages: int, reason: str, *, quiet: bool = False) -> None:
+        """Set ``name``'s target; a change is logged once with its reason (``quiet``: the
+        caller already logged it as an operator change)."""
         track = self._track(name)
         track.reason = reason
         view = self.registry.view(name)
-        if int(view.target_pages) != pages:
+        previous = int(view.target_pages)
+        if previous != pages:
             self.registry.set_target(name, pages)
+            if not quiet:
+                source = "manual" if name in self.manual else "policy"
+                log_event(
+                    log,
+                    logging.INFO,
+                    "target",
+                    "target %d -> %d MiB (%s: %s)",
+                    previous * PAGE_SIZE >> 20,
+                    pages * PAGE_SIZE >> 20,
+                    source,
+                    reason,
+                    vm=name,
+                    target_bytes=pages * PAGE_SIZE,
+                    previous_bytes=previous * PAGE_SIZE,
+                    reason=reason,
+                    source=source,
+                )
         track.last_target = pages
 
     # ----------------------------------------------------------------------------- the loop
@@ -651,8 +728,7 @@ class ControlPlane:
         try:
             sample = self._sample()
         except HostResourceError as e:
-            self.last_error = f"host sampling failed: {e}"
-            log.warning("%s", self.last_error)
+            self._error(f"host sampling failed: {e}")
             return None
         self.last_sample = sample
         vms: dict[str, VmState] = {}
@@ -678,14 +754,29 @@ class ControlPlane:
         try:
             decision = self.engine.step(now, sample, vms)
         except ConfigError as e:
-            self.last_error = f"policy step failed: {e}"
-            log.warning("%s", self.last_error)
+            self._error(f"policy step failed: {e}")
             return None
+        if self.last_error is not None:
+            log_event(log, logging.INFO, "recovered", "policy steps work again")
         self.last_error = None
         previous_state = self.last_decision.state if self.last_decision else None
         self.last_decision = decision
         self.steps += 1
         if decision.state is not previous_state:
+            log_event(
+                log,
+                logging.WARNING if decision.state.value in ("low", "hard") else logging.INFO,
+                "host_state",
+                "host memory state %s -> %s (free %d MiB, minFree %d MiB)",
+                previous_state.value if previous_state else "-",
+                decision.state.value,
+                sample.free_bytes >> 20,
+                min_free_bytes(sample.total_bytes, self.engine.settings.min_free_pct) >> 20,
+                state=decision.state.value,
+                previous=previous_state.value if previous_state else None,
+                free_bytes=sample.free_bytes,
+                reason="host free memory",
+            )
             self.publish(
                 {
                     "type": "host",
@@ -811,7 +902,7 @@ class ControlPlane:
                 view = self.registry.view(name)
             except KeyError:
                 continue
-            failed = int(getattr(view, "reclaim_failures", 0) or 0)
+            failed = int((getattr(view, "counters", {}) or {}).get("reclaim failures", 0))
             private = list(getattr(view, "unreclaimable", ()) or ())
             if private:
                 hold = "RAM not reclaimable (share=off?)"
@@ -879,6 +970,12 @@ class ControlPlane:
         stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
         free = stats.get("stat-free-memory", -1)
         return free // PAGE_SIZE if free >= 0 else None
+
+    def _error(self, message: str) -> None:
+        """Keep ``message`` for GET /host; log it once (not every period while it lasts)."""
+        if message != self.last_error:
+            log_event(log, logging.WARNING, "policy_error", "%s", message)
+        self.last_error = message
 
     @staticmethod
     def _active_fraction(fixed: float | None, view: Any) -> float:

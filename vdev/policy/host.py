@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from protocol.errors import ConfigError, HostResourceError
+from protocol.units import PAGE_SIZE
 from vdev.policy.cgroup import CgroupReading
-from vdev.policy.model import PAGE_SIZE, HostSample
+from vdev.policy.model import HostSample
 
 # --------------------------------------------------------------------------------------------
 # /proc/meminfo

@@ -40,9 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from protocol.errors import ConfigError
-
-PAGE_SIZE = 4096
-PAGES_PER_MIB = (1 << 20) // PAGE_SIZE  # 256
+from protocol.units import PAGE_SIZE, PAGES_PER_MIB
 
 #: The vmmemctl driver polls GET_TARGET once a second (BALLOON_POLL_PERIOD, reference §7.3).
 #: Used as the time step of the very first :meth:`PolicyEngine.step`, which has no predecessor.

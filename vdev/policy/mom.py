@@ -26,8 +26,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from protocol.units import PAGE_SIZE
 from vdev.policy.model import (
-    PAGE_SIZE,
     HostSample,
     HostState,
     PolicyDecision,
