@@ -78,7 +78,11 @@ DEFLATE_TIMEOUT = 60.0
 
 
 class ScenarioError(LocalError):
-    """The scenario could not be set up (no memory cgroup, a guest that did not boot)."""
+    """The scenario could not be set up (no memory cgroup of our own to nest one in, or not
+    cgroup v1).
+
+    Raised by :class:`ChildCgroup`; caught by ``scripts/overcommit`` (exit 1 with the reason)
+    and by the overcommit test (which fails, saying why)."""
 
 
 # --------------------------------------------------------------------------- the cgroup

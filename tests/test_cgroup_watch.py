@@ -518,3 +518,19 @@ def test_v2_backstop_sets_memory_high_below_max_and_restores_it(tmp_path: Path) 
     skipped = Backstop([src])
     skipped.engage()
     assert skipped.actions[0][0] == "skipped" and not skipped.held
+
+
+def test_vdev_events_names_the_overcommit_events() -> None:
+    from vdev.cli.operator import format_event
+
+    t = {"time": 0.0}
+    pressure = {**t, "type": "pressure",
+                "notices": [{"source": "cg", "kind": "threshold", "detail": "9 x1"}]}  # fmt: skip
+    assert format_event(pressure).endswith("pressure: threshold 9 x1")
+    backstop = {**t, "type": "backstop", "action": "paused", "cgroup": "cg", "detail": "under OOM"}
+    assert format_event(backstop).endswith("backstop paused: under OOM")
+    backoff = {**t, "type": "guest-backoff", "name": "vm1", "why": ["OOM kills 0 -> 1"]}
+    assert "vm1" in format_event(backoff) and "OOM kills 0 -> 1" in format_event(backoff)
+    futile = {**t, "type": "futile", "name": "vm2", "balloon_grew_bytes": 8 << 20,
+              "host_regained_bytes": 0}  # fmt: skip
+    assert "+8.00 MB, host regained 0.00 MB" in format_event(futile)

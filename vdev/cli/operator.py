@@ -644,6 +644,19 @@ def format_event(event: dict[str, Any]) -> str:
         detail = f"{event['path']} = {event['value']}"
     elif kind == "hello":
         detail = f"connected; VMs: {', '.join(event.get('vms', []))}"
+    elif kind == "pressure":
+        detail = "pressure: " + "; ".join(
+            f"{n.get('kind')} {n.get('detail', '')}".strip() for n in event.get("notices", [])
+        )
+    elif kind == "backstop":
+        detail = f"backstop {event.get('action')}: {event.get('detail')}"
+    elif kind == "guest-backoff":
+        detail = f"guest needs memory ({'; '.join(event.get('why', []))}): balloon held"
+    elif kind == "futile":
+        detail = (
+            f"inflating returns nothing: balloon +{mb(event.get('balloon_grew_bytes'))} MB,"
+            f" host regained {mb(event.get('host_regained_bytes'))} MB: balloon held"
+        )
     else:
         detail = json.dumps(event)
     return f"{t}{frac} {name:<8} {detail}"
