@@ -169,6 +169,9 @@ def main() -> None:
               help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]], e.g. 256M:512M:20.")
 @click.option("--control", "control", default=None, type=click.Path(dir_okay=False),
               help="Control socket (default: SOCKET.guest).")
+@click.option("--device-timeout", "device_timeout", type=float, default=None,
+              help="Seconds a command may stay unanswered (a vdev restarting) before the "
+              "device is taken as gone and the driver exits (default 30).")
 @click.option("-v", "--verbose", count=True)
 def run(
     socket_path: str,
@@ -179,10 +182,21 @@ def run(
     shrinker: bool,
     workload: str | None,
     control: str | None,
+    device_timeout: float | None,
     verbose: int,
 ) -> None:
-    """Connect to vdev as a vhost-user front-end and run the balloon driver."""
-    from guest_driver.transport_vhost_user import GuestOptions, run_guest
+    """Connect to vdev as a vhost-user front-end and run the balloon driver.
+
+    A device that stops answering (vdev restarting) is waited for, balloon kept, up to
+    --device-timeout seconds; a device that closes the connection is gone at once. Either
+    way the driver then exits with status 1 and says why. SIGINT/SIGTERM: START(0) (at most
+    5 s), pop, exit 0."""
+    from guest_driver.transport_vhost_user import (
+        DEVICE_TIMEOUT,
+        Guest,
+        GuestOptions,
+        run_guest,
+    )
 
     logging.basicConfig(
         level=logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG,
@@ -199,27 +213,54 @@ def run(
             config=DriverConfig(capabilities=capabilities, poll_interval=poll, shrinker=shrinker),
             workload=parse_workload(workload) if workload else None,
             control_path=control or default_control_path(socket_path),
+            device_timeout=DEVICE_TIMEOUT if device_timeout is None else device_timeout,
         )
+        if not options.device_timeout > 0:
+            raise ValueError("--device-timeout must be > 0 seconds")
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
-    async def main_task() -> None:
+
+    async def main_task() -> Guest:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(run_guest, options)
+
+                async def guest_task(task_status: trio.TaskStatus[Guest]) -> None:
+                    try:
+                        await run_guest(options, task_status=task_status)
+                    finally:
+                        nursery.cancel_scope.cancel()  # the guest ended: stop listening
 
                 async def stop() -> None:
                     async for _ in signals:
                         nursery.cancel_scope.cancel()  # run_guest sends START(0), pops
 
                 nursery.start_soon(stop)
+                guest: Guest = await nursery.start(guest_task)
+        return guest
 
     try:
-        trio.run(main_task)
+        guest = trio.run(main_task)
     except KeyboardInterrupt:
-        pass
+        return
     except (VballoonError, OSError) as exc:
         click.echo(f"guest-driver run: {exc}", err=True)
         sys.exit(1)
+    except BaseExceptionGroup as group:  # from the nursery: e.g. nothing listens there
+        known, _ = group.split((VballoonError, OSError))
+        if known is None:
+            raise
+        click.echo(f"guest-driver run: {_first(known)}", err=True)
+        sys.exit(1)
+    if guest.gone is not None:
+        click.echo(f"guest-driver run: the device is gone: {guest.gone}", err=True)
+        sys.exit(1)
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first leaf exception of a (nested) exception group."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 @main.command()

@@ -237,6 +237,13 @@ class BalloonDriver:
             self._pop()
             self._busy = False
 
+    def abandon(self) -> None:
+        """The device is gone for good: stop, and release every ballooned page to the guest
+        without a word to the device (there is nobody to tell). :meth:`close` without its
+        commands."""
+        self.closed = True
+        self._pop()
+
     async def shrink(self, nr_frames: int) -> int:
         """vmballoon_shrinker_scan(): deflate (with UNLOCK) under guest memory pressure."""
         if not self.config.shrinker or nr_frames <= 0:

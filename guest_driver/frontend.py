@@ -29,7 +29,7 @@ import mmap
 import os
 import select
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -587,6 +587,16 @@ async def connect_frontend(
         fe.close()
 
 
+@dataclass(frozen=True)
+class Patience:
+    """How a command waits for a device that stops answering (a vdev being restarted keeps
+    the connection but answers nothing for a while): kick again every ``rekick`` seconds
+    and call ``on_wait(seconds waited so far)``, which raises to give up."""
+
+    rekick: float
+    on_wait: Callable[[float], None]
+
+
 class VmwChannel:
     """vmmemctl commands on ``cmdq`` and doorbell events on ``eventq`` of a front-end.
 
@@ -604,6 +614,7 @@ class VmwChannel:
         self.event_gpa = self.scratch + PAGE_SIZE  # one page of 8-byte event buffers
         self.end = self.event_gpa + PAGE_SIZE  # first byte after this channel's pages
         self.bad_events = 0  # event buffers that did not parse (skipped)
+        self.rekicks = 0  # kicks sent again to a device that was not answering
         self._lock = trio.Lock()
         self._event_heads: dict[int, int] = {}
         self._free_event_slots = list(range(PAGE_SIZE // EVENT_SIZE))
@@ -623,17 +634,37 @@ class VmwChannel:
     def eventq(self) -> FrontendQueue:
         return self.fe.queues[1]
 
-    async def _complete(self, q: FrontendQueue, head: int) -> int:
+    async def _complete(self, q: FrontendQueue, head: int, patience: Patience | None) -> int:
+        """Wait until the device used chain ``head``; its used length. With ``patience``,
+        a device silent for ``patience.rekick`` seconds gets the kick again (one sent while
+        it was down may be lost) and ``patience.on_wait(seconds waited)`` is told, which may
+        raise to give up. The chain is never posted twice: the device answers it once."""
+        t0 = trio.current_time()
         while True:
             for elem in await q.driver.poll_used():
                 if elem.id == head:
                     return elem.len
-            await q.wait_call()
+            if patience is None:
+                await q.wait_call()
+                continue
+            with trio.move_on_after(patience.rekick) as scope:
+                await q.wait_call()
+            if scope.cancelled_caught:
+                self.rekicks += 1
+                os.eventfd_write(q.kick_fd, 1)
+                patience.on_wait(trio.current_time() - t0)
 
     async def command(
-        self, request: Request, batch: bytes | None = None, *, batch_pfn: int | None = None
+        self,
+        request: Request,
+        batch: bytes | None = None,
+        *,
+        batch_pfn: int | None = None,
+        patience: Patience | None = None,
     ) -> tuple[Response, bytes | None]:
-        """Send one command; return the response and the batch page as the device left it."""
+        """Send one command; return the response and the batch page as the device left it.
+        ``patience``: how to wait for a device that stops answering (see :class:`Patience`;
+        without it, for ever)."""
         async with self._lock:
             ram = self.fe.ram
             if batch is not None:
@@ -649,7 +680,7 @@ class VmwChannel:
                 ]
             )
             await self.cmdq.kick()
-            length = await self._complete(self.cmdq, head)
+            length = await self._complete(self.cmdq, head, patience)
             if length != RESPONSE_SIZE:
                 raise BackendError(f"device wrote {length} response bytes")
             response = Response.parse(ram.read(self.response_gpa, RESPONSE_SIZE))

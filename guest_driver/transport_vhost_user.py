@@ -4,9 +4,21 @@
 to the front-end of :mod:`guest_driver.frontend`: commands go through its
 :class:`~guest_driver.frontend.VmwChannel` (``cmdq``), doorbell events come from the same
 channel (``eventq``), guest RAM is read and written through its
-:class:`~guest_driver.frontend.MemfdPort`; front-end failures become :class:`DeviceGone`, and
-so does the back-end hanging up (the front-end's hang-up event cancels the wait at once) or
-a command unanswered for ``command_timeout`` seconds.
+:class:`~guest_driver.frontend.MemfdPort`; front-end failures become :class:`DeviceGone`.
+
+A device may stop answering for a while and come back: a vdev being restarted keeps the
+vhost-user connection (its fds are kept for it) and resumes the rings where it stopped.
+As Linux's vmw_balloon rides out a host that is busy or being reset, the driver then waits:
+its command stays posted (never sent twice), the kick is sent again every
+:data:`REKICK_INTERVAL` seconds, one warning says so, and it keeps its balloon. When the
+device answers, the driver carries on; if the device had forgotten the balloon it answers
+ERROR_RESET and the driver resyncs by vmw_balloon's reset protocol (pop, START, inflate to
+the target again). The device is gone for good, and :class:`DeviceGone` raised, when:
+
+* the back-end hangs up (closes the connection): a vhost-user connection is never
+  re-established (QEMU's generic device cannot either), so at once;
+* a command stays unanswered for ``device_timeout`` seconds (:data:`DEVICE_TIMEOUT`,
+  ``guest-driver run --device-timeout``).
 
 :func:`connect_transport` opens one: guest RAM as a sparse memfd laid out like QEMU's
 (:class:`~guest_driver.frontend.GuestRamFile`, ``layout="qemu"``), QEMU's handshake and start
@@ -31,7 +43,7 @@ from typing import Any
 import trio
 
 from guest_driver.driver import BalloonDriver, DriverConfig
-from guest_driver.frontend import GuestRamFile, VmwChannel, connect_frontend
+from guest_driver.frontend import GuestRamFile, Patience, VmwChannel, connect_frontend
 from guest_driver.guest_memory import GuestMemory, Workload, WorkloadSpec
 from protocol import vmw
 from protocol.errors import BackendError, DeviceGone
@@ -41,7 +53,13 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 64
 EVENT_BUFFERS = 8
-COMMAND_TIMEOUT = 10.0
+#: Seconds a command may stay unanswered before the device is taken as gone for good. Long
+#: enough for a vdev restart (its supervisor restarts it within a second or two).
+DEVICE_TIMEOUT = 30.0
+#: Seconds between kicks to a device that is not answering.
+REKICK_INTERVAL = 1.0
+#: Seconds ``guest-driver run`` gives the device, when told to stop, to take START(0).
+STOP_GRACE = 5.0
 #: What a dead front-end looks like from here (closed socket or eventfds, a bad reply).
 _GONE = (BackendError, OSError, trio.ClosedResourceError, trio.BrokenResourceError)
 
@@ -49,10 +67,21 @@ _GONE = (BackendError, OSError, trio.ClosedResourceError, trio.BrokenResourceErr
 class VhostUserTransport:
     """:class:`guest_driver.transport.Transport` over a :class:`VmwChannel`."""
 
-    def __init__(self, channel: VmwChannel, *, command_timeout: float = COMMAND_TIMEOUT) -> None:
+    def __init__(
+        self,
+        channel: VmwChannel,
+        *,
+        device_timeout: float = DEVICE_TIMEOUT,
+        rekick_interval: float = REKICK_INTERVAL,
+    ) -> None:
+        if not device_timeout > 0:
+            raise ValueError("the device timeout must be > 0 seconds")
         self.channel = channel
         self.port = channel.fe.port
-        self.command_timeout = command_timeout
+        self.device_timeout = device_timeout
+        self.rekick_interval = min(rekick_interval, device_timeout)
+        #: Commands the device was slow to answer (a warning was logged for each).
+        self.stalls = 0
 
     @property
     def ram(self) -> GuestRamFile:
@@ -64,17 +93,39 @@ class VhostUserTransport:
 
     async def command(self, request: vmw.Request) -> vmw.Response:
         fe = self.channel.fe
+        name = _command_name(request.command)
+        stalled = False
+
+        def on_wait(waited: float) -> None:
+            nonlocal stalled
+            if waited >= self.device_timeout:
+                raise DeviceGone(
+                    f"no answer to {name} for {waited:.0f} s (device timeout "
+                    f"{self.device_timeout:g} s)"
+                )
+            if not stalled:
+                stalled = True
+                self.stalls += 1
+                log.warning(
+                    "the device has not answered %s for %.1f s: waiting for it to come back "
+                    "(the balloon is kept; giving up after %g s)",
+                    name,
+                    waited,
+                    self.device_timeout,
+                )
+
+        patience = Patience(self.rekick_interval, on_wait)
         try:
-            with fe.cancel_on_hangup() as scope, trio.fail_after(self.command_timeout):
-                response, _ = await self.channel.command(request)
-        except trio.TooSlowError:
-            raise DeviceGone(
-                f"no answer to command {request.command} in {self.command_timeout} s"
-            ) from None
+            with fe.cancel_on_hangup() as scope:
+                response, _ = await self.channel.command(request, patience=patience)
+        except DeviceGone:
+            raise
         except _GONE as exc:
-            raise DeviceGone(f"command {request.command}: {exc}") from None
+            raise DeviceGone(f"{name}: {exc}") from None
         if scope.cancelled_caught:
-            raise DeviceGone(f"command {request.command}: the back-end hung up")
+            raise DeviceGone(f"{name}: the back-end hung up (closed the connection)")
+        if stalled:
+            log.warning("the device answered %s again", name)
         return response
 
     async def read(self, gpa: int, n: int) -> bytes:
@@ -99,9 +150,21 @@ class VhostUserTransport:
         return (2, 1)  # any pair but (INVALID, INVALID): the eventq is the doorbell
 
 
+def _command_name(number: int) -> str:
+    try:
+        return vmw.Command(number).name
+    except ValueError:
+        return f"command {number}"
+
+
 @contextlib.asynccontextmanager
 async def connect_transport(
-    socket_path: str, ram_bytes: int, *, layout: str = "qemu"
+    socket_path: str,
+    ram_bytes: int,
+    *,
+    layout: str = "qemu",
+    device_timeout: float = DEVICE_TIMEOUT,
+    rekick_interval: float = REKICK_INTERVAL,
 ) -> AsyncIterator[VhostUserTransport]:
     """Guest RAM (a sparse memfd), the front-end started on ``socket_path``, event buffers
     posted; everything closed on exit."""
@@ -110,7 +173,9 @@ async def connect_transport(
         async with connect_frontend(socket_path, ram, queue_size=QUEUE_SIZE) as fe:
             channel = VmwChannel(fe)
             await channel.post_event_buffers(EVENT_BUFFERS)
-            yield VhostUserTransport(channel)
+            yield VhostUserTransport(
+                channel, device_timeout=device_timeout, rekick_interval=rekick_interval
+            )
     finally:
         ram.close()
 
@@ -127,6 +192,8 @@ class GuestOptions:
     workload: WorkloadSpec | None = None
     control_path: str | None = None
     workload_interval: float = 0.2
+    device_timeout: float = DEVICE_TIMEOUT
+    rekick_interval: float = REKICK_INTERVAL
 
 
 @dataclass
@@ -137,6 +204,8 @@ class Guest:
     memory: GuestMemory
     driver: BalloonDriver
     workload: Workload | None
+    #: Why the driver stopped because the device is gone for good (None: it did not).
+    gone: str | None = None
 
     @property
     def ram(self) -> GuestRamFile:
@@ -161,7 +230,12 @@ async def run_guest(
     """Connect, set up, run the driver until cancelled; then START(0) and pop (shielded)."""
     from guest_driver.cli import serve_control
 
-    async with connect_transport(options.socket_path, options.ram_bytes) as transport:
+    async with connect_transport(
+        options.socket_path,
+        options.ram_bytes,
+        device_timeout=options.device_timeout,
+        rekick_interval=options.rekick_interval,
+    ) as transport:
         view = memoryview(transport.ram.mm)
         memory = GuestMemory(
             options.ram_bytes // PAGE_SIZE, reserved=transport.reserved_ranges(), ram=view
@@ -181,24 +255,37 @@ async def run_guest(
                     await nursery.start(serve_control, options.control_path, control)
                 if workload is not None:
                     nursery.start_soon(_drive_workload, guest, options.workload_interval)
-                nursery.start_soon(_run_driver, driver, nursery.cancel_scope)
+                nursery.start_soon(_run_driver, guest, nursery.cancel_scope)
                 task_status.started(guest)
         finally:
-            with trio.move_on_after(5, shield=True):
-                try:
-                    await driver.close()
-                except DeviceGone as exc:  # close() pops in any case
-                    log.info("exit: %s", exc)
+            if guest.gone is not None:
+                driver.abandon()  # nobody to tell: the pages are the guest's again
+            else:
+                with trio.move_on_after(STOP_GRACE, shield=True) as scope:
+                    try:
+                        await driver.close()  # START(0), then pop
+                    except DeviceGone as exc:  # close() pops in any case
+                        log.warning("stopping: %s", exc)
+                if scope.cancelled_caught:
+                    driver.abandon()
+                    log.warning(
+                        "stopping: the device did not take START(0) within %g s", STOP_GRACE
+                    )
             memory.detach_ram()
             with contextlib.suppress(BufferError):  # still exported: the GC unmaps
                 view.release()
 
 
-async def _run_driver(driver: BalloonDriver, scope: trio.CancelScope) -> None:
+async def _run_driver(guest: Guest, scope: trio.CancelScope) -> None:
     try:
-        await driver.run()
+        await guest.driver.run()
     except DeviceGone as exc:
-        log.warning("device gone: %s", exc)
+        guest.gone = str(exc)
+        log.error(
+            "device gone: %s; stopping with %d pages ballooned (they are the guest's again)",
+            exc,
+            guest.driver.size,
+        )
     scope.cancel()
 
 

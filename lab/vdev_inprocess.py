@@ -20,9 +20,10 @@ from typing import Any
 import trio
 
 from protocol.units import PAGES_PER_MIB
+from vdev.connection import Connection
 from vdev.devices.base import Device, get_personality
 from vdev.registry import GuestRegistry, GuestView
-from vdev.server import Connection, Server
+from vdev.server import Server
 
 #: How long the shutdown on exit may take before the tasks are cancelled anyway.
 SHUTDOWN_TIMEOUT = 5.0

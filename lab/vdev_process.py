@@ -68,12 +68,19 @@ def serve_argv(
     verbose: int = 1,
     extra: Sequence[str] = (),
     vdev_cmd: Sequence[str] | None = None,
+    supervised: bool = False,
+    supervisor_args: Sequence[str] = (),
 ) -> list[str]:
     """``vdev serve`` on ``socket_path`` (with ``socket_count``: ``--socket-count``, sockets
     ``socket_path0..``, see :func:`socket_paths`); the API on ``api_socket`` (default: vdev's,
     ``<first socket>.api``), none with ``no_api``;
-    ``device`` None leaves vdev's default personality; ``extra`` is appended."""
-    argv = [*(vdev_cmd or VDEV_CMD), "serve"]
+    ``device`` None leaves vdev's default personality; ``extra`` is appended. ``supervised``:
+    under ``vdev supervise`` (the fd store and restarts; :func:`served_pid` is the vdev)."""
+    cmd = list(vdev_cmd or VDEV_CMD)
+    prefix = (
+        [*cmd, "supervise", "--restart-delay", "0", *supervisor_args, "--"] if supervised else []
+    )
+    argv = [*prefix, *cmd, "serve"]
     if device is not None:
         argv += ["--device", device]
     argv += ["--socket-path", str(socket_path)]
@@ -103,6 +110,16 @@ def vdev_serve_argv(
         socket_path, api_socket=api_socket, device=device, target=target, verbose=verbose,
         extra=extra,
     )  # fmt: skip
+
+
+def served_pid(supervisor_pid: int) -> int | None:
+    """The ``vdev serve`` a ``vdev supervise`` runs now (its only child), if any."""
+    try:
+        children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text()
+    except OSError:
+        return None
+    pids = [int(p) for p in children.split()]
+    return pids[0] if pids else None
 
 
 class VdevProcess(BackendProcess):
@@ -255,6 +272,8 @@ async def vdev_serve(
     log_path: Path | None = None,
     verbose: int = 1,
     timeout: float = START_TIMEOUT,
+    supervised: bool = False,
+    supervisor_args: Sequence[str] = (),
 ) -> AsyncIterator[ApiVdev]:
     """``vdev serve`` on ``directory/socket_name`` with its API on ``directory/vdev.api``;
     with ``socket_count`` N (``--socket-count``) on ``directory/socket_name0`` ..
@@ -268,7 +287,8 @@ async def vdev_serve(
     async with open_vdev(
         sock, socket_count=socket_count, api_socket=api,
         log_path=log_path or directory / "vdev.log", timeout=timeout,
-        device=device, target=target, verbose=verbose, extra=extra,
+        device=device, target=target, verbose=verbose, extra=extra, supervised=supervised,
+        supervisor_args=supervisor_args,
     ) as proc:  # fmt: skip
         handle = ApiVdev(proc, Path(proc.paths[0]), api, name)
         try:

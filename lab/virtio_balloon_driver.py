@@ -145,11 +145,15 @@ class VirtioBalloonDriver:
         await self.dev.driver_ok()
         if self.has_stats:
             await self._post_stats()
-        # virtballoon_restore: a driver that kept pages across a reset reports them again
-        if self.pages:
-            await self.update_balloon_size()
         # virtballoon_probe: "if (towards_target(vb)) virtballoon_changed(vdev)"
         self.work_pending = await self.towards_target() != 0
+
+    def reboot(self) -> None:
+        """The guest rebooted (the device was reset under the driver): the new kernel's
+        driver starts with an empty balloon and every page is the guest's again."""
+        if self.pages:
+            self.pool.give(np.array(self.pages, dtype=np.uint64))
+            self.pages.clear()
 
     async def remove(self) -> None:
         """remove_common: give every page back, report, reset the device."""

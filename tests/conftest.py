@@ -94,12 +94,13 @@ def guest_ram() -> Iterator[Callable[..., GuestRamFile]]:
 @pytest.fixture(scope="module")
 def linux_env() -> tuple[QemuBinary, LinuxImage]:
     """A QEMU with the generic vhost-user device (>= 10.2) and the Linux guest image, both
-    provided by scripts/setup; the test is skipped, saying why, where set-up could not."""
+    provided by scripts/setup; where set-up could not, the test is skipped saying why (and
+    fails under CI, see :func:`missing_prerequisite`)."""
     q = qemu.best_qemu(need_test_device=True)
     if q is None:
-        pytest.skip(f"no QEMU >= 10.2 with {qemu.TEST_DEVICE} on this machine (scripts/setup)")
+        missing_prerequisite(f"no QEMU >= 10.2 with {qemu.TEST_DEVICE} on this machine (scripts/setup)")
     try:
         image = linux_image.build()
     except ProvisionError as e:
-        pytest.skip(f"the Linux guest image could not be provisioned here: {e}")
+        missing_prerequisite(f"the Linux guest image could not be provisioned here: {e}")
     return q, image

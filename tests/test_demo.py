@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import missing_prerequisite
 
 from lab import qemu
 
@@ -89,7 +90,7 @@ def test_act2_policy_balloons_by_shares(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_act3_real_vm_or_fallback(tmp_path: Path) -> None:
     if qemu.best_qemu(need_test_device=False) is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     out = run_demo(tmp_path, "--act", "3", timeout=90)
     line = result_line(out, 3)
     m = re.search(
@@ -113,7 +114,7 @@ def test_act3_real_vm_or_fallback(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_act3_qtest_fallback(tmp_path: Path) -> None:
     if qemu.best_qemu(need_test_device=False) is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     out = run_demo(tmp_path, "--act", "3", "--qtest", timeout=60)
     check_qtest_fallback(result_line(out, 3))
 

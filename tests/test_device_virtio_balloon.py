@@ -119,13 +119,23 @@ def test_stats_held_returned_and_rewound() -> None:
     assert d.request_stats() == 7 and d.request_stats() is None
 
 
-def test_reset_keeps_pages() -> None:
+def test_reset_forgets_the_balloon() -> None:
+    """A device reset (reboot, unbind, freeze): the guest holds no balloon pages any more
+    (Linux's remove_common() deflates everything first; a rebooted kernel starts empty), so
+    the map, ``actual`` and the held stats buffer start from zero; the target stays. The
+    same PFNs inflated again are new balloon pages, reclaimed again."""
     r = ram()
     d = VirtioBalloon(target=5)
+    d.set_features(DEVICE_FEATURES)
     d.process(INFLATEQ, [put_pfns(r, 0x1000, [0x500, 0x501])], r, now=0)
+    d.write_config(4, (2).to_bytes(4, "little"))
     d.held_stats = 1
-    d.reset()
-    assert d.size == 2 and d.held_stats is None
+    assert d.reset() == 2
+    assert d.size == 0 and d.actual == 0 and d.held_stats is None
+    assert d.target == 5 and d.negotiated == DEVICE_FEATURES and d.counters["resets"] == 1
+    out = d.process(INFLATEQ, [put_pfns(r, 0x1000, [0x500, 0x501])], r, now=1)
+    assert out.reclaim is not None and out.reclaim.runs() == [(0x500, 2)]
+    assert d.size == 2 and d.counters["inflate ignored: already in balloon"] == 0
 
 
 @given(st.lists(st.integers(0x100, 0x100 + 4096), max_size=300), st.lists(st.integers(0, 8000)))

@@ -11,19 +11,22 @@ model; one test runs the ``guest-driver`` CLI as a process too.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import trio
 
 from guest_driver.driver import DriverConfig
 from guest_driver.guest_memory import PAGES_PER_2M, PageSize, PageState, WorkloadSpec
-from guest_driver.transport_vhost_user import Guest, GuestOptions, run_guest
+from guest_driver.transport_vhost_user import DEVICE_TIMEOUT, Guest, GuestOptions, run_guest
 from lab.vdev_process import ApiVdev, vdev_serve
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, Request, Response
 
@@ -49,6 +52,7 @@ async def rig(
     target: int = 0,
     config: DriverConfig | None = None,
     workload: WorkloadSpec | None = None,
+    device_timeout: float = DEVICE_TIMEOUT,
 ) -> AsyncIterator[tuple[ApiVdev, Guest, trio.Nursery]]:
     async with device(tmp_path, target) as vdev, trio.open_nursery() as nursery:
         sock = str(vdev.socket_path)
@@ -59,6 +63,8 @@ async def rig(
             workload=workload,
             control_path=sock + ".guest",
             workload_interval=0.05,
+            device_timeout=device_timeout,
+            rekick_interval=0.2,
         )
         guest = await nursery.start(run_guest, options)
         yield vdev, guest, nursery
@@ -86,10 +92,32 @@ async def settled(vdev: ApiVdev, guest: Guest, target: int) -> dict[str, Any]:
         await trio.sleep(0.02)
 
 
+def data_pages(fd: int, pages: int) -> npt.NDArray[np.bool_]:
+    """Which 4 KiB pages of the file hold data (SEEK_DATA / SEEK_HOLE: per extent)."""
+    mask = np.zeros(pages, dtype=np.bool_)
+    end, pos = pages * 4096, 0
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        stop = os.lseek(fd, start, os.SEEK_HOLE)
+        mask[start // 4096 : -(-stop // 4096)] = True
+        pos = stop
+    return mask
+
+
 def check_consistent(guest: Guest, view: dict[str, Any]) -> None:
+    """Driver size == vdev size == the guest's balloon pages, every one of them a hole in
+    the RAM file (vdev punched it), the guest's own pages intact, and vdev's and the guest's
+    readings of the RAM file's blocks the same."""
     assert view["size_pages"] == guest.driver.size
     assert guest.memory.count(PageState.BALLOON) == guest.driver.size
     assert guest.memory.verify_app() == 0
+    balloon = guest.memory.pages(PageState.BALLOON)
+    held = data_pages(guest.ram.fd, PAGES)[balloon]
+    assert not held.any(), f"{int(held.sum())} ballooned pages still hold data"
+    assert view["ram_allocated_bytes"] == guest.ram.allocated_bytes()
 
 
 async def test_inflate_2m_and_4k_deflate_and_target_changes(tmp_path: Any) -> None:
@@ -244,6 +272,50 @@ async def test_reset_mid_inflation_recovered_with_nothing_lost(tmp_path: Any) ->
             assert info.free + info.cache + info.app + info.balloon + info.reserved == PAGES
 
 
+async def test_driver_keeps_its_balloon_through_a_silent_device_and_leaves_a_gone_one(
+    tmp_path: Any,
+) -> None:
+    """vdev stops answering mid-inflation (SIGSTOP: the connection stays, as when a
+    restarting vdev keeps it) for longer than a command used to be given: the driver keeps
+    its balloon, kicks again, and carries on when vdev does; sizes and holes agree after.
+    Then vdev goes silent for longer than the device timeout: the driver stops within the
+    timeout (and one re-kick), saying why, and gives its pages back to the guest."""
+    timeout = 3.0
+    with trio.fail_after(40):
+        async with rig(tmp_path, device_timeout=timeout) as (vdev, guest, _):
+            await until(lambda: not guest.driver.reset_required)
+            pid = vdev.proc.pid
+            transport = guest.transport
+            target = PAGES - 16000
+            await vdev.set_target(target)
+            await until(lambda: guest.driver.size > 10 * PAGES_PER_2M)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                size = guest.driver.size
+                await until(lambda: transport.stalls == 1)  # a command waits, the kick redone
+                await trio.sleep(1.5)
+                assert guest.driver.size == size and guest.gone is None  # kept, waiting
+                assert guest.memory.count(PageState.BALLOON) == size
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            view = await settled(vdev, guest, target)
+            assert guest.driver.stats.general["reset"] == 1  # vdev kept its state: no reset
+            assert transport.channel.rekicks >= 1
+            check_consistent(guest, view)
+
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)
+            try:  # the driver's next tick (0.2 s) finds nobody answering
+                await until(lambda: guest.gone is not None, step=0.05)
+                waited = time.monotonic() - t0
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert guest.gone is not None and "device timeout" in guest.gone
+            assert waited < timeout + 2
+            assert guest.driver.closed and guest.driver.size == 0
+            assert guest.memory.count(PageState.BALLOON) == 0  # the guest's pages again
+
+
 async def test_start_zero_on_exit_and_host_memory_reclaim(tmp_path: Any) -> None:
     work = WorkloadSpec(base=2000, cache=PAGES - 12000)
     with trio.fail_after(30):
@@ -298,6 +370,39 @@ async def test_guest_driver_cli_run_and_stat(tmp_path: Any) -> None:
                 assert proc.returncode == 0
                 view = await vdev.vm()
                 assert not view["connected"]
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def test_guest_driver_cli_exits_at_once_with_a_message_when_vdev_dies(
+    tmp_path: Any,
+) -> None:
+    """``guest-driver run`` whose vdev is killed: the connection is gone for good, so the
+    process ends within a couple of seconds, status 1, saying so (it used to wait for a
+    signal that never came)."""
+    with trio.fail_after(30):
+        async with device(tmp_path, 16 * MiB // 4096) as vdev:
+            sock = str(vdev.socket_path)
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "guest_driver", "run", "--socket", sock, "--memory", "64M"],
+                stderr=subprocess.PIPE,
+            )
+            try:
+                while (await vdev.vm())["size_pages"] != 16 * MiB // 4096:
+                    await trio.sleep(0.05)
+                vdev.proc.proc.kill()
+                t0 = time.monotonic()
+                await proc.wait()
+                assert time.monotonic() - t0 < 3
+                assert proc.returncode == 1
+                assert proc.stderr is not None
+                raw = b""
+                while chunk := await proc.stderr.receive_some(65536):
+                    raw += chunk
+                err = raw.decode()
+                assert "guest-driver run: the device is gone" in err and "hung up" in err, err
             finally:
                 if proc.returncode is None:
                     proc.kill()

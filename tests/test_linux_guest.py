@@ -352,3 +352,70 @@ def test_guest_stats_format() -> None:
     text = format_guest_stats({"stat-total-memory": 5, "stat-swap-in": -1}, 1700000000.5)
     assert '"last-update": 1700000000' in text
     assert text.index("stat-swap-in") < text.index("stat-total-memory")
+
+
+@pytest.mark.qemu
+@pytest.mark.linux_guest
+async def test_reboot_forgets_the_balloon_and_holes_follow_the_new_one(
+    linux_env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
+) -> None:
+    """A VM reboot (QMP ``system_reset``) resets the device under the guest: QEMU stops the
+    rings and the new kernel's driver restarts them at 0, and vdev forgets its balloon as a
+    real device does (the pages it punched are the rebooted guest's zero pages). The new
+    guest touches its memory, then inflates: every new balloon page is punched again (a
+    stale map would call most of them "already in balloon" and punch nothing), vdev's
+    balloon is exactly the new one, and the RAM file's holes follow it."""
+    q, image = linux_env
+    qmp_sock = scratch / "qmp.sock"
+    first, second = 96 * PAGES_PER_MIB, 64 * PAGES_PER_MIB
+    with trio.fail_after(150):
+        async with (
+            serve_vdev(scratch) as vdev,
+            boot_guest(
+                q,
+                image,
+                vdev.socket_path,
+                append=QUIET,
+                # the lab boots with -no-reboot (a guest's reboot ends QEMU); here it resets
+                extra=[*qemu.qmp_args(q, qmp_sock), "-action", "reboot=reset"],
+            ) as guest,
+        ):
+            with explain(guest, vdev):
+                qmp = await qemu.Qmp.connect(qmp_sock)
+                rep = await guest.report()
+                await touch_free_memory(guest, rep)
+                vdev.set_target(first)
+                s = await wait_balloon(guest, vdev, first)
+                ram_bytes = s.view.ram_pages * 4096
+                assert ram_bytes - s.view.ram_allocated_bytes >= first * 4096  # all holes
+
+                await qmp.execute("system_reset")
+                vdev.set_target(0)  # the rebooted guest starts without a balloon to fill
+                await guest.wait_ready()
+                view = await wait_until(vdev.snapshot, lambda v: v.driver_active, poll=0.1)
+                assert view.size_pages == 0, "the rebooted guest's balloon starts from zero"
+                assert view.counters["forgotten (4k)"] == first
+                assert view.counters["resets"] == 1
+                rep = await guest.report()
+                assert rep.balloon_pages == 0
+                check_balloon_bound(rep, deflate_on_oom=True)
+                # the new guest uses its memory, the old balloon's pages included
+                await touch_free_memory(guest, rep)
+                touched = vdev.view().ram_allocated_bytes
+                left = ram_bytes - touched  # pages the new guest has not touched: holes
+
+                vdev.set_target(second)
+                s = await wait_balloon(guest, vdev, second)
+                holes = ram_bytes - s.view.ram_allocated_bytes
+                where = (
+                    f"RAM file holes {left // MIB} MiB untouched -> {holes // MIB} MiB with a "
+                    f"{second // PAGES_PER_MIB} MiB balloon"
+                )
+                print(where)
+                assert s.view.counters["inflate ignored: already in balloon"] == 0, where
+                assert s.view.counters["actual"] == second
+                assert touched - s.view.ram_allocated_bytes >= RSS_SHARE * second * 4096, where
+                # every balloon page is a hole; the other holes are what was untouched
+                assert second * 4096 <= holes <= left + second * 4096, where
+                await qmp.aclose()
+                assert await guest.poweroff() == 0

@@ -1,4 +1,4 @@
-"""vdev's vhost-user sockets appear only listening: ``Server._listen`` binds a temporary name,
+"""vdev's vhost-user sockets appear only listening: ``vdev.listeners.listen`` binds a temporary name,
 listens, then renames it onto the path, so a front-end that connects as soon as the path
 exists is never refused (QEMU's ``-chardev socket,reconnect`` would give up a round)."""
 
@@ -16,6 +16,7 @@ import trio
 
 from conformance.backend import unix_listening
 from lab.vdev_process import spawn_vdev
+from vdev import listeners
 from vdev.devices.base import get_personality
 from vdev.registry import GuestRegistry
 from vdev.server import Server
@@ -64,9 +65,8 @@ async def test_path_never_exists_before_listen(
             nursery.cancel_scope.cancel()
 
     (tmp_path / "file").write_text("not a socket")
-    server = Server(GuestRegistry("vmw"), get_personality("vmw"), socket_paths=[])
     with pytest.raises(OSError, match="not a socket"):
-        await server._listen(str(tmp_path / "file"))
+        await listeners.listen(str(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "not a socket"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+from conftest import missing_prerequisite
 
 from lab import qemu
 from lab.qtest.launcher import qtest_vm
@@ -23,7 +24,7 @@ POOL_PAGES = 64 * MIB // 4096
 def host_qemu() -> qemu.QemuBinary:
     q = qemu.best_qemu(need_test_device=False)
     if q is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     return q
 
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import numpy as np
 import pytest
 import trio
+from conftest import missing_prerequisite
 
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
@@ -55,7 +56,7 @@ def want_qemu(personality: str) -> qemu.QemuBinary:
     q = qemu.best_qemu(need_test_device=personality == "virtio-balloon")
     q = q or qemu.best_qemu(need_test_device=False)
     if q is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     return q
 
 
@@ -135,8 +136,9 @@ async def test_vmw_inflate_deflate_reclaims(page: str) -> None:
 
 
 async def test_vmw_guest_reset_mid_inflation() -> None:
-    """status 0 between two batches (QEMU: SET_VRING_ENABLE 0, GET_VRING_BASE), re-init,
-    and the same driver carries on: the device kept its pages, the rings restart at 0."""
+    """status 0 between two batches (QEMU: SET_VRING_ENABLE 0, GET_VRING_BASE), re-init
+    with the rings at 0: the device forgets its balloon and tells the driver (ERROR_RESET),
+    which pops its pages and starts over (vmballoon_reset); both end at the target."""
     q = want_qemu("vmw")
     with trio.fail_after(60):
         async with vdev_rig("vmw", q) as rig, guest(rig, q) as (_vm, dev):
@@ -241,10 +243,14 @@ async def test_virtio_balloon_guest_reset_mid_inflation() -> None:
             async def fill(num: int) -> int:
                 nonlocal calls
                 calls += 1
-                if calls == 10:
+                if calls == 10:  # the VM reboots mid-inflation
                     await dev.reset()  # GET_VRING_BASE on every ring (statsq: rewound)
                     assert not any(qq.started for qq in conn.queues)
-                    await drv.start()  # virtballoon_restore: rings, DRIVER_OK, actual again
+                    assert rig.view().size_pages == 9 * vb.MAX_PFNS_PER_BUFFER  # not yet
+                    drv.reboot()  # the new kernel's driver: an empty balloon
+                    await drv.start()  # probe: rings at 0 -> vdev forgets its balloon
+                    assert rig.view().size_pages == 0
+                    assert rig.view().counters["forgotten (4k)"] == 9 * vb.MAX_PFNS_PER_BUFFER
                 return await real(num)
 
             drv.fill = fill  # type: ignore[method-assign]
@@ -272,7 +278,7 @@ async def test_virtio_balloon_stats_buffer_survives_vm_stop_cont() -> None:
     same buffer is popped again and can still be given back (reference section 6.5)."""
     q = want_qemu("virtio-balloon")
     if not q.has_test_device:
-        pytest.skip("needs QEMU >= 10.2 (statsq)")
+        missing_prerequisite("needs QEMU >= 10.2 (statsq)")
     with trio.fail_after(60):
         async with vdev_rig("virtio-balloon", q) as rig, guest(rig, q, qmp=True) as (vm, dev):
             assert vm.qmp is not None

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import trio
 import trio.testing
+from conftest import missing_prerequisite
 
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
@@ -85,7 +86,7 @@ async def test_vdev_as_a_separate_process() -> None:
     inflates to the initial target and QEMU's memfd shrinks by it."""
     q = qemu.best_qemu(need_test_device=False)
     if q is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     d = q.scratch_dir("vbq-")
     sock = d / "vu.sock"
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import missing_prerequisite
 
 from lab import qemu
 from lab.qemu import write_hlt_bios
@@ -20,7 +21,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "run-qemu"
 def any_qemu() -> qemu.QemuBinary:
     q = qemu.best_qemu(need_test_device=False)
     if q is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     return q
 
 
@@ -75,7 +76,7 @@ async def test_spawn_vdev_starts_and_stops_it(tmp_path: Path) -> None:
 
     q = next((x for x in qemu.find_qemus() if x.root is None), None)  # paths as they are
     if q is None:
-        pytest.skip("no host QEMU")
+        missing_prerequisite("no host QEMU")
     bios = write_hlt_bios(tmp_path / "hlt.bin")
     argv = [str(SCRIPT), "--device", "vmw", "--qemu", q.name, "--ram", "256", "--spawn-vdev",
             "--", "-bios", q.host_path(bios)]  # fmt: skip

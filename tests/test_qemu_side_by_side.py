@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+from conftest import missing_prerequisite
 
 from lab import qemu
 from lab.transport_qtest import AGREED, side_by_side
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.qemu
 
 async def test_builtin_and_vdev_agree() -> None:
     if qemu.best_qemu(need_test_device=False) is None:
-        pytest.skip("no QEMU (run scripts/setup)")
+        missing_prerequisite("no QEMU (run scripts/setup)")
     with trio.fail_after(90):
         builtin, ours = await side_by_side(pages=8192, rounds=1)
     assert builtin.device == "virtio-balloon-pci"

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
+from conftest import missing_prerequisite
 
 from guest_driver.virtq import Buffer
 from lab.qemu import QemuNotFoundError, require_qemu
@@ -38,7 +39,7 @@ def qemu():
     try:
         return require_qemu()
     except QemuNotFoundError as exc:
-        pytest.skip(str(exc))
+        missing_prerequisite(str(exc))
 
 
 async def test_qemu_round_trip(qemu, vdev_process) -> None:

@@ -227,7 +227,15 @@ def coalesce(starts: U64Array, length: int) -> Reclaim:
 class BalloonModel:
     """The vmmemctl device state of one guest (docs/PROTOCOL.md sections 3, 4, 6)."""
 
-    def __init__(self, *, supported: Capability = ALL_CAPABILITIES, target: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        supported: Capability = ALL_CAPABILITIES,
+        target: int = 0,
+        pages: PageMap | None = None,
+    ) -> None:
+        """``pages``: the map to keep locked pages in (the hand-over's, living in the state
+        file); a fresh in-memory one by default."""
         if target < 0:
             raise ConfigError("the balloon target cannot be negative")
         self._supported = Capability(int(supported) & int(ALL_CAPABILITIES))
@@ -238,7 +246,7 @@ class BalloonModel:
         self._limit_hint: int | None = None
         self._doorbell: tuple[int, int] | None = None
         self._ram_pages: int | None = None
-        self._pages = PageMap()
+        self._pages = PageMap() if pages is None else pages
         self._pinned = PinnedRanges()
         #: Set by the server on SIGTERM: every command then answers ERROR_BUSY.
         self.shutting_down = False
@@ -338,6 +346,41 @@ class BalloonModel:
             locked_2m=tuple(int(f) for f in self._pages.locked_2m()),
             pinned=tuple(sorted(self._pinned.by_owner().items())),
         )
+
+    # ----------------------------------------------------------------- hand-over
+
+    def export_state(self) -> dict[str, object]:
+        """Everything but the page map (which lives in its own storage) and the pinned
+        ranges (re-derived from the rings), as JSON-able values (the hand-over record)."""
+        return {
+            "supported": int(self._supported),
+            "target": self._target,
+            "caps": int(self._caps),
+            "reset_demanded": self._reset_demanded,
+            "guest_type": self._guest_type,
+            "limit_hint": self._limit_hint,
+            "doorbell": list(self._doorbell) if self._doorbell is not None else None,
+            "ram_pages": self._ram_pages,
+            "counters": dict(self._counters),
+        }
+
+    def import_state(self, state: dict[str, object]) -> None:
+        """Take back what :meth:`export_state` gave (unknown keys ignored, missing ones keep
+        their defaults: a record from another vdev build)."""
+        g = state.get
+        self._target = int(g("target", self._target))  # type: ignore[call-overload]
+        self._caps = Capability(int(g("caps", 0)) & int(self._supported))  # type: ignore[call-overload]
+        self._reset_demanded = bool(g("reset_demanded", True))
+        gt, lh, db, rp = g("guest_type"), g("limit_hint"), g("doorbell"), g("ram_pages")
+        self._guest_type = int(gt) if isinstance(gt, int) else None
+        self._limit_hint = int(lh) if isinstance(lh, int) else None
+        self._doorbell = (int(db[0]), int(db[1])) if isinstance(db, list) and len(db) == 2 else None
+        self._ram_pages = int(rp) if isinstance(rp, int) else None
+        counters = g("counters")
+        if isinstance(counters, dict):
+            for key, value in counters.items():
+                if key in self._counters and isinstance(value, int):
+                    self._counters[key] = value
 
     # ----------------------------------------------------------------- operator side
 

@@ -18,7 +18,8 @@ arrays of PFNs (or frames) and works on them at once; there is no per-page Pytho
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -48,20 +49,54 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+class MapBacking(Protocol):
+    """Where a :class:`PageMap` keeps its bits instead of process memory: the hand-over
+    state file (:class:`vdev.handover.StateFile`), so the map outlives the process."""
+
+    @property
+    def map_capacity(self) -> int: ...
+
+    def map_views(self, pages: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+        """The 4 KiB and 2 MiB bitmaps covering ``pages`` pfns (their bytes persist)."""
+        ...
+
+    def journal(self, which: int, lo: int, hi: int, scattered: npt.NDArray[np.intp] | None) -> None:
+        """Called before map ``which`` (0: 4 KiB, 1: 2 MiB) changes bytes ``[lo, hi)`` or the
+        bytes at ``scattered``."""
+        ...
+
+
+_Journal = Callable[[int, int, "npt.NDArray[np.intp] | None"], None]
+
+
 class PageMap:
     """Locked 4 KiB pages and locked 2 MiB pages of one guest, one bit each."""
 
-    __slots__ = ("_bits_2m", "_bits_4k", "_count_2m", "_count_4k")
+    __slots__ = ("_backing", "_bits_2m", "_bits_4k", "_count_2m", "_count_4k")
 
-    def __init__(self, capacity: int = 0) -> None:
-        """``capacity``: PFNs to cover from the start (rounded up to a multiple of 512)."""
+    def __init__(self, capacity: int = 0, *, backing: MapBacking | None = None) -> None:
+        """``capacity``: PFNs to cover from the start (rounded up to a multiple of 512).
+        ``backing``: keep the bits there (their current content is the map: counts are
+        recounted from it) instead of in process memory."""
         if capacity < 0:
             raise ValueError("capacity cannot be negative")
+        self._backing = backing
         pages = _round_up(capacity, PAGES_PER_2M)
+        if backing is not None:
+            pages = max(pages, backing.map_capacity)
+            self._bits_4k, self._bits_2m = backing.map_views(pages)
+            self._count_4k, self._count_2m = self.recount()
+            return
         self._bits_4k = np.zeros(pages // 8, dtype=np.uint8)
         self._bits_2m = np.zeros(_round_up(pages // PAGES_PER_2M, 8) // 8, dtype=np.uint8)
         self._count_4k = 0
         self._count_2m = 0
+
+    def _journal(self, which: int) -> _Journal | None:
+        backing = self._backing
+        if backing is None:
+            return None
+        return lambda lo, hi, scattered: backing.journal(which, lo, hi, scattered)
 
     # ----------------------------------------------------------------------------- size
 
@@ -102,6 +137,9 @@ class PageMap:
         if limit is not None:
             grown = min(grown, limit)
         pages = _round_up(max(end_pfn, grown), PAGES_PER_2M)
+        if self._backing is not None:  # the file reserves the room: the views just grow
+            self._bits_4k, self._bits_2m = self._backing.map_views(pages)
+            return
         bits_4k = np.zeros(pages // 8, dtype=np.uint8)
         bits_4k[: self._bits_4k.size] = self._bits_4k
         bits_2m = np.zeros(_round_up(pages // PAGES_PER_2M, 8) // 8, dtype=np.uint8)
@@ -110,6 +148,11 @@ class PageMap:
 
     def clear(self) -> None:
         """Forget every page (the capacity stays)."""
+        if self._backing is not None:
+            if self._count_4k:
+                self._backing.journal(0, 0, self._bits_4k.size, None)
+            if self._count_2m:
+                self._backing.journal(1, 0, self._bits_2m.size, None)
         self._bits_4k.fill(0)
         self._bits_2m.fill(0)
         self._count_4k = 0
@@ -177,13 +220,13 @@ class PageMap:
         array = _as_u64(pfns)
         if array.size:
             self.ensure(int(array.max()) + 1)
-        added = _update(self._bits_4k, array, set_bits=True)
+        added = _update(self._bits_4k, array, set_bits=True, journal=self._journal(0))
         self._count_4k += added
         return added
 
     def clear_4k(self, pfns: npt.ArrayLike) -> int:
         """Unlock 4 KiB pages. Returns how many bits were cleared."""
-        removed = _update(self._bits_4k, _as_u64(pfns), set_bits=False)
+        removed = _update(self._bits_4k, _as_u64(pfns), set_bits=False, journal=self._journal(0))
         self._count_4k -= removed
         return removed
 
@@ -192,13 +235,13 @@ class PageMap:
         array = _as_u64(frames)
         if array.size:
             self.ensure((int(array.max()) + 1) * PAGES_PER_2M)
-        added = _update(self._bits_2m, array, set_bits=True)
+        added = _update(self._bits_2m, array, set_bits=True, journal=self._journal(1))
         self._count_2m += added
         return added
 
     def clear_2m(self, frames: npt.ArrayLike) -> int:
         """Unlock 2 MiB pages by frame number. Returns how many bits were cleared."""
-        removed = _update(self._bits_2m, _as_u64(frames), set_bits=False)
+        removed = _update(self._bits_2m, _as_u64(frames), set_bits=False, journal=self._journal(1))
         self._count_2m -= removed
         return removed
 
@@ -240,11 +283,16 @@ def _test(bits: npt.NDArray[np.uint8], index: U64Array) -> BoolArray:
     return result
 
 
-def _update(bits: npt.NDArray[np.uint8], index: U64Array, *, set_bits: bool) -> int:
-    """Set or clear the bits at ``index`` (duplicates allowed); returns how many changed."""
+def _update(
+    bits: npt.NDArray[np.uint8], index: U64Array, *, set_bits: bool, journal: _Journal | None = None
+) -> int:
+    """Set or clear the bits at ``index`` (duplicates allowed); returns how many changed.
+    ``journal`` is told which bytes are about to change (the hand-over's undo log)."""
     span = _span(bits, index)
     if span is not None:
         lo, hi = span
+        if journal is not None:
+            journal(lo, hi, None)
         seg = np.unpackbits(bits[lo:hi], bitorder="little")
         before = int(np.count_nonzero(seg))
         seg[(index - np.uint64(lo * 8)).astype(np.intp)] = 1 if set_bits else 0
@@ -261,6 +309,8 @@ def _update(bits: npt.NDArray[np.uint8], index: U64Array, *, set_bits: bool) -> 
     byte_index = (index >> np.uint64(3)).astype(np.intp)
     masks = np.left_shift(np.uint8(1), (index & np.uint64(7)).astype(np.uint8))
     touched = np.unique(byte_index)
+    if journal is not None:
+        journal(0, 0, touched)
     before = int(np.bitwise_count(bits[touched]).sum(dtype=np.int64))
     if set_bits:
         np.bitwise_or.at(bits, byte_index, masks)

@@ -127,6 +127,12 @@ class GuestRegistry:
         self._entries: dict[str, _Entry] = {}
         self._subscribers: list[trio.MemorySendChannel[GuestEvent]] = []
         self.on_change: list[Callable[[GuestEvent], None]] = []
+        #: The operator's manual targets by guest (the control plane's own dict, shared so
+        #: that a hand-over keeps them: connections record theirs, a resumed one restores it).
+        self.manual: dict[str, int] = {}
+        #: Guests whose connection a restarted vdev resumed (the control plane leaves their
+        #: recorded control mode alone instead of applying ``--target`` to them).
+        self.resumed: set[str] = set()
 
     # -- set-up (the server) -------------------------------------------------------------
 

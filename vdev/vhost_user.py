@@ -13,19 +13,57 @@ The connection validates everything that does not need guest memory or the devic
   SET_VRING_KICK/CALL/ERR (one unless the no-fd bit 0x100 is set), SET_BACKEND_REQ_FD
   (exactly one) may carry fds; REM_MEM_REG may carry one, which the owner closes unused. Anything
   else with fds is a :class:`~protocol.errors.FrontendError`;
-* the state: feature bits never offered, protocol-feature-gated requests without the bit,
-  ring-configuring requests before SET_OWNER, queue indices beyond the device's queues,
-  SET_VRING_ENABLE without PROTOCOL_FEATURES acked or with a value other than 0/1.
+* the state (:class:`State`, below): feature bits never offered, protocol-feature-gated
+  requests without the bit, ring-configuring requests before SET_OWNER, a ring started
+  before SET_FEATURES, a running ring re-configured, queue indices beyond the device's
+  queues, SET_VRING_ENABLE without PROTOCOL_FEATURES acked or with a value other than 0/1.
 
 Any violation raises :class:`FrontendError`; the connection is then dead (every fd it was
 still holding is closed) and the caller closes the socket. The negotiation requests
 (features, protocol features, owner, queue count, memory slots) are answered here
 (:meth:`answer`); the rest is the server's business.
+
+States and transitions (``BackendConnection.state``)::
+
+    NEW --SET_OWNER--> OWNED --SET_FEATURES--> NEGOTIATED --SET_VRING_KICK i--> RUNNING
+    RUNNING --GET_VRING_BASE of the last started ring--> NEGOTIATED
+    RUNNING --SET_VRING_KICK / GET_VRING_BASE of another ring--> RUNNING
+    NEGOTIATED, RUNNING --SET_FEATURES--> same state (re-acked; the rings keep running)
+    OWNED, NEGOTIATED, RUNNING --RESET_DEVICE / RESET_OWNER--> OWNED (rings stopped,
+                                                                     features forgotten)
+    any --a violation, or fail()--> DEAD (absorbing: every later input is refused)
+
+Negotiation requests (GET_FEATURES, protocol features, queue count, memory slots) are
+allowed in every live state and change none. Ring and memory requests need OWNED or later;
+SET_VRING_NUM / SET_VRING_BASE / SET_VRING_ADDR need their ring stopped (not started by a
+SET_VRING_KICK since its last GET_VRING_BASE); SET_VRING_KICK needs NEGOTIATED or later.
+
+**Device resets.** A real device forgets everything on a reset, and so must the balloon.
+QEMU never tells a vhost-user back-end "reset" when the guest resets the device or the VM
+reboots (docs/PROTOCOL.md section 6): it stops every ring (GET_VRING_BASE) and, when the
+driver re-initialises it, replays SET_FEATURES, the memory table and each ring with its
+base set to 0. A pause (``stop``/``cont``, suspend) replays the same sequence with each
+ring's base set to the index GET_VRING_BASE reported. So the machine records each stopped
+ring's reported base (:meth:`vring_base_reply`) and reports a device reset when:
+
+* SET_VRING_BASE restarts a stopped ring at another index than the one reported for it
+  (the driver's queue state started over): ``"ring N re-initialised"``;
+* SET_FEATURES acks other bits than the features acked before (virtio features change only
+  through a reset): ``"features re-negotiated"``;
+* RESET_DEVICE or RESET_OWNER arrives: ``"RESET_DEVICE"``.
+
+:meth:`take_reset` hands the reason to the caller once (the server then makes the device
+forget the balloon). SET_STATUS (VHOST_USER_PROTOCOL_F_STATUS) is not offered: QEMU's
+generic device sends only FEATURES_OK through it and never status 0 on a reset, so it would
+tell nothing. A ring whose reported base was 0 and that restarts at 0 tells nothing either;
+the reset is then seen on another ring (a balloon that ever inflated has moved its inflate
+ring), or there is nothing to forget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +129,8 @@ VRING_FD_REQUESTS = frozenset({R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_E
 VRING_STATE_REQUESTS = frozenset(
     {R.SET_VRING_NUM, R.SET_VRING_BASE, R.GET_VRING_BASE, R.SET_VRING_ENABLE}
 )
+#: Requests that (re)configure a ring and so need it stopped.
+RING_SETUP_REQUESTS = frozenset({R.SET_VRING_NUM, R.SET_VRING_BASE, R.SET_VRING_ADDR})
 #: Requests :meth:`BackendConnection.answer` handles completely.
 NEGOTIATION = frozenset(
     {
@@ -103,6 +143,20 @@ NEGOTIATION = frozenset(
         R.SET_OWNER,
     }
 )
+
+
+class State(enum.Enum):
+    """Where a connection stands (see the module docstring for the transitions)."""
+
+    NEW = "new"  # connected: negotiation only, no SET_OWNER yet
+    OWNED = "owned"  # SET_OWNER: memory and rings may be configured; no features acked
+    NEGOTIATED = "negotiated"  # SET_FEATURES acked: rings may start; none running
+    RUNNING = "running"  # at least one ring started (SET_VRING_KICK) and not stopped
+    DEAD = "dead"  # a protocol violation (or the caller closed it): everything refused
+
+
+#: States in which a ring-configuring request is allowed.
+OWNED_STATES = frozenset({State.OWNED, State.NEGOTIATED, State.RUNNING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +213,12 @@ class BackendConnection:
         self.max_mem_slots = max_mem_slots
         self.acked_features = 0
         self.protocol_features = 0
-        self.owner = False
-        self.features_set = False
-        self.dead = False
+        self.state = State.NEW
+        #: Rings started by SET_VRING_KICK and not stopped since (RUNNING while non-empty).
+        self.started: set[int] = set()
+        #: The base GET_VRING_BASE reported for each stopped ring (device-reset detection).
+        self.stopped_at: dict[int, int] = {}
+        self._reset_reason: str | None = None
         self._buf = bytearray()
         self._fds: list[int] = []
 
@@ -187,10 +244,28 @@ class BackendConnection:
         """Without PROTOCOL_FEATURES acked, rings are enabled as soon as they start."""
         return not self.acked_features & VF.PROTOCOL_FEATURES
 
+    @property
+    def dead(self) -> bool:
+        return self.state is State.DEAD
+
     def reset_device(self) -> None:
-        """RESET_DEVICE / RESET_OWNER: forget the acked features, keep owner and protocol."""
+        """RESET_DEVICE / RESET_OWNER: stop every ring, forget the acked features; the owner
+        and the protocol features stay (back to OWNED, or NEW without an owner)."""
         self.acked_features = 0
-        self.features_set = False
+        self.started.clear()
+        self.stopped_at.clear()
+        if self.state is not State.NEW:
+            self.state = State.OWNED
+
+    def take_reset(self) -> str | None:
+        """Why the device was reset since the last call (see the module docstring), once;
+        None when it was not."""
+        reason, self._reset_reason = self._reset_reason, None
+        return reason
+
+    def _note_reset(self, reason: str) -> None:
+        self._reset_reason = self._reset_reason or reason
+        self.stopped_at.clear()  # every ring starts over: its old base means nothing now
 
     # -- input ---------------------------------------------------------------------------
 
@@ -224,13 +299,45 @@ class BackendConnection:
 
     def fail(self) -> None:
         """Mark the connection dead and close every fd not yet handed out."""
-        self.dead = True
+        self.state = State.DEAD
+        self.started.clear()
         close_fds(self._fds)
         self._fds = []
 
     @property
     def pending_bytes(self) -> int:
         return len(self._buf)
+
+    def check_header(self, data: bytes) -> int:
+        """Validate a 12-byte header before its payload arrives; returns the payload size
+        (a :class:`FrontendError` for a bad one, the connection is then dead)."""
+        try:
+            self._check_header(vu.parse_header(data))
+        except (FrontendError, FormatError) as exc:
+            self.fail()
+            if isinstance(exc, FrontendError):
+                raise
+            raise FrontendError(f"{self.name}: {exc}") from None
+        return int(vu.parse_header(data).size)
+
+    @staticmethod
+    def expected_fds(data: bytes) -> int:
+        """How many fds the whole message ``data`` (header + payload) must carry (0 when
+        it does not parse: :meth:`receive` then says why). REM_MEM_REG counts 0: its
+        optional fd is never used."""
+        try:
+            request = R(vu.parse_header(data[: vu.HEADER_SIZE]).request)
+            if request in (R.ADD_MEM_REG, R.SET_BACKEND_REQ_FD):
+                return 1
+            if request is not R.SET_MEM_TABLE and request not in VRING_FD_REQUESTS:
+                return 0
+            fmt = vu.REQUEST_PAYLOAD[request]
+            body: Any = vu.parse_payload(fmt, data[vu.HEADER_SIZE :], request.name)
+        except (FormatError, ValueError, KeyError):
+            return 0
+        if request is R.SET_MEM_TABLE:
+            return int(body.nregions)
+        return 0 if body.value & vu.VRING_NOFD_MASK else 1
 
     def _check_header(self, header: Any) -> None:
         flags = header.flags
@@ -286,7 +393,7 @@ class BackendConnection:
             if body.value & ~(vu.VRING_INDEX_MASK | vu.VRING_NOFD_MASK):
                 raise FrontendError(f"{self.name}: {request.name} reserved bits {body.value:#x}")
         elif request is R.REM_MEM_REG:
-            # allowed, never used: the owner closes it (vdev/server.py: in a worker thread,
+            # allowed, never used: the owner closes it (vdev/connection.py: in a worker thread,
             # it may be the last reference to a populated RAM file)
             return fds
         else:
@@ -299,8 +406,10 @@ class BackendConnection:
         gate = SUPPORTED[request]
         if gate is not None and not self.has_protocol(gate):
             raise FrontendError(f"{self.name}: {request.name} without protocol feature {gate!r}")
-        if request in NEEDS_OWNER and not self.owner:
+        if request in NEEDS_OWNER and self.state not in OWNED_STATES:
             raise FrontendError(f"{self.name}: {request.name} before SET_OWNER")
+        if request is R.SET_VRING_KICK and self.state is State.OWNED:
+            raise FrontendError(f"{self.name}: SET_VRING_KICK before SET_FEATURES")
         if request is R.SET_FEATURES and body.value & ~self.offered_features:
             raise FrontendError(
                 f"{self.name}: SET_FEATURES {body.value:#x} acks bits never offered "
@@ -321,6 +430,8 @@ class BackendConnection:
                 raise FrontendError(
                     f"{self.name}: {request.name} for queue {index}, device has {self.num_queues}"
                 )
+            if request in RING_SETUP_REQUESTS and index in self.started:
+                raise FrontendError(f"{self.name}: {request.name} on running ring {index}")
         if request is R.SET_VRING_ENABLE:
             if not self.acked_features & VF.PROTOCOL_FEATURES:
                 raise FrontendError(f"{self.name}: SET_VRING_ENABLE without PROTOCOL_FEATURES")
@@ -336,17 +447,44 @@ class BackendConnection:
             )
 
     def _apply(self, msg: Message) -> None:
-        if msg.request is R.SET_FEATURES:
-            self.acked_features = int(msg.body.value)
-            self.features_set = True
-        elif msg.request is R.SET_PROTOCOL_FEATURES:
+        r = msg.request
+        if r is R.SET_FEATURES:
+            value = int(msg.body.value)
+            if self.state in (State.NEGOTIATED, State.RUNNING) and value != self.acked_features:
+                self._note_reset("features re-negotiated")
+            self.acked_features = value
+            if self.state is State.OWNED:
+                self.state = State.NEGOTIATED
+        elif r is R.SET_PROTOCOL_FEATURES:
             self.protocol_features = int(msg.body.value)
-        elif msg.request is R.SET_OWNER:
-            self.owner = True
-        elif msg.request in (R.RESET_DEVICE, R.RESET_OWNER):
+        elif r is R.SET_OWNER:
+            if self.state is State.NEW:
+                self.state = State.OWNED
+        elif r in (R.RESET_DEVICE, R.RESET_OWNER):
             self.reset_device()
+            self._note_reset(r.name)
+        elif r is R.SET_VRING_KICK:
+            self.started.add(msg.vring_index)
+            self.state = State.RUNNING
+        elif r is R.GET_VRING_BASE:
+            self.started.discard(msg.vring_index)
+            if not self.started and self.state is State.RUNNING:
+                self.state = State.NEGOTIATED
+        elif r is R.SET_VRING_BASE:
+            index, base = msg.vring_index, int(msg.body.num)
+            reported = self.stopped_at.pop(index, None)
+            if reported is not None and reported != base:
+                self._note_reset(f"ring {index} re-initialised (base {base}, stopped at {reported})")
 
     # -- output --------------------------------------------------------------------------
+
+    def vring_base_reply(self, msg: Message, base: int) -> bytes:
+        """The GET_VRING_BASE reply for ``msg``'s ring, stopped at ``base`` (recorded: a
+        restart at another base is a device reset)."""
+        index = msg.vring_index
+        self.stopped_at[index] = base
+        body = vu.build_payload(vu.VRING_STATE, {"index": index, "num": base}, "vring state")
+        return self.reply(msg, body)
 
     def reply(self, msg: Message, body: bytes) -> bytes:
         """A reply carrying ``body`` (flags exactly REPLY|version: QEMU checks 0x5)."""

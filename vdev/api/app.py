@@ -276,7 +276,10 @@ def create_app(control: ControlPlane) -> Starlette:
 
     async def reset_vm(request: Request) -> Response:
         name = _vm_name(request, control)
-        control.reset(name)
+        try:
+            control.reset(name)
+        except ConfigError as e:  # the personality has no operator reset (virtio-balloon)
+            raise ApiError(409, str(e)) from None
         return JSONResponse(vm_info(control, name))
 
     async def request_vm_stats(request: Request) -> Response:
@@ -572,9 +575,9 @@ OPENAPI: dict[str, Any] = {
         },
         "/vms/{name}/reset": {
             "post": {
-                "summary": "Demand a balloon reset",
+                "summary": "Demand a balloon reset (vmw; a virtio-balloon device has none: 409)",
                 "parameters": [_NAME],
-                "responses": {"200": _json(_ref("Vm")), "404": _ERR},
+                "responses": {"200": _json(_ref("Vm")), "404": _ERR, "409": _ERR},
             }
         },
         "/vms/{name}/stats": {

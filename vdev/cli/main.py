@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -21,9 +22,12 @@ from protocol.units import PAGE_SIZE
 from protocol.version import package_version
 from vdev.cli.operator import register_operator_commands, serve_options, start_control_plane
 from vdev.devices.base import PERSONALITIES, get_personality
+from vdev.handover import Handover
+from vdev.listeners import socket_paths
 from vdev.logs import LOG_FORMATS, setup_logging, verbosity_level
 from vdev.registry import GuestRegistry, check_guest_name, name_from_socket_path
-from vdev.server import Server, socket_paths
+from vdev.sdnotify import FdStore, listen_fds
+from vdev.server import Server
 
 log = logging.getLogger("vdev")
 
@@ -84,6 +88,20 @@ def main() -> None:
     help="Seconds between guest statistics refreshes, 0 = only on request "
     "(QEMU's guest-stats-polling-interval; personalities with a stats queue: virtio-balloon).",
 )
+@click.option(
+    "--deflate-on-stop",
+    is_flag=True,
+    help="Make SIGTERM a final stop: deflate every guest (target 0, at most --stop-timeout s, "
+    "reported), then leave the fd store and exit. Without it, SIGTERM under systemd or "
+    "vdev supervise is a hand-over: the next vdev resumes every guest.",
+)
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=0, max=3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds --deflate-on-stop waits for the guests to deflate.",
+)
 @click.option("-v", "--verbose", count=True, help="Default info; -vv debug.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
 @click.option(
@@ -108,12 +126,18 @@ def serve(
     target: str,
     names: tuple[str, ...],
     stats_interval: float,
+    deflate_on_stop: bool,
+    stop_timeout: float,
     verbose: int,
     quiet: bool,
     log_format: str,
     name_from_socket: bool,
 ) -> None:
-    """Run the vhost-user back-end."""
+    """Run the vhost-user back-end.
+
+    Under systemd (Type=notify, FileDescriptorStoreMax=) or ``vdev supervise`` it keeps
+    everything QEMU gave it, and its state, in the manager's fd store: a crash, SIGTERM or
+    an upgrade is a hand-over the guests do not notice."""
     try:
         device_cls = get_personality(device)
     except ConfigError as exc:
@@ -147,11 +171,45 @@ def serve(
             raise click.BadParameter(str(exc), param_hint="--name") from None
     if len(set(names)) != len(names):
         raise click.BadParameter("guest names must be distinct", param_hint="--name")
+    import vdev as package
+
+    log.info(
+        "vdev serve %s from %s (pid %d)",
+        getattr(package, "BUILD", "-"), os.path.dirname(package.__file__), os.getpid(),
+    )  # fmt: skip
+    handover = Handover(FdStore(), listen_fds())
+    stop = StopMode(deflate=deflate_on_stop, timeout=stop_timeout)
     try:
-        trio.run(_serve, registry, device_cls, paths, list(names) or None, fd, stats_interval)
+        trio.run(
+            _serve, registry, device_cls, paths, list(names) or None, fd, stats_interval,
+            handover, stop,
+        )  # fmt: skip
     except OSError as exc:
         click.echo(f"vdev serve: {exc}", err=True)
         sys.exit(1)
+
+
+class StopMode:
+    """What SIGTERM/SIGINT does (``vdev serve --deflate-on-stop``, ``--stop-timeout``)."""
+
+    def __init__(self, *, deflate: bool = False, timeout: float = 30.0) -> None:
+        self.deflate = deflate
+        self.timeout = timeout
+
+
+async def _watchdog(store: FdStore) -> None:
+    """WATCHDOG=1 every half of WATCHDOG_USEC (systemd's WatchdogSec=), from the trio
+    loop itself: a loop that hangs stops the pings."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+        pid = int(os.environ.get("WATCHDOG_PID", str(os.getpid())))
+    except ValueError:
+        return
+    if usec <= 0 or pid != os.getpid():
+        return
+    while True:
+        store.send({"WATCHDOG": 1})
+        await trio.sleep(usec / 2e6)
 
 
 async def _serve(
@@ -161,31 +219,97 @@ async def _serve(
     names: list[str] | None,
     fd: int | None,
     stats_interval: float = 0.0,
+    handover: Handover | None = None,
+    stop: StopMode | None = None,
 ) -> None:
+    stop = stop or StopMode()
     server = Server(
         registry,
         device_cls,
         socket_paths=paths,
         names=names if paths else None,
         stats_interval=stats_interval,
+        handover=handover if fd is None else None,
     )
+    managed = server.handover is not None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def on_signal() -> None:
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
-                    await server.shutdown()
+                    if stop.deflate:
+                        left = await server.final_stop(stop.timeout)
+                        if managed:
+                            held = sum(left.values())
+                            server.handover.store.send(  # type: ignore[union-attr]
+                                {"STOPPING": 1, "STATUS": f"final stop, {held} pages left"}
+                            )
+                    elif managed:
+                        await server.hand_over()
+                    else:
+                        await server.shutdown()
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(on_signal)
-            await start_control_plane(nursery, registry, paths)
             if fd is not None:
+                await start_control_plane(nursery, registry, paths)
                 await server.serve_fd(fd, (names or ["vm0"])[0])
                 nursery.cancel_scope.cancel()
             else:
+                # the sockets (and the connections a previous vdev handed over) first: a
+                # resumed guest is answered before the control plane and the API start
                 await nursery.start(server.run)
+                await trio.sleep(0.01)
+                await start_control_plane(nursery, registry, paths)
+                if managed:
+                    store = server.handover.store  # type: ignore[union-attr]
+                    store.send({"READY": 1, "STATUS": f"serving {len(paths)} guests"})
+                    nursery.start_soon(_watchdog, store)
 
 
 register_operator_commands(main)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--command-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON list: the command to start, re-read at every (re)start (point it at a new "
+    "build, then SIGHUP the supervisor: an upgrade).",
+)
+@click.option("--max-fds", type=click.IntRange(1, 65536), default=4096, show_default=True,
+              help="FileDescriptorStoreMax=.")  # fmt: skip
+@click.option("--restart-delay", type=click.FloatRange(0, 60), default=0.1, show_default=True,
+              help="RestartSec=: seconds between an exit and the restart.")  # fmt: skip
+@click.option("--watchdog-sec", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
+              help="WatchdogSec=: SIGABRT the child when it does not ping for this long (0: off).")  # fmt: skip
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def supervise(
+    command_file: str | None,
+    max_fds: int,
+    restart_delay: float,
+    watchdog_sec: float,
+    verbose: int,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND (e.g. ``-- vdev serve ...``) as systemd would: notify socket, fd store,
+    restart on exit. For tests, CI and containers; under systemd use contrib/systemd."""
+    from vdev.supervise import supervise as run_supervisor
+
+    setup_logging(max(verbose, 1))
+    try:
+        code = run_supervisor(
+            list(command),
+            command_file=command_file,
+            max_fds=max_fds,
+            restart_delay=restart_delay,
+            watchdog_sec=watchdog_sec,
+        )
+    except (OSError, ValueError) as exc:
+        click.echo(f"vdev supervise: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)

@@ -141,7 +141,7 @@ def serve_options(f: F) -> F:
             if not no_api and not kwargs.get("print_capabilities"):
                 # refuse a live API socket before anything starts
                 from vdev.api.app import check_socket_path, default_api_socket
-                from vdev.server import socket_paths
+                from vdev.listeners import socket_paths
 
                 if cfg.api_socket is None and kwargs.get("socket_path"):
                     paths = socket_paths(kwargs["socket_path"], kwargs.get("socket_count"))
@@ -490,7 +490,8 @@ def set_target(api_socket: str, vm: str, size: str) -> None:
 @api_option
 @click.argument("vm")
 def reset(api_socket: str, vm: str) -> None:
-    """Demand a balloon reset: the guest driver pops every page and starts over."""
+    """Demand a balloon reset: the guest driver pops every page and starts over (vmw; a
+    virtio-balloon guest cannot be told to, so vdev refuses: set the target to 0 instead)."""
     with _client(api_socket) as c:
         _call(lambda: c.reset(vm))
     click.echo(f"{vm}: reset demanded")

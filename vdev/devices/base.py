@@ -1,6 +1,6 @@
 """The interface between the vhost-user server and a device personality.
 
-The server (``vdev/server.py``) is personality-agnostic. Per connection it creates one
+The server (``vdev/connection.py``) is personality-agnostic. Per connection it creates one
 :class:`Device` (``cls(ctx, target=pages)``), hands it a :class:`DeviceContext` (the
 connection's :class:`~vdev.memory.GuestMemory` and :class:`~vdev.virtq.VirtQueue` objects),
 and calls it *sans-I/O*: every call that can change guest-visible state returns a
@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from protocol.errors import ConfigError
 from vdev.memory import GuestMemory
+from vdev.pagemap import PageMap
 from vdev.virtq import VirtQueue
 
 
@@ -59,6 +60,9 @@ class DeviceContext:
     name: str  # the guest's name, for log lines
     memory: GuestMemory
     queues: list[VirtQueue]
+    #: The page map to keep the balloon in (the hand-over's, in the state file), or None
+    #: for a fresh in-memory one.
+    pages: PageMap | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,9 @@ class Device(ABC):
     #: The device holds a guest statistics buffer that :meth:`request_stats` gives back
     #: (the server polls it every ``--stats-interval`` seconds).
     supports_stats: ClassVar[bool] = False
+    #: The operator's reset (``vdev reset``) is possible: the device can make its driver
+    #: start over (vmw: ERROR_RESET). A virtio driver cannot be told to (False).
+    operator_reset: ClassVar[bool] = True
     #: The entries of ``status().counters`` that are gauges (current levels), not totals that
     #: only grow; every other entry is a counter. Reported in :attr:`DeviceStatus.gauges`.
     gauges: ClassVar[frozenset[str]] = frozenset()
@@ -136,12 +143,29 @@ class Device(ABC):
 
     @abstractmethod
     def demand_reset(self) -> Work:
-        """Forget the balloon and make the guest start over (operator or device reset)."""
+        """The operator's reset: forget the balloon and make the guest start over (only
+        called when :attr:`operator_reset`)."""
+
+    def device_reset(self) -> Work:
+        """The front-end reset the device (the guest reset or rebooted it, RESET_DEVICE):
+        forget the balloon, as a real device does. The default is :meth:`demand_reset`
+        (the driver, if it is still there, is told to start over)."""
+        return self.demand_reset()
 
     def request_stats(self) -> Work:
         """Give the held guest statistics buffer back so the driver refills it
         (:attr:`supports_stats`; QEMU's ``guest-stats-polling-interval`` timer)."""
         return Work()
+
+    def save_state(self) -> dict[str, Any]:
+        """The personality's state for the hand-over record, JSON-able, without the page
+        map (kept in :attr:`DeviceContext.pages`) and pinned ranges (re-derived by
+        :meth:`rings_changed`). Keys are the personality's; :meth:`load_state` of another
+        vdev build must accept a record with keys it does not know or misses."""
+        return {}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Take back what :meth:`save_state` returned (a restarted vdev)."""
 
     @abstractmethod
     def shutdown(self) -> None:

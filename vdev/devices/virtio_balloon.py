@@ -45,19 +45,26 @@ Decisions:
   :meth:`queue_stopped` returns 1: the server reports ``last_avail_idx - 1`` so that the
   held head is popped again after a restart. Otherwise the guest's only stats buffer would
   be lost and stats would stop forever.
-* ``demand_reset`` (operator): virtio has no way to make a driver start over, so the device
-  forgets its map (the guest's pages stay reclaimed; deflating them later is acked as
-  usual) and raises a config change so the guest re-reads the target.
-* Device reset (the driver wrote status 0) keeps the page map: Linux keeps its balloon pages
-  across a freeze/restore and reports them in ``actual`` again; the pages stay reclaimed.
-  The connection closing forgets everything (the object goes away).
+* Operator reset (``vdev reset``): refused (:attr:`VirtioBalloonDevice.operator_reset` is
+  False, the error says why). Virtio has no way to make a driver start over, and forgetting
+  the map while the guest keeps its pages would leave pages the guest thinks are ballooned
+  and vdev does not; a target of 0 takes the balloon back instead.
+* Device reset (the guest reset the device or the VM rebooted; seen by
+  ``vdev/vhost_user.py``): the device forgets its balloon, as a real one does. Linux's
+  ``remove_common()`` deflates everything before it resets the device (unbind, freeze for
+  hibernation), and after a reboot the new kernel's driver starts from an empty balloon:
+  either way the guest holds no balloon pages any more. The pages vdev punched are zero
+  pages the guest may use again (a touch faults one in); the map, ``actual`` and the held
+  stats buffer start from zero, and what the new driver inflates is reclaimed anew, so the
+  RAM file's holes follow the new balloon. The connection closing forgets everything too
+  (the object goes away).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -147,12 +154,12 @@ class VirtioBalloon:
     config_size = CONFIG_SIZE
     features = DEVICE_FEATURES
 
-    def __init__(self, *, target: int = 0) -> None:
+    def __init__(self, *, target: int = 0, pages: PageMap | None = None) -> None:
         if target < 0:
             raise ConfigError("the balloon target cannot be negative")
         self._target = int(target)
         self.actual = 0
-        self.pages = PageMap()
+        self.pages = PageMap() if pages is None else pages
         self.negotiated = 0  # device feature bits the driver accepted
         self.guest_stats: dict[str, int] = empty_stats()
         self.stats_last_update: float | None = None  # host time of the last stats buffer
@@ -316,11 +323,50 @@ class VirtioBalloon:
             return 1
         return 0
 
-    def reset(self) -> None:
-        """The driver reset the device: drop the held stats buffer (its ring is gone)."""
+    def reset(self) -> int:
+        """The device was reset: forget the balloon (the guest holds none any more: see the
+        module docstring), ``actual`` and the held stats buffer (its ring is gone). Returns
+        the number of pages forgotten. The negotiated features are the transport's business
+        (:meth:`set_features`)."""
         self.counters["resets"] += 1
+        forgotten = self.pages.size
+        self.pages.clear()
+        self.actual = 0
         self.held_stats = None
-        self.negotiated = 0
+        return forgotten
+
+    # ------------------------------------------------------------------ hand-over
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything but the page map (own storage) and pinned ranges (from the rings)."""
+        return {
+            "target": self._target,
+            "actual": self.actual,
+            "negotiated": self.negotiated,
+            "guest_stats": dict(self.guest_stats),
+            "stats_last_update": self.stats_last_update,
+            "held_stats": self.held_stats,
+            "counters": dict(self.counters),
+        }
+
+    def import_state(self, state: Mapping[str, Any]) -> None:
+        """Take back :meth:`export_state` (unknown keys ignored, missing ones defaulted)."""
+        g = state.get
+        self._target = int(g("target", self._target))
+        self.actual = int(g("actual", 0))
+        self.negotiated = int(g("negotiated", 0)) & self.features
+        stats = g("guest_stats")
+        if isinstance(stats, dict):
+            self.guest_stats.update({k: int(v) for k, v in stats.items() if k in self.guest_stats})
+        slu = g("stats_last_update")
+        self.stats_last_update = float(slu) if isinstance(slu, int | float) else None
+        held = g("held_stats")
+        self.held_stats = int(held) if isinstance(held, int) else None
+        counters = g("counters")
+        if isinstance(counters, dict):
+            for key, value in counters.items():
+                if key in self.counters and isinstance(value, int):
+                    self.counters[key] = value
 
     # ------------------------------------------------------------------ helpers
 
@@ -344,12 +390,13 @@ class VirtioBalloonDevice(Device):
     features = DEVICE_FEATURES
     config_size = CONFIG_SIZE
     supports_stats = True
+    operator_reset = False
     #: ``actual`` is what the driver last wrote; ``stats held`` is 0 or 1.
     gauges = frozenset({"actual", "stats held"})
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         super().__init__(ctx, target=target)
-        self.core = VirtioBalloon(target=target)
+        self.core = VirtioBalloon(target=target, pages=ctx.pages)
         self.core.features = self.features  # a subclass may offer fewer bits
         self.shutting_down = False
         self.forgotten = 0
@@ -404,9 +451,18 @@ class VirtioBalloonDevice(Device):
         return Work() if head is None else Work(completions=[(STATSQ, head, 0)])
 
     def demand_reset(self) -> Work:
-        self.forgotten += self.core.size
-        self.core.pages.clear()
-        return Work(config_changed=True)
+        raise ConfigError(f"{self.ctx.name}: virtio-balloon has no operator reset")
+
+    def device_reset(self) -> Work:
+        self.forgotten += self.core.reset()
+        return Work()
+
+    def save_state(self) -> dict[str, Any]:
+        return {**self.core.export_state(), "forgotten": self.forgotten}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.core.import_state(state)
+        self.forgotten = int(state.get("forgotten", 0))
 
     def shutdown(self) -> None:
         # a virtio balloon cannot answer BUSY: buffers keep being acked until the end

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Mapping
+from typing import Any
 
 from protocol.errors import GuestError
 from protocol.vmw import EVENT_SIZE, U32_MAX, EventKind, build_event
@@ -42,7 +44,7 @@ class VmwDevice(Device):
 
     def __init__(self, ctx: DeviceContext, *, target: int = 0) -> None:
         super().__init__(ctx, target=target)
-        self.model = BalloonModel(target=target)
+        self.model = BalloonModel(target=target, pages=ctx.pages)
         self.pending: deque[EventKind] = deque()
         self.events_delivered = 0
 
@@ -130,6 +132,18 @@ class VmwDevice(Device):
         work = self._apply(self.model.demand_reset())
         work.config_changed = True
         return work
+
+    def save_state(self) -> dict[str, Any]:
+        return {
+            **self.model.export_state(),
+            "pending": [int(k) for k in self.pending],
+            "events_delivered": self.events_delivered,
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.model.import_state(dict(state))
+        self.pending = deque(EventKind(k) for k in state.get("pending", ()) if k in {int(e) for e in EventKind})
+        self.events_delivered = int(state.get("events_delivered", 0))
 
     def shutdown(self) -> None:
         self.model.shutting_down = True

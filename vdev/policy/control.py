@@ -305,7 +305,9 @@ class ControlPlane:
                 " /proc/pressure/memory"
             )
         self._wall = wall_clock
-        self.manual: dict[str, int] = {}
+        # the registry's dict when it has one (kept across a hand-over with the connections)
+        shared = getattr(registry, "manual", None)
+        self.manual: dict[str, int] = shared if isinstance(shared, dict) else {}
         #: ``vdev serve --target``: an operator's target, so a manual pin on every guest
         #: (applied when the guest is first seen) until ``{"policy": true}``.
         self.initial_target_pages = initial_target_pages
@@ -713,7 +715,11 @@ class ControlPlane:
         for name in self.registry.names():
             if name not in self._seen:
                 self._seen.add(name)
-                if self.initial_target_pages > 0 and name not in self.manual:
+                if (
+                    self.initial_target_pages > 0
+                    and name not in self.manual
+                    and name not in getattr(self.registry, "resumed", ())
+                ):
                     self.manual[name] = self.initial_target_pages
             try:
                 view = self.registry.view(name)

@@ -1,0 +1,86 @@
+"""``vdev`` that SIGKILLs itself at one point of the vhost-user path, once (hand-over tests).
+
+Run as ``python tests/crashing_vdev.py serve ...`` with ``VBALLOON_CRASH_AT`` one of
+``before-commit`` (a message handled, nothing recorded), ``before-send`` (recorded, reply not
+sent), ``before-consume`` (reply sent and marked, message still in the socket) with
+``VBALLOON_CRASH_REQUEST`` the vhost-user request number; or, on a ring batch that reclaims
+pages, ``batch-before-commit`` (the model changed the page map, nothing recorded) and
+``batch-before-push`` (recorded and reclaimed, the used ring not written).
+``VBALLOON_CRASH_FLAG`` is a file whose existence arms the crash (it is removed when it fires:
+the restarted vdev runs on).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from vdev import connection as C
+from vdev.cli.main import main
+
+POINT = os.environ.get("VBALLOON_CRASH_AT", "")
+REQUEST = int(os.environ.get("VBALLOON_CRASH_REQUEST", "-1"))
+FLAG = Path(os.environ.get("VBALLOON_CRASH_FLAG", "/nonexistent"))
+
+
+def _fire(conn: Any, point: str, *, batch: bool = False) -> None:
+    if point != POINT or not FLAG.exists():
+        return
+    if batch or getattr(conn, "_crash_request", None) == REQUEST:
+        FLAG.unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_handle, _commit, _send, _consume = (
+    C.Connection._handle, C.Connection._commit, C.Connection._send_all, C.Connection._consume,
+)  # fmt: skip
+_execute, _complete = C.Connection._execute, C.Connection._complete
+
+
+async def execute(self: Any, work: Any) -> None:
+    if work.reclaims:
+        _fire(self, "batch-before-commit", batch=True)
+    await _execute(self, work)
+
+
+def complete(self: Any, work: Any, *, committed: bool = False) -> None:
+    if work.reclaims and committed:
+        _fire(self, "batch-before-push", batch=True)
+    _complete(self, work, committed=committed)
+
+
+async def handle(self: Any, msg: Any) -> Any:
+    self._crash_request = int(msg.request)
+    return await _handle(self, msg)
+
+
+def commit(self: Any, pending: Any = None, vu: Any = None) -> None:
+    if vu is not None:
+        _fire(self, "before-commit")
+    _commit(self, pending, vu)
+
+
+async def send_all(self: Any, data: bytes) -> None:
+    _fire(self, "before-send")
+    await _send(self, data)
+
+
+async def consume(self: Any, n: int, nfds: int | None = None) -> None:
+    _fire(self, "before-consume")
+    await _consume(self, n, nfds)
+
+
+C.Connection._handle = handle  # type: ignore[method-assign]
+C.Connection._commit = commit  # type: ignore[method-assign]
+C.Connection._send_all = send_all  # type: ignore[method-assign]
+C.Connection._consume = consume  # type: ignore[method-assign]
+C.Connection._execute = execute  # type: ignore[method-assign]
+C.Connection._complete = complete  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""A real Linux guest never notices vdev restarting: SIGKILL, SIGTERM (systemctl restart) and an
+upgrade to another vdev build, each while the guest's virtio_balloon driver is inflating.
+
+One guest boot (TCG is slow) serves the three restarts: ``vdev serve --device virtio-balloon``
+runs under ``vdev supervise`` (the fd store; ``--command-file`` names the build it starts);
+QEMU 11.1.3's generic vhost-user device keeps its one connection throughout. After each
+restart the balloon answers again (the in-flight inflation completes), the guest's books,
+vdev's and the host's agree (QEMU's RssShmem and the RAM file's blocks moved by what vdev
+holds). At the end a memory hog makes the guest deflate on OOM: it completes, no task hangs,
+no OOM kill; the RAM file and vdev still agree.
+"""
+
+from __future__ import annotations
+
+import compileall
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from lab import linux_image
+from lab.linux_guest import (
+    MIB,
+    QUIET_INTERVAL,
+    VDEV_SOCKET_NAME,
+    LinuxGuest,
+    boot_guest,
+    wait_agree,
+    wait_balloon,
+)
+from lab.qemu import QemuBinary
+from lab.vdev_process import REPO_ROOT, ApiVdev, serve_argv, served_pid, vdev_serve
+from protocol.units import PAGES_PER_MIB
+
+QUIET = f"vb.interval={QUIET_INTERVAL}"
+RAM_MIB = 512
+#: RssShmem / the RAM file must move by at least this share of what the balloon moved (the
+#: rest: kernel allocations between two readings, ballooned pages never touched).
+SHARE = 0.85
+#: What vdev itself may take to resume once its new process runs (Python's start excluded).
+RESUME_BUDGET = 2.0
+
+
+@pytest.fixture
+def scratch(linux_env: tuple[QemuBinary, linux_image.LinuxImage]) -> Iterator[Path]:
+    d = linux_env[0].scratch_dir("vbh-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def upgraded_tree(where: Path) -> Path:
+    root = where / "upgrade"
+    for pkg in ("vdev", "protocol"):
+        shutil.copytree(REPO_ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    init = root / "vdev" / "__init__.py"
+    init.write_text(init.read_text() + '\nBUILD = "upgrade-test"\n')
+    compileall.compile_dir(root, quiet=1)  # as an installed build is
+    return root
+
+
+async def api(vdev: ApiVdev) -> dict[str, Any]:
+    """GET /vms/vm0, retried while vdev restarts (its API socket comes back with it)."""
+    with trio.fail_after(60):
+        while True:
+            try:
+                return await vdev.vm()
+            except Exception:
+                await trio.sleep(0.05)
+
+
+class Books:
+    """vdev's balloon and the host's view of the guest's memory at one moment."""
+
+    def __init__(self, guest: LinuxGuest, view: dict[str, Any]) -> None:
+        self.size = int(view["size_pages"])
+        self.alloc = int(view["ram_allocated_bytes"])
+        self.rss_kib = guest.rss_shmem_kib()
+
+    def check_moved_with(self, before: Books, where: str) -> None:
+        grown = (self.size - before.size) * 4096
+        msg = (
+            f"{where}: balloon {before.size} -> {self.size} pages, RAM file "
+            f"{before.alloc >> 20} -> {self.alloc >> 20} MiB, RssShmem "
+            f"{before.rss_kib >> 10} -> {self.rss_kib >> 10} MiB"
+        )
+        print(msg)
+        assert before.alloc - self.alloc >= SHARE * grown, msg
+        assert (before.rss_kib - self.rss_kib) * 1024 >= SHARE * grown, msg
+        assert self.alloc <= RAM_MIB * MIB - self.size * 4096, msg
+
+
+async def restart_during_inflation(
+    guest: LinuxGuest, vdev: ApiVdev, how: str, target: int, restart: Any
+) -> None:
+    """Raise the target, let the inflation start, restart vdev ``how``; the balloon must
+    answer again and reach the target, with the books in step."""
+    await touch_free_memory(guest)  # so the pages the balloon takes were resident
+    start = Books(guest, await api(vdev))
+    await vdev.set_target(target)
+    with trio.fail_after(60):
+        while (size := int((await api(vdev))["size_pages"])) <= start.size:
+            await trio.sleep(0.01)
+    assert size < target, f"{how}: inflation finished before the restart"
+    old = served_pid(vdev.proc.pid)
+    restart(old)
+    killed = time.monotonic()
+    with trio.fail_after(60):
+        while served_pid(vdev.proc.pid) in (old, None):
+            await trio.sleep(0.005)
+        started = time.monotonic()
+        while True:
+            view = await api(vdev)
+            if view["connected"] and int(view["size_pages"]) > size:
+                break
+            await trio.sleep(0.01)
+    answered = time.monotonic()
+    print(
+        f"{how}: balloon answered again {answered - killed:.2f} s after the stop "
+        f"({answered - started:.2f} s after the new vdev started)"
+    )
+    own = resume_seconds(vdev)
+    print(f"{how}: the new vdev resumed the connection {own:.3f} s after its start-up")
+    assert own <= RESUME_BUDGET, how
+    s = await wait_balloon(guest, vdev, target)
+    assert s.report.balloon_pages == target
+    Books(guest, s.view).check_moved_with(start, how)
+
+
+async def touch_free_memory(guest: LinuxGuest) -> None:
+    rep = await guest.report()
+    mib = rep.kib("MemAvailable") // 1024 - 32
+    assert await guest.workload(mib) == mib
+    assert await guest.workload(0) == 0
+
+
+def resume_seconds(vdev: ApiVdev) -> float:
+    """From the last vdev's first log line (its imports done) to its "connection resumed":
+    the part of a restart that is vdev's, whatever the host's load does to Python's start."""
+    log = (vdev.socket_path.parent / "vdev.log").read_text().splitlines()
+
+    def stamp(line: str) -> float:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    started = max(i for i, ln in enumerate(log) if " vdev serve " in ln)
+    resumed = next(ln for ln in log[started:] if "connection resumed" in ln)
+    return stamp(resumed) - stamp(log[started])
+
+
+@pytest.mark.qemu
+@pytest.mark.linux_guest
+async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
+    linux_env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
+) -> None:
+    q, image = linux_env
+    sock, api_sock = scratch / VDEV_SOCKET_NAME, scratch / "vdev.api"
+    argv = serve_argv(
+        sock, api_socket=api_sock, device="virtio-balloon", extra=["--stats-interval", "0"]
+    )
+    cmd_file = scratch / "vdev.json"
+    cmd_file.write_text(json.dumps(argv))
+    new = upgraded_tree(scratch)
+    with trio.fail_after(420):
+        async with vdev_serve(
+            scratch, device="virtio-balloon", socket_name=VDEV_SOCKET_NAME, supervised=True,
+            supervisor_args=["--command-file", str(cmd_file)],
+        ) as vdev, boot_guest(q, image, sock, ram_mib=RAM_MIB, append=QUIET) as guest:  # fmt: skip
+            try:
+                rep0 = await guest.report()
+                assert rep0.balloon is not None
+
+                def kill9(pid: int) -> None:
+                    os.kill(pid, signal.SIGKILL)
+
+                def sigterm(pid: int) -> None:
+                    os.kill(pid, signal.SIGTERM)  # systemctl restart
+
+                def upgrade(pid: int) -> None:
+                    up = ["/usr/bin/env", f"PYTHONPATH={new}", argv[0], "-P", *argv[1:]]
+                    cmd_file.write_text(json.dumps(up))
+                    os.kill(vdev.proc.pid, signal.SIGHUP)  # the supervisor restarts it
+
+                await restart_during_inflation(guest, vdev, "kill -9", 256 * PAGES_PER_MIB, kill9)
+                await vdev.set_target(64 * PAGES_PER_MIB)
+                await wait_balloon(guest, vdev, 64 * PAGES_PER_MIB)
+                await restart_during_inflation(guest, vdev, "SIGTERM", 256 * PAGES_PER_MIB, sigterm)
+                await vdev.set_target(64 * PAGES_PER_MIB)
+                await wait_balloon(guest, vdev, 64 * PAGES_PER_MIB)
+                await restart_during_inflation(guest, vdev, "upgrade", 256 * PAGES_PER_MIB, upgrade)
+                log = (scratch / "vdev.log").read_text()
+                assert f"vdev serve upgrade-test from {new / 'vdev'}" in log
+                assert log.count("connection resumed") == 3
+
+                # deflate on OOM after all that: a hog bigger than free memory completes
+                before = Books(guest, await api(vdev))
+                s = await wait_agree(guest, vdev)
+                want = s.report.kib("MemAvailable") // 1024 + 48
+                assert await guest.workload(want) == want
+                agreed = await wait_agree(guest, vdev)
+                vm = await guest.vmstat("oom_kill", "balloon_deflate")
+                assert vm["oom_kill"] == 0
+                assert agreed.view["size_pages"] < before.size  # it did deflate
+                assert agreed.view["size_pages"] == agreed.report.balloon_pages
+                assert agreed.view["counters"]["actual"] == agreed.report.balloon_pages
+                assert int(agreed.view["ram_allocated_bytes"]) <= (
+                    RAM_MIB * MIB - int(agreed.view["size_pages"]) * 4096
+                )
+                hung = [ln for ln in guest.console.lines if "blocked for more than" in ln]
+                assert not hung, hung
+                assert await guest.workload(0) == 0
+                assert await guest.poweroff() == 0
+            except BaseException:
+                print("console tail:\n" + "\n".join(guest.console.lines[-30:]))
+                print("QEMU stderr:\n" + guest.stderr()[-1500:])
+                log_path = scratch / "vdev.log"
+                print("vdev log tail:\n" + (log_path.read_text()[-4000:] if log_path.exists() else "-"))
+                raise
