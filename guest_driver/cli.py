@@ -263,6 +263,87 @@ def _first(exc: BaseException) -> BaseException:
     return exc
 
 
+@main.command("run-linux")
+@click.option("--pci-id", default="1af4:1069", show_default=True,
+              help="vendor:device of the balloon's PCI function (vmw behind "
+                   "vhost-user-test-device-pci,virtio-id=41).")
+@click.option("--poll", "poll", type=float, default=1.0, show_default=True,
+              help="Seconds between work ticks (Linux: 1).")
+@click.option("--no-doorbell", is_flag=True, help="Do not offer SIGNALLED_WAKEUP: poll only.")
+@click.option("--no-huge", is_flag=True, help="4 KiB pages only (no transparent huge pages).")
+@click.option("--reserve", default="24M", show_default=True,
+              help="Never inflate below this much MemAvailable.")
+@click.option("--low", default="32M", show_default=True,
+              help="Deflate when MemAvailable falls below this...")
+@click.option("--high", default="64M", show_default=True,
+              help="...until this much is available again.")
+@click.option("--control", "control", default="/run/guest-driver.sock", show_default=True,
+              type=click.Path(dir_okay=False), help="Control socket (guest-driver stat --control).")
+@click.option("-v", "--verbose", count=True)
+def run_linux(
+    pci_id: str,
+    poll: float,
+    no_doorbell: bool,
+    no_huge: bool,
+    reserve: str,
+    low: str,
+    high: str,
+    control: str,
+    verbose: int,
+) -> None:
+    """Inside a Linux guest: drive the vmw device's PCI function from userspace (root)."""
+    from guest_driver.run_linux import LinuxOptions, available, run_in_guest
+
+    logging.basicConfig(
+        level=logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    why = available()
+    if why:
+        raise click.UsageError(why)
+    try:
+        vendor, _, device = pci_id.partition(":")
+        capabilities = ALL_CAPABILITIES
+        if no_doorbell:
+            capabilities &= ~Capability.SIGNALLED_WAKEUP_CMD
+        options = LinuxOptions(
+            config=DriverConfig(capabilities=capabilities, poll_interval=poll, shrinker=True),
+            pci_id=(int(vendor, 16), int(device, 16)),
+            control_path=control,
+            reserve_bytes=parse_size(reserve),
+            low_bytes=parse_size(low),
+            high_bytes=parse_size(high),
+            huge=not no_huge,
+        )
+    except (ConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+    async def main_task() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_in_guest, options)
+
+                async def stop() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop)
+
+    from guest_driver.run_linux import PagesMoved
+
+    try:
+        trio.run(main_task)
+    except KeyboardInterrupt:
+        pass
+    except PagesMoved as exc:
+        click.echo(f"guest-driver run-linux: {exc}", err=True)
+        sys.exit(3)
+    except (VballoonError, OSError) as exc:
+        click.echo(f"guest-driver run-linux: {exc}", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--socket", "socket_path", default=None, type=click.Path(dir_okay=False),
               help="The vhost-user socket the driver runs on (control = SOCKET.guest).")

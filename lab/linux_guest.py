@@ -302,8 +302,10 @@ async def boot_guest(
     wait_ready: bool = True,
     cgroup_procs: Path | None = None,
     num_queues: int | None = None,
+    device: str | None = None,
 ) -> AsyncIterator[LinuxGuest]:
-    """Boot the guest with vdev (listening on ``vdev_socket``) as its balloon.
+    """Boot the guest with vdev (listening on ``vdev_socket``) as its balloon (``device``:
+    another ``-device`` value for the vhost-user device than the virtio-balloon one).
 
     QEMU is stopped (by PID) on exit. With ``wait_ready`` the guest's init has said
     ``ready`` when this yields.
@@ -314,7 +316,14 @@ async def boot_guest(
         image,
         ram_mib=ram_mib,
         append=append,
-        extra=[*balloon_qemu_args(qemu, vdev_socket, num_queues=num_queues), *extra],
+        extra=[
+            *(
+                balloon_qemu_args(qemu, vdev_socket, num_queues=num_queues)
+                if device is None
+                else [*chardev_socket_args(qemu, CHARDEV_ID, vdev_socket), "-device", device]
+            ),
+            *extra,
+        ],
         stderr_path=err,
         cgroup_procs=cgroup_procs,
     ) as console:
@@ -470,21 +479,38 @@ def interactive(
     vdev_log: Path | None,
     keep: bool,
     dry_run: bool = False,
+    device: str = "virtio-balloon",
 ) -> int:
-    """Boot the guest attached to a ``vdev serve`` child; console on this terminal."""
+    """Boot the guest attached to a ``vdev serve`` child; console on this terminal.
+
+    ``device`` vmw: the vmw guest (:mod:`lab.vmw_guest`), our driver started inside it."""
     from lab.linux_image import guest_argv
 
     scratch = qemu.scratch_dir("vbl-")
     log_path = vdev_log or scratch / "vdev.log"
     api = scratch / "vdev.api"
+
+    def device_args(sock: Path) -> list[str]:
+        if device == "virtio-balloon":
+            return balloon_qemu_args(qemu, sock)
+        from lab.vmw_guest import vmw_qemu_args
+
+        return vmw_qemu_args(qemu, sock, scratch)
+
+    if device == "vmw":
+        from lab.vmw_guest import VmwGuestImage
+
+        vmw = VmwGuestImage.load()
+        if vmw is None:
+            raise LocalError("the vmw guest image is not built: python -m lab.vmw_guest build")
+        image = vmw.image
+        append = f"{append} vb.vmw=-v".strip()
     if dry_run:
         staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
-        vdev_line = vdev_serve_argv(
-            scratch / VDEV_SOCKET_NAME, api, device="virtio-balloon", target=target
-        )
+        vdev_line = vdev_serve_argv(scratch / VDEV_SOCKET_NAME, api, device=device, target=target)
         qemu_line = guest_argv(
             qemu, image, staged, ram_mib=ram_mib, append=append,
-            extra=balloon_qemu_args(qemu, scratch / VDEV_SOCKET_NAME),
+            extra=device_args(scratch / VDEV_SOCKET_NAME),
         )  # fmt: skip
         qemu_line[qemu_line.index("-serial") + 1] = "mon:stdio"
         print(shlex.join(vdev_line))
@@ -494,13 +520,12 @@ def interactive(
     try:
         sock = scratch / VDEV_SOCKET_NAME
         with start_vdev(
-            sock, api_socket=api, device="virtio-balloon", target=target, log_path=log_path
+            sock, api_socket=api, device=device, target=target, log_path=log_path
         ) as vdev:
             staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
             argv = guest_argv(
-                qemu, image, staged, ram_mib=ram_mib, append=append,
-                extra=balloon_qemu_args(qemu, sock),
-            )  # fmt: skip
+                qemu, image, staged, ram_mib=ram_mib, append=append, extra=device_args(sock)
+            )
             # the console multiplexed with the monitor: Ctrl-A x quits, Ctrl-A c for (qemu)
             argv[argv.index("-serial") + 1] = "mon:stdio"
             vdev_cmd = f"{REPO_ROOT}/.venv/bin/vdev"
@@ -532,6 +557,8 @@ def main() -> None:
 
 @main.command(name="run", help="boot the Linux guest with vdev as its balloon (interactive)")
 @click.option("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
+@click.option("--device", type=click.Choice(["virtio-balloon", "vmw"]), default="virtio-balloon",
+              help="virtio-balloon: the guest's own driver; vmw: ours, inside the guest")
 @click.option("--target", default="0", help="initial balloon target, e.g. 64M (default 0)")
 @click.option("--interval", type=int, default=2, help="guest report interval, seconds")
 @click.option("--append", default="", help="more kernel command line")
@@ -541,6 +568,7 @@ def main() -> None:
 @click.option("-v", "--verbose", is_flag=True)
 def run_cmd(
     ram: int,
+    device: str,
     target: str,
     interval: int,
     append: str,
@@ -559,7 +587,7 @@ def run_cmd(
     code = interactive(
         qemu, image, ram_mib=ram, target=target,
         append=f"vb.interval={interval} {append}".strip(), vdev_log=vdev_log, keep=keep,
-        dry_run=dry_run,
+        dry_run=dry_run, device=device,
     )  # fmt: skip
     raise SystemExit(code)
 

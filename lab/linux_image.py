@@ -298,9 +298,13 @@ def read_kernel_package(deb: Path, wanted: set[str], kf: KernelFiles | None = No
     return kf
 
 
-def resolve_modules(deb: Path) -> tuple[KernelFiles, list[str]]:
+def resolve_modules(
+    deb: Path,
+    required: Sequence[str] = REQUIRED_MODULES,
+    optional: Sequence[str] = OPTIONAL_MODULES,
+) -> tuple[KernelFiles, list[str]]:
     """The kernel and the modules to insmod, dependencies first."""
-    wanted = set(REQUIRED_MODULES) | set(OPTIONAL_MODULES)
+    wanted = set(required) | set(optional)
     kf = read_kernel_package(deb, wanted)
     for _ in range(5):  # another pass only if a dependency was not in ``wanted``
         missing_deps = {
@@ -313,7 +317,7 @@ def resolve_modules(deb: Path) -> tuple[KernelFiles, list[str]]:
             break
         wanted |= missing_deps
         kf = read_kernel_package(deb, wanted, kf)
-    for req in REQUIRED_MODULES:
+    for req in required:
         if req not in kf.modules and req not in kf.builtin:
             raise ProvisionError(f"{deb.name}: {req} is neither a module nor built in")
     order: list[str] = []
@@ -325,7 +329,7 @@ def resolve_modules(deb: Path) -> tuple[KernelFiles, list[str]]:
             visit(dep, depth + 1)
         order.append(mod)
 
-    for mod in (*OPTIONAL_MODULES, *REQUIRED_MODULES):
+    for mod in (*optional, *required):
         visit(mod)
     return kf, order
 

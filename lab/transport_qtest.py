@@ -27,176 +27,20 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from guest_driver.virtq import Buffer
+from guest_driver.transport_virtio_pci import VirtioPciTransport
 from lab.qemu import TEST_DEVICE, QemuBinary
-from lab.qtest.client import QtestError
 from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
-from protocol.errors import DeviceGone, FormatError, LocalError
-from protocol.vmw import (
-    EVENT_SIZE,
-    REQUEST_SIZE,
-    RESPONSE_SIZE,
-    EventKind,
-    Request,
-    Response,
-    parse_event,
-)
+from protocol.errors import LocalError
 
 if TYPE_CHECKING:
     from lab.vdev_inprocess import InProcessVdev
 
 log = logging.getLogger(__name__)
 
-CMDQ = 0
-EVENTQ = 1
-EVENT_BUFFERS = 4
 VIRTIO_ID_GPIO = 41
-#: (context id, resource id) we register with VMCI_DOORBELL_SET (any valid pair will do)
-DOORBELL_IDS = (3, 0x10)
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
-
-
-@dataclass
-class QtestTransport:
-    """:class:`guest_driver.transport.Transport` over one qtest-driven virtio-pci device."""
-
-    dev: VirtioPci
-    mem: GuestAllocator
-    timeout: float = 10.0
-    queue_size: int = 16
-    events: bool = True
-    _req: int = 0
-    _resp: int = 0
-    _event_pages: list[int] = field(default_factory=list)
-    _event_bufs: dict[int, int] = field(default_factory=dict)  # head -> gpa
-    _pending_events: list[EventKind] = field(default_factory=list)
-    _lock: trio.Lock = field(default_factory=trio.Lock)
-    commands: int = 0
-
-    @classmethod
-    async def open(
-        cls,
-        dev: VirtioPci,
-        mem: GuestAllocator,
-        *,
-        timeout: float = 10.0,
-        event_idx: bool = True,
-        events: bool = True,
-    ) -> QtestTransport:
-        """Initialise the device (features, cmdq, eventq, DRIVER_OK) and post event buffers."""
-        t = cls(dev, mem, timeout=timeout, events=events)
-        await t.init(event_idx=event_idx)
-        return t
-
-    async def init(self, *, event_idx: bool = True) -> None:
-        """(Re)initialise the device from reset: what the driver does at probe time."""
-        try:
-            await self.dev.begin(VIRTIO_RING_F_EVENT_IDX if event_idx else 0)
-            if not self._req:
-                page = self.mem.alloc(4096)
-                self._req, self._resp = page, page + 64
-                self._event_pages = [page + 128 + 16 * i for i in range(EVENT_BUFFERS)]
-            await self.dev.setup_queue(CMDQ, self.queue_size, self.mem)
-            await self.dev.setup_queue(EVENTQ, self.queue_size, self.mem)
-            await self.dev.driver_ok()
-            self._event_bufs.clear()
-            self._pending_events.clear()
-            if self.events:
-                for gpa in self._event_pages:
-                    await self._post_event(gpa)
-                await self.dev.kick(EVENTQ)
-        except QtestError as e:
-            raise DeviceGone(f"qtest: {e}") from e
-
-    async def _post_event(self, gpa: int) -> None:
-        head = await self.dev.queues[EVENTQ].add([Buffer(gpa, EVENT_SIZE, write=True)])
-        self._event_bufs[head] = gpa
-
-    # -- Transport ---------------------------------------------------------------------
-
-    async def command(self, request: Request) -> Response:
-        async with self._lock:
-            try:
-                await self.dev.qt.write(self._req, request.build())
-                q = self.dev.queues[CMDQ]
-                head = await q.add(
-                    [Buffer(self._req, REQUEST_SIZE), Buffer(self._resp, RESPONSE_SIZE, write=True)]
-                )
-                await self.dev.kick(CMDQ)
-                while True:
-                    elems = await self.dev.wait_used(CMDQ, self.timeout)
-                    mine = [e for e in elems if e.id == head]
-                    if mine:
-                        break
-                if mine[0].len < RESPONSE_SIZE:
-                    raise DeviceGone(f"cmdq: response of {mine[0].len} bytes")
-                raw = await self.dev.qt.read(self._resp, RESPONSE_SIZE)
-            except trio.TooSlowError as e:
-                raise DeviceGone(f"no response to {request!r} in {self.timeout} s") from e
-            except QtestError as e:
-                raise DeviceGone(f"qtest: {e}") from e
-            self.commands += 1
-            return Response.parse(raw)
-
-    async def read(self, gpa: int, n: int) -> bytes:
-        try:
-            return await self.dev.qt.read(gpa, n)
-        except QtestError as e:
-            raise DeviceGone(f"qtest: {e}") from e
-
-    async def write(self, gpa: int, data: bytes) -> None:
-        try:
-            await self.dev.qt.write(gpa, data)
-        except QtestError as e:
-            raise DeviceGone(f"qtest: {e}") from e
-
-    async def _collect_events(self) -> None:
-        q = self.dev.queues[EVENTQ]
-        elems = await q.poll_used()
-        for e in elems:
-            gpa = self._event_bufs.pop(e.id, None)
-            if gpa is None:
-                continue
-            if e.len >= EVENT_SIZE:
-                raw = await self.dev.qt.read(gpa, EVENT_SIZE)
-                try:
-                    self._pending_events.append(parse_event(raw))
-                except FormatError as exc:
-                    log.warning("eventq: bad event %s: %s", raw.hex(), exc)
-            await self._post_event(gpa)
-        if elems:
-            await self.dev.kick(EVENTQ)
-
-    async def wait_event(self, timeout: float) -> EventKind | None:
-        if not self.events:
-            await trio.sleep(timeout)
-            return None
-        try:
-            with trio.move_on_after(timeout):
-                while True:
-                    async with self._lock:
-                        seen = self.dev.qt.irq_raises
-                        await self._collect_events()
-                        if self._pending_events:
-                            return self._pending_events.pop(0)
-                        await self.dev.read_isr()
-                        await self._collect_events()
-                        if self._pending_events:
-                            return self._pending_events.pop(0)
-                    await self.dev.qt.wait_irq(seen, 0.05)
-        except QtestError as e:
-            raise DeviceGone(f"qtest: {e}") from e
-        return None
-
-    @property
-    def doorbell_ids(self) -> tuple[int, int] | None:
-        return DOORBELL_IDS if self.events else None
-
-    # -- config space (the carrier's 8 bytes: num_pages, actual) -----------------------
-
-    async def config(self) -> tuple[int, int]:
-        raw = await self.dev.config_bytes(0, 8)
-        return int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")
+class QtestTransport(VirtioPciTransport):
+    """:class:`guest_driver.transport_virtio_pci.VirtioPciTransport` over a qtest-driven
+    function (:class:`lab.qtest.virtio_pci.VirtioPci`)."""
 
 
 # --------------------------------------------------------------------------- vdev + QEMU rig

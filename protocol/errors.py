@@ -18,10 +18,12 @@ serves peers catches ``PeerError`` per connection and keeps serving everyone els
     │   │   ├── BackendHungUp    guest side: the back-end closed the connection
     │   │   └── DeviceGone       guest side: the device went away, the driver stops
     │   └── PeerClosed           vdev: the front-end closed the connection
-    └── LocalError
-        ├── ConfigError          a setting, option or config file value is invalid
-        ├── HostResourceError    mmap, fallocate, eventfd, a socket we own failed
-        └── NotSimulated         the host is real: its free memory cannot be set
+    ├── LocalError
+    │   ├── ConfigError          a setting, option or config file value is invalid
+    │   ├── HostResourceError    mmap, fallocate, eventfd, a socket we own failed
+    │   └── NotSimulated         the host is real: its free memory cannot be set
+    └── ApiError                 the management API's error answer: HTTP status + message
+                                 (4xx: the API client's fault; 5xx / 0: vdev's or transport's)
 
 Errors outside this module (``RingBroken``, ``QtestError``, ``BackendStartError``, ...)
 subclass one of these; the list is in docs/ARCHITECTURE.md ("Errors").
@@ -124,3 +126,22 @@ class NotSimulated(LocalError):
 
     Raised by ``vdev.policy.control.ControlPlane.set_simulated_free``; caught by the API,
     which answers 409."""
+
+
+class ApiError(VballoonError):
+    """An error answer of vdev's management API: an HTTP ``status`` and a ``message``.
+
+    Raised by the API's handlers and its HTTP server (:mod:`vdev.api.app`,
+    :mod:`vdev.api.serve`), which turn it into ``{"error": message}`` with that status; and
+    by :class:`vdev.api.client.ApiClient` when the API answered one (``status`` 0: the API
+    could not be reached at all). Caught by the API's exception handler on the server side
+    and by the operator CLI (:mod:`vdev.cli.operator`), which prints the message.
+
+    Whose fault: a 4xx status is the API client's (bad request, unknown name, refused
+    access, too big or too slow); a 5xx or 0 is vdev's side or the transport's.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message if status == 0 else f"{message} (HTTP {status})")
+        self.status = status
+        self.message = message

@@ -40,6 +40,8 @@ PCI_HEADER_MULTI_FUNCTION = 0x80
 PCI_COMMAND_IO = 0x1
 PCI_COMMAND_MEMORY = 0x2
 PCI_COMMAND_MASTER = 0x4
+#: PCI_COMMAND: INTx masked (what uio_pci_generic toggles around each interrupt).
+PCI_COMMAND_INTX_DISABLE = 0x400
 #: A vendor-specific capability: virtio's.
 PCI_CAP_ID_VNDR = 0x09
 

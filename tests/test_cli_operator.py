@@ -161,7 +161,7 @@ async def test_events_top_and_plot(served: Any, tmp_path: Path) -> None:
     with trio.fail_after(90):
         api, client = served
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vdev", "events", "--api-socket", api, "--vm", "vm0", "-n", "3"],
+            [sys.executable, "-m", "vdev", "events", "--api-socket", api, "--vm", "vm0", "-n", "4"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -179,7 +179,12 @@ async def test_events_top_and_plot(served: Any, tmp_path: Path) -> None:
                 proc.wait()
         assert proc.returncode == 0, err
         lines = out.splitlines()
-        assert len(lines) == 3, out
+        assert len(lines) == 4, out
+        # the change is audited in the stream: who did it (this test's pid runs the client)
+        audit = [line for line in lines if " audit " in line]
+        assert len(audit) == 1 and "audit target" in audit[0], out
+        assert f"by uid {os.getuid()} pid {os.getpid()}" in audit[0], out
+        lines = [line for line in lines if " audit " not in line]
         assert lines[0].split()[1:] == ["vm0", "control", "->", "manual"]
         assert lines[1].split()[1:] == ["vm0", "MCTLTGT", "8.00", "MB", "(manual)"]
         assert lines[2].split()[1:3] == ["vm0", "MCTLSZ"]  # the guest started inflating

@@ -198,3 +198,58 @@ def test_flags_override_file() -> None:
     assert cfg.host_memory == 2 * GIB
     with pytest.raises(ConfigError, match="policy period"):
         ControlConfig().override(policy_period=-1)
+
+
+@pytest.mark.parametrize(
+    ("serve", "match"),
+    [
+        ({"api_max_body_bytes": 100}, r"api_max_body_bytes: must be in 256\.\.1048576, got 100"),
+        ({"api_max_body_bytes": 4096.5}, "api_max_body_bytes: must be in"),
+        ({"api_max_connections": 0}, "api_max_connections: must be in 1..4096"),
+        ({"api_max_connections": True}, "api_max_connections: must be in"),
+        ({"api_header_timeout": float("nan")}, "api_header_timeout: must be in"),
+        ({"api_body_timeout": float("inf")}, "api_body_timeout: must be in"),
+        ({"api_idle_timeout": 0}, "api_idle_timeout: must be in"),
+        ({"api_max_subscribers": "many"}, "api_max_subscribers: must be in"),
+        ({"api_read_group": "no-such-group-here"}, "api_read_group: no group named"),
+        ({"api_read_group": 1.5}, "api_read_group: expected a group name or gid"),
+        ({"api_max_bodybytes": 1}, "api_max_bodybytes"),
+    ],
+)
+def test_api_bounds_and_read_group_are_checked(serve: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"serve": serve})
+
+
+def test_api_bounds_from_file_and_flags() -> None:
+    cfg = parse_config(
+        {"serve": {"api_max_body_bytes": 8192, "api_read_group": 4242, "api_body_timeout": 1}}
+    )
+    assert (cfg.api_limits.max_body_bytes, cfg.api_limits.body_timeout) == (8192, 1)
+    assert cfg.api_read_group == 4242 and cfg.api_limits.max_connections == 64
+    cfg.override(api_limits={"max_connections": 10}, api_read_group="0")
+    assert (cfg.api_limits.max_connections, cfg.api_limits.max_body_bytes) == (10, 8192)
+    assert cfg.api_read_group == 0
+    with pytest.raises(ConfigError, match="api_max_connections"):
+        cfg.override(api_limits={"max_connections": 100000})
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--api-max-body-bytes", "10"], "256<=x<=1048576"),
+        (["--api-header-timeout", "nan"], "api_header_timeout: must be in"),
+        (["--api-max-connections", "-1"], "1<=x<=4096"),
+        (["--api-read-group", "no-such-group-here"], "api_read_group: no group named"),
+    ],
+)
+def test_api_bounds_on_the_command_line_are_usage_errors(
+    tmp_path: Path, args: list[str], match: str
+) -> None:
+    from click.testing import CliRunner
+
+    from vdev.cli.main import main
+
+    result = CliRunner().invoke(main, ["serve", "--socket-path", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2, result.output
+    assert match in result.output and "Traceback" not in result.output

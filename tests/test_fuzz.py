@@ -244,3 +244,37 @@ def test_wire_oracle_catches_a_vdev_that_does_not_reclaim() -> None:
     with wire.session(vdev_cmd=mutant):
         exc = run_one(wire, wire.seeds()[0])
     assert isinstance(exc, Finding) and "accounting" in str(exc), exc
+
+
+@pytest.mark.timeout(90)
+def test_api_smoke_against_vdev(tmp_path: Path) -> None:
+    """A few seconds of hostile HTTP against a live vdev's API socket: vdev stays up, every
+    answer is well-formed JSON with a 2xx/4xx status, no fd leaks."""
+    from lab.fuzz import api
+
+    with api.session():
+        stats = builtin_fuzz(
+            api, seconds=6.0, corpus=api.seeds(), seed=5, crash_dir=tmp_path, guided=False
+        )
+    assert stats.execs >= 10
+    assert not stats.findings, [Reproducer.load(p).error for p in stats.findings]
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 2\r\n\r\n{}", "answered 500"),
+        (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n", "without a JSON body"),
+        (b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\nnop", "not JSON"),
+        (b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n[]", "is not {'error'"),
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}", "malformed HTTP response"),
+        (b"HTTP/1.1 20x OK\r\n\r\n", "malformed HTTP response"),
+    ],
+)
+def test_api_oracle_flags_bad_answers(raw: bytes, problem: str) -> None:
+    from lab.fuzz.api import check_responses
+
+    with pytest.raises(Finding, match=re.escape(problem)):
+        check_responses(raw, [b"GET"])
+    ok = b'HTTP/1.1 404 Not Found\r\ncontent-length: 13\r\n\r\n{"error":"x"}'
+    assert check_responses(ok + ok, [b"GET", b"PUT"]) == 2

@@ -25,12 +25,12 @@ from conftest import missing_prerequisite
 from guest_driver.driver import BalloonDriver, DriverConfig
 from guest_driver.guest_memory import GuestMemory as GuestPages
 from guest_driver.guest_memory import PageSize
+from guest_driver.transport_virtio_pci import CMDQ
 from lab import qemu
 from lab.qtest.client import QtestError
 from lab.qtest.launcher import QtestVm, qtest_vm
 from lab.qtest.virtio_pci import GuestAllocator, VirtioPci
 from lab.transport_qtest import (
-    CMDQ,
     QtestTransport,
     vdev_rig,
     vhost_user_device,

@@ -20,7 +20,8 @@ from server_helpers import (
 )
 
 from guest_driver.frontend import WANTED_FEATURES, connect_frontend
-from vdev.api.app import OPENAPI, serve_api
+from vdev.api.app import OPENAPI
+from vdev.api.serve import serve_api
 from vdev.config import ControlConfig
 from vdev.devices.vmw import VmwDevice
 from vdev.policy.control import ControlPlane

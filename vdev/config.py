@@ -5,6 +5,11 @@ and per-VM memory configuration. Command-line flags override the file.
 [serve]
 api_socket = "/run/vballoon/vdev.api"   # default: <first vhost-user socket>.api
 api_socket_mode = "0600"                # octal string or integer
+api_read_group = "monitoring"           # members may GET (stat, events, metrics); name or gid
+api_max_body_bytes = 4096               # API bounds (vdev serve --api-*; docs/SECURITY.md):
+api_max_connections = 64                # also api_max_header_bytes, api_header_timeout,
+                                        # api_body_timeout, api_idle_timeout,
+                                        # api_write_timeout, api_max_subscribers
 policy_period = 1.0                     # seconds between policy steps
 host_memory = "16G"                     # simulated host of this size; omit for the real host
 history = 3600                          # points kept per VM for `vdev plot`
@@ -43,6 +48,7 @@ Sizes are bytes (integers) or strings with a binary suffix: ``512M``, ``4G``, ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
@@ -53,6 +59,7 @@ from typing import Any
 
 from protocol.errors import ConfigError
 from protocol.units import PAGE_SIZE
+from vdev.api.limits import LIMIT_RANGES, ApiLimits, resolve_group
 from vdev.policy.model import PolicyEngine, PolicySettings, PoolSpec, Shares, SharesLevel, VmSpec
 
 __all__ = [
@@ -175,6 +182,9 @@ class ControlConfig:
 
     api_socket: str | None = None
     api_socket_mode: int = 0o600
+    #: gid whose members may read the API (None: only the owner and root may connect).
+    api_read_group: int | None = None
+    api_limits: ApiLimits = field(default_factory=ApiLimits)
     policy_period: float = 1.0
     host_memory: int | None = None  # bytes; None: sample the real host
     history: int = 3600
@@ -204,6 +214,8 @@ class ControlConfig:
         watch_cgroups: list[str] | None = None,
         backstop: bool | None = None,
         policy: str | None = None,
+        api_read_group: str | None = None,
+        api_limits: Mapping[str, float] | None = None,
     ) -> ControlConfig:
         """Flags win over the file (None: not given on the command line)."""
         if policy is not None:
@@ -212,6 +224,12 @@ class ControlConfig:
             self.backstop = backstop
         if watch_cgroups:
             self.watch_cgroups = list(watch_cgroups)
+        if api_read_group is not None:
+            self.api_read_group = resolve_group(api_read_group)
+        if api_limits:
+            self.api_limits = ApiLimits.from_mapping(
+                {**dataclasses.asdict(self.api_limits), **api_limits}
+            )
         if api_socket is not None:
             self.api_socket = api_socket
         if host_memory is not None:
@@ -267,6 +285,8 @@ def _table(value: object, where: str) -> Mapping[str, Any]:
 
 
 _SERVE_KEYS = {
+    "api_read_group",
+    *(f"api_{name}" for name in LIMIT_RANGES),
     "api_socket",
     "api_socket_mode",
     "policy_period",
@@ -300,6 +320,14 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
         cfg.api_socket = serve["api_socket"]
     if "api_socket_mode" in serve:
         cfg.api_socket_mode = _octal(serve["api_socket_mode"], f"{source} [serve] api_socket_mode")
+    if "api_read_group" in serve:
+        try:
+            cfg.api_read_group = resolve_group(serve["api_read_group"])
+        except ConfigError as e:
+            raise ConfigError(f"{source} [serve] {e}") from None
+    limits = {k[4:]: v for k, v in serve.items() if k.startswith("api_") and k[4:] in LIMIT_RANGES}
+    if limits:
+        cfg.api_limits = ApiLimits.from_mapping(limits, f"{source} [serve] ")
     if "policy_period" in serve:
         cfg.policy_period = _number(serve["policy_period"], f"{source} [serve] policy_period")
     if "host_memory" in serve:

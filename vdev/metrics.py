@@ -320,13 +320,14 @@ async def serve_metrics(
 ) -> None:
     """``GET /metrics`` (only) over TCP on ``address`` for Prometheus, which cannot scrape the
     API's unix socket. Read-only: nothing here changes a target. Runs until cancelled."""
-    from hypercorn.config import Config as HypercornConfig
-    from hypercorn.trio import serve as hypercorn_serve
     from prometheus_client import CONTENT_TYPE_LATEST
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
+
+    from vdev.api.limits import ApiLimits
+    from vdev.api.serve import ApiServer
 
     host, port = parse_metrics_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -344,16 +345,14 @@ async def serve_metrics(
     async def metrics(request: Request) -> Response:
         return Response(render_metrics(control), media_type=CONTENT_TYPE_LATEST)
 
-    config = HypercornConfig()
-    config.bind = [f"fd://{sock.detach()}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 0.5
     app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])
-
-    class _Started:
-        def started(self, value: object = None) -> None:
-            log.info("metrics on http://%s:%d/metrics", *bound)
-            task_status.started((str(bound[0]), int(bound[1])))
-
-    await hypercorn_serve(app, config, task_status=_Started())  # type: ignore[arg-type]
+    # the management API's server: a scraper or anyone else on the network cannot stop vdev,
+    # hold its fds or memory (bounds, containment: vdev/api/serve.py); no SO_PEERCRED on TCP,
+    # and the app only reads
+    server = ApiServer(app, ApiLimits(), None)
+    try:
+        log.info("metrics on http://%s:%d/metrics", *bound)
+        task_status.started((str(bound[0]), int(bound[1])))
+        await server.serve(sock)
+    finally:
+        sock.close()

@@ -82,6 +82,9 @@ class GuestView:
     #: esxtop MCTL?: the balloon driver runs (vdev.devices.base.DeviceStatus.driver_active);
     #: never inferred from ``capabilities`` (a virtio driver may accept no feature bits).
     driver_active: bool = False
+    #: A balloon reset was demanded and the guest has not started over yet
+    #: (vdev.devices.base.DeviceStatus.reset_demanded).
+    reset_demanded: bool = False
     counters: Mapping[str, int] = field(default_factory=dict)
     #: The names in ``counters`` that are gauges (levels), not monotonic counters.
     gauges: frozenset[str] = frozenset()
@@ -215,6 +218,7 @@ class GuestRegistry:
             capabilities=st.capabilities,
             guest_type=st.guest_type,
             driver_active=bool(st.driver_active),
+            reset_demanded=bool(st.reset_demanded),
             doorbell_registered=st.doorbell_registered,
             counters=dict(st.counters),
             gauges=frozenset(st.gauges),

@@ -3,7 +3,7 @@
     scripts/fuzz TARGET [--time SECONDS] [--corpus DIR] [--seed N] [--engine E] [--crashes DIR]
     scripts/fuzz replay FILE [FILE...]
 
-TARGET is ``frames``, ``device`` or ``wire``. Findings are minimised and written as
+TARGET is ``frames``, ``device``, ``wire`` or ``api`` (the management API socket). Findings are minimised and written as
 reproducer JSON files (default ``.cache/fuzz/TARGET/crashes``); the run exits 1 when it
 found anything. ``replay`` exits 1 when any file still reproduces.
 """

@@ -32,6 +32,7 @@ TARGETS = {
     "frames": "lab.fuzz.frames",
     "device": "lab.fuzz.device",
     "wire": "lab.fuzz.wire",
+    "api": "lab.fuzz.api",
 }
 
 INTERESTING = [

@@ -21,13 +21,13 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from protocol.errors import LocalError
+from guest_driver.virtio_pci import PortError
 
 log = logging.getLogger(__name__)
 
 
 
-class QtestError(LocalError):
+class QtestError(PortError):
     """qtest answered FAIL, or spoke nonsense.
 
     Raised by :class:`Qtest`; caught by the qtest transport (``lab.transport_qtest``), which

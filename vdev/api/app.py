@@ -1,7 +1,7 @@
-"""The management API: JSON over HTTP/1.1 on a unix socket (Firecracker / Cloud Hypervisor
-style), served by hypercorn's trio worker with a starlette app.
+"""The management API's routes: a FastAPI app over the control plane.
 
-Endpoints (the OpenAPI 3.1 document is :data:`OPENAPI`, served at ``/openapi.json``):
+Endpoints (the OpenAPI 3.1 document, generated from :mod:`vdev.api.models`, is served at
+``/openapi.json``: :func:`openapi_document`):
 
     GET  /vms                       every guest (esxtop MCTL?, MCTLSZ, MCTLTGT, MCTLMAX, rates...)
     GET  /vms/{name}                one guest
@@ -22,65 +22,67 @@ Endpoints (the OpenAPI 3.1 document is :data:`OPENAPI`, served at ``/openapi.jso
     GET  /metrics                   Prometheus text format
     GET  /openapi.json              this API's OpenAPI document
 
-Errors are ``{"error": "..."}`` with 400 (bad body), 404 (unknown VM, setting or path),
-405 (method), 409 (``PUT /host/simulated`` on a real host; ``POST /vms/{name}/stats`` on a
-guest that is not connected or whose personality keeps no statistics).
+Every error is ``{"error": "..."}`` (:class:`vdev.api.models.Error`): 400 (the body is not
+JSON, or the control plane refused the value: above the guest's RAM, a setting out of its
+range), 403 (the peer may not do this: :mod:`vdev.api.serve`), 404 (unknown VM, setting or
+path), 405 (method), 408/413/431 (too slow, body or headers too large: the HTTP server), 409
+(``PUT /host/simulated`` on a real host; ``POST /vms/{name}/stats`` on a guest that is not
+connected or whose personality keeps no statistics), 422 (the body or a query parameter does
+not fit its model; the message names the field), 503 (too many API connections or event
+subscribers).
 
-The socket is created with mode 0600 (``api_socket_mode`` in the config file): whoever can
-connect can change every guest's balloon. It is bound, chmod-ed and only then listened on,
-so there is no window in which it is reachable with looser permissions.
+Changes (target, reset, stats request, setting, simulated host) are audited: a ``vdev.audit``
+log line and an ``audit`` event naming the peer (uid, pid, command line).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
+import functools
 import json
 import logging
-import math
-import os
-import socket
-import stat
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
-from protocol.errors import ConfigError
+from protocol.errors import ApiError, ConfigError
 from protocol.units import PAGE_SIZE
-from vdev.config import parse_size
+from vdev.api import models
+from vdev.api.limits import DEFAULT_MAX_SUBSCRIBERS
+from vdev.api.models import describe_validation_error
 from vdev.metrics import render_metrics
 from vdev.policy.control import ControlPlane, NotSimulated, driver_active, failures, jsonable
 from vdev.policy.model import SharesLevel
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("vdev.audit")
 
-MIB = 1 << 20
 #: A keep-alive is written on an idle event stream this often (also how fast a vanished
 #: client is noticed if the server never gets a disconnect).
 HEARTBEAT_S = 15.0
 
+TITLE = "vballoon vdev management API"
+DESCRIPTION = (
+    "Control plane of a vmmemctl-style balloon served as a vhost-user back-end. Sizes are "
+    "4 KiB pages and bytes; columns follow esxtop (MCTL?, MCTLSZ, MCTLTGT, MCTLMAX). Every "
+    "error is {error: message}."
+)
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+#: The scope key under which :mod:`vdev.api.serve` puts the peer's credentials.
+PEER_SCOPE_KEY = "vdev.peer"
 
 
 # --------------------------------------------------------------------------------------------
 # Views of the state
 
 
-def vm_info(control: ControlPlane, name: str) -> dict[str, Any]:
+def vm_info(control: ControlPlane, name: str) -> models.Vm:
     view = control.registry.view(name)  # KeyError: unknown guest
     ram = int(view.ram_pages)
     size = int(view.size_pages)
@@ -90,52 +92,50 @@ def vm_info(control: ControlPlane, name: str) -> dict[str, Any]:
     counters = {str(k): int(v) for k, v in dict(getattr(view, "counters", {}) or {}).items()}
     active = driver_active(view)
     manual = control.manual.get(name)
+    state: Literal["disconnected", "resetting", "active", "inactive"]
     if not view.connected:
         state = "disconnected"
-    elif getattr(view, "reset_demanded", False):
+    elif view.reset_demanded:
         state = "resetting"
     else:
         state = "active" if active else "inactive"
-    guest_type = getattr(view, "guest_type", None)
-    return {
-        "name": name,
-        "socket_path": str(getattr(view, "socket_path", "")),
-        "personality": str(getattr(view, "personality", "")),
-        "connected": bool(view.connected),
-        "driver_active": active,
-        "state": state,
-        "control": "manual" if manual is not None else "policy",
-        "manual_target_pages": manual,
-        "reason": control.reason(name),
-        "pool": control.config.vm(name).pool,
-        "ram_pages": ram,
-        "ram_bytes": ram * PAGE_SIZE,
-        "target_pages": target,
-        "target_bytes": target * PAGE_SIZE,
-        "size_pages": size,
-        "size_bytes": size * PAGE_SIZE,
-        "max_pages": max_pages,
-        "max_bytes": max_pages * PAGE_SIZE,
-        "rates": {
-            "inflate_pages_per_s": inflate,
-            "deflate_pages_per_s": deflate,
-            "window_s": control.config.rate_window,
-        },
-        "failures": failures(counters),
-        "capabilities": jsonable(getattr(view, "capabilities", None)),
-        "guest_type": jsonable(guest_type),
-        "doorbell_registered": bool(getattr(view, "doorbell_registered", False)),
-        "counters": counters,
-        "gauges": sorted(str(g) for g in getattr(view, "gauges", ()) or () if str(g) in counters),
-        "guest_stats": {
-            str(k): int(v) for k, v in dict(getattr(view, "guest_stats", {}) or {}).items()
-        },
-        "ram_allocated_bytes": int(getattr(view, "ram_allocated_bytes", 0) or 0),
-        "reclaimed_bytes_total": int(getattr(view, "reclaimed_bytes_total", 0) or 0),
-    }
+    return models.Vm(
+        name=name,
+        socket_path=str(view.socket_path),
+        personality=str(view.personality),
+        connected=bool(view.connected),
+        driver_active=active,
+        state=state,
+        control="manual" if manual is not None else "policy",
+        manual_target_pages=manual,
+        reason=control.reason(name),
+        pool=control.config.vm(name).pool,
+        ram_pages=ram,
+        ram_bytes=ram * PAGE_SIZE,
+        target_pages=target,
+        target_bytes=target * PAGE_SIZE,
+        size_pages=size,
+        size_bytes=size * PAGE_SIZE,
+        max_pages=max_pages,
+        max_bytes=max_pages * PAGE_SIZE,
+        rates=models.Rates(
+            inflate_pages_per_s=inflate,
+            deflate_pages_per_s=deflate,
+            window_s=control.config.rate_window,
+        ),
+        failures=failures(counters),
+        capabilities=jsonable(view.capabilities),
+        guest_type=jsonable(view.guest_type),
+        doorbell_registered=bool(view.doorbell_registered),
+        counters=counters,
+        gauges=sorted(str(g) for g in view.gauges or () if str(g) in counters),
+        guest_stats={str(k): int(v) for k, v in dict(view.guest_stats or {}).items()},
+        ram_allocated_bytes=int(view.ram_allocated_bytes or 0),
+        reclaimed_bytes_total=int(view.reclaimed_bytes_total or 0),
+    )
 
 
-def pools_info(control: ControlPlane) -> list[dict[str, Any]]:
+def pools_info(control: ControlPlane) -> list[models.Pool]:
     members: dict[str | None, list[str]] = {}
     for name in control.registry.names():
         members.setdefault(control.config.vm(name).pool, []).append(name)
@@ -143,16 +143,16 @@ def pools_info(control: ControlPlane) -> list[dict[str, Any]]:
     for pool in control.engine.pools.values():
         shares = pool.shares
         out.append(
-            {
-                "name": pool.name,
-                "parent": pool.parent,
-                "reservation_bytes": pool.reservation_pages * PAGE_SIZE,
-                "limit_bytes": None if pool.limit_pages is None else pool.limit_pages * PAGE_SIZE,
-                "shares": shares.name.lower() if isinstance(shares, SharesLevel) else shares,
-                "share_count": pool.share_count,
-                "expandable_reservation": pool.expandable_reservation,
-                "vms": sorted(members.get(pool.name, [])),
-            }
+            models.Pool(
+                name=pool.name,
+                parent=pool.parent,
+                reservation_bytes=pool.reservation_pages * PAGE_SIZE,
+                limit_bytes=None if pool.limit_pages is None else pool.limit_pages * PAGE_SIZE,
+                shares=shares.name.lower() if isinstance(shares, SharesLevel) else shares,
+                share_count=pool.share_count,
+                expandable_reservation=pool.expandable_reservation,
+                vms=sorted(members.get(pool.name, [])),
+            )
         )
     return out
 
@@ -162,74 +162,22 @@ def settings_info(control: ControlPlane) -> dict[str, int]:
     return {path: settings.get(path) for path in settings.paths()}
 
 
-def history_info(control: ControlPlane, name: str, last: int | None) -> dict[str, Any]:
+def history_info(control: ControlPlane, name: str, last: int | None) -> models.History:
     points = control.history(name)
     if last is not None:
         points = points[-last:] if last > 0 else []
-    return {
-        "name": name,
-        "page_size": PAGE_SIZE,
-        "points": [jsonable(p) for p in points],
-    }
+    return models.History(
+        name=name,
+        page_size=PAGE_SIZE,
+        points=[models.HistoryPoint(**jsonable(p)) for p in points],
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Request helpers
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if not raw:
-        raise ApiError(400, "request body is empty; expected a JSON object")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def _only_one(body: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any]:
-    present = [k for k in keys if k in body]
-    unknown = sorted(set(body) - set(keys))
-    if unknown:
-        raise ApiError(
-            400, f"unknown field(s) {', '.join(unknown)}; expected one of {', '.join(keys)}"
-        )
-    if len(present) != 1:
-        raise ApiError(400, f"expected exactly one of {', '.join(keys)}")
-    return present[0], body[present[0]]
-
-
-def _number(value: Any, field: str, *, integer: bool) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError(400, f"{field} must be a number, got {json.dumps(value)}")
-    if integer and not isinstance(value, int):
-        raise ApiError(400, f"{field} must be an integer, got {value}")
-    if not math.isfinite(value) or value < 0:
-        raise ApiError(400, f"{field} must be >= 0, got {value}")
-    return value
-
-
-def _size_bytes(key: str, value: Any) -> int:
-    """Bytes from one of *_bytes / *_mib / *_pages / a size string."""
-    if key.endswith("_pages"):
-        return int(_number(value, key, integer=True)) * PAGE_SIZE
-    if key.endswith("_bytes"):
-        return int(_number(value, key, integer=True))
-    if key.endswith("_mib"):
-        return int(_number(value, key, integer=False) * MIB)
-    if not isinstance(value, str):
-        raise ApiError(400, f'{key} must be a size string such as "512M", got {json.dumps(value)}')
-    try:
-        return parse_size(value, key)
-    except ConfigError as e:
-        raise ApiError(400, str(e)) from None
-
-
-def _vm_name(request: Request, control: ControlPlane) -> str:
-    name = str(request.path_params["name"])
+def _vm_name(control: ControlPlane, name: str) -> str:
     if name not in control.registry.names():
         raise ApiError(
             404, f"no VM named {name!r}; known: {', '.join(control.registry.names()) or 'none'}"
@@ -237,8 +185,8 @@ def _vm_name(request: Request, control: ControlPlane) -> str:
     return name
 
 
-def _setting_path(request: Request, control: ControlPlane) -> str:
-    raw = str(request.path_params["path"]).strip("/")
+def _setting_path(control: ControlPlane, raw: str) -> str:
+    raw = raw.strip("/")
     path = "/" + raw.replace(".", "/") if "/" not in raw else "/" + raw
     known = control.engine.settings.paths()
     if path not in known:
@@ -246,44 +194,152 @@ def _setting_path(request: Request, control: ControlPlane) -> str:
     return path
 
 
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _err(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": models.Error, "description": _WHY[code]} for code in codes}
+
+
+_WHY = {
+    400: "The body is not JSON, or the control plane refused the value",
+    403: "The peer may not do this (not the owner or root; read-only group: GET only)",
+    404: "Unknown VM, setting or path",
+    408: "The request's headers or body were not received in time",
+    409: "Not possible in this state",
+    413: "The request body is larger than the limit",
+    422: "The body or a query parameter does not fit its model (the message names the field)",
+    503: "Too many API connections or event subscribers",
+}
+Name = Annotated[str, Path(description="VM name (vm0.. or vdev serve --name)")]
+SettingPath = Annotated[
+    str, Path(description="setting path without the leading slash, e.g. Mem/CtlMaxPercent")
+]
+TargetBody = Annotated[models.TargetRequest, Body()]
+SimulatedBody = Annotated[models.SimulatedRequest, Body()]
+SettingBody = Annotated[models.SettingRequest, Body()]
+
+
 # --------------------------------------------------------------------------------------------
 # The app
 
 
-def create_app(control: ControlPlane) -> Starlette:
-    async def list_vms(request: Request) -> Response:
-        return JSONResponse({"vms": [vm_info(control, n) for n in control.registry.names()]})
+class JsonBodies:
+    """ASGI middleware: every request body is JSON, whatever Content-Type the client sent
+    (``curl -d`` says form-urlencoded); the API speaks nothing else."""
 
-    async def get_vm(request: Request) -> Response:
-        return JSONResponse(vm_info(control, _vm_name(request, control)))
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
-    async def put_target(request: Request) -> Response:
-        name = _vm_name(request, control)
-        body = await _json_body(request)
-        if "policy" in body:
-            if set(body) != {"policy"} or body["policy"] is not True:
-                raise ApiError(400, 'to return control to the policy send exactly {"policy": true}')
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("PUT", "POST", "PATCH"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+class Audit:
+    """Writes who changed what: a ``vdev.audit`` log line and an ``audit`` event."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def __call__(self, request: Request, action: str, **details: Any) -> None:
+        peer = request.scope.get(PEER_SCOPE_KEY)
+        who: dict[str, Any] = (
+            peer.describe() if peer is not None else {"uid": None, "pid": None, "cmdline": None}
+        )
+        audit_log.info(
+            "%s %s by uid=%s pid=%s cmdline=%s %s",
+            action,
+            details.get("name", details.get("path", "")),
+            who["uid"],
+            who["pid"],
+            json.dumps(who["cmdline"]),
+            json.dumps(details, separators=(",", ":"), default=str),
+        )
+        self.control.publish({"type": "audit", "action": action, **details, "peer": who})
+
+
+def create_app(control: ControlPlane, *, max_subscribers: int = DEFAULT_MAX_SUBSCRIBERS) -> FastAPI:
+    app = FastAPI(
+        title=TITLE,
+        version="1",
+        description=DESCRIPTION,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        responses=_err(403, 422, 503),
+    )
+    app.add_middleware(JsonBodies)
+    audit = Audit(control)
+    subscribers = 0
+
+    @app.get("/vms", summary="List VMs", response_model=models.VmList)
+    async def list_vms() -> models.VmList:
+        return models.VmList(vms=[vm_info(control, n) for n in control.registry.names()])
+
+    @app.get("/vms/{name}", summary="One VM", response_model=models.Vm, responses=_err(404))
+    async def get_vm(name: Name) -> models.Vm:
+        return vm_info(control, _vm_name(control, name))
+
+    @app.put(
+        "/vms/{name}/target",
+        summary="Set a manual balloon target, or return the VM to the policy",
+        response_model=models.Vm,
+        responses=_err(400, 404, 413, 422),
+    )
+    async def put_target(request: Request, name: Name, body: TargetBody) -> models.Vm:
+        name = _vm_name(control, name)
+        try:
+            pages = models.target_pages(body)
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
+        if pages is None:
             control.clear_manual_target(name)
             control.step()  # so the answer already shows the policy's target and reason
+            audit(request, "target", name=name, policy=True)
         else:
-            key, value = _only_one(body, ("target_mib", "target_pages", "target_bytes", "target"))
-            pages = _size_bytes(key, value) // PAGE_SIZE
             try:
-                control.set_manual_target(name, pages)
+                applied, reason = control.set_manual_target(name, pages)
             except ValueError as e:
                 raise ApiError(400, str(e)) from None
-        return JSONResponse(vm_info(control, name))
+            audit(
+                request,
+                "target",
+                name=name,
+                target_pages=pages,
+                applied_pages=applied,
+                reason=reason,
+            )
+        return vm_info(control, name)
 
-    async def reset_vm(request: Request) -> Response:
-        name = _vm_name(request, control)
+    @app.post(
+        "/vms/{name}/reset",
+        summary="Demand a balloon reset (vmw; a virtio-balloon device has none: 409)",
+        response_model=models.Vm,
+        responses=_err(404, 409),
+    )
+    async def reset_vm(request: Request, name: Name) -> models.Vm:
+        name = _vm_name(control, name)
         try:
             control.reset(name)
         except ConfigError as e:  # the personality has no operator reset (virtio-balloon)
             raise ApiError(409, str(e)) from None
-        return JSONResponse(vm_info(control, name))
+        audit(request, "reset", name=name)
+        return vm_info(control, name)
 
-    async def request_vm_stats(request: Request) -> Response:
-        name = _vm_name(request, control)
+    @app.post(
+        "/vms/{name}/stats",
+        summary="Ask the guest for fresh statistics (guest_stats; virtio-balloon). "
+        "They arrive asynchronously; vdev serve --stats-interval also refreshes them",
+        status_code=202,
+        response_model=models.Vm,
+        responses={202: {"description": "Requested (the current state)"}, **_err(404, 409)},
+    )
+    async def request_vm_stats(request: Request, name: Name) -> models.Vm:
+        name = _vm_name(control, name)
         request_stats = getattr(control.registry, "request_stats", None)
         if request_stats is None or not request_stats(name):
             raise ApiError(
@@ -291,61 +347,116 @@ def create_app(control: ControlPlane) -> Starlette:
                 f"{name}: no guest statistics to refresh (not connected, or its personality "
                 "keeps none)",
             )
+        audit(request, "stats", name=name)
         # the guest answers asynchronously: guest_stats change once it refilled the buffer
-        return JSONResponse(vm_info(control, name), status_code=202)
+        return vm_info(control, name)
 
-    async def get_history(request: Request) -> Response:
-        name = _vm_name(request, control)
-        last_raw = request.query_params.get("last")
-        last = None
-        if last_raw is not None:
-            try:
-                last = int(last_raw)
-            except ValueError:
-                raise ApiError(400, f"last must be an integer, got {last_raw!r}") from None
-        return JSONResponse(history_info(control, name, last))
+    @app.get(
+        "/vms/{name}/history",
+        summary="In-memory history of target, size, max and host free memory",
+        response_model=models.History,
+        responses=_err(404, 422),
+    )
+    async def get_history(
+        name: Name,
+        last: Annotated[int | None, Query(ge=0, le=1 << 31, description="newest points")] = None,
+    ) -> models.History:
+        return history_info(control, _vm_name(control, name), last)
 
-    async def get_host(request: Request) -> Response:
-        return JSONResponse(control.host_info())
+    @app.get("/host", summary="Host memory state", response_model=models.Host)
+    async def get_host() -> models.Host:
+        return models.Host(**control.host_info())
 
-    async def put_simulated(request: Request) -> Response:
-        body = await _json_body(request)
-        key, value = _only_one(body, ("free_bytes", "free_mib", "free"))
+    @app.put(
+        "/host/simulated",
+        summary="Set the simulated host's free memory (simulated mode only)",
+        response_model=models.Host,
+        responses=_err(400, 409, 413, 422),
+    )
+    async def put_simulated(request: Request, body: SimulatedBody) -> models.Host:
         try:
-            control.set_simulated_free(_size_bytes(key, value))
+            free = models.free_bytes(body)
+        except ValueError as e:
+            raise ApiError(422, str(e)) from None
+        try:
+            control.set_simulated_free(free)
         except NotSimulated as e:
             raise ApiError(409, str(e)) from None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        audit(request, "simulated-host", free_bytes=free)
         control.step()  # so the answer already shows the new state
-        return JSONResponse(control.host_info())
+        return models.Host(**control.host_info())
 
-    async def get_pools(request: Request) -> Response:
-        return JSONResponse({"pools": pools_info(control)})
+    @app.get("/pools", summary="Resource pools", response_model=models.PoolList)
+    async def get_pools() -> models.PoolList:
+        return models.PoolList(pools=pools_info(control))
 
-    async def get_settings(request: Request) -> Response:
-        return JSONResponse({"settings": settings_info(control)})
+    @app.get("/settings", summary="Advanced settings", response_model=models.Settings)
+    async def get_settings() -> models.Settings:
+        return models.Settings(settings=settings_info(control))
 
-    async def get_setting(request: Request) -> Response:
-        path = _setting_path(request, control)
-        return JSONResponse({"path": path, "value": control.engine.settings.get(path)})
+    @app.get(
+        "/settings/{path:path}",
+        summary="One advanced setting",
+        response_model=models.Setting,
+        responses=_err(404),
+    )
+    async def get_setting(path: SettingPath) -> models.Setting:
+        path = _setting_path(control, path)
+        return models.Setting(path=path, value=control.engine.settings.get(path))
 
-    async def put_setting(request: Request) -> Response:
-        path = _setting_path(request, control)
-        body = await _json_body(request)
-        _, value = _only_one(body, ("value",))
+    @app.put(
+        "/settings/{path:path}",
+        summary="Change one advanced setting",
+        response_model=models.Setting,
+        responses=_err(400, 404, 413, 422),
+    )
+    async def put_setting(
+        request: Request,
+        path: SettingPath,
+        body: SettingBody,
+    ) -> models.Setting:
+        path = _setting_path(control, path)
         try:
-            control.set_setting(path, value)
+            control.set_setting(path, body.value)
         except ConfigError as e:
             raise ApiError(400, str(e)) from None
-        return JSONResponse({"path": path, "value": control.engine.settings.get(path)})
+        audit(request, "setting", path=path, value=body.value)
+        return models.Setting(path=path, value=control.engine.settings.get(path))
 
-    async def events(request: Request) -> Response:
-        vm = request.query_params.get("vm")
+    @app.get(
+        "/events",
+        summary="Event stream (no polling): NDJSON, or SSE with Accept: text/event-stream",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "description": "one JSON Event per line (or per SSE data field); the first is "
+                "{type: hello}",
+                "content": {
+                    "application/x-ndjson": {"schema": {"$ref": "#/components/schemas/Event"}},
+                    "text/event-stream": {"schema": {"type": "string"}},
+                },
+            },
+            **_err(404),
+        },
+    )
+    async def events(
+        request: Request,
+        vm: Annotated[str | None, Query(max_length=256, description="only this VM")] = None,
+    ) -> Response:
+        nonlocal subscribers
         if vm is not None and vm not in control.registry.names():
             raise ApiError(404, f"no VM named {vm!r}")
+        if subscribers >= max_subscribers:
+            raise ApiError(
+                503,
+                f"too many event subscribers ({max_subscribers}, --api-max-subscribers); "
+                "try again later",
+            )
         sse = "text/event-stream" in request.headers.get("accept", "")
         receive = control.subscribe()
+        subscribers += 1
 
         def encode(event: dict[str, Any]) -> bytes:
             data = json.dumps(event, separators=(",", ":"))
@@ -354,25 +465,29 @@ def create_app(control: ControlPlane) -> Starlette:
             return data.encode() + b"\n"
 
         async def stream() -> AsyncIterator[bytes]:
-            async with receive:
-                yield encode(
-                    {"type": "hello", "vms": control.registry.names(), "time": control.wall()}
-                )
-                while True:
-                    with trio.move_on_after(HEARTBEAT_S) as idle:
-                        try:
-                            event = await receive.receive()
-                        except trio.EndOfChannel:  # we fell too far behind: dropped
-                            return
-                    if idle.cancelled_caught:
-                        yield (
-                            b": keep-alive\n\n"
-                            if sse
-                            else encode({"type": "heartbeat", "time": control.wall()})
-                        )
-                        continue
-                    if vm is None or event.get("name") in (None, vm):
-                        yield encode(event)
+            nonlocal subscribers
+            try:
+                async with receive:
+                    yield encode(
+                        {"type": "hello", "vms": control.registry.names(), "time": control.wall()}
+                    )
+                    while True:
+                        with trio.move_on_after(HEARTBEAT_S) as idle:
+                            try:
+                                event = await receive.receive()
+                            except trio.EndOfChannel:  # we fell too far behind: dropped
+                                return
+                        if idle.cancelled_caught:
+                            yield (
+                                b": keep-alive\n\n"
+                                if sse
+                                else encode({"type": "heartbeat", "time": control.wall()})
+                            )
+                            continue
+                        if vm is None or event.get("name") in (None, vm):
+                            yield encode(event)
+            finally:
+                subscribers -= 1
 
         return StreamingResponse(
             stream(),
@@ -380,621 +495,107 @@ def create_app(control: ControlPlane) -> Starlette:
             headers={"cache-control": "no-cache"},
         )
 
-    async def metrics(request: Request) -> Response:
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format 0.0.4",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
+    async def metrics() -> Response:
         return Response(render_metrics(control), media_type=CONTENT_TYPE_LATEST)
 
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(OPENAPI)
+    @app.get(
+        "/openapi.json",
+        summary="This document",
+        response_model=dict[str, Any],
+    )
+    async def openapi() -> dict[str, Any]:
+        return openapi_document(app)
 
-    async def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+    # ---------------------------------------------------------------------- errors
 
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        message = exc.detail
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        for e in errors:
+            if e.get("type") == "json_invalid":
+                why = (e.get("ctx") or {}).get("error", "")
+                return _error(400, f"request body is not valid JSON: {why}")
+        if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
+            return _error(400, "request body is empty; expected a JSON object")
+        return _error(422, describe_validation_error(errors))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path} (see /openapi.json)"
         elif exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path}"
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+        elif exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's "There was an error parsing the body": say why (too deep, too many
+            # digits...)
+            message = f"request body is not valid JSON: {_reason(exc.__cause__)}"
+        return _error(exc.status_code, message, dict(exc.headers or {}))
 
-    async def key_error(request: Request, exc: Exception) -> Response:
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.error("API: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.exception_handler(KeyError)
+    async def key_error(request: Request, exc: KeyError) -> Response:
         # A guest vanished between the name check and the read.
-        return JSONResponse({"error": f"no such VM: {exc}"}, status_code=404)
+        return _error(404, f"no such VM: {exc}")
 
-    routes = [
-        Route("/vms", list_vms, methods=["GET"]),
-        Route("/vms/{name}", get_vm, methods=["GET"]),
-        Route("/vms/{name}/target", put_target, methods=["PUT"]),
-        Route("/vms/{name}/reset", reset_vm, methods=["POST"]),
-        Route("/vms/{name}/stats", request_vm_stats, methods=["POST"]),
-        Route("/vms/{name}/history", get_history, methods=["GET"]),
-        Route("/host", get_host, methods=["GET"]),
-        Route("/host/simulated", put_simulated, methods=["PUT"]),
-        Route("/pools", get_pools, methods=["GET"]),
-        Route("/settings", get_settings, methods=["GET"]),
-        Route("/settings/{path:path}", get_setting, methods=["GET"]),
-        Route("/settings/{path:path}", put_setting, methods=["PUT"]),
-        Route("/events", events, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-    ]
-    return Starlette(
-        routes=routes,
-        exception_handlers={ApiError: api_error, HTTPException: http_error, KeyError: key_error},
+    return app
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).splitlines()[0][:200] or type(exc).__name__
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    return _generate(create_app(_SchemaOnly()))  # type: ignore[arg-type]
+
+
+class _SchemaOnly:
+    """Stands in for the control plane when only the document is wanted (never called)."""
+
+
+def _generate(app: FastAPI) -> dict[str, Any]:
+    doc = get_openapi(
+        title=TITLE,
+        version="1",
+        openapi_version="3.1.0",
+        description=DESCRIPTION,
+        routes=app.routes,
     )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    event = models.Event.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(event.pop("$defs", {}))
+    schemas["Event"] = event
+    return doc
 
 
-# --------------------------------------------------------------------------------------------
-# Serving on a unix socket
+def openapi_document(app: FastAPI | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, generated from the routes and :mod:`vdev.api.models`."""
+    return _document() if app is None else _generate(app)
 
 
-def default_api_socket(vhost_user_sockets: list[str]) -> str:
-    """``<first vhost-user socket>.api`` (e.g. ``/run/vm0.sock`` -> ``/run/vm0.sock.api``)."""
-    if not vhost_user_sockets:
-        raise ConfigError("no vhost-user socket to put the API socket next to; give --api-socket")
-    return str(vhost_user_sockets[0]) + ".api"
-
-
-def check_socket_path(path: str) -> None:
-    """ConfigError unless ``path`` is free or a stale socket (which is then removed).
-
-    A live socket (someone accepts on it) or any other kind of file is an error rather than
-    something we delete."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"API socket path {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as e:
-        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConfigError(f"API socket path {path}: {e.strerror}") from e
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    else:
-        raise ConfigError(f"API socket {path} is in use by another process")
-    finally:
-        probe.close()
-
-
-def bind_unix_socket(path: str, mode: int = 0o600) -> socket.socket:
-    """A bound (not yet listening) unix stream socket at ``path`` with permissions ``mode``
-    (see :func:`check_socket_path` for what may already be there)."""
-    check_socket_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, mode)  # before listen(): nobody can connect yet
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"cannot bind API socket {path}: {e.strerror}") from e
-    return sock
-
-
-async def serve_api(
-    control: ControlPlane,
-    path: str,
-    *,
-    mode: int = 0o600,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the API on ``path`` until cancelled; the socket file is removed on the way out."""
-    sock = bind_unix_socket(path, mode)
-    inode = os.stat(path).st_ino
-    config = HypercornConfig()
-    config.bind = [f"fd://{sock.detach()}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 0.5
-    app = create_app(control)
-
-    def started(_binds: object = None) -> None:
-        log.info("management API on %s (mode %04o)", path, mode)
-        task_status.started(path)
-
-    try:
-        await hypercorn_serve(app, config, task_status=_Started(started))  # type: ignore[arg-type]
-    finally:
-        try:
-            if os.stat(path).st_ino == inode:
-                os.unlink(path)
-        except OSError:
-            pass
-
-
-class _Started:
-    """Adapts hypercorn's ``task_status.started(binds)`` to ours (which reports the path)."""
-
-    def __init__(self, callback: Callable[[object], None]) -> None:
-        self._callback = callback
-
-    def started(self, value: object = None) -> None:
-        self._callback(value)
-
-
-# --------------------------------------------------------------------------------------------
-# OpenAPI 3.1
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-_ERR = _json(_ref("Error"), "Error")
-_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-_PATH = {
-    "name": "path",
-    "in": "path",
-    "required": True,
-    "description": "setting path without the leading slash, e.g. Mem/CtlMaxPercent",
-    "schema": {"type": "string"},
-}
-_INT = {"type": "integer", "minimum": 0}
-_NULLABLE_INT = {"type": ["integer", "null"]}
-_NULLABLE_NUM = {"type": ["number", "null"]}
-
-
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
-
-
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "vballoon vdev management API",
-        "version": "1",
-        "description": "Control plane of a vmmemctl-style balloon served as a vhost-user "
-        "back-end. Sizes are 4 KiB pages and bytes; columns follow esxtop (MCTL?, MCTLSZ, "
-        "MCTLTGT, MCTLMAX).",
-    },
-    "paths": {
-        "/vms": {"get": {"summary": "List VMs", "responses": {"200": _json(_ref("VmList"))}}},
-        "/vms/{name}": {
-            "get": {
-                "summary": "One VM",
-                "parameters": [_NAME],
-                "responses": {"200": _json(_ref("Vm")), "404": _ERR},
-            }
-        },
-        "/vms/{name}/target": {
-            "put": {
-                "summary": "Set a manual balloon target, or return the VM to the policy",
-                "parameters": [_NAME],
-                "requestBody": _body(_ref("TargetRequest")),
-                "responses": {"200": _json(_ref("Vm")), "400": _ERR, "404": _ERR},
-            }
-        },
-        "/vms/{name}/reset": {
-            "post": {
-                "summary": "Demand a balloon reset (vmw; a virtio-balloon device has none: 409)",
-                "parameters": [_NAME],
-                "responses": {"200": _json(_ref("Vm")), "404": _ERR, "409": _ERR},
-            }
-        },
-        "/vms/{name}/stats": {
-            "post": {
-                "summary": "Ask the guest for fresh statistics (guest_stats; virtio-balloon). "
-                "They arrive asynchronously; vdev serve --stats-interval also refreshes them",
-                "parameters": [_NAME],
-                "responses": {
-                    "202": _json(_ref("Vm"), "Requested (the current state)"),
-                    "404": _ERR,
-                    "409": _ERR,
-                },
-            }
-        },
-        "/vms/{name}/history": {
-            "get": {
-                "summary": "In-memory history of target, size, max and host free memory",
-                "parameters": [
-                    _NAME,
-                    {"name": "last", "in": "query", "required": False, "schema": _INT},
-                ],
-                "responses": {"200": _json(_ref("History")), "400": _ERR, "404": _ERR},
-            }
-        },
-        "/host": {
-            "get": {"summary": "Host memory state", "responses": {"200": _json(_ref("Host"))}}
-        },
-        "/host/simulated": {
-            "put": {
-                "summary": "Set the simulated host's free memory (simulated mode only)",
-                "requestBody": _body(_ref("SimulatedRequest")),
-                "responses": {"200": _json(_ref("Host")), "400": _ERR, "409": _ERR},
-            }
-        },
-        "/pools": {
-            "get": {"summary": "Resource pools", "responses": {"200": _json(_ref("PoolList"))}}
-        },
-        "/settings": {
-            "get": {"summary": "Advanced settings", "responses": {"200": _json(_ref("Settings"))}}
-        },
-        "/settings/{path}": {
-            "get": {
-                "summary": "One advanced setting",
-                "parameters": [_PATH],
-                "responses": {"200": _json(_ref("Setting")), "404": _ERR},
-            },
-            "put": {
-                "summary": "Change one advanced setting",
-                "parameters": [_PATH],
-                "requestBody": _body(
-                    {
-                        "type": "object",
-                        "required": ["value"],
-                        "additionalProperties": False,
-                        "properties": {"value": {"type": "integer"}},
-                    }
-                ),
-                "responses": {"200": _json(_ref("Setting")), "400": _ERR, "404": _ERR},
-            },
-        },
-        "/events": {
-            "get": {
-                "summary": "Event stream (no polling): NDJSON, or SSE with Accept: text/event-stream",
-                "parameters": [
-                    {"name": "vm", "in": "query", "required": False, "schema": {"type": "string"}}
-                ],
-                "responses": {
-                    "200": {
-                        "description": "one JSON Event per line (or per SSE data field); the "
-                        "first is {type: hello}",
-                        "content": {
-                            "application/x-ndjson": {"schema": _ref("Event")},
-                            "text/event-stream": {"schema": {"type": "string"}},
-                        },
-                    },
-                    "404": _ERR,
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text exposition format 0.0.4",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "responses": {"200": _json({"type": "object"})},
-            }
-        },
-    },
-    "components": {
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {"error": {"type": "string"}},
-            },
-            "Vm": {
-                "type": "object",
-                "required": [
-                    "name",
-                    "socket_path",
-                    "personality",
-                    "connected",
-                    "driver_active",
-                    "state",
-                    "control",
-                    "manual_target_pages",
-                    "reason",
-                    "pool",
-                    "ram_pages",
-                    "ram_bytes",
-                    "target_pages",
-                    "target_bytes",
-                    "size_pages",
-                    "size_bytes",
-                    "max_pages",
-                    "max_bytes",
-                    "rates",
-                    "failures",
-                    "capabilities",
-                    "guest_type",
-                    "doorbell_registered",
-                    "counters",
-                    "gauges",
-                    "guest_stats",
-                    "ram_allocated_bytes",
-                    "reclaimed_bytes_total",
-                ],
-                "additionalProperties": False,
-                "properties": {
-                    "name": {"type": "string"},
-                    "socket_path": {"type": "string"},
-                    "personality": {"type": "string"},
-                    "connected": {"type": "boolean"},
-                    "driver_active": {
-                        "type": "boolean",
-                        "description": "esxtop MCTL?: the balloon driver runs (vmw: START "
-                        "granted capabilities, no reset pending; virtio-balloon: DRIVER_OK, "
-                        "its rings started). Only active drivers are given policy targets",
-                    },
-                    "state": {"enum": ["disconnected", "resetting", "active", "inactive"]},
-                    "control": {"enum": ["policy", "manual"]},
-                    "manual_target_pages": _NULLABLE_INT,
-                    "reason": {
-                        "type": "string",
-                        "description": "what decided the target: manual, pressure:soft, "
-                        "capped:CtlMaxPercent, rate-limited, hysteresis, limit, none...",
-                    },
-                    "pool": {"type": ["string", "null"]},
-                    "ram_pages": _INT,
-                    "ram_bytes": _INT,
-                    "target_pages": {**_INT, "description": "esxtop MCTLTGT"},
-                    "target_bytes": _INT,
-                    "size_pages": {**_INT, "description": "esxtop MCTLSZ"},
-                    "size_bytes": _INT,
-                    "max_pages": {**_INT, "description": "esxtop MCTLMAX"},
-                    "max_bytes": _INT,
-                    "rates": {
-                        "type": "object",
-                        "required": ["inflate_pages_per_s", "deflate_pages_per_s", "window_s"],
-                        "properties": {
-                            "inflate_pages_per_s": {"type": "number", "minimum": 0},
-                            "deflate_pages_per_s": {"type": "number", "minimum": 0},
-                            "window_s": {"type": "number"},
-                        },
-                    },
-                    "failures": {
-                        **_INT,
-                        "description": "the FAIL column: times the guest did something wrong, "
-                        "each counted once: bad frames and bad chains, commands answered "
-                        "ERROR_CMD_INVALID, pages refused PPN_INVALID / PPN_LOCKED / "
-                        "PPN_UNLOCKED (virtio-balloon: inflated PFNs not RAM or already in "
-                        "the balloon). Normal balloon flow is not counted: ERROR_RESET, "
-                        "ERROR_BUSY, PPN_NOTNEEDED, PPN_PINNED (vdev.policy.control.failures)",
-                    },
-                    "capabilities": {},
-                    "guest_type": {},
-                    "doorbell_registered": {"type": "boolean"},
-                    "counters": {
-                        "type": "object",
-                        "additionalProperties": {"type": "integer"},
-                        "description": "device counters (debugfs vocabulary); the names "
-                        "listed in gauges are current levels, every other one only grows",
-                    },
-                    "gauges": {
-                        "type": "array",
-                        "items": {"type": "string"},
-                        "description": "the names in counters that are gauges (e.g. "
-                        "events pending), exported to Prometheus as gauges",
-                    },
-                    "guest_stats": {
-                        "type": "object",
-                        "additionalProperties": {"type": "integer"},
-                        "description": "QEMU guest-stats keys; -1 = not reported. "
-                        "Refreshed every vdev serve --stats-interval seconds and on "
-                        "POST /vms/{name}/stats",
-                    },
-                    "ram_allocated_bytes": _INT,
-                    "reclaimed_bytes_total": _INT,
-                },
-            },
-            "VmList": {
-                "type": "object",
-                "required": ["vms"],
-                "properties": {"vms": {"type": "array", "items": _ref("Vm")}},
-            },
-            "TargetRequest": {
-                "oneOf": [
-                    {
-                        "type": "object",
-                        "required": [key],
-                        "additionalProperties": False,
-                        "properties": {key: schema},
-                    }
-                    for key, schema in (
-                        ("target_mib", {"type": "number", "minimum": 0}),
-                        ("target_pages", _INT),
-                        ("target_bytes", _INT),
-                        ("target", {"type": "string", "examples": ["512M", "1.5G"]}),
-                        ("policy", {"const": True}),
-                    )
-                ]
-            },
-            "SimulatedRequest": {
-                "oneOf": [
-                    {
-                        "type": "object",
-                        "required": [key],
-                        "additionalProperties": False,
-                        "properties": {key: schema},
-                    }
-                    for key, schema in (
-                        ("free_bytes", _INT),
-                        ("free_mib", {"type": "number", "minimum": 0}),
-                        ("free", {"type": "string"}),
-                    )
-                ]
-            },
-            "Host": {
-                "type": "object",
-                "required": [
-                    "source",
-                    "simulated",
-                    "state",
-                    "total_bytes",
-                    "free_bytes",
-                    "min_free_bytes",
-                    "psi",
-                    "pressure_pages",
-                    "unmet_pages",
-                    "capped_pages",
-                    "capped",
-                    "policy_period_s",
-                    "steps",
-                    "last_step",
-                    "error",
-                ],
-                "properties": {
-                    "source": {"type": "string", "description": "simulated, proc or cgroup:DIR"},
-                    "simulated": {"type": "boolean"},
-                    "state": {"enum": ["high", "clear", "soft", "hard", "low", None]},
-                    "total_bytes": _NULLABLE_INT,
-                    "free_bytes": _NULLABLE_INT,
-                    "min_free_bytes": _NULLABLE_INT,
-                    "psi": {
-                        "type": "object",
-                        "properties": {"some_avg10": _NULLABLE_NUM, "full_avg10": _NULLABLE_NUM},
-                    },
-                    "pressure_pages": {
-                        "type": "integer",
-                        "description": "host pressure reclamation placed on balloons",
-                    },
-                    "unmet_pages": {
-                        "type": "integer",
-                        "description": "host pressure demand the caps kept from any balloon "
-                        "(soft/hard/low only; ESXi would compress or swap it). Limits and "
-                        "manual targets never count here: see capped_pages",
-                    },
-                    "capped_pages": {
-                        "type": "integer",
-                        "description": "limits and manual targets cut by the caps "
-                        "(MCTLMAX), per VM and per pool, summed",
-                    },
-                    "capped": {
-                        "type": "object",
-                        "required": ["vms", "pools"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "vms": {"type": "object", "additionalProperties": _INT},
-                            "pools": {"type": "object", "additionalProperties": _INT},
-                        },
-                        "description": "capped_pages by VM (its limit or manual target) "
-                        "and by pool (its limit); only non-zero entries",
-                    },
-                    "policy_period_s": {"type": "number"},
-                    "steps": {"type": "integer"},
-                    "last_step": {
-                        **_NULLABLE_NUM,
-                        "description": "Unix time of the last policy step",
-                    },
-                    "error": {"type": ["string", "null"]},
-                },
-            },
-            "Pool": {
-                "type": "object",
-                "required": [
-                    "name",
-                    "parent",
-                    "reservation_bytes",
-                    "limit_bytes",
-                    "shares",
-                    "share_count",
-                    "expandable_reservation",
-                    "vms",
-                ],
-                "properties": {
-                    "name": {"type": "string"},
-                    "parent": {"type": ["string", "null"]},
-                    "reservation_bytes": _INT,
-                    "limit_bytes": _NULLABLE_INT,
-                    "shares": {"type": ["string", "integer"]},
-                    "share_count": {"type": "number"},
-                    "expandable_reservation": {"type": "boolean"},
-                    "vms": {"type": "array", "items": {"type": "string"}},
-                },
-            },
-            "PoolList": {
-                "type": "object",
-                "required": ["pools"],
-                "properties": {"pools": {"type": "array", "items": _ref("Pool")}},
-            },
-            "Settings": {
-                "type": "object",
-                "required": ["settings"],
-                "properties": {
-                    "settings": {"type": "object", "additionalProperties": {"type": "integer"}}
-                },
-            },
-            "Setting": {
-                "type": "object",
-                "required": ["path", "value"],
-                "properties": {"path": {"type": "string"}, "value": {"type": "integer"}},
-            },
-            "HistoryPoint": {
-                "type": "object",
-                "required": [
-                    "t",
-                    "target_pages",
-                    "size_pages",
-                    "max_pages",
-                    "host_free_bytes",
-                    "host_state",
-                ],
-                "properties": {
-                    "t": {"type": "number", "description": "Unix time, seconds"},
-                    "target_pages": _INT,
-                    "size_pages": _INT,
-                    "max_pages": _INT,
-                    "host_free_bytes": _INT,
-                    "host_state": {"type": "string"},
-                    "connected": {
-                        "type": "boolean",
-                        "description": "a front-end was connected (false: no guest yet or "
-                        "any more; size and max mean nothing then)",
-                    },
-                },
-            },
-            "History": {
-                "type": "object",
-                "required": ["name", "page_size", "points"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "page_size": {"type": "integer"},
-                    "points": {"type": "array", "items": _ref("HistoryPoint")},
-                },
-            },
-            "Event": {
-                "type": "object",
-                "required": ["type", "time"],
-                "properties": {
-                    "type": {
-                        "enum": [
-                            "hello",
-                            "heartbeat",
-                            "guest",
-                            "control",
-                            "host",
-                            "setting",
-                            "resync",
-                        ],
-                        "description": "guest: the registry's target/size/state event (with "
-                        "the reason of the last target set); control: manual/policy switch or "
-                        "reset; host: host state change or simulated free memory; setting: a "
-                        "setting changed; resync: guest events were lost, re-read the VMs. A "
-                        "client that falls 4096 events behind is disconnected.",
-                    },
-                    "time": {"type": "number"},
-                    "monotonic": {
-                        "type": "number",
-                        "description": "time.monotonic() of the vdev process (CLOCK_MONOTONIC: "
-                        "comparable with any process's monotonic clock on the same Linux host). "
-                        "Guest events: when the registry published them; a size event is "
-                        "published once the device has finished the batch that moved the size "
-                        "(its reclaim done and its completion given to the guest). Other "
-                        "events: when the control plane published them.",
-                    },
-                    "name": {"type": "string"},
-                },
-            },
-        }
-    },
-}
+def __getattr__(name: str) -> Any:
+    if name == "OPENAPI":  # the document as a module constant, built on first use
+        return _document()
+    raise AttributeError(name)

@@ -1,8 +1,9 @@
 """A small client for the management API over its unix socket (httpx's UDS transport).
 
 Synchronous, because its users are the operator CLI commands; :meth:`ApiClient.events`
-streams ``GET /events`` line by line. Errors come back as :class:`ApiError` carrying the
-server's ``{"error": ...}`` message.
+streams ``GET /events`` line by line. Errors come back as :class:`protocol.errors.ApiError`
+(the same class the server raises) carrying the server's ``{"error": ...}`` message. Names
+are escaped into the URL (``vm0/../vm1`` stays one path segment).
 """
 
 from __future__ import annotations
@@ -10,19 +11,23 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+
+from protocol.errors import ApiError
 
 __all__ = ["ApiClient", "ApiError"]
 
 
-class ApiError(Exception):
-    """The API answered with an error (``status`` 0: could not reach it at all)."""
+def _seg(name: str) -> str:
+    """One URL path segment: ``/``, ``..`` and the like cannot leave it."""
+    return quote(name, safe="")
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message if status == 0 else f"{message} (HTTP {status})")
-        self.status = status
-        self.message = message
+
+def _setting(path: str) -> str:
+    """A setting path (``Mem/CtlMaxPercent``): each part escaped, slashes kept."""
+    return "/".join(_seg(p) for p in path.strip("/").split("/"))
 
 
 class ApiClient:
@@ -73,20 +78,20 @@ class ApiClient:
         return vms
 
     def vm(self, name: str) -> dict[str, Any]:
-        vm: dict[str, Any] = self.request("GET", f"/vms/{name}")
+        vm: dict[str, Any] = self.request("GET", f"/vms/{_seg(name)}")
         return vm
 
     def set_target(self, name: str, **body: Any) -> dict[str, Any]:
         """``set_target("vm0", target_mib=512)``, ``target_pages=``, ``target=``, ``policy=True``."""
-        vm: dict[str, Any] = self.request("PUT", f"/vms/{name}/target", body)
+        vm: dict[str, Any] = self.request("PUT", f"/vms/{_seg(name)}/target", body)
         return vm
 
     def reset(self, name: str) -> dict[str, Any]:
-        vm: dict[str, Any] = self.request("POST", f"/vms/{name}/reset")
+        vm: dict[str, Any] = self.request("POST", f"/vms/{_seg(name)}/reset")
         return vm
 
     def history(self, name: str, last: int | None = None) -> dict[str, Any]:
-        h: dict[str, Any] = self.request("GET", f"/vms/{name}/history", last=last)
+        h: dict[str, Any] = self.request("GET", f"/vms/{_seg(name)}/history", last=last)
         return h
 
     def host(self) -> dict[str, Any]:
@@ -106,11 +111,11 @@ class ApiClient:
         return settings
 
     def setting(self, path: str) -> int:
-        value: int = self.request("GET", f"/settings/{path.strip('/')}")["value"]
+        value: int = self.request("GET", f"/settings/{_setting(path)}")["value"]
         return value
 
     def set_setting(self, path: str, value: int) -> int:
-        result: int = self.request("PUT", f"/settings/{path.strip('/')}", {"value": value})["value"]
+        result: int = self.request("PUT", f"/settings/{_setting(path)}", {"value": value})["value"]
         return result
 
     def metrics(self) -> str:

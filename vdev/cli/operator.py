@@ -32,9 +32,10 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from protocol.errors import ConfigError
+from protocol.errors import ApiError, ConfigError
 from protocol.units import PAGE_SIZE
-from vdev.api.client import ApiClient, ApiError
+from vdev.api.client import ApiClient
+from vdev.api.limits import LIMIT_RANGES
 
 if TYPE_CHECKING:
     import trio
@@ -104,6 +105,13 @@ def serve_options(f: F) -> F:
         metavar="HOST:PORT",
         help="Also serve GET /metrics over TCP here, for Prometheus (e.g. 127.0.0.1:9851).",
     )
+    @click.option(
+        "--api-read-group",
+        default=None,
+        help="Group (name or gid) whose members may read the API (GET: stat, events, "
+        "metrics) but change nothing; the socket gets this group and mode 0660.",
+    )
+    @_api_limit_options
     @functools.wraps(f)
     def wrapper(
         *args: Any,
@@ -115,11 +123,20 @@ def serve_options(f: F) -> F:
         backstop: bool | None,
         policy: str | None,
         no_api: bool,
+        api_read_group: str | None,
         metrics_address: str | None,
         **kwargs: Any,
     ) -> Any:
         from vdev.config import ControlConfig, load_config, parse_size
         from vdev.metrics import parse_metrics_address
+
+        limits = {
+            name: kwargs.pop(f"api_{name}")
+            for name in LIMIT_RANGES
+            if kwargs.get(f"api_{name}") is not None
+        }
+        for name in LIMIT_RANGES:
+            kwargs.pop(f"api_{name}", None)
 
         try:
             cfg = load_config(config_file) if config_file else ControlConfig()
@@ -132,6 +149,8 @@ def serve_options(f: F) -> F:
                 watch_cgroups=list(watch_cgroups),
                 backstop=backstop,
                 policy=policy,
+                api_read_group=api_read_group,
+                api_limits=limits,
             )
             if cfg.watch_cgroups:
                 from vdev.policy.cgroup import resolve_cgroup
@@ -140,7 +159,7 @@ def serve_options(f: F) -> F:
                     resolve_cgroup(path)  # refuse a path that is not a memory cgroup now
             if not no_api and not kwargs.get("print_capabilities"):
                 # refuse a live API socket before anything starts
-                from vdev.api.app import check_socket_path, default_api_socket
+                from vdev.api.serve import check_socket_path, default_api_socket
                 from vdev.listeners import socket_paths
 
                 if cfg.api_socket is None and kwargs.get("socket_path"):
@@ -169,7 +188,7 @@ async def start_control_plane(
     ctx = click.get_current_context(silent=True)
     if ctx is None or CONTROL_META not in ctx.meta:
         return
-    from vdev.api.app import default_api_socket, serve_api
+    from vdev.api.serve import default_api_socket, serve_api
     from vdev.policy.control import ControlPlane
 
     cfg, no_api = ctx.meta[CONTROL_META]
@@ -188,7 +207,51 @@ async def start_control_plane(
             click.echo("vdev serve: no --api-socket given with --fd: no management API", err=True)
             return
         path = default_api_socket(socket_paths)
-    await nursery.start(functools.partial(serve_api, control, path, mode=cfg.api_socket_mode))
+    await nursery.start(
+        functools.partial(
+            serve_api,
+            control,
+            path,
+            mode=cfg.api_socket_mode,
+            limits=cfg.api_limits,
+            read_group=cfg.api_read_group,
+        )
+    )
+
+
+def _api_limit_options(f: F) -> F:
+    """``--api-max-body-bytes`` & co: one option per :class:`vdev.api.limits.ApiLimits`
+    field, with the range the config file's ``api_*`` keys get too."""
+    from vdev.api.limits import ApiLimits
+
+    defaults = ApiLimits()
+    for name, (low, high) in reversed(LIMIT_RANGES.items()):
+        default = getattr(defaults, name)
+        kind = (
+            click.IntRange(int(low), int(high))
+            if isinstance(default, int)
+            else click.FloatRange(low, high)
+        )
+        f = click.option(
+            f"--api-{name.replace('_', '-')}",
+            f"api_{name}",
+            type=kind,
+            default=None,
+            help=f"{_LIMIT_HELP[name]} (default {default}; config [serve] api_{name}).",
+        )(f)
+    return f
+
+
+_LIMIT_HELP = {
+    "max_body_bytes": "Largest API request body; 413 beyond, never read",
+    "max_header_bytes": "Largest API request line and headers; 431 beyond",
+    "header_timeout": "Seconds for an API request's headers to arrive; 408 after",
+    "body_timeout": "Seconds for an API request's body to arrive; 408 after",
+    "idle_timeout": "Seconds an idle kept-alive API connection is kept",
+    "write_timeout": "Seconds a write may wait on an API client that does not read",
+    "max_connections": "Concurrent API connections; 503 beyond (at most RLIMIT_NOFILE/4)",
+    "max_subscribers": "Concurrent GET /events streams; 503 beyond",
+}
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -619,6 +682,9 @@ def config_set(api_socket: str, path: str, value: int) -> None:
     click.echo(f"/{path.strip('/').replace('.', '/')} = {new}")
 
 
+_AUDIT_FIXED = {"type", "time", "monotonic", "name", "action", "peer"}
+
+
 def format_event(event: dict[str, Any]) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
     frac = f"{event.get('time', 0.0) % 1:.3f}"[1:]
@@ -657,6 +723,13 @@ def format_event(event: dict[str, Any]) -> str:
         detail = (
             f"inflating returns nothing: balloon +{mb(event.get('balloon_grew_bytes'))} MB,"
             f" host regained {mb(event.get('host_regained_bytes'))} MB: balloon held"
+        )
+    elif kind == "audit":
+        peer = event.get("peer") or {}
+        what = {k: v for k, v in event.items() if k not in _AUDIT_FIXED}
+        detail = (
+            f"audit {event.get('action')} {json.dumps(what, separators=(',', ':'))} by uid "
+            f"{peer.get('uid')} pid {peer.get('pid')} ({peer.get('cmdline')})"
         )
     else:
         detail = json.dumps(event)

@@ -76,6 +76,9 @@ class DeviceStatus:
     #: (vmw: START granted capabilities and no reset is pending; virtio-balloon: the driver
     #: reached DRIVER_OK, i.e. the front-end started its inflate and deflate rings).
     driver_active: bool = False
+    #: The operator demanded a balloon reset the guest has not started over from yet (vmw:
+    #: no START since); the API reports the VM as ``resetting``.
+    reset_demanded: bool = False
     guest_type: int | None = None
     doorbell_registered: bool = False
     counters: Mapping[str, int] = field(default_factory=dict)

@@ -162,6 +162,9 @@ class VmwDevice(Device):
             target_pages=m.target,
             capabilities=int(m.capabilities),
             driver_active=bool(m.capabilities) and not m.reset_demanded,
+            # the operator's reset, pending until the driver STARTs again (a driver that
+            # never STARTed is "inactive", not resetting: the model also waits for it)
+            reset_demanded=m.reset_demanded and bool(m.capabilities),
             guest_type=None if gt is None else int(gt),
             doorbell_registered=m.doorbell is not None,
             counters=counters,
