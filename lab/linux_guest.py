@@ -107,14 +107,21 @@ def balloon_device_arg(
     )
 
 
-def balloon_qemu_args(qemu: QemuBinary, socket_path: Path, chardev: str = CHARDEV_ID) -> list[str]:
-    """``-chardev`` + ``-device`` for a vdev virtio-balloon listening on ``socket_path``."""
+def balloon_qemu_args(
+    qemu: QemuBinary,
+    socket_path: Path,
+    chardev: str = CHARDEV_ID,
+    *,
+    num_queues: int | None = None,
+) -> list[str]:
+    """``-chardev`` + ``-device`` for a vdev virtio-balloon listening on ``socket_path``
+    (``num_queues``: the personality's, e.g. 4 with free page reporting)."""
     if not qemu.has_test_device:
         raise LocalError(f"QEMU {qemu.version_str} ({qemu.name}) has no {TEST_DEVICE} (>= 10.2)")
     return [
         *chardev_socket_args(qemu, chardev, socket_path),
         "-device",
-        balloon_device_arg(chardev),
+        balloon_device_arg(chardev, num_queues=num_queues),
     ]
 
 
@@ -293,6 +300,8 @@ async def boot_guest(
     extra: Sequence[str] = (),
     stderr_path: Path | None = None,
     wait_ready: bool = True,
+    cgroup_procs: Path | None = None,
+    num_queues: int | None = None,
     device: str | None = None,
 ) -> AsyncIterator[LinuxGuest]:
     """Boot the guest with vdev (listening on ``vdev_socket``) as its balloon (``device``:
@@ -309,13 +318,14 @@ async def boot_guest(
         append=append,
         extra=[
             *(
-                balloon_qemu_args(qemu, vdev_socket)
+                balloon_qemu_args(qemu, vdev_socket, num_queues=num_queues)
                 if device is None
                 else [*chardev_socket_args(qemu, CHARDEV_ID, vdev_socket), "-device", device]
             ),
             *extra,
         ],
         stderr_path=err,
+        cgroup_procs=cgroup_procs,
     ) as console:
         guest = LinuxGuest(console, qemu, err)
         if wait_ready:

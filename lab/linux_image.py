@@ -629,12 +629,18 @@ async def run_guest(
     append: str = "",
     extra: Sequence[str] = (),
     stderr_path: Path | None = None,
+    cgroup_procs: Path | None = None,
 ) -> AsyncIterator[GuestConsole]:
-    """Boot the guest; yields its console. QEMU is stopped (by PID) on exit."""
+    """Boot the guest; yields its console. QEMU is stopped (by PID) on exit.
+
+    ``cgroup_procs``: a ``cgroup.procs`` file QEMU joins before it starts (a shell writes its
+    own PID there and execs QEMU), so every page QEMU touches is charged to that cgroup."""
     scratch = qemu.scratch_dir("vbg-")
     try:
         staged = (qemu.stage(image.kernel, scratch), qemu.stage(image.initrd, scratch))
         argv = guest_argv(qemu, image, staged, ram_mib=ram_mib, append=append, extra=extra)
+        if cgroup_procs is not None:
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *argv]
         err_path = stderr_path or scratch / "qemu.err"
         with open(err_path, "wb") as err:
             async with qemu_process(

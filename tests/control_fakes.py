@@ -59,7 +59,12 @@ class FakeGuest:
         virtio-balloon guest with a stats queue)."""
         if not self.has_stats:
             return False
-        self.guest_stats = {"stat-total-memory": self._ram * 4096, "stat-free-memory": 4096}
+        # half of its memory free: an idle guest (the policy's guest floor leaves it be if
+        # it had next to nothing free)
+        self.guest_stats = {
+            "stat-total-memory": self._ram * 4096,
+            "stat-free-memory": self._ram * 4096 // 2,
+        }
         return True
 
     def request_reset(self) -> None:

@@ -15,6 +15,11 @@ policy_period = 1.0                     # seconds between policy steps (>= 0.001
 host_memory = "16G"                     # simulated host of this size; omit for the real host
 history = 3600                          # points kept per VM for `vdev plot` (2..1000000)
 rate_window = 10.0                      # seconds over which rates are computed (0..86400]
+watch_cgroup = ["machine.slice"]        # memory cgroup(s) holding the VMs (v1 or v2; a path, or
+                                        # relative to the memory controller's mount)
+policy = "esxi"                         # esxi (ours) | mom (oVirt MoM's balloon rules)
+backstop = false                        # v1: oom_kill_disable (pause, not kill); v2: memory.high
+backstop_deadline = 30.0                # v1: longest pause before the OOM killer is given back
 
 [settings]                              # ESXi-style advanced settings (GET /settings)
 "/Mem/CtlMaxPercent" = 65
@@ -68,6 +73,9 @@ __all__ = [
     "parse_shares",
     "parse_size",
 ]
+
+#: ``--policy`` values
+POLICIES = ("esxi", "mom")
 
 def parse_shares(value: object, what: str = "shares") -> Shares:
     if isinstance(value, str):
@@ -154,6 +162,15 @@ class ControlConfig:
     host_memory: int | None = None  # bytes; None: sample the real host
     history: int = 3600
     rate_window: float = 10.0
+    #: ``--watch-cgroup``: the memory cgroups where the VMs live (empty: the host, /proc)
+    watch_cgroups: list[str] = field(default_factory=list)
+    #: ``--backstop``: slow (v2) or pause (v1) the watched cgroups at their limit instead of
+    #: letting the kernel kill a VM (:mod:`vdev.policy.backstop`)
+    backstop: bool = False
+    backstop_deadline: float = 30.0
+    #: ``--policy``: ``esxi`` (the ESXi model, vdev/policy/model.py) or ``mom`` (oVirt MoM's
+    #: balloon rules, vdev/policy/mom.py; it evaluates every policy period)
+    policy: str = "esxi"
     settings: PolicySettings = field(default_factory=PolicySettings)
     pools: list[PoolSpec] = field(default_factory=list)
     vms: dict[str, VmConfig] = field(default_factory=dict)
@@ -176,10 +193,19 @@ class ControlConfig:
         api_socket: str | None = None,
         host_memory: int | None = None,
         policy_period: float | None = None,
+        watch_cgroups: list[str] | None = None,
+        backstop: bool | None = None,
+        policy: str | None = None,
         api_read_group: str | None = None,
         api_limits: Mapping[str, float] | None = None,
     ) -> ControlConfig:
         """Flags win over the file (None: not given on the command line)."""
+        if policy is not None:
+            self.policy = policy
+        if backstop is not None:
+            self.backstop = backstop
+        if watch_cgroups:
+            self.watch_cgroups = list(watch_cgroups)
         if api_read_group is not None:
             self.api_read_group = resolve_group(api_read_group)
         if api_limits:
@@ -209,6 +235,14 @@ class ControlConfig:
             raise ConfigError(
                 f"history must keep 2 to {MAX_HISTORY} points per VM, got {self.history}"
             )
+        if not (math.isfinite(self.backstop_deadline) and self.backstop_deadline > 0):
+            raise ConfigError(
+                f"backstop_deadline must be > 0 seconds, got {self.backstop_deadline}"
+            )
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.backstop and not self.watch_cgroups:
+            raise ConfigError("the backstop acts on watched cgroups: give --watch-cgroup too")
         if self.host_memory is not None and self.host_memory <= 0:
             raise ConfigError(f"host memory must be > 0, got {self.host_memory}")
 
@@ -256,6 +290,10 @@ _SERVE_KEYS = {
     "host_memory",
     "history",
     "rate_window",
+    "watch_cgroup",
+    "backstop",
+    "backstop_deadline",
+    "policy",
 }
 _POOL_KEYS = {"parent", "reservation", "limit", "shares", "expandable_reservation"}
 _VM_KEYS = {"memory", "reservation", "limit", "shares", "maxmemctl", "pool", "active_fraction"}
@@ -303,6 +341,27 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
         cfg.history = h
     if "rate_window" in serve:
         cfg.rate_window = _number(serve["rate_window"], f"{source} [serve] rate_window")
+    if "watch_cgroup" in serve:
+        watch = serve["watch_cgroup"]
+        watch = [watch] if isinstance(watch, str) else watch
+        if not isinstance(watch, list) or not all(isinstance(w, str) and w for w in watch):
+            raise ConfigError(
+                f"{source} [serve] watch_cgroup: expected a cgroup path or a list of them,"
+                f" got {serve['watch_cgroup']!r}"
+            )
+        cfg.watch_cgroups = list(watch)
+    if "policy" in serve:
+        if not isinstance(serve["policy"], str):
+            raise ConfigError(f"{source} [serve] policy: expected one of {', '.join(POLICIES)}")
+        cfg.policy = serve["policy"]
+    if "backstop" in serve:
+        if not isinstance(serve["backstop"], bool):
+            raise ConfigError(f"{source} [serve] backstop: expected true or false")
+        cfg.backstop = serve["backstop"]
+    if "backstop_deadline" in serve:
+        cfg.backstop_deadline = _number(
+            serve["backstop_deadline"], f"{source} [serve] backstop_deadline"
+        )
 
     settings = PolicySettings()
     for path, value in _flatten_settings(_table(doc.get("settings", {}), "[settings]")).items():

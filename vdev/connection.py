@@ -59,6 +59,7 @@ from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
 from vdev.handover import ConnStore, HandoverError, StateFile
 from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
 from vdev.pagemap import PAGES_PER_2M, PageMap
+from vdev.ramcheck import check_peer_regions, peer_pid
 from vdev.rings import Rings
 from vdev.vhost_user import NEGOTIATION, BackendConnection, Message, State, close_fds
 from vdev.virtq import RingBroken, VirtQueue
@@ -179,6 +180,10 @@ class Connection:
 
     def reclaimed_bytes_total(self) -> int:
         return self.memory.reclaimed_bytes_total
+
+    def unreclaimable(self) -> list[str]:
+        """Regions the front-end maps privately (share=off): punching them frees nothing."""
+        return list(getattr(self, "ram_problems", []))
 
     def request_target(self, pages: int) -> None:
         """A new target: applied at once when the connection is idle (the doorbell rings
@@ -786,6 +791,9 @@ class Connection:
             len(specs),
             self.memory.total_pages,
         )
+        self.ram_problems = check_peer_regions(peer_pid(self.sock), specs)  # type: ignore[arg-type]
+        for problem in self.ram_problems:
+            log.warning("%s: %s", self.name, problem)
 
     async def _on_add_mem_reg(self, msg: Message) -> None:
         r = msg.body.region

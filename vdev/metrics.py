@@ -26,6 +26,13 @@ vballoon_policy_{pressure,unmet}_pages                 last policy step (pressur
 vballoon_policy_capped_pages{vm}                       limit / manual target cut by MCTLMAX
 vballoon_policy_steps_total                            policy steps taken
 vballoon_setting{path}                                 advanced settings
+vballoon_vm_reported_bytes_total{vm}                   free page reporting: bytes punched
+vballoon_vm_guest_backoff{vm}                          1 while the guest's balloon is held
+vballoon_cgroup_usage_bytes{cgroup}, _limit_bytes      a watched cgroup (--watch-cgroup)
+vballoon_cgroup_events_total{cgroup,event}             its oom / oom_kill / max / high counts
+vballoon_cgroup_under_oom{cgroup}                      v1: paused under OOM (backstop)
+vballoon_pressure_notifications_total                  kernel notifications that woke us
+vballoon_backstop_engaged, _pauses_total               the backstop (--backstop)
 vballoon_vm_info{vm,socket}                            1 per guest: the socket it is served on
 vballoon_build_info{version}                           1: the vballoon package version
 process_start_time_seconds, process_* (Linux)          prometheus_client's process collector:
@@ -226,6 +233,66 @@ class ControlPlaneCollector(Collector):
         for path in settings.paths():
             setting.add_metric([path], settings.get(path))
         yield setting
+        yield from overcommit_metrics(control)
+
+
+#: memory.events (v2) and memory.oom_control / failcnt (v1) keys that are counters
+CGROUP_EVENT_COUNTERS = ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")
+
+
+def overcommit_metrics(control: ControlPlane) -> Iterator[Metric]:
+    """Watched cgroups, kernel notifications, the backstop, and per VM: free page reporting
+    and guest back-off."""
+    reported = CounterMetricFamily(
+        "vballoon_vm_reported_bytes", "Free page reporting: bytes punched", labels=["vm"]
+    )
+    held = GaugeMetricFamily(
+        "vballoon_vm_guest_backoff", "1 while the guest's balloon is held (it needs memory)",
+        labels=["vm"],
+    )  # fmt: skip
+    guests = control.guests_info()
+    for name in control.registry.names():
+        try:
+            view = control.registry.view(name)
+        except KeyError:
+            continue
+        counters = dict(getattr(view, "counters", {}) or {})
+        reported.add_metric([name], int(counters.get("reported (4k)", 0)) * PAGE_SIZE)
+        hold = (guests.get(name) or {}).get("hold") or ""
+        held.add_metric([name], float(hold.startswith("guest-backoff")))
+    yield from (reported, held)
+    usage = GaugeMetricFamily("vballoon_cgroup_usage_bytes", "Watched cgroup usage",
+                              labels=["cgroup"])  # fmt: skip
+    limit = GaugeMetricFamily("vballoon_cgroup_limit_bytes", "Watched cgroup limit",
+                              labels=["cgroup"])  # fmt: skip
+    events = CounterMetricFamily("vballoon_cgroup_events", "Watched cgroup memory events",
+                                 labels=["cgroup", "event"])  # fmt: skip
+    under = GaugeMetricFamily("vballoon_cgroup_under_oom", "cgroup v1: tasks paused under OOM",
+                              labels=["cgroup"])  # fmt: skip
+    for r in control.cgroup_readings:
+        path = r.source.path
+        usage.add_metric([path], r.usage_bytes)
+        if r.limit_bytes is not None:
+            limit.add_metric([path], r.limit_bytes)
+        for key in CGROUP_EVENT_COUNTERS:
+            if key in r.events:
+                events.add_metric([path, key], r.events[key])
+        if "under_oom" in r.events:
+            under.add_metric([path], r.events["under_oom"])
+    yield from (usage, limit, events, under)
+    yield CounterMetricFamily(
+        "vballoon_pressure_notifications", "Kernel memory-pressure notifications received",
+        value=control.pressure_notices,
+    )  # fmt: skip
+    backstop = control.backstop
+    yield GaugeMetricFamily(
+        "vballoon_backstop_engaged", "1 while the backstop is set on the watched cgroups",
+        value=float(backstop is not None and bool(backstop.held)),
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "vballoon_backstop_pauses", "Times a watched cgroup was paused under OOM",
+        value=backstop.pauses if backstop is not None else 0,
+    )  # fmt: skip
 
 
 def render_metrics(control: ControlPlane) -> bytes:

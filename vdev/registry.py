@@ -91,6 +91,7 @@ class GuestView:
     guest_stats: Mapping[str, int] = field(default_factory=dict)
     ram_allocated_bytes: int = 0
     reclaimed_bytes_total: int = 0
+    unreclaimable: tuple[str, ...] = ()  # RAM the front-end maps private (share=off)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class GuestRegistry:
             guest_stats=dict(st.guest_stats),
             ram_allocated_bytes=dev.ram_allocated_bytes(),
             reclaimed_bytes_total=dev.reclaimed_bytes_total(),
+            unreclaimable=tuple(getattr(dev, "unreclaimable", lambda: [])()),
         )
 
     def set_target(self, name: str, pages: int) -> None:

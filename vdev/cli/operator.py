@@ -80,6 +80,25 @@ def serve_options(f: F) -> F:
         default=None,
         help="Seconds between policy steps (default 1).",
     )
+    @click.option(
+        "--watch-cgroup",
+        "watch_cgroups",
+        multiple=True,
+        help="Memory cgroup holding the VMs (repeatable; v1 or v2): a directory, or a path"
+        " under the memory controller's mount such as machine.slice. Default: the host.",
+    )
+    @click.option(
+        "--policy",
+        type=click.Choice(["esxi", "mom"]),
+        default=None,
+        help="Balloon policy: esxi (default: the ESXi model) or mom (oVirt MoM's rules).",
+    )
+    @click.option(
+        "--backstop/--no-backstop",
+        default=None,
+        help="At a watched cgroup's limit, pause (v1: oom_kill_disable) or throttle (v2:"
+        " memory.high) the VMs instead of letting the kernel kill one.",
+    )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
     @click.option(
         "--metrics-address",
@@ -101,6 +120,9 @@ def serve_options(f: F) -> F:
         config_file: str | None,
         host_memory: str | None,
         policy_period: float | None,
+        watch_cgroups: tuple[str, ...],
+        backstop: bool | None,
+        policy: str | None,
         no_api: bool,
         api_read_group: str | None,
         metrics_address: str | None,
@@ -125,9 +147,17 @@ def serve_options(f: F) -> F:
                 if host_memory is None
                 else parse_size(host_memory, "--host-memory"),
                 policy_period=policy_period,
+                watch_cgroups=list(watch_cgroups),
+                backstop=backstop,
+                policy=policy,
                 api_read_group=api_read_group,
                 api_limits=limits,
             )
+            if cfg.watch_cgroups:
+                from vdev.policy.cgroup import resolve_cgroup
+
+                for path in cfg.watch_cgroups:
+                    resolve_cgroup(path)  # refuse a path that is not a memory cgroup now
             if not no_api and not kwargs.get("print_capabilities"):
                 # The API socket's path; `vdev serve` claims it (vdev.socket_files: a live
                 # one is refused) before anything starts, and only then is a stale one removed.
@@ -400,7 +430,56 @@ def stat_renderable(vms: list[dict[str, Any]], host: dict[str, Any]) -> Group:
             f"{rates['deflate_pages_per_s']:.0f}",
             str(v["failures"]),
         )
-    return Group(line, table)
+    guests = guest_memory_table(vms, host)
+    return Group(line, table, guests) if guests is not None else Group(line, table)
+
+
+def guest_memory_table(vms: list[dict[str, Any]], host: dict[str, Any]) -> Table | None:
+    """The guests' own memory (virtio-balloon stats) next to what each VM holds on the
+    host: RESID the RAM file's allocated MB (what vdev can really free), GFREE / GAVAIL /
+    GCACHE the guest's free, available and cache MB, SWIN / SWOUT MB swapped, GOOM the
+    guest's OOM kills, AGE seconds since its stats were new, PFAIL punches that failed (the
+    guest gave pages the host did not get back), HOLD what keeps its balloon
+    from growing. None when no connected guest has stats or a RAM file size."""
+    rows = [
+        v
+        for v in vms
+        if v.get("connected")
+        and (
+            v.get("ram_allocated_bytes")
+            or any(x >= 0 for x in (v.get("guest_stats") or {}).values())
+        )
+    ]
+    if not rows:
+        return None
+    info = host.get("guests") or {}
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
+    for column in ("VM", "RESID", "GFREE", "GAVAIL", "GCACHE", "SWIN", "SWOUT", "GOOM", "AGE",
+                   "PFAIL", "HOLD"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("VM", "HOLD") else "right")
+
+    def stat_mb(stats: dict[str, Any], key: str) -> str:
+        value = stats.get(key, -1)
+        return "-" if value is None or value < 0 else mb(value)
+
+    for v in rows:
+        stats = v.get("guest_stats") or {}
+        oom = stats.get("stat-oom-kills", -1)
+        extra = info.get(v["name"]) or {}
+        table.add_row(
+            v["name"],
+            mb(v.get("ram_allocated_bytes")),
+            stat_mb(stats, "stat-free-memory"),
+            stat_mb(stats, "stat-available-memory"),
+            stat_mb(stats, "stat-disk-caches"),
+            stat_mb(stats, "stat-swap-in"),
+            stat_mb(stats, "stat-swap-out"),
+            "-" if oom is None or oom < 0 else str(oom),
+            _dash(extra.get("stats_age_s")),
+            _dash(extra.get("reclaim_failures")),
+            _dash(extra.get("hold")),
+        )
+    return table
 
 
 # ------------------------------------------------------------------------------ commands
@@ -532,6 +611,24 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
         ("steps", str(h.get("steps"))),
     ):
         table.add_row(key, value)
+    if h.get("source_why"):
+        table.add_row("why", str(h["source_why"]))
+    for cg in h.get("cgroups") or []:
+        events = " ".join(f"{k}={v}" for k, v in sorted((cg.get("events") or {}).items()))
+        table.add_row(
+            f"cgroup v{cg['version']}",
+            f"{cg['path']}: usage {mb(cg.get('usage_bytes'))} / limit"
+            f" {mb(cg.get('limit_bytes')) if cg.get('limit_bytes') is not None else 'none'} MB"
+            + (f", high {mb(cg['high_bytes'])} MB" if cg.get("high_bytes") is not None else "")
+            + (f"; {events}" if events else ""),
+        )
+    notes = h.get("notifications") or {}
+    for armed in notes.get("armed") or []:
+        table.add_row("wakes on", str(armed))
+    for skipped in notes.get("skipped") or []:
+        table.add_row("not armed", Text(str(skipped), style="yellow"))
+    if notes:
+        table.add_row("notifications", str(notes.get("received", 0)))
     if h.get("error"):
         table.add_row("error", Text(h["error"], style="red"))
     _console().print(table)
@@ -636,6 +733,19 @@ def format_event(event: dict[str, Any]) -> str:
         detail = f"{event['path']} = {event['value']}"
     elif kind == "hello":
         detail = f"connected; VMs: {', '.join(event.get('vms', []))}"
+    elif kind == "pressure":
+        detail = "pressure: " + "; ".join(
+            f"{n.get('kind')} {n.get('detail', '')}".strip() for n in event.get("notices", [])
+        )
+    elif kind == "backstop":
+        detail = f"backstop {event.get('action')}: {event.get('detail')}"
+    elif kind == "guest-backoff":
+        detail = f"guest needs memory ({'; '.join(event.get('why', []))}): balloon held"
+    elif kind == "futile":
+        detail = (
+            f"inflating returns nothing: balloon +{mb(event.get('balloon_grew_bytes'))} MB,"
+            f" host regained {mb(event.get('host_regained_bytes'))} MB: balloon held"
+        )
     elif kind == "audit":
         peer = event.get("peer") or {}
         what = {k: v for k, v in event.items() if k not in _AUDIT_FIXED}

@@ -188,6 +188,7 @@ class Device(ABC):
 PERSONALITIES: dict[str, str] = {
     "vmw": "vdev.devices.vmw:VmwDevice",
     "virtio-balloon": "vdev.devices.virtio_balloon:VirtioBalloonDevice",
+    "virtio-balloon-reporting": "vdev.devices.virtio_balloon:VirtioBalloonReportingDevice",
 }
 
 

@@ -23,6 +23,7 @@ setting changes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -40,7 +41,9 @@ from protocol.errors import ConfigError, HostResourceError, NotSimulated
 from protocol.units import PAGE_SIZE
 from vdev.config import ControlConfig
 from vdev.logs import event as log_event
-from vdev.policy.host import SimulatedHost, read_host_sample
+from vdev.policy.backstop import Backstop
+from vdev.policy.cgroup import CgroupReading, CgroupSource, read_cgroup, resolve_cgroup
+from vdev.policy.host import SimulatedHost, host_sample_from_readings, read_host_sample
 from vdev.policy.model import (
     HostSample,
     PolicyDecision,
@@ -49,6 +52,8 @@ from vdev.policy.model import (
     min_free_bytes,
     vm_bounds,
 )
+from vdev.policy.mom import MomEngine
+from vdev.policy.watch import Notice, PressureWatch
 from vdev.registry import GuestEvent
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,31 @@ SUBSCRIBER_BUFFER = 4096
 #: commands (GET_TARGET, the first LOCK) served without waiting behind a step over every
 #: guest (~0.3-0.6 ms with 32), and a burst of API calls is one step.
 POKE_DELAY = 0.005
+#: A watched cgroup's growth rate is measured over this window (s) and projected this far
+#: ahead (s): what a burst will take before the balloons can answer counts as used now.
+GROWTH_WINDOW = 0.5
+GROWTH_HORIZON = 1.0
+#: A guest whose RAM file grew by more than this within GROWTH_WINDOW is busy: its balloon
+#: does not grow (its stats are stale and what it frees it is about to use).
+BUSY_GROWTH_BYTES = 4 << 20
+#: Inflating is futile for a guest when, over RETURN_WINDOW seconds, its balloon grew by at
+#: least FUTILE_MIN_GROWTH bytes and its RAM file shrank by less than a quarter of that; its
+#: balloon is then held for FUTILE_BACKOFF seconds.
+RETURN_WINDOW = 2.0
+FUTILE_MIN_GROWTH = 8 << 20
+FUTILE_BACKOFF = 30.0
+#: Error margin of the resident-free estimate (stats lag the balloon by one buffer).
+RESIDENT_SLACK = 8 << 20
+#: While a watched cgroup grows (projected growth > 0) the policy steps this often (s).
+FAST_PERIOD = 0.05
+#: Watching cgroups, pressure balloons are not deflated until the cgroup has been calm
+#: (no ballooning state, no growth) this long (s).
+DEFLATE_HOLD = 10.0
+#: A guest that deflated by itself, OOM-killed or swapped is not inflated for this long (s).
+GUEST_BACKOFF = 60.0
+#: MoM's min_guest_free_percent and pressure_threshold, for the guest floor.
+MIN_GUEST_FREE = 0.20
+MOM_PRESSURE_THRESHOLD = 0.20
 
 
 class GuestViewLike(Protocol):
@@ -217,19 +247,63 @@ class ControlPlane:
     ) -> None:
         self.registry = registry
         self.config = config if config is not None else ControlConfig()
-        self.engine = PolicyEngine(self.config.settings, self.config.pools)
+        self.engine: PolicyEngine | MomEngine
+        if self.config.policy == "mom":
+            self.engine = MomEngine(self.config.settings, interval=self.config.policy_period)
+        else:
+            self.engine = PolicyEngine(self.config.settings, self.config.pools)
         self.simulated: SimulatedHost | None = None
+        #: the watched memory cgroups (``--watch-cgroup``) and their last readings
+        self.cgroups: list[CgroupSource] = []
+        self.cgroup_readings: list[CgroupReading] = []
+        #: kernel notifications (:mod:`vdev.policy.watch`) when the host is real
+        self.watch: PressureWatch | None = None
+        self.pressure_notices = 0
+        self.backstop: Backstop | None = None
+        #: per watched cgroup: recent (monotonic, usage) and the growth expected ahead
+        self._usage_trail: dict[str, deque[tuple[float, int]]] = {}
+        self.projected_growth: dict[str, int] = {}
+        self._reclaimed_total = 0
+        #: per VM: (stats buffers seen, balloon bytes then); recent (monotonic, RAM file bytes)
+        self._stats_mark: dict[str, tuple[int, int]] = {}
+        self._alloc_trail: dict[str, deque[tuple[float, int]]] = {}
+        self._return_trail: dict[str, deque[tuple[float, int, int]]] = {}
+        self._futile_until: dict[str, float] = {}
+        #: respect: last balloon size, (OOM kills, swap-in) from stats, back-off deadlines
+        self._last_size: dict[str, int] = {}
+        self._guest_marks: dict[str, tuple[int, int]] = {}
+        self._backoff_until: dict[str, float] = {}
+        self._stats_seen: dict[str, float] = {}
+        self._last_pressure = -math.inf
+        self.last_notice: dict[str, Any] | None = None
         if host_sampler is not None:
             self._sample = host_sampler
             self.host_source = "custom"
+            self.host_source_why = "a sampler given by the caller"
         elif self.config.host_memory is not None:
             self.simulated = SimulatedHost(self.config.host_memory, self.config.host_memory)
             self._sample = self.simulated.sample
             self.host_source = "simulated"
+            self.host_source_why = "--host-memory / [serve] host_memory"
+        elif self.config.watch_cgroups:
+            self.cgroups = [resolve_cgroup(p) for p in self.config.watch_cgroups]  # ConfigError
+            self._sample = self._sample_cgroups
+            self.host_source = ", ".join(c.label for c in self.cgroups)
+            self.host_source_why = (
+                "--watch-cgroup "
+                + " ".join(self.config.watch_cgroups)
+                + ": the most constrained cgroup (least free share of its limit) decides"
+            )
         else:
             cgroup = find_cgroup_v2_dir()
             self._sample = lambda: read_host_sample(cgroup_dir=cgroup)
             self.host_source = "cgroup:" + cgroup if cgroup else "proc"
+            self.host_source_why = (
+                "vdev's own cgroup v2 has a memory controller (no --watch-cgroup given)"
+                if cgroup
+                else "no --watch-cgroup given: host-wide /proc/meminfo (MemAvailable) and"
+                " /proc/pressure/memory"
+            )
         self._wall = wall_clock
         # the registry's dict when it has one (kept across a hand-over with the connections)
         shared = getattr(registry, "manual", None)
@@ -247,6 +321,50 @@ class ControlPlane:
         self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._wakeup = trio.Event()
         self._known_sizes: dict[str, int] = {}
+
+    def _sample_cgroups(self) -> HostSample:
+        host = read_host_sample()
+        readings = [read_cgroup(c) for c in self.cgroups]
+        self.cgroup_readings = readings
+        if self.watch is not None:
+            for c in self.cgroups:
+                self.watch.rearm_thresholds(c)  # the limit may have changed
+        if self.backstop is not None:
+            for kind, path, detail in self.backstop.check(readings, time.monotonic()):
+                self.publish({"type": "backstop", "action": kind, "cgroup": path, "detail": detail})
+        growth: dict[str, int] = {}
+        now = time.monotonic()
+        for r in readings:
+            # gross growth: what the cgroup grew by plus what vdev punched out meanwhile
+            # (reclaim that keeps pace with a burst hides it from the usage alone)
+            gross = r.usage_bytes + self._reclaimed_total
+            trail = self._usage_trail.setdefault(r.source.path, deque(maxlen=64))
+            trail.append((now, gross))
+            while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
+                trail.popleft()
+            t_old, u_old = trail[0]
+            if now - t_old >= 0.02:
+                rate = (gross - u_old) / (now - t_old)
+                growth[r.source.path] = int(max(0.0, rate) * GROWTH_HORIZON)
+        self.projected_growth = growth
+        return host_sample_from_readings(readings, host, growth)
+
+    def on_pressure(self, notices: list[Notice]) -> None:
+        """Kernel notifications: ask every guest for fresh statistics (hand the held stats
+        buffer back) and run a policy step now."""
+        self.pressure_notices += len(notices)
+        for name in self.registry.names():
+            request = getattr(self.registry, "request_stats", None)
+            if request is not None:
+                with contextlib.suppress(KeyError):
+                    request(name)
+        event = {
+            "type": "pressure",
+            "notices": [{"source": n.source, "kind": n.kind, "detail": n.detail} for n in notices],
+        }
+        self.last_notice = {**event, "time": self._wall()}
+        self.publish(event)
+        self.poke()
 
     # ----------------------------------------------------------------------------- events
 
@@ -373,6 +491,33 @@ class ControlPlane:
         decision = self.last_decision
         info: dict[str, Any] = {
             "source": self.host_source,
+            "source_why": self.host_source_why,
+            "cgroups": [
+                {
+                    "path": r.source.path,
+                    "version": r.source.version,
+                    "usage_bytes": r.usage_bytes,
+                    "limit_bytes": r.limit_bytes,
+                    "high_bytes": r.high_bytes,
+                    "events": dict(r.events),
+                    "stat": dict(r.stat),
+                }
+                for r in self.cgroup_readings
+            ],
+            "notifications": {
+                "armed": list(self.watch.armed) if self.watch else [],
+                "skipped": list(self.watch.skipped) if self.watch else [],
+                "received": self.pressure_notices,
+                "last": self.last_notice,
+            },
+            "backstop": {
+                "engaged": self.backstop is not None and bool(self.backstop.held),
+                "pauses": self.backstop.pauses if self.backstop else 0,
+                "actions": [
+                    {"action": k, "cgroup": p, "detail": d}
+                    for k, p, d in (self.backstop.actions[-20:] if self.backstop else [])
+                ],
+            },
             "simulated": self.simulated is not None,
             "state": decision.state.value if decision else None,
             "total_bytes": sample.total_bytes if sample else None,
@@ -386,6 +531,8 @@ class ControlPlane:
                 "some_avg10": sample.psi_some_avg10 if sample else None,
                 "full_avg10": sample.psi_full_avg10 if sample else None,
             },
+            "projected_growth_bytes": dict(self.projected_growth),
+            "guests": self.guests_info(),
             "pressure_pages": decision.pressure_pages if decision else 0,
             "unmet_pages": decision.unmet_pages if decision else 0,
             "capped_pages": decision.capped_pages if decision else 0,
@@ -397,6 +544,7 @@ class ControlPlane:
                 ),
                 "pools": dict(decision.pool_capped_pages) if decision else {},
             },
+            "policy": self.config.policy,
             "policy_period_s": self.config.policy_period,
             "steps": self.steps,
             "last_step": self._last_step_wall,
@@ -580,6 +728,9 @@ class ControlPlane:
             views[name] = view
             # sizes first: the simulated host gets its memory back
             self._note_size(name, int(view.size_pages))
+        self._reclaimed_total = sum(
+            int(getattr(v, "reclaimed_bytes_total", 0) or 0) for v in views.values()
+        )
         try:
             sample = self._sample()
         except HostResourceError as e:
@@ -600,6 +751,11 @@ class ControlPlane:
                 active_fraction=self._active_fraction(cfg.active_fraction, view),
                 balloon_pages=min(max(0, int(view.size_pages)), spec.size_pages),
                 manual_target_pages=self.manual.get(name),
+                # the operator's manual target is not second-guessed by the guest floor
+                host_return_pages=self._caps(name, view, sample)
+                if self.config.policy == "esxi" and name not in self.manual
+                else None,
+                guest_free_pages=self._guest_free_pages(view),
             )
         try:
             decision = self.engine.step(now, sample, vms)
@@ -637,6 +793,10 @@ class ControlPlane:
             )
         wall = self._wall()
         self._last_step_wall = wall
+        mono = time.monotonic()
+        if decision.state.balloons or any(self.projected_growth.values()):
+            self._last_pressure = mono
+        hold_deflation = bool(self.cgroups) and mono - self._last_pressure < DEFLATE_HOLD
         for name, d in decision.vms.items():
             target, reason = d.target_pages, d.reason
             manual = self.manual.get(name)
@@ -645,6 +805,13 @@ class ControlPlane:
                 # then the reason (d.reason may name the rate limit manual targets skip).
                 target = min(manual, d.max_pages)
                 reason = "manual" if manual <= d.max_pages else d.desired_reason
+            elif hold_deflation:
+                # A cgroup under pressure a moment ago: deflating now would hand the guests
+                # pages that are no longer resident, and the next burst would have to be met
+                # by inflating over them (for nothing). Hold pressure balloons a while.
+                last = self._track(name).last_target
+                if last is not None and target < last <= d.max_pages:
+                    target, reason = last, "deflate-hold"
             self._apply(name, target, reason)
         for name, view in views.items():
             d2 = decision.vms.get(name)
@@ -661,6 +828,154 @@ class ControlPlane:
                 )
             )
         return decision
+
+    def _caps(self, name: str, view: Any, sample: HostSample) -> int | None:
+        """The most this guest's balloon may hold now, from the guest's side (respect: its
+        own deflation, OOM kills, swapping, a MoM-style free-memory floor) and, when watching
+        cgroups, from the host's (what inflating gives back). None: no such limit."""
+        if getattr(view, "unreclaimable", ()):  # share=off: inflating frees nothing
+            return int(view.size_pages)
+        caps = [self._respect_cap(name, view, sample)]
+        if self.cgroups:
+            caps.append(self._host_return_pages(name, view))
+        known = [c for c in caps if c is not None]
+        return min(known) if known else None
+
+    def _respect_cap(self, name: str, view: Any, sample: HostSample) -> int | None:
+        """Respect the guest.
+
+        * Guest-initiated deflation (deflate-on-OOM: the balloon shrank while below its
+          target), a new guest OOM kill or swap-in in its stats: the guest needs its memory.
+          Its balloon is held at what it is (so the target falls to it) for GUEST_BACKOFF
+          seconds, and an event says why.
+        * A floor in MoM's style: leave the guest MIN_GUEST_FREE of its memory free, scaled
+          down as the host runs out (MoM's shrink rule: ``0.20 x host_free / 0.20``)."""
+        now = time.monotonic()
+        size = int(view.size_pages)
+        target = int(view.target_pages)
+        previous = self._last_size.get(name)
+        self._last_size[name] = size
+        stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
+        marks = (stats.get("stat-oom-kills", -1), stats.get("stat-swap-in", -1))
+        before = self._guest_marks.get(name)
+        self._guest_marks[name] = marks
+        why: list[str] = []
+        if previous is not None and size < previous and size < target:
+            why.append(f"deflated by itself to {size} pages below its target {target}")
+        if before is not None and marks[0] > before[0] >= 0:
+            why.append(f"OOM kills {before[0]} -> {marks[0]}")
+        if before is not None and marks[1] > before[1] >= 0:
+            why.append(f"swapped in {marks[1] - before[1]} pages")
+        if why:
+            self._backoff_until[name] = now + GUEST_BACKOFF
+            self.publish(
+                {"type": "guest-backoff", "name": name, "why": why, "seconds": GUEST_BACKOFF}
+            )
+        if now < self._backoff_until.get(name, 0.0):
+            return size
+        free = stats.get("stat-free-memory", -1)
+        ram = int(view.ram_pages) * PAGE_SIZE
+        if free < 0 or ram <= 0:
+            return None
+        host_free = sample.free_bytes / max(1, sample.total_bytes)
+        keep = MIN_GUEST_FREE * min(1.0, host_free / MOM_PRESSURE_THRESHOLD)
+        free_now = free - (size - self._balloon_at_stats(name, view)) * PAGE_SIZE
+        spare = free_now - keep * (ram - size * PAGE_SIZE)
+        return size + max(0, int(spare)) // PAGE_SIZE
+
+    def _balloon_at_stats(self, name: str, view: Any) -> int:
+        """The balloon's size (pages) when the guest's current stats were new to us."""
+        buffers = int((getattr(view, "counters", {}) or {}).get("stats buffers", 0))
+        mark = self._stats_mark.get(name)
+        if mark is None or mark[0] != buffers:
+            mark = self._stats_mark[name] = (buffers, int(view.size_pages) * PAGE_SIZE)
+            self._stats_seen[name] = time.monotonic()
+        return mark[1] // PAGE_SIZE
+
+    def guests_info(self) -> dict[str, dict[str, Any]]:
+        """Per guest, for ``vdev stat``: how old its stats are (since the control plane
+        first saw them) and what holds its balloon (back-off, futile inflation)."""
+        now = time.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.registry.names():
+            hold = None
+            if now < self._backoff_until.get(name, 0.0):
+                hold = f"guest-backoff {self._backoff_until[name] - now:.0f}s"
+            elif now < self._futile_until.get(name, 0.0):
+                hold = f"futile {self._futile_until[name] - now:.0f}s"
+            seen = self._stats_seen.get(name)
+            try:
+                view = self.registry.view(name)
+            except KeyError:
+                continue
+            failed = int((getattr(view, "counters", {}) or {}).get("reclaim failures", 0))
+            private = list(getattr(view, "unreclaimable", ()) or ())
+            if private:
+                hold = "RAM not reclaimable (share=off?)"
+            out[name] = {
+                "stats_age_s": None if seen is None else round(now - seen, 1),
+                "hold": hold,
+                "reclaim_failures": failed,
+                "unreclaimable": private,
+            }
+        return out
+
+    def _host_return_pages(self, name: str, view: Any) -> int | None:
+        """Balloon pages plus the guest's free pages that are resident in its RAM file.
+
+        With R the guest's RAM, F its free memory and B its balloon when it last sent stats,
+        and A the RAM file's allocated bytes now: the guest uses U = R - F - B (kernel,
+        caches, applications: all resident; inflating does not change U), so A - U of its
+        free memory is resident; inflating over the rest returns nothing to the host.
+
+        A guest whose RAM file is growing (it faults in new pages: it is busy, and its stats
+        are already stale) gets no more than it holds. None without stats."""
+        now = time.monotonic()
+        allocated = getattr(view, "ram_allocated_bytes", None)
+        balloon = int(view.size_pages) * PAGE_SIZE
+        stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
+        free = stats.get("stat-free-memory", -1)
+        ram = int(view.ram_pages) * PAGE_SIZE
+        if free < 0 or allocated is None or ram <= 0:
+            return None
+        balloon_at_stats = self._balloon_at_stats(name, view) * PAGE_SIZE
+        trail = self._alloc_trail.setdefault(name, deque(maxlen=64))
+        trail.append((now, int(allocated)))
+        while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
+            trail.popleft()
+        if int(allocated) - trail[0][1] > BUSY_GROWTH_BYTES:
+            return balloon // PAGE_SIZE
+        # Does inflating pay? Over the last RETURN_WINDOW, the RAM file must have shrunk by
+        # a fair share of what the balloon grew; if not, the balloon sits on pages that
+        # were never resident: hold it where it is for a while.
+        ret = self._return_trail.setdefault(name, deque(maxlen=256))
+        ret.append((now, balloon, int(allocated)))
+        while len(ret) > 2 and now - ret[1][0] >= RETURN_WINDOW:
+            ret.popleft()
+        grew = balloon - ret[0][1]
+        returned = ret[0][2] - int(allocated)
+        if grew >= FUTILE_MIN_GROWTH and returned * 4 < grew:
+            if now >= self._futile_until.get(name, 0.0):
+                self.publish(
+                    {
+                        "type": "futile",
+                        "name": name,
+                        "balloon_grew_bytes": grew,
+                        "host_regained_bytes": max(0, returned),
+                    }
+                )
+            self._futile_until[name] = now + FUTILE_BACKOFF
+        if now < self._futile_until.get(name, 0.0):
+            return balloon // PAGE_SIZE
+        used = max(0, ram - free - balloon_at_stats)
+        resident_free = max(0, int(allocated) - used - RESIDENT_SLACK)
+        return (balloon + resident_free) // PAGE_SIZE
+
+    @staticmethod
+    def _guest_free_pages(view: Any) -> int | None:
+        stats: Mapping[str, int] = getattr(view, "guest_stats", {}) or {}
+        free = stats.get("stat-free-memory", -1)
+        return free // PAGE_SIZE if free >= 0 else None
 
     def _error(self, message: str) -> None:
         """Keep ``message`` for GET /host; log it once (not every period while it lasts)."""
@@ -685,20 +1000,43 @@ class ControlPlane:
         """Step every ``policy_period`` seconds, or sooner when poked; forward guest events."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward, self.registry.subscribe())
+            if self.host_source not in ("custom", "simulated"):
+                self.watch = PressureWatch(self.cgroups)
+                await nursery.start(self.watch.run, self.on_pressure)
+            if self.cgroups and self.config.backstop:
+                self.backstop = Backstop(self.cgroups, self.config.backstop_deadline)
+                try:
+                    self.backstop.engage()
+                except HostResourceError:
+                    self.backstop.release()
+                    raise
+                for kind, path, detail in self.backstop.actions:
+                    self.publish(
+                        {"type": "backstop", "action": kind, "cgroup": path, "detail": detail}
+                    )
+            try:
+                await self._loop(task_status)
+            finally:
+                if self.backstop is not None:
+                    self.backstop.release()
+
+    async def _loop(self, task_status: trio.TaskStatus[None]) -> None:
+        self.step()
+        task_status.started()
+        period = self.config.policy_period
+        deadline = trio.current_time() + period
+        while True:
+            with trio.move_on_at(deadline):
+                await self._wakeup.wait()
+            if self._wakeup.is_set() and trio.current_time() < deadline:
+                await trio.sleep(POKE_DELAY)
+            self._wakeup = trio.Event()
             self.step()
-            task_status.started()
-            period = self.config.policy_period
-            deadline = trio.current_time() + period
-            while True:
-                with trio.move_on_at(deadline):
-                    await self._wakeup.wait()
-                if self._wakeup.is_set() and trio.current_time() < deadline:
-                    await trio.sleep(POKE_DELAY)
-                self._wakeup = trio.Event()
-                self.step()
-                now = trio.current_time()
-                if now >= deadline:
-                    deadline = max(deadline + period, now)
+            now = trio.current_time()
+            if now >= deadline:
+                deadline = max(deadline + period, now)
+            if any(self.projected_growth.values()):
+                deadline = min(deadline, now + FAST_PERIOD)  # a burst: watch it closely
 
     async def _forward(self, events: trio.MemoryReceiveChannel[Any]) -> None:
         """Forward registry events; if the registry drops us (we fell behind), subscribe again

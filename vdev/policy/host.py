@@ -12,12 +12,15 @@ Documentation/admin-guide/cgroup-v2.rst (``memory.max``, ``memory.current``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from protocol.errors import ConfigError, HostResourceError
 from protocol.units import PAGE_SIZE
+from vdev.policy.cgroup import CgroupReading
 from vdev.policy.model import HostSample
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +192,32 @@ def host_sample_from_cgroup(
         psi_some_avg10=psi.some.avg10 if psi else host.psi_some_avg10,
         psi_full_avg10=psi.full.avg10 if psi and psi.full else host.psi_full_avg10,
     )
+
+
+def host_sample_from_readings(
+    readings: list[CgroupReading], host: HostSample, growth: Mapping[str, int] | None = None
+) -> HostSample:
+    """The host as the watched cgroups see it: the most constrained one (the smallest free
+    share of its limit) decides, as :func:`host_sample_from_cgroup`; its PSI if it has one
+    (cgroup v2), else the host's. No reading with a limit: the host as it is.
+
+    ``growth``: bytes each cgroup (by path) is expected to grow by before ballooning can
+    answer (its recent growth rate times a horizon); counted as already used, so that a
+    burst is met before it reaches the limit rather than after."""
+    best: HostSample | None = None
+    for r in readings:
+        ahead = (growth or {}).get(r.source.path, 0)
+        r = dataclasses.replace(r, usage_bytes=r.usage_bytes + max(0, ahead))
+        psi_some = r.psi_some_avg10 if r.psi_some_avg10 is not None else host.psi_some_avg10
+        psi_full = r.psi_full_avg10 if r.psi_full_avg10 is not None else host.psi_full_avg10
+        total = host.total_bytes if r.limit_bytes is None else min(r.limit_bytes, host.total_bytes)
+        free = min(max(0, total - r.usage_bytes), host.free_bytes)
+        sample = HostSample(total, free, psi_some, psi_full)
+        if best is None or sample.free_bytes * max(1, best.total_bytes) < best.free_bytes * max(
+            1, sample.total_bytes
+        ):
+            best = sample
+    return best if best is not None else host
 
 
 def _read_text(path: str) -> str | None:

@@ -376,6 +376,12 @@ class VmState:
     balloon_pages: int = 0
     #: Operator override of the target; still capped, but shares and limits are ignored.
     manual_target_pages: int | None = None
+    #: The largest balloon that still gives the host memory back: the pages it holds plus
+    #: the guest's free pages that are resident in the host's RAM file (a balloon page that
+    #: was never touched returns nothing). None: unknown (no guest stats), no such cap.
+    host_return_pages: int | None = None
+    #: The guest's free memory from its statistics (virtio-balloon), pages; None: unknown.
+    guest_free_pages: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.active_fraction <= 1.0:
@@ -568,6 +574,8 @@ def vm_bounds(vm: VmState, settings: PolicySettings) -> VmBounds:
     ]
     if spec.max_memctl_pages is not None:
         candidates.append((spec.max_memctl_pages, "capped:maxmemctl"))
+    if vm.host_return_pages is not None:
+        candidates.append((vm.host_return_pages, "capped:resident"))
     # Ties go to the first listed; min() is stable on equal keys.
     max_pages, max_reason = min(candidates, key=lambda c: c[0])
     if vm.manual_target_pages is not None:

@@ -1,0 +1,536 @@
+"""Watching the VMs' memory cgroup: parsers and resolution (v1 and v2), kernel notifications
+and the backstop on a real cgroup v1 child of our own memory cgroup, the control plane's
+source and wake-ups, MoM's rules, and the new config keys.
+
+cgroup v2 has no memory controller on these machines, so the v2 reader runs on files laid
+out as the kernel does (the parsers are the same code); everything v1 runs on the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from protocol.errors import ConfigError, HostResourceError
+from protocol.units import PAGE_SIZE
+from vdev.config import ControlConfig, parse_config
+from vdev.policy.backstop import Backstop
+from vdev.policy.cgroup import (
+    Mounts,
+    own_memory_cgroup,
+    parse_flat_keyed,
+    parse_mountinfo,
+    parse_single,
+    read_cgroup,
+    resolve_cgroup,
+)
+from vdev.policy.host import host_sample_from_readings
+from vdev.policy.model import HostSample, HostState, VmSpec, VmState
+from vdev.policy.mom import MomEngine
+from vdev.policy.watch import PressureWatch
+
+MiB = 1 << 20
+
+MOUNTINFO = """\
+25 30 0:22 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs rw,mode=755
+31 25 0:27 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+32 25 0:28 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 25 0:35 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+# --------------------------------------------------------------------------- parsers
+
+
+def test_parse_mountinfo_finds_both_hierarchies() -> None:
+    m = parse_mountinfo(MOUNTINFO)
+    assert m == Mounts(v2="/sys/fs/cgroup/unified", v1_memory="/sys/fs/cgroup/memory")
+    assert parse_mountinfo("garbage\n") == Mounts(None, None)
+
+
+def test_parse_single_values() -> None:
+    assert parse_single("max\n", "memory.max") is None
+    assert parse_single("9223372036854771712\n", "memory.limit_in_bytes") is None  # v1 "none"
+    assert parse_single("1048576\n", "memory.max") == MiB
+
+
+@pytest.mark.parametrize("text", ["", "1 2", "-5", "abc", "1.5"])
+def test_parse_single_refuses(text: str) -> None:
+    with pytest.raises(HostResourceError, match=r"memory\.max"):
+        parse_single(text, "memory.max")
+
+
+@pytest.mark.parametrize("text", ["oom", "oom 1 2", "oom x", "oom -1"])
+def test_parse_flat_keyed_refuses(text: str) -> None:
+    with pytest.raises(HostResourceError, match=r"memory\.events"):
+        parse_flat_keyed(text, "memory.events")
+
+
+def _v2_dir(root: Path, **files: str) -> Path:
+    d = root / "machine.slice"
+    d.mkdir(parents=True)
+    base = {
+        "memory.current": "629145600\n",
+        "memory.max": "1073741824\n",
+        "memory.high": "max\n",
+        "memory.events": "low 0\nhigh 3\nmax 7\noom 1\noom_kill 1\noom_group_kill 0\n",
+        "memory.pressure": "some avg10=1.50 avg60=0.20 avg300=0.00 total=12\n"
+        "full avg10=0.50 avg60=0.00 avg300=0.00 total=3\n",
+        "memory.stat": "anon 1000\nfile 5000\nshmem 4000\nsock 0\n",
+    }
+    base.update(files)
+    for name, text in base.items():
+        (d / name).write_text(text)
+    return d
+
+
+def test_resolve_and_read_v2(tmp_path: Path) -> None:
+    d = _v2_dir(tmp_path / "unified")
+    mounts = Mounts(v2=str(tmp_path / "unified"), v1_memory=None)
+    src = resolve_cgroup("machine.slice", mounts)
+    assert (src.version, src.path) == (2, str(d))
+    r = read_cgroup(src)
+    assert (r.usage_bytes, r.limit_bytes, r.high_bytes) == (600 * MiB, 1024 * MiB, None)
+    assert r.oom_kills == 1 and r.events["high"] == 3
+    assert r.stat == {"anon": 1000, "file": 5000, "shmem": 4000}
+    assert (r.psi_some_avg10, r.psi_full_avg10) == (1.5, 0.5)
+    host = HostSample(total_bytes=16 << 30, free_bytes=8 << 30)
+    sample = host_sample_from_readings([r], host)
+    assert (sample.total_bytes, sample.free_bytes) == (1024 * MiB, 424 * MiB)
+    assert sample.psi_some_avg10 == 1.5
+    # projected growth counts as used
+    ahead = host_sample_from_readings([r], host, {src.path: 100 * MiB})
+    assert ahead.free_bytes == 324 * MiB
+
+
+def test_the_most_constrained_cgroup_decides(tmp_path: Path) -> None:
+    a = read_cgroup(resolve_cgroup(str(_v2_dir(tmp_path / "a"))))  # 424 of 1024 free
+    b = read_cgroup(
+        resolve_cgroup(str(_v2_dir(tmp_path / "b", **{"memory.max": str(700 * MiB)})))
+    )  # 100 of 700 free
+    host = HostSample(total_bytes=16 << 30, free_bytes=8 << 30)
+    assert host_sample_from_readings([a, b], host).free_bytes == 100 * MiB
+    assert host_sample_from_readings([], host) == host
+
+
+def test_resolve_refuses_what_is_not_a_memory_cgroup(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such directory"):
+        resolve_cgroup(str(tmp_path / "nope"))
+    (tmp_path / "cpu-only").mkdir()
+    with pytest.raises(ConfigError, match="no memory controller files"):
+        resolve_cgroup(str(tmp_path / "cpu-only"))
+    with pytest.raises(ConfigError, match="no cgroup v2 or v1 memory controller"):
+        resolve_cgroup("machine.slice", Mounts(None, None))
+    with pytest.raises(ConfigError, match="not a path"):
+        resolve_cgroup("")
+
+
+def test_read_reports_a_removed_cgroup(tmp_path: Path) -> None:
+    d = _v2_dir(tmp_path)
+    src = resolve_cgroup(str(d))
+    (d / "memory.current").unlink()
+    with pytest.raises(HostResourceError, match=r"memory\.current is gone"):
+        read_cgroup(src)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_keys() -> None:
+    cfg = parse_config(
+        {"serve": {"watch_cgroup": "machine.slice", "policy": "mom", "backstop": True,
+                   "backstop_deadline": 5}}
+    )  # fmt: skip
+    assert (cfg.watch_cgroups, cfg.policy, cfg.backstop, cfg.backstop_deadline) == (
+        ["machine.slice"], "mom", True, 5.0,
+    )  # fmt: skip
+    assert parse_config({"serve": {"watch_cgroup": ["a", "b"]}}).watch_cgroups == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("serve", "match"),
+    [
+        ({"watch_cgroup": 3}, "watch_cgroup: expected a cgroup path"),
+        ({"watch_cgroup": ["a", ""]}, "watch_cgroup"),
+        ({"policy": "drs"}, "policy: expected one of esxi, mom"),
+        ({"backstop": "yes"}, "backstop: expected true or false"),
+        ({"backstop": True}, "give --watch-cgroup too"),
+        ({"watch_cgroup": "a", "backstop_deadline": 0}, "backstop_deadline must be > 0"),
+    ],
+)
+def test_config_refuses(serve: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"serve": serve})
+
+
+# --------------------------------------------------------------------------- MoM's rules
+
+
+def _mom_vm(size_mib: int, balloon_mib: int, free_mib: int) -> VmState:
+    pages = size_mib * MiB // PAGE_SIZE
+    return VmState(
+        VmSpec(size_pages=pages),
+        balloon_pages=balloon_mib * MiB // PAGE_SIZE,
+        guest_free_pages=free_mib * MiB // PAGE_SIZE,
+    )
+
+
+def test_mom_shrinks_by_five_percent_under_pressure_and_respects_the_floor() -> None:
+    eng = MomEngine(interval=10.0)
+    host = HostSample(total_bytes=1000 * MiB, free_bytes=100 * MiB)  # 10 % free: shrink
+    d = eng.step(0.0, host, {"idle": _mom_vm(1000, 0, 900), "busy": _mom_vm(1000, 0, 50)})
+    assert d.state is HostState.SOFT
+    # idle: guest size 1000 -> 950 (5 %): balloon 50 MiB
+    assert d.vms["idle"].target_pages == 50 * MiB // PAGE_SIZE
+    assert d.vms["idle"].reason == "mom:shrink"
+    # busy: used 950 + 10 % of 1000 free floor = 1050 > 950: no smaller than it is
+    assert d.vms["busy"].target_pages == 0
+    # within the interval nothing is evaluated
+    d2 = eng.step(5.0, host, {"idle": _mom_vm(1000, 50, 850), "busy": _mom_vm(1000, 0, 50)})
+    assert d2.vms["idle"].reason == "mom:interval"
+
+
+def test_mom_grows_back_without_pressure_and_critical_forces_swap() -> None:
+    eng = MomEngine(interval=0.0)
+    calm = HostSample(total_bytes=1000 * MiB, free_bytes=500 * MiB)
+    d = eng.step(0.0, calm, {"vm": _mom_vm(1000, 400, 500)})
+    assert d.state is HostState.HIGH and d.vms["vm"].reason == "mom:grow"
+    assert d.vms["vm"].target_pages == 400 * MiB // PAGE_SIZE - 30 * MiB // PAGE_SIZE
+    crit = MomEngine(interval=0.0)
+    d = crit.step(0.0, HostSample(1000 * MiB, 10 * MiB), {"vm": _mom_vm(1000, 0, 0)})
+    assert d.state is HostState.HARD
+    # guest_free_percent = 0.01 - 0.05 < 0: the floor (used 1000 - 4 % of 1000 = 960 MiB)
+    # lies below the guest's size, so even a guest with nothing free shrinks (swaps)
+    assert d.vms["vm"].target_pages == 40 * MiB // PAGE_SIZE
+
+
+# --------------------------------------------------------------------------- real cgroup v1
+
+
+@pytest.fixture
+def v1_child() -> Iterator[Path]:
+    own = own_memory_cgroup()
+    if own is None or own.version != 1 or os.geteuid() != 0:
+        why = f"needs root and a cgroup v1 memory cgroup of our own (have {own})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    path = Path(own.path) / f"vballoon-test-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    (path / "memory.limit_in_bytes").write_text(str(64 * MiB))
+    try:
+        yield path
+    finally:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+                break
+            time.sleep(0.05)
+
+
+def _hog(cgroup: Path, *sizes_mib: int, hold: float = 0.5) -> list[str]:
+    """A python child that joins ``cgroup`` and allocates (and touches) ``sizes`` MiB."""
+    code = (
+        "import os, sys, time\n"
+        f"open({str(cgroup / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+        "keep = []\n"
+        f"for mib in {list(sizes_mib)!r}:\n"
+        "    keep.append(bytearray(mib << 20)); time.sleep(0.1)\n"
+        f"time.sleep({hold})\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+async def test_v1_thresholds_and_oom_wake_us(v1_child: Path) -> None:
+    src = resolve_cgroup(str(v1_child))
+    assert src.version == 1
+    watch = PressureWatch([src])
+    assert any("threshold" in a for a in watch.armed), (watch.armed, watch.skipped)
+    assert any(": oom" in a for a in watch.armed)
+    got: list[tuple[float, str]] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                watch.run, lambda ns: got.extend((time.monotonic(), n.kind) for n in ns)
+            )
+            t0 = time.monotonic()
+            proc = await trio.lowlevel.open_process(
+                _hog(v1_child, 30, 40)
+            )  # crosses 80 %, then the limit
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+    kinds = {k for _, k in got}
+    assert "threshold" in kinds, got
+    assert "oom" in kinds, got  # 70 MiB in 64 MiB: the kernel killed it
+    assert proc.returncode == -9
+    assert read_cgroup(src).oom_kills == 1
+    assert min(t for t, _ in got) - t0 < 10
+
+
+async def test_v1_backstop_pauses_instead_of_killing(v1_child: Path) -> None:
+    src = resolve_cgroup(str(v1_child))
+    backstop = Backstop([src], deadline=60.0)
+    backstop.engage()
+    try:
+        assert read_cgroup(src).events["oom_kill_disable"] == 1
+        with trio.fail_after(30):
+            proc = await trio.lowlevel.open_process(_hog(v1_child, 40, 40, hold=0.1))
+            while not read_cgroup(src).events.get("under_oom"):  # it sleeps, not killed
+                await trio.sleep(0.02)
+            acts = backstop.check([read_cgroup(src)], time.monotonic())
+            assert [a[0] for a in acts] == ["paused"]
+            assert proc.returncode is None
+            (v1_child / "memory.limit_in_bytes").write_text(str(256 * MiB))  # memory freed
+            assert await proc.wait() == 0  # it finished its work
+        acts = backstop.check([read_cgroup(src)], time.monotonic())
+        assert [a[0] for a in acts] == ["resumed"]
+        assert read_cgroup(src).oom_kills == 0
+    finally:
+        backstop.release()
+    assert read_cgroup(src).events["oom_kill_disable"] == 0  # restored
+
+
+async def test_v1_backstop_deadline_gives_the_killer_back(v1_child: Path) -> None:
+    src = resolve_cgroup(str(v1_child))
+    backstop = Backstop([src], deadline=0.3)
+    backstop.engage()
+    try:
+        with trio.fail_after(30):
+            proc = await trio.lowlevel.open_process(_hog(v1_child, 40, 40, hold=5))
+            while not read_cgroup(src).events.get("under_oom"):
+                await trio.sleep(0.02)
+            backstop.check([read_cgroup(src)], time.monotonic())
+            await trio.sleep(0.4)
+            acts = backstop.check([read_cgroup(src)], time.monotonic())
+            assert [a[0] for a in acts] == ["deadline"]
+            assert await proc.wait() == -9  # the explicit choice: the kernel may kill now
+    finally:
+        backstop.release()
+
+
+async def test_control_plane_watches_a_v1_cgroup_and_wakes_on_its_events(
+    v1_child: Path,
+) -> None:
+    from tests.control_fakes import FakeGuest
+    from vdev.policy.control import ControlPlane
+    from vdev.registry import GuestRegistry
+
+    registry = GuestRegistry("vmw")
+    registry.add("vm0", "/nonexistent/vm0.sock")
+    FakeGuest(registry, "vm0", 65536)
+    cfg = ControlConfig(watch_cgroups=[str(v1_child)], policy_period=60.0)
+    control = ControlPlane(registry, cfg)
+    assert control.host_source == f"cgroup v1 {v1_child}"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.run)
+            info = control.host_info()
+            assert "--watch-cgroup" in info["source_why"]
+            assert info["cgroups"][0]["limit_bytes"] == 64 * MiB
+            assert info["total_bytes"] == 64 * MiB
+            assert any("threshold" in a for a in info["notifications"]["armed"])
+            from vdev.metrics import render_metrics
+
+            text = render_metrics(control).decode()
+            for line in (
+                f'vballoon_cgroup_limit_bytes{{cgroup="{v1_child}"}} 6.7108864e+07',
+                f'vballoon_cgroup_events_total{{cgroup="{v1_child}",event="oom_kill"}} 0.0',
+                f'vballoon_cgroup_under_oom{{cgroup="{v1_child}"}} 0.0',
+                "vballoon_backstop_engaged 0.0",
+            ):
+                assert line in text, text
+            steps = control.steps
+            proc = await trio.lowlevel.open_process(_hog(v1_child, 55, hold=1.0))
+            # a 60 s period: only a notification can step the policy meanwhile
+            while control.steps == steps:
+                await trio.sleep(0.01)
+            assert control.pressure_notices > 0
+            assert control.last_notice is not None
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- respecting the guest
+
+
+async def test_a_guest_that_deflates_by_itself_is_backed_off_and_the_floor_holds() -> None:
+    from tests.control_fakes import make_registry
+    from vdev.policy.control import GUEST_BACKOFF, ControlPlane
+
+    vm_pages = (1 << 30) // PAGE_SIZE
+    with trio.fail_after(5):
+        registry, guests = make_registry(vm_pages, vm_pages)
+        for g in guests:
+            g.has_stats = True
+            g.request_stats()  # half of each guest free
+        control = ControlPlane(registry, ControlConfig(host_memory=4 << 30))
+        events = control.subscribe()
+        control.set_simulated_free(100 * MiB)  # SOFT: ballooning
+        d = control.step(now=1.0)
+        assert d is not None and d.vms["vm0"].target_pages > 0
+        for g in guests:
+            g.settle()
+        control.step(now=2.0)
+        # vm0's driver gives pages back on its own (deflate-on-OOM): size below target
+        g0 = guests[0]
+        target = registry.view("vm0").target_pages
+        g0.size = max(0, g0.size - 5000)
+        registry.note_size("vm0", g0.size)
+        d = control.step(now=3.0)
+        assert d is not None
+        assert d.vms["vm0"].target_pages <= g0.size  # its target falls to what it holds
+        assert d.vms["vm0"].max_pages == g0.size
+        assert d.vms["vm0"].target_pages < target
+        seen = []
+        while True:
+            try:
+                seen.append(events.receive_nowait())
+            except trio.WouldBlock:
+                break
+        backoff = [e for e in seen if e.get("type") == "guest-backoff"]
+        assert backoff and backoff[0]["name"] == "vm0" and backoff[0]["seconds"] == GUEST_BACKOFF
+        assert "deflated by itself" in backoff[0]["why"][0]
+        # the floor: a guest with 4 KiB free is not ballooned at all
+        guests[1].guest_stats = {"stat-free-memory": 4096, "stat-total-memory": vm_pages * 4096}
+        d = control.step(now=4.0)
+        assert d is not None and d.vms["vm1"].max_pages == guests[1].size
+
+
+def test_stat_shows_the_guests_own_memory_and_what_the_host_holds() -> None:
+    from rich.console import Console
+
+    from vdev.cli.operator import guest_memory_table
+
+    vm = {
+        "name": "vm1",
+        "connected": True,
+        "ram_allocated_bytes": 200 * MiB,
+        "guest_stats": {"stat-free-memory": 150 * MiB, "stat-available-memory": 160 * MiB,
+                        "stat-disk-caches": 5 * MiB, "stat-swap-in": 0, "stat-swap-out": -1,
+                        "stat-oom-kills": 2},
+    }  # fmt: skip
+    host = {
+        "guests": {"vm1": {"stats_age_s": 0.4, "hold": "guest-backoff 55s", "reclaim_failures": 3}}
+    }
+    table = guest_memory_table([vm, {"name": "vm2", "connected": False}], host)
+    assert table is not None
+    console = Console(width=200, record=True)
+    console.print(table)
+    lines = console.export_text().splitlines()
+    assert lines[0].split() == [
+        "VM", "RESID", "GFREE", "GAVAIL", "GCACHE", "SWIN", "SWOUT", "GOOM", "AGE", "PFAIL",
+        "HOLD",
+    ]  # fmt: skip
+    assert lines[1].split() == [
+        "vm1", "200.00", "150.00", "160.00", "5.00", "0.00", "-", "2", "0.4", "3",
+        "guest-backoff", "55s",
+    ]  # fmt: skip
+    assert len(lines) == 2  # vm2 is not connected
+    assert guest_memory_table([{"name": "v", "connected": True, "guest_stats": {}}], {}) is None
+
+
+def test_a_failed_punch_is_counted() -> None:
+    import fcntl
+
+    import numpy as np
+
+    from vdev.memory import GuestMemory, RegionSpec
+
+    fd = os.memfd_create("sealed-ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4 * MiB)
+    mem = GuestMemory("t")
+    try:
+        mem.set_table([RegionSpec(0, 4 * MiB, 0x7F00_0000_0000, 0)], [os.dup(fd)])
+        mem.write(0, b"x" * (2 * MiB))
+        # F_SEAL_FUTURE_WRITE: the kernel refuses to punch holes in this file from now on
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0x0010)
+        with pytest.raises(HostResourceError):
+            mem.reclaim(np.array([0], dtype=np.uint64), np.array([256], dtype=np.uint64))
+        assert mem.reclaim_failures == 1
+        with pytest.raises(HostResourceError):
+            trio.run(
+                mem.reclaim_async,
+                np.array([0], dtype=np.uint64),
+                np.array([256], dtype=np.uint64),
+            )
+        assert mem.reclaim_failures == 2 and mem.reclaimed_bytes_total == 0
+    finally:
+        mem.close()
+        os.close(fd)
+
+
+def test_private_guest_ram_is_detected() -> None:
+    import mmap
+    import socket
+
+    from vdev.memory import RegionSpec
+    from vdev.ramcheck import check_peer_regions, parse_maps, peer_pid, private_regions
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert peer_pid(a) == os.getpid()
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 4 * MiB)
+    shared = mmap.mmap(fd, 2 * MiB, flags=mmap.MAP_SHARED)
+    private = mmap.mmap(fd, 2 * MiB, flags=mmap.MAP_PRIVATE, offset=2 * MiB)
+    try:
+        import ctypes
+
+        def addr(m: mmap.mmap) -> int:
+            return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+        regions = [
+            RegionSpec(0, 2 * MiB, addr(shared), 0),
+            RegionSpec(2 * MiB, 2 * MiB, addr(private), 2 * MiB),
+        ]
+        problems = check_peer_regions(os.getpid(), regions)
+        assert len(problems) == 1 and "guest 0x200000+2 MiB is mapped private" in problems[0]
+        assert check_peer_regions(None, regions) == []
+    finally:
+        shared.close()
+        private.close()
+        os.close(fd)
+    maps = parse_maps(
+        "7f0000000000-7f0000200000 rw-s 00000000 00:01 5 /memfd:mem (deleted)\n"
+        "7f0000200000-7f0000400000 rw-p 00000000 00:01 6 /memfd:mem (deleted)\nbad line\n"
+    )
+    assert [m.shared for m in maps] == [True, False]
+    region = RegionSpec(0, 2 * MiB, 0x7F0000200000, 0)
+    assert "/memfd:mem (deleted)" in private_regions(maps, [region])[0]
+
+
+def test_v2_backstop_sets_memory_high_below_max_and_restores_it(tmp_path: Path) -> None:
+    d = _v2_dir(tmp_path)
+    src = resolve_cgroup(str(d))
+    backstop = Backstop([src])
+    backstop.engage()
+    assert int((d / "memory.high").read_text()) == 1024 * MiB - 1024 * MiB * 5 // 100
+    assert backstop.actions[0][0] == "engaged" and "never killed" in backstop.actions[0][2]
+    backstop.release()
+    assert (d / "memory.high").read_text() == "max"
+    (d / "memory.max").write_text("max\n")
+    skipped = Backstop([src])
+    skipped.engage()
+    assert skipped.actions[0][0] == "skipped" and not skipped.held
+
+
+def test_vdev_events_names_the_overcommit_events() -> None:
+    from vdev.cli.operator import format_event
+
+    t = {"time": 0.0}
+    pressure = {**t, "type": "pressure",
+                "notices": [{"source": "cg", "kind": "threshold", "detail": "9 x1"}]}  # fmt: skip
+    assert format_event(pressure).endswith("pressure: threshold 9 x1")
+    backstop = {**t, "type": "backstop", "action": "paused", "cgroup": "cg", "detail": "under OOM"}
+    assert format_event(backstop).endswith("backstop paused: under OOM")
+    backoff = {**t, "type": "guest-backoff", "name": "vm1", "why": ["OOM kills 0 -> 1"]}
+    assert "vm1" in format_event(backoff) and "OOM kills 0 -> 1" in format_event(backoff)
+    futile = {**t, "type": "futile", "name": "vm2", "balloon_grew_bytes": 8 << 20,
+              "host_regained_bytes": 0}  # fmt: skip
+    assert "+8.00 MB, host regained 0.00 MB" in format_event(futile)
