@@ -154,27 +154,31 @@ async def test_inflate_2m_and_4k_deflate_and_target_changes(tmp_path: Any) -> No
             assert guest.driver.stats.ops[Command.BATCHED_2M_UNLOCK][0] > 0
 
 
-async def test_doorbell_reacts_within_milliseconds_polling_does_not(tmp_path: Any) -> None:
+async def test_doorbell_wakes_the_driver_polling_waits_for_a_tick(tmp_path: Any) -> None:
     with trio.fail_after(30):
         async with rig(tmp_path, config=DriverConfig(poll_interval=5.0)) as (vdev, guest, _):
             await until(lambda: guest.driver.doorbell_registered)
+            g = guest.driver.stats.general  # "timer" counts every pass, "doorbell" those it woke
+            await until(lambda: not guest.driver._busy)
+            timeouts = g["timer"] - g["doorbell"]
             t0 = trio.current_time()
             await vdev.set_target(4 * PAGES_PER_2M)
             await until(lambda: guest.driver.size == 4 * PAGES_PER_2M)
-            assert trio.current_time() - t0 < 0.25
-            assert guest.driver.stats.general["doorbell"] >= 1
+            # the doorbell woke it, not the 5 s timer: a mechanism, not a machine's speed
+            assert g["doorbell"] >= 1 and g["timer"] - g["doorbell"] == timeouts
+            assert trio.current_time() - t0 < 5.0
     caps = ALL_CAPABILITIES & ~Capability.SIGNALLED_WAKEUP_CMD
     config = DriverConfig(poll_interval=1.0, capabilities=caps)
     with trio.fail_after(30):
         async with rig(tmp_path, config=config) as (vdev, guest, _):
             await until(lambda: guest.driver.stats.general["timer"] >= 1)
             assert not guest.driver.doorbell_registered
-            await trio.sleep(0.05)
-            t0 = trio.current_time()
+            await until(lambda: not guest.driver._busy)  # no pass in flight: the next is new
+            ticks = guest.driver.stats.general["timer"]
             await vdev.set_target(4 * PAGES_PER_2M)
             await until(lambda: guest.driver.size == 4 * PAGES_PER_2M)
-            waited = trio.current_time() - t0
-            assert 0.3 < waited < 1.5  # the next 1 s tick
+            # only a later tick of the 1 s timer moved it (nothing rang)
+            assert guest.driver.stats.general["timer"] > ticks
             assert guest.driver.stats.general["doorbell"] == 0
 
 
