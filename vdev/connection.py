@@ -104,6 +104,10 @@ class Connection:
     ) -> None:
         self.server = server
         self.sock = sock
+        # the stdlib socket under trio's: reads and writes that can complete at once do so
+        # without a trip through trio's scheduler (see _recvmsg)
+        self._raw: socket.socket = sock._sock  # type: ignore[attr-defined]
+        self._waited = False
         self.guest = guest
         self.name = f"{guest}#{next(_serial)}"
         self.memory = GuestMemory(self.name)
@@ -298,10 +302,13 @@ class Connection:
                     await self.resume_vhost_user()
                 await self._serve_peeked()
             while True:
+                self._waited = False
                 for msg in await self._recv_messages():
                     reply = await self._handle(msg)
                     if reply:
                         await self._send_all(reply)
+                if not self._waited:  # a busy front-end: still let the other tasks run
+                    await trio.lowlevel.checkpoint()
         except PeerClosed:
             log.info("%s: front-end disconnected", self.name)
         except (PeerError, HostResourceError) as exc:
@@ -343,7 +350,7 @@ class Connection:
         fds: list[int] = []
         while len(data) < n:
             try:
-                chunk, anc, flags, _ = await self.sock.recvmsg(n - len(data), _ANC_SPACE)
+                chunk, anc, flags = await self._recvmsg(n - len(data))
             except OSError:
                 close_fds(fds)
                 raise
@@ -359,13 +366,27 @@ class Connection:
             data += chunk
         return bytes(data), fds
 
+    async def _recvmsg(self, n: int) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        """One ``recvmsg``: at once when the bytes are there (a payload follows its header in
+        the same segment; a reply is awaited by the front-end with the vCPU stopped, so the
+        ~3 scheduler passes of an awaited trio socket call per message are latency the
+        guest feels), else after waiting for the socket to become readable."""
+        while True:
+            if self._raw.fileno() < 0:  # closed here (close()): as trio's socket would say
+                raise trio.ClosedResourceError
+            try:
+                chunk, anc, flags, _ = self._raw.recvmsg(n, _ANC_SPACE)
+                return chunk, anc, flags
+            except BlockingIOError:
+                self._waited = True
+                await trio.lowlevel.wait_readable(self.sock)
+
     async def _recv_messages(self) -> list[Message]:
         header, fds = await self._recv_exact(vu.HEADER_SIZE)
         msgs = self.proto.receive(header, fds)  # validates the header before we read on
         if msgs:
             return msgs
-        size = vu.parse_header(header).size
-        payload, stray = await self._recv_exact(size)
+        payload, stray = await self._recv_exact(self.proto.pending_payload)
         if stray:
             close_fds(stray)
             self.proto.fail()
@@ -375,7 +396,14 @@ class Connection:
     async def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            sent = await self.sock.send(view)
+            if self._raw.fileno() < 0:
+                raise trio.ClosedResourceError
+            try:
+                sent = self._raw.send(view)
+            except BlockingIOError:
+                self._waited = True
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
             view = view[sent:]
 
     # -- the wire under the hand-over: peek, handle, record, reply, consume ---------------
