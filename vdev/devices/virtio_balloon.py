@@ -481,6 +481,9 @@ class VirtioBalloonDevice(Device):
         queues = self.ctx.queues
         return all(queues[i].ready for i in (INFLATEQ, DEFLATEQ) if i < len(queues))
 
+    def size_pages(self) -> int:
+        return self.core.size  # asked after every batch: not the whole status()
+
     def status(self) -> DeviceStatus:
         c = self.core
         counters = dict(c.counters)
