@@ -189,6 +189,30 @@ async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any
     return out
 
 
+#: (guest RAM MiB, balloon sizes, rounds) of the Linux side by side
+LINUX_FULL = (1536, (128 * MIB, GIB), 3)
+LINUX_QUICK = (512, (64 * MIB,), 1)
+
+
+def _linux(quick: bool, json_path: Path | None, table: Path | None) -> None:
+    from lab.bench import linux
+
+    ram_mib, sizes, rounds = LINUX_QUICK if quick else LINUX_FULL
+    _say(f"Linux side by side: {ram_mib} MiB guests, {rounds} rounds")
+    result = trio.run(lambda: linux.side_by_side(ram_mib=ram_mib, sizes=sizes, rounds=rounds))
+    result["quick"] = quick
+    result["machine"] = system.machine()
+    result["machine"]["loadavg_at_end"] = system.loadavg()
+    text = linux.table(result)
+    print(text)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report.clean(result), indent=1) + "\n")
+    if table is not None:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(text)
+
+
 _PATH = click.Path(path_type=Path)
 
 
@@ -201,6 +225,11 @@ _HELP = {"help_option_names": ["-h", "--help"]}
 @click.option("--plots", type=_PATH, default=None, help="write PNG charts here")
 @click.option("--table", type=_PATH, default=None, help="also write the table as text")
 @click.option("--workdir", type=_PATH, default=None, help="sockets and vdev logs here")
+@click.option(
+    "--linux",
+    is_flag=True,
+    help="only the Linux-guest side by side (vdev vs QEMU's virtio-balloon-pci)",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     quick: bool,
@@ -208,9 +237,13 @@ def main(
     plots: Path | None,
     table: Path | None,
     workdir: Path | None,
+    linux: bool,
     verbose: bool,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    if linux:
+        _linux(quick, json_path, table)
+        return
     params = QUICK if quick else FULL
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
