@@ -93,7 +93,7 @@ def test_raw_limits(results: tuple[dict[str, Any], Path, str]) -> None:
     assert basis == "compiled" or basis.startswith("python"), basis
     if r["raw"]["compiled"]["available"] and r["raw_end"]["compiled"]["available"]:
         assert basis == "compiled"
-        assert r["limits"]["per_page_pages_per_s"] == max(
+        assert r["limits"]["per_page_pages_per_s"] >= max(
             r[k]["compiled"]["per_page"]["pages_per_s"] for k in ("raw", "raw_end")
         )
     for key, value in r["limits"].items():
