@@ -1002,12 +1002,24 @@ class Connection:
 
     async def _execute(self, work: Work) -> None:
         """Carry out a device's Work: commit it (hand-over), reclaim, then used rings, then
-        calls, then config."""
+        calls, then config.
+
+        Every reclaim of the Work (one per LOCK batch the kick found on the ring: a driver
+        with several commands in flight) goes to the kernel as one: the runs of all batches
+        are planned together, so runs adjacent across batches merge into one punch. The
+        completions are pushed only after it: no LOCK is answered before its pages are gone.
+        """
         if work:
             self._commit(work.completions)
-        for rec in work.reclaims:
+        if len(work.reclaims) > 1:
+            starts = np.concatenate([r.pfn_starts for r in work.reclaims])
+            counts = np.concatenate([r.pfn_counts for r in work.reclaims])
+            reclaims: list[tuple[Any, Any]] = [(starts, counts)]
+        else:
+            reclaims = [(r.pfn_starts, r.pfn_counts) for r in work.reclaims]
+        for pfn_starts, pfn_counts in reclaims:
             try:
-                await self.memory.reclaim_async(rec.pfn_starts, rec.pfn_counts)
+                await self.memory.reclaim_async(pfn_starts, pfn_counts)
             except HostResourceError as exc:
                 log.error("%s: reclaim failed: %s", self.name, exc)
         if work.reclaims:
