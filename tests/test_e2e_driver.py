@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 import trio
 
 from guest_driver.driver import DriverConfig
@@ -120,9 +121,11 @@ def check_consistent(guest: Guest, view: dict[str, Any]) -> None:
     assert view["ram_allocated_bytes"] == guest.ram.allocated_bytes()
 
 
-async def test_inflate_2m_and_4k_deflate_and_target_changes(tmp_path: Any) -> None:
+@pytest.mark.parametrize("in_flight", [1, 4], ids=["one-at-a-time", "4-in-flight"])
+async def test_inflate_2m_and_4k_deflate_and_target_changes(tmp_path: Any, in_flight: int) -> None:
+    config = DriverConfig(poll_interval=0.2, in_flight=in_flight)
     with trio.fail_after(30):
-        async with rig(tmp_path) as (vdev, guest, _):
+        async with rig(tmp_path, config=config) as (vdev, guest, _):
             mem = guest.memory
             # Leave few whole 2 MiB frames: one used page in all but 20 of them.
             frames = np.flatnonzero(mem.frame_free == PAGES_PER_2M)
@@ -132,6 +135,8 @@ async def test_inflate_2m_and_4k_deflate_and_target_changes(tmp_path: Any) -> No
             target = 20 * PAGES_PER_2M + 5000
             await vdev.set_target(target)
             view = await settled(vdev, guest, target)
+            # one batch page per LOCK in flight (vmw_balloon's discipline: exactly one)
+            assert len(guest.driver._batch_pfns) == in_flight
             assert guest.driver.count(PageSize.SIZE_2M) == 20
             assert guest.driver.count(PageSize.SIZE_4K) == 5000
             assert guest.driver.stats.pages["allocFail"][PageSize.SIZE_2M] >= 1

@@ -60,7 +60,7 @@ def derive(out: dict[str, Any]) -> None:
             ratios[f"{mode} {way} / per-page"] = _ratio(v, per_page)
             res[way]["ratio_contiguous"] = ratios[f"{mode} {way} / contiguous"]
             res[way]["ratio_per_page"] = ratios[f"{mode} {way} / per-page"]
-    for row in out.get("batch_sweep", []) + out.get("size_sweep", []):
+    for row in out.get("batch_sweep", []) + out.get("size_sweep", []) + out.get("in_flight", []):
         row["inflate"]["ratio_contiguous"] = _ratio(row["inflate"]["pages_per_s"], contiguous)
         row["deflate"]["ratio_contiguous"] = _ratio(row["deflate"]["pages_per_s"], contiguous)
     scale = {row["guests"]: row for row in out.get("scale", [])}
@@ -317,6 +317,28 @@ def table(out: dict[str, Any]) -> str:
             _fmt_rate(r["deflate"]["pages_per_s"]),
         )
     console.print(t)
+
+    if out.get("in_flight"):
+        t = Table(
+            title="1c. LOCK batches in flight (driver in_flight; 1 = vmw_balloon's one at a "
+            "time), interleaved A/B in this run"
+        )
+        for col in ("mode", "in flight", "balloon", "inflate", "/contig", "/per-page",
+                    "vdev CPU s/GiB", "st_blocks"):  # fmt: skip
+            t.add_column(col, justify="right" if col != "mode" else "left")
+        for r in out["in_flight"]:
+            i = r["inflate"]
+            t.add_row(
+                r["mode"],
+                str(r["in_flight"]),
+                f"{r['balloon_bytes'] >> 20} MiB",
+                _fmt_rate(i["pages_per_s"]),
+                _pct(i["ratio_contiguous"]),
+                _pct(_ratio(i["pages_per_s"], out["limits"]["per_page_pages_per_s"])),
+                f"{i['vdev_cpu_s_per_gib']:.2f}",
+                "ok" if i["verified_st_blocks"] else "NOT FREED",
+            )
+        console.print(t)
 
     t = Table(title="2. Reaction latency (API call -> device-side size events)")
     for col in (
