@@ -28,7 +28,7 @@ from typing import Any
 import click
 import trio
 
-from guest_driver.driver import DriverConfig
+from guest_driver.driver import DEFAULT_IN_FLIGHT, DriverConfig
 from guest_driver.guest_memory import WorkloadSpec
 from protocol.errors import ConfigError, VballoonError
 from protocol.units import PAGE_SIZE
@@ -166,8 +166,8 @@ def main() -> None:
               help="Capabilities offered at START.")
 @click.option("--shrinker", is_flag=True,
               help="Deflate under guest memory pressure (vmwballoon_shrinker_enable).")
-@click.option("--in-flight", "in_flight", type=click.IntRange(1, 16), default=1,
-              show_default=True,
+@click.option("--in-flight", "in_flight", type=click.IntRange(1, 16),
+              default=DEFAULT_IN_FLIGHT, show_default=True,
               help="LOCK batches kept in flight while inflating (1: vmw_balloon's one at a "
                    "time).")
 @click.option("--workload", default=None,

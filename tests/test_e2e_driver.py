@@ -246,7 +246,8 @@ async def test_notneeded_when_the_target_drops_between_get_target_and_lock(
     tmp_path: Any,
 ) -> None:
     caps = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BIT64_TARGET
-    config = DriverConfig(poll_interval=0.2, capabilities=caps)
+    # vmw_balloon's one batch at a time: exactly one batch is in flight when the target drops
+    config = DriverConfig(poll_interval=0.2, capabilities=caps, in_flight=1)
     with trio.fail_after(30):
         async with rig(tmp_path, config=config) as (vdev, guest, _):
             await until(lambda: not guest.driver.reset_required)

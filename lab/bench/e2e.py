@@ -245,7 +245,7 @@ async def open_guest(
     scatter: bool = False,
     poll_interval: float = 1.0,
     batch: int | None = None,
-    in_flight: int = 1,
+    in_flight: int = 1,  # the bench's cases measure vmw_balloon's way unless told
 ) -> AsyncIterator[BenchGuest]:
     """One guest on ``path``: front-end, guest memory model, driver (reset done)."""
     async with connect_transport(path, ram_bytes) as transport:
