@@ -1,6 +1,7 @@
 """``guest-driver``: run our vmmemctl guest driver over vhost-user, and look at it.
 
     guest-driver run --socket PATH --memory SIZE [--poll S] [--no-doorbell] [--shrinker]
+                     [--in-flight N]
                      [--workload BASE[:AMPLITUDE[:PERIOD[:CACHE]]]] [--control PATH]
     guest-driver stat  [--socket PATH | --control PATH]     # "N MB", like
                                                              # vmware-toolbox-cmd stat balloon
@@ -27,7 +28,7 @@ from typing import Any
 import click
 import trio
 
-from guest_driver.driver import DriverConfig
+from guest_driver.driver import DEFAULT_IN_FLIGHT, DriverConfig
 from guest_driver.guest_memory import WorkloadSpec
 from protocol.errors import ConfigError, VballoonError
 from protocol.units import PAGE_SIZE, parse_size
@@ -151,6 +152,10 @@ def main() -> None:
               help="Capabilities offered at START.")
 @click.option("--shrinker", is_flag=True,
               help="Deflate under guest memory pressure (vmwballoon_shrinker_enable).")
+@click.option("--in-flight", "in_flight", type=click.IntRange(1, 16),
+              default=DEFAULT_IN_FLIGHT, show_default=True,
+              help="LOCK batches kept in flight while inflating (1: vmw_balloon's one at a "
+                   "time).")
 @click.option("--workload", default=None,
               help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]], e.g. 256M:512M:20.")
 @click.option("--control", "control", default=None, type=click.Path(dir_okay=False),
@@ -166,6 +171,7 @@ def run(
     no_doorbell: bool,
     caps: str,
     shrinker: bool,
+    in_flight: int,
     workload: str | None,
     control: str | None,
     device_timeout: float | None,
@@ -196,7 +202,10 @@ def run(
         options = GuestOptions(
             socket_path=socket_path,
             ram_bytes=parse_size(memory, "--memory"),
-            config=DriverConfig(capabilities=capabilities, poll_interval=poll, shrinker=shrinker),
+            config=DriverConfig(
+                capabilities=capabilities, poll_interval=poll, shrinker=shrinker,
+                in_flight=in_flight,
+            ),
             workload=parse_workload(workload) if workload else None,
             control_path=control or default_control_path(socket_path),
             device_timeout=DEVICE_TIMEOUT if device_timeout is None else device_timeout,

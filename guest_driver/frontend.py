@@ -597,25 +597,38 @@ class Patience:
     on_wait: Callable[[float], None]
 
 
+#: commands one VmwChannel keeps in flight at most (256-byte slots of its scratch page)
+COMMAND_SLOTS = 16
+_SLOT_SIZE = 0x100
+_RESPONSE_OFFSET = 0x80
+
+
 class VmwChannel:
     """vmmemctl commands on ``cmdq`` and doorbell events on ``eventq`` of a front-end.
 
-    The request and response live in one scratch page (``fe.scratch`` by default), the event
-    buffers in the page after it; ``command`` writes an optional batch page at ``batch_pfn``
-    first and reads it back after. :meth:`reserved_ranges` lists the pages a guest kernel on
-    top must never hand out (they hold the rings and this channel's buffers).
+    Requests and responses live in one scratch page (``fe.scratch`` by default): up to
+    :data:`COMMAND_SLOTS` commands may be in flight at once, each in its own 256-byte slot
+    (request at the slot's start, response 128 bytes in); the event buffers are in the page
+    after it. ``command`` writes an optional batch page at ``batch_pfn`` first and reads it
+    back after; concurrent commands must use different batch pages (PROTOCOL.md section 2).
+    :meth:`reserved_ranges` lists the pages a guest kernel on top must never hand out (they
+    hold the rings and this channel's buffers).
     """
 
     def __init__(self, fe: VhostUserFrontend, *, scratch: int | None = None) -> None:
         self.fe = fe
         self.scratch = fe.scratch if scratch is None else scratch
-        self.request_gpa = self.scratch
-        self.response_gpa = self.scratch + 0x100
+        self.request_gpa = self.scratch  # slot 0's
+        self.response_gpa = self.scratch + _RESPONSE_OFFSET
         self.event_gpa = self.scratch + PAGE_SIZE  # one page of 8-byte event buffers
         self.end = self.event_gpa + PAGE_SIZE  # first byte after this channel's pages
         self.bad_events = 0  # event buffers that did not parse (skipped)
         self.rekicks = 0  # kicks sent again to a device that was not answering
-        self._lock = trio.Lock()
+        self._slots = list(range(COMMAND_SLOTS))
+        self._slot_free = trio.Semaphore(COMMAND_SLOTS)
+        self._poll_lock = trio.Lock()  # one task at a time polls cmdq's used ring for all
+        self._ring_lock = trio.Lock()
+        self._used: dict[int, int] = {}  # head -> used length, for the task waiting on it
         self._event_heads: dict[int, int] = {}
         self._free_event_slots = list(range(PAGE_SIZE // EVENT_SIZE))
         self._events: list[EventKind] = []
@@ -635,24 +648,31 @@ class VmwChannel:
         return self.fe.queues[1]
 
     async def _complete(self, q: FrontendQueue, head: int, patience: Patience | None) -> int:
-        """Wait until the device used chain ``head``; its used length. With ``patience``,
-        a device silent for ``patience.rekick`` seconds gets the kick again (one sent while
-        it was down may be lost) and ``patience.on_wait(seconds waited)`` is told, which may
-        raise to give up. The chain is never posted twice: the device answers it once."""
+        """Wait until the device used chain ``head``; its used length. Whoever polls files
+        every completion it finds, so concurrent commands each get their own. With
+        ``patience``, a device silent for ``patience.rekick`` seconds gets the kick again (one
+        sent while it was down may be lost) and ``patience.on_wait(seconds waited)`` is told,
+        which may raise to give up. The chain is never posted twice: the device answers it
+        once."""
         t0 = trio.current_time()
-        while True:
-            for elem in await q.driver.poll_used():
-                if elem.id == head:
-                    return elem.len
-            if patience is None:
-                await q.wait_call()
-                continue
-            with trio.move_on_after(patience.rekick) as scope:
-                await q.wait_call()
-            if scope.cancelled_caught:
-                self.rekicks += 1
-                os.eventfd_write(q.kick_fd, 1)
-                patience.on_wait(trio.current_time() - t0)
+        while head not in self._used:
+            async with self._poll_lock:
+                if head in self._used:
+                    break
+                for elem in await q.driver.poll_used():
+                    self._used[elem.id] = elem.len
+                if head in self._used:
+                    break
+                if patience is None:
+                    await q.wait_call()
+                    continue
+                with trio.move_on_after(patience.rekick) as scope:
+                    await q.wait_call()
+                if scope.cancelled_caught:
+                    self.rekicks += 1
+                    os.eventfd_write(q.kick_fd, 1)
+                    patience.on_wait(trio.current_time() - t0)
+        return self._used.pop(head)
 
     async def command(
         self,
@@ -664,30 +684,48 @@ class VmwChannel:
     ) -> tuple[Response, bytes | None]:
         """Send one command; return the response and the batch page as the device left it.
         ``patience``: how to wait for a device that stops answering (see :class:`Patience`;
-        without it, for ever)."""
-        async with self._lock:
-            ram = self.fe.ram
-            if batch is not None:
-                if batch_pfn is None:
-                    batch_pfn = request.arg1
-                ram.write(batch_pfn * PAGE_SIZE, batch)
-            ram.write(self.request_gpa, request.build())
-            ram.write(self.response_gpa, bytes(RESPONSE_SIZE))
+        without it, for ever). Up to :data:`COMMAND_SLOTS` may be in flight (callers'
+        tasks); more wait for a slot."""
+        async with self._slot_free:
+            slot = self._slots.pop(0)
+            try:
+                return await self._command(slot, request, batch, batch_pfn, patience)
+            finally:
+                self._slots.insert(0, slot)  # the lowest free slot next: slot 0 when alone
+
+    async def _command(
+        self,
+        slot: int,
+        request: Request,
+        batch: bytes | None,
+        batch_pfn: int | None,
+        patience: Patience | None,
+    ) -> tuple[Response, bytes | None]:
+        ram = self.fe.ram
+        request_gpa = self.scratch + slot * _SLOT_SIZE
+        response_gpa = request_gpa + _RESPONSE_OFFSET
+        if batch is not None:
+            if batch_pfn is None:
+                batch_pfn = request.arg1
+            ram.write(batch_pfn * PAGE_SIZE, batch)
+        ram.write(request_gpa, request.build())
+        ram.write(response_gpa, bytes(RESPONSE_SIZE))
+        async with self._ring_lock:  # the avail ring is one writer's at a time
             head = await self.cmdq.driver.add(
                 [
-                    Buffer(self.request_gpa, REQUEST_SIZE),
-                    Buffer(self.response_gpa, RESPONSE_SIZE, write=True),
+                    Buffer(request_gpa, REQUEST_SIZE),
+                    Buffer(response_gpa, RESPONSE_SIZE, write=True),
                 ]
             )
             await self.cmdq.kick()
-            length = await self._complete(self.cmdq, head, patience)
-            if length != RESPONSE_SIZE:
-                raise BackendError(f"device wrote {length} response bytes")
-            response = Response.parse(ram.read(self.response_gpa, RESPONSE_SIZE))
-            after = None
-            if batch is not None and batch_pfn is not None:
-                after = ram.read(batch_pfn * PAGE_SIZE, len(batch))
-            return response, after
+        length = await self._complete(self.cmdq, head, patience)
+        if length != RESPONSE_SIZE:
+            raise BackendError(f"device wrote {length} response bytes")
+        response = Response.parse(ram.read(response_gpa, RESPONSE_SIZE))
+        after = None
+        if batch is not None and batch_pfn is not None:
+            after = ram.read(batch_pfn * PAGE_SIZE, len(batch))
+        return response, after
 
     async def call(self, command: int, arg1: int = 0, arg2: int = 0) -> Response:
         response, _ = await self.command(Request(command, arg1, arg2))

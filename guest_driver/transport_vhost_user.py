@@ -43,7 +43,13 @@ from typing import Any
 import trio
 
 from guest_driver.driver import BalloonDriver, DriverConfig
-from guest_driver.frontend import GuestRamFile, Patience, VmwChannel, connect_frontend
+from guest_driver.frontend import (
+    COMMAND_SLOTS,
+    GuestRamFile,
+    Patience,
+    VmwChannel,
+    connect_frontend,
+)
 from guest_driver.guest_memory import GuestMemory, Workload, WorkloadSpec
 from protocol import vmw
 from protocol.errors import BackendError, DeviceGone
@@ -66,6 +72,9 @@ _GONE = (BackendError, OSError, trio.ClosedResourceError, trio.BrokenResourceErr
 
 class VhostUserTransport:
     """:class:`guest_driver.transport.Transport` over a :class:`VmwChannel`."""
+
+    #: commands this transport carries at once (the channel's slots)
+    max_in_flight = COMMAND_SLOTS
 
     def __init__(
         self,

@@ -7,6 +7,7 @@ little-endian hosts, and the native-order construct fields (``Int32un``) keep th
 from __future__ import annotations
 
 import enum
+import io
 from typing import Any
 
 import construct as cs
@@ -265,13 +266,31 @@ def parse_header(data: bytes | bytearray | memoryview) -> Any:
     return _derive.parse(HEADER_C, data, "vhost-user header")
 
 
+def _fixed_size(fmt: cs.Construct) -> int | None:
+    try:
+        return int(fmt.sizeof())
+    except cs.SizeofError:
+        return None
+
+
+#: per payload format: its size when fixed (most are), else None
+_SIZES: dict[int, int | None] = {}
+
+
 def parse_payload(fmt: cs.Construct, data: bytes | bytearray | memoryview, what: str) -> Any:
     """Parse a payload that must be consumed exactly (no trailing bytes)."""
+    key = id(fmt)
+    if key not in _SIZES:
+        _SIZES[key] = _fixed_size(fmt)
+    size = _SIZES[key]
+    if size is not None and len(data) != size:
+        raise _derive.FormatError(f"{what} payload is {len(data)} bytes, its content is {size}")
+    stream = io.BytesIO(bytes(data))
     try:
-        value = fmt.parse(bytes(data))
-        used = len(fmt.build(value))
+        value = fmt.parse_stream(stream)
     except (cs.ConstructError, ValueError, TypeError, OverflowError) as exc:
         raise _derive.FormatError(f"malformed {what} payload: {exc}") from None
+    used = stream.tell()
     if used != len(data):
         raise _derive.FormatError(f"{what} payload is {len(data)} bytes, its content is {used}")
     return value

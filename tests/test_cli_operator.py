@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,7 +169,6 @@ async def test_events_top_and_plot(served: Any, tmp_path: Path) -> None:
             assert proc.stdout is not None
             hello = await blocking(proc.stdout.readline)
             assert "connected; VMs: vm0, vm1" in hello
-            t0 = time.monotonic()
             await blocking(lambda: client.set_target("vm0", target="8M"))
             out, err = await blocking(lambda: proc.communicate(timeout=20))
         finally:
@@ -188,7 +186,7 @@ async def test_events_top_and_plot(served: Any, tmp_path: Path) -> None:
         assert lines[0].split()[1:] == ["vm0", "control", "->", "manual"]
         assert lines[1].split()[1:] == ["vm0", "MCTLTGT", "8.00", "MB", "(manual)"]
         assert lines[2].split()[1:3] == ["vm0", "MCTLSZ"]  # the guest started inflating
-        assert time.monotonic() - t0 < 10
+        # (how soon is the machine's business: communicate's 20 s is the only bound)
 
         await eventually(lambda: client.vm("vm0")["size_pages"] == 2048)
         # Pressure: SOFT below 157 MiB free; the policy balloons vm0 (vm1 has no guest) until

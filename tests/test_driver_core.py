@@ -371,12 +371,15 @@ async def test_doorbell_wakes_the_worker_at_once() -> None:
             nursery.start_soon(driver.run)
             while driver.reset_required:
                 await trio.sleep(0.001)
+            g = driver.stats.general  # "timer" counts every pass, "doorbell" those it woke
+            timeouts = g["timer"] - g["doorbell"]
             t.deliver(t.model.set_target(1024))
             start = trio.current_time()
             while driver.size != 1024:
                 await trio.sleep(0.001)
-            assert trio.current_time() - start < 1.0
-            assert driver.stats.general["doorbell"] == 1
+            # the doorbell did it, not the 30 s timer (whatever the machine's load)
+            assert g["doorbell"] == 1 and g["timer"] - g["doorbell"] == timeouts
+            assert trio.current_time() - start < 30.0
             await driver.close()
             nursery.cancel_scope.cancel()
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import trio
 
-from protocol.errors import FrontendError, GuestError
+import vdev.memory
+from protocol.errors import FrontendError, GuestError, HostResourceError
 from protocol.units import PAGE_SIZE
 from vdev.memory import GuestMemory, RegionSpec, close_regions
 
@@ -98,6 +99,68 @@ def test_reclaim_punches_the_file(mem: GuestMemory, memfd: int) -> None:
         mem.reclaim(np.array([0xB0], np.uint64), np.array([0x60], np.uint64))
         == (0x10 + 0x10 + 0x10) * PAGE_SIZE
     )
+
+
+def test_native_punch_is_loaded() -> None:
+    """scripts/setup builds the native reclaim loop; under CI its absence is a failure."""
+    if not vdev.memory.NATIVE_PUNCH and os.environ.get("CI") != "true":
+        pytest.skip(vdev.memory.NATIVE_PUNCH_INFO)
+    assert vdev.memory.NATIVE_PUNCH, vdev.memory.NATIVE_PUNCH_INFO
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_scattered_reclaim_both_loops(
+    mem: GuestMemory, memfd: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The native loop and the Python fallback punch exactly the same pages: isolated 4 KiB
+    pages (madvise), a long run (fallocate), runs over the ROM hole and unsorted input."""
+    if native and not vdev.memory.NATIVE_PUNCH:
+        pytest.skip(vdev.memory.NATIVE_PUNCH_INFO)
+    if not native:
+        monkeypatch.setattr(vdev.memory, "_vb_punch", None)
+    mem.write(0, b"\x11" * 0xC0000)
+    mem.write(0xE0000, b"\x11" * 0x10000)
+    mem.write(0x100000, b"\x5a" * (15 * MiB))
+    before = os.fstat(memfd).st_blocks * 512
+    odd = np.arange(0x401, 0xC01, 2, dtype=np.uint64)  # 1024 isolated pages
+    starts = np.concatenate([odd[::-1], np.array([0xC00, 0xB0], np.uint64)])
+    counts = np.concatenate([np.ones(1024, np.uint64), np.array([0x100, 0x60], np.uint64)])
+    n = mem.reclaim(starts, counts)
+    # the last odd page 0xBFF touches the run at 0xC00 (merged); 0xB0+0x60 covers the hole
+    want = (1024 + 0x100 + 0x30) * PAGE_SIZE
+    assert n == want and mem.reclaimed_bytes_total == want
+    assert before - os.fstat(memfd).st_blocks * 512 == want
+    assert mem.read(0x401000, 1) == b"\0" and mem.read(0x400000, 1) == b"\x5a"
+    assert mem.read(0xCFF000, 1) == b"\0" and mem.read(0xD00000, 1) == b"\x5a"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_punch_failure_names_the_call(
+    memfd: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RAM file the kernel will not punch (a memfd sealed against writes): a host-side
+    error naming the failing call and its errno, from either loop."""
+    if native and not vdev.memory.NATIVE_PUNCH:
+        pytest.skip(vdev.memory.NATIVE_PUNCH_INFO)
+    if not native:
+        monkeypatch.setattr(vdev.memory, "_vb_punch", None)
+    import fcntl
+
+    fd = os.memfd_create("sealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4 * MiB)
+    m = GuestMemory("sealed")
+    m.set_table([RegionSpec(0, 4 * MiB, UVA, 0)], [fd])
+    try:
+        m.write(0, b"\x01" * (4 * MiB))
+        # F_SEAL_FUTURE_WRITE: our existing writable mapping stays, punching is refused
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, 0x0010)
+        with pytest.raises(HostResourceError, match=r"madvise\(MADV_REMOVE\) failed.*Errno 1\b"):
+            m.reclaim(np.array([2], np.uint64), np.array([1], np.uint64))
+        with pytest.raises(HostResourceError, match=r"fallocate\(PUNCH_HOLE\) failed.*Errno 1\b"):
+            m.reclaim(np.array([0], np.uint64), np.array([1024], np.uint64))
+        assert m.allocated_bytes() == 4 * MiB
+    finally:
+        m.close()
 
 
 async def test_reclaim_async_large_in_thread(memfd: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any
 
@@ -64,8 +65,28 @@ def _shmem_kib() -> int:
 # ------------------------------------------------------------------------------ stalls
 
 
+@pytest.fixture
+def region_closes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(region size, closed in the trio thread?) for every region vdev closes: closing the
+    last fd of populated RAM frees it there and then, so it must happen in a worker thread.
+    The mechanism is checked, not a wall-clock stall, which the machine's load decides."""
+    from vdev.memory import Region
+
+    main = threading.get_ident()
+    closes: list[tuple[int, bool]] = []
+    real = Region.close
+
+    def spy(self: Region) -> None:
+        if not self.closed:
+            closes.append((self.size, threading.get_ident() == main))
+        real(self)
+
+    monkeypatch.setattr(Region, "close", spy)
+    return closes
+
+
 async def test_freeing_a_gone_guests_ram_does_not_stall_others(
-    nursery, tmp_path, guest_ram
+    nursery, tmp_path, guest_ram, region_closes
 ) -> None:
     """The front-end died: vdev holds the last fd of 2 GiB of populated RAM. Closing it
     frees the RAM synchronously (~0.7 s here); that must not happen in the trio thread."""
@@ -101,12 +122,14 @@ async def test_freeing_a_gone_guests_ram_does_not_stall_others(
                         break
                 await trio.sleep(0.1)
                 stop.set()
-        assert worst < 0.2, f"the trio thread stalled {worst:.3f} s"
+        # the 2 GiB region was closed (its RAM freed) in a worker thread, never in trio's
+        big = [in_trio for n, in_trio in region_closes if n >= size // 2]
+        assert big and not any(big), (region_closes, f"worst tick {worst:.3f} s")
 
 
 @pytest.mark.parametrize("request_", [R.SET_MEM_TABLE, R.ADD_MEM_REG, R.REM_MEM_REG])
 async def test_replacing_a_populated_table_does_not_stall_others(
-    nursery, tmp_path, guest_ram, request_: R
+    nursery, tmp_path, guest_ram, request_: R, region_closes
 ) -> None:
     """A hostile front-end hands over its only copy of 2 GiB of populated RAM, then replaces
     (or removes) that region: vdev closing the last reference frees it synchronously
@@ -179,5 +202,9 @@ async def test_replacing_a_populated_table_does_not_stall_others(
                 finally:
                     os.close(replacement)
                 assert registry.view("vm0").connected  # replacing a table is legal
-        assert worst_tick < 0.2, f"the trio thread stalled {worst_tick:.3f} s"
-        assert worst_call < 0.2, f"another guest's round trip took {worst_call:.3f} s"
+        # the replaced 2 GiB region was closed (its RAM freed) off the trio thread, so no
+        # guest's round trip waited for it (the stalls seen are reported, not judged: they
+        # are the machine's load's)
+        big = [in_trio for n, in_trio in region_closes if n >= size // 2]
+        stalls = f"worst tick {worst_tick:.3f} s, worst call {worst_call:.3f} s"
+        assert big and not any(big), (region_closes, stalls)

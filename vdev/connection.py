@@ -105,6 +105,10 @@ class Connection:
     ) -> None:
         self.server = server
         self.sock = sock
+        # the stdlib socket under trio's: reads and writes that can complete at once do so
+        # without a trip through trio's scheduler (see _recvmsg)
+        self._raw: socket.socket = sock._sock  # type: ignore[attr-defined]
+        self._waited = False
         self.guest = guest
         self.name = f"{guest}#{next(_serial)}"
         self.memory = GuestMemory(self.name)
@@ -303,10 +307,13 @@ class Connection:
                     await self.resume_vhost_user()
                 await self._serve_peeked()
             while True:
+                self._waited = False
                 for msg in await self._recv_messages():
                     reply = await self._handle(msg)
                     if reply:
                         await self._send_all(reply)
+                if not self._waited:  # a busy front-end: still let the other tasks run
+                    await trio.lowlevel.checkpoint()
         except PeerClosed:
             log.info("%s: front-end disconnected", self.name)
         except (PeerError, HostResourceError) as exc:
@@ -348,7 +355,7 @@ class Connection:
         fds: list[int] = []
         while len(data) < n:
             try:
-                chunk, anc, flags, _ = await self.sock.recvmsg(n - len(data), _ANC_SPACE)
+                chunk, anc, flags = await self._recvmsg(n - len(data))
             except OSError:
                 close_fds(fds)
                 raise
@@ -364,13 +371,27 @@ class Connection:
             data += chunk
         return bytes(data), fds
 
+    async def _recvmsg(self, n: int) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        """One ``recvmsg``: at once when the bytes are there (a payload follows its header in
+        the same segment; a reply is awaited by the front-end with the vCPU stopped, so the
+        ~3 scheduler passes of an awaited trio socket call per message are latency the
+        guest feels), else after waiting for the socket to become readable."""
+        while True:
+            if self._raw.fileno() < 0:  # closed here (close()): as trio's socket would say
+                raise trio.ClosedResourceError
+            try:
+                chunk, anc, flags, _ = self._raw.recvmsg(n, _ANC_SPACE)
+                return chunk, anc, flags
+            except BlockingIOError:
+                self._waited = True
+                await trio.lowlevel.wait_readable(self.sock)
+
     async def _recv_messages(self) -> list[Message]:
         header, fds = await self._recv_exact(vu.HEADER_SIZE)
         msgs = self.proto.receive(header, fds)  # validates the header before we read on
         if msgs:
             return msgs
-        size = vu.parse_header(header).size
-        payload, stray = await self._recv_exact(size)
+        payload, stray = await self._recv_exact(self.proto.pending_payload)
         if stray:
             close_fds(stray)
             self.proto.fail()
@@ -380,7 +401,14 @@ class Connection:
     async def _send_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            sent = await self.sock.send(view)
+            if self._raw.fileno() < 0:
+                raise trio.ClosedResourceError
+            try:
+                sent = self._raw.send(view)
+            except BlockingIOError:
+                self._waited = True
+                await trio.lowlevel.wait_writable(self.sock)
+                continue
             view = view[sent:]
 
     # -- the wire under the hand-over: peek, handle, record, reply, consume ---------------
@@ -882,9 +910,12 @@ class Connection:
 
     async def _on_set_config(self, msg: Message) -> None:
         b = msg.body
-        async with self.lock:
+        await self._lock()
+        try:
             work = self.device.write_config(b.offset, bytes(b.data), migration=b.flags == 1)
             await self._execute(work)
+        finally:
+            self.lock.release()
 
     async def _on_set_backend_req_fd(self, msg: Message) -> None:
         fd = msg.fds[0]
@@ -934,7 +965,8 @@ class Connection:
         """Let the device serve ring ``index`` until it takes nothing more."""
         q = self.queues[index]
         while True:
-            async with self.lock:
+            await self._lock()
+            try:
                 if not q.ready or self.closed:
                     return
                 try:
@@ -943,9 +975,19 @@ class Connection:
                     more = q.publish_avail_event(self.memory) if q.ready else False
                 except RingBroken:
                     return
+            finally:
+                self.lock.release()
             if not (work.popped and (more or not q.event_idx)):
                 return
             await trio.lowlevel.checkpoint()
+
+    async def _lock(self) -> None:
+        """Take :attr:`lock`: at once when it is free (the usual case: a kick or a config
+        write while the vCPU waits), without the scheduler pass ``async with`` costs."""
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
 
     async def process_all(self) -> None:
         for q in self.queues:
@@ -968,12 +1010,24 @@ class Connection:
 
     async def _execute(self, work: Work) -> None:
         """Carry out a device's Work: commit it (hand-over), reclaim, then used rings, then
-        calls, then config."""
+        calls, then config.
+
+        Every reclaim of the Work (one per LOCK batch the kick found on the ring: a driver
+        with several commands in flight) goes to the kernel as one: the runs of all batches
+        are planned together, so runs adjacent across batches merge into one punch. The
+        completions are pushed only after it: no LOCK is answered before its pages are gone.
+        """
         if work:
             self._commit(work.completions)
-        for rec in work.reclaims:
+        if len(work.reclaims) > 1:
+            starts = np.concatenate([r.pfn_starts for r in work.reclaims])
+            counts = np.concatenate([r.pfn_counts for r in work.reclaims])
+            reclaims: list[tuple[Any, Any]] = [(starts, counts)]
+        else:
+            reclaims = [(r.pfn_starts, r.pfn_counts) for r in work.reclaims]
+        for pfn_starts, pfn_counts in reclaims:
             try:
-                await self.memory.reclaim_async(rec.pfn_starts, rec.pfn_counts)
+                await self.memory.reclaim_async(pfn_starts, pfn_counts)
             except HostResourceError as exc:
                 log.error("%s: reclaim failed: %s", self.name, exc)
         if work.reclaims:

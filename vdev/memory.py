@@ -20,9 +20,12 @@
   ``read``, ``write``).
 * Reclaim punches holes in the region's file: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` for large
   pieces, ``madvise(MADV_REMOVE)`` on our shared mapping of it for small ones (the same
-  kernel operation on shmem, with less per-call overhead than fallocate through ctypes:
-  ~15 % more single pages per second), each falling back to the other. Runs are clamped to
-  their regions.
+  kernel operation on shmem), each falling back to the other. Runs are clamped to their
+  regions and planned with numpy into per-region arrays of (offset, length); the calls are
+  made by a small C loop (``vdev/native/punch.c``, built by scripts/setup, loaded with
+  ctypes: one foreign call per region and batch, the GIL released while it runs), so no
+  Python code runs per page. Without the library (no compiler at set-up) the same calls are
+  made from a Python loop, and :data:`NATIVE_PUNCH` says so.
 
 Accesses to ring index fields go through :meth:`load_u16` / :meth:`store_u16`, which copy two
 naturally aligned bytes (one machine load/store on the hosts we support).
@@ -40,6 +43,7 @@ import mmap
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,6 +79,50 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+#: the native reclaim loop (see the module docstring); $VBALLOON_PUNCH_LIB overrides the path
+NATIVE_LIBRARY = Path(__file__).with_name("native") / "libvbpunch.so"
+
+
+def _load_native() -> tuple[Any, str]:
+    path = os.environ.get("VBALLOON_PUNCH_LIB") or str(NATIVE_LIBRARY)
+    try:
+        fn = ctypes.CDLL(path).vb_punch
+    except (OSError, AttributeError) as exc:
+        return None, f"{path}: {exc} (run scripts/setup to build it): reclaim loops in Python"
+    u64p = ctypes.POINTER(ctypes.c_uint64)
+    fn.argtypes = [
+        ctypes.c_void_p,  # map
+        ctypes.c_int,  # fd
+        ctypes.c_int64,  # file_delta
+        ctypes.c_void_p,  # moff (uint64[n])
+        ctypes.c_void_p,  # len (uint64[n])
+        ctypes.c_size_t,  # n
+        ctypes.c_uint64,  # madvise_max
+        u64p,  # done
+        ctypes.POINTER(ctypes.c_size_t),  # failed
+        ctypes.POINTER(ctypes.c_int),  # call
+    ]
+    fn.restype = ctypes.c_int
+    return fn, path
+
+
+_vb_punch, NATIVE_PUNCH_INFO = _load_native()
+#: True when reclaim runs through the native loop; :data:`NATIVE_PUNCH_INFO` says from where,
+#: or why not.
+NATIVE_PUNCH = _vb_punch is not None
+if not NATIVE_PUNCH:
+    log.warning("native punch library not loaded: %s", NATIVE_PUNCH_INFO)
+
+
+def _mapping_address(mm: mmap.mmap) -> int:
+    """The address of ``mm``'s first byte (the export ends with the ctypes object)."""
+    view = ctypes.c_char.from_buffer(mm)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """``fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length)``; raises OSError."""
     if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
@@ -106,6 +154,7 @@ class Region:
     mm: mmap.mmap
     base: int  # offset of the region's first byte inside ``mm``
     file_key: tuple[int, int]  # (st_dev, st_ino)
+    addr: int = 0  # address of ``mm`` in this process (for the native punch loop)
     busy: int = 0  # reclaim workers using it
     retired: bool = False
     closed: bool = field(default=False)
@@ -150,7 +199,14 @@ def _map(spec: RegionSpec, fd: int) -> Region:
         )
     except OSError as exc:
         raise HostResourceError(f"cannot map region gpa={spec.guest_phys_addr:#x}: {exc}") from exc
-    return Region(spec=spec, fd=fd, mm=mm, base=base, file_key=(st.st_dev, st.st_ino))
+    return Region(
+        spec=spec,
+        fd=fd,
+        mm=mm,
+        base=base,
+        file_key=(st.st_dev, st.st_ino),
+        addr=_mapping_address(mm),
+    )
 
 
 class GuestMemory:
@@ -396,18 +452,18 @@ class GuestMemory:
         pfn_starts: npt.ArrayLike,
         pfn_counts: npt.ArrayLike,
         regions: Iterable[Region] | None = None,
-    ) -> list[tuple[Region, int, int]]:
-        """(region, offset in region, length) pieces, runs clamped to regions, adjacent
-        pieces merged; per region, in offset order. Vectorised: a virtio-balloon batch is
-        thousands of one-page runs."""
+    ) -> list[Plan]:
+        """Per region: the pieces to punch, as arrays of (offset in region, length), runs
+        clamped to the region and adjacent pieces merged, in offset order. Vectorised: a
+        virtio-balloon batch is thousands of one-page runs."""
         starts = np.asarray(pfn_starts, dtype=np.uint64).ravel()
         counts = np.asarray(pfn_counts, dtype=np.uint64).ravel()
         if starts.shape != counts.shape:
             raise ValueError("pfn_starts and pfn_counts differ in length")
-        pieces: list[tuple[Region, int, int]] = []
+        plans: list[Plan] = []
         regions = self._regions if regions is None else list(regions)
         if not starts.size or not regions:
-            return pieces
+            return plans
         if starts.size == 1:  # one run (a contiguous batch): the same plan with Python ints
             pfn = min(int(starts[0]), U64_MAX >> PAGE_SHIFT)
             run_lo = pfn << PAGE_SHIFT
@@ -415,8 +471,10 @@ class GuestMemory:
             for r in regions:
                 a, b = max(run_lo, r.gpa), min(run_hi, r.gpa + r.size)
                 if a < b:
-                    pieces.append((r, a - r.gpa, b - a))
-            return pieces
+                    plans.append(
+                        (r, np.array([a - r.gpa], np.uint64), np.array([b - a], np.uint64))
+                    )
+            return plans
         # PFNs past 2**52 cannot be guest RAM: clip them so the shifts stay inside 64 bits
         cap = np.uint64(U64_MAX >> PAGE_SHIFT)
         first = np.minimum(starts, cap)
@@ -430,46 +488,44 @@ class GuestMemory:
                 continue
             off = a[keep] - np.uint64(r.gpa)
             end = b[keep] - np.uint64(r.gpa)
-            order = np.argsort(off, kind="stable")
-            off, end = off[order], end[order]
+            if off.size > 1 and not (off[1:] > off[:-1]).all():  # drivers send sorted batches
+                order = np.argsort(off, kind="stable")
+                off, end = off[order], end[order]
             reach = np.maximum.accumulate(end)
             new = np.ones(off.size, dtype=np.bool_)
             new[1:] = off[1:] > reach[:-1]  # a gap: a new piece (touching/overlapping merge)
             idx = np.flatnonzero(new)
             seg_off = off[idx]
             seg_end = np.maximum.reduceat(end, idx)
-            pieces.extend(
-                (r, o, e - o) for o, e in zip(seg_off.tolist(), seg_end.tolist(), strict=True)
-            )
-        return pieces
+            plans.append((r, seg_off, seg_end - seg_off))
+        return plans
 
     @staticmethod
-    def _punch(pieces: list[tuple[Region, int, int]]) -> int:
-        done = 0
-        # locals: this loop runs once per isolated page of a scattered batch
-        advice, small, unaligned = _MADV_REMOVE, MADVISE_MAX_BYTES, mmap.PAGESIZE - 1
-        for r, off, length in pieces:
-            addr = r.base + off
-            if length <= small and advice is not None and not (addr | length) & unaligned:
-                try:
-                    r.mm.madvise(advice, addr, length)
-                    done += length
-                    continue
-                except OSError as exc:
-                    if exc.errno not in _NO_PUNCH:
-                        raise HostResourceError(f"madvise(MADV_REMOVE) failed: {exc}") from exc
-                    # e.g. a mapping madvise cannot punch: try fallocate on the file
-            try:
-                punch_hole(r.fd, r.spec.mmap_offset + off, length)
-            except OSError as exc:
-                if exc.errno not in _NO_PUNCH:
-                    raise HostResourceError(f"fallocate(PUNCH_HOLE) failed: {exc}") from exc
-                try:
-                    r.mm.madvise(mmap.MADV_REMOVE, addr, length)
-                except OSError as exc2:
-                    raise HostResourceError(f"madvise(MADV_REMOVE) failed: {exc2}") from exc2
-            done += length
-        return done
+    def _punch(plans: list[Plan]) -> int:
+        if _vb_punch is None:
+            return _punch_python(plans)
+        done, failed, call = ctypes.c_uint64(), ctypes.c_size_t(), ctypes.c_int()
+        total = 0
+        for r, off, length in plans:
+            moff = np.ascontiguousarray(off + np.uint64(r.base), dtype=np.uint64)
+            lens = np.ascontiguousarray(length, dtype=np.uint64)
+            err = _vb_punch(
+                r.addr,
+                r.fd,
+                r.spec.mmap_offset - r.base,
+                moff.ctypes.data,
+                lens.ctypes.data,
+                moff.size,
+                MADVISE_MAX_BYTES,
+                ctypes.byref(done),
+                ctypes.byref(failed),
+                ctypes.byref(call),
+            )
+            total += done.value
+            if err:
+                what = "madvise(MADV_REMOVE)" if call.value == 1 else "fallocate(PUNCH_HOLE)"
+                raise HostResourceError(f"{what} failed: [Errno {err}] {os.strerror(err)}")
+        return total
 
     def reclaim(self, pfn_starts: npt.ArrayLike, pfn_counts: npt.ArrayLike) -> int:
         """Punch the pages out of the RAM files now; returns the bytes punched."""
@@ -523,6 +579,39 @@ class GuestMemory:
             seen.add(r.file_key)
             total += os.fstat(r.fd).st_blocks * 512
         return total
+
+
+#: one region's share of a reclaim: (region, offsets in it, lengths), uint64 arrays
+Plan = tuple[Region, npt.NDArray[np.uint64], npt.NDArray[np.uint64]]
+
+
+def _punch_python(plans: list[Plan]) -> int:
+    """The reclaim loop without the native library: the same calls, one Python round each."""
+    done = 0
+    advice, small, unaligned = _MADV_REMOVE, MADVISE_MAX_BYTES, mmap.PAGESIZE - 1
+    for r, offs, lengths in plans:
+        for off, length in zip(offs.tolist(), lengths.tolist(), strict=True):
+            addr = r.base + off
+            if length <= small and advice is not None and not (addr | length) & unaligned:
+                try:
+                    r.mm.madvise(advice, addr, length)
+                    done += length
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _NO_PUNCH:
+                        raise HostResourceError(f"madvise(MADV_REMOVE) failed: {exc}") from exc
+                    # e.g. a mapping madvise cannot punch: try fallocate on the file
+            try:
+                punch_hole(r.fd, r.spec.mmap_offset + off, length)
+            except OSError as exc:
+                if exc.errno not in _NO_PUNCH:
+                    raise HostResourceError(f"fallocate(PUNCH_HOLE) failed: {exc}") from exc
+                try:
+                    r.mm.madvise(mmap.MADV_REMOVE, addr, length)
+                except OSError as exc2:
+                    raise HostResourceError(f"madvise(MADV_REMOVE) failed: {exc2}") from exc2
+            done += length
+    return done
 
 
 def close_regions(regions: Iterable[Region | int]) -> None:

@@ -194,6 +194,10 @@ def close_fds(fds: tuple[int, ...] | list[int]) -> None:
             os.close(fd)
 
 
+#: REPLY_ACK replies by (request, ok): the same bytes every time
+_ACKS: dict[tuple[R, bool], bytes] = {}
+
+
 class BackendConnection:
     """Negotiation state and message validation of one vhost-user connection."""
 
@@ -221,6 +225,7 @@ class BackendConnection:
         self._reset_reason: str | None = None
         self._buf = bytearray()
         self._fds: list[int] = []
+        self._head: Any = None  # the parsed, checked header of the message being received
 
     # -- negotiated state ----------------------------------------------------------------
 
@@ -279,13 +284,17 @@ class BackendConnection:
         out: list[Message] = []
         try:
             while len(self._buf) >= vu.HEADER_SIZE:
-                header = vu.parse_header(bytes(self._buf[: vu.HEADER_SIZE]))
-                self._check_header(header)
+                header = self._head
+                if header is None:  # parsed and checked once, however the payload arrives
+                    header = vu.parse_header(bytes(self._buf[: vu.HEADER_SIZE]))
+                    self._check_header(header)
+                    self._head = header
                 end = vu.HEADER_SIZE + header.size
                 if len(self._buf) < end:
                     break
                 payload = bytes(self._buf[vu.HEADER_SIZE : end])
                 del self._buf[:end]
+                self._head = None
                 fds_now, self._fds = self._fds, []
                 out.append(self._message(header, payload, fds_now))
         except (FrontendError, FormatError) as exc:
@@ -338,6 +347,13 @@ class BackendConnection:
         if request is R.SET_MEM_TABLE:
             return int(body.nregions)
         return 0 if body.value & vu.VRING_NOFD_MASK else 1
+    @property
+    def pending_payload(self) -> int:
+        """Payload bytes still missing for the message whose header was received (0 when
+        no header is pending)."""
+        if self._head is None:
+            return 0
+        return max(0, vu.HEADER_SIZE + self._head.size - len(self._buf))
 
     def _check_header(self, header: Any) -> None:
         flags = header.flags
@@ -494,7 +510,11 @@ class BackendConnection:
         """The REPLY_ACK u64 when the request asked for one, else nothing."""
         if msg.request in vu.REPLY_PAYLOAD or not (msg.need_reply and self.reply_ack):
             return b""
-        return self.reply(msg, vu.u64(0 if ok else 1))
+        key = (msg.request, ok)
+        reply = _ACKS.get(key)
+        if reply is None:  # SET_CONFIG is acked once per Linux balloon request: built once
+            reply = _ACKS[key] = self.reply(msg, vu.u64(0 if ok else 1))
+        return reply
 
     def answer(self, msg: Message) -> bytes:
         """Reply bytes for a :data:`NEGOTIATION` request (state was applied by receive)."""

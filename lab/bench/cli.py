@@ -47,6 +47,9 @@ class Params:
     scale_guests: tuple[int, ...]
     scale_bytes: int
     rtt_seconds: float
+    in_flight: tuple[int, ...] = (1, 4)
+    in_flight_bytes: int = 256 * MIB
+    in_flight_reps: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +99,8 @@ QUICK = Params(
     scale_guests=(1, 8, 32),
     scale_bytes=16 * MIB,
     rtt_seconds=1.0,
+    in_flight_bytes=32 * MIB,
+    in_flight_reps=1,
 )
 
 SCALE_SOCKETS = 32
@@ -103,6 +108,18 @@ SCALE_SOCKETS = 32
 
 def _say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (mode, in_flight): the repetition with the median inflate rate."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["in_flight"]), []).append(r)
+    out = []
+    for group in groups.values():
+        group.sort(key=lambda r: r["inflate"]["pages_per_s"])
+        out.append(group[len(group) // 2])
+    return out
 
 
 async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any]:
@@ -139,6 +156,16 @@ async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any
                 _say(f"  {mode} batch {b} ({amount >> 20} MiB)")
                 sweep.append(await e2e.throughput(vdev, api, mode, amount, 1, batch=b))
         out["batch_sweep"] = sweep
+        _say("LOCK batches in flight")
+        rows = []
+        for rep in range(p.in_flight_reps):  # interleaved, so a load change hits all alike
+            for mode in ("4K-contiguous", "4K-scattered"):
+                for k in p.in_flight:
+                    _say(f"  {mode} in flight {k} ({p.in_flight_bytes >> 20} MiB, rep {rep})")
+                    rows.append(
+                        await e2e.throughput(vdev, api, mode, p.in_flight_bytes, 1, in_flight=k)
+                    )
+        out["in_flight"] = _median_rows(rows)
         _say("guest sizes")
         sizes = []
         for mode in ("2M", "4K-contiguous"):
@@ -189,6 +216,30 @@ async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any
     return out
 
 
+#: (guest RAM MiB, balloon sizes, rounds) of the Linux side by side
+LINUX_FULL = (1536, (128 * MIB, GIB), 3)
+LINUX_QUICK = (512, (64 * MIB,), 1)
+
+
+def _linux(quick: bool, json_path: Path | None, table: Path | None) -> None:
+    from lab.bench import linux
+
+    ram_mib, sizes, rounds = LINUX_QUICK if quick else LINUX_FULL
+    _say(f"Linux side by side: {ram_mib} MiB guests, {rounds} rounds")
+    result = trio.run(lambda: linux.side_by_side(ram_mib=ram_mib, sizes=sizes, rounds=rounds))
+    result["quick"] = quick
+    result["machine"] = system.machine()
+    result["machine"]["loadavg_at_end"] = system.loadavg()
+    text = linux.table(result)
+    print(text)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report.clean(result), indent=1) + "\n")
+    if table is not None:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(text)
+
+
 _PATH = click.Path(path_type=Path)
 
 
@@ -201,6 +252,11 @@ _HELP = {"help_option_names": ["-h", "--help"]}
 @click.option("--plots", type=_PATH, default=None, help="write PNG charts here")
 @click.option("--table", type=_PATH, default=None, help="also write the table as text")
 @click.option("--workdir", type=_PATH, default=None, help="sockets and vdev logs here")
+@click.option(
+    "--linux",
+    is_flag=True,
+    help="only the Linux-guest side by side (vdev vs QEMU's virtio-balloon-pci)",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def main(
     quick: bool,
@@ -208,9 +264,13 @@ def main(
     plots: Path | None,
     table: Path | None,
     workdir: Path | None,
+    linux: bool,
     verbose: bool,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    if linux:
+        _linux(quick, json_path, table)
+        return
     params = QUICK if quick else FULL
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)

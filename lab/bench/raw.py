@@ -6,8 +6,10 @@
   region in one call and in 2 MiB calls. The limit is the fastest of the four (the largest
   denominator, so the ratios are conservative).
 * **per page**: the same, but one ``madvise(MADV_REMOVE)`` per 4 KiB page from a Python
-  loop, what a device without coalescing could do at best. ``fallocate`` per page (what
-  vdev's reclaim path calls) is measured alongside for reference.
+  loop, what a device without coalescing could do at best. ``fallocate`` per page is
+  measured alongside for reference.
+* **compiled** (:mod:`.limits`): both again from a small C helper built at bench time, so the
+  figures are the kernel's and not Python's; the ratios use these when a compiler is there.
 
 Every variant checks with ``st_blocks`` that the region really was allocated before and
 freed after.
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lab.bench import limits
 from lab.bench.system import GIB, MIB, allocated_bytes
 from protocol.units import PAGE_SIZE
 from vdev.memory import punch_hole
@@ -167,4 +170,5 @@ def measure(*, size: int = GIB, per_page_pages: int = 1 << 17, reps: int = 3) ->
         "gib_per_s": madv["gib_per_s"],
         "verified_st_blocks": madv["verified_st_blocks"] and fall["verified_st_blocks"],
     }
+    out["compiled"] = limits.measure(size=size, per_page_pages=per_page_pages, reps=reps)
     return out

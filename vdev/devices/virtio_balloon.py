@@ -165,6 +165,8 @@ class VirtioBalloon:
         self.stats_last_update: float | None = None  # host time of the last stats buffer
         self.held_stats: int | None = None  # head of the statsq buffer we hold
         self._pinned = PinnedRanges()
+        self._config_key: tuple[int, int] | None = None
+        self._config = b""
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "inflate buffers",
@@ -215,11 +217,16 @@ class VirtioBalloon:
     # ------------------------------------------------------------------ config space
 
     def config(self) -> bytes:
-        full = vb.CONFIG.build(
-            {"num_pages": self._target, "actual": self.actual, "free_page_hint_cmd_id": 0,
-             "poison_val": 0}
-        )  # fmt: skip
-        return full[: self.config_size]
+        # read and written once per balloon request by Linux, each a synchronous vhost-user
+        # round trip while the vCPU waits: built once per (target, actual)
+        key = (self._target, self.actual)
+        if self._config_key != key:
+            full = vb.CONFIG.build(
+                {"num_pages": self._target, "actual": self.actual, "free_page_hint_cmd_id": 0,
+                 "poison_val": 0}
+            )  # fmt: skip
+            self._config_key, self._config = key, full[: self.config_size]
+        return self._config
 
     def read_config(self, offset: int, size: int) -> bytes:
         """Bytes ``offset .. offset+size`` of the config space (zero beyond it)."""
@@ -473,6 +480,9 @@ class VirtioBalloonDevice(Device):
         DRIVER_OK (and stops them on reset or suspend), whatever features were accepted."""
         queues = self.ctx.queues
         return all(queues[i].ready for i in (INFLATEQ, DEFLATEQ) if i < len(queues))
+
+    def size_pages(self) -> int:
+        return self.core.size  # asked after every batch: not the whole status()
 
     def status(self) -> DeviceStatus:
         c = self.core

@@ -1,0 +1,280 @@
+/* The kernel's own reclaim limits, without Python in the way (see lab/bench/limits.py).
+ *
+ *   limits REGION_BYTES PER_PAGE_PAGES REPS
+ *
+ * On a shared memfd whose pages were all written first (so each is allocated and mapped, as
+ * a guest's would be), time giving them back:
+ *   contiguous: fallocate(PUNCH_HOLE|KEEP_SIZE) and madvise(MADV_REMOVE), whole region in one
+ *               call and in 2 MiB calls (REGION_BYTES);
+ *   per page:   PER_PAGE_PAGES isolated 4 KiB pages (every other page of a region twice that
+ *               size, as the bench's scattered guest reserves them), one call each: madvise,
+ *               fallocate, the madvise loop split over two threads, and the same madvises
+ *               submitted as one io_uring batch (IORING_OP_MADVISE) per 512 pages.
+ * Each timing is checked with st_blocks (allocated before, freed after). Prints one JSON
+ * object: {"variant": {"pages_per_s": median, "samples": [...], "verified": bool}, ...}.
+ * A variant the kernel refuses (e.g. io_uring disabled) prints {"error": "..."} instead.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/io_uring.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define HUGE_CHUNK (2UL << 20)
+#define URING_BATCH 512U
+
+static int fd;
+static char *map;
+static size_t size;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static long allocated(void) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -1;
+    return (long)st.st_blocks * 512L;
+}
+
+static void touch(void) {
+    for (size_t off = 0; off < size; off += PAGE) map[off] = (char)0xA5;
+}
+
+static void die(const char *what) {
+    fprintf(stderr, "limits: %s: %s\n", what, strerror(errno));
+    exit(1);
+}
+
+/* ---- contiguous variants: return bytes given back, or -errno */
+static long fallocate_chunks(size_t chunk) {
+    for (size_t off = 0; off < size; off += chunk) {
+        size_t n = size - off < chunk ? size - off : chunk;
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)n) != 0)
+            return -errno;
+    }
+    return (long)size;
+}
+static long madvise_chunks(size_t chunk) {
+    for (size_t off = 0; off < size; off += chunk) {
+        size_t n = size - off < chunk ? size - off : chunk;
+        if (madvise(map + off, n, MADV_REMOVE) != 0) return -errno;
+    }
+    return (long)size;
+}
+static long v_fallocate_whole(size_t pages) { (void)pages; return fallocate_chunks(size); }
+static long v_fallocate_2m(size_t pages) { (void)pages; return fallocate_chunks(HUGE_CHUNK); }
+static long v_madvise_whole(size_t pages) { (void)pages; return madvise_chunks(size); }
+static long v_madvise_2m(size_t pages) { (void)pages; return madvise_chunks(HUGE_CHUNK); }
+
+/* ---- per isolated page: page i is at offset 2*i*PAGE */
+static long v_madvise_page(size_t pages) {
+    for (size_t i = 0; i < pages; i++)
+        if (madvise(map + 2 * i * PAGE, PAGE, MADV_REMOVE) != 0) return -errno;
+    return (long)(pages * PAGE);
+}
+static long v_fallocate_page(size_t pages) {
+    for (size_t i = 0; i < pages; i++)
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(2 * i * PAGE),
+                      (off_t)PAGE) != 0)
+            return -errno;
+    return (long)(pages * PAGE);
+}
+
+struct slice { size_t first, count; long rc; };
+static void *madvise_slice(void *arg) {
+    struct slice *s = arg;
+    s->rc = 0;
+    for (size_t i = s->first; i < s->first + s->count; i++)
+        if (madvise(map + 2 * i * PAGE, PAGE, MADV_REMOVE) != 0) { s->rc = -errno; break; }
+    return NULL;
+}
+static long v_madvise_page_2threads(size_t pages) {
+    pthread_t t;
+    struct slice a = {0, pages / 2, 0}, b = {pages / 2, pages - pages / 2, 0};
+    if (pthread_create(&t, NULL, madvise_slice, &b) != 0) return -EAGAIN;
+    madvise_slice(&a);
+    pthread_join(t, NULL);
+    if (a.rc) return a.rc;
+    if (b.rc) return b.rc;
+    return (long)(pages * PAGE);
+}
+
+/* ---- io_uring, raw syscalls (no liburing needed) */
+struct uring {
+    int fd;
+    unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+    unsigned entries;
+};
+static struct uring ring;
+static int uring_ready = -1; /* -1 untried, 0 failed, 1 ok */
+static int uring_errno;
+
+static int uring_setup(void) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    int rfd = (int)syscall(__NR_io_uring_setup, URING_BATCH, &p);
+    if (rfd < 0) return -errno;
+    size_t sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    char *sq = mmap(NULL, sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, rfd,
+                    IORING_OFF_SQ_RING);
+    char *cq = mmap(NULL, cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, rfd,
+                    IORING_OFF_CQ_RING);
+    void *sqes = mmap(NULL, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_POPULATE, rfd, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) return -errno;
+    ring.fd = rfd;
+    ring.sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    ring.sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    ring.sq_array = (unsigned *)(sq + p.sq_off.array);
+    ring.cq_head = (unsigned *)(cq + p.cq_off.head);
+    ring.cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    ring.cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    ring.cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    ring.sqes = sqes;
+    ring.entries = p.sq_entries;
+    return 0;
+}
+
+static long v_uring_madvise_page(size_t pages) {
+    if (uring_ready < 0) {
+        int rc = uring_setup();
+        uring_ready = rc == 0;
+        uring_errno = -rc;
+    }
+    if (!uring_ready) return -uring_errno;
+    for (size_t done = 0; done < pages;) {
+        unsigned n = pages - done < URING_BATCH ? (unsigned)(pages - done) : URING_BATCH;
+        unsigned tail = __atomic_load_n(ring.sq_tail, __ATOMIC_ACQUIRE);
+        for (unsigned k = 0; k < n; k++) {
+            unsigned idx = (tail + k) & *ring.sq_mask;
+            struct io_uring_sqe *sqe = &ring.sqes[idx];
+            memset(sqe, 0, sizeof *sqe);
+            sqe->opcode = IORING_OP_MADVISE;
+            sqe->fd = -1;
+            sqe->addr = (uint64_t)(uintptr_t)(map + 2 * (done + k) * PAGE);
+            sqe->len = PAGE;
+            sqe->fadvise_advice = MADV_REMOVE;
+            ring.sq_array[idx] = idx;
+        }
+        __atomic_store_n(ring.sq_tail, tail + n, __ATOMIC_RELEASE);
+        long rc = syscall(__NR_io_uring_enter, ring.fd, n, n, IORING_ENTER_GETEVENTS, NULL, 0);
+        if (rc < 0) return -errno;
+        unsigned head = *ring.cq_head, seen = 0;
+        long err = 0;
+        while (seen < n) {
+            unsigned ctail = __atomic_load_n(ring.cq_tail, __ATOMIC_ACQUIRE);
+            for (; head != ctail && seen < n; head++, seen++) {
+                int res = ring.cqes[head & *ring.cq_mask].res;
+                if (res < 0 && !err) err = res;
+            }
+            __atomic_store_n(ring.cq_head, head, __ATOMIC_RELEASE);
+            if (seen < n &&
+                syscall(__NR_io_uring_enter, ring.fd, 0, n - seen, IORING_ENTER_GETEVENTS,
+                        NULL, 0) < 0)
+                return -errno;
+        }
+        if (err) return err;
+        done += n;
+    }
+    return (long)(pages * PAGE);
+}
+
+struct variant {
+    const char *name;
+    long (*run)(size_t pages);
+    int per_page;
+};
+
+static int cmp(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void run(const struct variant *v, size_t pages, int reps, int first) {
+    double rates[64];
+    int verified = 1;
+    long err = 0;
+    for (int r = 0; r < reps && r < 64; r++) {
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)size);
+        touch();
+        long before = allocated();
+        double t = now();
+        long nbytes = v->run(pages);
+        double dt = now() - t;
+        if (nbytes < 0) { err = -nbytes; break; }
+        long after = allocated();
+        verified &= before >= (long)size && before - after >= nbytes;
+        rates[r] = (double)nbytes / PAGE / dt;
+    }
+    printf("%s\n  \"%s\": ", first ? "" : ",", v->name);
+    if (err) {
+        printf("{\"error\": \"%s\"}", strerror((int)err));
+        return;
+    }
+    int n = reps < 64 ? reps : 64;
+    qsort(rates, (size_t)n, sizeof rates[0], cmp);
+    double med = n % 2 ? rates[n / 2] : (rates[n / 2 - 1] + rates[n / 2]) / 2;
+    printf("{\"pages_per_s\": %.1f, \"per_page\": %s, \"verified\": %s, \"samples\": [", med,
+           v->per_page ? "true" : "false", verified ? "true" : "false");
+    for (int r = 0; r < n; r++) printf("%s%.1f", r ? ", " : "", rates[r]);
+    printf("]}");
+}
+
+static void region(size_t bytes) {
+    if (map) munmap(map, size);
+    if (fd > 0) close(fd);
+    size = bytes;
+    fd = (int)syscall(SYS_memfd_create, "vballoon-bench-limits", 1U /* MFD_CLOEXEC */);
+    if (fd < 0) die("memfd_create");
+    if (ftruncate(fd, (off_t)size) != 0) die("ftruncate");
+    map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) die("mmap");
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: limits REGION_BYTES PER_PAGE_PAGES REPS\n");
+        return 2;
+    }
+    size_t bytes = strtoull(argv[1], NULL, 0) / HUGE_CHUNK * HUGE_CHUNK;
+    size_t pages = strtoull(argv[2], NULL, 0);
+    int reps = atoi(argv[3]);
+    if (bytes == 0 || pages == 0 || reps <= 0) return 2;
+    static const struct variant contiguous[] = {
+        {"fallocate_whole", v_fallocate_whole, 0},
+        {"fallocate_2MiB", v_fallocate_2m, 0},
+        {"madvise_whole", v_madvise_whole, 0},
+        {"madvise_2MiB", v_madvise_2m, 0},
+    };
+    static const struct variant per_page[] = {
+        {"madvise_per_page", v_madvise_page, 1},
+        {"fallocate_per_page", v_fallocate_page, 1},
+        {"madvise_per_page_2_threads", v_madvise_page_2threads, 1},
+        {"io_uring_madvise_per_page", v_uring_madvise_page, 1},
+    };
+    printf("{");
+    region(bytes);
+    for (size_t i = 0; i < sizeof contiguous / sizeof contiguous[0]; i++)
+        run(&contiguous[i], bytes / PAGE, reps, i == 0);
+    region(2 * pages * PAGE);
+    for (size_t i = 0; i < sizeof per_page / sizeof per_page[0]; i++)
+        run(&per_page[i], pages, reps, 0);
+    printf("\n}\n");
+    return 0;
+}
