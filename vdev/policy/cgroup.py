@@ -75,7 +75,8 @@ class CgroupReading:
 # parsers
 
 
-def _int(word: str, what: str) -> int:
+def non_negative_int(word: str, what: str) -> int:
+    """A kernel counter or size word: a non-negative integer, else HostResourceError."""
     try:
         value = int(word)
     except ValueError:
@@ -92,7 +93,7 @@ def parse_single(text: str, what: str) -> int | None:
         raise HostResourceError(f"{what}: expected one value, got {text!r}")
     if words[0] == "max":
         return None
-    value = _int(words[0], what)
+    value = non_negative_int(words[0], what)
     return None if value >= V1_UNLIMITED else value
 
 
@@ -105,7 +106,7 @@ def parse_flat_keyed(text: str, what: str) -> dict[str, int]:
         words = line.split()
         if len(words) != 2:
             raise HostResourceError(f"{what} line {number}: expected 'key value', got {line!r}")
-        out[words[0]] = _int(words[1], f"{what} {words[0]}")
+        out[words[0]] = non_negative_int(words[1], f"{what} {words[0]}")
     return out
 
 

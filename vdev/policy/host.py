@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from protocol.errors import ConfigError, HostResourceError
 from protocol.units import PAGE_SIZE
-from vdev.policy.cgroup import CgroupReading
+from vdev.policy.cgroup import CgroupReading, non_negative_int
 from vdev.policy.model import HostSample
 
 # --------------------------------------------------------------------------------------------
@@ -136,25 +136,15 @@ def _single_value(text: str, what: str) -> str:
     return words[0]
 
 
-def _non_negative_int(word: str, what: str) -> int:
-    try:
-        value = int(word)
-    except ValueError:
-        raise HostResourceError(f"{what}: not a number: {word!r}") from None
-    if value < 0:
-        raise HostResourceError(f"{what}: negative: {value}")
-    return value
-
-
 def parse_memory_max(text: str) -> int | None:
     """cgroup v2 ``memory.max``: bytes, or None for ``max`` (no limit)."""
     word = _single_value(text, "memory.max")
-    return None if word == "max" else _non_negative_int(word, "memory.max")
+    return None if word == "max" else non_negative_int(word, "memory.max")
 
 
 def parse_memory_current(text: str) -> int:
     """cgroup v2 ``memory.current``: bytes in use by the cgroup and its descendants."""
-    return _non_negative_int(_single_value(text, "memory.current"), "memory.current")
+    return non_negative_int(_single_value(text, "memory.current"), "memory.current")
 
 
 # --------------------------------------------------------------------------------------------
