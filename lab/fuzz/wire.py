@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -209,6 +210,18 @@ def _region(d: Draw, ram: GuestRamFile) -> dict[str, int]:
     return reg
 
 
+
+async def _raw_descriptors(d: Draw, q: Any, ram_size: int) -> None:
+    """1-3 raw descriptors (any address, length, flags, next) posted on ``q`` and kicked."""
+    head = q.ring._free[0] if q.ring._free else 0
+    rows = {
+        head + i: (d.u64() if d.chance(1, 2) else d.below(ram_size), d.u32(), d.below(8), d.below(70))
+        for i in range(d.between(1, 3))
+    }  # fmt: skip
+    await q.ring.post_raw(head, rows)
+    q.kick_now()
+    await trio.sleep(0.005)
+
 async def _raw_message(d: Draw, fe: Frontend, owned: list[int]) -> None:
     known = [int(r) for r in R]
     request = d.choice(known) if d.chance(3, 4) else d.u32()
@@ -269,15 +282,7 @@ async def _commands(d: Draw, fe: Frontend) -> None:
                 await g.batch(cmd, [], raw_entries=entries, count=d.choice([len(entries), 0, 513]))
         elif d.chance(1, 5):
             # raw descriptors anywhere
-            q = g.cmdq
-            head = q.ring._free[0] if q.ring._free else 0
-            rows = {
-                head + i: (d.u64() if d.chance(1, 2) else d.below(fe.ram.size), d.u32(), d.below(8), d.below(70))
-                for i in range(d.between(1, 3))
-            }  # fmt: skip
-            await q.ring.post_raw(head, rows)
-            q.kick_now()
-            await trio.sleep(0.005)
+            await _raw_descriptors(d, g.cmdq, fe.ram.size)
         else:
             with trio.move_on_after(1):
                 await g.command(cmd, pfn, d.choice([0, 1, 512, d.u64()]))
@@ -319,15 +324,7 @@ async def _vb_commands(d: Draw, fe: Frontend) -> None:
             data = d.blob(24)
             await fe.set_config(d.choice([0, 4, 6, 8, d.u32()]), data, d.choice([0, 1, d.u32()]))
         else:  # raw descriptors on any queue
-            q = fe.queues[d.below(3)]
-            head = q.ring._free[0] if q.ring._free else 0
-            rows = {
-                head + i: (d.u64() if d.chance(1, 2) else d.below(fe.ram.size), d.u32(), d.below(8), d.below(70))
-                for i in range(d.between(1, 3))
-            }  # fmt: skip
-            await q.ring.post_raw(head, rows)
-            q.kick_now()
-            await trio.sleep(0.005)
+            await _raw_descriptors(d, fe.queues[d.below(3)], fe.ram.size)
 
 
 async def _attack(d: Draw, path: str, device: str = "vmw") -> None:
