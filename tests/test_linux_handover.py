@@ -156,6 +156,7 @@ def resume_seconds(vdev: ApiVdev) -> float:
 
 @pytest.mark.qemu
 @pytest.mark.linux_guest
+@pytest.mark.linux_handover
 async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
     linux_env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
 ) -> None:
