@@ -228,7 +228,8 @@ def own_memory_cgroup(proc: str = "/proc", mounts: Mounts | None = None) -> Cgro
 # reading
 
 
-def _read(path: str) -> str | None:
+def read_text(path: str) -> str | None:
+    """A kernel file's text; None when it does not exist, HostResourceError otherwise."""
     try:
         with open(path, encoding="ascii") as f:
             return f.read()
@@ -239,7 +240,7 @@ def _read(path: str) -> str | None:
 
 
 def _need(source: CgroupSource, name: str) -> str:
-    text = _read(os.path.join(source.path, name))
+    text = read_text(os.path.join(source.path, name))
     if text is None:
         raise HostResourceError(f"{source.label}: {name} is gone (cgroup removed?)")
     return text
@@ -250,17 +251,17 @@ def read_cgroup(source: CgroupSource) -> CgroupReading:
     from vdev.policy.host import parse_psi  # host imports this module
 
     join = os.path.join
-    stat_text = _read(join(source.path, "memory.stat"))
+    stat_text = read_text(join(source.path, "memory.stat"))
     all_stat = parse_flat_keyed(stat_text, f"{source.path}/memory.stat") if stat_text else {}
     stat = {k: all_stat[k] for k in STAT_KEYS if k in all_stat}
     if source.version == 2:
         usage = parse_single(_need(source, "memory.current"), "memory.current")
         limit = parse_single(_need(source, "memory.max"), "memory.max")
-        high_text = _read(join(source.path, "memory.high"))
+        high_text = read_text(join(source.path, "memory.high"))
         high = parse_single(high_text, "memory.high") if high_text else None
-        ev_text = _read(join(source.path, "memory.events"))
+        ev_text = read_text(join(source.path, "memory.events"))
         events = parse_flat_keyed(ev_text, "memory.events") if ev_text else {}
-        psi_text = _read(join(source.path, "memory.pressure"))
+        psi_text = read_text(join(source.path, "memory.pressure"))
         psi = parse_psi(psi_text) if psi_text else None
         return CgroupReading(
             source=source,
@@ -275,10 +276,10 @@ def read_cgroup(source: CgroupSource) -> CgroupReading:
     usage = parse_single(_need(source, "memory.usage_in_bytes"), "memory.usage_in_bytes")
     limit = parse_single(_need(source, "memory.limit_in_bytes"), "memory.limit_in_bytes")
     events = {}
-    oom_text = _read(join(source.path, "memory.oom_control"))
+    oom_text = read_text(join(source.path, "memory.oom_control"))
     if oom_text:
         events.update(parse_flat_keyed(oom_text, "memory.oom_control"))
-    fail_text = _read(join(source.path, "memory.failcnt"))
+    fail_text = read_text(join(source.path, "memory.failcnt"))
     if fail_text:
         events["max"] = parse_single(fail_text, "memory.failcnt") or 0
     return CgroupReading(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from protocol.errors import ConfigError, HostResourceError
 from protocol.units import PAGE_SIZE
-from vdev.policy.cgroup import CgroupReading, non_negative_int
+from vdev.policy.cgroup import CgroupReading, non_negative_int, read_text
 from vdev.policy.model import HostSample
 
 # --------------------------------------------------------------------------------------------
@@ -210,36 +210,26 @@ def host_sample_from_readings(
     return best if best is not None else host
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise HostResourceError(f"cannot read {path}: {e}") from e
-
-
 def read_host_sample(proc: str = "/proc", cgroup_dir: str | None = None) -> HostSample:
     """Sample the real host (the only function here that does I/O).
 
     ``cgroup_dir`` (for example ``/sys/fs/cgroup/machine.slice``) narrows the view to a cgroup
     v2 memory controller; PSI is read if the kernel has it (CONFIG_PSI).
     """
-    meminfo = _read_text(os.path.join(proc, "meminfo"))
+    meminfo = read_text(os.path.join(proc, "meminfo"))
     if meminfo is None:
         raise HostResourceError(f"{proc}/meminfo does not exist")
-    psi_text = _read_text(os.path.join(proc, "pressure", "memory"))
+    psi_text = read_text(os.path.join(proc, "pressure", "memory"))
     host = host_sample_from_meminfo(
         parse_meminfo(meminfo), parse_psi(psi_text) if psi_text else None
     )
     if cgroup_dir is None:
         return host
-    max_text = _read_text(os.path.join(cgroup_dir, "memory.max"))
-    current_text = _read_text(os.path.join(cgroup_dir, "memory.current"))
+    max_text = read_text(os.path.join(cgroup_dir, "memory.max"))
+    current_text = read_text(os.path.join(cgroup_dir, "memory.current"))
     if max_text is None or current_text is None:
         raise HostResourceError(f"{cgroup_dir} has no cgroup v2 memory controller files")
-    cg_psi_text = _read_text(os.path.join(cgroup_dir, "memory.pressure"))
+    cg_psi_text = read_text(os.path.join(cgroup_dir, "memory.pressure"))
     return host_sample_from_cgroup(
         parse_memory_max(max_text),
         parse_memory_current(current_text),
