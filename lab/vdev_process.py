@@ -75,10 +75,16 @@ def serve_argv(
     ``socket_path0..``, see :func:`socket_paths`); the API on ``api_socket`` (default: vdev's,
     ``<first socket>.api``), none with ``no_api``;
     ``device`` None leaves vdev's default personality; ``extra`` is appended. ``supervised``:
-    under ``vdev supervise`` (the fd store and restarts; :func:`served_pid` is the vdev)."""
+    under ``vdev supervise`` (the fd store and restarts, a warm standby, the serving vdev's
+    pid in ``<socket_path>.vdev.pid``: :func:`served_pid`)."""
     cmd = list(vdev_cmd or VDEV_CMD)
     prefix = (
-        [*cmd, "supervise", "--restart-delay", "0", *supervisor_args, "--"] if supervised else []
+        [
+            *cmd, "supervise", "--restart-delay", "0", "--standby",
+            "--pid-file", f"{socket_path}.vdev.pid", *supervisor_args, "--",
+        ]  # fmt: skip
+        if supervised
+        else []
     )
     argv = [*prefix, *cmd, "serve"]
     if device is not None:
@@ -113,12 +119,20 @@ def vdev_serve_argv(
 
 
 def served_pid(supervisor_pid: int) -> int | None:
-    """The ``vdev serve`` a ``vdev supervise`` runs now (its only child), if any."""
+    """The ``vdev serve`` a ``vdev supervise`` runs now, if any: the one its ``--pid-file``
+    names (not its standby), else its only child."""
     try:
+        args = Path(f"/proc/{supervisor_pid}/cmdline").read_bytes().split(b"\0")
         children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text()
     except OSError:
         return None
     pids = [int(p) for p in children.split()]
+    if b"--pid-file" in args[:-1]:
+        try:
+            pid = int(Path(os.fsdecode(args[args.index(b"--pid-file") + 1])).read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if pid in pids else None
     return pids[0] if pids else None
 
 

@@ -8,6 +8,8 @@
   message (systemd applies one name to every fd of a message).
 * :func:`listen_fds` reads ``LISTEN_FDS`` / ``LISTEN_PID`` / ``LISTEN_FDNAMES`` (the fds
   start at 3) into ``{name: [fd, ...]}``, marks them close-on-exec and unsets the variables.
+  In a standby of ``vdev supervise --standby`` (``$VBALLOON_STANDBY_FD``) it first says
+  ``WARM`` and blocks until the supervisor hands it the store (:func:`standby_fds`).
 
 The same protocol is served by systemd (``Type=notify``, ``FileDescriptorStoreMax=``) and by
 ``vdev supervise`` (:mod:`vdev.supervise`) where no systemd manages vdev.
@@ -15,6 +17,7 @@ The same protocol is served by systemd (``Type=notify``, ``FileDescriptorStoreMa
 
 from __future__ import annotations
 
+import array
 import ctypes
 import fcntl
 import logging
@@ -30,6 +33,18 @@ SD_LISTEN_FDS_START = 3
 _FDNAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
 #: The kernel's limit of fds in one AF_UNIX message.
 MAX_FDS_PER_MESSAGE = 253
+#: ``vdev supervise --standby``: the standby's end of its ``SOCK_SEQPACKET`` pair. The standby
+#: sends ``WARM`` when it waits; the supervisor sends ``FDNAMES=a:b`` messages with the fds
+#: (``SCM_RIGHTS``, at most :data:`MAX_FDS_PER_MESSAGE` each), then ``GO``; end of file
+#: instead means "not needed": the standby exits (:class:`StandbyDismissed`).
+STANDBY_ENV = "VBALLOON_STANDBY_FD"
+STANDBY_WARM = b"WARM"
+STANDBY_GO = b"GO"
+STANDBY_FDS_PER_MESSAGE = MAX_FDS_PER_MESSAGE
+
+
+class StandbyDismissed(Exception):
+    """A standby's supervisor closed its socket without handing it the store: exit (0)."""
 
 
 F_DUPFD_QUERY = 1027  # Linux 6.10
@@ -134,6 +149,9 @@ def listen_fds(
 ) -> dict[str, list[int]]:
     """The fds passed by the manager, by name (several fds may share one name)."""
     env = os.environ if environ is None else environ
+    standby = env.pop(STANDBY_ENV, None)
+    if standby is not None:
+        return standby_fds(int(standby))
     try:
         count = int(env.get("LISTEN_FDS", "0"))
         pid = int(env.get("LISTEN_PID", "0"))
@@ -155,3 +173,37 @@ def listen_fds(
             continue
         out.setdefault(name, []).append(fd)
     return out
+
+
+def is_standby(environ: Mapping[str, str] | None = None) -> bool:
+    """This process is a standby of ``vdev supervise --standby`` (not serving yet)."""
+    return STANDBY_ENV in (os.environ if environ is None else environ)
+
+
+def standby_fds(fd: int) -> dict[str, list[int]]:
+    """A standby (``vdev supervise --standby``): say ``WARM`` on ``fd``, block until the
+    supervisor hands over the store, then the store as :func:`listen_fds` returns it. Raises
+    :class:`StandbyDismissed` when the supervisor closes the socket instead."""
+    out: dict[str, list[int]] = {}
+    space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4)
+    with socket.socket(fileno=fd) as sock:
+        os.set_inheritable(fd, False)
+        try:
+            sock.send(STANDBY_WARM)
+        except OSError:
+            raise StandbyDismissed from None
+        while True:
+            data, anc, _flags, _ = sock.recvmsg(4096, space, socket.MSG_CMSG_CLOEXEC)
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+            if not data and not fds:
+                raise StandbyDismissed
+            if data == STANDBY_GO:
+                return out
+            names = data.decode("ascii", "replace").removeprefix("FDNAMES=").split(":")
+            for i, received in enumerate(fds):
+                out.setdefault(names[i] if i < len(names) else "unknown", []).append(received)

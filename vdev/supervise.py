@@ -19,10 +19,20 @@ service needs, the way systemd does it (docs/ARCHITECTURE.md, "Hand-over"):
 * ``--command-file F`` (JSON list) is re-read at every start: an upgrade points it at the new
   build, then ``SIGHUP``;
 * with ``--watchdog-sec S`` the child gets ``WATCHDOG_USEC`` and is killed with SIGABRT when
-  it does not ping within ``S``.
+  it does not ping within ``S``;
+* with ``--standby`` the next child is started ahead of need (a warm standby: Python started,
+  vdev imported) once the current one is ready; it blocks in :func:`vdev.sdnotify.listen_fds`
+  on a ``SOCK_SEQPACKET`` pair (``$VBALLOON_STANDBY_FD``) until the current child exits, then
+  receives the store over it (``SCM_RIGHTS``) and serves: a restart costs no interpreter
+  start-up. It says ``WARM`` when it waits; one that is not warm, or was started from another
+  command than the one to run now, is stopped and the child started cold. ``SIGHUP`` first
+  warms a standby of the (re-read) command, then stops the child (systemd has no standby:
+  there a restart is a cold start);
+* ``--pid-file F`` holds the pid of the child serving now (systemd's ``MAINPID``).
 
 It never reads a ring or a vhost-user message: the only input it parses is the notify
-datagrams of its own child, and it keeps everything else as opaque fds.
+datagrams of its own child and the standby's ``WARM``, and it keeps everything else as
+opaque fds.
 """
 
 from __future__ import annotations
@@ -43,11 +53,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vdev.sdnotify import same_open_file
+from vdev.sdnotify import (
+    STANDBY_ENV,
+    STANDBY_FDS_PER_MESSAGE,
+    STANDBY_GO,
+    STANDBY_WARM,
+    same_open_file,
+)
 
 log = logging.getLogger("vdev.supervise")
 
 _ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
+
+
+#: how long ``SIGHUP`` waits for the new build's standby to be warm before stopping the child
+STANDBY_WARM_TIMEOUT = 30.0
 
 
 @dataclass
@@ -55,6 +75,16 @@ class Stored:
     name: str
     fd: int
     poll: bool
+
+
+@dataclass
+class Standby:
+    """A child started ahead of need, waiting on ``sock`` (our end) for the store."""
+
+    pid: int
+    sock: socket.socket
+    argv: list[str]
+    warm: bool = False
 
 
 class Supervisor:
@@ -67,6 +97,8 @@ class Supervisor:
         restart_delay: float = 0.1,
         watchdog_sec: float = 0.0,
         notify_name: str | None = None,
+        standby: bool = False,
+        pid_file: str | None = None,
     ) -> None:
         self.argv = list(argv)
         self.command_file = command_file
@@ -88,6 +120,11 @@ class Supervisor:
         self.last_ping = 0.0
         self.starts = 0
         self.ready = False
+        self.use_standby = standby
+        self.standby: Standby | None = None
+        #: SIGHUP with a standby: the monotonic deadline for it to be warm, then the restart
+        self.upgrade_by: float | None = None
+        self.pid_file = pid_file
 
     # -- notify socket -------------------------------------------------------------------
 
@@ -181,27 +218,35 @@ class Supervisor:
         return self.argv
 
     def _spawn(self) -> None:
+        """Start the child now (cold), with the store at fds 3.."""
         argv = self._command()
-        fds = [e.fd for e in self.store]
-        names = ":".join(e.name for e in self.store)
+        self._discard_standby()
+        pid = self._fork(argv, [e.fd for e in self.store], None)
+        self._became_child(pid)
+        log.info("started %s (pid %d, %d fds passed)", argv[0], pid, len(self.store))
+
+    def _fork(self, argv: list[str], fds: list[int], standby: socket.socket | None) -> int:
         env = dict(os.environ)
         env["NOTIFY_SOCKET"] = self.notify_socket
-        for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        for key in (
+            "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+            STANDBY_ENV,
+        ):  # fmt: skip
             env.pop(key, None)
         if fds:
             env["LISTEN_FDS"] = str(len(fds))
-            env["LISTEN_FDNAMES"] = names
+            env["LISTEN_FDNAMES"] = ":".join(e.name for e in self.store)
         if self.watchdog_sec > 0:
             env["WATCHDOG_USEC"] = str(int(self.watchdog_sec * 1e6))
-        self.child_stopping = False
-        self.ready = False
-        self.last_ping = time.monotonic()
         pid = os.fork()
         if pid == 0:  # the child: fds to 3.., then exec (no Python-level cleanup)
             try:
                 high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(fds) + 16) for fd in fds]
                 for i, fd in enumerate(high):
                     os.dup2(fd, 3 + i, inheritable=True)
+                if standby is not None:
+                    os.set_inheritable(standby.fileno(), True)
+                    env[STANDBY_ENV] = str(standby.fileno())
                 env["LISTEN_PID"] = str(os.getpid())
                 if self.watchdog_sec > 0:
                     env["WATCHDOG_PID"] = str(os.getpid())
@@ -210,9 +255,113 @@ class Supervisor:
                 os.write(2, f"vdev supervise: cannot start {argv[0]}: {exc}\n".encode())
             finally:
                 os._exit(127)
+        return pid
+
+    def _became_child(self, pid: int) -> None:
         self.child = self.last_child = pid
+        self.child_stopping = False
+        self.ready = False
+        self.last_ping = time.monotonic()
         self.starts += 1
-        log.info("started %s (pid %d, %d fds passed)", argv[0], pid, len(fds))
+        self._write_pid_file()
+
+    def _write_pid_file(self) -> None:
+        if self.pid_file is None or self.child is None:
+            return
+        tmp = f"{self.pid_file}.tmp"
+        with contextlib.suppress(OSError):
+            Path(tmp).write_text(f"{self.child}\n")
+            os.replace(tmp, self.pid_file)
+
+    # -- the standby ---------------------------------------------------------------------
+
+    def _start_standby(self) -> None:
+        """Start the next child ahead of need; it waits for the store on a socket pair."""
+        try:
+            argv = self._command()
+        except (OSError, ValueError) as exc:
+            log.error("no standby: %s", exc)
+            return
+        ours, theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+        )
+        try:
+            pid = self._fork(argv, [], theirs)
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.standby = Standby(pid, ours, argv)
+        log.info("standby %s started (pid %d)", argv[0], pid)
+
+    def _check_standby(self) -> None:
+        """Note the standby's ``WARM``; reap it if it exited (it is then gone)."""
+        sb = self.standby
+        if sb is None:
+            return
+        while not sb.warm:
+            try:
+                msg = sb.sock.recv(64)
+            except BlockingIOError:
+                break
+            except OSError:
+                msg = b""
+            if msg == STANDBY_WARM:
+                sb.warm = True
+                log.info("standby pid %d warm", sb.pid)
+            if not msg:
+                break
+        try:
+            pid, status = os.waitpid(sb.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = sb.pid, 0
+        if pid:
+            log.warning("standby pid %d exited with %d", sb.pid, os.waitstatus_to_exitcode(status))
+            sb.sock.close()
+            self.standby = None
+
+    def _discard_standby(self) -> None:
+        """Stop the standby (it sees its socket close; SIGKILL to be sure) and reap it."""
+        sb, self.standby = self.standby, None
+        if sb is None:
+            return
+        sb.sock.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sb.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(sb.pid, 0)
+
+    def _activate_standby(self) -> bool:
+        """Hand the store to a warm standby of the current command: it is the child now.
+        False when there is none (the caller starts one cold)."""
+        sb = self.standby
+        if sb is None:
+            return False
+        self._check_standby()
+        try:
+            argv = self._command()
+        except (OSError, ValueError):
+            argv = None
+        if self.standby is None or not sb.warm or sb.argv != argv:
+            self._discard_standby()
+            return False
+        try:
+            for i in range(0, len(self.store), STANDBY_FDS_PER_MESSAGE):
+                part = self.store[i : i + STANDBY_FDS_PER_MESSAGE]
+                names = ":".join(e.name for e in part).encode()
+                rights = array.array("i", [e.fd for e in part])
+                sb.sock.sendmsg(
+                    [b"FDNAMES=" + names], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                )
+            sb.sock.sendmsg([STANDBY_GO])
+        except OSError as exc:
+            log.warning("standby pid %d did not take the store: %s", sb.pid, exc)
+            self._discard_standby()
+            return False
+        self.standby = None
+        sb.sock.close()
+        self._became_child(sb.pid)
+        log.info("standby pid %d took over (%d fds passed)", sb.pid, len(self.store))
+        return True
 
     def _reap(self) -> int | None:
         """The child's exit status if it exited (None while it runs)."""
@@ -250,7 +399,16 @@ class Supervisor:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(rfd, select.POLLIN)
+        polled_standby: int | None = None
         while True:
+            standby_fd = None if self.standby is None else self.standby.sock.fileno()
+            if standby_fd != polled_standby:
+                if polled_standby is not None:
+                    with contextlib.suppress(KeyError):
+                        poller.unregister(polled_standby)
+                if standby_fd is not None:
+                    poller.register(standby_fd, select.POLLIN)
+                polled_standby = standby_fd
             with contextlib.suppress(InterruptedError):
                 poller.poll(100)
             with contextlib.suppress(BlockingIOError):
@@ -258,16 +416,29 @@ class Supervisor:
                     pass
             self._receive()
             self._poll_store()
+            self._check_standby()
             while pending:
                 signum = pending.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("signal %d: stopping the child and the supervisor", signum)
                     self.stopping = True
+                    self.upgrade_by = None
+                    self._discard_standby()
                     self._signal_child(signal.SIGTERM)
-                elif signum == signal.SIGHUP:
+                elif signum == signal.SIGHUP and not self.stopping:
                     log.info("SIGHUP: restarting the child")
                     self.restart_requested = True
-                    self._signal_child(signal.SIGTERM)
+                    if self.use_standby and self.child is not None:
+                        self._discard_standby()  # it may run the previous command
+                        self._start_standby()
+                        self.upgrade_by = time.monotonic() + STANDBY_WARM_TIMEOUT
+                    else:
+                        self._signal_child(signal.SIGTERM)
+            if self.upgrade_by is not None and (
+                self.standby is None or self.standby.warm or time.monotonic() > self.upgrade_by
+            ):
+                self.upgrade_by = None
+                self._signal_child(signal.SIGTERM)
             if (
                 self.watchdog_sec > 0
                 and self.child is not None
@@ -293,17 +464,31 @@ class Supervisor:
                     log.info("final stop: the child emptied the store")
                     break
                 self.restart_requested = False
+                self.upgrade_by = None
                 restart_at = time.monotonic() + self.restart_delay
             if restart_at is not None and self.child is None and time.monotonic() >= restart_at:
                 restart_at = None
                 try:
-                    self._spawn()
+                    if not self._activate_standby():
+                        self._spawn()
                 except (OSError, ValueError) as exc:
                     log.error("cannot restart: %s", exc)
                     restart_at = time.monotonic() + max(self.restart_delay, 1.0)
+            if (
+                self.use_standby
+                and self.standby is None
+                and self.child is not None
+                and self.ready
+                and not self.stopping
+            ):
+                self._start_standby()
+        self._discard_standby()
         self._close([e.fd for e in self.store])
         self.store.clear()
         self.sock.close()
+        if self.pid_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.pid_file)
         return exit_code
 
 
@@ -314,6 +499,8 @@ def supervise(
     max_fds: int = 1024,
     restart_delay: float = 0.1,
     watchdog_sec: float = 0.0,
+    standby: bool = False,
+    pid_file: str | None = None,
 ) -> int:
     if not argv and not command_file:
         raise ValueError("nothing to supervise: give a command after -- or --command-file")
@@ -324,6 +511,8 @@ def supervise(
             max_fds=max_fds,
             restart_delay=restart_delay,
             watchdog_sec=watchdog_sec,
+            standby=standby,
+            pid_file=pid_file,
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:

@@ -27,6 +27,7 @@ from protocol.version import package_version
 from vdev import socket_files
 from vdev.cli.operator import (
     CONTROL_META,
+    preload_control_plane,
     register_operator_commands,
     serve_options,
     start_control_plane,
@@ -37,7 +38,7 @@ from vdev.handover import Handover
 from vdev.listeners import socket_paths
 from vdev.logs import LOG_FORMATS, setup_logging, verbosity_level
 from vdev.registry import GuestRegistry, check_guest_name, name_from_socket_path
-from vdev.sdnotify import FdStore, listen_fds
+from vdev.sdnotify import FdStore, StandbyDismissed, is_standby, listen_fds
 from vdev.server import Server
 
 log = logging.getLogger("vdev")
@@ -195,7 +196,13 @@ def serve(
         # Every path this process will listen on is ours before anything starts. Under a
         # manager with an fd store the listeners may be a previous vdev's, handed over (it
         # has exited: the locks are free, the sockets still listen): no connect probe then.
-        handover = Handover(FdStore(), listen_fds())
+        if is_standby():
+            preload_control_plane()
+        try:
+            fds = listen_fds()  # a standby (vdev supervise --standby) waits here
+        except StandbyDismissed:
+            return
+        handover = Handover(FdStore(), fds)
         probe = not handover.enabled
         claims = socket_files.claim_all(paths, "--socket-path", probe=probe)
         if api is not None:
@@ -369,6 +376,11 @@ register_operator_commands(main)
               help="RestartSec=: seconds between an exit and the restart.")  # fmt: skip
 @click.option("--watchdog-sec", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
               help="WatchdogSec=: SIGABRT the child when it does not ping for this long (0: off).")  # fmt: skip
+@click.option("--standby", is_flag=True,
+              help="Keep the next vdev started and imported, waiting for the store: a restart "
+              "costs no Python start-up (vdev serve only).")  # fmt: skip
+@click.option("--pid-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the pid of the child serving now here (MAINPID).")  # fmt: skip
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def supervise(
@@ -376,6 +388,8 @@ def supervise(
     max_fds: int,
     restart_delay: float,
     watchdog_sec: float,
+    standby: bool,
+    pid_file: str | None,
     verbose: int,
     command: tuple[str, ...],
 ) -> None:
@@ -391,6 +405,8 @@ def supervise(
             max_fds=max_fds,
             restart_delay=restart_delay,
             watchdog_sec=watchdog_sec,
+            standby=standby,
+            pid_file=pid_file,
         )
     except (OSError, ValueError) as exc:
         click.echo(f"vdev supervise: {exc}", err=True)

@@ -182,6 +182,15 @@ def serve_options(f: F) -> F:
     return cast(F, wrapper)
 
 
+def preload_control_plane() -> None:
+    """Import what :func:`start_control_plane` imports on first use (the API's web framework
+    takes a second or more): a standby (``vdev supervise --standby``) does it before it
+    waits, so that after a restart the API is back as soon as the guests are."""
+    import vdev.api.serve
+    import vdev.metrics
+    import vdev.policy.control  # noqa: F401
+
+
 async def start_control_plane(
     nursery: trio.Nursery, registry: GuestRegistry, socket_paths: list[str]
 ) -> None:
