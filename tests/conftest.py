@@ -10,16 +10,25 @@
   ``registry`` drives targets (``registry.set_target("vm0", pages)``).
 * ``guest_ram`` — a factory for :class:`guest_driver.frontend.GuestRamFile` (memfd guest
   RAM, QEMU-like layout by default), closed at teardown.
+
+pytest-timeout in a trio test cancels the test's trio run (:class:`TrioTimeout`) instead of
+raising inside trio's event loop, which would skip every ``finally`` (QEMU and vdev left
+running) and leave trio's run state behind, failing the next trio test with "run() from
+inside a run()".
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Iterator
+import signal
+import threading
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+import pytest_timeout
 import trio
 
 from guest_driver.frontend import GuestRamFile
@@ -37,6 +46,88 @@ def missing_prerequisite(reason: str) -> NoReturn:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason} (CI=true: scripts/setup must provide it)")
     pytest.skip(reason)
+
+
+class TrioTimeout:
+    """pytest-timeout's SIGALRM for one trio test: the first alarm cancels the test (from the
+    signal handler, through :meth:`trio.lowlevel.TrioToken.run_sync_soon`, the one trio call
+    that is signal-safe), so its context managers stop their processes and trio's run ends
+    normally; the test then fails saying so. A test still running :data:`GRACE` s later
+    (cleanup stuck) gets pytest-timeout's own handling."""
+
+    GRACE = 30.0
+    RETRY = 1.0  # the alarm fired before the test function started (async fixtures)
+
+    def __init__(self, item: pytest.Item, settings: Any) -> None:
+        self.item, self.settings = item, settings
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.scope: trio.CancelScope | None = None
+        self.fired = False
+        self.waited = 0.0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def guarded(**kwargs: Any) -> None:
+            with trio.CancelScope() as scope:
+                self.token, self.scope = trio.lowlevel.current_trio_token(), scope
+                await fn(**kwargs)
+            if scope.cancelled_caught and self.fired:
+                pytest.fail(
+                    f"Timeout: the test ran more than {self.settings.timeout} s "
+                    "(pytest-timeout); it was cancelled and cleaned up"
+                )
+
+        return guarded
+
+    def on_alarm(self, signum: int, frame: Any) -> None:
+        if self.fired:  # its cleanup is stuck
+            pytest_timeout.timeout_sigalrm(self.item, self.settings)
+        elif self.scope is None:  # its async fixtures are still being set up
+            self.waited += self.RETRY
+            if self.waited >= self.GRACE:
+                pytest_timeout.timeout_sigalrm(self.item, self.settings)
+            signal.setitimer(signal.ITIMER_REAL, self.RETRY)
+        else:
+            self.fired = True
+            assert self.token is not None
+            self.token.run_sync_soon(self.scope.cancel)
+            signal.setitimer(signal.ITIMER_REAL, self.GRACE)
+
+    def start(self) -> None:
+        signal.signal(signal.SIGALRM, self.on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.settings.timeout)
+
+    def cancel(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """A trio test's timeout is a :class:`TrioTimeout`; others keep pytest-timeout's."""
+    if (
+        item.get_closest_marker("trio") is None
+        or settings.method != "signal"
+        or not settings.timeout
+        or threading.current_thread() is not threading.main_thread()
+        or hasattr(getattr(item, "obj", None), "hypothesis")
+    ):
+        return None
+    guard = TrioTimeout(item, settings)
+    item._trio_timeout = guard  # type: ignore[attr-defined]
+    item.cancel_timeout = guard.cancel  # type: ignore[attr-defined]  # pytest-timeout's
+    guard.start()
+    return True
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """Before pytest-trio wraps the test in ``trio.run``: wrap it in :class:`TrioTimeout`'s
+    cancel scope."""
+    guard = getattr(item, "_trio_timeout", None)
+    if guard is not None and isinstance(item, pytest.Function):
+        item.obj = guard.wrap(item.obj)
+    yield
 
 
 @pytest.fixture
