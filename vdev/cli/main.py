@@ -222,9 +222,10 @@ def serve(
         getattr(package, "BUILD", "-"), os.path.dirname(package.__file__), os.getpid(),
     )  # fmt: skip
     stop = StopMode(deflate=deflate_on_stop, timeout=stop_timeout)
+    handed_over = False
     with claims:
         try:
-            trio.run(
+            handed_over = trio.run(
                 functools.partial(
                     _serve, registry, device_cls, paths, list(names) or None, fd,
                     stats_interval, handover=handover, stop=stop,
@@ -235,6 +236,13 @@ def serve(
             for leaf in _leaves(group):
                 click.echo(f"vdev serve: {leaf}", err=True)
             sys.exit(1)
+    if handed_over:
+        # Everything the next vdev needs is in the manager's fd store: leave now, without
+        # the interpreter's finalization (most of a second, the guests waiting meanwhile).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -309,7 +317,8 @@ async def _serve(
     socket_gid: int | None = None,
     handover: Handover | None = None,
     stop: StopMode | None = None,
-) -> None:
+) -> bool:
+    """Serve until a signal; True when it stopped for a hand-over."""
     stop = stop or StopMode()
     server = Server(
         registry,
@@ -322,6 +331,7 @@ async def _serve(
         handover=handover if fd is None else None,
     )
     managed = server.handover is not None
+    handed_over: list[bool] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -337,6 +347,7 @@ async def _serve(
                             )
                     elif managed:
                         await server.hand_over()
+                        handed_over.append(True)
                     else:
                         await server.shutdown()
                     nursery.cancel_scope.cancel()
@@ -357,6 +368,7 @@ async def _serve(
                     store = server.handover.store  # type: ignore[union-attr]
                     store.send({"READY": 1, "STATUS": f"serving {len(paths)} guests"})
                     nursery.start_soon(_watchdog, store)
+    return bool(handed_over)
 
 
 register_operator_commands(main)
