@@ -193,14 +193,23 @@ class BackendProcess:
     # -- stop ------------------------------------------------------------------------------
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        """Send ``sig`` (if still running), wait ``timeout`` s, then SIGKILL; the exit code."""
+        """Send ``sig`` (if still running), wait ``timeout`` s, then SIGKILL; the exit code.
+        Whatever else still runs in its process group (its session: children it started, a
+        supervisor's vdev) is SIGKILLed then too."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self._kill_group()
             self.proc.kill()
-            return self.proc.wait()
+            code = self.proc.wait()
+        self._kill_group()
+        return code
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     async def stop_async(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
         """:meth:`stop` in a worker thread, shielded from cancellation (it is bounded)."""

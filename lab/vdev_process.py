@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -78,14 +79,9 @@ def serve_argv(
     under ``vdev supervise`` (the fd store and restarts, a warm standby, the serving vdev's
     pid in ``<socket_path>.vdev.pid``: :func:`served_pid`)."""
     cmd = list(vdev_cmd or VDEV_CMD)
-    prefix = (
-        [
-            *cmd, "supervise", "--restart-delay", "0", "--standby",
-            "--pid-file", f"{socket_path}.vdev.pid", *supervisor_args, "--",
-        ]  # fmt: skip
-        if supervised
-        else []
-    )
+    supervisor = [*cmd, "supervise", "--restart-delay", "0", "--standby"]
+    supervisor += ["--pid-file", f"{socket_path}.vdev.pid", *supervisor_args, "--"]
+    prefix = supervisor if supervised else []
     argv = [*prefix, *cmd, "serve"]
     if device is not None:
         argv += ["--device", device]
@@ -118,15 +114,23 @@ def vdev_serve_argv(
     )  # fmt: skip
 
 
+def supervised_children(supervisor_pid: int) -> list[int]:
+    """The processes a ``vdev supervise`` runs: the serving vdev and its standby, if any."""
+    try:
+        children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in children.split()]
+
+
 def served_pid(supervisor_pid: int) -> int | None:
     """The ``vdev serve`` a ``vdev supervise`` runs now, if any: the one its ``--pid-file``
     names (not its standby), else its only child."""
     try:
         args = Path(f"/proc/{supervisor_pid}/cmdline").read_bytes().split(b"\0")
-        children = Path(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children").read_text()
     except OSError:
         return None
-    pids = [int(p) for p in children.split()]
+    pids = supervised_children(supervisor_pid)
     if b"--pid-file" in args[:-1]:
         try:
             pid = int(Path(os.fsdecode(args[args.index(b"--pid-file") + 1])).read_text())
@@ -134,6 +138,17 @@ def served_pid(supervisor_pid: int) -> int | None:
             return None
         return pid if pid in pids else None
     return pids[0] if pids else None
+
+
+def warm_standby(supervisor_pid: int, log: str) -> int | None:
+    """The standby of a ``vdev supervise --standby`` that is warm now (its ``log`` says so),
+    if any."""
+    served = served_pid(supervisor_pid)
+    pids = supervised_children(supervisor_pid)
+    for m in re.finditer(r"standby pid (\d+) warm", log):
+        if int(m[1]) in pids and int(m[1]) != served:
+            return int(m[1])
+    return None
 
 
 class VdevProcess(BackendProcess):

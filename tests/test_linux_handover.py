@@ -4,21 +4,27 @@ upgrade to another vdev build, each while the guest's virtio_balloon driver is i
 One guest boot (TCG is slow) serves the three restarts: ``vdev serve --device virtio-balloon``
 runs under ``vdev supervise`` (the fd store; ``--command-file`` names the build it starts);
 QEMU 11.1.3's generic vhost-user device keeps its one connection throughout. After each
-restart the balloon answers again (the in-flight inflation completes), the guest's books,
-vdev's and the host's agree (QEMU's RssShmem and the RAM file's blocks moved by what vdev
-holds). At the end a memory hog makes the guest deflate on OOM: it completes, no task hangs,
-no OOM kill; the RAM file and vdev still agree.
+restart the balloon answers again (the in-flight inflation completes) within
+:data:`ANSWER_BUDGET` of the stop (the supervisor's warm standby takes over: no Python
+start-up in between), the guest's books, vdev's and the host's agree (QEMU's RssShmem and the
+RAM file's blocks moved by what vdev holds). At the end a memory hog makes the guest deflate
+on OOM: it completes, no task hangs, no OOM kill; the RAM file and vdev still agree.
+
+Every phase has its own deadline (:func:`phase`, a failure names it) and the whole test one
+well inside pytest's timeout, so that a stuck phase fails cleanly with the console, QEMU's
+stderr and vdev's log, and QEMU and the supervisor are stopped on every way out.
 """
 
 from __future__ import annotations
 
 import compileall
+import contextlib
 import json
 import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,14 @@ from lab.linux_guest import (
     wait_balloon,
 )
 from lab.qemu import QemuBinary
-from lab.vdev_process import REPO_ROOT, ApiVdev, serve_argv, served_pid, vdev_serve
+from lab.vdev_process import (
+    REPO_ROOT,
+    ApiVdev,
+    serve_argv,
+    served_pid,
+    vdev_serve,
+    warm_standby,
+)
 from protocol.units import PAGES_PER_MIB
 
 QUIET = f"vb.interval={QUIET_INTERVAL}"
@@ -47,6 +60,23 @@ RAM_MIB = 512
 SHARE = 0.85
 #: What vdev itself may take to resume once its new process runs (Python's start excluded).
 RESUME_BUDGET = 2.0
+#: From the stop (the SIGKILL, or the SIGTERM the old vdev got) to the balloon answering the
+#: guest's inflation again, end to end, as the guest sees it.
+ANSWER_BUDGET = 2.0
+#: The whole test (pytest's own timeout, larger, is the last resort).
+TEST_BUDGET = 240
+
+
+@contextlib.contextmanager
+def phase(name: str, seconds: float) -> Iterator[None]:
+    """A step of the test with its own deadline; running late fails naming the step."""
+    t0 = time.monotonic()
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        pytest.fail(f"phase {name!r} not done within {seconds} s")
+    print(f"phase {name}: {time.monotonic() - t0:.1f} s")
 
 
 @pytest.fixture
@@ -98,10 +128,16 @@ class Books:
 
 
 async def restart_during_inflation(
-    guest: LinuxGuest, vdev: ApiVdev, how: str, target: int, restart: Any
+    guest: LinuxGuest,
+    vdev: ApiVdev,
+    how: str,
+    target: int,
+    restart: Callable[[int], Awaitable[float]],
 ) -> None:
-    """Raise the target, let the inflation start, restart vdev ``how``; the balloon must
-    answer again and reach the target, with the books in step."""
+    """Raise the target, let the inflation start, restart vdev ``how`` (``restart(pid)``
+    returns the wall-clock time the old vdev stopped); the balloon must answer again within
+    :data:`ANSWER_BUDGET` and reach the target, with the books in step."""
+    await standby_warm(vdev)
     await touch_free_memory(guest)  # so the pages the balloon takes were resident
     start = Books(guest, await api(vdev))
     await vdev.set_target(target)
@@ -110,28 +146,36 @@ async def restart_during_inflation(
             await trio.sleep(0.01)
     assert size < target, f"{how}: inflation finished before the restart"
     old = served_pid(vdev.proc.pid)
-    restart(old)
-    killed = time.monotonic()
+    assert old is not None
+    stopped = await restart(old)
     with trio.fail_after(60):
         while served_pid(vdev.proc.pid) in (old, None):
             await trio.sleep(0.005)
-        started = time.monotonic()
         while True:
             view = await api(vdev)
             if view["connected"] and int(view["size_pages"]) > size:
                 break
             await trio.sleep(0.01)
-    answered = time.monotonic()
-    print(
-        f"{how}: balloon answered again {answered - killed:.2f} s after the stop "
-        f"({answered - started:.2f} s after the new vdev started)"
-    )
+    answered = time.time()
     own = resume_seconds(vdev)
-    print(f"{how}: the new vdev resumed the connection {own:.3f} s after its start-up")
+    print(
+        f"{how}: balloon answered again {answered - stopped:.2f} s after the stop; the new "
+        f"vdev resumed the connection {own:.3f} s after its start-up"
+    )
     assert own <= RESUME_BUDGET, how
+    assert answered - stopped <= ANSWER_BUDGET, (
+        f"{how}: answered {answered - stopped:.2f} s after the stop"
+    )
     s = await wait_balloon(guest, vdev, target)
     assert s.report.balloon_pages == target
     Books(guest, s.view).check_moved_with(start, how)
+
+
+async def standby_warm(vdev: ApiVdev) -> None:
+    """Wait until the supervisor's next standby is warm (it starts when a vdev is ready)."""
+    with trio.fail_after(60):
+        while warm_standby(vdev.proc.pid, vdev.proc.log()) is None:
+            await trio.sleep(0.05)
 
 
 async def touch_free_memory(guest: LinuxGuest) -> None:
@@ -146,17 +190,34 @@ def resume_seconds(vdev: ApiVdev) -> float:
     the part of a restart that is vdev's, whatever the host's load does to Python's start."""
     log = (vdev.socket_path.parent / "vdev.log").read_text().splitlines()
 
-    def stamp(line: str) -> float:
-        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
     started = max(i for i, ln in enumerate(log) if " vdev serve " in ln)
     resumed = next(ln for ln in log[started:] if "connection resumed" in ln)
-    return stamp(resumed) - stamp(log[started])
+    return log_stamp(resumed) - log_stamp(log[started])
+
+
+def log_stamp(line: str) -> float:
+    """The wall-clock time of a vdev log line."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+async def last_stop_stamp(vdev: ApiVdev, after: int) -> float:
+    """When the last vdev got its SIGTERM (its "signal 15: stopping" line, the ``after``-th
+    or later)."""
+    log_path = vdev.socket_path.parent / "vdev.log"
+    with trio.fail_after(60):
+        while True:
+            lines = [
+                ln for ln in log_path.read_text().splitlines() if "vdev: signal 15: stopping" in ln
+            ]
+            if len(lines) > after:
+                return log_stamp(lines[-1])
+            await trio.sleep(0.01)
 
 
 @pytest.mark.qemu
 @pytest.mark.linux_guest
 @pytest.mark.linux_handover
+@pytest.mark.timeout(TEST_BUDGET + 60)
 async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
     linux_env: tuple[QemuBinary, linux_image.LinuxImage], scratch: Path
 ) -> None:
@@ -168,44 +229,59 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
     cmd_file = scratch / "vdev.json"
     cmd_file.write_text(json.dumps(argv))
     new = upgraded_tree(scratch)
-    with trio.fail_after(420):
-        async with vdev_serve(
-            scratch, device="virtio-balloon", socket_name=VDEV_SOCKET_NAME, supervised=True,
-            supervisor_args=["--command-file", str(cmd_file)],
-        ) as vdev, boot_guest(q, image, sock, ram_mib=RAM_MIB, append=QUIET) as guest:  # fmt: skip
+    guest: LinuxGuest | None = None
+    with trio.fail_after(TEST_BUDGET):
+        async with contextlib.AsyncExitStack() as stack:
             try:
-                rep0 = await guest.report()
-                assert rep0.balloon is not None
+                with phase("start vdev and boot the guest", 100):
+                    vdev = await stack.enter_async_context(vdev_serve(
+                        scratch, device="virtio-balloon", socket_name=VDEV_SOCKET_NAME,
+                        supervised=True, supervisor_args=["--command-file", str(cmd_file)],
+                    ))  # fmt: skip
+                    guest = await stack.enter_async_context(
+                        boot_guest(q, image, sock, ram_mib=RAM_MIB, append=QUIET)
+                    )
+                    rep0 = await guest.report()
+                    assert rep0.balloon is not None
 
-                def kill9(pid: int) -> None:
+                async def kill9(pid: int) -> float:
                     os.kill(pid, signal.SIGKILL)
+                    return time.time()
 
-                def sigterm(pid: int) -> None:
+                async def sigterm(pid: int) -> float:
                     os.kill(pid, signal.SIGTERM)  # systemctl restart
+                    return time.time()
 
-                def upgrade(pid: int) -> None:
+                async def upgrade(pid: int) -> float:
                     up = ["/usr/bin/env", f"PYTHONPATH={new}", argv[0], "-P", *argv[1:]]
                     cmd_file.write_text(json.dumps(up))
                     os.kill(vdev.proc.pid, signal.SIGHUP)  # the supervisor restarts it
+                    # once the new build's standby is warm, the supervisor stops the old vdev
+                    return await last_stop_stamp(vdev, after=1)
 
-                await restart_during_inflation(guest, vdev, "kill -9", 256 * PAGES_PER_MIB, kill9)
-                await vdev.set_target(64 * PAGES_PER_MIB)
-                await wait_balloon(guest, vdev, 64 * PAGES_PER_MIB)
-                await restart_during_inflation(guest, vdev, "SIGTERM", 256 * PAGES_PER_MIB, sigterm)
-                await vdev.set_target(64 * PAGES_PER_MIB)
-                await wait_balloon(guest, vdev, 64 * PAGES_PER_MIB)
-                await restart_during_inflation(guest, vdev, "upgrade", 256 * PAGES_PER_MIB, upgrade)
+                restarts = [("kill -9", kill9), ("SIGTERM", sigterm), ("upgrade", upgrade)]
+                for i, (how, restart) in enumerate(restarts):
+                    if i:
+                        with phase(f"deflate to 64 MiB before {how}", 40):
+                            await vdev.set_target(64 * PAGES_PER_MIB)
+                            await wait_balloon(guest, vdev, 64 * PAGES_PER_MIB)
+                    with phase(f"{how} while inflating to 256 MiB", 60):
+                        await restart_during_inflation(
+                            guest, vdev, how, 256 * PAGES_PER_MIB, restart
+                        )
                 log = (scratch / "vdev.log").read_text()
                 assert f"vdev serve upgrade-test from {new / 'vdev'}" in log
                 assert log.count("connection resumed") == 3
+                assert log.count(" took over ") == 3, "a restart did not use the warm standby"
 
-                # deflate on OOM after all that: a hog bigger than free memory completes
-                before = Books(guest, await api(vdev))
-                s = await wait_agree(guest, vdev)
-                want = s.report.kib("MemAvailable") // 1024 + 48
-                assert await guest.workload(want) == want
-                agreed = await wait_agree(guest, vdev)
-                vm = await guest.vmstat("oom_kill", "balloon_deflate")
+                with phase("deflate on OOM", 60):
+                    # after all that, a hog bigger than free memory completes
+                    before = Books(guest, await api(vdev))
+                    s = await wait_agree(guest, vdev)
+                    want = s.report.kib("MemAvailable") // 1024 + 48
+                    assert await guest.workload(want) == want
+                    agreed = await wait_agree(guest, vdev)
+                    vm = await guest.vmstat("oom_kill", "balloon_deflate")
                 assert vm["oom_kill"] == 0
                 assert agreed.view["size_pages"] < before.size  # it did deflate
                 assert agreed.view["size_pages"] == agreed.report.balloon_pages
@@ -215,11 +291,16 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
                 )
                 hung = [ln for ln in guest.console.lines if "blocked for more than" in ln]
                 assert not hung, hung
-                assert await guest.workload(0) == 0
-                assert await guest.poweroff() == 0
+                with phase("power off", 40):
+                    assert await guest.workload(0) == 0
+                    assert await guest.poweroff() == 0
             except BaseException:
-                print("console tail:\n" + "\n".join(guest.console.lines[-30:]))
-                print("QEMU stderr:\n" + guest.stderr()[-1500:])
+                if guest is not None:
+                    print("console tail:\n" + "\n".join(guest.console.lines[-30:]))
+                    print("QEMU stderr:\n" + guest.stderr()[-1500:])
                 log_path = scratch / "vdev.log"
-                print("vdev log tail:\n" + (log_path.read_text()[-4000:] if log_path.exists() else "-"))
+                print(
+                    "vdev log tail:\n"
+                    + (log_path.read_text()[-4000:] if log_path.exists() else "-")
+                )
                 raise
