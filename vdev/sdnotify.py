@@ -149,9 +149,6 @@ def listen_fds(
 ) -> dict[str, list[int]]:
     """The fds passed by the manager, by name (several fds may share one name)."""
     env = os.environ if environ is None else environ
-    standby = env.pop(STANDBY_ENV, None)
-    if standby is not None:
-        return standby_fds(int(standby))
     try:
         count = int(env.get("LISTEN_FDS", "0"))
         pid = int(env.get("LISTEN_PID", "0"))
@@ -161,6 +158,9 @@ def listen_fds(
     if unset:
         for key in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID"):
             env.pop(key, None)
+    standby = env.pop(STANDBY_ENV, None)
+    if standby is not None:
+        return standby_fds(int(standby))
     if count <= 0 or pid != os.getpid():
         return {}
     out: dict[str, list[int]] = {}

@@ -68,6 +68,8 @@ _ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
 
 #: how long ``SIGHUP`` waits for the new build's standby to be warm before stopping the child
 STANDBY_WARM_TIMEOUT = 30.0
+#: after a standby exited by itself (a broken command), the next one waits this long
+STANDBY_RETRY = 10.0
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Supervisor:
         self.standby: Standby | None = None
         #: SIGHUP with a standby: the monotonic deadline for it to be warm, then the restart
         self.upgrade_by: float | None = None
+        self.standby_retry_at = 0.0
         self.pid_file = pid_file
 
     # -- notify socket -------------------------------------------------------------------
@@ -318,6 +321,7 @@ class Supervisor:
             log.warning("standby pid %d exited with %d", sb.pid, os.waitstatus_to_exitcode(status))
             sb.sock.close()
             self.standby = None
+            self.standby_retry_at = time.monotonic() + STANDBY_RETRY
 
     def _discard_standby(self) -> None:
         """Stop the standby (it sees its socket close; SIGKILL to be sure) and reap it."""
@@ -480,6 +484,7 @@ class Supervisor:
                 and self.child is not None
                 and self.ready
                 and not self.stopping
+                and time.monotonic() >= self.standby_retry_at
             ):
                 self._start_standby()
         self._discard_standby()
