@@ -75,7 +75,10 @@ def phase(name: str, seconds: float) -> Iterator[None]:
         with trio.fail_after(seconds):
             yield
     except trio.TooSlowError:
-        pytest.fail(f"phase {name!r} not done within {seconds} s")
+        pytest.fail(
+            f"phase {name!r} timed out after {time.monotonic() - t0:.0f} s (its budget: "
+            f"{seconds} s)"
+        )
     print(f"phase {name}: {time.monotonic() - t0:.1f} s")
 
 
@@ -233,7 +236,7 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
     with trio.fail_after(TEST_BUDGET):
         async with contextlib.AsyncExitStack() as stack:
             try:
-                with phase("start vdev and boot the guest", 100):
+                with phase("start vdev and boot the guest", 120):
                     vdev = await stack.enter_async_context(vdev_serve(
                         scratch, device="virtio-balloon", socket_name=VDEV_SOCKET_NAME,
                         supervised=True, supervisor_args=["--command-file", str(cmd_file)],
@@ -262,10 +265,10 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
                 restarts = [("kill -9", kill9), ("SIGTERM", sigterm), ("upgrade", upgrade)]
                 for i, (how, restart) in enumerate(restarts):
                     if i:
-                        with phase(f"deflate to 64 MiB before {how}", 40):
+                        with phase(f"deflate to 64 MiB before {how}", 60):
                             await vdev.set_target(64 * PAGES_PER_MIB)
                             await wait_balloon(guest, vdev, 64 * PAGES_PER_MIB)
-                    with phase(f"{how} while inflating to 256 MiB", 60):
+                    with phase(f"{how} while inflating to 256 MiB", 90):
                         await restart_during_inflation(
                             guest, vdev, how, 256 * PAGES_PER_MIB, restart
                         )
@@ -274,7 +277,7 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
                 assert log.count("connection resumed") == 3
                 assert log.count(" took over ") == 3, "a restart did not use the warm standby"
 
-                with phase("deflate on OOM", 60):
+                with phase("deflate on OOM", 90):
                     # after all that, a hog bigger than free memory completes
                     before = Books(guest, await api(vdev))
                     s = await wait_agree(guest, vdev)
