@@ -136,6 +136,9 @@ class GuestRegistry:
         #: Guests whose connection a restarted vdev resumed (the control plane leaves their
         #: recorded control mode alone instead of applying ``--target`` to them).
         self.resumed: set[str] = set()
+        #: A final stop (``Server.deflate_all``) is deflating every guest: every target is 0
+        #: from then on, whatever the control plane's next step (a manual target) would set.
+        self.deflating_all = False
 
     # -- set-up (the server) -------------------------------------------------------------
 
@@ -233,7 +236,7 @@ class GuestRegistry:
         if pages < 0:
             raise ConfigError("the balloon target cannot be negative")
         entry = self._entries[name]
-        entry.target = int(pages)
+        entry.target = 0 if self.deflating_all else int(pages)
         if entry.device is not None:
             entry.device.request_target(entry.target)
         self._publish(

@@ -254,6 +254,7 @@ class Server:
     async def deflate_all(self, timeout: float) -> dict[str, int]:
         """Target 0 for every connected guest; wait (at most ``timeout`` s) until their
         balloons are empty. Returns the pages each guest still held at the end."""
+        self.registry.deflating_all = True  # the control plane's steps cannot raise it again
         for name in self.names:
             self.registry.set_target(name, 0)
         left: dict[str, int] = {}
