@@ -12,7 +12,6 @@ no OOM kill; the RAM file and vdev still agree.
 
 from __future__ import annotations
 
-import compileall
 import json
 import os
 import shutil
@@ -37,7 +36,14 @@ from lab.linux_guest import (
     wait_balloon,
 )
 from lab.qemu import QemuBinary
-from lab.vdev_process import REPO_ROOT, ApiVdev, serve_argv, served_pid, vdev_serve
+from lab.vdev_process import (
+    ApiVdev,
+    serve_argv,
+    served_pid,
+    upgraded_argv,
+    upgraded_tree,
+    vdev_serve,
+)
 from protocol.units import PAGES_PER_MIB
 
 QUIET = f"vb.interval={QUIET_INTERVAL}"
@@ -54,16 +60,6 @@ def scratch(linux_env: tuple[QemuBinary, linux_image.LinuxImage]) -> Iterator[Pa
     d = linux_env[0].scratch_dir("vbh-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def upgraded_tree(where: Path) -> Path:
-    root = where / "upgrade"
-    for pkg in ("vdev", "protocol"):
-        shutil.copytree(REPO_ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    init = root / "vdev" / "__init__.py"
-    init.write_text(init.read_text() + '\nBUILD = "upgrade-test"\n')
-    compileall.compile_dir(root, quiet=1)  # as an installed build is
-    return root
 
 
 async def api(vdev: ApiVdev) -> dict[str, Any]:
@@ -184,8 +180,7 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
                     os.kill(pid, signal.SIGTERM)  # systemctl restart
 
                 def upgrade(pid: int) -> None:
-                    up = ["/usr/bin/env", f"PYTHONPATH={new}", argv[0], "-P", *argv[1:]]
-                    cmd_file.write_text(json.dumps(up))
+                    cmd_file.write_text(json.dumps(upgraded_argv(argv, new)))
                     os.kill(vdev.proc.pid, signal.SIGHUP)  # the supervisor restarts it
 
                 await restart_during_inflation(guest, vdev, "kill -9", 256 * PAGES_PER_MIB, kill9)
