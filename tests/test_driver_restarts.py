@@ -99,7 +99,9 @@ async def guest_driver(socket_path: Path, log: Path, *args: str) -> AsyncIterato
         with trio.fail_after(30):  # its control socket answers once it runs
             while True:
                 if proc.poll() is not None:
-                    raise AssertionError(f"guest-driver run exited {proc.returncode}:\n{drv.stderr()}")
+                    raise AssertionError(
+                        f"guest-driver run exited {proc.returncode}:\n{drv.stderr()}"
+                    )
                 try:
                     await drv.query("stat")
                     break
@@ -128,7 +130,9 @@ async def vdev_replaced(vdev: ApiVdev, old: int | None) -> None:
             await trio.sleep(0.01)
 
 
-async def settled(vdev: ApiVdev, drv: DriverProcess, target: int) -> tuple[dict[str, Any], dict[str, Any]]:
+async def settled(
+    vdev: ApiVdev, drv: DriverProcess, target: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Wait until vdev serves the driver again, both agree on a balloon within a 2 MiB page
     of ``target``, no command is in flight and the workload has refilled free memory."""
     with trio.fail_after(60):
