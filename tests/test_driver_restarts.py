@@ -284,6 +284,11 @@ async def test_guest_driver_run_rides_out_vdev_restarts(tmp_path: Path) -> None:
                     log = vdev_log.read_text()
                     assert f"vdev serve {UPGRADE_BUILD} from {upgrade[0] / 'vdev'}" in log
                     assert log.count("connection resumed") >= 7
+                    stat = await trio.run_process(
+                        [sys.executable, "-m", "guest_driver", "stat", "--socket", str(sock)],
+                        capture_stdout=True, cwd=REPO_ROOT,
+                    )  # fmt: skip
+                    assert stat.stdout.decode() == f"{size * PAGE >> 20} MB\n"
                     # vdev kept the balloon: no resync beyond the first START
                     assert (await drv.query("stat"))["driver"]["general"]["reset"] == 1
 
