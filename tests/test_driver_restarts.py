@@ -14,10 +14,11 @@ SIGTERM (``systemctl restart``) and an upgrade to another vdev build. After each
 * every command was answered once: none in flight, no answer for a command not in flight,
   no page of the workload lost.
 
-Then the driver's own ends: SIGINT (or SIGTERM) stops it at once with a message (START(0), pages given
-back, status 0); a second driver whose vdev hangs (SIGSTOP) gives up after ``--device-timeout``
-saying so (status 1); a third whose supervisor stops for good (the connection closes) exits at
-once saying the back-end hung up (status 1).
+Then the driver's own ends: SIGINT (or SIGTERM) stops it at once with a message (START(0), pages
+given back, status 0); a second driver whose vdev hangs (SIGSTOP) gives up after
+``--device-timeout`` saying so (status 1); a third, told to stop while vdev hangs, gives
+START(0) its 5 s and exits saying so (status 0); a fourth whose supervisor stops for good (the
+connection closes) exits at once saying the back-end hung up (status 1).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy.typing as npt
 import trio
 
 from guest_driver.cli import default_control_path, query_control
+from guest_driver.transport_vhost_user import STOP_GRACE
 from lab.procfs import hole_mask, open_memfd
 from lab.vdev_process import (
     REPO_ROOT,
@@ -329,13 +331,37 @@ async def test_guest_driver_run_rides_out_vdev_restarts(tmp_path: Path) -> None:
                     assert f"(device timeout {DEVICE_TIMEOUT:g} s)" in err, err
                     assert "ballooned pages given back to the guest" in err, err
 
-                # the supervisor stopped for good: the connection closes, the driver exits
+                # told to stop while vdev hangs: START(0) is given STOP_GRACE, then it exits
                 with trio.fail_after(30):
                     while (await retry_api(vdev, "vm"))["connected"]:
                         await trio.sleep(0.05)
                 drv_log.write_text("")
                 async with guest_driver(sock, drv_log) as drv:
                     await check_books(vdev, drv, PAGES // 8, "third driver")
+                    hung = served_pid(vdev.proc.pid)
+                    assert hung is not None
+                    os.kill(hung, signal.SIGSTOP)
+                    try:
+                        await trio.sleep(0.5)  # (a command of its is waiting now)
+                        drv.proc.send_signal(signal.SIGTERM)
+                        code, took = await drv.wait_exit(STOP_GRACE + 15)
+                    finally:
+                        os.kill(hung, signal.SIGCONT)
+                    err = drv.stderr()
+                    print(f"SIGTERM, vdev hung: the driver exited {code} after {took:.2f} s")
+                    assert code == 0, err
+                    assert (
+                        "guest-driver run: stopped by SIGTERM: the device did not take START(0) "
+                        f"within {STOP_GRACE:g} s"
+                    ) in err, err
+
+                # the supervisor stopped for good: the connection closes, the driver exits
+                with trio.fail_after(30):
+                    while (await retry_api(vdev, "vm"))["connected"]:
+                        await trio.sleep(0.05)
+                drv_log.write_text("")
+                async with guest_driver(sock, drv_log) as drv:
+                    await check_books(vdev, drv, PAGES // 8, "fourth driver")
                     os.kill(vdev.proc.pid, signal.SIGTERM)
                     code, took = await drv.wait_exit(30)
                     err = drv.stderr()
