@@ -10,7 +10,12 @@
 The running driver answers on a small unix-socket control endpoint (default: the vhost-user
 socket path plus ``.guest``): one JSON request line in, one JSON reply line out.
 Requests: ``{"cmd": "stat"}`` -> the driver's snapshot (``render_debugfs`` input), the
-guest memory's ``meminfo`` and the debugfs text under ``"debugfs"``.
+guest memory's ``meminfo``, the debugfs text under ``"debugfs"`` and the command counters
+under ``"transport"``; ``{"cmd": "pages"}`` -> where the balloon's and the kernel's pages are,
+as ``[first pfn, count]`` runs (what the guest RAM file's holes must match).
+
+``guest-driver run`` exits 0 when told to stop (SIGINT/SIGTERM), 1 when the device is gone
+for good (or cannot be reached at start), 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -179,10 +184,11 @@ def run(
 ) -> None:
     """Connect to vdev as a vhost-user front-end and run the balloon driver.
 
-    A device that stops answering (vdev restarting) is waited for, balloon kept, up to
-    --device-timeout seconds; a device that closes the connection is gone at once. Either
-    way the driver then exits with status 1 and says why. SIGINT/SIGTERM: START(0) (at most
-    5 s), pop, exit 0."""
+    A device that stops answering (vdev restarting under `vdev supervise` or systemd keeps
+    the connection) is waited for, balloon kept, up to --device-timeout seconds; then it
+    carries on where it was. A device that closes the connection is gone at once. Either
+    way a device gone for good makes the driver give its pages back to the guest, say why
+    and exit with status 1. SIGINT/SIGTERM: START(0) (at most 5 s), pop, say so, exit 0."""
     from guest_driver.transport_vhost_user import (
         DEVICE_TIMEOUT,
         Guest,
@@ -215,7 +221,10 @@ def run(
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
 
-    async def main_task() -> Guest:
+    stopped_by: list[str] = []
+
+    async def main_task() -> Guest | None:
+        guest: Guest | None = None  # None: stopped before the device was set up
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
@@ -226,11 +235,12 @@ def run(
                         nursery.cancel_scope.cancel()  # the guest ended: stop listening
 
                 async def stop() -> None:
-                    async for _ in signals:
+                    async for signum in signals:
+                        stopped_by.append(signal.Signals(signum).name)
                         nursery.cancel_scope.cancel()  # run_guest sends START(0), pops
 
                 nursery.start_soon(stop)
-                guest: Guest = await nursery.start(guest_task)
+                guest = await nursery.start(guest_task)
         return guest
 
     try:
@@ -246,9 +256,19 @@ def run(
             raise
         click.echo(f"guest-driver run: {_first(known)}", err=True)
         sys.exit(1)
+    if guest is None:
+        if stopped_by:
+            click.echo(f"guest-driver run: stopped by {stopped_by[0]} while starting", err=True)
+        return
+    released = f"{guest.released} ballooned pages given back to the guest"
     if guest.gone is not None:
-        click.echo(f"guest-driver run: the device is gone: {guest.gone}", err=True)
+        click.echo(f"guest-driver run: the device is gone: {guest.gone}; {released}", err=True)
         sys.exit(1)
+    if stopped_by:
+        click.echo(
+            f"guest-driver run: stopped by {stopped_by[0]}: {guest.stop_note}; {released}",
+            err=True,
+        )
 
 
 def _first(exc: BaseException) -> BaseException:

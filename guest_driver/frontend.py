@@ -624,6 +624,8 @@ class VmwChannel:
         self.end = self.event_gpa + PAGE_SIZE  # first byte after this channel's pages
         self.bad_events = 0  # event buffers that did not parse (skipped)
         self.rekicks = 0  # kicks sent again to a device that was not answering
+        self.posted = 0  # commands posted on cmdq
+        self.answered = 0  # ... and answered (each once: see ``cmdq.driver.stray_used``)
         self._slots = list(range(COMMAND_SLOTS))
         self._slot_free = trio.Semaphore(COMMAND_SLOTS)
         self._poll_lock = trio.Lock()  # one task at a time polls cmdq's used ring for all
@@ -672,6 +674,7 @@ class VmwChannel:
                     self.rekicks += 1
                     os.eventfd_write(q.kick_fd, 1)
                     patience.on_wait(trio.current_time() - t0)
+        self.answered += 1
         return self._used.pop(head)
 
     async def command(
@@ -717,6 +720,7 @@ class VmwChannel:
                     Buffer(response_gpa, RESPONSE_SIZE, write=True),
                 ]
             )
+            self.posted += 1
             await self.cmdq.kick()
         length = await self._complete(self.cmdq, head, patience)
         if length != RESPONSE_SIZE:

@@ -40,6 +40,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from guest_driver.driver import BalloonDriver, DriverConfig
@@ -50,7 +52,7 @@ from guest_driver.frontend import (
     VmwChannel,
     connect_frontend,
 )
-from guest_driver.guest_memory import GuestMemory, Workload, WorkloadSpec
+from guest_driver.guest_memory import GuestMemory, PageState, Workload, WorkloadSpec
 from protocol import vmw
 from protocol.errors import BackendError, DeviceGone
 from protocol.units import PAGE_SIZE
@@ -158,6 +160,19 @@ class VhostUserTransport:
     def doorbell_ids(self) -> tuple[int, int] | None:
         return (2, 1)  # any pair but (INVALID, INVALID): the eventq is the doorbell
 
+    def counters(self) -> dict[str, int]:
+        """Commands posted and answered, answers for nothing in flight (a device answering
+        twice), commands the device was slow to answer, kicks sent again."""
+        ch = self.channel
+        return {
+            "posted": ch.posted,
+            "answered": ch.answered,
+            "stray_answers": ch.cmdq.driver.stray_used,
+            "in_flight": ch.cmdq.driver.in_flight,
+            "stalls": self.stalls,
+            "rekicks": ch.rekicks,
+        }
+
 
 def _command_name(number: int) -> str:
     try:
@@ -215,6 +230,10 @@ class Guest:
     workload: Workload | None
     #: Why the driver stopped because the device is gone for good (None: it did not).
     gone: str | None = None
+    #: How the stop went when told to stop (None: not stopped that way, or not yet).
+    stop_note: str | None = None
+    #: Ballooned pages handed back to the guest when the driver stopped.
+    released: int = 0
 
     @property
     def ram(self) -> GuestRamFile:
@@ -230,7 +249,24 @@ class Guest:
             "ram_allocated_bytes": self.ram.allocated_bytes(),
             "workload_shortfall": self.workload.shortfall if self.workload else 0,
             "lost_pages": self.memory.verify_app(),
+            "transport": self.transport.counters(),
         }
+
+    def page_runs(self) -> dict[str, Any]:
+        """Where the balloon and the kernel's own pages are, as ``[first pfn, count]`` runs
+        (``{"cmd": "pages"}``): what the guest RAM file's holes are checked against."""
+        state = self.memory.state[: self.memory.total_pages]
+        return {
+            "total_pages": self.memory.total_pages,
+            "balloon": _runs(state == PageState.BALLOON),
+            "reserved": _runs(state == PageState.RESERVED),
+        }
+
+
+def _runs(mask: npt.NDArray[np.bool_]) -> list[list[int]]:
+    """``[first, count]`` of every run of True in ``mask``."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    return [[int(a), int(b - a)] for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
 async def run_guest(
@@ -254,9 +290,12 @@ async def run_guest(
         guest = Guest(transport, memory, driver, workload)
 
         def control(request: dict[str, Any]) -> dict[str, Any]:
-            if request.get("cmd", "stat") == "stat":
+            cmd = request.get("cmd", "stat")
+            if cmd == "stat":
                 return guest.status()
-            return {"error": f"unknown command {request.get('cmd')!r}"}
+            if cmd == "pages":
+                return guest.page_runs()
+            return {"error": f"unknown command {cmd!r}"}
 
         try:
             async with trio.open_nursery() as nursery:
@@ -267,19 +306,21 @@ async def run_guest(
                 nursery.start_soon(_run_driver, guest, nursery.cancel_scope)
                 task_status.started(guest)
         finally:
+            guest.released = driver.size
             if guest.gone is not None:
                 driver.abandon()  # nobody to tell: the pages are the guest's again
             else:
+                guest.stop_note = "the device took START(0)"
                 with trio.move_on_after(STOP_GRACE, shield=True) as scope:
                     try:
                         await driver.close()  # START(0), then pop
                     except DeviceGone as exc:  # close() pops in any case
                         log.warning("stopping: %s", exc)
+                        guest.stop_note = f"START(0) failed: {exc}"
                 if scope.cancelled_caught:
                     driver.abandon()
-                    log.warning(
-                        "stopping: the device did not take START(0) within %g s", STOP_GRACE
-                    )
+                    guest.stop_note = f"the device did not take START(0) within {STOP_GRACE:g} s"
+                    log.warning("stopping: %s", guest.stop_note)
             memory.detach_ram()
             with contextlib.suppress(BufferError):  # still exported: the GC unmaps
                 view.release()

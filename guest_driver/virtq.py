@@ -135,6 +135,8 @@ class DriverQueue:
         self._kicked_at = 0  # avail.idx at the last kick decision
         self._free: list[int] = list(range(self.size))
         self._chains: dict[int, list[int]] = {}  # head -> descriptor indices of the chain
+        #: Used elements whose head was not in flight (answered twice, or never posted).
+        self.stray_used = 0
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -277,7 +279,10 @@ class DriverQueue:
             elem = np.frombuffer(raw, dtype=vq.USED_ELEM_DTYPE)[0]
             head = int(elem["id"])
             out.append(UsedElem(id=head, len=int(elem["len"])))
-            for i in self._chains.pop(head, []):
+            chain = self._chains.pop(head, None)
+            if chain is None:  # not posted, or already answered: the device's mistake
+                self.stray_used += 1
+            for i in chain or []:
                 if i not in self._free:
                     self._free.append(i)
         self.last_used_idx = idx

@@ -1,11 +1,16 @@
-"""What /proc says about a QEMU process's guest RAM: ``RssShmem`` (the shared pages it has
-touched that are still in the memfd: a punched page leaves it) and the memfds' allocated
-bytes. Used by the qtest VM and the Linux guest rigs, the demo and the end-to-end tests."""
+"""What /proc says about a process's guest RAM (QEMU's, or ``guest-driver run``'s memfd):
+``RssShmem`` (the shared pages it has touched that are still in the memfd: a punched page
+leaves it), the memfds' allocated bytes, and which pages of one are holes (opened from
+outside through ``/proc/PID/fd``). Used by the qtest VM and the Linux guest rigs, the demo
+and the end-to-end tests."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from protocol.errors import LocalError
 
@@ -44,3 +49,37 @@ def memfd_allocated_bytes(pid: int, name: str = "memory-backend-memfd") -> int:
             total += st.st_blocks * 512
     return total
 
+
+
+def open_memfd(pid: int, name: str) -> int:
+    """A read-only fd of the first memfd named ``name`` that process ``pid`` holds open (the
+    same file, opened anew through ``/proc/PID/fd``); the caller closes it."""
+    for entry in sorted(Path(f"/proc/{pid}/fd").iterdir(), key=lambda e: int(e.name)):
+        try:
+            if os.readlink(entry).startswith(f"/memfd:{name} "):
+                return os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+    raise LocalError(f"process {pid} holds no memfd named {name!r}")
+
+
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+
+def hole_mask(fd: int, first_pfn: int, count: int, page: int = 4096) -> npt.NDArray[np.bool_]:
+    """Per page of ``[first_pfn, first_pfn + count)`` of file ``fd``: whether it is a hole
+    (SEEK_DATA / SEEK_HOLE, no per-page loop)."""
+    holes = np.ones(count, dtype=bool)
+    start, end = first_pfn * page, (first_pfn + count) * page
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        if data >= end:
+            break
+        stop = min(os.lseek(fd, data, SEEK_HOLE), end)
+        holes[(data - start) // page : -(-(stop - start) // page)] = False
+        pos = stop
+    return holes

@@ -25,10 +25,12 @@ repository as its working directory (``cwd``) and first on ``PYTHONPATH`` (so an
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import functools
 import os
 import re
+import shutil
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -112,6 +114,29 @@ def vdev_serve_argv(
         socket_path, api_socket=api_socket, device=device, target=target, verbose=verbose,
         extra=extra,
     )  # fmt: skip
+
+
+#: The build name :func:`upgraded_tree`'s copy reports (``vdev serve BUILD from PATH``).
+UPGRADE_BUILD = "upgrade-test"
+
+
+def upgraded_tree(where: Path) -> Path:
+    """Another vdev build for upgrade tests: a copy of ``vdev`` and ``protocol`` under
+    ``where/upgrade``, named :data:`UPGRADE_BUILD`, byte-compiled as an installed build is."""
+    root = where / "upgrade"
+    for pkg in ("vdev", "protocol"):
+        shutil.copytree(REPO_ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    init = root / "vdev" / "__init__.py"
+    init.write_text(init.read_text() + f'\nBUILD = "{UPGRADE_BUILD}"\n')
+    compileall.compile_dir(root, quiet=1)
+    return root
+
+
+def upgraded_argv(argv: Sequence[str], root: Path) -> list[str]:
+    """``argv`` (a ``python -m vdev ...`` command line) run from the build at ``root``
+    (:func:`upgraded_tree`): what a supervisor's ``--command-file`` names for the upgrade.
+    ``-P``: not the working directory (this repository) first on ``sys.path``."""
+    return ["/usr/bin/env", f"PYTHONPATH={root}", argv[0], "-P", *argv[1:]]
 
 
 def supervised_children(supervisor_pid: int) -> list[int]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
@@ -33,8 +32,16 @@ from conformance.rawfrontend import FREE_START_PFN, BalloonGuest
 from guest_driver.driver import DriverConfig
 from guest_driver.guest_memory import PageSize, PageState
 from guest_driver.transport_vhost_user import GuestOptions, run_guest
+from lab.procfs import hole_mask
 from lab.vdev_process import REPO_ROOT as REPO
-from lab.vdev_process import ApiVdev, serve_argv, served_pid, vdev_serve
+from lab.vdev_process import (
+    ApiVdev,
+    serve_argv,
+    served_pid,
+    upgraded_argv,
+    upgraded_tree,
+    vdev_serve,
+)
 from protocol import handover as ho
 from vdev.handover import HandoverError, StateFile
 from vdev.pagemap import PageMap
@@ -45,25 +52,6 @@ T = TypeVar("T")
 PAGE = 4096
 MiB = 1 << 20
 KILLS = 20
-SEEK_DATA, SEEK_HOLE = 3, 4
-
-
-def hole_mask(fd: int, first_pfn: int, count: int) -> np.ndarray:
-    """Per page of ``[first_pfn, first_pfn + count)``: a hole in the file (SEEK_DATA/HOLE)."""
-    holes = np.ones(count, dtype=bool)
-    start, end = first_pfn * PAGE, (first_pfn + count) * PAGE
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, SEEK_DATA)
-        except OSError:  # ENXIO: no data after pos
-            break
-        if data >= end:
-            break
-        stop = min(os.lseek(fd, data, SEEK_HOLE), end)
-        holes[(data - start) // PAGE : -(-(stop - start) // PAGE)] = False
-        pos = stop
-    return holes
 
 
 async def retry(fn: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
@@ -208,16 +196,6 @@ async def test_kill9_storm_vmw_driver(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
-def upgraded_tree(tmp_path: Path) -> Path:
-    """A copy of vdev and protocol with another build name: a different vdev build."""
-    root = tmp_path / "upgrade"
-    for pkg in ("vdev", "protocol"):
-        shutil.copytree(REPO / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    init = root / "vdev" / "__init__.py"
-    init.write_text(init.read_text() + '\nBUILD = "upgrade-test"\n')
-    return root
-
-
 async def test_sigterm_restart_upgrade_and_final_stop_vmw(tmp_path: Path) -> None:
     """SIGTERM (systemctl restart) and an upgrade to another build (the supervisor's command
     file, then SIGHUP) while the driver inflates: the same hand-over, the driver never
@@ -254,8 +232,7 @@ async def test_sigterm_restart_upgrade_and_final_stop_vmw(tmp_path: Path) -> Non
             assert "stopping for a hand-over" in log and "connection resumed" in log
             # the upgrade: another build, started by the supervisor on SIGHUP
             new = upgraded_tree(tmp_path)
-            # -P: not the working directory (the repository) first on sys.path
-            up = ["/usr/bin/env", f"PYTHONPATH={new}", argv[0], "-P", *argv[1:], "--deflate-on-stop"]
+            up = [*upgraded_argv(argv, new), "--deflate-on-stop"]
             cmd_file.write_text(json.dumps(up))
             await retry(lambda: vdev.set_target(pages // 4))
             second = served_pid(vdev.proc.pid)

@@ -17,7 +17,6 @@ stderr and vdev's log, and QEMU and the supervisor are stopped on every way out.
 
 from __future__ import annotations
 
-import compileall
 import contextlib
 import json
 import os
@@ -44,10 +43,11 @@ from lab.linux_guest import (
 )
 from lab.qemu import QemuBinary
 from lab.vdev_process import (
-    REPO_ROOT,
     ApiVdev,
     serve_argv,
     served_pid,
+    upgraded_argv,
+    upgraded_tree,
     vdev_serve,
     warm_standby,
 )
@@ -87,16 +87,6 @@ def scratch(linux_env: tuple[QemuBinary, linux_image.LinuxImage]) -> Iterator[Pa
     d = linux_env[0].scratch_dir("vbh-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def upgraded_tree(where: Path) -> Path:
-    root = where / "upgrade"
-    for pkg in ("vdev", "protocol"):
-        shutil.copytree(REPO_ROOT / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    init = root / "vdev" / "__init__.py"
-    init.write_text(init.read_text() + '\nBUILD = "upgrade-test"\n')
-    compileall.compile_dir(root, quiet=1)  # as an installed build is
-    return root
 
 
 async def api(vdev: ApiVdev) -> dict[str, Any]:
@@ -256,8 +246,7 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
                     return time.time()
 
                 async def upgrade(pid: int) -> float:
-                    up = ["/usr/bin/env", f"PYTHONPATH={new}", argv[0], "-P", *argv[1:]]
-                    cmd_file.write_text(json.dumps(up))
+                    cmd_file.write_text(json.dumps(upgraded_argv(argv, new)))
                     os.kill(vdev.proc.pid, signal.SIGHUP)  # the supervisor restarts it
                     # once the new build's standby is warm, the supervisor stops the old vdev
                     return await last_stop_stamp(vdev, after=1)

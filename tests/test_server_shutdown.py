@@ -15,6 +15,12 @@ from server_helpers import (
 from guest_driver.frontend import VmwChannel, connect_frontend
 from protocol.vmw import ALL_CAPABILITIES, Command
 
+#: "Promptly": what separates an exit that waits on nothing from one that waits for the guests
+#: to go quiet (the hammer below never does) or for a timeout. About 0.1-0.3 s on an idle
+#: machine; the margin is for a loaded 2-core CI host, where the interpreter's own teardown
+#: alone has been seen to take over a second.
+PROMPT = 5.0
+
 
 def _time_sigterm(srv: Any) -> tuple[float, int]:
     t0 = time.monotonic()
@@ -25,14 +31,14 @@ def _time_sigterm(srv: Any) -> tuple[float, int]:
 
 
 async def test_sigterm_exit_is_quick(vdev_process, guest_ram) -> None:
-    """``vdev serve`` exits promptly on SIGTERM: with no guest (~0.1 s here, most of it the
-    interpreter's own teardown), and with guests connected, one of them keeping its command
+    """``vdev serve`` exits promptly on SIGTERM (:data:`PROMPT`): with no guest (~0.1 s on
+    an idle machine, most of it the interpreter's own teardown), and with guests connected, one of them keeping its command
     ring busy (shutdown answers what is queued once, it does not serve until it goes quiet)."""
     with trio.fail_after(60):
         idle = vdev_process(sockets=2, verbose=1)
         await trio.sleep(0.3)
         took, code = await trio.to_thread.run_sync(_time_sigterm, idle)
-        assert code == 0 and took < 1.5, f"exit took {took:.2f} s with no guest"
+        assert code == 0 and took < PROMPT, f"exit took {took:.2f} s with no guest"
 
         busy = vdev_process(sockets=2, verbose=1)
         async with (
@@ -57,5 +63,5 @@ async def test_sigterm_exit_is_quick(vdev_process, guest_ram) -> None:
                 took, code = await trio.to_thread.run_sync(_time_sigterm, busy)
                 inner.cancel_scope.cancel()
         assert calls > 0
-        assert code == 0 and took < 1.5, f"exit took {took:.2f} s with busy guests"
+        assert code == 0 and took < PROMPT, f"exit took {took:.2f} s with busy guests"
         assert "Traceback" not in busy.log()
