@@ -6,6 +6,11 @@ QEMU 11 (TCG) boots the Linux test guest with 512 MiB of shared memfd RAM; the b
 function to ``uio_pci_generic`` and balloons pages it got from the guest kernel
 (:mod:`lab.vmw_guest`). One boot, in order:
 
+0. before the driver: the conformance harness's guest-level vmw cases run inside the guest
+   over the same function (``python3 -m conformance --in-guest``, one pass per target the
+   host sets through the API): every one of them passes, and they are exactly the
+   :data:`GUEST_LEVEL` cases the catalogue declares runnable there (none silently skipped);
+
 1. the guest touches its free memory once (so it is resident in the RAM file), then target
    256 MiB through the API: the guest's MemFree falls by ~256 MiB, QEMU's RssShmem and the
    RAM file's allocated bytes by ~256 MiB, vdev's size equals the driver's;
@@ -30,12 +35,21 @@ import trio
 from lab.linux_guest import KIB, MIB, LinuxGuest, wait_until
 from lab.qemu import QemuBinary
 from lab.vdev_process import ApiVdev, vdev_serve
-from lab.vmw_guest import VmwGuestImage, boot_vmw_guest, guest_driver_stat, start_driver
+from lab.vmw_guest import (
+    VmwGuestImage,
+    boot_vmw_guest,
+    guest_driver_stat,
+    guest_level_cases,
+    run_harness,
+    start_driver,
+)
 from protocol.units import PAGES_PER_MIB
 
 pytestmark = [pytest.mark.qemu, pytest.mark.linux_guest, pytest.mark.timeout(600)]
 
 RAM_MIB = 512
+#: the vmw cases that need nothing but a guest's cmdq (conformance/cases.py, needs=GUEST)
+GUEST_LEVEL = 17
 
 
 @pytest.fixture
@@ -114,6 +128,17 @@ async def test_vmw_driver_inside_a_linux_guest(
                            append="vb.interval=100000") as guest,
         ):  # fmt: skip
             try:
+                # 0. the harness's guest-level cases, inside the guest, before the driver
+                with trio.fail_after(240):
+                    results = await run_harness(guest, vdev.set_target)
+                print("\n".join(f"{r['case']:32} {r['outcome']:5} {r['seconds']:6.2f}s "
+                                 f"{r['message']}" for r in results))  # fmt: skip
+                assert [r for r in results if r["outcome"] != "pass"] == []
+                names = sorted(r["case"] for r in results)
+                assert names == sorted(c.name for c in guest_level_cases())
+                assert len(names) == GUEST_LEVEL
+                await vdev.set_target(0)
+                step(f"0. {len(names)} guest-level conformance cases passed in the guest")
                 await start_driver(guest, ("-v", "--poll", "0.5"))
                 step("driver started")
                 with trio.fail_after(60):
