@@ -23,8 +23,8 @@ run-linux`` uses), with QEMU's vhost-user device in between:
 
 The cases that need anything (vhost-user messages, the RAM file, a target change during
 the case, hostile rings, adjacent 2 MiB frames) are reported skipped, with the reason.
-At the end the function is reset, so the back-end forgets whatever the cases locked
-before the pages go back to the guest kernel.
+At the end a last session starts (the back-end forgets whatever the cases locked) and
+withdraws, and the function is reset, before the pages go back to the guest kernel.
 """
 
 from __future__ import annotations
@@ -126,9 +126,14 @@ class GuestDevice:
         return GuestVmw(self)
 
     async def close(self) -> None:
-        """Reset the function (the back-end forgets the balloon), then free everything."""
+        """Leave the back-end holding nothing, reset the function, free everything.
+
+        The back-end learns of a reset only when the rings start again, so a last session
+        starts (it forgets what the cases locked) and withdraws (START(0)) first."""
         try:
             with trio.move_on_after(5, shield=True):
+                g = await self.session()
+                await g.start(0)
                 await self.dev.reset(timeout=5)
         finally:
             self.port.close()
