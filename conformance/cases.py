@@ -549,7 +549,8 @@ async def vu_vring_bogus(ctx: Context) -> None:
 @case(
     "vmw.reset-until-start",
     "PROTOCOL.md §6 L115; §4 row ERROR_RESET",
-    "a new connection answers ERROR_RESET to every command but START; START then succeeds",
+    "a new connection (in a guest: the function reset and set up again) answers ERROR_RESET "
+    "to every command but START; START then succeeds",
     devices=VMW,
     needs=GUEST,
 )
