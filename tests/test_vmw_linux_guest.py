@@ -14,6 +14,9 @@ function to ``uio_pci_generic`` and balloons pages it got from the guest kernel
 3. target 0 deflates everything;
 4. page cache goes first: with the cache filled (files read over 9p) and a process holding
    64 MiB, inflating 192 MiB shrinks the cache while the process keeps its memory.
+
+A second boot runs the conformance harness's guest-level vmw cases inside the guest
+(:func:`test_conformance_cases_inside_a_linux_guest`).
 """
 
 from __future__ import annotations
@@ -201,8 +204,9 @@ async def test_conformance_cases_inside_a_linux_guest(
     driver uses (``python3 -m conformance --in-guest``, one pass per target the host sets
     through vdev's API): every one passes, they are exactly the :data:`GUEST_LEVEL` cases the
     catalogue declares runnable there (none silently skipped or dropped), and vdev holds
-    nothing afterwards, having counted the guest's bad PFNs. A boot of its own (~40 s): sharing the driver test's would leave
-    that test's memory-pressure steps to a guest that has already run other work."""
+    nothing afterwards, having counted the guest's bad PFNs. A boot of its own (~45 s), so
+    that neither test's failure hides the other's result and the driver test's memory
+    steps run on a guest nothing else has run in."""
     q, vmw = vmw_env
     with trio.fail_after(280):
         async with (
