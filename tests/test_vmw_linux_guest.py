@@ -81,8 +81,12 @@ async def driver_pages(guest: LinuxGuest) -> int:
     return int(json.loads("\n".join(lines))["driver"]["current"])
 
 
-async def agreed(guest: LinuxGuest, vdev: ApiVdev, timeout: float = 60) -> int:
-    """Wait until the driver inside and vdev hold the same balloon; its size in pages."""
+async def agreed(guest: LinuxGuest, vdev: ApiVdev, timeout: float = 180) -> int:
+    """Wait until the driver inside and vdev hold the same balloon; its size in pages.
+
+    Each probe of the driver is a Python process started in the guest: under TCG, with the
+    guest's memory taken by a workload and the host loaded, one took ~25 s, so the deadline
+    (as :func:`settled`'s) leaves room for several probes, not two."""
     with trio.fail_after(timeout):
         while True:
             size = (await vdev.vm())["size_pages"]
