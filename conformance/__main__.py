@@ -32,6 +32,7 @@ from conformance.runner import (
     run_all,
     write_junit,
 )
+from protocol.errors import LocalError
 
 
 @click.command(
@@ -140,11 +141,15 @@ def _in_guest(
     def show(r: Result) -> None:
         click.echo(result_line(r))
 
-    results = trio.run(
-        functools.partial(
-            run_in_guest, cases, initial_target=initial_target, ram_mib=ram_mib, on_result=show
+    try:
+        results = trio.run(
+            functools.partial(
+                run_in_guest, cases, initial_target=initial_target, ram_mib=ram_mib, on_result=show
+            )
         )
-    )
+    except LocalError as exc:  # no such function, no uio, not root, no pagemap...
+        click.echo(f"harness: cannot reach the guest's vmw function: {exc}", err=True)
+        return 1
     counts = {k: sum(1 for r in results if r.outcome == k) for k in (PASS, FAIL, ERROR, SKIP)}
     click.echo(
         f"in-guest: {counts[PASS]} passed, {counts[FAIL] + counts[ERROR]} failed, "

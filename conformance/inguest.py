@@ -47,6 +47,7 @@ from guest_driver.uio import VMW_PCI_ID, UioPort, find_function
 from guest_driver.virtio_pci import VirtioPciDevice, ring_layout
 from guest_driver.virtq import Buffer, RingLayout, UsedElem
 from protocol import vmw
+from protocol.errors import LocalError
 from protocol.units import PAGE_SIZE
 from protocol.vhost_user import VirtioFeature as VF
 from protocol.virtio_pci import VIRTIO_F_EVENT_IDX
@@ -69,7 +70,7 @@ def ram_end_pfn(iomem: str | None = None) -> int:
         for m in re.finditer(r"^[0-9a-f]+-([0-9a-f]+) : System RAM$", text, re.MULTILINE)
     ]
     if not ends or max(ends) <= 1:
-        raise CaseFailed("no System RAM in /proc/iomem (not root?)")
+        raise LocalError("no System RAM addresses in /proc/iomem (run as root, or --ram-mib)")
     return (max(ends) + MIB - 1) // MIB * MIB // PAGE_SIZE
 
 
@@ -96,19 +97,23 @@ class GuestDevice:
     def open(
         cls, *, ram_mib: int | None = None, pci_id: tuple[int, int] = VMW_PCI_ID
     ) -> GuestDevice:
+        """Bind and map the function, lock the pages; :class:`protocol.errors.LocalError`
+        (a :class:`guest_driver.virtio_pci.PortError` or
+        :class:`guest_driver.linux_memory.GuestMemoryError`) when this guest cannot."""
+        function = find_function(*pci_id)  # first: nothing is changed where there is none
+        end = ram_mib * MIB // PAGE_SIZE if ram_mib else ram_end_pfn()
         settings = pin_settings()  # locked pages must stay at their frames
         pagemap = Pagemap()
         locked = LockedPages(pagemap, pages=16)
         pool = LockedPages(pagemap, pages=POOL_PAGES)
         try:
-            port, dev = UioPort.open(find_function(*pci_id), locked)
+            port, dev = UioPort.open(function, locked)
         except BaseException:
             pool.close()
             locked.close()
             pagemap.close()
             restore_settings(settings)
             raise
-        end = ram_mib * MIB // PAGE_SIZE if ram_mib else ram_end_pfn()
         d = cls(port, dev, pagemap, locked, pool, end, _settings=settings)
         d.layouts = {q: ring_layout(locked, QUEUE_SIZE) for q in (CMDQ, EVENTQ)}
         d.req, d.batch_page, d.scratch, d.indirect_table = (

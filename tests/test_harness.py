@@ -430,6 +430,15 @@ def test_in_guest_helpers() -> None:
     assert parse_result_line("@vbg out hello") is None
 
 
+def test_in_guest_without_the_function_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """On a machine with no vmw function (here), --in-guest changes nothing and says why."""
+    assert harness_main(["--in-guest", "--initial-target", "4096", "-k", "vmw.guest-id"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the guest's vmw function:" in err
+    assert "1af4:1069" in err or "cannot list PCI functions" in err
+    assert harness_main(["--in-guest", "--device", "virtio-balloon"]) == 2
+
+
 def test_list_shows_what_each_case_needs(capsys: pytest.CaptureFixture[str]) -> None:
     assert harness_main(["--list", "-k", "vmw.guest-id,vu.reply-ack"]) == 0
     out = capsys.readouterr().out
