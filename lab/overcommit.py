@@ -130,7 +130,7 @@ class ChildCgroup:
             raise ScenarioError(f"the scenarios need a cgroup v1 memory controller, got {own}")
         path = Path(own.path) / name
         try:
-            path.mkdir(exist_ok=True)
+            path.mkdir()
         except OSError as e:
             raise ScenarioError(f"cannot create memory cgroup {path}: {e.strerror}") from e
         self.path = path
@@ -335,7 +335,8 @@ class Lab:
             stats_interval=1.0,
         )
         try:
-            self.cgroup = ChildCgroup(f"vballoon-overcommit-{os.getpid()}")
+            # a new one per lab: never one a previous lab could not remove
+            self.cgroup = ChildCgroup(f"vballoon-overcommit-{os.getpid()}-{time.monotonic_ns()}")
         except BaseException:
             shutil.rmtree(self.scratch, ignore_errors=True)
             raise
