@@ -116,6 +116,21 @@ class PhaseTimeout(ScenarioError):
     Raised by :meth:`Lab.phase`; caught like :class:`ScenarioError`."""
 
 
+@contextlib.contextmanager
+def first_scenario_error() -> Iterator[None]:
+    """A nursery's exception group that holds a :class:`ScenarioError` becomes that error
+    (the first one), so that callers catch ``ScenarioError`` and see what went wrong."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found = group.subgroup(ScenarioError)
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]  # type: ignore[assignment]
+        if isinstance(found, ScenarioError):
+            raise found from group
+        raise
+
+
 # --------------------------------------------------------------------------- the cgroup
 
 
@@ -450,34 +465,40 @@ class Lab:
             vm.reaped.set()
 
     async def ensure_guests(self) -> None:
-        """Boot the guests that are not running (all at first; those killed since).
+        """Boot the guests that are not running (all at first; those killed since), side by
+        side.
 
         A QEMU that ends before its guest is ready is booted once more (logged with its exit
         status and the cgroup's state: it is not what the scenarios measure); twice is a
         :class:`ScenarioError`."""
         self.cgroup.set_limit(None)
-        for index, vm in enumerate(self.vms):
-            if vm.guest is None or vm.dead:
-                with self.phase("boot", PHASE_SECONDS["boot"], vm):
-                    for attempt in (1, 2):
-                        if vm.scope is not None:  # a QEMU before: reaped first
-                            await vm.reaped.wait()
-                        while self.registry.view(vm.name).connected:
-                            await trio.sleep(0.05)  # vdev lets go of the dead QEMU's RAM first
-                        vm.dead, vm.died_at, vm.reaped = False, None, trio.Event()
-                        try:
-                            await self.nursery.start(self._guest_task, vm, index)
-                            break
-                        except GuestFailure as e:
-                            if attempt == 2:
-                                raise ScenarioError(
-                                    f"{self.where}: boot ({vm.name}) failed twice: {e}\n"
-                                    f"{self.diagnostics()}"
-                                ) from None
-                            log.warning("%s: %s; %s; booting it again", self.where, e,
-                                        self.cgroup.state())  # fmt: skip
-                    while not self.registry.view(vm.name).driver_active:
-                        await trio.sleep(0.1)
+        with first_scenario_error():
+            async with trio.open_nursery() as nursery:
+                for index, vm in enumerate(self.vms):
+                    if vm.guest is None or vm.dead:
+                        nursery.start_soon(self._boot, vm, index)
+
+    async def _boot(self, vm: Vm, index: int) -> None:
+        with self.phase("boot", PHASE_SECONDS["boot"], vm):
+            for attempt in (1, 2):
+                if vm.scope is not None:  # a QEMU before: reaped first
+                    await vm.reaped.wait()
+                while self.registry.view(vm.name).connected:
+                    await trio.sleep(0.05)  # vdev lets go of the dead QEMU's RAM first
+                vm.dead, vm.died_at, vm.reaped = False, None, trio.Event()
+                try:
+                    await self.nursery.start(self._guest_task, vm, index)
+                    break
+                except GuestFailure as e:
+                    if attempt == 2:
+                        raise ScenarioError(
+                            f"{self.where}: boot ({vm.name}) failed twice: {e}\n"
+                            f"{self.diagnostics()}"
+                        ) from None
+                    log.warning("%s: %s; %s; booting it again", self.where, e,
+                                self.cgroup.state())  # fmt: skip
+            while not self.registry.view(vm.name).driver_active:
+                await trio.sleep(0.1)
 
     def alive(self) -> list[Vm]:
         return [vm for vm in self.vms if vm.guest is not None and not vm.dead]
@@ -736,7 +757,7 @@ async def run_suite(
     (:class:`PhaseTimeout`). Whatever happens (BaseException included), every QEMU is
     killed and reaped, vdev stopped and the cgroup removed before this returns or raises."""
     results: list[RunResult] = []
-    with vdev_log_tail() as tail:
+    with vdev_log_tail() as tail, first_scenario_error():
         async with trio.open_nursery() as nursery:
             lab = Lab(qemu, image, workdir, nursery, tail)
             try:

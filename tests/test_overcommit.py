@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from lab import overcommit
 from lab.linux_guest import MIB
 from lab.overcommit import (
     DEFLATE_TIMEOUT,
@@ -32,6 +33,7 @@ from lab.overcommit import (
     INFLATED_MIB,
     POLICIES,
     SCENARIOS,
+    PhaseTimeout,
     ScenarioError,
     format_table,
     plot_results,
@@ -99,3 +101,48 @@ async def test_overcommit_scenario(
         assert ours.deflated_seconds is not None, f"not deflated in {DEFLATE_TIMEOUT}s\n{table}"
         last = ours.timeline[-1]["vms"]
         assert last["vm1"]["balloon"] + last["vm2"]["balloon"] <= DEFLATED_MIB * MIB, table
+
+
+def _our_children() -> list[str]:
+    """Processes whose parent is this one (the QEMUs the suite starts), with their names."""
+    mine = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, _, rest = text.partition("(")[2].rpartition(")")
+        fields = rest.split()
+        if len(fields) > 1 and int(fields[1]) == os.getpid() and fields[0] != "Z":
+            mine.append(f"{stat.parent.name} {comm}")
+    return mine
+
+
+def _our_cgroups() -> list[Path]:
+    own = own_memory_cgroup()
+    assert own is not None
+    return sorted(Path(own.path).glob(f"vballoon-overcommit-{os.getpid()}-*"))
+
+
+@pytest.mark.timeout(150)
+async def test_phase_timeout_names_the_phase_and_cleans_up(
+    linux_env: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A phase past its deadline fails naming the phase and the guest, with what the
+    consoles, vdev and the cgroup said; every QEMU is killed and reaped, and the child cgroup
+    removed."""
+    _need_v1_memory_cgroup()
+    q, image = linux_env
+    monkeypatch.setitem(overcommit.PHASE_SECONDS, "workload", 1.0)  # SETTLE alone is 3 s
+    before = _our_cgroups()
+    with pytest.raises(PhaseTimeout) as info:
+        await run_suite(q, image, tmp_path, ["b"], ["ours"])
+    text = str(info.value)
+    assert "scenario b, policy ours: workload (vm0): not done after 1s" in text
+    assert "cgroup " in text and "usage" in text and "oom_kill_disable" in text
+    for name in ("vm0", "vm1", "vm2"):
+        assert f"{name}: QEMU pid" in text
+    assert "console| " in text and "vdev   | " in text
+    assert _our_children() == []  # every QEMU reaped
+    assert _our_cgroups() == before  # the child cgroup removed
+    assert not (tmp_path / "overcommit.json").exists()
