@@ -92,7 +92,7 @@ DEFLATE_TIMEOUT = 45.0
 INFLATED_MIB = 64
 #: the deadline of each phase (seconds); a phase past it is a PhaseTimeout
 PHASE_SECONDS = {
-    "boot": 90.0,  # one guest, until its driver is active (TCG, 2 shared cores)
+    "boot": 120.0,  # the guests side by side, until their drivers are active (TCG, 2 cores)
     "prepare": 60.0,  # deflate, flush, touch
     "workload": SETTLE + RUN_TIMEOUT + 15.0,  # the run itself (bounded again inside)
     "deflate": DEFLATE_TIMEOUT + 15.0,

@@ -152,10 +152,16 @@ def test_recording_figure() -> None:
         assert _first_xy(limit[0])[1] == 500.0
         kills = [ln for ln in none.get_lines() if ln.get_marker() == "x"]
         assert len(kills) == 1 and _first_xy(kills[0])[0] == 5.0
-        assert [t.get_text().strip() for t in ours.texts] == ["low"]  # the host state change
+        strip = [p for p in ours.patches if p.get_y() == pytest.approx(0.94)]
+        assert [(p.get_x(), p.get_width()) for p in strip] == [
+            (3.5, pytest.approx(9.9 - 3.5))  # the host state change, until the end
+        ]
         legend = fig.legends[0]
         names = [t.get_text() for t in legend.get_texts()]
-        for name in ("cgroup usage", "limit", "vm1 resident", "vm1 balloon", "policy target"):
+        for name in (
+            "cgroup usage", "limit", "vm1 resident", "vm1 balloon", "policy target",
+            "VM killed", "host low (top strip)",
+        ):  # fmt: skip
             assert name in names
     finally:
         plt.close(fig)

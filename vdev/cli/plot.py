@@ -222,7 +222,8 @@ def recording_figure(runs: list[RecordedRun]) -> Figure:
     """A row per scenario, a column per policy (in the order they first appear). Each panel:
     the cgroup's usage against its limit, each VM's host-resident memory (solid) and balloon
     (dotted), every target the policy set (a marker at the new target, the VM's colour),
-    host state changes and backstop actions (ticks along the top), kills (a cross)."""
+    the host state the policy saw (a strip along the top), backstop actions (dash-dotted
+    lines), kills (a cross)."""
     if not runs:
         raise ValueError("the recording holds no run")
     scenarios = list(dict.fromkeys(r.scenario for r in runs))
@@ -245,6 +246,8 @@ def recording_figure(runs: list[RecordedRun]) -> Figure:
             *(Line2D([], [], color=c, ls=":", lw=1, label=f"{n} balloon") for n, c in colour.items()),
             Line2D([], [], color="grey", ls="none", marker="o", ms=3, label="policy target"),
             Line2D([], [], color="grey", ls="none", marker="x", ms=7, label="VM killed"),
+            *(Patch(color=c, alpha=0.7, label=f"host {s} (top strip)") for s, c in STATE_EDGE.items()
+              if any(e.type == "host" and e.state == s for r in runs for e in r.events)),
         ]  # fmt: skip
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7)
         fig.tight_layout(rect=(0, 0.06 if len(scenarios) > 1 else 0.12, 1, 1))
@@ -271,10 +274,14 @@ def _draw_run(ax: Any, r: RecordedRun, colour: dict[str, str]) -> None:
             ax.plot([e.t], [0], ls="none", marker="x", ms=9, mew=2, color=c, clip_on=False)
         elif e.type == "backstop" and e.action in BACKSTOP_COLOURS:
             ax.axvline(e.t, color=BACKSTOP_COLOURS[e.action], lw=0.8, ls="-.")
-        elif e.type == "host" and e.state:
-            ax.axvline(e.t, color=STATE_EDGE.get(e.state, "grey"), lw=0.6, alpha=0.6)
-            ax.text(e.t, 0.99, f" {e.state}", transform=ax.get_xaxis_transform(),
-                    fontsize=6, va="top", color=STATE_EDGE.get(e.state, "grey"))  # fmt: skip
+    # the host state the policy saw, as a strip along the top (from each change to the next)
+    changes = [e for e in r.events if e.type == "host" and e.state]
+    end = t[-1] if t else 0.0
+    for i, e in enumerate(changes):
+        until = changes[i + 1].t if i + 1 < len(changes) else end
+        if until > e.t:
+            ax.axvspan(e.t, until, ymin=0.94, ymax=1.0, lw=0,
+                       color=STATE_EDGE.get(e.state or "", "grey"), alpha=0.7)  # fmt: skip
     kills = r.cgroup_oom_kills + r.guest_oom_kills
     decisions = sum(e.type == "target" for e in r.events)
     ax.set_title(
