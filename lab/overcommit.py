@@ -86,7 +86,7 @@ RUN_TIMEOUT = 60.0
 #: (d): the idle guests' balloons must be back below this (MiB in total) this long after the
 #: workload ends (the policy holds pressure balloons DEFLATE_HOLD = 10 s first)
 DEFLATED_MIB = 32
-DEFLATE_TIMEOUT = 45.0
+DEFLATE_TIMEOUT = 60.0
 #: (d): ours must have inflated the idle guests by at least this much (MiB in total) while
 #: the busy guest was working, or the deflation proves nothing
 INFLATED_MIB = 64

@@ -19,6 +19,7 @@ is printed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -124,25 +125,25 @@ def _our_cgroups() -> list[Path]:
     return sorted(Path(own.path).glob(f"vballoon-overcommit-{os.getpid()}-*"))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(120)
 async def test_phase_timeout_names_the_phase_and_cleans_up(
     linux_env: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A phase past its deadline fails naming the phase and the guest, with what the
-    consoles, vdev and the cgroup said; every QEMU is killed and reaped, and the child cgroup
-    removed."""
+    """A phase past its deadline (here: booting the guests, given 3 s) fails naming the
+    scenario, the policy, the phase and the guest, with what QEMU, vdev and the cgroup said;
+    every QEMU is killed and reaped, and the child cgroup removed."""
     _need_v1_memory_cgroup()
     q, image = linux_env
-    monkeypatch.setitem(overcommit.PHASE_SECONDS, "workload", 1.0)  # SETTLE alone is 3 s
+    monkeypatch.setitem(overcommit.PHASE_SECONDS, "boot", 3.0)
     before = _our_cgroups()
     with pytest.raises(PhaseTimeout) as info:
         await run_suite(q, image, tmp_path, ["b"], ["ours"])
     text = str(info.value)
-    assert "scenario b, policy ours: workload (vm0): not done after 1s" in text
-    assert "cgroup " in text and "usage" in text and "oom_kill_disable" in text
+    assert re.search(r"^scenario b, policy ours: boot \(vm[012]\): not done after 3s$", text, re.M)
+    assert "usage" in text and "limit" in text and "oom_kill_disable" in text
     for name in ("vm0", "vm1", "vm2"):
-        assert f"{name}: QEMU pid" in text
-    assert "console| " in text and "vdev   | " in text
+        assert re.search(rf"^{name}: QEMU pid \d+ ", text, re.M), text
+    assert "vdev   | " in text and "serving virtio-balloon" in text
     assert _our_children() == []  # every QEMU reaped
     assert _our_cgroups() == before  # the child cgroup removed
     assert not (tmp_path / "overcommit.json").exists()
