@@ -234,6 +234,9 @@ class RunResult:
     regained_bytes: int
     backstop_pauses: int
     killed: list[str] = field(default_factory=list)
+    #: guests whose vhost-user connection to vdev dropped while their QEMU ran on (QEMU's
+    #: generic vhost-user device does not survive that: the guest's balloon is dead)
+    dropped: list[str] = field(default_factory=list)
     deflated_seconds: float | None = None  # (d): until the balloons came back
     decisions: int = 0
     #: (d): the idle guests' largest balloon total (bytes) while the busy guest worked
@@ -273,6 +276,7 @@ def format_table(results: Sequence[RunResult]) -> str:
             f"{f'{r.peak_bytes / MIB:.0f}/{r.limit_bytes / MIB:.0f}':>16}{busy:>8}"
             f"{r.regained_bytes / MIB:>12.0f}{r.backstop_pauses:>7}{back:>7}"
             f"  {','.join(r.killed) or '-'}"
+            + (f" dropped:{','.join(r.dropped)}" if r.dropped else "")
         )
     return "\n".join(lines)
 
@@ -472,6 +476,13 @@ class Lab:
         status and the cgroup's state: it is not what the scenarios measure); twice is a
         :class:`ScenarioError`."""
         self.cgroup.set_limit(None)
+        for name in self.dropped():  # its balloon is dead: a new QEMU
+            log.warning("%s: %s lost its vhost-user connection: rebooting it", self.where, name)
+            vm = self.vm(name)
+            if vm.scope is not None:
+                vm.scope.cancel()
+            with self.phase("stop", PHASE_SECONDS["teardown"], vm):
+                await vm.reaped.wait()
         with first_scenario_error():
             async with trio.open_nursery() as nursery:
                 for index, vm in enumerate(self.vms):
@@ -499,6 +510,10 @@ class Lab:
                                 self.cgroup.state())  # fmt: skip
             while not self.registry.view(vm.name).driver_active:
                 await trio.sleep(0.1)
+
+    def dropped(self) -> list[str]:
+        """The guests whose QEMU runs but whose vhost-user connection is gone."""
+        return [vm.name for vm in self.alive() if not self.registry.view(vm.name).connected]
 
     def alive(self) -> list[Vm]:
         return [vm for vm in self.vms if vm.guest is not None and not vm.dead]
@@ -724,6 +739,7 @@ async def run_one(lab: Lab, scenario: str, policy: str) -> RunResult:
         ),
         backstop_pauses=pauses,
         killed=[vm.name for vm in lab.vms if vm.dead],
+        dropped=lab.dropped(),
         deflated_seconds=deflated,
         decisions=decisions,
         idle_balloon_peak_bytes=idle_peak,
