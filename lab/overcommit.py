@@ -293,6 +293,7 @@ class Vm:
     dead: bool = False
     died_at: float | None = None  # time.monotonic() when its QEMU ended
     reaped: trio.Event = field(default_factory=trio.Event)  # its task has ended
+    boots: int = 0
 
 
 class _LogTail(logging.Handler):
@@ -447,7 +448,8 @@ class Lab:
                         self.sockets[index],
                         ram_mib=vm.ram_mib,
                         append="vb.interval=100000",
-                        stderr_path=self.workdir / f"{vm.name}.qemu.err",
+                        # one file per boot: a killed QEMU's last words survive its reboot
+                        stderr_path=self.workdir / f"{vm.name}.{vm.boots}.qemu.err",
                         cgroup_procs=self.cgroup.procs,
                         wait_ready=False,
                     ) as guest:
@@ -497,6 +499,7 @@ class Lab:
                 while self.registry.view(vm.name).connected:
                     await trio.sleep(0.05)  # vdev lets go of the dead QEMU's RAM first
                 vm.dead, vm.died_at, vm.reaped = False, None, trio.Event()
+                vm.boots += 1
                 try:
                     await self.nursery.start(self._guest_task, vm, index)
                     break
