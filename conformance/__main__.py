@@ -5,12 +5,14 @@
     scripts/harness --spawn-vdev [--device ...]     # start vdev serve itself, per case target
     scripts/harness --spawn 'CMD {socket} {bytes}' [--target-hook ...]   # any back-end
     scripts/harness --list [--device ...]
+    python3 -m conformance --in-guest --initial-target PAGES [-k ...]   # inside the vmw guest
 
 Exit status: 0 when no case failed, 1 when one did, 2 on usage errors.
 """
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
 from pathlib import Path
@@ -19,8 +21,18 @@ import click
 import trio
 
 from conformance.backend import BackendSpawner
-from conformance.cases import select
-from conformance.runner import Result, render_table, run_all, write_junit
+from conformance.cases import Case, select
+from conformance.runner import (
+    ERROR,
+    FAIL,
+    PASS,
+    SKIP,
+    Result,
+    render_table,
+    run_all,
+    write_junit,
+)
+from protocol.errors import LocalError
 
 
 @click.command(
@@ -49,6 +61,18 @@ from conformance.runner import Result, render_table, run_all, write_junit
     help="start this back-end per case target: {socket} {device} {pages} {bytes} substituted; "
     "it must listen on {socket}",
 )
+@click.option(
+    "--in-guest",
+    is_flag=True,
+    help="inside the vmw Linux guest (root): the guest-level cases over its virtio-pci "
+    "function (uio_pci_generic); one JSON line per result",
+)
+@click.option(
+    "--initial-target",
+    type=int,
+    help="(--in-guest) the target in pages the host set; cases needing another are skipped",
+)
+@click.option("--ram-mib", type=int, help="(--in-guest) guest RAM size (default: /proc/iomem)")
 def cli(
     socket: str | None,
     device: str,
@@ -60,13 +84,19 @@ def cli(
     spawn_vdev: bool,
     vdev: str | None,
     spawn_cmd: str | None,
+    in_guest: bool,
+    initial_target: int | None,
+    ram_mib: int | None,
 ) -> int:
     cases = select(device, pattern)
     if list_:
         for c in cases:
-            click.echo(f"{c.name:40} {c.spec}\n{'':40} {c.checks}")
+            needs = ", ".join(sorted(n.value for n in c.needs)) or "guest-level (any transport)"
+            click.echo(f"{c.name:40} {c.spec}\n{'':40} {c.checks}\n{'':40} needs: {needs}")
         click.echo(f"{len(cases)} cases for {device}")
         return 0
+    if in_guest:
+        return _in_guest(device, cases, initial_target, ram_mib)
     if not (socket or spawn_vdev or spawn_cmd):
         click.echo("harness: give --socket PATH or --spawn-vdev (or --spawn CMD)", err=True)
         return 2
@@ -91,6 +121,40 @@ def cli(
     render_table(results, f"vhost-user balloon conformance: {device} at {where}")
     if junit:
         write_junit(results, junit, f"harness.{device}")
+    return 1 if any(r.failed for r in results) else 0
+
+
+def _in_guest(
+    device: str, cases: list[Case], initial_target: int | None, ram_mib: int | None
+) -> int:
+    """The in-guest run: a JSON line per result (the host reads them off the console) and
+    a plain summary (the guest's Python root has no rich)."""
+    from conformance.inguest import result_line, run_in_guest
+
+    if device != "vmw":
+        click.echo("harness: --in-guest runs the vmw cases only", err=True)
+        return 2
+    if not cases:
+        click.echo("harness: no case matches", err=True)
+        return 2
+
+    def show(r: Result) -> None:
+        click.echo(result_line(r))
+
+    try:
+        results = trio.run(
+            functools.partial(
+                run_in_guest, cases, initial_target=initial_target, ram_mib=ram_mib, on_result=show
+            )
+        )
+    except LocalError as exc:  # no such function, no uio, not root, no pagemap...
+        click.echo(f"harness: cannot reach the guest's vmw function: {exc}", err=True)
+        return 1
+    counts = {k: sum(1 for r in results if r.outcome == k) for k in (PASS, FAIL, ERROR, SKIP)}
+    click.echo(
+        f"in-guest: {counts[PASS]} passed, {counts[FAIL] + counts[ERROR]} failed, "
+        f"{counts[SKIP]} skipped"
+    )
     return 1 if any(r.failed for r in results) else 0
 
 

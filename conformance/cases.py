@@ -14,14 +14,22 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from conformance.context import CaseFailed, Context, Skipped, expect, expect_eq, expect_status
+from conformance.context import (
+    CaseFailed,
+    Context,
+    Need,
+    Skipped,
+    VmwSession,
+    expect,
+    expect_eq,
+    expect_status,
+)
 from conformance.rawfrontend import (
-    BATCH_PAGE,
     FREE_START_PFN,
     INDIRECT,
     PAGE,
@@ -62,6 +70,13 @@ class Case:
     #: the operator target (pages) the case needs at connect time; None: any
     target: int | None = None
     timeout: float = 10.0
+    #: what it needs beyond a guest's cmdq (:class:`conformance.context.Need`); a case with
+    #: none runs over every transport, inside a guest too (it uses only ``ctx.guest()``)
+    needs: frozenset[Need] = frozenset({Need.VHOST_USER})
+
+    def missing(self, provides: frozenset[Need]) -> frozenset[Need]:
+        """What this case needs that a transport providing ``provides`` lacks."""
+        return self.needs - provides
 
 
 CASES: list[Case] = []
@@ -75,11 +90,12 @@ def case(
     devices: tuple[str, ...] = BOTH,
     target: int | None = None,
     timeout: float = 10.0,
+    needs: Sequence[Need] = (Need.VHOST_USER,),
 ) -> Callable[[CaseFn], CaseFn]:
     def register(fn: CaseFn) -> CaseFn:
         if any(c.name == name for c in CASES):
             raise ValueError(f"duplicate case {name}")
-        CASES.append(Case(name, spec, checks, fn, devices, target, timeout))
+        CASES.append(Case(name, spec, checks, fn, devices, target, timeout, frozenset(needs)))
         return fn
 
     return register
@@ -95,7 +111,19 @@ def _pfn(i: int = 0) -> int:
     return FREE_START_PFN + i
 
 
+#: a guest-level case: it talks to the device only as a guest driver does (any transport)
+GUEST: tuple[Need, ...] = ()
+
+
+async def _started(ctx: Context, target: int | None = None) -> VmwSession:
+    """A started guest session (any transport), the target ``target`` first."""
+    if target is not None:
+        await ctx.need_target(target)
+    return await ctx.guest(start=True)
+
+
 async def _handshake_vmw(ctx: Context, target: int | None = None) -> VmwGuest:
+    """A started session of our own vhost-user front-end (for cases that reach past it)."""
     if target is not None:
         await ctx.need_target(target)
     return await ctx.vmw(start=True)
@@ -521,12 +549,14 @@ async def vu_vring_bogus(ctx: Context) -> None:
 @case(
     "vmw.reset-until-start",
     "PROTOCOL.md §6 L115; §4 row ERROR_RESET",
-    "a new connection answers ERROR_RESET to every command but START; START then succeeds",
+    "a new connection (in a guest: the function reset and set up again) answers ERROR_RESET "
+    "to every command but START; START then succeeds",
     devices=VMW,
+    needs=GUEST,
 )
 async def vmw_reset_until_start(ctx: Context) -> None:
-    g = await ctx.vmw()
-    for cmd, a1 in [(C.GET_TARGET, 0), (C.GUEST_ID, 1), (C.LOCK, _pfn())]:
+    g = await ctx.guest()
+    for cmd, a1 in [(C.GET_TARGET, 0), (C.GUEST_ID, 1), (C.LOCK, ctx.pfn())]:
         expect_status(await g.command(cmd, a1), S.ERROR_RESET, f"{cmd.name} before START")
     resp = await g.start()
     expect_status(resp, S.SUCCESS_WITH_CAPABILITIES, "START")
@@ -539,9 +569,10 @@ async def vmw_reset_until_start(ctx: Context) -> None:
     "START answers SUCCESS_WITH_CAPABILITIES with offered AND supported; bit 0 never granted; "
     "only START carries capabilities",
     devices=VMW,
+    needs=GUEST,
 )
 async def vmw_start_caps(ctx: Context) -> None:
-    g = await ctx.vmw()
+    g = await ctx.guest()
     resp = await g.start(ALL_CAPS | 1)
     expect_status(resp, S.SUCCESS_WITH_CAPABILITIES, "START(0x3f)")
     expect(not resp.capabilities & 1, f"bit 0 granted: {resp.capabilities:#x}")
@@ -560,16 +591,16 @@ async def vmw_start_caps(ctx: Context) -> None:
     "START(0) withdraws: capabilities 0, LOCK is then ERROR_CMD_INVALID",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_start_withdraw(ctx: Context) -> None:
-    await ctx.need_target(T)
-    g = await ctx.vmw(start=True)
+    g = await _started(ctx, T)
     resp = await g.start(0)
     expect(
         resp.status in (S.SUCCESS, S.SUCCESS_WITH_CAPABILITIES), f"START(0) status {resp.status}"
     )
     expect_eq(resp.capabilities, 0, "START(0) capabilities")
-    expect_status(await g.command(C.LOCK, _pfn()), S.ERROR_CMD_INVALID, "LOCK after START(0)")
+    expect_status(await g.command(C.LOCK, ctx.pfn()), S.ERROR_CMD_INVALID, "LOCK after START(0)")
 
 
 @case(
@@ -577,9 +608,10 @@ async def vmw_start_withdraw(ctx: Context) -> None:
     "PROTOCOL.md §3 L69",
     "GUEST_ID(Linux) succeeds with result 0",
     devices=VMW,
+    needs=GUEST,
 )
 async def vmw_guest_id(ctx: Context) -> None:
-    g = await ctx.vmw(start=True)
+    g = await _started(ctx)
     resp = await g.command(C.GUEST_ID, vmw.GuestType.LINUX)
     expect_status(resp, S.SUCCESS, "GUEST_ID")
     expect_eq(resp.result, 0, "GUEST_ID result")
@@ -590,9 +622,10 @@ async def vmw_guest_id(ctx: Context) -> None:
     "PROTOCOL.md §3 L76",
     "commands 5, 11 and 0xffffffff get ERROR_CMD_INVALID",
     devices=VMW,
+    needs=GUEST,
 )
 async def vmw_unknown(ctx: Context) -> None:
-    g = await ctx.vmw(start=True)
+    g = await _started(ctx)
     for cmd in (5, 11, 0xFFFF_FFFF):
         expect_status(await g.command(cmd), S.ERROR_CMD_INVALID, f"command {cmd:#x}")
 
@@ -603,9 +636,10 @@ async def vmw_unknown(ctx: Context) -> None:
     "wrong magic, 23- and 25-byte requests get ERROR_CMD_INVALID (24 bytes written); a chain "
     "with no writable part is used with length 0",
     devices=VMW,
+    needs=GUEST,
 )
 async def vmw_bad_frames(ctx: Context) -> None:
-    g = await ctx.vmw(start=True)
+    g = await _started(ctx)
     good = vmw.Request(C.GET_TARGET).build()
     for what, req in [
         ("wrong magic", vmw.Request(C.GET_TARGET, magic=0x12345678).build()),
@@ -628,36 +662,33 @@ async def vmw_bad_frames(ctx: Context) -> None:
     "a request split over three readable descriptors and a response over two writable ones "
     "is served; an indirect chain too",
     devices=VMW,
+    needs=GUEST,
 )
 async def vmw_split(ctx: Context) -> None:
-    g = await ctx.vmw(start=True)
+    g = await _started(ctx)
     req = vmw.Request(C.GUEST_ID, 1).build()
-    base = slot_gpa(0, 40)
-    await g.fe.mem.write(base, req)
-    await g.fe.mem.write(base + 0x100, b"\xee" * 24)
-    bufs = [
-        Buffer(base, 5),
-        Buffer(base + 5, 11),
-        Buffer(base + 16, 8),
-        Buffer(base + 0x100, 10, write=True),
-        Buffer(base + 0x10A, 14, write=True),
-    ]
-    await g.cmdq.ring.add(bufs)
-    (used,) = await g.fe.wait_used(g.cmdq)
-    expect_eq(used.len, 24, "split chain: used length")
-    resp = vmw.Response.parse(await g.fe.mem.read(base + 0x100, 24))
-    expect_status(resp, S.SUCCESS, "split GUEST_ID")
-    if not g.fe.acked & VF.RING_INDIRECT_DESC:
-        raise Skipped("INDIRECT_DESC not negotiated (split part passed)")
-    await g.fe.mem.write(base + 0x100, b"\xee" * 24)
-    await g.cmdq.ring.add(
-        [Buffer(base, 24), Buffer(base + 0x100, 24, write=True)], indirect_table=INDIRECT
+    base = g.scratch
+    await g.write(base, req)
+    await g.write(base + 0x100, b"\xee" * 24)
+    used = await g.post(
+        [
+            Buffer(base, 5),
+            Buffer(base + 5, 11),
+            Buffer(base + 16, 8),
+            Buffer(base + 0x100, 10, write=True),
+            Buffer(base + 0x10A, 14, write=True),
+        ]
     )
-    (used,) = await g.fe.wait_used(g.cmdq)
+    expect_eq(used.len, 24, "split chain: used length")
+    resp = vmw.Response.parse(await g.read(base + 0x100, 24))
+    expect_status(resp, S.SUCCESS, "split GUEST_ID")
+    if not g.indirect:
+        raise Skipped("INDIRECT_DESC not negotiated (split part passed)")
+    await g.write(base + 0x100, b"\xee" * 24)
+    used = await g.post([Buffer(base, 24), Buffer(base + 0x100, 24, write=True)], indirect=True)
     expect_eq(used.len, 24, "indirect chain: used length")
-    resp = vmw.Response.parse(await g.fe.mem.read(base + 0x100, 24))
+    resp = vmw.Response.parse(await g.read(base + 0x100, 24))
     expect_status(resp, S.SUCCESS, "indirect GUEST_ID")
-
 
 @case(
     "vmw.lock-unlock",
@@ -665,18 +696,19 @@ async def vmw_split(ctx: Context) -> None:
     "LOCK/UNLOCK answer SUCCESS then PPN_LOCKED/PPN_UNLOCKED, and carry the target in result",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_lock_unlock(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, T)
-    resp = await g.command(C.LOCK, _pfn())
+    g = await _started(ctx, T)
+    resp = await g.command(C.LOCK, ctx.pfn())
     expect_status(resp, S.SUCCESS, "LOCK")
     expect_eq(resp.result, T, "LOCK result (target)")
-    expect_status(await g.command(C.LOCK, _pfn()), S.ERROR_PPN_LOCKED, "second LOCK")
-    resp = await g.command(C.UNLOCK, _pfn())
+    expect_status(await g.command(C.LOCK, ctx.pfn()), S.ERROR_PPN_LOCKED, "second LOCK")
+    resp = await g.command(C.UNLOCK, ctx.pfn())
     expect_status(resp, S.SUCCESS, "UNLOCK")
     expect_eq(resp.result, T, "UNLOCK result (target)")
-    expect_status(await g.command(C.UNLOCK, _pfn()), S.ERROR_PPN_UNLOCKED, "second UNLOCK")
-    resp = await g.command(C.GET_TARGET, g.fe.ram.size // PAGE)
+    expect_status(await g.command(C.UNLOCK, ctx.pfn()), S.ERROR_PPN_UNLOCKED, "second UNLOCK")
+    resp = await g.command(C.GET_TARGET, g.ram_end_pfn)
     expect_eq(resp.result, T, "GET_TARGET result")
 
 
@@ -686,10 +718,11 @@ async def vmw_lock_unlock(ctx: Context) -> None:
     "with target 0, LOCK answers ERROR_PPN_NOTNEEDED",
     devices=VMW,
     target=0,
+    needs=GUEST,
 )
 async def vmw_not_needed(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, 0)
-    expect_status(await g.command(C.LOCK, _pfn()), S.ERROR_PPN_NOTNEEDED, "LOCK at target 0")
+    g = await _started(ctx, 0)
+    expect_status(await g.command(C.LOCK, ctx.pfn()), S.ERROR_PPN_NOTNEEDED, "LOCK at target 0")
 
 
 @case(
@@ -698,6 +731,7 @@ async def vmw_not_needed(ctx: Context) -> None:
     "with target 512, one 2 MiB lock fills the balloon: the next LOCK is PPN_NOTNEEDED",
     devices=VMW,
     target=512,
+    needs=(Need.HUGE_RUNS,),
 )
 async def vmw_2m_counts(ctx: Context) -> None:
     g = await _handshake_vmw(ctx, 512)
@@ -713,10 +747,11 @@ async def vmw_2m_counts(ctx: Context) -> None:
     "LOCK of a PFN beyond guest RAM answers ERROR_PPN_INVALID",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_outside(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, T)
-    end = g.fe.ram.size // PAGE
+    g = await _started(ctx, T)
+    end = g.ram_end_pfn
     for pfn in (end, end + 12345, 0xFFFF_FFFF):
         expect_status(await g.command(C.LOCK, pfn), S.ERROR_PPN_INVALID, f"LOCK {pfn:#x}")
 
@@ -727,16 +762,17 @@ async def vmw_outside(ctx: Context) -> None:
     "without 64_BIT_TARGET a non-batched PFN >= 2^32 is ERROR_PPN_INVALID",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_pfn32(ctx: Context) -> None:
     await ctx.need_target(T)
-    g = await ctx.vmw()
+    g = await ctx.guest()
     caps = ALL_CAPS & ~vmw.Capability.BIT64_TARGET
     expect_status(await g.start(caps), S.SUCCESS_WITH_CAPABILITIES, "START")
     # a PFN that would alias a RAM page if truncated to 32 bits
-    resp = await g.command(C.LOCK, (1 << 32) + _pfn())
+    resp = await g.command(C.LOCK, (1 << 32) + ctx.pfn())
     expect_status(resp, S.ERROR_PPN_INVALID, "LOCK 2^32 + pfn")
-    expect_status(await g.command(C.UNLOCK, _pfn()), S.ERROR_PPN_UNLOCKED, "the alias is untouched")
+    expect_status(await g.command(C.UNLOCK, ctx.pfn()), S.ERROR_PPN_UNLOCKED, "the alias is untouched")
 
 
 @case(
@@ -745,13 +781,14 @@ async def vmw_pfn32(ctx: Context) -> None:
     "each command is ERROR_CMD_INVALID unless its capability was negotiated",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_gating(ctx: Context) -> None:
     await ctx.need_target(T)
-    g = await ctx.vmw()
+    g = await ctx.guest()
     cap = vmw.Capability
     expect_status(await g.start(int(cap.BASIC_CMDS)), S.SUCCESS_WITH_CAPABILITIES, "START")
-    page = BATCH_PAGE // PAGE
+    page = g.batch_pfn
     for cmd, a1, a2 in [
         (C.BATCHED_LOCK, page, 1),
         (C.BATCHED_UNLOCK, page, 1),
@@ -768,7 +805,7 @@ async def vmw_gating(ctx: Context) -> None:
         await g.command(C.BATCHED_2M_LOCK, page, 1), S.ERROR_CMD_INVALID, "2M without BATCHED"
     )
     expect_status(await g.start(int(cap.BATCHED_CMDS)), S.SUCCESS_WITH_CAPABILITIES, "START")
-    expect_status(await g.command(C.LOCK, _pfn()), S.ERROR_CMD_INVALID, "LOCK without BASIC")
+    expect_status(await g.command(C.LOCK, ctx.pfn()), S.ERROR_CMD_INVALID, "LOCK without BASIC")
 
 
 @case(
@@ -805,18 +842,19 @@ async def vmw_clamp(ctx: Context) -> None:
     "PFN bits untouched, and SUCCESS as a whole",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_batch_statuses(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, T)
-    expect_status(await g.command(C.LOCK, _pfn(1)), S.SUCCESS, "LOCK")
-    outside = g.fe.ram.size // PAGE + 7
+    g = await _started(ctx, T)
+    expect_status(await g.command(C.LOCK, ctx.pfn(1)), S.SUCCESS, "LOCK")
+    outside = g.ram_end_pfn + 7
     shift = vmw.ENTRY_PFN_SHIFT
     entries = [
-        _pfn(0) << shift,
-        _pfn(1) << shift,
+        ctx.pfn(0) << shift,
+        ctx.pfn(1) << shift,
         outside << shift,
-        (_pfn(2) << shift) | (1 << 5),
-        (_pfn(3) << shift) | 0x1F,  # stale status bits in the guest's entry: overwritten
+        (ctx.pfn(2) << shift) | (1 << 5),
+        (ctx.pfn(3) << shift) | 0x1F,  # stale status bits in the guest's entry: overwritten
     ]
     resp, after = await g.batch(C.BATCHED_LOCK, [], raw_entries=entries)
     expect_status(resp, S.SUCCESS, "BATCHED_LOCK as a whole")
@@ -826,7 +864,7 @@ async def vmw_batch_statuses(ctx: Context) -> None:
     expect_eq([S(s).name if s in set(S) else s for s in got], [w.name for w in want], "statuses")
     for i, (before_e, after_e) in enumerate(zip(entries, after, strict=True)):
         expect_eq(after_e >> 12, before_e >> 12, f"entry {i} PFN bits")
-    resp, after = await g.batch(C.BATCHED_UNLOCK, [_pfn(0), _pfn(5)])
+    resp, after = await g.batch(C.BATCHED_UNLOCK, [ctx.pfn(0), ctx.pfn(5)])
     expect_status(resp, S.SUCCESS, "BATCHED_UNLOCK")
     expect_eq([status_of(e) for e in after], [S.SUCCESS, S.ERROR_PPN_UNLOCKED], "unlock statuses")
 
@@ -837,13 +875,14 @@ async def vmw_batch_statuses(ctx: Context) -> None:
     "entry count 0 or 513, and a batch page outside RAM, answer ERROR_CMD_INVALID",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_batch_count(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, T)
+    g = await _started(ctx, T)
     for n in (0, 513, 0xFFFF_FFFF):
-        resp, _ = await g.batch(C.BATCHED_LOCK, [_pfn()], count=n)
+        resp, _ = await g.batch(C.BATCHED_LOCK, [ctx.pfn()], count=n)
         expect_status(resp, S.ERROR_CMD_INVALID, f"BATCHED_LOCK count {n}")
-    outside = g.fe.ram.size // PAGE + 1
+    outside = g.ram_end_pfn + 1
     resp = await g.command(C.BATCHED_LOCK, outside, 1)
     expect_status(resp, S.ERROR_CMD_INVALID, "batch page outside RAM")
 
@@ -855,6 +894,7 @@ async def vmw_batch_count(ctx: Context) -> None:
     "a locked 4 KiB page are both PPN_LOCKED",
     devices=VMW,
     target=T,
+    needs=(Need.HUGE_RUNS,),
 )
 async def vmw_2m(ctx: Context) -> None:
     g = await _handshake_vmw(ctx, T)
@@ -878,15 +918,15 @@ async def vmw_2m(ctx: Context) -> None:
     "ERROR_PPN_PINNED",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_pinned(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, T)
-    for q in (g.cmdq, g.eventq):
-        for first, count in q.ring.layout.pfn_ranges():
-            for pfn in (first, first + count - 1):
-                resp = await g.command(C.LOCK, pfn)
-                expect_status(resp, S.ERROR_PPN_PINNED, f"LOCK of ring page {pfn:#x}")
-    resp, after = await g.batch(C.BATCHED_LOCK, [BATCH_PAGE // PAGE, _pfn()])
+    g = await _started(ctx, T)
+    for first, count in g.ring_pfn_ranges():
+        for pfn in (first, first + count - 1):
+            resp = await g.command(C.LOCK, pfn)
+            expect_status(resp, S.ERROR_PPN_PINNED, f"LOCK of ring page {pfn:#x}")
+    resp, after = await g.batch(C.BATCHED_LOCK, [g.batch_pfn, ctx.pfn()])
     expect_eq(status_of(after[0]), S.ERROR_PPN_PINNED, "batch page in its own batch")
     expect_eq(status_of(after[1]), S.SUCCESS, "the other entry")
 
@@ -897,6 +937,7 @@ async def vmw_pinned(ctx: Context) -> None:
     "locking 1024 resident pages frees them in the RAM file (st_blocks drops by >= 4 MiB)",
     devices=VMW,
     target=T,
+    needs=(Need.RAM_FILE,),
 )
 async def vmw_reclaim(ctx: Context) -> None:
     g = await _handshake_vmw(ctx, T)
@@ -918,14 +959,15 @@ async def vmw_reclaim(ctx: Context) -> None:
     "a page written by the guest, locked and unlocked reads back as zeros",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_zeros(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, T)
-    pfn = _pfn(9)
-    touch(g.fe.ram, pfn, 1, 0x5A)
+    g = await _started(ctx, T)
+    pfn = ctx.pfn(9)
+    await g.fill_page(pfn, 0x5A)
     expect_status(await g.command(C.LOCK, pfn), S.SUCCESS, "LOCK")
     expect_status(await g.command(C.UNLOCK, pfn), S.SUCCESS, "UNLOCK")
-    data = g.fe.ram.read(pfn * PAGE, PAGE)
+    data = await g.read_page(pfn)
     expect(data == bytes(PAGE), f"unlocked page holds {data[:8].hex()}... (not zeros)")
 
 
@@ -935,12 +977,13 @@ async def vmw_zeros(ctx: Context) -> None:
     "every START begins a fresh balloon: pages locked before it can be locked again",
     devices=VMW,
     target=T,
+    needs=GUEST,
 )
 async def vmw_start_forgets(ctx: Context) -> None:
-    g = await _handshake_vmw(ctx, T)
-    expect_status(await g.command(C.LOCK, _pfn()), S.SUCCESS, "LOCK")
+    g = await _started(ctx, T)
+    expect_status(await g.command(C.LOCK, ctx.pfn()), S.SUCCESS, "LOCK")
     expect_status(await g.start(), S.SUCCESS_WITH_CAPABILITIES, "second START")
-    expect_status(await g.command(C.LOCK, _pfn()), S.SUCCESS, "LOCK of the same page")
+    expect_status(await g.command(C.LOCK, ctx.pfn()), S.SUCCESS, "LOCK of the same page")
 
 
 @case(
@@ -949,6 +992,7 @@ async def vmw_start_forgets(ctx: Context) -> None:
     "after DOORBELL_SET, a target change writes event kind 1 into an eventq buffer, uses it "
     "with length 8 and signals the call fd; an event with no buffer waits for one",
     devices=VMW,
+    needs=(Need.TARGET_CHANGE,),
 )
 async def vmw_doorbell(ctx: Context) -> None:
     if not ctx.can_set_target:
@@ -982,6 +1026,7 @@ async def vmw_doorbell(ctx: Context) -> None:
     "PROTOCOL.md §3 L74; §5 L110-111",
     "DOORBELL_SET(0xffffffff, 0xffffffff) unregisters: a target change then posts no event",
     devices=VMW,
+    needs=(Need.TARGET_CHANGE,),
 )
 async def vmw_doorbell_unregister(ctx: Context) -> None:
     if not ctx.can_set_target:
@@ -1031,6 +1076,7 @@ async def _survives(ctx: Context, g: VmwGuest, what: str) -> None:
     "a readable descriptor of length 0xffffffff is not followed (used length 0 or "
     "ERROR_CMD_INVALID); the device goes on serving",
     devices=VMW,
+    needs=(Need.VHOST_USER, Need.RAW_RING),
 )
 async def ring_oversized(ctx: Context) -> None:
     g = await ctx.vmw(start=True)
@@ -1053,6 +1099,7 @@ async def ring_oversized(ctx: Context) -> None:
     "ERROR_CMD_INVALID (or used length 0), never executed",
     devices=VMW,
     target=T,
+    needs=(Need.VHOST_USER, Need.RAW_RING),
 )
 async def ring_writable(ctx: Context) -> None:
     g = await _handshake_vmw(ctx, T)
@@ -1070,6 +1117,7 @@ async def ring_writable(ctx: Context) -> None:
     "descriptors at 0xffff_ffff_ffff_f000 (addr + len wraps) and beyond RAM are completed with "
     "used length 0; the device goes on serving",
     devices=VMW,
+    needs=(Need.VHOST_USER, Need.RAW_RING),
 )
 async def ring_overflow(ctx: Context) -> None:
     g = await ctx.vmw(start=True)
@@ -1087,6 +1135,7 @@ async def ring_overflow(ctx: Context) -> None:
     "PROTOCOL.md §2 L58-59 (loop)",
     "a chain that loops on itself is completed with used length 0 (not followed forever)",
     devices=VMW,
+    needs=(Need.VHOST_USER, Need.RAW_RING),
 )
 async def ring_loop(ctx: Context) -> None:
     g = await ctx.vmw(start=True)
@@ -1104,6 +1153,7 @@ async def ring_loop(ctx: Context) -> None:
     "an indirect table whose length is not a multiple of 16, or nested INDIRECT, is not "
     "followed; the device goes on serving",
     devices=VMW,
+    needs=(Need.VHOST_USER, Need.RAW_RING),
 )
 async def ring_bad_indirect(ctx: Context) -> None:
     g = await ctx.vmw(start=True)
@@ -1125,6 +1175,7 @@ async def ring_bad_indirect(ctx: Context) -> None:
     "an avail head >= queue size and an avail.idx that jumps by more than the queue size do "
     "not crash the device",
     devices=VMW,
+    needs=(Need.VHOST_USER, Need.RAW_RING),
 )
 async def ring_head(ctx: Context) -> None:
     g = await ctx.vmw(start=True)
@@ -1144,6 +1195,7 @@ async def ring_head(ctx: Context) -> None:
     "the same head made available twice is answered (or refused) without corrupting the "
     "device: the next command is served",
     devices=VMW,
+    needs=(Need.VHOST_USER, Need.RAW_RING),
 )
 async def ring_duplicate(ctx: Context) -> None:
     g = await ctx.vmw(start=True)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import shlex
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import trio
 
-from conformance.rawfrontend import BalloonGuest, Frontend, VmwGuest
+from conformance.rawfrontend import FREE_START_PFN, BalloonGuest, Frontend, VmwGuest
+from guest_driver.virtq import Buffer, UsedElem
 from protocol import vmw
 from protocol.errors import BackendHungUp
 
@@ -54,6 +56,78 @@ def expect_status(resp: vmw.Response, want: vmw.Status, what: str) -> None:
 TargetSetter = Callable[[int], Awaitable[None]]
 
 
+class Need(enum.Enum):
+    """What a case needs beyond a vmw guest's command queue (``Case.needs``).
+
+    A transport provides some of these (:attr:`Context.provides`); the runner reports a case
+    that needs one its transport lacks as skipped, with the reason. A case that needs none
+    of them talks to the device only the way a guest driver does (the cmdq, the eventq and
+    its own pages), through :meth:`Context.vmw` and :meth:`Context.pfn`, and so runs over
+    every transport, the in-guest one included."""
+
+    #: speaks vhost-user to the back-end itself (messages, memory table, fds, ring set-up)
+    VHOST_USER = "vhost-user"
+    #: reads or measures the guest RAM file from the host side (st_blocks, page contents)
+    RAM_FILE = "ram-file"
+    #: changes the operator target while it runs (``--target-hook``)
+    TARGET_CHANGE = "target-change"
+    #: posts hostile descriptor chains (a device that gives up on the ring is acceptable
+    #: there, but inside a guest it would take the guest's only device down with it)
+    RAW_RING = "raw-ring"
+    #: locks 2 MiB pages at frames it chooses (adjacent, 2 MiB-aligned): a process in a
+    #: guest gets no such frames from its kernel
+    HUGE_RUNS = "huge-runs"
+
+    @property
+    def why(self) -> str:
+        return _NEED_WHY[self]
+
+
+_NEED_WHY = {
+    Need.VHOST_USER: "speaks vhost-user itself",
+    Need.RAM_FILE: "reads the guest RAM file on the host",
+    Need.TARGET_CHANGE: "changes the target while it runs",
+    Need.RAW_RING: "posts hostile descriptor chains",
+    Need.HUGE_RUNS: "locks adjacent 2 MiB pages at chosen frames",
+}
+
+
+class VmwSession(Protocol):
+    """A started vmw driver session as the transport-neutral cases see it: commands on the
+    cmdq, hand-made chains, and the guest pages the harness owns.
+    :class:`conformance.rawfrontend.VmwGuest` (our own vhost-user front-end) and
+    :class:`conformance.inguest.GuestVmw` (a guest's virtio-pci function) implement it."""
+
+    @property
+    def ram_end_pfn(self) -> int: ...
+    @property
+    def batch_pfn(self) -> int: ...
+    @property
+    def indirect(self) -> bool: ...
+    @property
+    def scratch(self) -> int: ...
+
+    async def command(self, cmd: int, arg1: int = 0, arg2: int = 0) -> vmw.Response: ...
+    async def start(self, caps: int = int(vmw.ALL_CAPABILITIES)) -> vmw.Response: ...
+    async def exchange(
+        self, request: bytes, resp_len: int = vmw.RESPONSE_SIZE
+    ) -> tuple[bytes, UsedElem]: ...
+    async def batch(
+        self,
+        cmd: int,
+        pfns: Sequence[int],
+        *,
+        raw_entries: Sequence[int] | None = None,
+        count: int | None = None,
+    ) -> tuple[vmw.Response, list[int]]: ...
+    def ring_pfn_ranges(self) -> list[tuple[int, int]]: ...
+    async def write(self, gpa: int, data: bytes) -> None: ...
+    async def read(self, gpa: int, n: int) -> bytes: ...
+    async def post(self, buffers: Sequence[Buffer], *, indirect: bool = False) -> UsedElem: ...
+    async def fill_page(self, pfn: int, byte: int) -> None: ...
+    async def read_page(self, pfn: int) -> bytes: ...
+
+
 @dataclass
 class Context:
     """Per case: the socket under test, the personality, and the tools to reach it."""
@@ -65,6 +139,14 @@ class Context:
     #: set when the runner started vdev for this case with ``--target`` (spawn mode)
     initial_target: int | None = None
     _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    #: the transport's name in reports, and what it can do besides guest commands
+    transport: ClassVar[str] = "vhost-user"
+    provides: ClassVar[frozenset[Need]] = frozenset(Need)
+
+    def pfn(self, i: int = 0) -> int:
+        """The ``i``-th page the case may lock (a page of the harness's own guest RAM)."""
+        return FREE_START_PFN + i
 
     # -- connections ---------------------------------------------------------------------
 
@@ -80,6 +162,11 @@ class Context:
             resp = await g.start()
             expect_status(resp, vmw.Status.SUCCESS_WITH_CAPABILITIES, "START")
         return g
+
+    async def guest(self, *, start: bool = False) -> VmwSession:
+        """A fresh vmw driver session (the device starts over: ERROR_RESET until START);
+        with ``start``, START with every capability. Here: a new vhost-user connection."""
+        return await self.vmw(start=start)
 
     async def balloon(self, **kw: Any) -> BalloonGuest:
         g = await BalloonGuest.attach(self.socket, **kw)

@@ -453,6 +453,50 @@ class VmwGuest:
         after = await self.fe.mem.read(BATCH_PAGE, len(page))
         return resp, list(struct.unpack(f"<{len(page) // 8}Q", after))
 
+    # -- what the guest-level cases use (conformance.inguest.GuestVmw has the same) --------
+
+    @property
+    def ram_end_pfn(self) -> int:
+        """The first page frame past the guest's RAM."""
+        return self.fe.ram.size // PAGE
+
+    @property
+    def batch_pfn(self) -> int:
+        return BATCH_PAGE // PAGE
+
+    @property
+    def indirect(self) -> bool:
+        """INDIRECT_DESC was negotiated."""
+        return bool(self.fe.acked & VF.RING_INDIRECT_DESC)
+
+    @property
+    def scratch(self) -> int:
+        """A scratch area (>= 512 bytes, in one page) for hand-made chains."""
+        return slot_gpa(0, 40)
+
+    def ring_pfn_ranges(self) -> list[tuple[int, int]]:
+        """(first pfn, count) of every page the cmdq and eventq rings occupy."""
+        return [r for q in (self.cmdq, self.eventq) for r in q.ring.layout.pfn_ranges()]
+
+    async def write(self, gpa: int, data: bytes) -> None:
+        await self.fe.mem.write(gpa, data)
+
+    async def read(self, gpa: int, n: int) -> bytes:
+        return await self.fe.mem.read(gpa, n)
+
+    async def post(self, buffers: Sequence[Buffer], *, indirect: bool = False) -> UsedElem:
+        """Post one chain on cmdq (through an indirect table if asked); its used element."""
+        await self.cmdq.ring.add(buffers, indirect_table=INDIRECT if indirect else None)
+        (used,) = await self.fe.wait_used(self.cmdq)
+        return used
+
+    async def fill_page(self, pfn: int, byte: int) -> None:
+        """Write ``byte`` all over guest page ``pfn`` (resident afterwards)."""
+        touch(self.fe.ram, pfn, 1, byte)
+
+    async def read_page(self, pfn: int) -> bytes:
+        return self.fe.ram.read(pfn * PAGE, PAGE)
+
     async def post_event_buffer(self, i: int = 0) -> None:
         await self.eventq.ring.add([Buffer(EVENT_BUFFERS + 16 * i, vmw.EVENT_SIZE, write=True)])
         self.eventq.kick_now()

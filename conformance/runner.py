@@ -31,6 +31,16 @@ class Result:
         return self.outcome in (FAIL, ERROR)
 
 
+def unsupported(c: Case, context: type[Context]) -> str | None:
+    """Why ``c`` cannot run over ``context``'s transport (what it needs that the transport
+    lacks, :class:`conformance.context.Need`), or None."""
+    missing = c.missing(context.provides)
+    if not missing:
+        return None
+    why = "; ".join(f"{n.value} ({n.why})" for n in sorted(missing, key=lambda n: n.value))
+    return f"needs {why}: not over the {context.transport} transport"
+
+
 async def run_case(c: Case, ctx: Context) -> Result:
     t0 = time.monotonic()
     try:
@@ -69,6 +79,10 @@ async def run_all(
     results: list[Result] = []
     for c in cases:
         initial = None
+        reason = unsupported(c, Context)
+        if reason is not None:
+            results.append(Result(c, SKIP, reason))
+            continue
         try:
             if spawner is not None:
                 path = await spawner.socket_for(c.target)

@@ -71,7 +71,11 @@ def _read_hex(path: Path) -> int:
 
 def find_function(vendor: int, device: int, root: Path = SYS_PCI) -> Path:
     """The sysfs directory of the first PCI function with ``vendor:device``."""
-    for dev in sorted((root / "devices").iterdir()):
+    try:
+        devices = sorted((root / "devices").iterdir())
+    except OSError as exc:
+        raise PortError(f"cannot list PCI functions in {root / 'devices'}: {exc}") from exc
+    for dev in devices:
         try:
             if _read_hex(dev / "vendor") == vendor and _read_hex(dev / "device") == device:
                 return dev

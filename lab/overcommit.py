@@ -21,8 +21,16 @@ guest OOM kills (``oom_kill`` in each guest's ``/proc/vmstat``), peak usage vs l
 (``memory.max_usage_in_bytes``), the busy workload's completion time, memory regained
 (bytes vdev punched out of the guests' RAM files during the run), backstop pauses.
 
+Every phase (booting a guest, preparing a run, the workload, the deflation, recording,
+tearing down) has its own deadline (:data:`PHASE_SECONDS`) and the whole of one scenario
+another (:func:`scenario_budget`): past one, :class:`PhaseTimeout` names the phase and the
+guest and carries diagnostics (console and QEMU stderr tails, the balloons, the cgroup's
+usage/limit/OOM state, vdev's last log lines). Every QEMU started is killed and reaped and
+the child cgroup removed on any exit (:meth:`Lab.close`).
+
 The cgroup is a child of this process's own cgroup v1 memory cgroup (root needed);
-``python -m lab.overcommit`` / ``scripts/overcommit`` print the table and draw the chart.
+``python -m lab.overcommit`` / ``scripts/overcommit`` print the table and draw the chart
+(``overcommit.json`` is the recording ``vdev plot --recording`` draws: one drawing path).
 """
 
 from __future__ import annotations
@@ -32,15 +40,17 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from lab.linux_guest import MIB, LinuxGuest, boot_guest, device_class
+from lab.linux_guest import MIB, GuestFailure, LinuxGuest, boot_guest, device_class
 from lab.linux_image import LinuxImage
 from lab.qemu import QemuBinary
 from protocol.errors import LocalError
@@ -70,11 +80,25 @@ SLOW_STEP_MIB = 16
 SLOW_STEP_PAUSE = 0.4
 #: seconds between the limit (and the policy) and the workload
 SETTLE = 3.0
-#: one run may take this long (TCG on 2 shared cores); the suite fails past it
-RUN_TIMEOUT = 120.0
-#: (d): the balloons must be back below this (MiB in total) this long after the workload ends
+#: the busy workload may take this long (TCG on 2 shared cores); past it the run records
+#: that it did not finish (busy_seconds None)
+RUN_TIMEOUT = 60.0
+#: (d): the idle guests' balloons must be back below this (MiB in total) this long after the
+#: workload ends (the policy holds pressure balloons DEFLATE_HOLD = 10 s first)
 DEFLATED_MIB = 32
 DEFLATE_TIMEOUT = 60.0
+#: (d): ours must have inflated the idle guests by at least this much (MiB in total) while
+#: the busy guest was working, or the deflation proves nothing
+INFLATED_MIB = 64
+#: the deadline of each phase (seconds); a phase past it is a PhaseTimeout
+PHASE_SECONDS = {
+    "boot": 120.0,  # the guests side by side, until their drivers are active (TCG, 2 cores)
+    "prepare": 60.0,  # deflate, flush, touch
+    "workload": SETTLE + RUN_TIMEOUT + 15.0,  # the run itself (bounded again inside)
+    "deflate": DEFLATE_TIMEOUT + 15.0,
+    "record": 45.0,  # OOM counters from the guests, clean-up in the busy guest
+    "teardown": 30.0,
+}
 
 
 class ScenarioError(LocalError):
@@ -83,6 +107,28 @@ class ScenarioError(LocalError):
 
     Raised by :class:`ChildCgroup`; caught by ``scripts/overcommit`` (exit 1 with the reason)
     and by the overcommit test (which fails, saying why)."""
+
+
+class PhaseTimeout(ScenarioError):
+    """A phase of a scenario (or the whole scenario) passed its deadline: the message names
+    the phase, the guest, and carries the diagnostics (:meth:`Lab.diagnostics`).
+
+    Raised by :meth:`Lab.phase`; caught like :class:`ScenarioError`."""
+
+
+@contextlib.contextmanager
+def first_scenario_error() -> Iterator[None]:
+    """A nursery's exception group that holds a :class:`ScenarioError` becomes that error
+    (the first one), so that callers catch ``ScenarioError`` and see what went wrong."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found = group.subgroup(ScenarioError)
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]  # type: ignore[assignment]
+        if isinstance(found, ScenarioError):
+            raise found from group
+        raise
 
 
 # --------------------------------------------------------------------------- the cgroup
@@ -99,7 +145,7 @@ class ChildCgroup:
             raise ScenarioError(f"the scenarios need a cgroup v1 memory controller, got {own}")
         path = Path(own.path) / name
         try:
-            path.mkdir(exist_ok=True)
+            path.mkdir()
         except OSError as e:
             raise ScenarioError(f"cannot create memory cgroup {path}: {e.strerror}") from e
         self.path = path
@@ -130,9 +176,47 @@ class ChildCgroup:
     def oom_kills(self) -> int:
         return read_cgroup(self.source).oom_kills
 
-    def remove(self) -> None:
-        with contextlib.suppress(OSError):
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in self.procs.read_text().split()]
+        except OSError:
+            return []
+
+    def state(self) -> str:
+        """usage/limit/peak and the OOM state, for diagnostics (never raises)."""
+        try:
+            oom = " ".join((self.path / "memory.oom_control").read_text().split())
+            return (
+                f"cgroup {self.path}: usage {self.usage() / MIB:.0f} MiB, limit "
+                f"{int((self.path / 'memory.limit_in_bytes').read_text()) / MIB:.0f} MiB, peak "
+                f"{self.peak() / MIB:.0f} MiB, {oom}, procs {self.pids()}"
+            )
+        except (OSError, ValueError) as e:
+            return f"cgroup {self.path}: unreadable ({e})"
+
+    def release(self) -> None:
+        """No limit, the OOM killer back: whatever sleeps in the cgroup can run (and die)."""
+        for name, value in (("memory.oom_control", "0"), ("memory.limit_in_bytes", "-1")):
+            with contextlib.suppress(OSError):
+                self._write(name, value)
+
+    def kill_all(self) -> list[int]:
+        """SIGKILL every process still in the cgroup (only our QEMUs are ever put there)."""
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def remove(self) -> bool:
+        try:
             self.path.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError as e:
+            log.warning("cannot remove memory cgroup %s: %s", self.path, e.strerror)
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------- results
@@ -150,9 +234,18 @@ class RunResult:
     regained_bytes: int
     backstop_pauses: int
     killed: list[str] = field(default_factory=list)
+    #: guests whose vhost-user connection to vdev dropped while their QEMU ran on (QEMU's
+    #: generic vhost-user device does not survive that: the guest's balloon is dead)
+    dropped: list[str] = field(default_factory=list)
     deflated_seconds: float | None = None  # (d): until the balloons came back
     decisions: int = 0
-    timeline: list[dict[str, Any]] = field(default_factory=list)  # for the chart
+    #: (d): the idle guests' largest balloon total (bytes) while the busy guest worked
+    idle_balloon_peak_bytes: int = 0
+    #: samples every 0.1 s: {"t", "usage", "vms": {name: {"resident", "balloon", "target"}}}
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    #: the policy's decisions (targets with their reasons), host states, backstop actions,
+    #: and the guests killed: {"t", "type", ...}
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def oom_kills(self) -> int:
@@ -161,21 +254,29 @@ class RunResult:
     def row(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("timeline")
+        d.pop("events")
         return d
+
+    def record(self) -> dict[str, Any]:
+        """The run as ``overcommit.json`` holds it (what ``vdev plot --recording`` reads)."""
+        return {**asdict(self), "title": SCENARIO_TITLES[self.scenario]}
 
 
 def format_table(results: Sequence[RunResult]) -> str:
     head = (
         f"{'scenario':<10}{'policy':<7}{'cgOOM':>6}{'guestOOM':>9}{'peak/limit MB':>16}"
-        f"{'busy s':>8}{'regained MB':>12}{'pauses':>7}  killed"
+        f"{'busy s':>8}{'regained MB':>12}{'pauses':>7}{'back s':>7}  killed"
     )
     lines = [head]
     for r in results:
         busy = "-" if r.busy_seconds is None else f"{r.busy_seconds:.1f}"
+        back = "-" if r.deflated_seconds is None else f"{r.deflated_seconds:.1f}"
         lines.append(
             f"{r.scenario:<10}{r.policy:<7}{r.cgroup_oom_kills:>6}{r.guest_oom_kills:>9}"
             f"{f'{r.peak_bytes / MIB:.0f}/{r.limit_bytes / MIB:.0f}':>16}{busy:>8}"
-            f"{r.regained_bytes / MIB:>12.0f}{r.backstop_pauses:>7}  {','.join(r.killed) or '-'}"
+            f"{r.regained_bytes / MIB:>12.0f}{r.backstop_pauses:>7}{back:>7}"
+            f"  {','.join(r.killed) or '-'}"
+            + (f" dropped:{','.join(r.dropped)}" if r.dropped else "")
         )
     return "\n".join(lines)
 
@@ -190,19 +291,57 @@ class Vm:
     guest: LinuxGuest | None = None
     scope: trio.CancelScope | None = None
     dead: bool = False
+    died_at: float | None = None  # time.monotonic() when its QEMU ended
+    reaped: trio.Event = field(default_factory=trio.Event)  # its task has ended
+    boots: int = 0
+
+
+class _LogTail(logging.Handler):
+    """vdev's last log lines, for the diagnostics of a phase that timed out."""
+
+    def __init__(self, size: int = 30) -> None:
+        super().__init__(logging.INFO)
+        self.lines: deque[str] = deque(maxlen=size)
+        self.setFormatter(logging.Formatter("%(relativeCreated)9.0fms %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.lines.append(self.format(record))
+
+
+@contextlib.contextmanager
+def vdev_log_tail() -> Iterator[_LogTail]:
+    """Keep vdev's INFO-and-above log lines (the last 30) while inside."""
+    logger = logging.getLogger("vdev")
+    tail = _LogTail()
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(tail)
+    try:
+        yield tail
+    finally:
+        logger.removeHandler(tail)
+        logger.setLevel(level)
 
 
 class Lab:
     """vdev (in this process) with three sockets, three guests in one child cgroup."""
 
     def __init__(
-        self, qemu: QemuBinary, image: LinuxImage, workdir: Path, nursery: trio.Nursery
+        self,
+        qemu: QemuBinary,
+        image: LinuxImage,
+        workdir: Path,
+        nursery: trio.Nursery,
+        log_tail: _LogTail | None = None,
     ) -> None:
         from vdev.registry import GuestRegistry
         from vdev.server import Server
 
         self.qemu, self.image, self.workdir, self.nursery = qemu, image, workdir, nursery
-        self.cgroup = ChildCgroup(f"vballoon-overcommit-{os.getpid()}")
+        self.log_tail = log_tail
+        self.where = "setting up"  # "scenario x, policy y": for the diagnostics
         self.vms = [Vm("vm0", BUSY_RAM_MIB), Vm("vm1", IDLE_RAM_MIB), Vm("vm2", IDLE_RAM_MIB)]
         cls = device_class()
         self.registry = GuestRegistry(cls.name)
@@ -215,20 +354,83 @@ class Lab:
             names=[vm.name for vm in self.vms],
             stats_interval=1.0,
         )
+        try:
+            # a new one per lab: never one a previous lab could not remove
+            self.cgroup = ChildCgroup(f"vballoon-overcommit-{os.getpid()}-{time.monotonic_ns()}")
+        except BaseException:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            raise
 
     async def start(self) -> None:
         await self.nursery.start(self.server.run)
 
-    async def close(self) -> None:
+    # ------------------------------------------------------------------ deadlines
+
+    @contextlib.contextmanager
+    def phase(self, name: str, seconds: float, vm: Vm | None = None) -> Iterator[None]:
+        """``trio.fail_after(seconds)``; past it, a :class:`PhaseTimeout` naming the phase
+        (and the guest) with :meth:`diagnostics`."""
+        t0 = time.monotonic()
+        what = f"{self.where}: {name}" + (f" ({vm.name})" if vm else "")
+        try:
+            with trio.fail_after(seconds):
+                yield
+        except trio.TooSlowError:
+            raise PhaseTimeout(
+                f"{what}: not done after {seconds:g}s\n{self.diagnostics()}"
+            ) from None
+        log.info("%s took %.1fs", what, time.monotonic() - t0)
+
+    def diagnostics(self) -> str:
+        """Every guest's state, console and QEMU stderr tails, the balloons, the cgroup and
+        vdev's last log lines (never raises, never waits)."""
+        out = [self.cgroup.state()]
         for vm in self.vms:
-            if vm.scope is not None:
-                vm.scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await self.server.shutdown()
-            while self.cgroup.procs.read_text().strip():
-                await trio.sleep(0.05)
-        self.cgroup.remove()
-        shutil.rmtree(self.scratch, ignore_errors=True)
+            view = self.registry.view(vm.name)
+            guest = vm.guest
+            proc = "not started" if guest is None else (
+                f"QEMU pid {guest.pid} "
+                + ("running" if guest.proc.returncode is None else f"exit {guest.proc.returncode}")
+            )  # fmt: skip
+            out.append(
+                f"{vm.name}: {proc}{', dead' if vm.dead else ''}; vdev: connected="
+                f"{view.connected} driver_active={view.driver_active} balloon "
+                f"{int(view.size_pages) * 4096 / MIB:.0f} MiB target "
+                f"{int(view.target_pages) * 4096 / MIB:.0f} MiB resident "
+                f"{int(view.ram_allocated_bytes) / MIB if view.connected else 0:.0f} MiB"
+            )
+            if guest is not None:
+                out += [f"  console| {line}" for line in guest.console.lines[-12:]]
+                out += [f"  stderr | {line}" for line in guest.stderr().splitlines()[-8:]]
+        if self.log_tail is not None:
+            out += [f"  vdev   | {line}" for line in self.log_tail.lines]
+        return "\n".join(out)
+
+    # ------------------------------------------------------------------ teardown
+
+    async def close(self) -> None:
+        """Kill and reap every QEMU, stop vdev, remove the cgroup; on any exit (shielded)."""
+        with trio.CancelScope(shield=True):
+            self.cgroup.release()  # nothing sleeps at the limit while it is told to stop
+            for vm in self.vms:
+                if vm.scope is not None:
+                    vm.scope.cancel()  # its task stops QEMU (SIGTERM, SIGKILL) and reaps it
+            with trio.move_on_after(PHASE_SECONDS["teardown"]):
+                for vm in self.vms:
+                    if vm.scope is not None:
+                        await vm.reaped.wait()
+            killed = self.cgroup.kill_all()  # anything left over (never expected)
+            if killed:
+                log.warning("killed %s left in %s", killed, self.cgroup.path)
+            with trio.move_on_after(10):
+                while self.cgroup.pids():
+                    await trio.sleep(0.05)
+            with trio.move_on_after(10):
+                await self.server.shutdown()
+            with trio.move_on_after(5):
+                while not self.cgroup.remove():
+                    await trio.sleep(0.2)
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def vm(self, name: str) -> Vm:
         return next(v for v in self.vms if v.name == name)
@@ -236,38 +438,85 @@ class Lab:
     async def _guest_task(
         self, vm: Vm, index: int, *, task_status: trio.TaskStatus[LinuxGuest]
     ) -> None:
-        with trio.CancelScope() as scope:
-            vm.scope = scope
-            try:
-                async with boot_guest(
-                    self.qemu,
-                    self.image,
-                    self.sockets[index],
-                    ram_mib=vm.ram_mib,
-                    append="vb.interval=100000",
-                    stderr_path=self.workdir / f"{vm.name}.qemu.err",
-                    cgroup_procs=self.cgroup.procs,
-                ) as guest:
-                    task_status.started(guest)
-                    await guest.proc.wait()
-            finally:
-                vm.dead = True
+        try:
+            with trio.CancelScope() as scope:
+                vm.scope = scope
+                try:
+                    async with boot_guest(
+                        self.qemu,
+                        self.image,
+                        self.sockets[index],
+                        ram_mib=vm.ram_mib,
+                        append="vb.interval=100000",
+                        # one file per boot: a killed QEMU's last words survive its reboot
+                        stderr_path=self.workdir / f"{vm.name}.{vm.boots}.qemu.err",
+                        cgroup_procs=self.cgroup.procs,
+                        wait_ready=False,
+                    ) as guest:
+                        vm.guest = guest
+                        try:
+                            await guest.wait_ready()
+                        except EOFError:
+                            await guest.proc.wait()
+                            raise GuestFailure(
+                                f"{vm.name}: QEMU ended (exit {guest.proc.returncode}) before the"
+                                f" guest was ready; stderr: {guest.stderr().strip()[-2000:]!r}"
+                            ) from None
+                        task_status.started(guest)
+                        await guest.proc.wait()
+                finally:
+                    vm.dead = True
+                    vm.died_at = time.monotonic()
+        finally:
+            vm.reaped.set()
 
     async def ensure_guests(self) -> None:
-        """Boot the guests that are not running (all at first; those killed since)."""
+        """Boot the guests that are not running (all at first; those killed since), side by
+        side.
+
+        A QEMU that ends before its guest is ready is booted once more (logged with its exit
+        status and the cgroup's state: it is not what the scenarios measure); twice is a
+        :class:`ScenarioError`."""
         self.cgroup.set_limit(None)
-        for index, vm in enumerate(self.vms):
-            if vm.guest is None or vm.dead:
-                with trio.fail_after(30):  # vdev lets go of the dead QEMU's RAM first
-                    while self.registry.view(vm.name).connected:
-                        await trio.sleep(0.05)
-                vm.dead = False
-                with trio.fail_after(120):
-                    vm.guest = await self.nursery.start(self._guest_task, vm, index)
-        with trio.fail_after(60):
-            for vm in self.vms:
-                while not self.registry.view(vm.name).driver_active:
-                    await trio.sleep(0.1)
+        for name in self.dropped():  # its balloon is dead: a new QEMU
+            log.warning("%s: %s lost its vhost-user connection: rebooting it", self.where, name)
+            vm = self.vm(name)
+            if vm.scope is not None:
+                vm.scope.cancel()
+            with self.phase("stop", PHASE_SECONDS["teardown"], vm):
+                await vm.reaped.wait()
+        with first_scenario_error():
+            async with trio.open_nursery() as nursery:
+                for index, vm in enumerate(self.vms):
+                    if vm.guest is None or vm.dead:
+                        nursery.start_soon(self._boot, vm, index)
+
+    async def _boot(self, vm: Vm, index: int) -> None:
+        with self.phase("boot", PHASE_SECONDS["boot"], vm):
+            for attempt in (1, 2):
+                if vm.scope is not None:  # a QEMU before: reaped first
+                    await vm.reaped.wait()
+                while self.registry.view(vm.name).connected:
+                    await trio.sleep(0.05)  # vdev lets go of the dead QEMU's RAM first
+                vm.dead, vm.died_at, vm.reaped = False, None, trio.Event()
+                vm.boots += 1
+                try:
+                    await self.nursery.start(self._guest_task, vm, index)
+                    break
+                except GuestFailure as e:
+                    if attempt == 2:
+                        raise ScenarioError(
+                            f"{self.where}: boot ({vm.name}) failed twice: {e}\n"
+                            f"{self.diagnostics()}"
+                        ) from None
+                    log.warning("%s: %s; %s; booting it again", self.where, e,
+                                self.cgroup.state())  # fmt: skip
+            while not self.registry.view(vm.name).driver_active:
+                await trio.sleep(0.1)
+
+    def dropped(self) -> list[str]:
+        """The guests whose QEMU runs but whose vhost-user connection is gone."""
+        return [vm.name for vm in self.alive() if not self.registry.view(vm.name).connected]
 
     def alive(self) -> list[Vm]:
         return [vm for vm in self.vms if vm.guest is not None and not vm.dead]
@@ -275,10 +524,9 @@ class Lab:
     async def deflate_all(self) -> None:
         for vm in self.vms:
             self.registry.set_target(vm.name, 0)
-        with trio.fail_after(60):
-            for vm in self.alive():
-                while self.registry.view(vm.name).size_pages > 0 and not vm.dead:
-                    await trio.sleep(0.1)
+        for vm in self.alive():
+            while self.registry.view(vm.name).size_pages > 0 and not vm.dead:
+                await trio.sleep(0.1)
 
     def reclaimed(self) -> dict[str, int]:
         """Bytes vdev punched out of each guest's RAM file so far (per connection)."""
@@ -288,7 +536,7 @@ class Lab:
         total = 0
         for vm in self.alive():
             assert vm.guest is not None
-            with trio.move_on_after(20):
+            with trio.move_on_after(15):
                 total += (await vm.guest.vmstat("oom_kill")).get("oom_kill", 0)
         return total
 
@@ -324,18 +572,45 @@ async def policy_running(lab: Lab, policy: str) -> AsyncIterator[Any]:
             nursery.cancel_scope.cancel()
 
 
+def _sample(lab: Lab, t0: float) -> dict[str, Any]:
+    vms: dict[str, dict[str, int]] = {}
+    for vm in lab.vms:
+        view = lab.registry.view(vm.name)
+        vms[vm.name] = {
+            "resident": int(view.ram_allocated_bytes) if view.connected else 0,
+            "balloon": int(view.size_pages) * 4096,
+            "target": int(view.target_pages) * 4096,
+        }
+    return {"t": round(time.monotonic() - t0, 3), "usage": lab.cgroup.usage(), "vms": vms}
+
+
 async def _timeline(lab: Lab, out: list[dict[str, Any]], t0: float) -> None:
     while True:
-        point: dict[str, Any] = {"t": time.monotonic() - t0, "usage": lab.cgroup.usage()}
-        for vm in lab.vms:
-            view = lab.registry.view(vm.name)
-            point[vm.name] = {
-                "resident": int(view.ram_allocated_bytes) if view.connected else 0,
-                "balloon": int(view.size_pages) * 4096,
-                "target": int(view.target_pages) * 4096,
-            }
-        out.append(point)
+        out.append(_sample(lab, t0))
         await trio.sleep(0.1)
+
+
+#: the control plane's events a recording keeps: the decisions and what explains them
+RECORDED_EVENTS = ("host", "backstop", "guest-backoff", "futile")
+
+
+async def _decisions(
+    events: trio.MemoryReceiveChannel[dict[str, Any]], out: list[dict[str, Any]], t0: float
+) -> None:
+    """The policy's decisions (every target it set, with its reason), host state changes
+    and backstop actions, as the control plane publishes them."""
+    async with events:
+        async for event in events:
+            kind = event.get("type")
+            if kind == "guest" and event.get("kind") == "target":
+                keep = {k: event.get(k) for k in ("name", "target_pages", "reason")}
+                keep["type"] = "target"
+            elif kind in RECORDED_EVENTS:
+                keep = {k: v for k, v in event.items() if k not in ("time", "monotonic")}
+            else:
+                continue
+            keep["t"] = round(float(event.get("monotonic", time.monotonic())) - t0, 3)
+            out.append(keep)
 
 
 async def flush(lab: Lab, vm: Vm) -> None:
@@ -346,39 +621,40 @@ async def flush(lab: Lab, vm: Vm) -> None:
     free_mib = (await vm.guest.report()).kib("MemFree") // 1024
     target = max(0, free_mib - 24) * PAGES_PER_MIB
     lab.registry.set_target(vm.name, target)
-    with trio.fail_after(60):
-        last, still = -1, 0
-        while still < 5:  # until the balloon stops growing (it may not reach the target)
-            size = lab.registry.view(vm.name).size_pages
-            still = still + 1 if size == last else 0
-            last = size
-            if size >= target:
-                break
-            await trio.sleep(0.1)
+    last, still = -1, 0
+    while still < 5:  # until the balloon stops growing (it may not reach the target)
+        size = lab.registry.view(vm.name).size_pages
+        still = still + 1 if size == last else 0
+        last = size
+        if size >= target:
+            break
+        await trio.sleep(0.1)
     lab.registry.set_target(vm.name, 0)
-    with trio.fail_after(60):
-        while lab.registry.view(vm.name).size_pages > 0:
-            await trio.sleep(0.1)
+    while lab.registry.view(vm.name).size_pages > 0:
+        await trio.sleep(0.1)
 
 
 async def prepare(lab: Lab, scenario: str) -> None:
     """The busy guest's free memory non-resident (its workload needs new host memory); the
     idle guests' free memory host-resident (they touched and freed it), except vm2's in
     ``c`` (never touched)."""
-    await lab.deflate_all()
+    with lab.phase("prepare: deflate", PHASE_SECONDS["prepare"]):
+        await lab.deflate_all()
     busy = lab.vm("vm0")
     assert busy.guest is not None
-    await busy.guest.workload(0)
-    await flush(lab, busy)
+    with lab.phase("prepare: flush", PHASE_SECONDS["prepare"], busy):
+        await busy.guest.workload(0)
+        await flush(lab, busy)
     touch = ["vm1"] if scenario == "c" else ["vm1", "vm2"]
     if scenario == "c":
-        await flush(lab, lab.vm("vm2"))
+        with lab.phase("prepare: flush", PHASE_SECONDS["prepare"], lab.vm("vm2")):
+            await flush(lab, lab.vm("vm2"))
     for name in touch:
-        guest = lab.vm(name).guest
-        assert guest is not None
-        with trio.fail_after(60):
-            await guest.workload(TOUCH_MIB)
-            await guest.workload(0)
+        vm = lab.vm(name)
+        assert vm.guest is not None
+        with lab.phase("prepare: touch", PHASE_SECONDS["prepare"], vm):
+            await vm.guest.workload(TOUCH_MIB)
+            await vm.guest.workload(0)
 
 
 async def busy_workload(guest: LinuxGuest, scenario: str) -> None:
@@ -392,18 +668,26 @@ async def busy_workload(guest: LinuxGuest, scenario: str) -> None:
         await guest.workload(WORKLOAD_MIB)
 
 
+def _idle_balloon(lab: Lab) -> int:
+    return sum(int(lab.registry.view(v.name).size_pages) for v in lab.vms if v.name != "vm0")
+
+
 async def run_one(lab: Lab, scenario: str, policy: str) -> RunResult:
+    lab.where = f"scenario {scenario}, policy {policy}"
     await lab.ensure_guests()
     await prepare(lab, scenario)
-    kills_before = lab.cgroup.oom_kills()
-    guest_ooms_before = await lab.guest_oom_kills()
+    with lab.phase("record", PHASE_SECONDS["record"]):
+        kills_before = lab.cgroup.oom_kills()
+        guest_ooms_before = await lab.guest_oom_kills()
     limit = lab.cgroup.usage() + HEADROOM_MIB * MIB
     lab.cgroup.set_limit(limit)
     lab.cgroup.reset_peak()
     regained_before = lab.reclaimed()
     timeline: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
     busy_seconds: float | None = None
     deflated: float | None = None
+    idle_peak = 0
     pauses = decisions = 0
     busy = lab.vm("vm0")
     assert busy.guest is not None
@@ -411,29 +695,39 @@ async def run_one(lab: Lab, scenario: str, policy: str) -> RunResult:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_timeline, lab, timeline, t0)
         async with policy_running(lab, policy) as control:
-            await trio.sleep(SETTLE)  # every policy gets the same look before the workload
-            with trio.move_on_after(RUN_TIMEOUT):
-                try:
-                    await busy_workload(busy.guest, scenario)
-                    busy_seconds = time.monotonic() - t0
-                except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # its QEMU was killed
+            if control is not None:
+                nursery.start_soon(_decisions, control.subscribe(), events, t0)
+            with lab.phase("workload", PHASE_SECONDS["workload"], busy):
+                await trio.sleep(SETTLE)  # every policy gets the same look before the workload
+                with trio.move_on_after(RUN_TIMEOUT):
+                    try:
+                        await busy_workload(busy.guest, scenario)
+                        busy_seconds = time.monotonic() - t0
+                    except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # its QEMU was killed
+                idle_peak = max(
+                    (sum(p["vms"][n]["balloon"] for n in p["vms"] if n != "vm0")
+                     for p in timeline), default=0,
+                )  # fmt: skip
             if scenario == "d" and busy_seconds is not None and not busy.dead:
-                await busy.guest.workload(0)
-                t1 = time.monotonic()
-                with trio.move_on_after(DEFLATE_TIMEOUT):
-                    while (
-                        sum(lab.registry.view(v.name).size_pages for v in lab.vms)
-                        > DEFLATED_MIB * PAGES_PER_MIB
-                    ):
-                        await trio.sleep(0.2)
-                    deflated = time.monotonic() - t1
+                with lab.phase("deflate", PHASE_SECONDS["deflate"], busy):
+                    await busy.guest.workload(0)  # the busy guest stops: pressure ends
+                    t1 = time.monotonic()
+                    with trio.move_on_after(DEFLATE_TIMEOUT):
+                        while _idle_balloon(lab) > DEFLATED_MIB * PAGES_PER_MIB:
+                            await trio.sleep(0.2)
+                        deflated = time.monotonic() - t1
             await trio.sleep(0.5)  # the kernel's kill, if any, lands
             if control is not None:
                 decisions = control.steps
                 if control.backstop is not None:
                     pauses = control.backstop.pauses
         nursery.cancel_scope.cancel()
+    timeline.append(_sample(lab, t0))
+    for vm in lab.vms:
+        if vm.died_at is not None and vm.died_at >= t0:
+            events.append({"t": round(vm.died_at - t0, 3), "type": "killed", "name": vm.name})
+    events.sort(key=lambda e: e["t"])
     result = RunResult(
         scenario=scenario,
         policy=policy,
@@ -448,16 +742,25 @@ async def run_one(lab: Lab, scenario: str, policy: str) -> RunResult:
         ),
         backstop_pauses=pauses,
         killed=[vm.name for vm in lab.vms if vm.dead],
+        dropped=lab.dropped(),
         deflated_seconds=deflated,
         decisions=decisions,
+        idle_balloon_peak_bytes=idle_peak,
         timeline=timeline,
+        events=events,
     )
     lab.cgroup.set_limit(None)
-    result.guest_oom_kills = max(0, await lab.guest_oom_kills() - guest_ooms_before)
-    if busy.guest is not None and not busy.dead:
-        with trio.move_on_after(30):
+    with lab.phase("record", PHASE_SECONDS["record"]):
+        result.guest_oom_kills = max(0, await lab.guest_oom_kills() - guest_ooms_before)
+        if busy.guest is not None and not busy.dead:
             await busy.guest.run("rm -f /tmp/slow*")
     return result
+
+
+def scenario_budget(n_policies: int = len(POLICIES)) -> float:
+    """The deadline of one scenario under ``n_policies`` policies (seconds): generous against
+    its usual 1-1.5 min on 2 cores (3.5 min with two more busy loops and other work)."""
+    return 120.0 + 70.0 * n_policies
 
 
 async def run_suite(
@@ -467,23 +770,28 @@ async def run_suite(
     scenarios: Sequence[str] = SCENARIOS,
     policies: Sequence[str] = POLICIES,
 ) -> list[RunResult]:
-    """Every scenario under every policy, on one set of guests (rebooted after a kill)."""
+    """Every scenario under every policy, on one set of guests (rebooted after a kill).
+
+    Each scenario is bounded by :func:`scenario_budget`, each phase by :data:`PHASE_SECONDS`
+    (:class:`PhaseTimeout`). Whatever happens (BaseException included), every QEMU is
+    killed and reaped, vdev stopped and the cgroup removed before this returns or raises."""
     results: list[RunResult] = []
-    async with trio.open_nursery() as nursery:
-        lab = Lab(qemu, image, workdir, nursery)
-        await lab.start()
-        try:
-            for scenario in scenarios:
-                for policy in policies:
-                    r = await run_one(lab, scenario, policy)
-                    log.info("scenario %s policy %s: %s", scenario, policy, r.row())
-                    results.append(r)
-        finally:
-            await lab.close()
-            nursery.cancel_scope.cancel()
-    (workdir / "overcommit.json").write_text(
-        json.dumps([{**r.row(), "timeline": r.timeline} for r in results], indent=1)
-    )
+    with vdev_log_tail() as tail, first_scenario_error():
+        async with trio.open_nursery() as nursery:
+            lab = Lab(qemu, image, workdir, nursery, tail)
+            try:
+                await lab.start()
+                for scenario in scenarios:
+                    lab.where = f"scenario {scenario}"
+                    with lab.phase("the whole scenario", scenario_budget(len(policies))):
+                        for policy in policies:
+                            r = await run_one(lab, scenario, policy)
+                            log.info("scenario %s policy %s: %s", scenario, policy, r.row())
+                            results.append(r)
+            finally:
+                await lab.close()
+                nursery.cancel_scope.cancel()
+    (workdir / "overcommit.json").write_text(json.dumps([r.record() for r in results], indent=1))
     return results
 
 
@@ -491,50 +799,12 @@ async def run_suite(
 
 
 def plot_results(results: Sequence[RunResult], path: Path) -> Path:
-    """One panel per (scenario, policy): the cgroup's usage against its limit, each VM's
-    host-resident memory (its RAM file) and balloon, and every target the policy set
-    (markers where a target changed)."""
-    import matplotlib
+    """The chart of the runs: ``vdev plot --recording`` 's drawing (one panel per scenario
+    and policy: cgroup usage vs limit, each VM's resident memory and balloon, every policy
+    decision, the kills)."""
+    from vdev.cli.plot import plot_recording
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scenarios = sorted({r.scenario for r in results})
-    policies = [p for p in POLICIES if any(r.policy == p for r in results)]
-    fig, axes = plt.subplots(
-        len(scenarios), len(policies), figsize=(5.2 * len(policies), 3.4 * len(scenarios)),
-        squeeze=False, sharey=True,
-    )  # fmt: skip
-    colours = {"vm0": "tab:red", "vm1": "tab:blue", "vm2": "tab:green"}
-    for r in results:
-        ax = axes[scenarios.index(r.scenario)][policies.index(r.policy)]
-        t = [p["t"] for p in r.timeline]
-        ax.plot(
-            t, [p["usage"] / MIB for p in r.timeline], color="black", lw=2, label="cgroup usage"
-        )
-        ax.axhline(r.limit_bytes / MIB, color="black", ls="--", lw=1, label="limit")
-        for name, colour in colours.items():
-            res = [p[name]["resident"] / MIB for p in r.timeline]
-            bal = [p[name]["balloon"] / MIB for p in r.timeline]
-            tgt = [p[name]["target"] / MIB for p in r.timeline]
-            ax.plot(t, res, color=colour, lw=1.2, label=f"{name} resident")
-            ax.plot(t, bal, color=colour, lw=1, ls=":", label=f"{name} balloon")
-            changes = [i for i in range(1, len(tgt)) if tgt[i] != tgt[i - 1]]
-            ax.plot([t[i] for i in changes], [tgt[i] for i in changes], ls="none",
-                    marker="|", color=colour, ms=6)  # fmt: skip
-        kills = r.cgroup_oom_kills + r.guest_oom_kills
-        ax.set_title(
-            f"({r.scenario}) {SCENARIO_TITLES[r.scenario]}\n{r.policy}: "
-            + (f"{kills} OOM kill(s), {','.join(r.killed)}" if kills else "no OOM kill"),
-            fontsize=9, color="red" if kills else "black",
-        )  # fmt: skip
-        ax.set_xlabel("s")
-        ax.set_ylabel("MiB")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6, loc="lower right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    plot_recording([r.record() for r in results], str(path))
     return path
 
 
@@ -581,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chart = plot_results(results, out / "overcommit.png")
     print(table)
     print(f"results: {out / 'overcommit.json'}\nchart:   {chart}")
+    print(f"(the same chart: vdev plot --recording {out / 'overcommit.json'} -o FILE.png)")
     return 0
 
 

@@ -33,13 +33,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
 
+from conformance.cases import Case, select
+from conformance.cases import T as DEFAULT_TARGET
+from conformance.inguest import GuestContext, parse_result_line
+from conformance.runner import unsupported
 from lab.linux_guest import (
     CHARDEV_ID,
     GuestFailure,
@@ -229,10 +234,11 @@ def build() -> VmwGuestImage:
 
 
 def stage_code(into: Path) -> Path:
-    """A copy of ``guest_driver`` and ``protocol`` (no caches) for the guest's ``vbcode``."""
+    """A copy of ``guest_driver``, ``protocol`` and ``conformance`` (no caches) for the
+    guest's ``vbcode`` (the harness runs in the guest too: :func:`run_harness`)."""
     repo = Path(__file__).resolve().parents[1]
     dest = into / "code"
-    for pkg in ("guest_driver", "protocol"):
+    for pkg in ("guest_driver", "protocol", "conformance"):
         shutil.copytree(repo / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
@@ -311,6 +317,57 @@ async def guest_driver_stat(guest: LinuxGuest, *args: str) -> list[str]:
         "chroot /mnt/root env PYTHONPATH=/opt/vballoon PYTHONDONTWRITEBYTECODE=1 "
         "python3 -m guest_driver stat --control /run/guest-driver.sock " + " ".join(args)
     )
+
+
+IN_CHROOT = "chroot /mnt/root env PYTHONPATH=/opt/vballoon PYTHONDONTWRITEBYTECODE=1 HOME=/tmp"
+
+
+async def mount_root(guest: LinuxGuest) -> None:
+    """Load the extra modules and mount the Python root and the code, without starting the
+    driver: ``/bin/vb-vmw`` up to where it defines the driver's start (idempotent; the
+    driver's start later mounts nothing twice)."""
+    out = await guest.run(
+        "sed '/^run_driver() {/,$d' /bin/vb-vmw > /tmp/vb-mount && sh /tmp/vb-mount && "
+        "test -f /mnt/root/opt/vballoon/conformance/inguest.py && echo mounted"
+    )
+    if out[-1:] != ["mounted"]:
+        raise GuestFailure("mounting the Python root failed: " + "\n".join(out[-20:]))
+
+
+def guest_level_cases() -> list[Case]:
+    """The vmw cases the in-guest transport runs (they need nothing but the guest's cmdq)."""
+    return [c for c in select("vmw") if unsupported(c, GuestContext) is None]
+
+
+async def run_harness(
+    guest: LinuxGuest,
+    set_target: Callable[[int], Awaitable[object]],
+    cases: Sequence[Case] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``cases`` (default: every guest-level vmw case) inside the guest, one pass per
+    operator target they need (``set_target`` sets it on the host, through vdev's API);
+    the results, read back from the console (:func:`conformance.inguest.result_line`).
+    The driver must not be running (the harness binds the same function)."""
+    chosen = list(guest_level_cases() if cases is None else cases)
+    passes: dict[int, list[str]] = {}
+    for c in chosen:  # cases that take any target run with the most common one
+        passes.setdefault(DEFAULT_TARGET if c.target is None else c.target, []).append(c.name)
+    await mount_root(guest)
+    results: list[dict[str, Any]] = []
+    for target, names in sorted(passes.items(), reverse=True):
+        await set_target(target)
+        out = await guest.run(
+            f"{IN_CHROOT} python3 -m conformance --in-guest --initial-target {target} "
+            f"-k {','.join(names)} 2>&1"
+        )
+        got = [r for r in map(parse_result_line, out) if r is not None]
+        if {r["case"] for r in got} != set(names):
+            raise GuestFailure(
+                f"the in-guest harness (target {target}) reported {len(got)} of {len(names)} "
+                "cases:\n" + "\n".join(out[-30:])
+            )
+        results += got
+    return results
 
 
 @click.group()

@@ -363,6 +363,88 @@ def test_conformance_imports_nothing_of_vdev() -> None:
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
+
+# --------------------------------------------------------------------------------------
+# which cases run inside a guest (conformance --in-guest; run for real by
+# tests/test_vmw_linux_guest.py)
+
+#: the vmw cases that need nothing but a guest's cmdq: they run over the in-guest transport
+GUEST_LEVEL = {
+    "vmw.reset-until-start", "vmw.start-capabilities", "vmw.start-withdraw", "vmw.guest-id",
+    "vmw.unknown-command", "vmw.bad-frames", "vmw.chains-split", "vmw.lock-unlock",
+    "vmw.lock-not-needed", "vmw.ppn-outside-ram", "vmw.pfn-32bit", "vmw.capability-gating",
+    "vmw.batch-statuses", "vmw.batch-count", "vmw.pinned-ring-pages",
+    "vmw.zeros-after-unlock", "vmw.start-forgets",
+}  # fmt: skip
+
+
+def test_guest_level_cases_are_declared_and_use_only_the_session() -> None:
+    import inspect
+
+    from conformance.context import Need
+
+    guest = {c.name for c in catalogue.select("vmw") if not c.needs}
+    assert guest == GUEST_LEVEL
+    for c in catalogue.CASES:
+        src = inspect.getsource(c.fn)
+        if c.name in GUEST_LEVEL:
+            # what reaches past a guest driver (vhost-user, the harness's RAM, raw rings)
+            for past in ("ctx.vmw(", "ctx.frontend(", ".fe.", "_handshake_vmw(", "touch("):
+                assert past not in src, (c.name, past)
+        else:
+            assert c.needs, c.name
+    assert all(Need.VHOST_USER in c.needs for c in catalogue.select("virtio-balloon"))
+
+
+async def test_in_guest_transport_skips_with_the_reason() -> None:
+    """Without opening any device: what it cannot run is skipped, naming what is missing."""
+    from conformance.inguest import run_in_guest
+
+    chosen = catalogue.select("vmw", "vu.reply-ack,vmw.reclaim-punches-ram,vmw.lock-not-needed,"
+                              "vmw.doorbell-unregister,ring.descriptor-loop")  # fmt: skip
+    with trio.fail_after(5):
+        results = await run_in_guest(chosen, initial_target=4096)
+    out = {r.case.name: r for r in results}
+    assert {r.outcome for r in results} == {SKIP}
+    assert "needs vhost-user" in out["vu.reply-ack"].message
+    assert "in-guest transport" in out["vu.reply-ack"].message
+    assert "ram-file" in out["vmw.reclaim-punches-ram"].message
+    assert "target-change" in out["vmw.doorbell-unregister"].message
+    assert "raw-ring" in out["ring.descriptor-loop"].message
+    assert out["vmw.lock-not-needed"].message == "needs target 0 pages; the host set 4096"
+
+
+def test_in_guest_helpers() -> None:
+    from conformance.inguest import parse_result_line, ram_end_pfn, result_line
+
+    iomem = (
+        "00000000-00000fff : Reserved\n00001000-0009fbff : System RAM\n"
+        "00100000-1ffdefff : System RAM\n  01000000-01ffffff : Kernel code\n"
+        "1ffdf000-1fffffff : Reserved\nb0000000-bfffffff : PCI MMCONFIG 0000 [bus 00-ff]\n"
+    )
+    assert ram_end_pfn(iomem) == (512 << 20) // 4096
+    r = Result(catalogue.select("vmw", "vmw.guest-id")[0], FAIL, 'status "X"', 0.25)
+    assert parse_result_line(result_line(r)) == {
+        "case": "vmw.guest-id", "outcome": FAIL, "message": 'status "X"', "seconds": 0.25
+    }  # fmt: skip
+    assert parse_result_line("@vbg out hello") is None
+
+
+def test_in_guest_without_the_function_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """On a machine with no vmw function (here), --in-guest changes nothing and says why."""
+    assert harness_main(["--in-guest", "--initial-target", "4096", "-k", "vmw.guest-id"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the guest's vmw function:" in err
+    assert "1af4:1069" in err or "cannot list PCI functions" in err
+    assert harness_main(["--in-guest", "--device", "virtio-balloon"]) == 2
+
+
+def test_list_shows_what_each_case_needs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert harness_main(["--list", "-k", "vmw.guest-id,vu.reply-ack"]) == 0
+    out = capsys.readouterr().out
+    assert "needs: guest-level (any transport)" in out and "needs: vhost-user" in out
+
+
 if __name__ == "__main__":
     # python tests/test_harness.py MUTANT vdev-args...: vdev with one rule inverted
     MUTANTS[sys.argv[1]]()

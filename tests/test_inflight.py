@@ -1,9 +1,11 @@
 """Several vmmemctl commands in flight on the cmdq: vdev answers each LOCK only after its
 pages are gone, and plans the reclaims of the batches one kick finds as one punch (runs
-adjacent across batches merge)."""
+adjacent across batches merge); a punch running in the worker thread holds back its own
+answers and every later one (PROTOCOL.md section 2)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 import trio
 
+import vdev.connection
 from conformance.rawfrontend import FREE_START_PFN, PAGE, Buffer, VmwGuest, slot_gpa, touch
 from protocol import vmw
 from vdev.memory import GuestMemory
 from vdev.registry import GuestRegistry
 from vdev.server import Server
+from vdev.virtq import VirtQueue
 
 C, S = vmw.Command, vmw.Status
 
@@ -24,14 +28,15 @@ async def test_two_lock_batches_in_one_kick(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[list[int], list[int], list[list[int]]]] = []
-    real = GuestMemory.reclaim_async
+    real = GuestMemory._plan
 
-    async def spy(self: GuestMemory, starts: Any, counts: Any) -> int:
-        pieces = [lens.tolist() for _, _, lens in self._plan(starts, counts)]  # kernel calls
+    def spy(self: GuestMemory, starts: Any, counts: Any, regions: Any = None) -> Any:
+        plans = real(self, starts, counts, regions)
+        pieces = [lens.tolist() for _, _, lens in plans]  # the kernel calls
         calls.append((np.asarray(starts).tolist(), np.asarray(counts).tolist(), pieces))
-        return await real(self, starts, counts)
+        return plans
 
-    monkeypatch.setattr(GuestMemory, "reclaim_async", spy)
+    monkeypatch.setattr(GuestMemory, "_plan", spy)
     from vdev.devices.vmw import VmwDevice
 
     registry = GuestRegistry(VmwDevice.name, target=4096)
@@ -70,5 +75,77 @@ async def test_two_lock_batches_in_one_kick(
                 assert before - g.fe.ram.allocated_bytes() >= 2 * n * PAGE
                 assert calls == [([first, first + n], [n, n], [[2 * n * PAGE]])]
             finally:
+                g.close()
+                nursery.cancel_scope.cancel()
+
+
+async def test_pipelined_punch_holds_back_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LOCK whose punch runs in the worker thread (held there by the test) while a
+    GET_TARGET queued after it is parsed meanwhile: neither is answered, and the pages are
+    still there, until the punch returns; then both, in ring order."""
+    monkeypatch.setattr(vdev.connection, "PIPELINE_MIN_PAGES", 1)
+    real_pop = VirtQueue.pop
+    # one chain per pass, so the GET_TARGET is still queued when the LOCK's punch starts
+    monkeypatch.setattr(VirtQueue, "pop", lambda self, mem, limit=None: real_pop(self, mem, 1))
+    entered, release = threading.Event(), threading.Event()
+    threads: list[bool] = []
+    real = GuestMemory._punch
+
+    def held(plans: Any) -> int:
+        worker = threading.current_thread() is not threading.main_thread()
+        threads.append(worker)
+        if worker:
+            entered.set()
+            release.wait(10)
+        return real(plans)
+
+    monkeypatch.setattr(GuestMemory, "_punch", staticmethod(held))
+    from vdev.devices.vmw import VmwDevice
+
+    registry = GuestRegistry(VmwDevice.name, target=4096)
+    path = tmp_path / "vmw.sock"
+    server = Server(registry, VmwDevice, socket_paths=[str(path)])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            g = await VmwGuest.attach(str(path))
+            try:
+                assert (await g.start()).status == S.SUCCESS_WITH_CAPABILITIES
+                first, n, bp = FREE_START_PFN, 256, 0x100
+                touch(g.fe.ram, first, n)
+                before = g.fe.ram.allocated_bytes()
+                await g.fe.mem.write(bp * PAGE, vmw.build_batch(list(range(first, first + n))))
+                lock_req, target_req = slot_gpa(0, 0), slot_gpa(0, 1)
+                await g.fe.mem.write(lock_req, vmw.Request(C.BATCHED_LOCK, bp, n).build())
+                await g.fe.mem.write(target_req, vmw.Request(C.GET_TARGET, 8192).build())
+                heads = [
+                    await g.cmdq.ring.add(
+                        [
+                            Buffer(req, vmw.REQUEST_SIZE),
+                            Buffer(req + 32, vmw.RESPONSE_SIZE, write=True),
+                        ]
+                    )
+                    for req in (lock_req, target_req)
+                ]
+                g.cmdq.kick_now()
+                assert await trio.to_thread.run_sync(entered.wait, 10)  # the punch is held
+                assert await g.fe.settle(g.cmdq, 0.3) == []  # nothing answered meanwhile
+                assert g.fe.ram.allocated_bytes() == before  # and the pages are still there
+                # ... while the GET_TARGET was already parsed (its response written)
+                target = vmw.Response.parse(
+                    await g.fe.mem.read(target_req + 32, vmw.RESPONSE_SIZE)
+                )
+                assert target.status == S.SUCCESS and target.result == 4096
+                release.set()
+                used = await g.fe.wait_used(g.cmdq, count=2)
+                assert [u.id for u in used] == heads  # ring order
+                assert before - g.fe.ram.allocated_bytes() >= n * PAGE
+                lock = vmw.Response.parse(await g.fe.mem.read(lock_req + 32, vmw.RESPONSE_SIZE))
+                assert lock.status == S.SUCCESS
+                assert threads == [True]  # the one punch ran in the worker
+            finally:
+                release.set()
                 g.close()
                 nursery.cancel_scope.cancel()

@@ -14,6 +14,9 @@ function to ``uio_pci_generic`` and balloons pages it got from the guest kernel
 3. target 0 deflates everything;
 4. page cache goes first: with the cache filled (files read over 9p) and a process holding
    64 MiB, inflating 192 MiB shrinks the cache while the process keeps its memory.
+
+A second boot runs the conformance harness's guest-level vmw cases inside the guest
+(:func:`test_conformance_cases_inside_a_linux_guest`).
 """
 
 from __future__ import annotations
@@ -30,12 +33,21 @@ import trio
 from lab.linux_guest import KIB, MIB, LinuxGuest, wait_until
 from lab.qemu import QemuBinary
 from lab.vdev_process import ApiVdev, vdev_serve
-from lab.vmw_guest import VmwGuestImage, boot_vmw_guest, guest_driver_stat, start_driver
+from lab.vmw_guest import (
+    VmwGuestImage,
+    boot_vmw_guest,
+    guest_driver_stat,
+    guest_level_cases,
+    run_harness,
+    start_driver,
+)
 from protocol.units import PAGES_PER_MIB
 
 pytestmark = [pytest.mark.qemu, pytest.mark.linux_guest, pytest.mark.timeout(600)]
 
 RAM_MIB = 512
+#: the vmw cases that need nothing but a guest's cmdq (conformance/cases.py, needs=GUEST)
+GUEST_LEVEL = 17
 
 
 @pytest.fixture
@@ -69,8 +81,12 @@ async def driver_pages(guest: LinuxGuest) -> int:
     return int(json.loads("\n".join(lines))["driver"]["current"])
 
 
-async def agreed(guest: LinuxGuest, vdev: ApiVdev, timeout: float = 60) -> int:
-    """Wait until the driver inside and vdev hold the same balloon; its size in pages."""
+async def agreed(guest: LinuxGuest, vdev: ApiVdev, timeout: float = 180) -> int:
+    """Wait until the driver inside and vdev hold the same balloon; its size in pages.
+
+    Each probe of the driver is a Python process started in the guest: under TCG, with the
+    guest's memory taken by a workload and the host loaded, one took ~25 s, so the deadline
+    (as :func:`settled`'s) leaves room for several probes, not two."""
     with trio.fail_after(timeout):
         while True:
             size = (await vdev.vm())["size_pages"]
@@ -180,6 +196,41 @@ async def test_vmw_driver_inside_a_linux_guest(
                 print("\n".join(await guest_driver_stat(guest, "--all")))
                 await vdev.set_target(0)
                 await settled(guest, vdev, 0)
+            except BaseException:
+                print(explain(guest, vdev), flush=True)
+                raise
+
+
+async def test_conformance_cases_inside_a_linux_guest(
+    vmw_env: tuple[QemuBinary, VmwGuestImage], scratch: Path
+) -> None:
+    """The harness's guest-level vmw cases, inside the guest, over the same function the
+    driver uses (``python3 -m conformance --in-guest``, one pass per target the host sets
+    through vdev's API): every one passes, they are exactly the :data:`GUEST_LEVEL` cases the
+    catalogue declares runnable there (none silently skipped or dropped), and vdev holds
+    nothing afterwards, having counted the guest's bad PFNs. A boot of its own (~45 s), so
+    that neither test's failure hides the other's result and the driver test's memory
+    steps run on a guest nothing else has run in."""
+    q, vmw = vmw_env
+    with trio.fail_after(280):
+        async with (
+            vdev_serve(scratch, device="vmw", socket_name="vdev.sock") as vdev,
+            boot_vmw_guest(q, vmw, vdev.socket_path, ram_mib=RAM_MIB,
+                           append="vb.interval=100000") as guest,
+        ):  # fmt: skip
+            try:
+                results = await run_harness(guest, vdev.set_target)
+                print("\n".join(f"{r['case']:32} {r['outcome']:5} {r['seconds']:6.2f}s "
+                                 f"{r['message']}" for r in results))  # fmt: skip
+                assert [r for r in results if r["outcome"] != "pass"] == []
+                names = sorted(r["case"] for r in results)
+                assert names == sorted(c.name for c in guest_level_cases())
+                assert len(names) == GUEST_LEVEL
+                vm = await vdev.vm()
+                # vdev's view: the bad PFNs were counted against the guest, and the run's
+                # end (a fresh start, START(0), a reset) left it holding nothing
+                assert vm["connected"] and vm["size_pages"] == 0, vm
+                assert vm["failures"] > 0, vm
             except BaseException:
                 print(explain(guest, vdev), flush=True)
                 raise

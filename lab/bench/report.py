@@ -112,7 +112,7 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
             _target(
                 "2 MiB inflate / contiguous limit",
                 tp["2M"]["inflate"]["ratio_contiguous"],
-                0.5,
+                0.9,
                 True,
                 "ratio",
             )
@@ -131,7 +131,7 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
             _target(
                 "4 KiB contiguous inflate / contiguous limit",
                 tp["4K-contiguous"]["inflate"]["ratio_contiguous"],
-                0.4,
+                0.6,
                 True,
                 "ratio",
             )
@@ -141,7 +141,7 @@ def targets(out: dict[str, Any]) -> list[dict[str, Any]]:
             _target(
                 "4 KiB scattered inflate / per-page limit",
                 tp["4K-scattered"]["inflate"]["ratio_per_page"],
-                0.5,
+                1.0,
                 True,
                 "ratio",
             )

@@ -10,6 +10,7 @@ its management API, and the options that ``vdev serve`` grows for the control pl
     vdev config list | get PATH | set PATH VALUE    advanced settings (/Mem/CtlMaxPercent ...)
     vdev events [--vm VM] [--json]                  the event stream, as it happens
     vdev plot VM --output FILE.png                  target, size and host free memory over time
+    vdev plot --recording overcommit.json -o F.png  a recorded overcommit scenario
 
 Every command takes ``--api-socket PATH`` (or ``$VDEV_API_SOCKET``); ``vdev serve`` puts the
 socket next to its first vhost-user socket, at ``<socket>.api``.
@@ -269,12 +270,12 @@ _LIMIT_HELP = {
 # ------------------------------------------------------------------------------ helpers
 
 
-def api_option(f: F) -> F:
+def api_option(f: F, *, required: bool = True) -> F:
     return click.option(
         "--api-socket",
         envvar="VDEV_API_SOCKET",
         type=click.Path(dir_okay=False),
-        required=True,
+        required=required,
         help="The vdev serve management socket (env VDEV_API_SOCKET).",
     )(f)
 
@@ -808,12 +809,38 @@ def _first(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 @click.command()
-@api_option
-@click.argument("vm", callback=_vm_name)
+@functools.partial(api_option, required=False)  # not for --recording
+@click.argument("vm", callback=_vm_name, required=False)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="PNG file.")
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N points.")
-def plot(api_socket: str, vm: str, output: str, last: int | None) -> None:
-    """Plot VM's balloon target, size and MCTLMAX and the host's free memory over time."""
+@click.option(
+    "--recording",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Plot a recorded overcommit scenario (overcommit.json from scripts/overcommit)"
+    " instead of a VM of the running vdev: cgroup usage vs limit, each VM's resident memory"
+    " and balloon, every policy decision.",
+)
+def plot(
+    api_socket: str | None, vm: str | None, output: str, last: int | None, recording: str | None
+) -> None:
+    """Plot VM's balloon target, size and MCTLMAX and the host's free memory over time (or,
+    with --recording, a recorded overcommit scenario)."""
+    if recording is not None:
+        if vm is not None or last is not None:
+            raise click.UsageError("--recording plots the file: give no VM and no --last")
+        from vdev.cli.plot import load_recording, plot_recording
+
+        try:
+            n = plot_recording(load_recording(recording), output)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"{output}: {n} run(s) from {recording}")
+        return
+    if vm is None:
+        raise click.UsageError("give the VM to plot (or --recording FILE)")
+    if api_socket is None:
+        raise click.UsageError("Missing option '--api-socket' (or $VDEV_API_SOCKET).")
     from vdev.cli.plot import plot_history
 
     with _client(api_socket) as c:

@@ -1,5 +1,6 @@
 """`vdev plot`: a VM's balloon over time from the history ``vdev serve`` keeps in memory
-(``GET /vms/{name}/history``), drawn with matplotlib's Agg backend (no display needed).
+(``GET /vms/{name}/history``), or a recorded overcommit scenario (``--recording``, see
+:func:`recording_figure`), drawn with matplotlib's Agg backend (no display needed).
 
 Top panel: MCTLTGT (target), MCTLSZ (balloon size) and MCTLMAX, in MiB, only while a guest
 was connected (points without one are gaps, not zeros). Bottom panel: the host's free
@@ -20,7 +21,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 MIB = 1 << 20
 #: The free-memory axis is linear below this many MiB (symlog), logarithmic above.
@@ -35,6 +38,9 @@ STATE_COLOURS = {
     "hard": "#ffebee",
     "low": "#ffcdd2",
 }
+#: the same states as lines on a white background (a recording's host state changes)
+STATE_EDGE = {"high": "#2e7d32", "clear": "#00838f", "soft": "#f9a825", "hard": "#c62828",
+              "low": "#b71c1c"}  # fmt: skip
 
 
 def plot_history(history: dict[str, Any], output: str) -> int:
@@ -124,3 +130,166 @@ def _clock(t: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+# --------------------------------------------------------------------------- recordings
+#
+# A recording (``overcommit.json``, written by the overcommit scenarios: lab/overcommit.py)
+# is a list of runs: one scenario under one policy, sampled every 0.1 s, with the policy's
+# decisions. ``vdev plot --recording FILE`` draws it; the scenarios draw their chart with
+# the same function.
+
+
+class RecordedVm(BaseModel):
+    resident: int  # bytes of the guest's RAM file resident on the host
+    balloon: int  # bytes
+    target: int  # bytes
+
+
+class RecordedPoint(BaseModel):
+    t: float  # seconds since the run started
+    usage: int  # the cgroup's memory usage, bytes
+    vms: dict[str, RecordedVm]
+
+
+class RecordedEvent(BaseModel):
+    """``type``: "target" (a decision: ``name``, ``target_pages``, ``reason``), "host" (a
+    host state change: ``state``), "backstop" (``action``), "killed" (``name``'s QEMU
+    ended), or another control-plane event (kept, drawn as nothing)."""
+
+    model_config = ConfigDict(extra="allow")
+    t: float
+    type: str
+    name: str | None = None
+    target_pages: int | None = None
+    reason: str | None = None
+    state: str | None = None
+    action: str | None = None
+
+
+class RecordedRun(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    scenario: str
+    title: str = ""
+    policy: str
+    limit_bytes: int
+    cgroup_oom_kills: int = 0
+    guest_oom_kills: int = 0
+    killed: list[str] = []
+    timeline: list[RecordedPoint]
+    events: list[RecordedEvent] = []
+
+
+RECORDING = TypeAdapter(list[RecordedRun])
+#: one colour per VM, in the order they first appear
+VM_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+BACKSTOP_COLOURS = {"paused": "tab:red", "resumed": "tab:green", "deadline": "black"}
+
+
+def load_recording(path: str) -> list[RecordedRun]:
+    """Read and check a recording; ValueError naming the file and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        runs = RECORDING.validate_json(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "top level"
+        raise ValueError(
+            f"{path} is not a scenario recording (a JSON list of runs): at {where}: "
+            f"{first['msg']} ({e.error_count()} error(s))"
+        ) from None
+    if not runs:
+        raise ValueError(f"{path}: the recording holds no run")
+    return runs
+
+
+def plot_recording(runs: list[RecordedRun] | list[dict[str, Any]], output: str) -> int:
+    """Write the PNG of a recording (one panel per scenario and policy); the panels drawn."""
+    checked = RECORDING.validate_python(runs)
+    fig = recording_figure(checked)
+    try:
+        fig.savefig(output, format="png", dpi=90)
+    finally:
+        plt.close(fig)
+    return len(checked)
+
+
+def recording_figure(runs: list[RecordedRun]) -> Figure:
+    """A row per scenario, a column per policy (in the order they first appear). Each panel:
+    the cgroup's usage against its limit, each VM's host-resident memory (solid) and balloon
+    (dotted), every target the policy set (a marker at the new target, the VM's colour),
+    the host state the policy saw (a strip along the top), backstop actions (dash-dotted
+    lines), kills (a cross)."""
+    if not runs:
+        raise ValueError("the recording holds no run")
+    scenarios = list(dict.fromkeys(r.scenario for r in runs))
+    policies = list(dict.fromkeys(r.policy for r in runs))
+    names = list(dict.fromkeys(n for r in runs for p in r.timeline for n in p.vms))
+    colour = {n: VM_COLOURS[i % len(VM_COLOURS)] for i, n in enumerate(names)}
+    fig, axes = plt.subplots(
+        len(scenarios), len(policies), figsize=(5.2 * len(policies), 3.6 * len(scenarios)),
+        squeeze=False, sharey=True,
+    )  # fmt: skip
+    try:
+        for ax in axes.flat:
+            ax.set_visible(False)
+        for r in runs:
+            _draw_run(axes[scenarios.index(r.scenario)][policies.index(r.policy)], r, colour)
+        handles = [
+            Line2D([], [], color="black", lw=2, label="cgroup usage"),
+            Line2D([], [], color="black", ls="--", lw=1, label="limit"),
+            *(Line2D([], [], color=c, lw=1.2, label=f"{n} resident") for n, c in colour.items()),
+            *(Line2D([], [], color=c, ls=":", lw=1, label=f"{n} balloon") for n, c in colour.items()),
+            Line2D([], [], color="grey", ls="none", marker="o", ms=3, label="policy target"),
+            Line2D([], [], color="grey", ls="none", marker="x", ms=7, label="VM killed"),
+            *(Patch(color=c, alpha=0.7, label=f"host {s} (top strip)") for s, c in STATE_EDGE.items()
+              if any(e.type == "host" and e.state == s for r in runs for e in r.events)),
+        ]  # fmt: skip
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7)
+        fig.tight_layout(rect=(0, 0.06 if len(scenarios) > 1 else 0.12, 1, 1))
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def _draw_run(ax: Any, r: RecordedRun, colour: dict[str, str]) -> None:
+    ax.set_visible(True)
+    t = [p.t for p in r.timeline]
+    ax.plot(t, [p.usage / MIB for p in r.timeline], color="black", lw=2)
+    ax.axhline(r.limit_bytes / MIB, color="black", ls="--", lw=1)
+    for name, c in colour.items():
+        vms = [p.vms.get(name) for p in r.timeline]
+        ax.plot(t, [v.resident / MIB if v else math.nan for v in vms], color=c, lw=1.2)
+        ax.plot(t, [v.balloon / MIB if v else math.nan for v in vms], color=c, lw=1, ls=":")
+    for e in r.events:
+        c = colour.get(e.name or "", "grey")
+        if e.type == "target" and e.target_pages is not None:
+            ax.plot([e.t], [e.target_pages * 4096 / MIB], ls="none", marker="o", ms=3, color=c)
+        elif e.type == "killed":
+            ax.plot([e.t], [0], ls="none", marker="x", ms=9, mew=2, color=c, clip_on=False)
+        elif e.type == "backstop" and e.action in BACKSTOP_COLOURS:
+            ax.axvline(e.t, color=BACKSTOP_COLOURS[e.action], lw=0.8, ls="-.")
+    # the host state the policy saw, as a strip along the top (from each change to the next)
+    changes = [e for e in r.events if e.type == "host" and e.state]
+    end = t[-1] if t else 0.0
+    for i, e in enumerate(changes):
+        until = changes[i + 1].t if i + 1 < len(changes) else end
+        if until > e.t:
+            ax.axvspan(e.t, until, ymin=0.94, ymax=1.0, lw=0,
+                       color=STATE_EDGE.get(e.state or "", "grey"), alpha=0.7)  # fmt: skip
+    kills = r.cgroup_oom_kills + r.guest_oom_kills
+    decisions = sum(e.type == "target" for e in r.events)
+    ax.set_title(
+        f"({r.scenario}) {r.title}\n{r.policy}: {decisions} decision(s), "
+        + (f"{kills} OOM kill(s) {','.join(r.killed)}" if kills else "no OOM kill"),
+        fontsize=9, color="red" if kills else "black",
+    )  # fmt: skip
+    ax.set_xlabel("s")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
