@@ -25,9 +25,7 @@
   made by a small C loop (``vdev/native/punch.c``, built by scripts/setup, loaded with
   ctypes: one foreign call per region and batch, the GIL released while it runs), so no
   Python code runs per page. Without the library (no compiler at set-up) the same calls are
-  made from a Python loop, and :data:`NATIVE_PUNCH` says so. :meth:`GuestMemory.reclaim_start`
-  runs a reclaim in a worker thread and returns at once (:class:`PendingReclaim`), so the
-  connection can parse the next batch while the kernel punches this one.
+  made from a Python loop, and :data:`NATIVE_PUNCH` says so.
 
 Accesses to ring index fields go through :meth:`load_u16` / :meth:`store_u16`, which copy two
 naturally aligned bytes (one machine load/store on the hosts we support).
