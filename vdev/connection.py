@@ -151,9 +151,6 @@ class Connection:
             num_queues=device_cls.num_queues,
         )
         self.lock = trio.Lock()
-        #: per ring: the guest kept several chains queued lately (its last pass that took
-        #: any took more than one, or found more waiting): worth pipelining the punch
-        self._several: set[int] = set()
         self._control_send, self._control_recv = trio.open_memory_channel[Callable[[], Work]](
             math.inf
         )
@@ -998,11 +995,10 @@ class Connection:
         takes and parses what the guest queued meanwhile; a round's completions are pushed
         only once its reclaim is done, and in order (PROTOCOL.md section 2: a LOCK is
         answered only after its pages are gone). The worker thread is used only when there
-        is likely something to overlap: the reclaim is at least :data:`PIPELINE_MIN_PAGES`
-        pages and the guest keeps several chains queued (this pass took more than one, or
-        more were waiting after it); otherwise the punch runs inline, as before (a thread
-        hand-off with nothing to overlap only adds latency: one command at a time, a Linux
-        virtio-balloon request)."""
+        is something to overlap: the reclaim is at least :data:`PIPELINE_MIN_PAGES` pages and
+        the guest has already queued more chains; otherwise the punch runs inline, as before
+        (a thread hand-off with nothing to overlap only adds latency: one command at a time,
+        a Linux virtio-balloon request)."""
         running: tuple[PendingReclaim, Work] | None = None
         again = False
         try:
@@ -1014,13 +1010,7 @@ class Connection:
                 try:  # what the guest queued since: a broken ring still gets this work done
                     more = q.publish_avail_event(self.memory) if q.ready else False
                     again = bool(work.popped and (more or not q.event_idx))
-                    if work.popped:
-                        waiting = q.ready and q.avail_count(self.memory) > 0
-                        if work.popped > 1 or waiting:
-                            self._several.add(q.index)
-                        else:
-                            self._several.discard(q.index)
-                    queued = bool(work.reclaims) and q.index in self._several
+                    queued = bool(work.reclaims) and q.ready and q.avail_count(self.memory) > 0
                 except RingBroken:
                     again = queued = False
                 if running is not None:
