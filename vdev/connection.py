@@ -994,11 +994,10 @@ class Connection:
         runs adjacent across batches merge) runs in a worker thread while the next round
         takes and parses what the guest queued meanwhile; a round's completions are pushed
         only once its reclaim is done, and in order (PROTOCOL.md section 2: a LOCK is
-        answered only after its pages are gone). The worker thread is used only when there
-        is something to overlap: the reclaim is at least :data:`PIPELINE_MIN_PAGES` pages and
-        the guest has already queued more chains; otherwise the punch runs inline, as before
-        (a thread hand-off with nothing to overlap only adds latency: one command at a time,
-        a Linux virtio-balloon request)."""
+        answered only after its pages are gone). A small reclaim (below
+        :data:`PIPELINE_MIN_PAGES`) is punched inline, as the thread hand-off would cost
+        more than it overlaps. A round that finds nothing new ends the pipeline (its punch is
+        waited for and answered); a guest that queues more after that kicks again."""
         running: tuple[PendingReclaim, Work] | None = None
         again = False
         try:
@@ -1007,12 +1006,8 @@ class Connection:
                     again = False
                     break
                 work = self.device.kick(q.index)
-                try:  # what the guest queued since: a broken ring still gets this work done
-                    more = q.publish_avail_event(self.memory) if q.ready else False
-                    again = bool(work.popped and (more or not q.event_idx))
-                    queued = bool(work.reclaims) and q.ready and q.avail_count(self.memory) > 0
-                except RingBroken:
-                    again = queued = False
+                more = q.publish_avail_event(self.memory) if q.ready else False
+                again = bool(work.popped and (more or not q.event_idx))
                 if running is not None:
                     if work:  # record both batches' answers before either is pushed
                         self._commit_work(work, running[1].completions + work.completions)
@@ -1021,16 +1016,17 @@ class Connection:
                 elif work:
                     self._commit_work(work, work.completions)
                 runs = _reclaim_runs(work)
-                if runs is not None and queued and _pages(runs[1]) >= PIPELINE_MIN_PAGES:
+                if runs is not None and _pages(runs[1]) >= PIPELINE_MIN_PAGES:
                     running = (self.memory.reclaim_start(*runs), work)
-                    continue  # parse what the guest queued while the kernel punches
-                if runs is not None:
-                    try:
-                        await self.memory.reclaim_async(*runs)
-                    except HostResourceError as exc:
-                        log.error("%s: reclaim failed: %s", self.name, exc)
-                    await self._close_released()
-                self._complete(work, committed=True)
+                    continue  # take what the guest queues meanwhile
+                else:
+                    if runs is not None:
+                        try:
+                            await self.memory.reclaim_async(*runs)
+                        except HostResourceError as exc:
+                            log.error("%s: reclaim failed: %s", self.name, exc)
+                        await self._close_released()
+                    self._complete(work, committed=True)
                 if not again:
                     break
         finally:
