@@ -39,13 +39,13 @@ def _fire(conn: Any, point: str, *, batch: bool = False) -> None:
 _handle, _commit, _send, _consume = (
     C.Connection._handle, C.Connection._commit, C.Connection._send_all, C.Connection._consume,
 )  # fmt: skip
-_commit_work, _complete = C.Connection._commit_work, C.Connection._complete
+_execute, _complete = C.Connection._execute, C.Connection._complete
 
 
-def commit_work(self: Any, work: Any, pending: Any) -> None:
+async def execute(self: Any, work: Any) -> None:
     if work.reclaims:
         _fire(self, "batch-before-commit", batch=True)
-    _commit_work(self, work, pending)
+    await _execute(self, work)
 
 
 def complete(self: Any, work: Any, *, committed: bool = False) -> None:
@@ -79,7 +79,7 @@ C.Connection._handle = handle  # type: ignore[method-assign]
 C.Connection._commit = commit  # type: ignore[method-assign]
 C.Connection._send_all = send_all  # type: ignore[method-assign]
 C.Connection._consume = consume  # type: ignore[method-assign]
-C.Connection._commit_work = commit_work  # type: ignore[method-assign]
+C.Connection._execute = execute  # type: ignore[method-assign]
 C.Connection._complete = complete  # type: ignore[method-assign]
 
 if __name__ == "__main__":

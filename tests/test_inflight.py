@@ -1,11 +1,9 @@
 """Several vmmemctl commands in flight on the cmdq: vdev answers each LOCK only after its
 pages are gone, and plans the reclaims of the batches one kick finds as one punch (runs
-adjacent across batches merge); a punch running in the worker thread holds back its own
-answers and every later one (PROTOCOL.md section 2)."""
+adjacent across batches merge)."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +11,6 @@ import numpy as np
 import pytest
 import trio
 
-import vdev.connection
 from conformance.rawfrontend import FREE_START_PFN, PAGE, Buffer, VmwGuest, slot_gpa, touch
 from protocol import vmw
 from vdev.memory import GuestMemory
@@ -27,15 +24,14 @@ async def test_two_lock_batches_in_one_kick(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[list[int], list[int], list[list[int]]]] = []
-    real = GuestMemory._plan
+    real = GuestMemory.reclaim_async
 
-    def spy(self: GuestMemory, starts: Any, counts: Any, regions: Any = None) -> Any:
-        plans = real(self, starts, counts, regions)
-        pieces = [lens.tolist() for _, _, lens in plans]  # the kernel calls
+    async def spy(self: GuestMemory, starts: Any, counts: Any) -> int:
+        pieces = [lens.tolist() for _, _, lens in self._plan(starts, counts)]  # kernel calls
         calls.append((np.asarray(starts).tolist(), np.asarray(counts).tolist(), pieces))
-        return plans
+        return await real(self, starts, counts)
 
-    monkeypatch.setattr(GuestMemory, "_plan", spy)
+    monkeypatch.setattr(GuestMemory, "reclaim_async", spy)
     from vdev.devices.vmw import VmwDevice
 
     registry = GuestRegistry(VmwDevice.name, target=4096)
@@ -74,74 +70,5 @@ async def test_two_lock_batches_in_one_kick(
                 assert before - g.fe.ram.allocated_bytes() >= 2 * n * PAGE
                 assert calls == [([first, first + n], [n, n], [[2 * n * PAGE]])]
             finally:
-                g.close()
-                nursery.cancel_scope.cancel()
-
-
-async def test_pipelined_punch_holds_back_answers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A LOCK whose punch runs in the worker thread (held there by the test) is not answered,
-    nor is a GET_TARGET queued after it, until the punch returns; then both, in ring order."""
-    monkeypatch.setattr(vdev.connection, "PIPELINE_MIN_PAGES", 1)
-    entered, release = threading.Event(), threading.Event()
-    threads: list[str] = []
-    real = GuestMemory._punch
-
-    def held(plans: Any) -> int:
-        threads.append(threading.current_thread().name)
-        if threading.current_thread() is not threading.main_thread():
-            entered.set()
-            release.wait(10)
-        return real(plans)
-
-    monkeypatch.setattr(GuestMemory, "_punch", staticmethod(held))
-    from vdev.devices.vmw import VmwDevice
-
-    registry = GuestRegistry(VmwDevice.name, target=4096)
-    path = tmp_path / "vmw.sock"
-    server = Server(registry, VmwDevice, socket_paths=[str(path)])
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.run)
-            g = await VmwGuest.attach(str(path))
-            try:
-                assert (await g.start()).status == S.SUCCESS_WITH_CAPABILITIES
-                first, n, bp = FREE_START_PFN, 256, 0x100
-                touch(g.fe.ram, first, n)
-                before = g.fe.ram.allocated_bytes()
-                await g.fe.mem.write(bp * PAGE, vmw.build_batch(list(range(first, first + n))))
-                lock_req, target_req = slot_gpa(0, 0), slot_gpa(0, 1)
-                await g.fe.mem.write(lock_req, vmw.Request(C.BATCHED_LOCK, bp, n).build())
-                await g.fe.mem.write(target_req, vmw.Request(C.GET_TARGET, 8192).build())
-                lock_head = await g.cmdq.ring.add(
-                    [
-                        Buffer(lock_req, vmw.REQUEST_SIZE),
-                        Buffer(lock_req + 32, vmw.RESPONSE_SIZE, write=True),
-                    ]
-                )
-                g.cmdq.kick_now()
-                assert await trio.to_thread.run_sync(entered.wait, 10)  # the punch is held
-                target_head = await g.cmdq.ring.add(
-                    [
-                        Buffer(target_req, vmw.REQUEST_SIZE),
-                        Buffer(target_req + 32, vmw.RESPONSE_SIZE, write=True),
-                    ]
-                )
-                assert await g.fe.settle(g.cmdq, 0.3) == []  # nothing answered meanwhile
-                assert g.fe.ram.allocated_bytes() == before  # and the pages are still there
-                release.set()
-                used = await g.fe.wait_used(g.cmdq, count=2)
-                assert [u.id for u in used] == [lock_head, target_head]  # ring order
-                assert before - g.fe.ram.allocated_bytes() >= n * PAGE
-                lock = vmw.Response.parse(await g.fe.mem.read(lock_req + 32, vmw.RESPONSE_SIZE))
-                assert lock.status == S.SUCCESS
-                target = vmw.Response.parse(
-                    await g.fe.mem.read(target_req + 32, vmw.RESPONSE_SIZE)
-                )
-                assert target.status == S.SUCCESS and target.result == 4096
-                assert threads and threads[0] != threading.main_thread().name
-            finally:
-                release.set()
                 g.close()
                 nursery.cancel_scope.cancel()

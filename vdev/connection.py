@@ -996,8 +996,7 @@ class Connection:
         only once its reclaim is done, and in order (PROTOCOL.md section 2: a LOCK is
         answered only after its pages are gone). A small reclaim (below
         :data:`PIPELINE_MIN_PAGES`) is punched inline, as the thread hand-off would cost
-        more than it overlaps. A round that finds nothing new ends the pipeline (its punch is
-        waited for and answered); a guest that queues more after that kicks again."""
+        more than it overlaps."""
         running: tuple[PendingReclaim, Work] | None = None
         again = False
         try:
@@ -1010,15 +1009,14 @@ class Connection:
                 again = bool(work.popped and (more or not q.event_idx))
                 if running is not None:
                     if work:  # record both batches' answers before either is pushed
-                        self._commit_work(work, running[1].completions + work.completions)
+                        self._commit(running[1].completions + work.completions)
                     await self._finish(running, work if work else None)
                     running = None
                 elif work:
-                    self._commit_work(work, work.completions)
+                    self._commit(work.completions)
                 runs = _reclaim_runs(work)
-                if runs is not None and _pages(runs[1]) >= PIPELINE_MIN_PAGES:
+                if runs is not None and again and _pages(runs[1]) >= PIPELINE_MIN_PAGES:
                     running = (self.memory.reclaim_start(*runs), work)
-                    continue  # take what the guest queues meanwhile
                 else:
                     if runs is not None:
                         try:
@@ -1033,11 +1031,6 @@ class Connection:
             if running is not None:
                 await self._finish(running, None)
         return again
-
-    def _commit_work(self, work: Work, pending: list[tuple[int, int, int]]) -> None:
-        """Record a device call's outcome (its map edits; ``pending``: the answers not yet
-        pushed) before its reclaim starts: the hand-over's commit point of a batch."""
-        self._commit(pending)
 
     async def _finish(self, running: tuple[PendingReclaim, Work], rest: Work | None) -> None:
         """Wait for a pipelined reclaim, then push its batch's answers. ``rest``: the work
@@ -1089,7 +1082,7 @@ class Connection:
         completions are pushed only after it: no LOCK is answered before its pages are gone.
         """
         if work:
-            self._commit_work(work, work.completions)
+            self._commit(work.completions)
         runs = _reclaim_runs(work)
         if runs is not None:
             try:
