@@ -57,7 +57,7 @@ from protocol.vhost_user import ProtocolFeature as PF
 from vdev.balloon import coalesce
 from vdev.devices.base import Device, DeviceContext, DeviceStatus, Work
 from vdev.handover import ConnStore, HandoverError, StateFile
-from vdev.memory import GuestMemory, PendingReclaim, Region, RegionSpec, close_regions
+from vdev.memory import GuestMemory, Region, RegionSpec, close_regions
 from vdev.pagemap import PAGES_PER_2M, PageMap
 from vdev.ramcheck import check_peer_regions, peer_pid
 from vdev.rings import Rings
@@ -69,13 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Rounds a ring is served per hold of the connection's lock (a busy guest lets vhost-user
-#: messages and operator actions in between).
-PIPELINE_ROUNDS = 16
-#: Reclaims of at least this many 4 KiB pages are punched in a worker thread while the next
-#: round is parsed (connection ``_serve``); smaller ones inline. $VBALLOON_PIPELINE_MIN_PAGES
-#: overrides it (A/B experiments: 0 always, a huge value never).
-PIPELINE_MIN_PAGES = int(os.environ.get("VBALLOON_PIPELINE_MIN_PAGES", "512"))
 _ANC_SPACE = socket.CMSG_SPACE(vu.MAX_FDS * array.array("i").itemsize)
 _serial = itertools.count(1)
 
@@ -977,73 +970,16 @@ class Connection:
                 if not q.ready or self.closed:
                     return
                 try:
-                    again = await self._serve(q)
+                    work = self.device.kick(index)
+                    await self._execute(work)
+                    more = q.publish_avail_event(self.memory) if q.ready else False
                 except RingBroken:
                     return
             finally:
                 self.lock.release()
-            if not again:
+            if not (work.popped and (more or not q.event_idx)):
                 return
             await trio.lowlevel.checkpoint()
-
-    async def _serve(self, q: VirtQueue) -> bool:
-        """Up to :data:`PIPELINE_ROUNDS` rounds of taking what the guest queued on ``q``
-        (under :attr:`lock`); True when the ring may have more.
-
-        The reclaim of a round (every LOCK batch the round found, planned as one punch, so
-        runs adjacent across batches merge) runs in a worker thread while the next round
-        takes and parses what the guest queued meanwhile; a round's completions are pushed
-        only once its reclaim is done, and in order (PROTOCOL.md section 2: a LOCK is
-        answered only after its pages are gone). A small reclaim (below
-        :data:`PIPELINE_MIN_PAGES`) is punched inline, as the thread hand-off would cost
-        more than it overlaps."""
-        running: tuple[PendingReclaim, Work] | None = None
-        again = False
-        try:
-            for _ in range(PIPELINE_ROUNDS):
-                if not q.ready or self.closed:
-                    again = False
-                    break
-                work = self.device.kick(q.index)
-                more = q.publish_avail_event(self.memory) if q.ready else False
-                again = bool(work.popped and (more or not q.event_idx))
-                if running is not None:
-                    if work:  # record both batches' answers before either is pushed
-                        self._commit(running[1].completions + work.completions)
-                    await self._finish(running, work if work else None)
-                    running = None
-                elif work:
-                    self._commit(work.completions)
-                runs = _reclaim_runs(work)
-                if runs is not None and again and _pages(runs[1]) >= PIPELINE_MIN_PAGES:
-                    running = (self.memory.reclaim_start(*runs), work)
-                else:
-                    if runs is not None:
-                        try:
-                            await self.memory.reclaim_async(*runs)
-                        except HostResourceError as exc:
-                            log.error("%s: reclaim failed: %s", self.name, exc)
-                        await self._close_released()
-                    self._complete(work, committed=True)
-                if not again:
-                    break
-        finally:
-            if running is not None:
-                await self._finish(running, None)
-        return again
-
-    async def _finish(self, running: tuple[PendingReclaim, Work], rest: Work | None) -> None:
-        """Wait for a pipelined reclaim, then push its batch's answers. ``rest``: the work
-        parsed meanwhile, whose answers stay pending (the hand-over record has them)."""
-        pending, work = running
-        try:
-            await pending.wait()
-        except HostResourceError as exc:
-            log.error("%s: reclaim failed: %s", self.name, exc)
-        await self._close_released()
-        self._complete(work, committed=True)
-        if rest is not None and self.state is not None:
-            self._pending = (list(rest.completions), {str(q.index): q.used_idx for q in self.queues})
 
     async def _lock(self) -> None:
         """Take :attr:`lock`: at once when it is free (the usual case: a kick or a config
@@ -1083,12 +1019,18 @@ class Connection:
         """
         if work:
             self._commit(work.completions)
-        runs = _reclaim_runs(work)
-        if runs is not None:
+        if len(work.reclaims) > 1:
+            starts = np.concatenate([r.pfn_starts for r in work.reclaims])
+            counts = np.concatenate([r.pfn_counts for r in work.reclaims])
+            reclaims: list[tuple[Any, Any]] = [(starts, counts)]
+        else:
+            reclaims = [(r.pfn_starts, r.pfn_counts) for r in work.reclaims]
+        for pfn_starts, pfn_counts in reclaims:
             try:
-                await self.memory.reclaim_async(*runs)
+                await self.memory.reclaim_async(pfn_starts, pfn_counts)
             except HostResourceError as exc:
                 log.error("%s: reclaim failed: %s", self.name, exc)
+        if work.reclaims:
             await self._close_released()  # regions the table dropped while a worker used them
         self._complete(work, committed=True)
 
@@ -1158,23 +1100,6 @@ class Connection:
                     return
         except (OSError, trio.ClosedResourceError):
             return
-
-
-def _reclaim_runs(work: Work) -> tuple[Any, Any] | None:
-    """Every reclaim of ``work`` as one (pfn_starts, pfn_counts), or None."""
-    if not work.reclaims:
-        return None
-    if len(work.reclaims) == 1:
-        r = work.reclaims[0]
-        return r.pfn_starts, r.pfn_counts
-    return (
-        np.concatenate([r.pfn_starts for r in work.reclaims]),
-        np.concatenate([r.pfn_counts for r in work.reclaims]),
-    )
-
-
-def _pages(counts: Any) -> int:
-    return int(np.minimum(np.asarray(counts, dtype=np.uint64), np.uint64(1 << 40)).sum())
 
 
 def _inq(sock: trio.socket.SocketType) -> int:

@@ -561,38 +561,13 @@ class GuestMemory:
                 self.reclaim_failures += 1
                 raise
             finally:
-                self._unbusy(regions)
+                for r in regions:
+                    r.busy -= 1
+                    if r.retired and not r.busy:
+                        self._retired.remove(r)
+                        self._released.append(r)  # the owner closes it (take_released)
         self.reclaimed_bytes_total += done
         return done
-
-    def reclaim_start(self, pfn_starts: npt.ArrayLike, pfn_counts: npt.ArrayLike) -> PendingReclaim:
-        """Start :meth:`reclaim` in a worker thread (the GIL released while the kernel
-        punches) and return at once; :meth:`PendingReclaim.wait` gives the bytes punched.
-        The caller goes on with other work meanwhile (the connection parses the next batch)
-        and answers the batch only after ``wait``. The regions it uses stay mapped until
-        then (retired if the table changes)."""
-        starts = np.asarray(pfn_starts, dtype=np.uint64).ravel()
-        counts = np.asarray(pfn_counts, dtype=np.uint64).ravel()
-        regions = list(self._regions)
-        for r in regions:
-            r.busy += 1
-        pending = PendingReclaim(self, regions)
-        token = trio.lowlevel.current_trio_token()
-
-        def deliver(result: Any) -> None:  # in the worker thread
-            token.run_sync_soon(pending._finished, result)
-
-        trio.lowlevel.start_thread_soon(
-            lambda: self._punch(self._plan(starts, counts, regions)), deliver
-        )
-        return pending
-
-    def _unbusy(self, regions: list[Region]) -> None:
-        for r in regions:
-            r.busy -= 1
-            if r.retired and not r.busy:
-                self._retired.remove(r)
-                self._released.append(r)  # the owner closes it (take_released)
 
     def allocated_bytes(self) -> int:
         """Bytes the RAM files really occupy (st_blocks), each file counted once."""
@@ -604,44 +579,6 @@ class GuestMemory:
             seen.add(r.file_key)
             total += os.fstat(r.fd).st_blocks * 512
         return total
-
-
-class PendingReclaim:
-    """A reclaim running in a worker thread (:meth:`GuestMemory.reclaim_start`)."""
-
-    def __init__(self, memory: GuestMemory, regions: list[Region]) -> None:
-        self._memory = memory
-        self._regions = regions
-        self._done = trio.Event()
-        self._bytes = 0
-        self._error: BaseException | None = None
-
-    def _finished(self, result: Any) -> None:  # in the trio thread, from run_sync_soon
-        m = self._memory
-        m._unbusy(self._regions)
-        try:
-            self._bytes = int(result.unwrap())
-            m.reclaimed_bytes_total += self._bytes
-        except HostResourceError as exc:
-            m.reclaim_failures += 1
-            self._error = exc
-        except BaseException as exc:  # a bug in the planner: raised to the waiter
-            self._error = exc
-        self._done.set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    async def wait(self) -> int:
-        """The bytes punched, once the kernel is done (shielded: the pages must be gone
-        before anything is answered, even when the caller is being cancelled). Raises the
-        reclaim's error, e.g. :class:`~protocol.errors.HostResourceError`."""
-        with trio.CancelScope(shield=True):
-            await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._bytes
 
 
 #: one region's share of a reclaim: (region, offsets in it, lengths), uint64 arrays
