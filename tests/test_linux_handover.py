@@ -67,6 +67,21 @@ ANSWER_BUDGET = 2.0
 TEST_BUDGET = 240
 
 
+def qemu_threads(pid: int) -> str:
+    """Each QEMU thread's name and what it waits in (a vCPU blocked on a vhost-user reply
+    shows a recvmsg on the back-end's socket)."""
+    out = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            name = (task / "comm").read_text().strip()
+            wchan = (task / "wchan").read_text().strip()
+            sysc = (task / "syscall").read_text().split()[:2]
+        except OSError:
+            continue
+        out.append(f"  {task.name} {name}: {wchan} {' '.join(sysc)}")
+    return "\n".join(out)
+
+
 @contextlib.contextmanager
 def phase(name: str, seconds: float) -> Iterator[None]:
     """A step of the test with its own deadline; running late fails naming the step."""
@@ -290,6 +305,9 @@ async def test_linux_guest_survives_kill9_sigterm_and_upgrade(
                 if guest is not None:
                     print("console tail:\n" + "\n".join(guest.console.lines[-30:]))
                     print("QEMU stderr:\n" + guest.stderr()[-1500:])
+                    print("QEMU threads:\n" + qemu_threads(guest.pid))
+                with contextlib.suppress(BaseException), trio.move_on_after(5):
+                    print("vdev's view:", json.dumps(await vdev.vm()))
                 log_path = scratch / "vdev.log"
                 print(
                     "vdev log tail:\n"
