@@ -185,6 +185,13 @@ class Connection:
     def reclaimed_bytes_total(self) -> int:
         return self.memory.reclaimed_bytes_total
 
+    def peer_pid(self) -> int | None:
+        """The front-end's PID (SO_PEERCRED), for the backstop (vdev.policy.backstop)."""
+        cached: int | None = getattr(self, "_peer_pid", None)
+        if cached is None:
+            cached = self._peer_pid = peer_pid(self.sock)  # type: ignore[arg-type]
+        return cached
+
     def unreclaimable(self) -> list[str]:
         """Regions the front-end maps privately (share=off): punching them frees nothing."""
         return list(getattr(self, "ram_problems", []))

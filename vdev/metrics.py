@@ -30,9 +30,10 @@ vballoon_vm_reported_bytes_total{vm}                   free page reporting: byte
 vballoon_vm_guest_backoff{vm}                          1 while the guest's balloon is held
 vballoon_cgroup_usage_bytes{cgroup}, _limit_bytes      a watched cgroup (--watch-cgroup)
 vballoon_cgroup_events_total{cgroup,event}             its oom / oom_kill / max / high counts
-vballoon_cgroup_under_oom{cgroup}                      v1: paused under OOM (backstop)
+vballoon_cgroup_under_oom{cgroup}                      v1: under OOM (the kernel's)
 vballoon_pressure_notifications_total                  kernel notifications that woke us
 vballoon_backstop_engaged, _pauses_total               the backstop (--backstop)
+vballoon_backstop_vm_paused{vm}                        v1: 1 while its QEMU is stopped
 vballoon_vm_info{vm,socket}                            1 per guest: the socket it is served on
 vballoon_build_info{version}                           1: the vballoon package version
 process_start_time_seconds, process_* (Linux)          prometheus_client's process collector:
@@ -287,12 +288,19 @@ def overcommit_metrics(control: ControlPlane) -> Iterator[Metric]:
     backstop = control.backstop
     yield GaugeMetricFamily(
         "vballoon_backstop_engaged", "1 while the backstop is set on the watched cgroups",
-        value=float(backstop is not None and bool(backstop.held)),
+        value=float(backstop is not None and backstop.engaged),
     )  # fmt: skip
     yield CounterMetricFamily(
-        "vballoon_backstop_pauses", "Times a watched cgroup was paused under OOM",
+        "vballoon_backstop_pauses", "Times the backstop stopped a VM's QEMU (v1)",
         value=backstop.pauses if backstop is not None else 0,
     )  # fmt: skip
+    paused = GaugeMetricFamily(
+        "vballoon_backstop_vm_paused", "1 while the backstop holds the VM's QEMU stopped",
+        labels=["vm"],
+    )  # fmt: skip
+    for p in backstop.paused() if backstop is not None else []:
+        paused.add_metric([str(p["name"])], 1.0)
+    yield paused
 
 
 def render_metrics(control: ControlPlane) -> bytes:

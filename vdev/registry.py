@@ -92,6 +92,8 @@ class GuestView:
     ram_allocated_bytes: int = 0
     reclaimed_bytes_total: int = 0
     unreclaimable: tuple[str, ...] = ()  # RAM the front-end maps private (share=off)
+    #: the front-end's PID (SO_PEERCRED of its vhost-user socket), None if unknown
+    pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,7 @@ class GuestRegistry:
             ram_allocated_bytes=dev.ram_allocated_bytes(),
             reclaimed_bytes_total=dev.reclaimed_bytes_total(),
             unreclaimable=tuple(getattr(dev, "unreclaimable", lambda: [])()),
+            pid=getattr(dev, "peer_pid", lambda: None)(),
         )
 
     def set_target(self, name: str, pages: int) -> None:

@@ -1,40 +1,197 @@
 """The backstop: when ballooning cannot keep up, slow the allocating VM instead of killing one.
 
-``vdev serve --watch-cgroup PATH --backstop`` ([serve] backstop = true) uses what the kernel
-offers on each watched cgroup:
+``vdev serve --watch-cgroup PATH --backstop`` ([serve] backstop = true) uses, on each watched
+cgroup:
 
-* cgroup v1: ``memory.oom_control`` = 1 (``oom_kill_disable``). At the limit the kernel then
-  puts the tasks that fault in a new page to sleep instead of SIGKILLing the largest QEMU
-  (measured on these machines: the *idle* guest's QEMU was the one killed). The OOM eventfd
-  wakes the policy (:mod:`vdev.policy.watch`), which is then in the LOW state: it inflates the
-  other guests' balloons without rate limit, and every page they return wakes the sleepers.
-  A deadline bounds the pause: if the cgroup is still under OOM after ``deadline`` seconds,
-  the OOM killer is given back (``oom_kill_disable`` = 0) -- an explicit, reported choice,
-  since a VM paused for ever is no better than a killed one -- and taken again once the
-  cgroup has left OOM.
+* cgroup v1: pause the allocating VM *before* the limit. ``memory.oom_control`` is left
+  alone: with ``oom_kill_disable`` = 1 the kernel puts faulting tasks to sleep at the limit,
+  but syscall-time charges then fail with ENOMEM, and a QEMU at a paused limit broke (its
+  vhost-user connection dropped, or it exited). Instead, when the usage reaches
+  ``limit - pause margin`` (a ``memory.usage_in_bytes`` threshold eventfd wakes vdev within
+  milliseconds, :mod:`vdev.policy.watch`), the VMs in that cgroup whose RAM file grew over
+  the last :data:`GROWTH_WINDOW` (the largest grower at least) get SIGSTOP -- their QEMU's PID
+  from SO_PEERCRED on the vhost-user socket -- while the policy, now in its LOW state,
+  inflates the other guests without rate limit. A stopped QEMU makes no syscalls, so it
+  cannot meet an ENOMEM. It is continued (SIGCONT) when the usage is back below
+  ``limit - resume margin``, or after ``deadline`` seconds regardless (reported; it may be
+  paused again after :data:`REPAUSE_GRACE` if it is still growing at the threshold), when
+  it disconnects, and when vdev exits. A ``kill -9`` of vdev cannot strand it:
+  :mod:`vdev.policy.guard` continues every recorded PID when vdev's pipe closes.
+  vdev never waits on a stopped QEMU: replies and config-change notices go out through
+  that connection's own tasks, without NEED_REPLY. Without the pause (a VM not seen
+  growing, a burst faster than the warning), the kernel's OOM killer stays in place.
 * cgroup v2: ``memory.high`` below ``memory.max`` (``max - margin``): above it the kernel
   throttles the cgroup and forces it into reclaim, and never OOM-kills.
 
-What was set is restored on exit. Every change is reported (:attr:`Backstop.log` entries go
-to the events stream and ``vdev host``).
+What was set is restored on exit. Every change is reported (:attr:`Backstop.actions`
+entries go to the events stream and ``vdev host``).
+
+The v1 decisions are sans-I/O (:class:`PauseDecider`); :class:`Backstop` does the I/O.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from protocol.errors import HostResourceError
-from vdev.policy.cgroup import CgroupReading, CgroupSource, parse_flat_keyed, parse_single
+from vdev.policy.cgroup import CgroupReading, CgroupSource, parse_single
+from vdev.policy.guard import StopGuard
 
 log = logging.getLogger(__name__)
 
 #: v2: memory.high = memory.max minus this share of it (at least MIN_MARGIN bytes).
 V2_MARGIN_FRACTION = 0.05
 MIN_MARGIN = 16 << 20
-#: v1: the longest a cgroup may stay paused under OOM before the kernel may kill again.
+#: v1: pause at limit - max(PAUSE_MIN, PAUSE_FRACTION * limit); resume below
+#: limit - max(RESUME_MIN, RESUME_FRACTION * limit). At ~300 MiB/s (a TCG guest writing
+#: tmpfs) 48 MiB is ~150 ms of warning; the threshold eventfd fires within milliseconds.
+PAUSE_MIN = 48 << 20
+PAUSE_FRACTION = 0.08
+RESUME_MIN = 96 << 20
+RESUME_FRACTION = 0.15
+#: v1: the longest a VM stays paused before it is continued anyway.
 DEFAULT_DEADLINE = 30.0
+#: after a deadline resume, the VM runs at least this long before it may be paused again
+REPAUSE_GRACE = 1.0
+#: RAM file growth is measured over this window; a VM that grew at least BUSY_BYTES in it
+#: is allocating.
+GROWTH_WINDOW = 2.0
+BUSY_BYTES = 8 << 20
+
+
+def margins(limit: int) -> tuple[int, int]:
+    """(pause at, resume below) for a v1 limit, in bytes of usage."""
+    pause_at = limit - max(PAUSE_MIN, int(limit * PAUSE_FRACTION))
+    resume_below = limit - max(RESUME_MIN, int(limit * RESUME_FRACTION))
+    return max(0, pause_at), max(0, min(resume_below, pause_at))
+
+
+@dataclass(frozen=True)
+class VmSample:
+    """A connected VM of a watched cgroup: its QEMU's PID and its RAM file's resident bytes."""
+
+    name: str
+    pid: int
+    allocated_bytes: int
+
+
+@dataclass(frozen=True)
+class PauseAction:
+    kind: str  # "stop" | "cont"
+    name: str
+    pid: int
+    detail: str
+
+
+@dataclass
+class PauseDecider:
+    """Sans-I/O: which VMs of one v1 cgroup to stop and continue, from readings."""
+
+    deadline: float = DEFAULT_DEADLINE
+    #: name -> (pid, stopped at)
+    paused: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _trail: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+    _grace_until: dict[str, float] = field(default_factory=dict)
+
+    def growth(self, name: str) -> int:
+        trail = self._trail.get(name)
+        return trail[-1][1] - trail[0][1] if trail else 0
+
+    def observe(
+        self, now: float, usage: int, limit: int | None, vms: Sequence[VmSample]
+    ) -> list[PauseAction]:
+        out: list[PauseAction] = []
+        present = {vm.name: vm for vm in vms}
+        for name in list(self._trail):
+            if name not in present:
+                del self._trail[name]
+        for vm in vms:
+            trail = self._trail.setdefault(vm.name, deque(maxlen=256))
+            trail.append((now, vm.allocated_bytes))
+            while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
+                trail.popleft()
+        # continue: gone (or restarted with another PID), back under, or the deadline
+        for name, (pid, since) in list(self.paused.items()):
+            now_vm = present.get(name)
+            why = None
+            if now_vm is None or now_vm.pid != pid:
+                why = "disconnected"
+            elif limit is None or usage < margins(limit)[1]:
+                why = (
+                    f"usage {usage >> 20} MiB back below the resume level after {now - since:.3f}s"
+                )
+            elif now - since >= self.deadline:
+                why = f"deadline: still near the limit after {now - since:.3f}s, continued anyway"
+                self._grace_until[name] = now + REPAUSE_GRACE
+            if why is not None:
+                del self.paused[name]
+                out.append(PauseAction("cont", name, pid, why))
+        if limit is None:
+            return out
+        pause_at, _ = margins(limit)
+        if usage < pause_at:
+            return out
+        running = [
+            vm
+            for vm in vms
+            if vm.name not in self.paused and now >= self._grace_until.get(vm.name, 0.0)
+        ]
+        growing = sorted(
+            (vm for vm in running if self.growth(vm.name) > 0),
+            key=lambda vm: self.growth(vm.name),
+            reverse=True,
+        )
+        chosen = [vm for vm in growing if self.growth(vm.name) >= BUSY_BYTES] or growing[:1]
+        for vm in chosen:
+            self.paused[vm.name] = (vm.pid, now)
+            out.append(
+                PauseAction(
+                    "stop",
+                    vm.name,
+                    vm.pid,
+                    f"usage {usage >> 20} MiB >= pause level {pause_at >> 20} MiB of limit"
+                    f" {limit >> 20} MiB; its RAM file grew {self.growth(vm.name) >> 20} MiB"
+                    f" in {GROWTH_WINDOW:g}s",
+                )
+            )
+        return out
+
+    def release(self) -> list[PauseAction]:
+        out = [PauseAction("cont", n, pid, "vdev stops") for n, (pid, _) in self.paused.items()]
+        self.paused.clear()
+        return out
+
+
+def _v1_mount(path: str) -> str:
+    """The root of the v1 hierarchy ``path`` is in: its topmost ancestor with cgroup.procs."""
+    path = os.path.realpath(path)
+    root = path
+    while True:
+        parent = os.path.dirname(root)
+        if parent == root or not os.path.exists(os.path.join(parent, "cgroup.procs")):
+            return root
+        root = parent
+
+
+def pid_in_cgroup(pid: int, source: CgroupSource, proc: str = "/proc") -> bool:
+    """Whether process ``pid`` is in the v1 memory cgroup ``source`` or below it."""
+    try:
+        with open(f"{proc}/{pid}/cgroup", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    mount = _v1_mount(source.path)
+    want = os.path.realpath(source.path)
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3 and "memory" in parts[1].split(","):
+            where = os.path.normpath(os.path.join(mount, parts[2].lstrip("/")))
+            return where == want or where.startswith(want + os.sep)
+    return False
 
 
 @dataclass
@@ -42,8 +199,6 @@ class _Held:
     source: CgroupSource
     restore: str  # the file's value before we changed it
     file: str
-    paused_since: float | None = None
-    killer_given_back: bool = False
 
 
 @dataclass
@@ -54,6 +209,10 @@ class Backstop:
     #: what was done, for events: (kind, cgroup path, detail)
     actions: list[tuple[str, str, str]] = field(default_factory=list)
     pauses = 0
+    #: v1 cgroup path -> its decider
+    deciders: dict[str, PauseDecider] = field(default_factory=dict)
+    guard: StopGuard | None = None
+    _members: dict[tuple[str, int], bool] = field(default_factory=dict)
 
     def _write(self, source: CgroupSource, file: str, value: str) -> None:
         path = os.path.join(source.path, file)
@@ -77,16 +236,25 @@ class Backstop:
         """Set the backstop on every source (HostResourceError if the kernel refuses)."""
         for source in self.sources:
             if source.version == 1:
-                before = parse_flat_keyed(self._read(source, "memory.oom_control"), "oom_control")
-                self._write(source, "memory.oom_control", "1")
-                self.held.append(
-                    _Held(source, str(before.get("oom_kill_disable", 0)), "memory.oom_control")
+                limit = parse_single(
+                    self._read(source, "memory.limit_in_bytes"), "memory.limit_in_bytes"
                 )
+                if self.guard is None:
+                    try:
+                        self.guard = StopGuard()
+                    except OSError as e:
+                        raise HostResourceError(f"backstop: cannot start the guard: {e}") from e
+                self.deciders[source.path] = PauseDecider(self.deadline)
+                level = ""
+                if limit is not None:
+                    pause_at, resume_below = margins(limit)
+                    level = f" (now: pause at {pause_at >> 20} MiB, resume below"
+                    level += f" {resume_below >> 20} MiB)"
                 self._act(
                     "engaged",
                     source,
-                    "memory.oom_control oom_kill_disable=1: at the"
-                    " limit tasks sleep instead of being killed",
+                    "near the limit the allocating VM's QEMU is stopped (SIGSTOP) until the"
+                    f" other guests have given memory back, at most {self.deadline:g}s{level}",
                 )
             else:
                 limit = parse_single(self._read(source, "memory.max"), "memory.max")
@@ -103,55 +271,76 @@ class Backstop:
                     f"memory.high={high}: above it the cgroup is throttled, never killed",
                 )
 
-    def _act(self, kind: str, source: CgroupSource, detail: str) -> None:
-        log.warning("backstop %s on %s: %s", kind, source.path, detail)
-        self.actions.append((kind, source.path, detail))
+    @property
+    def engaged(self) -> bool:
+        return bool(self.held) or bool(self.deciders)
 
-    def check(self, readings: list[CgroupReading], now: float) -> list[tuple[str, str, str]]:
-        """After each reading: start/stop the pause clock, enforce the deadline. Returns the
-        actions taken now."""
+    def paused(self) -> list[dict[str, object]]:
+        """The VMs stopped now: name, pid, cgroup, since (monotonic)."""
+        return [
+            {"name": n, "pid": pid, "cgroup": path, "since": since}
+            for path, d in self.deciders.items()
+            for n, (pid, since) in d.paused.items()
+        ]
+
+    def _act(self, kind: str, source: CgroupSource | str, detail: str) -> None:
+        path = source if isinstance(source, str) else source.path
+        log.warning("backstop %s on %s: %s", kind, path, detail)
+        self.actions.append((kind, path, detail))
+        del self.actions[:-200]
+
+    def _in(self, source: CgroupSource, pid: int) -> bool:
+        key = (source.path, pid)
+        if key not in self._members:
+            self._members[key] = pid_in_cgroup(pid, source)
+        return self._members[key]
+
+    def check(
+        self,
+        readings: list[CgroupReading],
+        now: float,
+        vms: Iterable[tuple[str, int | None, int]] = (),
+    ) -> list[tuple[str, str, str]]:
+        """After each reading, with the connected VMs (name, QEMU pid, RAM file resident
+        bytes): stop and continue VMs of v1 cgroups. Returns the actions taken now."""
         start = len(self.actions)
+        vm_list = [(n, pid, b) for n, pid, b in vms if pid is not None]
+        live = {pid for _, pid, _ in vm_list}
+        self._members = {k: v for k, v in self._members.items() if k[1] in live}
         by_path = {r.source.path: r for r in readings}
-        for held in self.held:
-            if held.source.version != 1:
-                continue
-            reading = by_path.get(held.source.path)
+        for path, decider in self.deciders.items():
+            reading = by_path.get(path)
             if reading is None:
                 continue
-            under = bool(reading.events.get("under_oom", 0))
-            if under and held.paused_since is None:
-                held.paused_since = now
-                self.pauses += 1
-                self._act(
-                    "paused",
-                    held.source,
-                    "under OOM: allocating tasks sleep; freeing memory from the other guests",
-                )
-            elif not under and held.paused_since is not None:
-                took = now - held.paused_since
-                held.paused_since = None
-                self._act("resumed", held.source, f"left OOM after {took:.3f}s")
-                if held.killer_given_back:
-                    self._write(held.source, "memory.oom_control", "1")
-                    held.killer_given_back = False
-                    self._act("engaged", held.source, "oom_kill_disable=1 again")
-            if (
-                held.paused_since is not None
-                and not held.killer_given_back
-                and now - held.paused_since > self.deadline
-            ):
-                self._write(held.source, "memory.oom_control", "0")
-                held.killer_given_back = True
-                self._act(
-                    "deadline",
-                    held.source,
-                    f"still under OOM after {self.deadline:g}s:"
-                    " the OOM killer is given back (oom_kill_disable=0)",
-                )
+            source = reading.source
+            samples = [VmSample(n, pid, b) for n, pid, b in vm_list if self._in(source, pid)]
+            for action in decider.observe(now, reading.usage_bytes, reading.limit_bytes, samples):
+                self._apply(path, action)
         return self.actions[start:]
 
+    def _apply(self, path: str, action: PauseAction) -> None:
+        assert self.guard is not None
+        who = f"{action.name} (pid {action.pid})"
+        if action.kind == "stop":
+            if self.guard.stop(action.pid):
+                self.pauses += 1
+                self._act("paused", path, f"{who} stopped: {action.detail}")
+            else:
+                self.deciders[path].paused.pop(action.name, None)
+                self._act("skipped", path, f"{who} is gone: not stopped")
+        else:
+            self.guard.cont(action.pid)
+            self._act("resumed", path, f"{who} continued: {action.detail}")
+
     def release(self) -> None:
-        """Restore what :meth:`engage` changed."""
+        """Continue every stopped VM; restore what :meth:`engage` changed."""
+        for path, decider in self.deciders.items():
+            for action in decider.release():
+                self._apply(path, action)
+        if self.guard is not None:
+            self.guard.close()
+            self.guard = None
+        self.deciders.clear()
         for held in self.held:
             try:
                 self._write(held.source, held.file, held.restore)

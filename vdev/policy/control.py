@@ -329,9 +329,7 @@ class ControlPlane:
         if self.watch is not None:
             for c in self.cgroups:
                 self.watch.rearm_thresholds(c)  # the limit may have changed
-        if self.backstop is not None:
-            for kind, path, detail in self.backstop.check(readings, time.monotonic()):
-                self.publish({"type": "backstop", "action": kind, "cgroup": path, "detail": detail})
+        self._backstop_check(readings)
         growth: dict[str, int] = {}
         now = time.monotonic()
         for r in readings:
@@ -349,10 +347,38 @@ class ControlPlane:
         self.projected_growth = growth
         return host_sample_from_readings(readings, host, growth)
 
+    def _backstop_vms(self) -> list[tuple[str, int | None, int]]:
+        out: list[tuple[str, int | None, int]] = []
+        for name in self.registry.names():
+            try:
+                view = self.registry.view(name)
+            except KeyError:
+                continue
+            if getattr(view, "connected", False):
+                pid = getattr(view, "pid", None)
+                out.append((name, pid, int(getattr(view, "ram_allocated_bytes", 0))))
+        return out
+
+    def _backstop_check(self, readings: list[CgroupReading] | None = None) -> None:
+        """Let the backstop stop or continue VMs now (fresh readings if none given)."""
+        if self.backstop is None or not self.backstop.deciders:
+            return
+        if readings is None:
+            try:
+                readings = [read_cgroup(c) for c in self.cgroups]
+            except HostResourceError as e:
+                log.warning("backstop: %s", e)
+                return
+        for kind, path, detail in self.backstop.check(
+            readings, time.monotonic(), self._backstop_vms()
+        ):
+            self.publish({"type": "backstop", "action": kind, "cgroup": path, "detail": detail})
+
     def on_pressure(self, notices: list[Notice]) -> None:
         """Kernel notifications: ask every guest for fresh statistics (hand the held stats
         buffer back) and run a policy step now."""
         self.pressure_notices += len(notices)
+        self._backstop_check()  # before anything else: pause the allocating VM now
         for name in self.registry.names():
             request = getattr(self.registry, "request_stats", None)
             if request is not None:
@@ -511,8 +537,9 @@ class ControlPlane:
                 "last": self.last_notice,
             },
             "backstop": {
-                "engaged": self.backstop is not None and bool(self.backstop.held),
+                "engaged": self.backstop is not None and self.backstop.engaged,
                 "pauses": self.backstop.pauses if self.backstop else 0,
+                "paused": self.backstop.paused() if self.backstop else [],
                 "actions": [
                     {"action": k, "cgroup": p, "detail": d}
                     for k, p, d in (self.backstop.actions[-20:] if self.backstop else [])

@@ -8,8 +8,9 @@ is watched), the notifications the kernel offers, and calls back as soon as one 
   file opened read-write; the kernel signals ``POLLPRI``), and ``memory.events`` (kernfs
   "file modified": ``POLLPRI``/``POLLERR`` until the file is read again);
 * cgroup v1 (``cgroup.event_control``, one eventfd per registration): usage thresholds at
-  80, 90 and 95 % of ``memory.limit_in_bytes`` (they fire in both directions; re-registered
-  when the limit changes), ``memory.oom_control`` (fires once the cgroup is under OOM),
+  80, 90 and 95 % of ``memory.limit_in_bytes`` and the backstop's pause and resume levels
+  (:func:`vdev.policy.backstop.margins`; they fire in both directions; re-registered when
+  the limit changes), ``memory.oom_control`` (fires once the cgroup is under OOM),
   ``memory.pressure_level`` at ``medium`` (it floods near OOM: read coalesced);
 * no cgroup: a PSI trigger on ``/proc/pressure/memory``.
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import trio
 
+from vdev.policy.backstop import margins
 from vdev.policy.cgroup import CgroupSource, parse_flat_keyed, parse_single
 
 log = logging.getLogger(__name__)
@@ -171,10 +173,10 @@ class PressureWatch:
         self.armed = [a for a in self.armed if not a.startswith(f"{source.label}: threshold")]
         if limit is None:
             return
-        for fraction in V1_THRESHOLDS:
-            self._v1_register(
-                source, "threshold", "memory.usage_in_bytes", str(int(limit * fraction))
-            )
+        levels = {int(limit * fraction) for fraction in V1_THRESHOLDS}
+        levels.update(margins(limit))  # the backstop's pause and resume levels
+        for level in sorted(levels):
+            self._v1_register(source, "threshold", "memory.usage_in_bytes", str(level))
 
     def _drop(self, fd: int) -> None:
         reg = self._regs.pop(fd)
