@@ -46,13 +46,14 @@ log = logging.getLogger(__name__)
 #: v2: memory.high = memory.max minus this share of it (at least MIN_MARGIN bytes).
 V2_MARGIN_FRACTION = 0.05
 MIN_MARGIN = 16 << 20
-#: v1: pause at limit - max(PAUSE_MIN, PAUSE_FRACTION * limit); resume below
-#: limit - max(RESUME_MIN, RESUME_FRACTION * limit). At ~300 MiB/s (a TCG guest writing
+#: v1: pause at limit - max(PAUSE_MIN, PAUSE_FRACTION * limit); resume below the pause level
+#: minus max(RESUME_GAP_MIN, RESUME_GAP_FRACTION * limit). At ~300 MiB/s (a TCG guest writing
 #: tmpfs) 48 MiB is ~150 ms of warning; the threshold eventfd fires within milliseconds.
+#: The margins follow fill rates, not the limit's size: the fractions are small.
 PAUSE_MIN = 48 << 20
-PAUSE_FRACTION = 0.08
-RESUME_MIN = 96 << 20
-RESUME_FRACTION = 0.15
+PAUSE_FRACTION = 0.02
+RESUME_GAP_MIN = 32 << 20
+RESUME_GAP_FRACTION = 0.02
 #: v1: the longest a VM stays paused before it is continued anyway.
 DEFAULT_DEADLINE = 30.0
 #: after a deadline resume, the VM runs at least this long before it may be paused again
@@ -65,9 +66,9 @@ BUSY_BYTES = 8 << 20
 
 def margins(limit: int) -> tuple[int, int]:
     """(pause at, resume below) for a v1 limit, in bytes of usage."""
-    pause_at = limit - max(PAUSE_MIN, int(limit * PAUSE_FRACTION))
-    resume_below = limit - max(RESUME_MIN, int(limit * RESUME_FRACTION))
-    return max(0, pause_at), max(0, min(resume_below, pause_at))
+    pause_at = max(0, limit - max(PAUSE_MIN, int(limit * PAUSE_FRACTION)))
+    resume_below = pause_at - max(RESUME_GAP_MIN, int(limit * RESUME_GAP_FRACTION))
+    return pause_at, max(0, resume_below)
 
 
 @dataclass(frozen=True)
