@@ -8,8 +8,9 @@ the same workload under each policy:
 * ``none``: no balloon policy (vdev serves the balloons, nobody sets a target);
 * ``mom``: oVirt MoM's balloon rules (``vdev serve --policy mom``);
 * ``ours``: the ESXi-model policy watching the cgroup (``--watch-cgroup``: kernel
-  notifications wake it) with the backstop (``--backstop``: at the limit the cgroup pauses
-  instead of being OOM-killed, and the policy frees memory from the idle guests).
+  notifications wake it) with the backstop (``--backstop``: near the limit the busy guest's
+  QEMU is stopped instead of a VM being OOM-killed, while the policy frees memory from the
+  idle guests).
 
 Scenarios: ``a`` slow growth (the busy guest writes in small steps), ``b`` a burst (it
 writes it all at once, as fast as the guest can), ``c`` a burst next to one idle guest whose
