@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -307,6 +308,15 @@ def _proc_state(pid: int) -> str:
     return text[text.rindex(")") + 2]
 
 
+async def _stopped(pid: int) -> bool:
+    """Whether ``pid`` shows as stopped within 10 s (SIGSTOP is delivered asynchronously)."""
+    with trio.move_on_after(10):
+        while _proc_state(pid) != "T":
+            await trio.sleep(0.01)
+        return True
+    return False
+
+
 async def test_v1_backstop_stops_the_allocator_before_the_limit(v1_child: Path) -> None:
     """Two processes fill memfds in a real v1 cgroup (256 MiB): one holds 100 MiB, one writes
     150 MiB at ~100 MiB/s. Driven by the kernel's threshold eventfds (and a 0.2 s period, as
@@ -363,7 +373,7 @@ async def test_v1_backstop_stops_the_allocator_before_the_limit(v1_child: Path) 
                 while not any(k == "paused" for _, k, _, _ in acts):
                     await trio.sleep(0.01)
                 assert "writer" in acts[-1][2], acts
-                assert _proc_state(writer.pid) == "T"  # stopped, not asleep in the kernel
+                assert await _stopped(writer.pid)  # stopped, not asleep in the kernel
                 usage = read_cgroup(src).usage_bytes
                 assert usage < limit, (usage, limit)
                 await holder.stdin.send_all(b"go\n")  # "inflate the other guest"
@@ -607,3 +617,117 @@ def test_vdev_events_names_the_overcommit_events() -> None:
     futile = {**t, "type": "futile", "name": "vm2", "balloon_grew_bytes": 8 << 20,
               "host_regained_bytes": 0}  # fmt: skip
     assert "+8.00 MB, host regained 0.00 MB" in format_event(futile)
+
+
+class _ProcGuest:
+    """A connected "guest" backed by a real process filling a memfd (LiveDevice): the
+    control plane sees its PID and its RAM file's resident bytes, as for a QEMU."""
+
+    def __init__(self, registry: Any, name: str, pid: int, fd: int) -> None:
+        from vdev.devices.base import DeviceStatus
+
+        self.pid, self.fd = pid, fd
+        self._status = DeviceStatus(
+            size_pages=0, target_pages=0, capabilities=0, driver_active=True, guest_type=1,
+            doorbell_registered=True, counters={}, guest_stats={},
+        )  # fmt: skip
+        registry.attach(name, self)
+
+    def status(self) -> Any:
+        return self._status
+
+    def ram_pages(self) -> int:
+        return 256 * MiB // PAGE_SIZE
+
+    def ram_allocated_bytes(self) -> int:
+        return _allocated(self.pid, self.fd)
+
+    def reclaimed_bytes_total(self) -> int:
+        return 0
+
+    def request_target(self, pages: int) -> None:
+        pass
+
+    def request_reset(self) -> None:
+        pass
+
+    def peer_pid(self) -> int:
+        return self.pid
+
+
+async def test_control_plane_backstop_stops_reports_and_continues_on_exit(
+    v1_child: Path,
+) -> None:
+    """vdev's control plane with --backstop on a real v1 cgroup: the writer is stopped
+    before the limit (events, `vdev host`, metrics) and continued when the control plane
+    exits; nothing is killed."""
+    from vdev.metrics import render_metrics
+    from vdev.policy.control import ControlPlane
+    from vdev.registry import GuestRegistry
+
+    (v1_child / "memory.limit_in_bytes").write_text(str(256 * MiB))
+    registry = GuestRegistry("vmw")
+    for name in ("holder", "writer"):
+        registry.add(name, f"/nonexistent/{name}.sock")
+    cfg = ControlConfig(
+        watch_cgroups=[str(v1_child)], backstop=True, backstop_deadline=60.0, policy_period=0.2
+    )
+    control = ControlPlane(registry, cfg)
+    events = control.subscribe()
+    procs = []
+    try:
+        with trio.fail_after(60):
+            holder = await trio.lowlevel.open_process(
+                _memfd_filler(v1_child, 100, 0.0, "free"),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            )  # fmt: skip
+            procs.append(holder)
+            assert holder.stdout is not None
+            out = b""
+            while not out.endswith(b"full\n"):
+                out += await holder.stdout.receive_some()
+            _ProcGuest(registry, "holder", holder.pid, int(out.split()[0]))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(control.run)
+                writer = await trio.lowlevel.open_process(
+                    _memfd_filler(v1_child, 150, 0.01, "keep"), stdout=subprocess.PIPE
+                )
+                procs.append(writer)
+                assert writer.stdout is not None
+                _ProcGuest(
+                    registry,
+                    "writer",
+                    writer.pid,
+                    int((await writer.stdout.receive_some()).split()[0]),
+                )
+                while not control.host_info()["backstop"]["paused"]:
+                    await trio.sleep(0.01)
+                info = control.host_info()["backstop"]
+                assert info["engaged"] and info["pauses"] == 1
+                assert [p["name"] for p in info["paused"]] == ["writer"]
+                assert await _stopped(writer.pid)
+                text = render_metrics(control).decode()
+                assert 'vballoon_backstop_vm_paused{vm="writer"} 1.0' in text, text
+                assert "vballoon_backstop_engaged 1.0" in text
+                # room again, and vdev stops: the writer must run on
+                (v1_child / "memory.limit_in_bytes").write_text(str(512 * MiB))
+                nursery.cancel_scope.cancel()
+            assert control.backstop is not None and control.backstop.guard is None
+            assert await writer.wait() == 0  # continued: it finished
+            assert holder.stdin is not None
+            await holder.stdin.send_all(b"go\n")
+            assert await holder.wait() == 0
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+    kinds = []
+    while True:
+        try:
+            e = events.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        if e["type"] == "backstop":
+            kinds.append(e["action"])
+    assert kinds[0] == "engaged" and "paused" in kinds and kinds[-1] == "resumed", kinds
+    assert read_cgroup(resolve_cgroup(str(v1_child))).oom_kills == 0

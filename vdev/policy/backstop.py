@@ -214,6 +214,7 @@ class Backstop:
     deciders: dict[str, PauseDecider] = field(default_factory=dict)
     guard: StopGuard | None = None
     _members: dict[tuple[str, int], bool] = field(default_factory=dict)
+    _fresh: list[tuple[str, str, str]] = field(default_factory=list)
 
     def _write(self, source: CgroupSource, file: str, value: str) -> None:
         path = os.path.join(source.path, file)
@@ -288,7 +289,8 @@ class Backstop:
         path = source if isinstance(source, str) else source.path
         log.warning("backstop %s on %s: %s", kind, path, detail)
         self.actions.append((kind, path, detail))
-        del self.actions[:-200]
+        self._fresh.append((kind, path, detail))
+        del self.actions[:-200]  # what vdev host shows; the events stream has them all
 
     def _in(self, source: CgroupSource, pid: int) -> bool:
         key = (source.path, pid)
@@ -304,7 +306,7 @@ class Backstop:
     ) -> list[tuple[str, str, str]]:
         """After each reading, with the connected VMs (name, QEMU pid, RAM file resident
         bytes): stop and continue VMs of v1 cgroups. Returns the actions taken now."""
-        start = len(self.actions)
+        self._fresh.clear()
         vm_list = [(n, pid, b) for n, pid, b in vms if pid is not None]
         live = {pid for _, pid, _ in vm_list}
         self._members = {k: v for k, v in self._members.items() if k[1] in live}
@@ -317,7 +319,7 @@ class Backstop:
             samples = [VmSample(n, pid, b) for n, pid, b in vm_list if self._in(source, pid)]
             for action in decider.observe(now, reading.usage_bytes, reading.limit_bytes, samples):
                 self._apply(path, action)
-        return self.actions[start:]
+        return list(self._fresh)
 
     def _apply(self, path: str, action: PauseAction) -> None:
         assert self.guard is not None
@@ -333,8 +335,10 @@ class Backstop:
             self.guard.cont(action.pid)
             self._act("resumed", path, f"{who} continued: {action.detail}")
 
-    def release(self) -> None:
-        """Continue every stopped VM; restore what :meth:`engage` changed."""
+    def release(self) -> list[tuple[str, str, str]]:
+        """Continue every stopped VM; restore what :meth:`engage` changed. Returns the
+        actions taken."""
+        self._fresh.clear()
         for path, decider in self.deciders.items():
             for action in decider.release():
                 self._apply(path, action)
@@ -348,3 +352,4 @@ class Backstop:
             except HostResourceError as e:
                 log.warning("%s", e)
         self.held.clear()
+        return list(self._fresh)

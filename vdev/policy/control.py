@@ -1045,7 +1045,11 @@ class ControlPlane:
                 await self._loop(task_status)
             finally:
                 if self.backstop is not None:
-                    self.backstop.release()
+                    # continues every stopped VM
+                    for kind, path, detail in self.backstop.release():
+                        self.publish(
+                            {"type": "backstop", "action": kind, "cgroup": path, "detail": detail}
+                        )
 
     async def _loop(self, task_status: trio.TaskStatus[None]) -> None:
         self.step()
