@@ -330,7 +330,7 @@ class Backstop:
                 self._act("paused", path, f"{who} stopped: {action.detail}")
             else:
                 self.deciders[path].paused.pop(action.name, None)
-                self._act("skipped", path, f"{who} is gone: not stopped")
+                self._act("skipped", path, f"{who} not stopped: it or the stop guard is gone")
         else:
             self.guard.cont(action.pid)
             self._act("resumed", path, f"{who} continued: {action.detail}")

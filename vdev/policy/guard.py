@@ -93,11 +93,14 @@ class StopGuard:
         os.write(self._pipe, line.encode("ascii"))  # < PIPE_BUF: one atomic write
 
     def stop(self, pid: int) -> bool:
-        """Record, then SIGSTOP ``pid``. False if it is gone."""
+        """Record, then SIGSTOP ``pid``. False if it is gone, or the guard is."""
         started = start_time(pid)
         if started is None:
             return False
-        self._send(f"stop {pid} {started}\n")
+        try:
+            self._send(f"stop {pid} {started}\n")
+        except OSError:  # the guard is gone: never stop what nothing would continue
+            return False
         try:
             os.kill(pid, signal.SIGSTOP)
         except OSError:
