@@ -558,7 +558,7 @@ async def policy_running(lab: Lab, policy: str) -> AsyncIterator[Any]:
         cfg = ControlConfig(
             watch_cgroups=[str(lab.cgroup.path)],
             backstop=True,
-            backstop_deadline=60.0,
+            backstop_deadline=20.0,  # a stopped busy guest runs again within RUN_TIMEOUT
             policy_period=0.5,
         )
     else:

@@ -285,6 +285,18 @@ class Backstop:
             for n, (pid, since) in d.paused.items()
         ]
 
+    def is_paused(self, name: str) -> bool:
+        return any(name in d.paused for d in self.deciders.values())
+
+    def demand_bytes(self, path: str, limit: int) -> int:
+        """While a VM of cgroup ``path`` is stopped: the growth the policy is to count as
+        used (limit - resume level), so that it frees memory from the other guests until the
+        usage is below the resume level; else 0."""
+        decider = self.deciders.get(path)
+        if decider is None or not decider.paused:
+            return 0
+        return limit - margins(limit)[1]
+
     def _act(self, kind: str, source: CgroupSource | str, detail: str) -> None:
         path = source if isinstance(source, str) else source.path
         log.warning("backstop %s on %s: %s", kind, path, detail)

@@ -344,6 +344,12 @@ class ControlPlane:
             if now - t_old >= 0.02:
                 rate = (gross - u_old) / (now - t_old)
                 growth[r.source.path] = int(max(0.0, rate) * GROWTH_HORIZON)
+            if self.backstop is not None and r.limit_bytes is not None:
+                # a VM held stopped: the policy needs the cgroup below the resume level
+                # (free memory only counts from there), so it inflates the others until then
+                need = self.backstop.demand_bytes(r.source.path, r.limit_bytes)
+                if need:
+                    growth[r.source.path] = max(growth.get(r.source.path, 0), need)
         self.projected_growth = growth
         return host_sample_from_readings(readings, host, growth)
 
@@ -970,7 +976,9 @@ class ControlPlane:
         trail.append((now, int(allocated)))
         while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
             trail.popleft()
-        if int(allocated) - trail[0][1] > BUSY_GROWTH_BYTES:
+        if int(allocated) - trail[0][1] > BUSY_GROWTH_BYTES or (
+            self.backstop is not None and self.backstop.is_paused(name)
+        ):  # busy, or held stopped by the backstop (it could not inflate)
             return balloon // PAGE_SIZE
         # Does inflating pay? Over the last RETURN_WINDOW, the RAM file must have shrunk by
         # a fair share of what the balloon grew; if not, the balloon sits on pages that
