@@ -222,3 +222,16 @@ def test_guard_continues_on_sigterm_and_ignores_sigint(sleeper: subprocess.Popen
         assert _wait_state(sleeper.pid, {"S", "R"}) in {"S", "R"}
     finally:
         guard.close()
+
+
+def test_a_stopped_vm_makes_the_policy_count_the_gap_to_the_resume_level() -> None:
+    from vdev.policy.backstop import Backstop
+
+    b = Backstop([])
+    b.deciders["/cg"] = PauseDecider()
+    assert b.demand_bytes("/cg", LIMIT) == 0 and not b.is_paused("hog")
+    assert b.demand_bytes("/other", LIMIT) == 0
+    b.deciders["/cg"].paused["hog"] = (7, 0.0)
+    assert b.demand_bytes("/cg", LIMIT) == LIMIT - margins(LIMIT)[1]
+    assert b.is_paused("hog") and not b.is_paused("quiet")
+    assert b.paused() == [{"name": "hog", "pid": 7, "cgroup": "/cg", "since": 0.0}]
