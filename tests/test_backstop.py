@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from vdev.policy.backstop import (
     BUSY_BYTES,
     REPAUSE_GRACE,
+    STALL,
     PauseDecider,
     VmSample,
     margins,
@@ -76,11 +77,24 @@ def test_deadline_continues_and_grace_delays_a_second_stop() -> None:
     assert [a.kind for a in d.observe(0.5, LIMIT, LIMIT, [VmSample("hog", 7, 50 * MiB)])] == [
         "stop"
     ]
-    acts = d.observe(5.5, LIMIT, LIMIT, [VmSample("hog", 7, 50 * MiB)])
+    for i, t in enumerate((1.5, 2.5, 3.5, 4.5)):  # memory is being freed: no stall
+        assert d.observe(t, LIMIT - (i + 1) * 5 * MiB, LIMIT, [VmSample("hog", 7, 50 * MiB)]) == []
+    acts = d.observe(5.5, LIMIT - 25 * MiB, LIMIT, [VmSample("hog", 7, 50 * MiB)])
     assert [a.kind for a in acts] == ["cont"] and "deadline" in acts[0].detail
     assert d.observe(5.5 + REPAUSE_GRACE / 2, LIMIT, LIMIT, [VmSample("hog", 7, 60 * MiB)]) == []
     acts = d.observe(5.6 + REPAUSE_GRACE, LIMIT, LIMIT, [VmSample("hog", 7, 70 * MiB)])
     assert [a.kind for a in acts] == ["stop"]
+
+
+def test_a_pause_that_frees_nothing_ends_after_the_stall_time() -> None:
+    d = PauseDecider(deadline=30.0)
+    d.observe(0.0, 0, LIMIT, [VmSample("hog", 7, 0)])
+    assert [a.kind for a in d.observe(0.5, LIMIT, LIMIT, [VmSample("hog", 7, 50 * MiB)])] == [
+        "stop"
+    ]
+    assert d.observe(0.5 + STALL - 0.1, LIMIT - MiB, LIMIT, [VmSample("hog", 7, 50 * MiB)]) == []
+    acts = d.observe(0.5 + STALL, LIMIT - MiB, LIMIT, [VmSample("hog", 7, 50 * MiB)])
+    assert [a.kind for a in acts] == ["cont"] and "stalled" in acts[0].detail
 
 
 def test_a_disconnected_or_restarted_vm_is_continued() -> None:

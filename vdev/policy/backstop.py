@@ -56,7 +56,12 @@ RESUME_GAP_MIN = 32 << 20
 RESUME_GAP_FRACTION = 0.02
 #: v1: the longest a VM stays paused before it is continued anyway.
 DEFAULT_DEADLINE = 30.0
-#: after a deadline resume, the VM runs at least this long before it may be paused again
+#: while VMs are stopped, the usage must fall by PROGRESS_BYTES within STALL seconds (the
+#: other guests are giving memory back); if not, nothing more can be freed now and holding
+#: the VM only delays it: it is continued ("stalled").
+STALL = 2.0
+PROGRESS_BYTES = 4 << 20
+#: after a deadline or stall resume, the VM runs at least this long before it may be paused again
 REPAUSE_GRACE = 1.0
 #: RAM file growth is measured over this window; a VM that grew at least BUSY_BYTES in it
 #: is allocating.
@@ -97,6 +102,8 @@ class PauseDecider:
     paused: dict[str, tuple[int, float]] = field(default_factory=dict)
     _trail: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
     _grace_until: dict[str, float] = field(default_factory=dict)
+    #: while stopped: the lowest usage seen and when it last fell by PROGRESS_BYTES
+    _best: tuple[int, float] | None = None
 
     def growth(self, name: str) -> int:
         trail = self._trail.get(name)
@@ -115,7 +122,15 @@ class PauseDecider:
             trail.append((now, vm.allocated_bytes))
             while len(trail) > 2 and now - trail[1][0] >= GROWTH_WINDOW:
                 trail.popleft()
-        # continue: gone (or restarted with another PID), back under, or the deadline
+        stalled = False
+        if not self.paused:
+            self._best = None
+        elif self._best is None or usage <= self._best[0] - PROGRESS_BYTES:
+            self._best = (usage, now)
+        elif now - self._best[1] >= STALL:
+            stalled = True
+        # continue: gone (or restarted with another PID), back under, the deadline, or
+        # nothing freed any more
         for name, (pid, since) in list(self.paused.items()):
             now_vm = present.get(name)
             why = None
@@ -128,12 +143,20 @@ class PauseDecider:
             elif now - since >= self.deadline:
                 why = f"deadline: still near the limit after {now - since:.3f}s, continued anyway"
                 self._grace_until[name] = now + REPAUSE_GRACE
+            elif stalled:
+                why = (
+                    f"stalled: the usage did not fall {PROGRESS_BYTES >> 20} MiB in {STALL:g}s"
+                    f" (nothing more to free now), continued after {now - since:.3f}s"
+                )
+                self._grace_until[name] = now + REPAUSE_GRACE
             if why is not None:
                 del self.paused[name]
                 out.append(PauseAction("cont", name, pid, why))
         if limit is None:
             return out
         pause_at, _ = margins(limit)
+        if not self.paused:
+            self._best = None
         if usage < pause_at:
             return out
         running = [
@@ -147,6 +170,8 @@ class PauseDecider:
             reverse=True,
         )
         chosen = [vm for vm in growing if self.growth(vm.name) >= BUSY_BYTES] or growing[:1]
+        if chosen and not self.paused:
+            self._best = (usage, now)
         for vm in chosen:
             self.paused[vm.name] = (vm.pid, now)
             out.append(
