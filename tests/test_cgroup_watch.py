@@ -705,6 +705,11 @@ async def test_control_plane_backstop_stops_reports_and_continues_on_exit(
                 info = control.host_info()["backstop"]
                 assert info["engaged"] and info["pauses"] == 1
                 assert [p["name"] for p in info["paused"]] == ["writer"]
+                from vdev.api.models import Host
+
+                api = Host(**control.host_info()).model_dump()  # what `vdev host` gets
+                assert [p["name"] for p in api["backstop"]["paused"]] == ["writer"]
+                assert api["cgroups"] and api["notifications"]["armed"]
                 assert await _stopped(writer.pid)
                 text = render_metrics(control).decode()
                 assert 'vballoon_backstop_vm_paused{vm="writer"} 1.0' in text, text

@@ -310,6 +310,18 @@ class Host(BaseModel):
     steps: int
     last_step: float | None = Field(description="Unix time of the last policy step")
     error: str | None
+    source_why: str | None = Field(default=None, description="why this source was chosen")
+    cgroups: list[dict[str, Any]] = Field(
+        default_factory=list, description="the watched cgroups' last readings (--watch-cgroup)"
+    )
+    notifications: dict[str, Any] = Field(
+        default_factory=dict, description="kernel notifications: armed, skipped, received, last"
+    )
+    backstop: dict[str, Any] = Field(
+        default_factory=dict,
+        description="engaged, pauses, paused (the VMs whose QEMU is stopped now: name, pid, "
+        "cgroup, since) and the last actions (--backstop)",
+    )
 
 
 class Pool(BaseModel):

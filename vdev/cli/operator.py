@@ -639,6 +639,15 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
         table.add_row("not armed", Text(str(skipped), style="yellow"))
     if notes:
         table.add_row("notifications", str(notes.get("received", 0)))
+    backstop = h.get("backstop") or {}
+    if backstop.get("engaged"):
+        table.add_row("backstop", f"engaged, {backstop.get('pauses', 0)} pauses")
+        for p in backstop.get("paused") or []:
+            table.add_row(
+                "stopped", Text(f"{p.get('name')} (pid {p.get('pid')}) by the backstop", "yellow")
+            )
+        for act in (backstop.get("actions") or [])[-5:]:
+            table.add_row(f"backstop {act.get('action')}", str(act.get("detail")))
     if h.get("error"):
         table.add_row("error", Text(h["error"], style="red"))
     _console().print(table)
