@@ -18,8 +18,8 @@ rate_window = 10.0                      # seconds over which rates are computed 
 watch_cgroup = ["machine.slice"]        # memory cgroup(s) holding the VMs (v1 or v2; a path, or
                                         # relative to the memory controller's mount)
 policy = "esxi"                         # esxi (ours) | mom (oVirt MoM's balloon rules)
-backstop = false                        # v1: oom_kill_disable (pause, not kill); v2: memory.high
-backstop_deadline = 30.0                # v1: longest pause before the OOM killer is given back
+backstop = false                        # v1: stop the allocating VM's QEMU near the limit; v2: memory.high
+backstop_deadline = 30.0                # v1: longest a VM stays stopped before it is continued
 
 [settings]                              # ESXi-style advanced settings (GET /settings)
 "/Mem/CtlMaxPercent" = 65
@@ -164,8 +164,9 @@ class ControlConfig:
     rate_window: float = 10.0
     #: ``--watch-cgroup``: the memory cgroups where the VMs live (empty: the host, /proc)
     watch_cgroups: list[str] = field(default_factory=list)
-    #: ``--backstop``: slow (v2) or pause (v1) the watched cgroups at their limit instead of
-    #: letting the kernel kill a VM (:mod:`vdev.policy.backstop`)
+    #: ``--backstop``: throttle (v2) the watched cgroups at their limit, or stop (v1) the
+    #: allocating VM's QEMU before it, instead of letting the kernel kill a VM
+    #: (:mod:`vdev.policy.backstop`)
     backstop: bool = False
     backstop_deadline: float = 30.0
     #: ``--policy``: ``esxi`` (the ESXi model, vdev/policy/model.py) or ``mom`` (oVirt MoM's

@@ -97,8 +97,9 @@ def serve_options(f: F) -> F:
     @click.option(
         "--backstop/--no-backstop",
         default=None,
-        help="At a watched cgroup's limit, pause (v1: oom_kill_disable) or throttle (v2:"
-        " memory.high) the VMs instead of letting the kernel kill one.",
+        help="Near a watched cgroup's limit, stop the allocating VM's QEMU until the others"
+        " give memory back (v1: SIGSTOP/SIGCONT, at most [serve] backstop_deadline s) or throttle"
+        " the cgroup (v2: memory.high) instead of letting the kernel kill a VM.",
     )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
     @click.option(
