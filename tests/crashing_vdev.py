@@ -2,7 +2,9 @@
 
 Run as ``python tests/crashing_vdev.py serve ...`` with ``VBALLOON_CRASH_AT`` one of
 ``before-commit`` (a message handled, nothing recorded), ``before-send`` (recorded, reply not
-sent), ``before-consume`` (reply sent and marked, message still in the socket) with
+sent), ``before-consume`` (reply sent and marked, message still in the socket), ``in-consume`` (at
+the first scheduling point while the message is being consumed, before the consumption is
+recorded: there must be none once its bytes are read) with
 ``VBALLOON_CRASH_REQUEST`` the vhost-user request number; or, on a ring batch that reclaims
 pages, ``batch-before-commit`` (the model changed the page map, nothing recorded) and
 ``batch-before-push`` (recorded and reclaimed, the used ring not written).
@@ -17,6 +19,8 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -70,9 +74,24 @@ async def send_all(self: Any, data: bytes) -> None:
     await _send(self, data)
 
 
+class _InConsume(trio.abc.Instrument):
+    """Fires ``in-consume`` when any task step begins while ``conn`` consumes a message."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        _fire(self.conn, "in-consume")
+
+
 async def consume(self: Any, n: int, nfds: int | None = None) -> None:
     _fire(self, "before-consume")
-    await _consume(self, n, nfds)
+    watch = _InConsume(self)
+    trio.lowlevel.add_instrument(watch)
+    try:
+        await _consume(self, n, nfds)
+    finally:
+        trio.lowlevel.remove_instrument(watch)
 
 
 C.Connection._handle = handle  # type: ignore[method-assign]

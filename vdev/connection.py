@@ -499,11 +499,18 @@ class Connection:
     async def _consume(self, n: int, nfds: int | None = None) -> None:
         """Take ``n`` bytes (a message already handled) off the socket; close its fds. A
         message whose real fds are not the ``nfds`` the peek gave (a front-end that sent
-        fds a message does not carry) closes the connection."""
+        fds a message does not carry) closes the connection.
+
+        The bytes were peeked: they are all there, and the read that takes the last of them
+        is followed by the record of it (``vu_consumed``) with no scheduling point in
+        between. (Through trio's socket, the read returns through a checkpoint: a vdev killed
+        while other tasks ran there left a record saying the message was still in the
+        socket; the next vdev then took QEMU's *next* message for it, consumed it unanswered,
+        and QEMU waited for that reply for ever with its vCPU stopped.)"""
         left = n
         got = 0
         while left:
-            chunk, anc, _, _ = await self.sock.recvmsg(left, _ANC_SPACE)
+            chunk, anc, _ = await self._recvmsg(left)  # awaits only when nothing is there
             fds = _fds_from(anc)
             got += len(fds)
             close_fds(fds)
@@ -713,6 +720,13 @@ class Connection:
         self.memory.reclaimed_bytes_total = int(rec.get("reclaimed", 0))
         manual = rec.get("manual_target")
         self.manual_target = int(manual) if isinstance(manual, int) else None
+        # the avail events as of the record: the old process may have died between
+        # recording a batch and publishing the event after it, and a driver that reads a
+        # stale event does not kick for its next buffer
+        for q in self.queues:
+            if q.ready and not self.memory.empty:
+                with contextlib.suppress(RingBroken):
+                    q.publish_avail_event(self.memory)
         # the last batch's completions: written again where they were (idempotent)
         base = {int(k): int(v) for k, v in (rec.get("used_base") or {}).items()}
         by_queue: dict[int, list[tuple[int, int]]] = {}
@@ -984,7 +998,12 @@ class Connection:
                     return
             finally:
                 self.lock.release()
-            if not (work.popped and (more or not q.event_idx)):
+            # EVENT_IDX: go on while buffers arrived before the avail event was published
+            # (their driver read the old one and may not have kicked), even when this pass
+            # popped nothing: after a restart the published event can be behind (the old
+            # process died before publishing), and a pass that pops nothing then publishes
+            # it. Without EVENT_IDX: until a pass pops nothing.
+            if not (more if q.event_idx else work.popped):
                 return
             await trio.lowlevel.checkpoint()
 
