@@ -4,7 +4,8 @@ Run as ``python tests/crashing_vdev.py serve ...`` with ``VBALLOON_CRASH_AT`` on
 ``before-commit`` (a message handled, nothing recorded), ``before-send`` (recorded, reply not
 sent), ``before-consume`` (reply sent and marked, message still in the socket), ``in-consume`` (at
 the first scheduling point while the message is being consumed, before the consumption is
-recorded: there must be none once its bytes are read) with
+recorded: there must be none once its bytes are read), ``after-read`` (consumed, the record
+left as it was before: a kill in the few instructions between the read and its record) with
 ``VBALLOON_CRASH_REQUEST`` the vhost-user request number; or, on a ring batch that reclaims
 pages, ``batch-before-commit`` (the model changed the page map, nothing recorded) and
 ``batch-before-push`` (recorded and reclaimed, the used ring not written).
@@ -88,10 +89,15 @@ async def consume(self: Any, n: int, nfds: int | None = None) -> None:
     _fire(self, "before-consume")
     watch = _InConsume(self)
     trio.lowlevel.add_instrument(watch)
+    before = int(self.state.h["vu_consumed"]) if self.state is not None else 0
     try:
         await _consume(self, n, nfds)
     finally:
         trio.lowlevel.remove_instrument(watch)
+    armed = FLAG.exists() and getattr(self, "_crash_request", None) == REQUEST
+    if POINT == "after-read" and self.state is not None and armed:
+        self.state.h["vu_consumed"] = before
+        _fire(self, "after-read")
 
 
 C.Connection._handle = handle  # type: ignore[method-assign]

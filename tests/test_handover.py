@@ -367,12 +367,13 @@ def test_supervisor_store_rules() -> None:
 
 
 @pytest.mark.parametrize(
-    "point", ["before-commit", "before-send", "before-consume", "in-consume"]
+    "point", ["before-commit", "before-send", "before-consume", "in-consume", "after-read"]
 )
 async def test_message_in_flight_at_the_crash_is_answered_once(tmp_path: Path, point: str) -> None:
     """QEMU waits for each reply: vdev killed while it handles GET_CONFIG (before recording
     it, after recording it but before replying, after replying but before consuming it, or
-    while consuming it) must answer it once after the restart: the front-end gets exactly
+    while consuming it, or just after consuming it, before recording that) must answer it
+    once after the restart: the front-end gets exactly
     one GET_CONFIG reply, then the reply to its next request (a second, stale one would come
     back instead; a vdev that took the next request for the one it had consumed would leave
     it unanswered)."""
@@ -423,6 +424,8 @@ async def test_message_in_flight_at_the_crash_is_answered_once(tmp_path: Path, p
                 assert ("connection resumed" in log) == (point != "in-consume")
                 if point == "before-send":
                     assert "sending the reply to message" in log
+                if point == "after-read":
+                    assert "had been consumed" in log
             finally:
                 g.close()
 
