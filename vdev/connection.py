@@ -279,6 +279,10 @@ class Connection:
                 self._nursery = nursery
                 if resumed and self._backend is not None:
                     self._start_backend(self._backend)
+                    # A config change the previous process queued may never have reached
+                    # the writer (killed in between): tell the driver once more. A spurious
+                    # one is harmless (the driver re-reads the config and finds it as it was).
+                    self._send_config_change()
                 nursery.start_soon(self._control_loop)
                 if self.server.stats_interval > 0 and self.device.supports_stats:
                     nursery.start_soon(self._stats_loop, self.server.stats_interval)
