@@ -40,7 +40,7 @@ import trio
 
 from conformance.cases import Case
 from conformance.context import CaseFailed, Context, Need, Skipped, VmwSession, expect_status
-from conformance.rawfrontend import BalloonGuest, Frontend, VmwGuest
+from conformance.rawfrontend import BalloonGuest, Frontend, VmwCommands, VmwGuest
 from conformance.runner import SKIP, Result, run_case, unsupported
 from guest_driver.linux_memory import LockedPages, Pagemap, pin_settings, restore_settings
 from guest_driver.uio import VMW_PCI_ID, UioPort, find_function
@@ -157,7 +157,7 @@ class GuestDevice:
 
 
 @dataclass
-class GuestVmw:
+class GuestVmw(VmwCommands):
     """A :class:`conformance.context.VmwSession` over the guest's function."""
 
     d: GuestDevice
@@ -210,15 +210,6 @@ class GuestVmw:
             bufs.append(Buffer(resp, resp_len, write=True))
         used = await self.post(bufs)
         return await self.read(resp, resp_len), used
-
-    async def command(self, cmd: int, arg1: int = 0, arg2: int = 0) -> vmw.Response:
-        raw, used = await self.exchange(vmw.Request(cmd, arg1, arg2).build())
-        if used.len != vmw.RESPONSE_SIZE:
-            raise AssertionError(f"command {cmd}: used length {used.len}, expected 24")
-        return vmw.Response.parse(raw)
-
-    async def start(self, caps: int = int(vmw.ALL_CAPABILITIES)) -> vmw.Response:
-        return await self.command(vmw.Command.START, caps)
 
     async def batch(
         self,

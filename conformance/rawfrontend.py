@@ -380,8 +380,27 @@ def slot_gpa(q: int, slot: int) -> int:
     return SCRATCH + (q * QUEUE_SIZE + slot % QUEUE_SIZE) * 64
 
 
+class VmwCommands:
+    """``command`` and ``start`` over a session's ``exchange`` (one request chain, one
+    response): shared by :class:`VmwGuest` and :class:`conformance.inguest.GuestVmw`."""
+
+    async def exchange(
+        self, request: bytes, resp_len: int = vmw.RESPONSE_SIZE
+    ) -> tuple[bytes, UsedElem]:
+        raise NotImplementedError
+
+    async def command(self, cmd: int, arg1: int = 0, arg2: int = 0) -> vmw.Response:
+        raw, used = await self.exchange(vmw.Request(cmd, arg1, arg2).build())
+        if used.len != vmw.RESPONSE_SIZE:
+            raise AssertionError(f"command {cmd}: used length {used.len}, expected 24")
+        return vmw.Response.parse(raw)
+
+    async def start(self, caps: int = int(vmw.ALL_CAPABILITIES)) -> vmw.Response:
+        return await self.command(vmw.Command.START, caps)
+
+
 @dataclass
-class VmwGuest:
+class VmwGuest(VmwCommands):
     """A vmmemctl guest over a :class:`Frontend` (cmdq = 0, eventq = 1)."""
 
     fe: Frontend
@@ -423,15 +442,6 @@ class VmwGuest:
         await self.cmdq.ring.add(bufs)
         (used,) = await self.fe.wait_used(self.cmdq)
         return await self.fe.mem.read(resp_gpa, resp_len), used
-
-    async def command(self, cmd: int, arg1: int = 0, arg2: int = 0) -> vmw.Response:
-        raw, used = await self.exchange(vmw.Request(cmd, arg1, arg2).build())
-        if used.len != vmw.RESPONSE_SIZE:
-            raise AssertionError(f"command {cmd}: used length {used.len}, expected 24")
-        return vmw.Response.parse(raw)
-
-    async def start(self, caps: int = int(vmw.ALL_CAPABILITIES)) -> vmw.Response:
-        return await self.command(vmw.Command.START, caps)
 
     async def batch(
         self,
