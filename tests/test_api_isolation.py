@@ -337,16 +337,25 @@ READ_GID = 4242  # any gid will do: membership is what SO_PEERCRED and /proc tel
 NOBODY = 65534
 
 
-#: ``vdev ARGS`` run by uid 65534 with the given groups. The interpreter lives under root's
-#: 0700 home here, so the child starts as root, loads what the command needs (one GET as
-#: root warms the client's code paths), then drops to uid 65534 before the command runs:
-#: the peer vdev sees on the command's connection is uid 65534.
+#: ``vdev ARGS`` run by uid 65534 with the given groups. The interpreter and the checkout
+#: may live under a directory only root can read (root's 0700 home, a ``mktemp -d`` clone),
+#: so the child starts as root and loads everything the command could need: one GET as root
+#: warms the client's code paths, and every module of the CLI's packages is imported up
+#: front (rich loads some lazily, e.g. ``rich._emoji_codes``). Then it drops to uid 65534
+#: before the command runs: the peer vdev sees on the command's connection is uid 65534.
 AS_NOBODY = """
-import json, os, sys
+import importlib, json, os, pkgutil, sys
 groups = json.loads(sys.argv[1])
 api = sys.argv[2]
 from vdev.cli.main import main
 from vdev.api.client import ApiClient
+import rich, vdev.cli, vdev.api
+for pkg in (rich, vdev.cli, vdev.api):
+    for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        try:
+            importlib.import_module(mod.name)
+        except ImportError:
+            pass  # optional extras (e.g. rich's Jupyter support) the CLI never uses
 with ApiClient(api) as c:
     c.vms(); c.host()
 os.setgroups(groups)
