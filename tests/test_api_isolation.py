@@ -341,7 +341,8 @@ NOBODY = 65534
 #: may live under a directory only root can read (root's 0700 home, a ``mktemp -d`` clone),
 #: so the child starts as root and loads everything the command could need: one GET as root
 #: warms the client's code paths, and every module of the CLI's packages is imported up
-#: front (rich loads some lazily, e.g. ``rich._emoji_codes``). Then it drops to uid 65534
+#: front (rich and click load some lazily, e.g. ``rich._emoji_codes``, ``click._textwrap``
+#: on an error's path). Then it drops to uid 65534
 #: before the command runs: the peer vdev sees on the command's connection is uid 65534.
 AS_NOBODY = """
 import importlib, json, os, pkgutil, sys
@@ -349,13 +350,13 @@ groups = json.loads(sys.argv[1])
 api = sys.argv[2]
 from vdev.cli.main import main
 from vdev.api.client import ApiClient
-import rich, vdev.cli, vdev.api
-for pkg in (rich, vdev.cli, vdev.api):
+import click, h11, httpcore, httpx, rich, vdev.api, vdev.cli
+for pkg in (click, h11, httpcore, httpx, rich, vdev.cli, vdev.api):
     for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
         try:
             importlib.import_module(mod.name)
-        except ImportError:
-            pass  # optional extras (e.g. rich's Jupyter support) the CLI never uses
+        except Exception:
+            pass  # extras the CLI never uses (rich's Jupyter support, Windows-only modules)
 with ApiClient(api) as c:
     c.vms(); c.host()
 os.setgroups(groups)
