@@ -28,6 +28,7 @@ import trio
 from guest_driver.driver import DriverConfig
 from guest_driver.guest_memory import PAGES_PER_2M, PageSize, PageState, WorkloadSpec
 from guest_driver.transport_vhost_user import DEVICE_TIMEOUT, Guest, GuestOptions, run_guest
+from lab.bench.system import proc_cpu_s
 from lab.vdev_process import ApiVdev, vdev_serve
 from protocol.vmw import ALL_CAPABILITIES, Capability, Command, Request, Response
 
@@ -185,6 +186,25 @@ async def test_doorbell_wakes_the_driver_polling_waits_for_a_tick(tmp_path: Any)
             # only a later tick of the 1 s timer moved it (nothing rang)
             assert guest.driver.stats.general["timer"] > ticks
             assert guest.driver.stats.general["doorbell"] == 0
+
+
+async def test_an_idle_guest_costs_vdev_no_cpu(tmp_path: Any) -> None:
+    """A guest with its doorbell registered leaves an eventq buffer on the ring until the
+    next event; vdev must not serve that ring in a loop (it did: a core per idle guest)."""
+    with trio.fail_after(60):
+        async with rig(tmp_path, config=DriverConfig(poll_interval=5.0)) as (vdev, guest, _):
+            await until(lambda: guest.driver.doorbell_registered)
+            for target in (0, 4 * PAGES_PER_2M, 0):  # idle at first, and after moves
+                await vdev.set_target(target)
+                await settled(vdev, guest, target)
+                await until(lambda: not guest.driver._busy)
+                await trio.sleep(0.2)
+                before, t0 = proc_cpu_s(vdev.proc.pid), time.monotonic()
+                await trio.sleep(2.0)
+                used = proc_cpu_s(vdev.proc.pid) - before
+                # a few 10 ms API polls at most; the spinning ring took the whole 2 s
+                assert used < 0.25 * (time.monotonic() - t0), (target, used)
+                assert guest.driver.doorbell_registered
 
 
 async def test_pinned_ring_pages_are_refused_and_released(tmp_path: Any) -> None:

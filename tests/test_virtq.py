@@ -147,6 +147,23 @@ async def test_avail_idx_jump_breaks_only_the_ring(mem: GuestMemory) -> None:
     assert dev.ready and dev.pop(mem) == []
 
 
+async def test_buffers_left_on_the_ring_on_purpose_do_not_ask_for_another_pass(
+    mem: GuestMemory,
+) -> None:
+    """``publish_avail_event(mem, seen)``: True only when heads came after ``seen`` (the
+    driver may have read the old event and not kicked), not for heads the device leaves
+    untaken (an eventq buffer waiting for an event)."""
+    drv, dev = await make(mem, event_idx=True)
+    await drv.add([Buffer(0x100000, 8, write=True)])
+    seen = dev.avail_idx(mem)
+    assert dev.avail_count(mem) == 1  # not popped: the device has nothing to say yet
+    assert not dev.publish_avail_event(mem, seen)
+    assert dev.publish_avail_event(mem)  # the old meaning: something is untaken
+    await drv.add([Buffer(0x101000, 8, write=True)])  # arrives during the next pass
+    assert dev.publish_avail_event(mem, seen)
+    assert not dev.publish_avail_event(mem, dev.avail_idx(mem))
+
+
 async def test_event_idx_suppression(mem: GuestMemory) -> None:
     drv, dev = await make(mem, event_idx=True)
     await drv.add([Buffer(0x100000, 8)])

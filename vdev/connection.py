@@ -1006,18 +1006,21 @@ class Connection:
                 if not q.ready or self.closed:
                     return
                 try:
+                    seen = q.avail_idx(self.memory)
                     work = self.device.kick(index)
                     await self._execute(work)
-                    more = q.publish_avail_event(self.memory) if q.ready else False
+                    more = q.publish_avail_event(self.memory, seen) if q.ready else False
                 except RingBroken:
                     return
             finally:
                 self.lock.release()
-            # EVENT_IDX: go on while buffers arrived before the avail event was published
-            # (their driver read the old one and may not have kicked), even when this pass
-            # popped nothing: after a restart the published event can be behind (the old
-            # process died before publishing), and a pass that pops nothing then publishes
-            # it. Without EVENT_IDX: until a pass pops nothing.
+            # EVENT_IDX: go on while buffers arrived during this pass, before the avail
+            # event was published (their driver read the old one and may not have kicked).
+            # Every pass publishes, even one that pops nothing: after a restart the
+            # published event can be behind (the old process died before publishing).
+            # Buffers the device leaves on the ring on purpose (eventq) do not count, or an
+            # idle guest's ring is served in a loop. Without EVENT_IDX: until a pass pops
+            # nothing.
             if not (more if q.event_idx else work.popped):
                 return
             await trio.lowlevel.checkpoint()

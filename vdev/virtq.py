@@ -184,12 +184,16 @@ class VirtQueue:
 
     # -- the ring --------------------------------------------------------------------------
 
-    def avail_count(self, mem: GuestMemory) -> int:
-        """How many heads the driver has made available and we have not taken yet."""
+    def avail_idx(self, mem: GuestMemory) -> int:
+        """The driver's ``avail.idx`` now."""
         try:
-            idx = mem.load_u16(self.avail + 2)
+            return mem.load_u16(self.avail + 2)
         except GuestError as exc:
             self._break(f"avail ring is not readable: {exc}")
+
+    def avail_count(self, mem: GuestMemory) -> int:
+        """How many heads the driver has made available and we have not taken yet."""
+        idx = self.avail_idx(mem)
         n = (idx - self.last_avail_idx) & 0xFFFF
         if n > self.size:
             self._break(f"avail.idx {idx} moved {n} past {self.last_avail_idx} (size {self.size})")
@@ -317,14 +321,24 @@ class VirtQueue:
         except GuestError as exc:
             self._break(f"used ring is not writable: {exc}")
 
-    def publish_avail_event(self, mem: GuestMemory) -> bool:
-        """EVENT_IDX: ask for a kick at the next new head; True if more are already there."""
+    def publish_avail_event(self, mem: GuestMemory, seen: int | None = None) -> bool:
+        """EVENT_IDX: ask for a kick at the next new head. Returns True if the driver may
+        have skipped a kick: with ``seen`` (its ``avail.idx`` read before the pass that
+        ends here), if heads were made available since, while the old event was still
+        published; without, if any head is available and untaken.
+
+        Pass ``seen`` whenever a device may leave heads on the ring on purpose (eventq
+        buffers waiting for an event, a stats buffer held until the next request): they
+        are available and untaken for as long as the device wants, and "untaken" would
+        make the caller serve the ring again and again, a spinning core per idle guest."""
         if not self.event_idx:
             return False
         try:
             mem.store_u16(self.used + vq.avail_event_offset(self.size), self.last_avail_idx)
         except GuestError as exc:
             self._break(f"used ring is not writable: {exc}")
+        if seen is not None:
+            return self.avail_idx(mem) != seen
         return self.avail_count(mem) > 0
 
     def signal(self) -> None:
