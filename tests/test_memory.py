@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import mmap
 import os
 
 import numpy as np
@@ -158,9 +161,73 @@ def test_punch_failure_names_the_call(
             m.reclaim(np.array([2], np.uint64), np.array([1], np.uint64))
         with pytest.raises(HostResourceError, match=r"fallocate\(PUNCH_HOLE\) failed.*Errno 1\b"):
             m.reclaim(np.array([0], np.uint64), np.array([1024], np.uint64))
+        # isolated pages: one batched call in the native loop, refused; the error is named
+        with pytest.raises(HostResourceError, match=r"madvise\(MADV_REMOVE\) failed.*Errno 1\b"):
+            m.reclaim(np.arange(2, 64, 2, dtype=np.uint64), np.ones(31, np.uint64))
         assert m.allocated_bytes() == 4 * MiB
     finally:
         m.close()
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    release = os.uname().release.split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (major, minor)
+
+
+def test_native_punch_batches_isolated_pages_and_stops_at_the_failing_one() -> None:
+    """The native loop gives runs of isolated pages back in one ``process_madvise`` call
+    (Linux >= 6.13 takes MADV_REMOVE for the calling process); when the kernel stops inside
+    a batch, the pieces before are counted, and the failing piece is named with its errno."""
+    if not vdev.memory.NATIVE_PUNCH:
+        if os.environ.get("CI") == "true":
+            pytest.fail(vdev.memory.NATIVE_PUNCH_INFO)
+        pytest.skip(vdev.memory.NATIVE_PUNCH_INFO)
+    fd = os.memfd_create("batch")
+    size = 64 * PAGE_SIZE
+    os.ftruncate(fd, 2 * size)
+    mm = mmap.mmap(fd, 2 * size)
+    try:
+        mm[:size] = b"\x33" * size
+        addr = vdev.memory._mapping_address(mm)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        assert libc.munmap(addr + size, size) == 0  # a hole after the mapping's first half
+        fn = vdev.memory._vb_punch
+        done, failed, call = ctypes.c_uint64(), ctypes.c_size_t(), ctypes.c_int()
+
+        def punch(offsets: list[int]) -> int:
+            moff = np.array(offsets, np.uint64)
+            lens = np.full(moff.size, PAGE_SIZE, np.uint64)
+            return int(
+                fn(
+                    addr,
+                    fd,
+                    0,
+                    moff.ctypes.data,
+                    lens.ctypes.data,
+                    moff.size,
+                    64 << 10,
+                    ctypes.byref(done),
+                    ctypes.byref(failed),
+                    ctypes.byref(call),
+                )
+            )
+
+        pages = [2 * i * PAGE_SIZE for i in range(16)]
+        assert punch(pages) == 0 and done.value == 16 * PAGE_SIZE
+        assert os.fstat(fd).st_blocks * 512 == size - 16 * PAGE_SIZE
+        if _kernel_at_least(6, 13):
+            assert vdev.memory.punch_batching() is True
+        # the 4th piece lies past the mapping: 3 punched, then that piece's own error
+        odd = [(2 * i + 1) * PAGE_SIZE for i in range(3)] + [size + 16 * PAGE_SIZE, 7 * PAGE_SIZE]
+        err = punch(odd)
+        assert err in (errno.ENOMEM, errno.EFAULT, errno.EINVAL), err
+        assert (failed.value, done.value, call.value) == (3, 3 * PAGE_SIZE, 1)
+        assert os.fstat(fd).st_blocks * 512 == size - 19 * PAGE_SIZE
+        assert mm[7 * PAGE_SIZE] == 0x33  # after the failing piece: untouched
+    finally:
+        mm.close()
+        os.close(fd)
 
 
 async def test_reclaim_async_large_in_thread(memfd: int) -> None:

@@ -83,12 +83,15 @@ _fallocate.restype = ctypes.c_int
 NATIVE_LIBRARY = Path(__file__).with_name("native") / "libvbpunch.so"
 
 
-def _load_native() -> tuple[Any, str]:
+def _load_native() -> tuple[Any, Any, str]:
     path = os.environ.get("VBALLOON_PUNCH_LIB") or str(NATIVE_LIBRARY)
     try:
-        fn = ctypes.CDLL(path).vb_punch
+        lib = ctypes.CDLL(path)
+        fn, batching = lib.vb_punch, lib.vb_punch_batching
     except (OSError, AttributeError) as exc:
-        return None, f"{path}: {exc} (run scripts/setup to build it): reclaim loops in Python"
+        msg = f"{path}: {exc} (run scripts/setup to build it): reclaim loops in Python"
+        return None, None, msg
+    batching.argtypes, batching.restype = [], ctypes.c_int
     u64p = ctypes.POINTER(ctypes.c_uint64)
     fn.argtypes = [
         ctypes.c_void_p,  # map
@@ -103,15 +106,23 @@ def _load_native() -> tuple[Any, str]:
         ctypes.POINTER(ctypes.c_int),  # call
     ]
     fn.restype = ctypes.c_int
-    return fn, path
+    return fn, batching, path
 
 
-_vb_punch, NATIVE_PUNCH_INFO = _load_native()
+_vb_punch, _vb_punch_batching, NATIVE_PUNCH_INFO = _load_native()
 #: True when reclaim runs through the native loop; :data:`NATIVE_PUNCH_INFO` says from where,
 #: or why not.
 NATIVE_PUNCH = _vb_punch is not None
 if not NATIVE_PUNCH:
     log.warning("native punch library not loaded: %s", NATIVE_PUNCH_INFO)
+
+
+def punch_batching() -> bool | None:
+    """Whether the native loop gives isolated pages back many per kernel call
+    (``process_madvise``): True once that worked, False once the kernel refused it (then one
+    call per page), None before the first scattered reclaim or without the native loop."""
+    state = _vb_punch_batching() if _vb_punch_batching is not None else 0
+    return None if state == 0 else state > 0
 
 
 def _mapping_address(mm: mmap.mmap) -> int:

@@ -3,7 +3,8 @@
 A Python loop of one ``madvise`` per page measures Python as much as the kernel; the helper,
 built at bench time with the machine's C compiler (``$CC``, else ``cc``), times the same
 calls from C on a touched shared memfd (see the C file's header for the variants, among them
-the options for fewer kernel calls per isolated page: two threads, one io_uring batch).
+the options for fewer kernel calls per isolated page: two threads, one io_uring batch, one
+process_madvise call per 1024 pages).
 
 :func:`measure` returns ``{"available": True, "compiler": ..., "variants": {...},
 "contiguous": {...}, "per_page": {...}}``, or ``{"available": False, "reason": ...}`` when

@@ -271,6 +271,7 @@ def table(out: dict[str, Any]) -> str:
             ("fallocate_per_page", "  fallocate per page"),
             ("madvise_per_page_2_threads", "  madvise per page, 2 threads"),
             ("io_uring_madvise_per_page", "  io_uring MADVISE, 512 per submit"),
+            ("process_madvise_per_page", "  process_madvise, 1024 per call"),
         ):
             t.add_row(what, c_rate(name), "", "")
     else:
