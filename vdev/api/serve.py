@@ -524,6 +524,10 @@ class ApiServer:
             return {"type": "http.disconnect"}
 
         broken = False  # a write failed: drop the rest
+        #: the response head, held until the first body message so that both go out in one
+        #: write: one wake-up of the client instead of two (each costs ~0.3 ms here: the
+        #: woken client preempts us), and no half answer for it to parse
+        head = b""
 
         async def send(message: Message) -> None:
             # a client that went away (or would not read) ends its connection quietly: its
@@ -539,7 +543,7 @@ class ApiServer:
                 disconnected.set()
 
         async def write(message: Message) -> None:
-            nonlocal done
+            nonlocal done, head
             kind = message["type"]
             if kind == "http.response.start":
                 started.append(message)
@@ -549,14 +553,15 @@ class ApiServer:
                     headers=headers,
                     reason=_reason(message["status"]),
                 )
-                await self._send(stream, conn.send(response) or b"")
+                head = conn.send(response) or b""
             elif kind == "http.response.body":
                 chunk = bytes(message.get("body", b""))
                 data = conn.send(h11.Data(data=chunk)) if chunk else b""
                 if not message.get("more_body", False):
                     data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
                     done = True
-                await self._send(stream, data or b"")
+                data, head = head + (data or b""), b""
+                await self._send(stream, data)
 
         async def watch() -> None:
             # while the app runs (an event stream may run for hours), notice the client
