@@ -4,8 +4,9 @@ Sans-I/O: the core owns the balloon's state (reset flag, negotiated capabilities
 size, the ballooned pages, the statistics) and the algorithm; every exchange with the
 device goes through an injected :class:`~guest_driver.transport.Transport` (``command``,
 guest-RAM ``read``/``write`` for the batch page, ``wait_event``), and pages come from an
-injected :class:`PageSource` (the guest memory model). The core never imports trio and
-never touches a socket, a file or a clock of its own (the clock is injected too).
+injected :class:`PageSource` (the guest memory model). The core never touches a socket, a
+file or a clock of its own (the clock is injected too); it uses trio only for the tasks of
+the LOCKs an inflate keeps in flight (one nursery per inflate).
 
 Shape: ``await driver.work()`` is ``vmballoon_work()`` (one tick: reset when required,
 GET_TARGET, inflate or deflate); ``await driver.run()`` repeats it every ``poll_interval``
@@ -21,6 +22,8 @@ Behaviour followed from vmw_balloon.c (the newest mainline version), function by
 * ``_inflate``    = vmballoon_inflate: largest page size first, batches of up to 512 pages,
                     ``>= 16`` refused pages or an allocation failure -> next smaller size, the
                     refused 2 MiB pages split into 4 KiB candidates; whole-batch error stops.
+                    With ``in_flight`` > 1, a sliding window of LOCKs whose results are
+                    taken in order, as if they had been sent one by one.
 * ``_deflate``    = vmballoon_deflate: 4 KiB first, then 2 MiB; pages the host refused to
                     unlock go back into the balloon.
 * ``_lock``       = vmballoon_lock: whole-batch failure overrides every entry's status.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -175,6 +179,24 @@ class _Ctl:
     refused: list[I64Array] = field(default_factory=list)
     n_refused: int = 0
     prealloc: I64Array = field(default_factory=lambda: _EMPTY)
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One LOCK of the inflate's window: its pages, its batch page, its result once
+    answered (or the error its task met)."""
+
+    size: PageSize
+    pages: I64Array
+    batch_pfn: int | None
+    done: trio.Event = field(default_factory=trio.Event)
+    result: tuple[bool, I64Array] | None = None
+    error: Exception | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Answered with a failed LOCK, or its task failed."""
+        return self.error is not None or (self.result is not None and not self.result[0])
 
 
 class BalloonDriver:
@@ -475,85 +497,130 @@ class BalloonDriver:
             self.stats.page_inc("errAlloc", size, refused)
         return batch_status == Status.SUCCESS, ok
 
-    async def _lock_window(
-        self, size: PageSize, lists: list[I64Array]
-    ) -> list[tuple[bool, I64Array]]:
-        """LOCK every page list at once, each on its own batch page; results in order."""
-        results: list[tuple[bool, I64Array] | None] = [None] * len(lists)
+    def _apply(self, ctl: _Ctl, pages: I64Array, ok: I64Array) -> None:
+        """Take one LOCK's result: its locked pages into the balloon, the refused ones aside."""
+        bad = pages[~ok]
+        if bad.size:
+            ctl.refused.append(bad)
+            ctl.n_refused += int(bad.size)
+        good = pages[ok]
+        self.size += int(good.size) * ctl.size.frames
+        self._pages[ctl.size].push(good)
 
-        async def one(i: int) -> None:
-            results[i] = await self._lock(size, True, lists[i], self._batch_pfns[i])
-
-        async with trio.open_nursery() as nursery:
-            for i in range(len(lists)):
-                nursery.start_soon(one, i)
-        return [r for r in results if r is not None]
+    async def _fly(self, flight: _Flight) -> None:
+        """One LOCK in flight, as a task: its result (or its error) goes to ``flight``."""
+        try:
+            flight.result = await self._lock(flight.size, True, flight.pages, flight.batch_pfn)
+        except Exception as exc:  # raised by the inflate when it takes this one, in order
+            flight.error = exc
+        finally:
+            flight.done.set()
 
     async def _inflate(self) -> None:
-        """vmballoon_inflate(); with ``in_flight`` > 1 (and batching), up to that many LOCK
-        batches go out at once and their results are taken in order, as if sent one by one."""
+        """vmballoon_inflate(), with a sliding window of up to ``in_flight`` LOCKs.
+
+        A page list is allocated and its LOCK sent at once; the next one is allocated while
+        it is in flight, until the window is full or the target (less what is in flight) is
+        reached. The results are taken oldest first and applied exactly as if the commands
+        had been sent one by one: a failed LOCK (any batch status but SUCCESS: a reset, a
+        lowered target in a non-batched LOCK) stops the sending, an allocation failure or
+        ``MAX_REFUSED`` refused pages stops the sending at this page size; in both cases
+        what is in flight is drained (and applied) first, then inflation stops or, for
+        2 MiB pages, the refused ones are split into 4 KiB candidates and it goes on with
+        4 KiB. The target each LOCK response carries is taken as it arrives (``_cmd``), so a
+        lowered target stops new sends at once. With a window of 1 (``in_flight=1``, or no
+        batching) each LOCK is awaited where it is sent: vmw_balloon's one-at-a-time path.
+
+        Cancelled (the driver stopped) or failed (the device gone) with LOCKs in flight:
+        those in flight are cancelled, the answered ones are applied, and the pages of the
+        unanswered ones go back to the guest (the device's view of them is settled by the
+        START(0) or reset that follows); the error propagates as it came, not in a group.
+        """
         ctl = _Ctl(size=self.max_page_size, inflate=True)
-        window = len(self._batch_pfns) if self.batching else 1
-        while (to_inflate := self._change()) > 0:
-            frames = ctl.size.frames
-            n = min(self.batch_max_pages, -(-to_inflate // frames))
-            pages, alloc_error = self._alloc_page_list(ctl, n)
-            lock_ok = True
-            if window > 1 and pages.size and not alloc_error:
-                # more batches of the same size while the target is further away
-                lists, left = [pages], to_inflate - int(pages.size) * frames
-                while len(lists) < window and left > 0 and not alloc_error:
-                    more, alloc_error = self._alloc_page_list(
-                        ctl, min(self.batch_max_pages, -(-left // frames))
-                    )
-                    if more.size:
-                        lists.append(more)
-                        left -= int(more.size) * frames
-                results = await self._lock_window(ctl.size, lists)
-                for batch, (batch_ok, ok) in zip(lists, results, strict=True):
-                    lock_ok &= batch_ok
-                    bad = batch[~ok]
-                    if bad.size:
-                        ctl.refused.append(bad)
-                        ctl.n_refused += int(bad.size)
-                    good = batch[ok]
-                    self.size += int(good.size) * frames
-                    self._pages[ctl.size].push(good)
-                if not lock_ok:
+        free: list[int | None] = [None]  # the batch pages not in use (None: the first)
+        if self.batching and len(self._batch_pfns) > 1:
+            free = list(self._batch_pfns)
+        flights: deque[_Flight] = deque()
+        error: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._inflate_window(ctl, free, flights, nursery)
+                except Exception as exc:  # raised below, out of the nursery: not in a group
+                    error = exc
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Only when cancelled or failed: the answered LOCKs are applied, the pages of
+            # the others are the guest's again.
+            for flight in flights:
+                if flight.result is not None:
+                    self._apply(ctl, flight.pages, flight.result[1])
+                else:
+                    self.memory.free_balloon(flight.size, flight.pages)
+            if ctl.n_refused:
+                # vmballoon_release_refused_pages: one errFree per release, not per page.
+                self.stats.page_inc("errFree", ctl.size)
+                self.memory.free_balloon(ctl.size, np.concatenate(ctl.refused))
+            if ctl.prealloc.size:
+                self.memory.free_balloon(PageSize.SIZE_4K, ctl.prealloc)
+        if error is not None:
+            raise error
+
+    async def _inflate_window(
+        self,
+        ctl: _Ctl,
+        free: list[int | None],
+        flights: deque[_Flight],
+        nursery: trio.Nursery,
+    ) -> None:
+        """The inflate's loop: send while the window (``free`` batch pages) has room, take
+        the oldest LOCK's result, repeat. ``flights`` holds the LOCKs sent and not taken."""
+        window = len(free)
+        in_flight = 0  # frames of the pages in flight (self._change() knows only taken ones)
+        stop = False  # a LOCK failed: send nothing more
+        size_done = False  # no more sends at this page size
+        while True:
+            while not (stop or size_done) and len(flights) < window:
+                if any(f.failed for f in flights):
+                    break  # taken in order below, it stops the sending
+                frames = ctl.size.frames
+                to_inflate = self._change() - in_flight
+                if to_inflate <= 0:
                     break
-                if alloc_error or ctl.n_refused >= MAX_REFUSED:
-                    if ctl.size is PageSize.SIZE_4K:
-                        break
-                    split = [_expand(r) for r in ctl.refused]
-                    ctl.prealloc = np.concatenate([ctl.prealloc, *split])
-                    ctl.refused, ctl.n_refused = [], 0
-                    ctl.size = PageSize.SIZE_4K
-                continue
-            if pages.size:
-                lock_ok, ok = await self._lock(ctl.size, True, pages)
-                bad = pages[~ok]
-                pages = pages[ok]
-                if bad.size:
-                    ctl.refused.append(bad)
-                    ctl.n_refused += int(bad.size)
-            if not lock_ok:
-                break  # something serious went wrong: stop inflating
-            self.size += int(pages.size) * frames
-            self._pages[ctl.size].push(pages)
-            if alloc_error or ctl.n_refused >= MAX_REFUSED:
-                if ctl.size is PageSize.SIZE_4K:
-                    break
+                n = min(self.batch_max_pages, -(-to_inflate // frames))
+                pages, size_done = self._alloc_page_list(ctl, n)
+                if not pages.size:
+                    continue
+                flight = _Flight(ctl.size, pages, free.pop())
+                flights.append(flight)
+                in_flight += int(pages.size) * frames
+                if window == 1:
+                    await self._fly(flight)  # vmw_balloon: one at a time
+                else:
+                    nursery.start_soon(self._fly, flight)
+            if not flights:
+                if stop or not size_done or ctl.size is PageSize.SIZE_4K:
+                    return
                 # Split the refused 2 MiB pages into 4 KiB candidates.
                 split = [_expand(r) for r in ctl.refused]
                 ctl.prealloc = np.concatenate([ctl.prealloc, *split])
                 ctl.refused, ctl.n_refused = [], 0
                 ctl.size = PageSize.SIZE_4K
-        if ctl.n_refused:
-            # vmballoon_release_refused_pages: one errFree per release, not per page.
-            self.stats.page_inc("errFree", ctl.size)
-            self.memory.free_balloon(ctl.size, np.concatenate(ctl.refused))
-        if ctl.prealloc.size:
-            self.memory.free_balloon(PageSize.SIZE_4K, ctl.prealloc)
+                size_done = False
+                continue
+            flight = flights[0]
+            if window > 1:
+                await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.result is not None
+            flights.popleft()
+            in_flight -= int(flight.pages.size) * flight.size.frames
+            free.append(flight.batch_pfn)
+            lock_ok, ok = flight.result
+            self._apply(ctl, flight.pages, ok)
+            stop |= not lock_ok  # something serious went wrong: stop inflating
+            size_done |= ctl.n_refused >= MAX_REFUSED
 
     async def _deflate(self, n_frames: int, coordinated: bool) -> int:
         """vmballoon_deflate(): 4 KiB pages first, then 2 MiB; returns frames deflated."""
