@@ -537,9 +537,10 @@ class BalloonDriver:
         START(0) or reset that follows); the error propagates as it came, not in a group.
         """
         ctl = _Ctl(size=self.max_page_size, inflate=True)
-        free: list[int | None] = [None]  # the batch pages not in use (None: the first)
+        # the batch pages not in use, the first on top (None: the first, when alone)
+        free: list[int | None] = [None]
         if self.batching and len(self._batch_pfns) > 1:
-            free = list(self._batch_pfns)
+            free = list(reversed(self._batch_pfns))
         flights: deque[_Flight] = deque()
         error: Exception | None = None
         try:

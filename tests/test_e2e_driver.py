@@ -225,9 +225,10 @@ async def test_pinned_ring_pages_are_refused_and_released(tmp_path: Any) -> None
             assert len(rings) == 4
             # Make the guest forget that its ring pages are reserved: the balloon is offered
             # them (the allocator picks the most fragmented frame first: frame 0). Not the
-            # channel's request and event pages nor the batch page: those must stay.
+            # channel's request and event pages nor the batch pages: those must stay.
             end = guest.transport.channel.end // 4096
-            after = [p for p in range(end, end + 13) if p != mem.batch_pfn][:12]
+            batch_pages = set(guest.driver._batch_pfns)
+            after = [p for p in range(end, end + 16) if p not in batch_pages][:12]
             offered = np.array(rings + after, dtype=np.int64)
             mem.alloc_app(mem.count(PageState.FREE) - 584, 3)
             mem._give(offered)  # 16 + 584 free 4 KiB pages
