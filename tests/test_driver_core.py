@@ -12,9 +12,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from guest_driver.driver import MAX_REFUSED, BalloonDriver, DriverConfig, render_debugfs
 from guest_driver.guest_memory import PAGES_PER_2M, GuestMemory, PageSize, PageState
+from protocol.errors import DeviceGone
 from protocol.vmw import (
     ALL_CAPABILITIES,
     VMCI_INVALID_ID,
@@ -438,3 +440,212 @@ async def test_inflate_deflate_cycle_for_each_capability_set(caps: int) -> None:
             assert abs(driver.size - target) < PAGES_PER_2M or target == 0
         await driver.close()
     assert memory.count(PageState.BALLOON) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Several LOCKs in flight: the inflate's sliding window
+
+
+class GatedTransport(ModelTransport):
+    """A device that answers each batched LOCK only when the test says so (by batch page),
+    in any order: the driver's view of LOCKs in flight, with no timing in it. Every other
+    command, and every LOCK while ``gated`` is off, is answered at once."""
+
+    max_in_flight = 16
+
+    def __init__(self, model: BalloonModel, ram: BytearrayRam) -> None:
+        super().__init__(model, ram)
+        self.gated = False
+        self.waiting: dict[int, trio.Event] = {}  # batch page -> the gate of its LOCK
+        self.failing: set[int] = set()  # batch pages whose LOCK fails with DeviceGone
+        self.sent = 0  # gated LOCKs received
+        self.most = 0  # most LOCKs waiting at once
+
+    async def command(self, request: Request) -> Response:
+        if not self.gated or request.command not in (Command.BATCHED_LOCK,
+                                                     Command.BATCHED_2M_LOCK):
+            return await super().command(request)
+        page = request.arg1
+        assert page not in self.waiting, "two commands in flight share a batch page"
+        gate = self.waiting[page] = trio.Event()
+        self.sent += 1
+        self.most = max(self.most, len(self.waiting))
+        try:
+            await gate.wait()
+        finally:
+            del self.waiting[page]
+        if page in self.failing:
+            raise DeviceGone("the device went away")
+        return await super().command(request)  # the device sees the LOCK only now
+
+    async def answer(self, *pages: int) -> None:
+        """Let the LOCKs on these batch pages through; return when the driver waits again."""
+        for page in pages:
+            self.waiting[page].set()
+        await trio.testing.wait_all_tasks_blocked()
+
+
+def make_gated(in_flight: int) -> tuple[BalloonDriver, GatedTransport, GuestMemory]:
+    """A driver with ``in_flight`` LOCKs in flight, reset, over 4 KiB pages only."""
+    model = BalloonModel(target=0)
+    ram = BytearrayRam([(0, RAM_PAGES * 4096)], record=False)
+    transport = GatedTransport(model, ram)
+    memory = GuestMemory(RAM_PAGES, kernel_pages=1024)
+    config = DriverConfig(in_flight=in_flight, capabilities=Capability(0x36))  # no 2 MiB
+    driver = BalloonDriver(transport, memory, config, clock=FakeClock())
+    return driver, transport, memory
+
+
+async def _start_gated(
+    driver: BalloonDriver, t: GatedTransport, nursery: trio.Nursery, target: int
+) -> trio.CancelScope:
+    """Reset the driver, set ``target``, and start one tick in ``nursery`` (cancellable
+    through the returned scope); return when the driver waits on its LOCKs."""
+    await driver.work()  # reset, nothing to inflate
+    t.model.set_target(target)
+    t.gated = True
+    scope = trio.CancelScope()
+
+    async def tick() -> None:
+        with scope:
+            await driver.work()
+
+    nursery.start_soon(tick)
+    await trio.testing.wait_all_tasks_blocked()
+    return scope
+
+
+async def test_sliding_window_sends_the_next_lock_when_the_oldest_is_answered() -> None:
+    driver, t, memory = make_gated(4)
+    target = 8 * 512 + 100  # 9 batches: 8 full, one of 100
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await _start_gated(driver, t, nursery, target)
+            b0, b1, b2, b3 = driver._batch_pfns  # one batch page per LOCK in flight
+            assert b0 == memory.batch_pfn
+            assert set(t.waiting) == {b0, b1, b2, b3} and t.sent == 4  # the window is full
+            await t.answer(b3)  # the newest answered: not taken before the oldest
+            assert set(t.waiting) == {b0, b1, b2} and t.sent == 4
+            await t.answer(b0)  # the oldest taken: one more goes out, on its batch page
+            assert set(t.waiting) == {b1, b2, b0} and t.sent == 5
+            assert driver.size == 512
+            await t.answer(b1)
+            assert set(t.waiting) == {b2, b0, b1} and t.sent == 6
+            await t.answer(b2)  # b2 and the answered b3 taken: two more go out
+            assert set(t.waiting) == {b0, b1, b2, b3} and t.sent == 8
+            assert driver.size == 4 * 512
+            await t.answer(b0)  # the last batch: 100 pages, counting the 3 * 512 in flight
+            assert set(t.waiting) == {b1, b2, b3, b0} and t.sent == 9
+            await t.answer(b1, b2, b3, b0)
+            assert not t.waiting and t.sent == 9 and t.most == 4
+    assert driver.size == target == t.model.size
+    assert driver.stats.ops[Command.BATCHED_LOCK] == [9, 0]
+    assert driver.stats.pages["alloc"][PageSize.SIZE_4K] == target  # nothing allocated twice
+    consistent(driver, t, memory)
+
+
+async def test_one_in_flight_is_one_lock_at_a_time_on_one_batch_page() -> None:
+    driver, t, memory = make_gated(1)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await _start_gated(driver, t, nursery, 3 * 512)
+            assert driver._batch_pfns == [memory.batch_pfn]
+            for k in range(1, 4):
+                assert list(t.waiting) == [memory.batch_pfn] and t.sent == k
+                await t.answer(memory.batch_pfn)
+            assert not t.waiting and t.most == 1
+    assert driver.size == 3 * 512
+    consistent(driver, t, memory)
+
+
+async def test_target_lowered_with_locks_in_flight_stops_the_sending() -> None:
+    driver, t, memory = make_gated(4)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await _start_gated(driver, t, nursery, 8 * 512)
+            b0, b1, b2, b3 = driver._batch_pfns
+            t.model.set_target(600)  # the device's target drops with 4 LOCKs in flight
+            await t.answer(b0)  # 512 locked; its response carries 600: nothing more is sent
+            assert driver.target == 600 and t.sent == 4
+            await t.answer(b1)  # 88 locked, 424 refused NOTNEEDED: >= 16 refused, drain
+            assert t.sent == 4
+            await t.answer(b2, b3)  # refused whole
+            assert not t.waiting and t.sent == 4
+    assert driver.size == 600 == t.model.size
+    s = driver.stats.pages
+    assert s["errAlloc"][PageSize.SIZE_4K] == 424 + 2 * 512
+    assert s["errFree"][PageSize.SIZE_4K] == 1
+    assert t.model.counters["lock refused ERROR_PPN_NOTNEEDED (4k)"] == 424 + 2 * 512
+    consistent(driver, t, memory)
+
+
+async def test_reset_with_locks_in_flight_drains_them_then_recovers() -> None:
+    driver, t, memory = make_gated(4)
+    free_before = memory.count(PageState.FREE)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await _start_gated(driver, t, nursery, 8 * 512)
+            b0, b1, b2, b3 = driver._batch_pfns
+            await t.answer(b0)
+            t.deliver(t.model.demand_reset())  # the next three meet ERROR_RESET
+            await t.answer(b2)  # answered first: the sending stops before b1 is taken
+            assert t.sent == 5 and driver.reset_required
+            await t.answer(b1, b3, b0)
+            assert not t.waiting
+        assert driver.stats.ops[Command.BATCHED_LOCK][1] == 4  # b1, b2, b3 and the 5th
+        assert driver.size == 512 == memory.count(PageState.BALLOON)
+        t.gated = False
+        await driver.work()  # reset: pop without UNLOCK, START, inflate again
+    assert Command.BATCHED_UNLOCK not in t.commands()
+    assert driver.size == 8 * 512 == t.model.size
+    reserved = len(driver._batch_pfns) - 1  # the other batch pages, taken at the first reset
+    assert memory.count(PageState.FREE) == free_before - reserved - 8 * 512
+    consistent(driver, t, memory)
+
+
+async def test_cancelled_with_locks_in_flight_keeps_driver_and_device_agreeing() -> None:
+    driver, t, memory = make_gated(4)
+    free_before = memory.count(PageState.FREE)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            scope = await _start_gated(driver, t, nursery, 8 * 512)
+            b1 = driver._batch_pfns[1]
+            await t.answer(b1)  # answered, not taken (b0 is older)
+            scope.cancel()  # the driver stops: b0, b2, b3 never reach the device
+        assert not t.waiting
+        # the answered LOCK counts, the pages of the others are the guest's again
+        assert driver.size == 512 == memory.count(PageState.BALLOON)
+        reserved = len(driver._batch_pfns) - 1  # the other batch pages, taken at the reset
+        assert memory.count(PageState.FREE) == free_before - reserved - 512
+        consistent(driver, t, memory)
+        t.gated = False
+        await driver.work()
+    assert driver.size == 8 * 512
+    consistent(driver, t, memory)
+
+
+async def test_device_gone_with_locks_in_flight_raises_it_plainly() -> None:
+    driver, t, memory = make_gated(4)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await driver.work()  # reset
+            t.model.set_target(8 * 512)
+            t.gated = True
+            raised: list[BaseException] = []
+
+            async def tick() -> None:
+                try:
+                    await driver.work()
+                except DeviceGone as exc:  # itself, not in an exception group
+                    raised.append(exc)
+
+            nursery.start_soon(tick)
+            await trio.testing.wait_all_tasks_blocked()
+            b0, b1, b2, _ = driver._batch_pfns
+            t.failing.add(b2)
+            await t.answer(b0, b2)  # b0 taken; b2 failed: no more sends, b1 awaited
+            assert t.sent == 4 and not raised
+            await t.answer(b1)  # b1 taken, then b2's error: b3 cancelled
+            assert len(raised) == 1 and not t.waiting
+    assert driver.size == 2 * 512 == t.model.size
+    consistent(driver, t, memory)
