@@ -549,10 +549,11 @@ async def test_one_in_flight_is_one_lock_at_a_time_on_one_batch_page() -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             await _start_gated(driver, t, nursery, 3 * 512)
-            assert driver._batch_pfns == [memory.batch_pfn]
+            (page,) = driver._batch_pfns  # the one batch page
+            assert page == memory.batch_pfn
             for k in range(1, 4):
-                assert list(t.waiting) == [memory.batch_pfn] and t.sent == k
-                await t.answer(memory.batch_pfn)
+                assert list(t.waiting) == [page] and t.sent == k
+                await t.answer(page)
             assert not t.waiting and t.most == 1
     assert driver.size == 3 * 512
     consistent(driver, t, memory)
