@@ -134,10 +134,15 @@ async def test_inflate_2m_and_4k_deflate_and_target_changes(tmp_path: Any, in_fl
             mem._take(used, PageState.APP)
             mem._touch(used)
             target = 20 * PAGES_PER_2M + 5000
+            await until(lambda: not guest.driver.reset_required)
+            watch = guest.driver.transport = InFlight(guest)
             await vdev.set_target(target)
             view = await settled(vdev, guest, target)
-            # one batch page per LOCK in flight (vmw_balloon's discipline: exactly one)
+            # one batch page per LOCK in flight (vmw_balloon's discipline: exactly one), and
+            # the window filled: the 10 batches of 4 KiB pages went out in_flight at a time
             assert len(guest.driver._batch_pfns) == in_flight
+            assert watch.most == in_flight
+            assert watch.pages == set(guest.driver._batch_pfns)
             assert guest.driver.count(PageSize.SIZE_2M) == 20
             assert guest.driver.count(PageSize.SIZE_4K) == 5000
             assert guest.driver.stats.pages["allocFail"][PageSize.SIZE_2M] >= 1
@@ -243,6 +248,36 @@ async def test_pinned_ring_pages_are_refused_and_released(tmp_path: Any) -> None
             check_consistent(guest, view)
 
 
+class InFlight:
+    """Wraps the transport: counts the batched LOCKs in flight (entered, not returned), and
+    checks that no two of them share a batch page."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.inner = guest.transport
+        self.read, self.write = self.inner.read, self.inner.write
+        self.wait_event = self.inner.wait_event
+        self.outstanding: set[int] = set()  # their batch pages
+        self.pages: set[int] = set()  # every batch page used
+        self.most = 0
+
+    @property
+    def doorbell_ids(self) -> tuple[int, int] | None:
+        return self.inner.doorbell_ids
+
+    async def command(self, request: Request) -> Response:
+        if request.command not in (Command.BATCHED_LOCK, Command.BATCHED_2M_LOCK):
+            return await self.inner.command(request)
+        page = request.arg1
+        assert page not in self.outstanding, "two LOCKs in flight share a batch page"
+        self.outstanding.add(page)
+        self.pages.add(page)
+        self.most = max(self.most, len(self.outstanding))
+        try:
+            return await self.inner.command(request)
+        finally:
+            self.outstanding.discard(page)
+
+
 class Lowering:
     """Wraps the transport: lowers the device's target right after a GET_TARGET."""
 
@@ -263,12 +298,16 @@ class Lowering:
         return response
 
 
+@pytest.mark.parametrize("in_flight", [1, 4], ids=["one-at-a-time", "4-in-flight"])
 async def test_notneeded_when_the_target_drops_between_get_target_and_lock(
-    tmp_path: Any,
+    tmp_path: Any, in_flight: int
 ) -> None:
     caps = Capability.BASIC_CMDS | Capability.BATCHED_CMDS | Capability.BIT64_TARGET
-    # vmw_balloon's one batch at a time: exactly one batch is in flight when the target drops
-    config = DriverConfig(poll_interval=0.2, capabilities=caps, in_flight=1)
+    # in_flight batches of 512 go out for the target of 5000 before the first answer says
+    # 200: the device locks the first 200 pages it sees and refuses every other one; the
+    # driver sends nothing more (in flight already covers the lowered target), takes the
+    # refusals in order, and stops at 200 with the device
+    config = DriverConfig(poll_interval=0.2, capabilities=caps, in_flight=in_flight)
     with trio.fail_after(30):
         async with rig(tmp_path, config=config) as (vdev, guest, _):
             await until(lambda: not guest.driver.reset_required)
@@ -277,9 +316,11 @@ async def test_notneeded_when_the_target_drops_between_get_target_and_lock(
             wrapper.armed = True
             await vdev.set_target(5000)
             view = await settled(vdev, guest, 200)
+            refused = in_flight * 512 - 200
             assert guest.driver.size == 200
-            assert guest.driver.stats.pages["errAlloc"][PageSize.SIZE_4K] == 312
-            assert view["counters"]["lock refused ERROR_PPN_NOTNEEDED (4k)"] == 312
+            assert guest.driver.stats.ops[Command.BATCHED_LOCK][0] == in_flight
+            assert guest.driver.stats.pages["errAlloc"][PageSize.SIZE_4K] == refused
+            assert view["counters"]["lock refused ERROR_PPN_NOTNEEDED (4k)"] == refused
             check_consistent(guest, view)
 
 
