@@ -101,7 +101,7 @@ class PageSource(Protocol):
 
 
 #: see :attr:`DriverConfig.in_flight`
-DEFAULT_IN_FLIGHT = 4
+DEFAULT_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,17 @@ class DriverConfig:
     shrinker: bool = False  # vmwballoon_shrinker_enable
     shrink_delay: float = SHRINK_DELAY
     #: batched LOCK commands kept in flight while inflating, each with its own batch page
-    #: (PROTOCOL.md section 2, "Several commands in flight"). 1 is vmw_balloon's own
+    #: (PROTOCOL.md section 2, "Several commands in flight"), as a sliding window: the next
+    #: batch is allocated and sent while earlier ones are in flight. 1 is vmw_balloon's own
     #: discipline (one command at a time, still available); more needs a transport that
     #: can carry them (``max_in_flight``) and a page source that can spare the batch pages
-    #: (``reserve_page``), else the driver stays at 1. The default 4 is measured (A/B
-    #: interleaved in one session, 256 MiB, 3 reps, see docs/bench/README.md): 4 KiB
-    #: contiguous inflate +45 % pages/s and -27 % vdev CPU per GiB against 1 (8 was no
-    #: better); scattered pages, bound by one punch per page, within the noise.
+    #: (``reserve_page``), else the driver stays at 1. The default 8 is measured (A/B
+    #: interleaved in one session, 256 MiB, 3 reps per run, 5-8 paired runs in each of
+    #: three sessions, load 1-1.8, see docs/bench/README.md 1c): with the sliding window,
+    #: 4 KiB contiguous inflate 8 in flight against 4 +12 / +23 / +14 % pages/s (median of
+    #: the paired ratios), against the lock-step window of 4 it replaced +19 / +8 / +14 %,
+    #: vdev CPU per GiB the same (0.31-0.40 s); 4 KiB scattered, bound by one punch per
+    #: page, +2 / +8 %. A sliding window of 4 was within the noise of the lock-step one.
     in_flight: int = DEFAULT_IN_FLIGHT
 
 
