@@ -122,7 +122,7 @@ class DriverConfig:
     #: 4 KiB contiguous inflate 8 in flight against 4 +12 / +23 / +14 % pages/s (median of
     #: the paired ratios), against the lock-step window of 4 it replaced +19 / +8 / +14 %,
     #: vdev CPU per GiB the same (0.31-0.40 s); 4 KiB scattered, bound by one punch per
-    #: page, +2 / +8 %. A sliding window of 4 was within the noise of the lock-step one.
+    #: page, 8 against 4 +2 / +8 %. A sliding 4 was within the noise of the lock-step 4.
     in_flight: int = DEFAULT_IN_FLIGHT
 
 
