@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from guest_driver.driver import MAX_REFUSED, BalloonDriver, DriverConfig, render_debugfs
 from guest_driver.guest_memory import PAGES_PER_2M, GuestMemory, PageSize, PageState
@@ -650,3 +652,56 @@ async def test_device_gone_with_locks_in_flight_raises_it_plainly() -> None:
             assert len(raised) == 1 and not t.waiting
     assert driver.size == 2 * 512 == t.model.size
     consistent(driver, t, memory)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_answer_order_target_reset_or_cancel_leaves_driver_and_device_agreeing(
+    data: st.DataObject,
+) -> None:
+    """A window of LOCKs answered in any order, with the target moved, a reset demanded or
+    the driver stopped at any point: never more LOCKs out than the window, never two on one
+    batch page; afterwards driver, device and guest memory agree, and the balloon reaches
+    the target."""
+    in_flight = data.draw(st.sampled_from([1, 2, 4, 8]), label="in_flight")
+    caps = data.draw(st.sampled_from([0x3E, 0x36]), label="capabilities")  # with 2 MiB or not
+    whole = data.draw(st.integers(0, 8), label="whole 2 MiB frames left")
+    target = data.draw(st.integers(1, 12 * 512), label="target")
+
+    async def scenario() -> None:
+        driver, t, memory = make_gated(in_flight)
+        driver.config = DriverConfig(in_flight=in_flight, capabilities=Capability(caps))
+        for frame in np.flatnonzero(memory.frame_free == PAGES_PER_2M)[whole:]:
+            memory._take(np.array([frame * PAGES_PER_2M + 1]), PageState.APP)
+        reset = False
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                scope = await _start_gated(driver, t, nursery, target)
+                window = len(driver._batch_pfns) if driver.batching else 1
+                assert window == in_flight
+                while t.waiting:
+                    assert len(t.waiting) <= window
+                    action = data.draw(st.sampled_from(["answer"] * 6 + ["target", "reset",
+                                                                         "cancel"]))
+                    if action == "target":
+                        t.model.set_target(data.draw(st.integers(0, 12 * 512), label="new"))
+                    elif action == "reset":
+                        t.model.demand_reset()
+                        reset = True
+                    elif action == "cancel":
+                        scope.cancel()
+                        await trio.testing.wait_all_tasks_blocked()
+                    else:
+                        page = data.draw(st.sampled_from(sorted(t.waiting)), label="answer")
+                        await t.answer(page)
+                assert t.most <= window
+            if not reset:
+                consistent(driver, t, memory)  # at once: no LOCK left half-known
+            t.gated = False
+            for _ in range(4):
+                await driver.work()
+        consistent(driver, t, memory)
+        size, goal = driver.size, t.model.target
+        assert goal <= size < goal + PAGES_PER_2M or (goal == 0 and size == 0)
+
+    trio.run(scenario)
