@@ -40,6 +40,10 @@ Deliberate differences (see also ``render_debugfs``):
   not only during a reset: here one task could otherwise interleave with another between
   the write of the shared batch page and the command that consumes it.
 * Entry PFNs are taken from the driver's own list, not read back from the batch page.
+* Inflation keeps up to ``in_flight`` batched LOCKs in flight (default 8, each on its own
+  batch page; 1 is vmw_balloon's one at a time), and a stop (cancellation) in the middle
+  of it gives the pages of the unanswered LOCKs back to the guest (Linux cannot be
+  interrupted there).
 """
 
 from __future__ import annotations
