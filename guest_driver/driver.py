@@ -122,11 +122,11 @@ class DriverConfig:
     #: can carry them (``max_in_flight``) and a page source that can spare the batch pages
     #: (``reserve_page``), else the driver stays at 1. The default 8 is measured (A/B
     #: interleaved in one session, 256 MiB, 3 reps per run, 5-8 paired runs in each of
-    #: three sessions, load 1-1.8, see docs/bench/README.md 1c): with the sliding window,
-    #: 4 KiB contiguous inflate 8 in flight against 4 +12 / +23 / +14 % pages/s (median of
-    #: the paired ratios), against the lock-step window of 4 it replaced +19 / +8 / +14 %,
-    #: vdev CPU per GiB the same (0.31-0.40 s); 4 KiB scattered, bound by one punch per
-    #: page, 8 against 4 +2 / +8 %. A sliding 4 was within the noise of the lock-step 4.
+    #: four sessions, load 1-1.8, see docs/bench/README.md 1c): with the sliding window,
+    #: 4 KiB contiguous inflate 8 in flight against 4 +12 / +23 / +14 / +17 % pages/s
+    #: (median of the paired ratios), against the lock-step window of 4 it replaced
+    #: +19 / +8 / +14 / +33 %, vdev CPU per GiB the same (0.31-0.43 s); 4 KiB scattered
+    #: 8 against 4 +2 / +8 / +13 %. A sliding 4 was within the noise of the lock-step 4.
     in_flight: int = DEFAULT_IN_FLIGHT
 
 
