@@ -48,7 +48,7 @@ class Params:
     scale_guests: tuple[int, ...]
     scale_bytes: int
     rtt_seconds: float
-    in_flight: tuple[int, ...] = (1, 4)
+    in_flight: tuple[int, ...] = (1, 4, 8)
     in_flight_bytes: int = 256 * MIB
     in_flight_reps: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
