@@ -8,6 +8,7 @@ Back-end program conventions (QEMU vhost-user.rst): ``--socket-path``, ``--fd``,
 from __future__ import annotations
 
 import functools
+import gc
 import grp
 import json
 import logging
@@ -198,6 +199,7 @@ def serve(
         # has exited: the locks are free, the sockets still listen): no connect probe then.
         if is_standby():
             preload_control_plane()
+        _freeze_heap(collect=True)  # what imports allocated (a standby: before it waits)
         try:
             fds = listen_fds()  # a standby (vdev supervise --standby) waits here
         except StandbyDismissed:
@@ -306,6 +308,20 @@ async def _watchdog(store: FdStore) -> None:
         await trio.sleep(usec / 2e6)
 
 
+def _freeze_heap(*, collect: bool = False) -> None:
+    """Move what start-up allocated (modules, the API app and its schemas, the device
+    classes: most of the heap) out of the garbage collector's reach, so that a full
+    collection walks only what serving allocates. Without it every gen-2 collection held the
+    event loop, and so every guest's requests, for 15-45 ms here (a doorbell reaction's
+    worst cases); frozen, under 1 ms. ``collect``: first a full collection, ~30 ms, so that
+    start-up's garbage is not kept for ever: done once, after the imports and before any
+    guest is served (a standby does it before it waits); the freeze after the API started
+    is instant (``gc.freeze`` moves lists, it does not walk them)."""
+    if collect:
+        gc.collect()
+    gc.freeze()
+
+
 async def _serve(
     registry: GuestRegistry,
     device_cls: type,
@@ -356,6 +372,7 @@ async def _serve(
             nursery.start_soon(on_signal)
             if fd is not None:
                 await start_control_plane(nursery, registry, paths)
+                _freeze_heap()
                 await server.serve_fd(fd, (names or ["vm0"])[0])
                 nursery.cancel_scope.cancel()
             else:
@@ -364,6 +381,7 @@ async def _serve(
                 await nursery.start(server.run)
                 await trio.sleep(0.01)
                 await start_control_plane(nursery, registry, paths)
+                _freeze_heap()
                 if managed:
                     store = server.handover.store  # type: ignore[union-attr]
                     store.send({"READY": 1, "STATUS": f"serving {len(paths)} guests"})
