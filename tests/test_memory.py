@@ -104,6 +104,30 @@ def test_reclaim_punches_the_file(mem: GuestMemory, memfd: int) -> None:
     )
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_a_long_run_is_punched_exactly(
+    mem: GuestMemory, memfd: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run longer than the native loop's 2 MiB fallocate chunk, starting and ending off any
+    2 MiB boundary: every page of it is punched, none beside it."""
+    if native and not vdev.memory.NATIVE_PUNCH:
+        pytest.skip(vdev.memory.NATIVE_PUNCH_INFO)
+    if not native:
+        monkeypatch.setattr(vdev.memory, "_vb_punch", None)
+    mem.write(0x100000, b"\x5a" * (15 * MiB))
+    before = os.fstat(memfd).st_blocks * 512
+    first, count = 0x203, 5 * 256 + 3  # 5 MiB + 12 KiB from an odd page
+    assert mem.reclaim(np.array([first], np.uint64), np.array([count], np.uint64)) == (
+        count * PAGE_SIZE
+    )
+    assert before - os.fstat(memfd).st_blocks * 512 == count * PAGE_SIZE
+    end = (first + count) * PAGE_SIZE
+    assert mem.read(first * PAGE_SIZE - PAGE_SIZE, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+    assert mem.read(first * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+    assert mem.read(end - PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)
+    assert mem.read(end, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+
+
 def test_native_punch_is_loaded() -> None:
     """scripts/setup builds the native reclaim loop; under CI its absence is a failure."""
     if not vdev.memory.NATIVE_PUNCH and os.environ.get("CI") != "true":

@@ -68,7 +68,9 @@ THREAD_RECLAIM_BYTES = 64 << 20
 #: 4 KiB inflate rate (A/B: 163k vs 178k pages/s).
 THREAD_RECLAIM_PIECES = 512
 #: Pieces up to this long are punched with ``madvise(MADV_REMOVE)`` on our mapping (cheaper per
-#: call than ctypes' fallocate); longer ones with ``fallocate`` (faster per byte).
+#: call than ctypes' fallocate; many per ``process_madvise`` call in the native loop); longer
+#: ones with ``fallocate`` (faster per byte; 2 MiB per call in the native loop, ~10 % faster
+#: than one call for a 1 GiB run, and the file's locks are let go between calls).
 MADVISE_MAX_BYTES = 64 << 10
 _MADV_REMOVE = getattr(mmap, "MADV_REMOVE", None)
 _NO_PUNCH = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)

@@ -10,7 +10,7 @@
  * process_madvise(2) on our own pidfd with an iovec per piece (Linux >= 6.13 takes any advice
  * for the calling process; ~10 % more pages/s than one fallocate per page, 20 % more than one
  * madvise per page, measured by lab/bench/limits.c), else one madvise each. Longer pieces go
- * through fallocate(PUNCH_HOLE | KEEP_SIZE). Each call falls back to the other kind when the
+ * through fallocate(PUNCH_HOLE | KEEP_SIZE), 2 MiB per call (FALLOC_CHUNK). Each call falls back to the other kind when the
  * kernel says the first cannot punch (EOPNOTSUPP, ENOSYS, EINVAL). A kernel whose
  * process_madvise refuses MADV_REMOVE is remembered and not asked again.
  *
@@ -30,6 +30,11 @@
 
 #define PAGE_MASK 4095ULL
 #define IOV_BATCH 1024 /* UIO_MAXIOV */
+/* Long runs go to fallocate 2 MiB at a time: ~10 % more pages/s than one call for a 1 GiB
+ * run (1.59-1.66 M against 1.44-1.49 M pages/s here, a touched memfd mapped twice, as the
+ * guest's RAM file is), and the file's locks are let go between chunks, so the guest's
+ * faults and other punches on the same file do not wait for the whole run. */
+#define FALLOC_CHUNK (2ULL << 20)
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -75,6 +80,23 @@ static size_t punch_batch(int pidfd, char *map, const uint64_t *moff, const uint
     return k; /* a piece cut in the middle is punched again from its start: harmless */
 }
 
+/* fallocate(PUNCH_HOLE) of [off, off + length) in calls of at most FALLOC_CHUNK bytes.
+ * Returns 0, or -1 with errno; *done = the bytes punched before the failing call. */
+static int punch_chunks(int fd, int64_t off, uint64_t length, uint64_t *done) {
+    uint64_t at = 0;
+    while (at < length) {
+        uint64_t n = length - at < FALLOC_CHUNK ? length - at : FALLOC_CHUNK;
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(off + (int64_t)at),
+                      (off_t)n) != 0) {
+            *done = at;
+            return -1;
+        }
+        at += n;
+    }
+    *done = length;
+    return 0;
+}
+
 /* 1 once process_madvise batches have worked, -1 once the kernel refused them, 0 before */
 int vb_punch_batching(void) { return batch_state; }
 
@@ -118,18 +140,19 @@ int vb_punch(char *map, int fd, int64_t file_delta, const uint64_t *moff, const 
                 return e;
             }
         }
-        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                      (off_t)((int64_t)off + file_delta), (off_t)length) != 0) {
+        uint64_t part = 0;
+        if (punch_chunks(fd, (int64_t)off + file_delta, length, &part) != 0) {
             e = errno;
             if (!cannot_punch(e)) {
                 if (pidfd >= 0) close(pidfd);
-                *done = total, *failed = i, *call = 2;
+                *done = total + part, *failed = i, *call = 2;
                 return e;
             }
-            if (madvise(map + off, length, MADV_REMOVE) != 0) {
+            /* the rest through our mapping (part is a whole number of chunks: aligned) */
+            if (madvise(map + off + part, length - part, MADV_REMOVE) != 0) {
                 e = errno;
                 if (pidfd >= 0) close(pidfd);
-                *done = total, *failed = i, *call = 1;
+                *done = total + part, *failed = i, *call = 1;
                 return e;
             }
         }
