@@ -10,9 +10,11 @@
  * process_madvise(2) on our own pidfd with an iovec per piece (Linux >= 6.13 takes any advice
  * for the calling process; ~10 % more pages/s than one fallocate per page, 20 % more than one
  * madvise per page, measured by lab/bench/limits.c), else one madvise each. Longer pieces go
- * through fallocate(PUNCH_HOLE | KEEP_SIZE), 2 MiB per call (FALLOC_CHUNK). Each call falls back to the other kind when the
- * kernel says the first cannot punch (EOPNOTSUPP, ENOSYS, EINVAL). A kernel whose
- * process_madvise refuses MADV_REMOVE is remembered and not asked again.
+ * through fallocate(PUNCH_HOLE | KEEP_SIZE), 2 MiB per call (FALLOC_CHUNK). Each call falls
+ * back to the other kind when the kernel says the first cannot punch (EOPNOTSUPP, ENOSYS,
+ * EINVAL). A kernel whose process_madvise refuses MADV_REMOVE is remembered and not asked
+ * again; any other refusal of a batch (EPERM under a seccomp filter, a sealed file) is left
+ * to the single calls that follow, which name it.
  *
  * Returns 0, or the errno that stopped it with *failed = the piece index and *call = 1
  * (madvise) or 2 (fallocate); *done = the bytes punched before that.
