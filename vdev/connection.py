@@ -109,6 +109,8 @@ class Connection:
         # the stdlib socket under trio's: reads and writes that can complete at once do so
         # without a trip through trio's scheduler (see _recvmsg)
         self._raw: socket.socket = sock._sock  # type: ignore[attr-defined]
+        #: the front-end's PID (SO_PEERCRED: fixed when it connected), None if unknown
+        self._peer_pid = peer_pid(self._raw)
         self._waited = False
         self.guest = guest
         self.name = f"{guest}#{next(_serial)}"
@@ -188,10 +190,7 @@ class Connection:
 
     def peer_pid(self) -> int | None:
         """The front-end's PID (SO_PEERCRED), for the backstop (vdev.policy.backstop)."""
-        cached: int | None = getattr(self, "_peer_pid", None)
-        if cached is None:
-            cached = self._peer_pid = peer_pid(self.sock)  # type: ignore[arg-type]
-        return cached
+        return self._peer_pid
 
     def unreclaimable(self) -> list[str]:
         """Regions the front-end maps privately (share=off): punching them frees nothing."""
@@ -855,7 +854,7 @@ class Connection:
             len(specs),
             self.memory.total_pages,
         )
-        self.ram_problems = check_peer_regions(peer_pid(self.sock), specs)  # type: ignore[arg-type]
+        self.ram_problems = check_peer_regions(self._peer_pid, specs)
         for problem in self.ram_problems:
             log.warning("%s: %s", self.name, problem)
 

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from protocol.errors import HostResourceError
-from vdev.policy.cgroup import CgroupReading, CgroupSource, parse_single
+from vdev.policy.cgroup import CgroupReading, CgroupSource, need_text, parse_single
 from vdev.policy.guard import StopGuard
 
 log = logging.getLogger(__name__)
@@ -251,20 +251,12 @@ class Backstop:
                 f"backstop: cannot write {value!r} to {path}: {e.strerror}"
             ) from e
 
-    def _read(self, source: CgroupSource, file: str) -> str:
-        path = os.path.join(source.path, file)
-        try:
-            with open(path, encoding="ascii") as f:
-                return f.read()
-        except OSError as e:
-            raise HostResourceError(f"backstop: cannot read {path}: {e.strerror}") from e
-
     def engage(self) -> None:
         """Set the backstop on every source (HostResourceError if the kernel refuses)."""
         for source in self.sources:
             if source.version == 1:
                 limit = parse_single(
-                    self._read(source, "memory.limit_in_bytes"), "memory.limit_in_bytes"
+                    need_text(source, "memory.limit_in_bytes"), "memory.limit_in_bytes"
                 )
                 if self.guard is None:
                     try:
@@ -284,11 +276,11 @@ class Backstop:
                     f" other guests have given memory back, at most {self.deadline:g}s{level}",
                 )
             else:
-                limit = parse_single(self._read(source, "memory.max"), "memory.max")
+                limit = parse_single(need_text(source, "memory.max"), "memory.max")
                 if limit is None:
                     self._act("skipped", source, "memory.max is max: no limit to stay under")
                     continue
-                before_text = self._read(source, "memory.high").strip()
+                before_text = need_text(source, "memory.high").strip()
                 high = limit - max(MIN_MARGIN, int(limit * V2_MARGIN_FRACTION))
                 self._write(source, "memory.high", str(max(0, high)))
                 self.held.append(_Held(source, before_text, "memory.high"))

@@ -239,7 +239,8 @@ def read_text(path: str) -> str | None:
         raise HostResourceError(f"cannot read {path}: {e.strerror}") from e
 
 
-def _need(source: CgroupSource, name: str) -> str:
+def need_text(source: CgroupSource, name: str) -> str:
+    """A file of the cgroup ``source`` that must be there (HostResourceError if not)."""
     text = read_text(os.path.join(source.path, name))
     if text is None:
         raise HostResourceError(f"{source.label}: {name} is gone (cgroup removed?)")
@@ -255,8 +256,8 @@ def read_cgroup(source: CgroupSource) -> CgroupReading:
     all_stat = parse_flat_keyed(stat_text, f"{source.path}/memory.stat") if stat_text else {}
     stat = {k: all_stat[k] for k in STAT_KEYS if k in all_stat}
     if source.version == 2:
-        usage = parse_single(_need(source, "memory.current"), "memory.current")
-        limit = parse_single(_need(source, "memory.max"), "memory.max")
+        usage = parse_single(need_text(source, "memory.current"), "memory.current")
+        limit = parse_single(need_text(source, "memory.max"), "memory.max")
         high_text = read_text(join(source.path, "memory.high"))
         high = parse_single(high_text, "memory.high") if high_text else None
         ev_text = read_text(join(source.path, "memory.events"))
@@ -273,8 +274,8 @@ def read_cgroup(source: CgroupSource) -> CgroupReading:
             psi_some_avg10=psi.some.avg10 if psi else None,
             psi_full_avg10=psi.full.avg10 if psi and psi.full else None,
         )
-    usage = parse_single(_need(source, "memory.usage_in_bytes"), "memory.usage_in_bytes")
-    limit = parse_single(_need(source, "memory.limit_in_bytes"), "memory.limit_in_bytes")
+    usage = parse_single(need_text(source, "memory.usage_in_bytes"), "memory.usage_in_bytes")
+    limit = parse_single(need_text(source, "memory.limit_in_bytes"), "memory.limit_in_bytes")
     events = {}
     oom_text = read_text(join(source.path, "memory.oom_control"))
     if oom_text:

@@ -354,16 +354,20 @@ class ControlPlane:
         return host_sample_from_readings(readings, host, growth)
 
     def _backstop_vms(self) -> list[tuple[str, int | None, int]]:
+        """The connected guests: (name, QEMU pid, RAM file resident bytes)."""
         out: list[tuple[str, int | None, int]] = []
         for name in self.registry.names():
             try:
                 view = self.registry.view(name)
             except KeyError:
                 continue
-            if getattr(view, "connected", False):
-                pid = getattr(view, "pid", None)
-                out.append((name, pid, int(getattr(view, "ram_allocated_bytes", 0))))
+            if view.connected:
+                out.append((name, view.pid, int(view.ram_allocated_bytes)))
         return out
+
+    def _publish_backstop(self, actions: list[tuple[str, str, str]]) -> None:
+        for kind, path, detail in actions:
+            self.publish({"type": "backstop", "action": kind, "cgroup": path, "detail": detail})
 
     def _backstop_check(self, readings: list[CgroupReading] | None = None) -> None:
         """Let the backstop stop or continue VMs now (fresh readings if none given)."""
@@ -375,10 +379,9 @@ class ControlPlane:
             except HostResourceError as e:
                 log.warning("backstop: %s", e)
                 return
-        for kind, path, detail in self.backstop.check(
-            readings, time.monotonic(), self._backstop_vms()
-        ):
-            self.publish({"type": "backstop", "action": kind, "cgroup": path, "detail": detail})
+        self._publish_backstop(
+            self.backstop.check(readings, time.monotonic(), self._backstop_vms())
+        )
 
     def on_pressure(self, notices: list[Notice]) -> None:
         """Kernel notifications: ask every guest for fresh statistics (hand the held stats
@@ -1053,11 +1056,7 @@ class ControlPlane:
                 await self._loop(task_status)
             finally:
                 if self.backstop is not None:
-                    # continues every stopped VM
-                    for kind, path, detail in self.backstop.release():
-                        self.publish(
-                            {"type": "backstop", "action": kind, "cgroup": path, "detail": detail}
-                        )
+                    self._publish_backstop(self.backstop.release())  # continues every VM
 
     async def _loop(self, task_status: trio.TaskStatus[None]) -> None:
         self.step()
