@@ -89,6 +89,14 @@ def test_raw_limits(results: tuple[dict[str, Any], Path, str]) -> None:
                 continue
             assert v["verified"], name
             _positive(v["pages_per_s"], f"{key} compiled {name}")
+            writer = "guest " + name.rsplit("_guest_", 1)[1] if "_guest_" in name else "self"
+            assert v["writer"] == writer, (name, v)
+        # pages written by another process (the guest) are reported, never the limit itself
+        for which in ("contiguous", "per_page"):
+            assert "_guest_" not in comp[which]["best"], comp[which]
+        assert {"fallocate_2MiB_guest_running", "fallocate_per_page_guest_running"} <= set(
+            comp["variants"]
+        )
     basis = r["limits"].pop("basis")
     assert basis == "compiled" or basis.startswith("python"), basis
     if r["raw"]["compiled"]["available"] and r["raw_end"]["compiled"]["available"]:

@@ -11,8 +11,15 @@
  *               fallocate, the madvise loop split over two threads, the same madvises
  *               submitted as one io_uring batch (IORING_OP_MADVISE) per 512 pages, and as
  *               one process_madvise(2) call per 1024 pages (what vdev's native loop does).
+ * The guest's topology, in variants named *_guest_asleep / *_guest_running: the pages are
+ * written through another process's mapping (a forked "guest", as QEMU's or a front-end's
+ * RAM is), which during the timed calls either sleeps or keeps running on another CPU (a vCPU
+ * at work). While it runs, every zap of its page-table entries needs a TLB shootdown (an IPI)
+ * on its CPU: what a back-end's punch meets while the guest keeps working. These are reported
+ * beside the limits, never chosen as one.
  * Each timing is checked with st_blocks (allocated before, freed after). Prints one JSON
- * object: {"variant": {"pages_per_s": median, "samples": [...], "verified": bool}, ...}.
+ * object: {"variant": {"pages_per_s": median, "samples": [...], "verified": bool,
+ * "writer": "self" | "guest asleep" | "guest running"}, ...}.
  * A variant the kernel refuses (e.g. io_uring disabled) prints {"error": "..."} instead.
  */
 #define _GNU_SOURCE
@@ -28,6 +35,8 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -65,6 +74,61 @@ static void touch(void) {
 static void die(const char *what) {
     fprintf(stderr, "limits: %s: %s\n", what, strerror(errno));
     exit(1);
+}
+
+/* ---- the guest: a child that maps the region, writes its pages on 't' and spins on 'r'
+ * until *spin drops to 0 (both acknowledged on a pipe); started on first use per region */
+enum writer { SELF, GUEST_ASLEEP, GUEST_RUNNING };
+static const char *const WRITER[] = {"self", "guest asleep", "guest running"};
+static pid_t guest = -1;
+static int guest_cmd = -1, guest_ack = -1;
+static volatile int *spin;
+
+static void guest_stop(void) {
+    if (guest <= 0) return;
+    close(guest_cmd);
+    close(guest_ack);
+    kill(guest, SIGKILL);
+    waitpid(guest, NULL, 0);
+    guest = -1;
+}
+
+static void guest_start(void) {
+    int cmd[2], ack[2];
+    if (!spin) {
+        spin = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (spin == MAP_FAILED) die("mmap (spin word)");
+    }
+    if (pipe(cmd) != 0 || pipe(ack) != 0) die("pipe");
+    guest = fork();
+    if (guest < 0) die("fork");
+    if (guest == 0) {
+        char *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        char c;
+        if (m == MAP_FAILED) _exit(1);
+        close(cmd[1]);
+        close(ack[0]);
+        while (read(cmd[0], &c, 1) == 1) {
+            if (c == 't')
+                for (size_t off = 0; off < size; off += PAGE) m[off] = (char)0xA5;
+            if (write(ack[1], &c, 1) != 1) _exit(1);
+            if (c == 'r')
+                while (*spin) {
+                }
+        }
+        _exit(0);
+    }
+    close(cmd[0]);
+    close(ack[1]);
+    guest_cmd = cmd[1];
+    guest_ack = ack[0];
+}
+
+static void guest_do(char c) {
+    char r;
+    if (guest <= 0) guest_start();
+    if (write(guest_cmd, &c, 1) != 1 || read(guest_ack, &r, 1) != 1 || r != c)
+        die("guest process");
 }
 
 /* ---- contiguous variants: return bytes given back, or -errno */
@@ -233,6 +297,7 @@ struct variant {
     const char *name;
     long (*run)(size_t pages);
     int per_page;
+    enum writer writer;
 };
 
 static int cmp(const void *a, const void *b) {
@@ -246,11 +311,17 @@ static void run(const struct variant *v, size_t pages, int reps, int first) {
     long err = 0;
     for (int r = 0; r < reps && r < 64; r++) {
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, (off_t)size);
-        touch();
+        if (v->writer == SELF) touch();
+        else guest_do('t');
+        if (v->writer == GUEST_RUNNING) {
+            *spin = 1;
+            guest_do('r');
+        }
         long before = allocated();
         double t = now();
         long nbytes = v->run(pages);
         double dt = now() - t;
+        if (v->writer == GUEST_RUNNING) *spin = 0;
         if (nbytes < 0) { err = -nbytes; break; }
         long after = allocated();
         verified &= before >= (long)size && before - after >= nbytes;
@@ -264,13 +335,15 @@ static void run(const struct variant *v, size_t pages, int reps, int first) {
     int n = reps < 64 ? reps : 64;
     qsort(rates, (size_t)n, sizeof rates[0], cmp);
     double med = n % 2 ? rates[n / 2] : (rates[n / 2 - 1] + rates[n / 2]) / 2;
-    printf("{\"pages_per_s\": %.1f, \"per_page\": %s, \"verified\": %s, \"samples\": [", med,
-           v->per_page ? "true" : "false", verified ? "true" : "false");
+    printf("{\"pages_per_s\": %.1f, \"per_page\": %s, \"verified\": %s, \"writer\": \"%s\", "
+           "\"samples\": [",
+           med, v->per_page ? "true" : "false", verified ? "true" : "false", WRITER[v->writer]);
     for (int r = 0; r < n; r++) printf("%s%.1f", r ? ", " : "", rates[r]);
     printf("]}");
 }
 
 static void region(size_t bytes) {
+    guest_stop();
     if (map) munmap(map, size);
     if (fd > 0) close(fd);
     size = bytes;
@@ -291,17 +364,22 @@ int main(int argc, char **argv) {
     int reps = atoi(argv[3]);
     if (bytes == 0 || pages == 0 || reps <= 0) return 2;
     static const struct variant contiguous[] = {
-        {"fallocate_whole", v_fallocate_whole, 0},
-        {"fallocate_2MiB", v_fallocate_2m, 0},
-        {"madvise_whole", v_madvise_whole, 0},
-        {"madvise_2MiB", v_madvise_2m, 0},
+        {"fallocate_whole", v_fallocate_whole, 0, SELF},
+        {"fallocate_2MiB", v_fallocate_2m, 0, SELF},
+        {"madvise_whole", v_madvise_whole, 0, SELF},
+        {"madvise_2MiB", v_madvise_2m, 0, SELF},
+        {"fallocate_2MiB_guest_asleep", v_fallocate_2m, 0, GUEST_ASLEEP},
+        {"fallocate_2MiB_guest_running", v_fallocate_2m, 0, GUEST_RUNNING},
     };
     static const struct variant per_page[] = {
-        {"madvise_per_page", v_madvise_page, 1},
-        {"fallocate_per_page", v_fallocate_page, 1},
-        {"madvise_per_page_2_threads", v_madvise_page_2threads, 1},
-        {"io_uring_madvise_per_page", v_uring_madvise_page, 1},
-        {"process_madvise_per_page", v_process_madvise_page, 1},
+        {"madvise_per_page", v_madvise_page, 1, SELF},
+        {"fallocate_per_page", v_fallocate_page, 1, SELF},
+        {"madvise_per_page_2_threads", v_madvise_page_2threads, 1, SELF},
+        {"io_uring_madvise_per_page", v_uring_madvise_page, 1, SELF},
+        {"process_madvise_per_page", v_process_madvise_page, 1, SELF},
+        {"fallocate_per_page_guest_asleep", v_fallocate_page, 1, GUEST_ASLEEP},
+        {"fallocate_per_page_guest_running", v_fallocate_page, 1, GUEST_RUNNING},
+        {"process_madvise_per_page_guest_running", v_process_madvise_page, 1, GUEST_RUNNING},
     };
     printf("{");
     region(bytes);
@@ -310,6 +388,7 @@ int main(int argc, char **argv) {
     region(2 * pages * PAGE);
     for (size_t i = 0; i < sizeof per_page / sizeof per_page[0]; i++)
         run(&per_page[i], pages, reps, 0);
+    guest_stop();
     printf("\n}\n");
     return 0;
 }

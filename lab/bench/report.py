@@ -274,6 +274,16 @@ def table(out: dict[str, Any]) -> str:
             ("process_madvise_per_page", "  process_madvise, 1024 per call"),
         ):
             t.add_row(what, c_rate(name), "", "")
+        # the guest's topology: pages written through another process's mapping (not limits)
+        for name, what in (
+            ("fallocate_2MiB_guest_asleep", "2 MiB calls, pages written by a guest asleep"),
+            ("fallocate_2MiB_guest_running", "  ... by a guest running on the other CPU"),
+            ("fallocate_per_page_guest_asleep", "per page, written by a guest asleep"),
+            ("fallocate_per_page_guest_running", "  ... by a guest running on the other CPU"),
+            ("process_madvise_per_page_guest_running", "  ... process_madvise, guest running"),
+        ):
+            if name in comp["variants"]:
+                t.add_row(what, c_rate(name), "", "TLB shootdowns: not a limit")
     else:
         t.add_row("compiled helper", "-", "", comp.get("reason", "not run"))
     console.print(t)
