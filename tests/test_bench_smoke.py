@@ -121,6 +121,21 @@ def test_throughput(results: tuple[dict[str, Any], Path, str]) -> None:
     for mode, row in r["throughput"].items():
         _positive(row["inflate"]["ratio_per_page"], f"{mode} ratio per page")
         _positive(row["inflate"]["vdev_cpu_s_per_gib"], f"{mode} vdev CPU")
+        # the ratios' limits measured again just before and after the case (compiled helper,
+        # a set-up prerequisite: missing only without a compiler, never under CI)
+        near = row["limits_beside"]
+        if near is None:
+            assert os.environ.get("CI") != "true", "no limits beside the throughput cases"
+            continue
+        for kind in ("contiguous", "per_page"):
+            _positive(near[f"{kind}_pages_per_s"], f"{mode} {kind} limit beside")
+            _positive(row["inflate"][f"ratio_{kind}_beside"], f"{mode} ratio {kind} beside")
+    assert len(r["limits_beside_runs"]) == len(r["throughput"]) + 1
+    if all(row["limits_beside"] for row in r["throughput"].values()):
+        # each throughput goal (2 MiB in and out, 4 KiB contiguous, scattered) twice: against
+        # the run's limits and against those beside the case
+        beside = [t["target"] for t in r["targets"] if t["target"].endswith(" beside the case")]
+        assert len(beside) == 4, beside
     assert r["throughput"]["2M"]["page_size"] == "2M"
     assert r["throughput"]["4K-scattered"]["page_size"] == "4K"
     sizes = {row["batch_entries"] for row in r["batch_sweep"]}

@@ -19,7 +19,7 @@ import click
 import trio
 
 from guest_driver.driver import DEFAULT_IN_FLIGHT
-from lab.bench import SCHEMA, e2e, model, raw, report, system
+from lab.bench import SCHEMA, e2e, limits, model, raw, report, system
 from lab.bench.system import GIB, MIB
 
 log = logging.getLogger("lab.bench")
@@ -123,6 +123,27 @@ def _median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+async def _basis_limits(p: Params) -> dict[str, Any]:
+    """The compiled limits the ratios use (only those variants), in a worker thread."""
+    _say("  limits (compiled, the ratios' variants)")
+    return await trio.to_thread.run_sync(
+        lambda: limits.measure_basis(
+            size=p.raw_bytes, per_page_pages=p.raw_per_page_pages, reps=p.raw_reps
+        )
+    )
+
+
+def _beside(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """A case's limits from the measurements just before and after it: the larger of the
+    two (conservative, as the run's limits are); None without the compiled helper."""
+    if not (before.get("available") and after.get("available")):
+        return None
+    return {
+        f"{kind}_pages_per_s": max(before[kind]["pages_per_s"], after[kind]["pages_per_s"])
+        for kind in ("contiguous", "per_page")
+    }
+
+
 async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any]:
     t_start = time.time()
     out: dict[str, Any] = {
@@ -145,6 +166,10 @@ async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any
         out["vdev_pid_rss_idle"] = vdev.sample().vm_rss
         _say("throughput")
         out["throughput"] = {}
+        # The limits the ratios use, measured again between the cases (before the first,
+        # between each two, after the last), so each case has limits taken seconds before
+        # and after it: the machine's own punch rate drifts over a run.
+        beside = [await _basis_limits(p)]
         for mode in e2e.MODES:
             _say(f"  {mode}")
             # the driver as shipped (DEFAULT_IN_FLIGHT LOCK batches in flight); the sweeps
@@ -152,6 +177,9 @@ async def run_all(p: Params, quick: bool, workdir: Path | None) -> dict[str, Any
             out["throughput"][mode] = await e2e.throughput(
                 vdev, api, mode, p.balloon_bytes, p.reps, in_flight=DEFAULT_IN_FLIGHT
             )
+            beside.append(await _basis_limits(p))
+            out["throughput"][mode]["limits_beside"] = _beside(beside[-2], beside[-1])
+        out["limits_beside_runs"] = beside
         _say("batch sizes")
         sweep = []
         for mode in ("2M", "4K-contiguous"):

@@ -1,6 +1,9 @@
 /* The kernel's own reclaim limits, without Python in the way (see lab/bench/limits.py).
  *
- *   limits REGION_BYTES PER_PAGE_PAGES REPS
+ *   limits REGION_BYTES PER_PAGE_PAGES REPS [VARIANT,VARIANT,...]
+ *
+ * (with the fourth argument, only the named variants run: the bench measures the limits its
+ * ratios use again beside each throughput case)
  *
  * On a shared memfd whose pages were all written first (so each is allocated and mapped, as
  * a guest's would be), time giving them back:
@@ -305,6 +308,16 @@ static int cmp(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+static const char *only; /* comma-separated variant names, or NULL for all */
+
+static int selected(const char *name) {
+    if (!only) return 1;
+    size_t n = strlen(name);
+    for (const char *p = only; (p = strstr(p, name)) != NULL; p += n)
+        if ((p == only || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return 1;
+    return 0;
+}
+
 static void run(const struct variant *v, size_t pages, int reps, int first) {
     double rates[64];
     int verified = 1;
@@ -355,10 +368,11 @@ static void region(size_t bytes) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: limits REGION_BYTES PER_PAGE_PAGES REPS\n");
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: limits REGION_BYTES PER_PAGE_PAGES REPS [VARIANT,...]\n");
         return 2;
     }
+    if (argc == 5) only = argv[4];
     size_t bytes = strtoull(argv[1], NULL, 0) / HUGE_CHUNK * HUGE_CHUNK;
     size_t pages = strtoull(argv[2], NULL, 0);
     int reps = atoi(argv[3]);
@@ -381,13 +395,20 @@ int main(int argc, char **argv) {
         {"fallocate_per_page_guest_running", v_fallocate_page, 1, GUEST_RUNNING},
         {"process_madvise_per_page_guest_running", v_process_madvise_page, 1, GUEST_RUNNING},
     };
+    int first = 1;
     printf("{");
     region(bytes);
     for (size_t i = 0; i < sizeof contiguous / sizeof contiguous[0]; i++)
-        run(&contiguous[i], bytes / PAGE, reps, i == 0);
+        if (selected(contiguous[i].name)) {
+            run(&contiguous[i], bytes / PAGE, reps, first);
+            first = 0;
+        }
     region(2 * pages * PAGE);
     for (size_t i = 0; i < sizeof per_page / sizeof per_page[0]; i++)
-        run(&per_page[i], pages, reps, 0);
+        if (selected(per_page[i].name)) {
+            run(&per_page[i], pages, reps, first);
+            first = 0;
+        }
     guest_stop();
     printf("\n}\n");
     return 0;

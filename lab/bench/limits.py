@@ -63,13 +63,27 @@ def _best(variants: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     }
 
 
-def measure(*, size: int, per_page_pages: int, reps: int) -> dict[str, Any]:
-    """Build and run the helper; see the module docstring."""
+#: the variants the ratios' limits are the best of (what :func:`measure_basis` runs)
+BASIS = CONTIGUOUS + ONE_CALL_PER_PAGE
+
+
+def measure_basis(*, size: int, per_page_pages: int, reps: int) -> dict[str, Any]:
+    """Only the variants the limits are taken from (:data:`BASIS`): the bench measures them
+    again beside each throughput case, so a ratio's two sides are seconds apart."""
+    return measure(size=size, per_page_pages=per_page_pages, reps=reps, only=BASIS)
+
+
+def measure(
+    *, size: int, per_page_pages: int, reps: int, only: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Build and run the helper (every variant, or those named in ``only``); see the module
+    docstring."""
     try:
         with tempfile.TemporaryDirectory(prefix="vballoon-limits-") as tmp:
             exe = build(Path(tmp))
             proc = subprocess.run(
-                [str(exe), str(size), str(per_page_pages), str(reps)],
+                [str(exe), str(size), str(per_page_pages), str(reps)]
+                + ([",".join(only)] if only else []),
                 capture_output=True,
                 text=True,
                 timeout=600,
