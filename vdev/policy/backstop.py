@@ -278,9 +278,8 @@ class Backstop:
                 where = (
                     f"; recorded in {self.stop_file}"
                     if self.stop_file
-                    else "; not recorded in a stop file (--fd without --api-socket: give --stop-file"
-                    " or [serve] stop_file), so a kill of vdev and its guard together leaves it"
-                    " stopped"
+                    else "; not recorded in a stop file (--fd without --api-socket: give"
+                    " --stop-file), so a kill of vdev and its guard together leaves it stopped"
                 )
                 self._act(
                     "engaged",
