@@ -328,3 +328,45 @@ async def test_a_qemu_left_stopped_by_a_killed_vdev_and_guard_runs_when_vdev_sta
     assert not path.exists()
     log = (tmp_path / "vdev.log").read_text()
     assert f"vm0 (pid {qemu.pid}) continued: left stopped by a previous vdev" in log, log[-3000:]
+
+
+# --------------------------------------------------------------------------- where it is
+
+
+def test_stop_file_config_and_the_serve_options_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import click
+    from click.testing import CliRunner
+
+    from protocol.errors import ConfigError
+    from vdev.cli.operator import CONTROL_META, serve_options
+    from vdev.config import parse_config
+
+    assert parse_config({"serve": {"stop_file": "/run/x.stopped"}}).stop_file == "/run/x.stopped"
+    for bad in ("", 3):
+        with pytest.raises(ConfigError, match=r"\[serve\] stop_file: expected a path"):
+            parse_config({"serve": {"stop_file": bad}})
+
+    @click.command()
+    @click.option("--socket-path", default=None)
+    @click.option("--socket-count", type=int, default=None)
+    @serve_options
+    def probe(socket_path: str | None, socket_count: int | None) -> None:
+        click.echo(str(click.get_current_context().meta[CONTROL_META][0].stop_file))
+
+    def stop_file(*args: str) -> str:
+        done = CliRunner().invoke(probe, list(args), catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+        return done.output.strip()
+
+    sock = str(tmp_path / "vm.sock")
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    assert stop_file("--socket-path", sock) == sock + ".stopped"
+    assert stop_file("--socket-path", sock, "--socket-count", "2") == sock + "0.stopped"
+    assert stop_file("--socket-path", sock, "--no-api") == sock + ".stopped"
+    assert stop_file("--api-socket", "/a/b.api") == "/a/b.api.stopped"  # --fd: the API's
+    assert stop_file("--no-api") == "None"  # --fd and no API: nothing to name it after
+    assert stop_file("--socket-path", sock, "--stop-file", "/s/f") == "/s/f"
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/vballoon")
+    assert stop_file("--socket-path", sock) == "/run/vballoon/vm.sock.stopped"
