@@ -199,11 +199,21 @@ def test_a_corrupt_or_partial_stop_file_is_reported_and_cleared(
     assert not path.exists()
 
 
-def test_an_unreadable_stop_file_is_reported(tmp_path: Path) -> None:
-    path = tmp_path / "vm0.sock.stopped"
-    path.mkdir()  # reading it fails (EISDIR)
-    [(kind, _, detail)] = resume_left_stopped(str(path))
-    assert kind == "skipped" and "cannot read the stop file" in detail and str(path) in detail
+def test_what_is_not_a_stop_file_is_reported_and_never_waited_on(tmp_path: Path) -> None:
+    """A directory, a FIFO (reading it would block start-up) or a symlink at the stop file's
+    path: reported, not read, left alone."""
+    target = tmp_path / "elsewhere"
+    target.write_text("1 2\n")
+    cases = {"dir": "is not a regular file", "fifo": "is not a regular file", "link": "cannot read"}
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(target)
+    for name, problem in cases.items():
+        path = tmp_path / name
+        [(kind, _, detail)] = resume_left_stopped(str(path))  # a blocked open hangs here
+        assert kind == "skipped" and problem in detail and str(path) in detail, detail
+        assert path.is_symlink() or path.exists()
+    assert target.read_text() == "1 2\n"
     assert resume_left_stopped(str(tmp_path / "none")) == []  # no file: nothing to do
 
 

@@ -41,8 +41,10 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -196,13 +198,19 @@ class StopFile:
                     os.unlink(self.path)
             else:
                 data = render_stop_file(self._boot, list(self.records.values())).encode()
-                tmp = self.path + ".tmp"  # ours: the path is named after our claimed socket
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                directory, name = os.path.split(self.path)
+                # a new file (O_EXCL, 0600) renamed over the old: never a partial line
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}~", dir=directory or ".")
                 try:
-                    os.write(fd, data)  # a few hundred bytes: one write
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)  # no fsync: the PIDs mean nothing after a reboot
+                    try:
+                        os.write(fd, data)  # a few hundred bytes: one write
+                    finally:
+                        os.close(fd)
+                    os.replace(tmp, self.path)  # no fsync: the PIDs mean nothing after a reboot
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
         except OSError as e:
             error = f"cannot record the stopped QEMUs in {self.path}: {e.strerror}"
             if error != self.error:
@@ -228,14 +236,24 @@ def resume_left_stopped(path: str, proc: str = "/proc") -> list[tuple[str, str, 
         actions.append(("skipped", cgroup, detail))
 
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STOP_FILE + 1)
+        # never a symlink, and never wait: a FIFO or a device put there must not hold vdev up
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return actions
     except OSError as e:
         problem("-", f"cannot read the stop file {path}: {e.strerror}; a QEMU a previous vdev"
                 " stopped may still be stopped (kill -CONT it)")  # fmt: skip
         return actions
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        problem("-", f"the stop file {path} is not a regular file: not read, not removed")
+        return actions
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_STOP_FILE + 1)
+        except OSError as e:
+            problem("-", f"cannot read the stop file {path}: {e.strerror}")
+            data = b""
     if len(data) > MAX_STOP_FILE:
         problem("-", f"the stop file {path} is larger than {MAX_STOP_FILE} bytes: not a stop"
                 " file; not read")  # fmt: skip
