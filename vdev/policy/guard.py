@@ -28,7 +28,8 @@ else ``$RUNTIME_DIRECTORY/<first vhost-user socket's name>.stopped`` under syste
 (``RuntimeDirectory=``; keep it across restarts with ``RuntimeDirectoryPreserve=``); else
 ``<first vhost-user socket>.stopped`` next to it (``--fd``: ``<API socket>.stopped``). The
 socket is this vdev's own (:mod:`vdev.socket_files` claims it), so two vdevs never share a
-stop file. The file names the boot it was written in (``/proc/sys/kernel/random/boot_id``):
+stop file (under ``$RUNTIME_DIRECTORY``: as long as their sockets' names differ, as in
+``contrib/systemd``'s ``%i.sock``). The file names the boot it was written in (``/proc/sys/kernel/random/boot_id``):
 after a reboot its PIDs mean nothing and are dropped.
 
 Run the guard as ``python -m vdev.policy.guard``; :class:`StopGuard` starts and feeds it.
