@@ -278,8 +278,8 @@ class Backstop:
                 where = (
                     f"; recorded in {self.stop_file}"
                     if self.stop_file
-                    else "; not recorded in a stop file (--fd without --api-socket: give"
-                    " --stop-file), so a kill of vdev and its guard together leaves it stopped"
+                    else "; no stop file (--stop-file), so a kill of vdev and its guard"
+                    " together leaves it stopped until someone continues it"
                 )
                 self._act(
                     "engaged",
