@@ -656,11 +656,11 @@ class _ProcGuest:
 
 
 async def test_control_plane_backstop_stops_reports_and_continues_on_exit(
-    v1_child: Path,
+    v1_child: Path, tmp_path: Path
 ) -> None:
     """vdev's control plane with --backstop on a real v1 cgroup: the writer is stopped
-    before the limit (events, `vdev host`, metrics) and continued when the control plane
-    exits; nothing is killed."""
+    before the limit (events, `vdev host`, metrics, the stop file) and continued when the
+    control plane exits (the stop file deleted); nothing is killed."""
     from vdev.metrics import render_metrics
     from vdev.policy.control import ControlPlane
     from vdev.registry import GuestRegistry
@@ -669,9 +669,11 @@ async def test_control_plane_backstop_stops_reports_and_continues_on_exit(
     registry = GuestRegistry("vmw")
     for name in ("holder", "writer"):
         registry.add(name, f"/nonexistent/{name}.sock")
+    stop_file = tmp_path / "vm.sock.stopped"
     cfg = ControlConfig(
-        watch_cgroups=[str(v1_child)], backstop=True, backstop_deadline=60.0, policy_period=0.2
-    )
+        watch_cgroups=[str(v1_child)], backstop=True, backstop_deadline=60.0, policy_period=0.2,
+        stop_file=str(stop_file),
+    )  # fmt: skip
     control = ControlPlane(registry, cfg)
     events = control.subscribe()
     procs = []
@@ -711,6 +713,12 @@ async def test_control_plane_backstop_stops_reports_and_continues_on_exit(
                 assert [p["name"] for p in api["backstop"]["paused"]] == ["writer"]
                 assert api["cgroups"] and api["notifications"]["armed"]
                 assert await _stopped(writer.pid)
+                from vdev.policy.guard import parse_stop_file
+
+                recorded = parse_stop_file(stop_file.read_bytes()).records
+                assert [(r.pid, r.name, r.cgroup) for r in recorded] == [
+                    (writer.pid, "writer", str(v1_child))
+                ]
                 text = render_metrics(control).decode()
                 assert 'vballoon_backstop_vm_paused{vm="writer"} 1.0' in text, text
                 assert "vballoon_backstop_engaged 1.0" in text
@@ -718,6 +726,7 @@ async def test_control_plane_backstop_stops_reports_and_continues_on_exit(
                 (v1_child / "memory.limit_in_bytes").write_text(str(512 * MiB))
                 nursery.cancel_scope.cancel()
             assert control.backstop is not None and control.backstop.guard is None
+            assert not stop_file.exists()
             assert await writer.wait() == 0  # continued: it finished
             assert holder.stdin is not None
             await holder.stdin.send_all(b"go\n")

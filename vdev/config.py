@@ -20,6 +20,9 @@ watch_cgroup = ["machine.slice"]        # memory cgroup(s) holding the VMs (v1 o
 policy = "esxi"                         # esxi (ours) | mom (oVirt MoM's balloon rules)
 backstop = false                        # v1: stop the allocating VM's QEMU near the limit; v2: memory.high
 backstop_deadline = 30.0                # v1: longest a VM stays stopped before it is continued
+stop_file = "/run/vballoon/vm0.stopped" # v1: where the stopped QEMUs are recorded (default:
+                                        # $RUNTIME_DIRECTORY/<socket name>.stopped, else
+                                        # <first vhost-user socket>.stopped)
 
 [settings]                              # ESXi-style advanced settings (GET /settings)
 "/Mem/CtlMaxPercent" = 65
@@ -169,6 +172,9 @@ class ControlConfig:
     #: (:mod:`vdev.policy.backstop`)
     backstop: bool = False
     backstop_deadline: float = 30.0
+    #: ``--stop-file``: where the QEMUs the backstop holds stopped are recorded, and read
+    #: back at start-up (:mod:`vdev.policy.guard`; the CLI fills in the default)
+    stop_file: str | None = None
     #: ``--policy``: ``esxi`` (the ESXi model, vdev/policy/model.py) or ``mom`` (oVirt MoM's
     #: balloon rules, vdev/policy/mom.py; it evaluates every policy period)
     policy: str = "esxi"
@@ -196,6 +202,7 @@ class ControlConfig:
         policy_period: float | None = None,
         watch_cgroups: list[str] | None = None,
         backstop: bool | None = None,
+        stop_file: str | None = None,
         policy: str | None = None,
         api_read_group: str | None = None,
         api_limits: Mapping[str, float] | None = None,
@@ -205,6 +212,8 @@ class ControlConfig:
             self.policy = policy
         if backstop is not None:
             self.backstop = backstop
+        if stop_file is not None:
+            self.stop_file = stop_file
         if watch_cgroups:
             self.watch_cgroups = list(watch_cgroups)
         if api_read_group is not None:
@@ -294,6 +303,7 @@ _SERVE_KEYS = {
     "watch_cgroup",
     "backstop",
     "backstop_deadline",
+    "stop_file",
     "policy",
 }
 _POOL_KEYS = {"parent", "reservation", "limit", "shares", "expandable_reservation"}
@@ -363,6 +373,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
         cfg.backstop_deadline = _number(
             serve["backstop_deadline"], f"{source} [serve] backstop_deadline"
         )
+    if "stop_file" in serve:
+        if not isinstance(serve["stop_file"], str) or not serve["stop_file"]:
+            raise ConfigError(f"{source} [serve] stop_file: expected a path")
+        cfg.stop_file = serve["stop_file"]
 
     settings = PolicySettings()
     for path, value in _flatten_settings(_table(doc.get("settings", {}), "[settings]")).items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import threading
 import time
@@ -101,6 +102,14 @@ def serve_options(f: F) -> F:
         " give memory back (v1: SIGSTOP/SIGCONT, at most [serve] backstop_deadline s) or throttle"
         " the cgroup (v2: memory.high) instead of letting the kernel kill a VM.",
     )
+    @click.option(
+        "--stop-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Where the QEMUs the backstop stops are recorded; read when vdev starts, to"
+        " continue those a killed vdev left stopped (default:"
+        " $RUNTIME_DIRECTORY/<socket name>.stopped, else <first --socket-path>.stopped).",
+    )
     @click.option("--no-api", is_flag=True, help="Run the policy but serve no management API.")
     @click.option(
         "--metrics-address",
@@ -124,6 +133,7 @@ def serve_options(f: F) -> F:
         policy_period: float | None,
         watch_cgroups: tuple[str, ...],
         backstop: bool | None,
+        stop_file: str | None,
         policy: str | None,
         no_api: bool,
         api_read_group: str | None,
@@ -151,6 +161,7 @@ def serve_options(f: F) -> F:
                 policy_period=policy_period,
                 watch_cgroups=list(watch_cgroups),
                 backstop=backstop,
+                stop_file=stop_file,
                 policy=policy,
                 api_read_group=api_read_group,
                 api_limits=limits,
@@ -172,6 +183,18 @@ def serve_options(f: F) -> F:
                     cfg.api_socket = default_api_socket(paths)
                 if cfg.api_socket is not None:
                     check_socket_path_length(cfg.api_socket, "--api-socket")
+            if cfg.stop_file is None and not kwargs.get("print_capabilities"):
+                from vdev.listeners import socket_paths
+                from vdev.policy.guard import default_stop_file
+
+                own = (
+                    socket_paths(kwargs["socket_path"], kwargs.get("socket_count"))
+                    if kwargs.get("socket_path")
+                    else []
+                )
+                cfg.stop_file = default_stop_file(
+                    own, cfg.api_socket, os.environ.get("RUNTIME_DIRECTORY")
+                )
             if metrics_address is not None:
                 parse_metrics_address(metrics_address)
         except ConfigError as e:
@@ -647,8 +670,9 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
             table.add_row(
                 "stopped", Text(f"{p.get('name')} (pid {p.get('pid')}) by the backstop", "yellow")
             )
-        for act in (backstop.get("actions") or [])[-5:]:
-            table.add_row(f"backstop {act.get('action')}", str(act.get("detail")))
+    # the last actions, engaged or not (start-up continues QEMUs a killed vdev left stopped)
+    for act in (backstop.get("actions") or [])[-5:]:
+        table.add_row(f"backstop {act.get('action')}", str(act.get("detail")))
     if h.get("error"):
         table.add_row("error", Text(h["error"], style="red"))
     _console().print(table)

@@ -16,7 +16,9 @@ cgroup:
   ``limit - resume margin``, or after ``deadline`` seconds regardless (reported; it may be
   paused again after :data:`REPAUSE_GRACE` if it is still growing at the threshold), when
   it disconnects, and when vdev exits. A ``kill -9`` of vdev cannot strand it:
-  :mod:`vdev.policy.guard` continues every recorded PID when vdev's pipe closes.
+  :mod:`vdev.policy.guard` continues every recorded PID when vdev's pipe closes, and a kill
+  of vdev and its guard together leaves it stopped only until vdev starts again (the stop
+  file, :func:`vdev.policy.guard.resume_left_stopped`).
   vdev never waits on a stopped QEMU: replies and config-change notices go out through
   that connection's own tasks, without NEED_REPLY. Without the pause (a VM not seen
   growing, a burst faster than the warning), the kernel's OOM killer stays in place.
@@ -39,7 +41,7 @@ from dataclasses import dataclass, field
 
 from protocol.errors import HostResourceError
 from vdev.policy.cgroup import CgroupReading, CgroupSource, need_text, parse_single
-from vdev.policy.guard import StopGuard
+from vdev.policy.guard import StopFile, StopGuard
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,9 @@ class Backstop:
     #: v1 cgroup path -> its decider
     deciders: dict[str, PauseDecider] = field(default_factory=dict)
     guard: StopGuard | None = None
+    #: where the QEMUs held stopped are recorded (:class:`vdev.policy.guard.StopFile`;
+    #: None: only the guard records them)
+    stop_file: str | None = None
     _members: dict[tuple[str, int], bool] = field(default_factory=dict)
     _fresh: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -259,8 +264,9 @@ class Backstop:
                     need_text(source, "memory.limit_in_bytes"), "memory.limit_in_bytes"
                 )
                 if self.guard is None:
+                    stops = StopFile(self.stop_file) if self.stop_file else None
                     try:
-                        self.guard = StopGuard()
+                        self.guard = StopGuard(stops)
                     except OSError as e:
                         raise HostResourceError(f"backstop: cannot start the guard: {e}") from e
                 self.deciders[source.path] = PauseDecider(self.deadline)
@@ -269,11 +275,18 @@ class Backstop:
                     pause_at, resume_below = margins(limit)
                     level = f" (now: pause at {pause_at >> 20} MiB, resume below"
                     level += f" {resume_below >> 20} MiB)"
+                where = (
+                    f"; recorded in {self.stop_file}"
+                    if self.stop_file
+                    else "; no stop file (--stop-file), so a kill of vdev and its guard"
+                    " together leaves it stopped until someone continues it"
+                )
                 self._act(
                     "engaged",
                     source,
                     "near the limit the allocating VM's QEMU is stopped (SIGSTOP) until the"
-                    f" other guests have given memory back, at most {self.deadline:g}s{level}",
+                    f" other guests have given memory back, at most {self.deadline:g}s"
+                    f"{level}{where}",
                 )
             else:
                 limit = parse_single(need_text(source, "memory.max"), "memory.max")
@@ -354,9 +367,11 @@ class Backstop:
         assert self.guard is not None
         who = f"{action.name} (pid {action.pid})"
         if action.kind == "stop":
-            if self.guard.stop(action.pid):
+            if self.guard.stop(action.pid, action.name, path):
                 self.pauses += 1
-                self._act("paused", path, f"{who} stopped: {action.detail}")
+                stops = self.guard.stop_file
+                unrecorded = f" ({stops.error})" if stops is not None and stops.error else ""
+                self._act("paused", path, f"{who} stopped: {action.detail}{unrecorded}")
             else:
                 self.deciders[path].paused.pop(action.name, None)
                 self._act("skipped", path, f"{who} not stopped: it or the stop guard is gone")

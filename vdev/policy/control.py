@@ -43,6 +43,7 @@ from vdev.config import ControlConfig
 from vdev.logs import event as log_event
 from vdev.policy.backstop import Backstop
 from vdev.policy.cgroup import CgroupReading, CgroupSource, read_cgroup, resolve_cgroup
+from vdev.policy.guard import resume_left_stopped
 from vdev.policy.host import SimulatedHost, host_sample_from_readings, read_host_sample
 from vdev.policy.model import (
     HostSample,
@@ -260,6 +261,8 @@ class ControlPlane:
         self.watch: PressureWatch | None = None
         self.pressure_notices = 0
         self.backstop: Backstop | None = None
+        #: what start-up did about QEMUs a previous vdev left stopped (backstop actions)
+        self.left_stopped: list[tuple[str, str, str]] = []
         #: per watched cgroup: recent (monotonic, usage) and the growth expected ahead
         self._usage_trail: dict[str, deque[tuple[float, int]]] = {}
         self.projected_growth: dict[str, int] = {}
@@ -551,7 +554,9 @@ class ControlPlane:
                 "paused": self.backstop.paused() if self.backstop else [],
                 "actions": [
                     {"action": k, "cgroup": p, "detail": d}
-                    for k, p, d in (self.backstop.actions[-20:] if self.backstop else [])
+                    for k, p, d in (
+                        self.left_stopped + (self.backstop.actions if self.backstop else [])
+                    )[-20:]
                 ],
             },
             "simulated": self.simulated is not None,
@@ -1036,13 +1041,18 @@ class ControlPlane:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Step every ``policy_period`` seconds, or sooner when poked; forward guest events."""
+        if self.config.stop_file is not None:  # first: those guests are hanging
+            self.left_stopped = resume_left_stopped(self.config.stop_file)
+            self._publish_backstop(self.left_stopped)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._forward, self.registry.subscribe())
             if self.host_source not in ("custom", "simulated"):
                 self.watch = PressureWatch(self.cgroups)
                 await nursery.start(self.watch.run, self.on_pressure)
             if self.cgroups and self.config.backstop:
-                self.backstop = Backstop(self.cgroups, self.config.backstop_deadline)
+                self.backstop = Backstop(
+                    self.cgroups, self.config.backstop_deadline, stop_file=self.config.stop_file
+                )
                 try:
                     self.backstop.engage()
                 except HostResourceError:
