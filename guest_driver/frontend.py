@@ -613,6 +613,13 @@ class VmwChannel:
     back after; concurrent commands must use different batch pages (PROTOCOL.md section 2).
     :meth:`reserved_ranges` lists the pages a guest kernel on top must never hand out (they
     hold the rings and this channel's buffers).
+
+    A slot is the device's from the moment its chain is posted until the chain comes back in
+    the used ring. A command cancelled before that (a stop in the middle of commands) leaves
+    its slot *parked*: no other command writes it until the device answers the chain, or
+    cmdq's ring is reset (re-initialised: the device forgets every chain on it). Whoever
+    waits, for an answer or for a free slot, takes its turn polling the used ring for all,
+    so parked slots come back even when every slot is parked.
     """
 
     def __init__(self, fe: VhostUserFrontend, *, scratch: int | None = None) -> None:
@@ -626,9 +633,14 @@ class VmwChannel:
         self.rekicks = 0  # kicks sent again to a device that was not answering
         self.posted = 0  # commands posted on cmdq
         self.answered = 0  # ... and answered (each once: see ``cmdq.driver.stray_used``)
-        self._slots = list(range(COMMAND_SLOTS))
-        self._slot_free = trio.Semaphore(COMMAND_SLOTS)
-        self._poll_lock = trio.Lock()  # one task at a time polls cmdq's used ring for all
+        self._free_slots = list(range(COMMAND_SLOTS))  # ascending: the lowest is taken first
+        self._posted: dict[int, tuple[int, int]] = {}  # slot -> (head, ring resets) in flight
+        self._parked: dict[int, int] = {}  # head -> slot of a cancelled command in flight
+        self._resets = 0  # times cmdq's ring was reset under this channel
+        self._watched: DriverQueue | None = None  # the cmdq ring whose resets we follow
+        self._polling = False  # a task polls cmdq's used ring for all (one at a time)
+        self._poll_wait: trio.CancelScope | None = None  # the poller's wait for a call
+        self._progress = trio.Event()  # set (and replaced) by _wake
         self._ring_lock = trio.Lock()
         self._used: dict[int, int] = {}  # head -> used length, for the task waiting on it
         self._event_heads: dict[int, int] = {}
@@ -649,33 +661,138 @@ class VmwChannel:
     def eventq(self) -> FrontendQueue:
         return self.fe.queues[1]
 
+    @property
+    def parked_slots(self) -> list[int]:
+        """Slots of cancelled commands whose chains the device still holds."""
+        return sorted(self._parked.values())
+
+    # -- waiting: one poller files every answer, the others wait for it --------------------
+
+    def _wake(self) -> None:
+        """Something changed (an answer filed, a slot freed, the ring reset, the poller
+        left): every waiter looks again, the poller too (its wait for a call ends)."""
+        self._progress.set()
+        self._progress = trio.Event()
+        if self._poll_wait is not None:
+            self._poll_wait.cancel()
+
+    def _free_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+        self._free_slots.sort()
+        self._wake()
+
+    def _ring_reset(self) -> None:
+        """cmdq's ring was re-initialised: the device holds none of its chains any more, so
+        the parked slots are free; answers filed for no command left are dropped (their
+        heads will be reused)."""
+        self._resets += 1
+        for slot in self._parked.values():
+            self._free_slots.append(slot)
+        self._free_slots.sort()
+        self._parked.clear()
+        live = {head for head, _ in self._posted.values()}
+        self._used = {h: n for h, n in self._used.items() if h in live}
+        self._wake()
+
+    def _follow_resets(self, q: FrontendQueue) -> None:
+        if self._watched is not q.driver:
+            if self._watched is not None:
+                self._watched.on_reset.remove(self._ring_reset)
+            q.driver.on_reset.append(self._ring_reset)
+            self._watched = q.driver
+
+    async def _collect(self, q: FrontendQueue) -> None:
+        """File every answer the used ring holds: for its waiting task, or, for a parked
+        slot, free the slot."""
+        used = await q.driver.poll_used()
+        live = {head for head, _ in self._posted.values()}
+        for elem in used:
+            slot = self._parked.pop(elem.id, None)
+            if slot is None:
+                if elem.id in live:  # else not ours in flight: counted as stray by the ring
+                    self._used[elem.id] = elem.len
+            else:  # its command was cancelled: nobody waits for the answer
+                self.answered += 1
+                self._free_slots.append(slot)
+                self._free_slots.sort()
+        if used:
+            self._wake()
+
+    async def _wait_until(
+        self, q: FrontendQueue, done: Callable[[], bool], patience: Patience | None
+    ) -> None:
+        """Wait until ``done()``: poll the used ring for everyone while nobody else does,
+        else wait for whoever does (woken as soon as it files anything). With ``patience``,
+        a device silent for ``patience.rekick`` seconds gets the kick again (one sent while
+        it was down may be lost) and ``patience.on_wait(seconds waited)`` is told, which
+        may raise to give up."""
+        t0 = trio.current_time()
+        while not done():
+            if not self._polling:
+                self._polling = True
+                try:
+                    await self._poll(q, done, patience, t0)
+                finally:
+                    self._polling = False
+                    self._wake()  # another waiter takes over the polling
+            elif patience is None:
+                await self._progress.wait()
+            else:
+                with trio.move_on_after(patience.rekick) as quiet:
+                    await self._progress.wait()
+                if quiet.cancelled_caught:
+                    patience.on_wait(trio.current_time() - t0)
+
+    async def _poll(
+        self, q: FrontendQueue, done: Callable[[], bool], patience: Patience | None, t0: float
+    ) -> None:
+        while True:
+            await self._collect(q)
+            if done():
+                return
+            with trio.CancelScope() as self._poll_wait:  # _wake ends the wait early
+                try:
+                    if patience is None:
+                        await q.wait_call()
+                        continue
+                    with trio.move_on_after(patience.rekick) as silent:
+                        await q.wait_call()
+                    if silent.cancelled_caught:
+                        self.rekicks += 1
+                        os.eventfd_write(q.kick_fd, 1)
+                        patience.on_wait(trio.current_time() - t0)
+                finally:
+                    self._poll_wait = None
+
     async def _complete(self, q: FrontendQueue, head: int, patience: Patience | None) -> int:
         """Wait until the device used chain ``head``; its used length. Whoever polls files
-        every completion it finds, so concurrent commands each get their own. With
-        ``patience``, a device silent for ``patience.rekick`` seconds gets the kick again (one
-        sent while it was down may be lost) and ``patience.on_wait(seconds waited)`` is told,
-        which may raise to give up. The chain is never posted twice: the device answers it
-        once."""
-        t0 = trio.current_time()
-        while head not in self._used:
-            async with self._poll_lock:
-                if head in self._used:
-                    break
-                for elem in await q.driver.poll_used():
-                    self._used[elem.id] = elem.len
-                if head in self._used:
-                    break
-                if patience is None:
-                    await q.wait_call()
-                    continue
-                with trio.move_on_after(patience.rekick) as scope:
-                    await q.wait_call()
-                if scope.cancelled_caught:
-                    self.rekicks += 1
-                    os.eventfd_write(q.kick_fd, 1)
-                    patience.on_wait(trio.current_time() - t0)
+        every completion it finds, so concurrent commands each get their own (see
+        :meth:`_wait_until` for ``patience``). The chain is never posted twice: the device
+        answers it once."""
+        resets = self._resets
+        await self._wait_until(q, lambda: head in self._used or self._resets != resets, patience)
+        if head not in self._used:
+            raise LocalError("cmdq was reset with the command in flight: it is never answered")
         self.answered += 1
         return self._used.pop(head)
+
+    async def _take_slot(self, patience: Patience | None) -> int:
+        if not self._free_slots:
+            await self._wait_until(self.cmdq, lambda: bool(self._free_slots), patience)
+        return self._free_slots.pop(0)  # the lowest free slot: slot 0 when alone
+
+    def _settle(self, slot: int) -> None:
+        """The command in ``slot`` is over (answered, failed or cancelled): free the slot,
+        or park it while the device still holds its chain."""
+        head, resets = self._posted.pop(slot, (None, self._resets))
+        if head is not None and resets == self._resets:
+            if head in self._used:  # answered, but the task was cancelled before it looked
+                del self._used[head]
+                self.answered += 1
+            else:
+                self._parked[head] = slot
+                return
+        self._free_slot(slot)
 
     async def command(
         self,
@@ -688,13 +805,14 @@ class VmwChannel:
         """Send one command; return the response and the batch page as the device left it.
         ``patience``: how to wait for a device that stops answering (see :class:`Patience`;
         without it, for ever). Up to :data:`COMMAND_SLOTS` may be in flight (callers'
-        tasks); more wait for a slot."""
-        async with self._slot_free:
-            slot = self._slots.pop(0)
-            try:
-                return await self._command(slot, request, batch, batch_pfn, patience)
-            finally:
-                self._slots.insert(0, slot)  # the lowest free slot next: slot 0 when alone
+        tasks); more wait for a slot. Cancelled after it was posted, its slot stays parked
+        until the device answers (see the class)."""
+        self._follow_resets(self.cmdq)
+        slot = await self._take_slot(patience)
+        try:
+            return await self._command(slot, request, batch, batch_pfn, patience)
+        finally:
+            self._settle(slot)
 
     async def _command(
         self,
@@ -714,15 +832,19 @@ class VmwChannel:
         ram.write(request_gpa, request.build())
         ram.write(response_gpa, bytes(RESPONSE_SIZE))
         async with self._ring_lock:  # the avail ring is one writer's at a time
-            head = await self.cmdq.driver.add(
-                [
-                    Buffer(request_gpa, REQUEST_SIZE),
-                    Buffer(response_gpa, RESPONSE_SIZE, write=True),
-                ]
-            )
-            self.posted += 1
-            await self.cmdq.kick()
+            # posted and recorded as one step: a cancel after it parks the slot
+            with trio.CancelScope(shield=True):
+                head = await self.cmdq.driver.add(
+                    [
+                        Buffer(request_gpa, REQUEST_SIZE),
+                        Buffer(response_gpa, RESPONSE_SIZE, write=True),
+                    ]
+                )
+                self._posted[slot] = (head, self._resets)
+                self.posted += 1
+                await self.cmdq.kick()
         length = await self._complete(self.cmdq, head, patience)
+        del self._posted[slot]
         if length != RESPONSE_SIZE:
             raise BackendError(f"device wrote {length} response bytes")
         response = Response.parse(ram.read(response_gpa, RESPONSE_SIZE))

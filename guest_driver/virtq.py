@@ -19,7 +19,7 @@ the avail ring, and :meth:`DriverQueue.publish_avail_idx` moves ``avail.idx`` an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -137,6 +137,9 @@ class DriverQueue:
         self._chains: dict[int, list[int]] = {}  # head -> descriptor indices of the chain
         #: Used elements whose head was not in flight (answered twice, or never posted).
         self.stray_used = 0
+        #: Called (no arguments) after :meth:`reset_state`: every chain in flight is gone, the
+        #: device will never answer it (a user that keeps buffers per chain frees them).
+        self.on_reset: list[Callable[[], None]] = []
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -153,6 +156,8 @@ class DriverQueue:
         self._kicked_at = base
         self._free = list(range(self.size))
         self._chains.clear()
+        for callback in list(self.on_reset):
+            callback()
 
     @property
     def num_free(self) -> int:
