@@ -91,7 +91,7 @@ def _load_native() -> tuple[Any, Any, str]:
         lib = ctypes.CDLL(path)
         fn, batching = lib.vb_punch, lib.vb_punch_batching
     except (OSError, AttributeError) as exc:
-        msg = f"{path}: {exc} (run scripts/setup to build it): reclaim loops in Python"
+        msg = f"{path}: {exc} (scripts/setup or the wheel builds it): reclaim loops in Python"
         return None, None, msg
     batching.argtypes, batching.restype = [], ctypes.c_int
     u64p = ctypes.POINTER(ctypes.c_uint64)
