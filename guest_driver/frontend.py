@@ -18,8 +18,8 @@
   GET_VRING_BASE per queue; ``start`` again restarts from those bases.
   :meth:`~VhostUserFrontend.request` / :meth:`~VhostUserFrontend.send_raw` are there for
   hostile tests.
-* :class:`VmwChannel`: one vmmemctl command at a time on ``cmdq`` (with an optional batch
-  page), and doorbell events from ``eventq``.
+* :class:`VmwChannel`: vmmemctl commands on ``cmdq`` (up to :data:`COMMAND_SLOTS` in flight,
+  each with an optional batch page), and doorbell events from ``eventq``.
 """
 
 from __future__ import annotations
