@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -25,6 +26,7 @@ from guest_driver.frontend import (
     VmwChannel,
     connect_frontend,
 )
+from protocol.errors import LocalError
 from protocol.vmw import ALL_CAPABILITIES, REQUEST_SIZE, Command, Request, Status
 
 MiB = 1 << 20
@@ -157,26 +159,37 @@ async def test_every_slot_parked_then_a_stop_finishes(vdev_inproc: Any, guest_ra
             # START(0) forgot the pages of all the LOCKs: every parked request read intact
             assert registry.view("vm0").counters["forgotten (4k)"] == COMMAND_SLOTS
 
-            # the device never answers: the ring is reset under the parked chains
+            # the device never answers: the ring is reset under the parked chains (and under
+            # one command still waiting, which is told so instead of waiting for ever)
             assert (await ch.call(Command.START, int(ALL_CAPABILITIES))).status == (
                 Status.SUCCESS_WITH_CAPABILITIES
             )
+            locks_seen = registry.view("vm0").counters["lock"]
             with gated(ch) as gate:
                 more = [Request(Command.LOCK, FIRST + 100 + i) for i in range(COMMAND_SLOTS)]
-                await park_commands(ch, more)
-                assert ch.parked_slots == list(range(COMMAND_SLOTS))
+                await park_commands(ch, more[:-1])
+                assert ch.parked_slots == list(range(COMMAND_SLOTS - 1))
                 answered: list[int] = []
+                lost: list[str] = []
                 async with trio.open_nursery() as nursery:
+
+                    async def waiting() -> None:
+                        with pytest.raises(LocalError, match="reset") as reset:
+                            await ch.command(more[-1])
+                        lost.append(str(reset.value))
 
                     async def get_target() -> None:
                         answered.append((await ch.call(Command.GET_TARGET)).status)
 
-                    nursery.start_soon(get_target)
+                    nursery.start_soon(waiting)
                     await trio.testing.wait_all_tasks_blocked()
-                    assert not answered
+                    nursery.start_soon(get_target)  # no slot free
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert not answered and ch.cmdq.driver.in_flight == COMMAND_SLOTS
                     # the reset hands vdev the real kick fd: these chains never reach it
                     fe.queues[0].kick_fd = gate.real
                     await reboot(fe)
                     assert ch.parked_slots == []
             assert answered == [Status.ERROR_RESET]  # a new device: START first
-            assert ch.cmdq.driver.in_flight == 0
+            assert len(lost) == 1 and ch.cmdq.driver.in_flight == 0
+            assert registry.view("vm0").counters["lock"] == locks_seen  # none of them reached it
