@@ -661,6 +661,10 @@ class VmwChannel:
     def eventq(self) -> FrontendQueue:
         return self.fe.queues[1]
 
+    def slot_gpa(self, slot: int) -> int:
+        """Where command slot ``slot`` starts (its request; the response is 128 bytes in)."""
+        return self.scratch + slot * _SLOT_SIZE
+
     @property
     def parked_slots(self) -> list[int]:
         """Slots of cancelled commands whose chains the device still holds."""
@@ -823,7 +827,7 @@ class VmwChannel:
         patience: Patience | None,
     ) -> tuple[Response, bytes | None]:
         ram = self.fe.ram
-        request_gpa = self.scratch + slot * _SLOT_SIZE
+        request_gpa = self.slot_gpa(slot)
         response_gpa = request_gpa + _RESPONSE_OFFSET
         if batch is not None:
             if batch_pfn is None:

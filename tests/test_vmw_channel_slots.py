@@ -19,7 +19,6 @@ import trio
 import trio.testing
 
 from guest_driver.frontend import (
-    _SLOT_SIZE,
     COMMAND_SLOTS,
     FrontendQueue,
     VhostUserFrontend,
@@ -62,7 +61,7 @@ def gated(ch: VmwChannel) -> Iterator[KickGate]:
 
 
 def slot_request(ch: VmwChannel, slot: int) -> bytes:
-    return ch.fe.ram.read(ch.scratch + slot * _SLOT_SIZE, REQUEST_SIZE)
+    return ch.fe.ram.read(ch.slot_gpa(slot), REQUEST_SIZE)
 
 
 async def reboot(fe: VhostUserFrontend) -> None:
