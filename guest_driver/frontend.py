@@ -768,12 +768,13 @@ class VmwChannel:
                 finally:
                     self._poll_wait = None
 
-    async def _complete(self, q: FrontendQueue, head: int, patience: Patience | None) -> int:
-        """Wait until the device used chain ``head``; its used length. Whoever polls files
-        every completion it finds, so concurrent commands each get their own (see
-        :meth:`_wait_until` for ``patience``). The chain is never posted twice: the device
-        answers it once."""
-        resets = self._resets
+    async def _complete(
+        self, q: FrontendQueue, head: int, patience: Patience | None, resets: int
+    ) -> int:
+        """Wait until the device used chain ``head``, posted after ``resets`` ring resets;
+        its used length. Whoever polls files every completion it finds, so concurrent
+        commands each get their own (see :meth:`_wait_until` for ``patience``). The chain is
+        never posted twice: the device answers it once."""
         await self._wait_until(q, lambda: head in self._used or self._resets != resets, patience)
         if head not in self._used:
             raise LocalError("cmdq was reset with the command in flight: it is never answered")
@@ -844,10 +845,11 @@ class VmwChannel:
                         Buffer(response_gpa, RESPONSE_SIZE, write=True),
                     ]
                 )
-                self._posted[slot] = (head, self._resets)
+                resets = self._resets
+                self._posted[slot] = (head, resets)
                 self.posted += 1
                 await self.cmdq.kick()
-        length = await self._complete(self.cmdq, head, patience)
+        length = await self._complete(self.cmdq, head, patience, resets)
         del self._posted[slot]
         if length != RESPONSE_SIZE:
             raise BackendError(f"device wrote {length} response bytes")
