@@ -168,8 +168,7 @@ class BackendProcess:
 
     def _not_listening(self, timeout: float) -> BackendStartError:
         return self.start_error(
-            f"{self.what} did not listen on {self.wait_for} within {timeout} s: "
-            f"{self.log_tail()}"
+            f"{self.what} did not listen on {self.wait_for} within {timeout} s: {self.log_tail()}"
         )
 
     def wait_listening(self, timeout: float = START_TIMEOUT) -> None:

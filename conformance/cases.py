@@ -355,7 +355,9 @@ async def vu_add_rem(ctx: Context) -> None:
     expect(slots >= 2, f"GET_MAX_MEM_SLOTS {slots}")
     extra = flat_ram(4 << 20, gpa=1 << 32, name="harness-extra")
     fe.mem.rams.append(extra)
-    payload = vu.build_payload(vu.SINGLE_REGION, {"padding": 0, "region": extra.vhost_regions()[0]}, "r")
+    payload = vu.build_payload(
+        vu.SINGLE_REGION, {"padding": 0, "region": extra.vhost_regions()[0]}, "r"
+    )
     expect_eq(await fe.ack(R.ADD_MEM_REG, payload, [extra.fd]), 0, "ADD_MEM_REG ack")
     pfn = extra.regions[0].gpa // PAGE + 3
     expect_status(await g.command(C.LOCK, pfn), S.SUCCESS, "LOCK in the added region")
@@ -495,7 +497,13 @@ async def vu_mem_lies(ctx: Context) -> None:
                 ram.vhost_regions()[0],
                 {**ram.vhost_regions()[0], "userspace_addr": ram.regions[0].uva + (1 << 30)},
             ],
-            [{**ram.vhost_regions()[0], "guest_phys_addr": (1 << 64) - PAGE, "memory_size": 2 * PAGE}],
+            [
+                {
+                    **ram.vhost_regions()[0],
+                    "guest_phys_addr": (1 << 64) - PAGE,
+                    "memory_size": 2 * PAGE,
+                }
+            ],
             [{**ram.vhost_regions()[0], "memory_size": 1 << 40}],  # far larger than the memfd
             [{**ram.vhost_regions()[0], "memory_size": 0}],
             [{**ram.vhost_regions()[0], "mmap_offset": (1 << 64) - PAGE}],
@@ -690,6 +698,7 @@ async def vmw_split(ctx: Context) -> None:
     resp = vmw.Response.parse(await g.read(base + 0x100, 24))
     expect_status(resp, S.SUCCESS, "indirect GUEST_ID")
 
+
 @case(
     "vmw.lock-unlock",
     "PROTOCOL.md §3 L67-68; §4 rows SUCCESS, PPN_LOCKED, PPN_UNLOCKED; §2 L52",
@@ -772,7 +781,9 @@ async def vmw_pfn32(ctx: Context) -> None:
     # a PFN that would alias a RAM page if truncated to 32 bits
     resp = await g.command(C.LOCK, (1 << 32) + ctx.pfn())
     expect_status(resp, S.ERROR_PPN_INVALID, "LOCK 2^32 + pfn")
-    expect_status(await g.command(C.UNLOCK, ctx.pfn()), S.ERROR_PPN_UNLOCKED, "the alias is untouched")
+    expect_status(
+        await g.command(C.UNLOCK, ctx.pfn()), S.ERROR_PPN_UNLOCKED, "the alias is untouched"
+    )
 
 
 @case(

@@ -43,18 +43,31 @@ from protocol.vmw import ALL_CAPABILITIES, Capability
 log = logging.getLogger(__name__)
 
 CONTROL_SUFFIX = ".guest"
+
+
 def parse_workload(text: str) -> WorkloadSpec:
     """``BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_GROWTH_PER_S]]]]`` (``256M:512M:20:128M:64M``)."""
     parts = text.split(":")
     if not 1 <= len(parts) <= 5 or not parts[0]:
         raise ConfigError(f"bad workload {text!r}: BASE[:AMPLITUDE[:PERIOD[:CACHE]]]")
     base = parse_size(parts[0], "workload BASE") // PAGE_SIZE
-    amplitude = parse_size(parts[1], "workload AMPLITUDE") // PAGE_SIZE if len(parts) > 1 and parts[1] else 0
+    amplitude = (
+        parse_size(parts[1], "workload AMPLITUDE") // PAGE_SIZE
+        if len(parts) > 1 and parts[1]
+        else 0
+    )
     period = float(parts[2]) if len(parts) > 2 and parts[2] else 20.0
-    cache = parse_size(parts[3], "workload CACHE") // PAGE_SIZE if len(parts) > 3 and parts[3] else 0
-    growth = parse_size(parts[4], "workload CACHE_GROWTH") // PAGE_SIZE if len(parts) > 4 and parts[4] else 0
-    return WorkloadSpec(base=base, amplitude=amplitude, period=period, cache=cache,
-                        cache_growth=growth)
+    cache = (
+        parse_size(parts[3], "workload CACHE") // PAGE_SIZE if len(parts) > 3 and parts[3] else 0
+    )
+    growth = (
+        parse_size(parts[4], "workload CACHE_GROWTH") // PAGE_SIZE
+        if len(parts) > 4 and parts[4]
+        else 0
+    )
+    return WorkloadSpec(
+        base=base, amplitude=amplitude, period=period, cache=cache, cache_growth=growth
+    )
 
 
 def default_control_path(vhost_user_socket: str) -> str:
@@ -146,28 +159,69 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--socket", "socket_path", required=True, type=click.Path(dir_okay=False),
-              help="The vdev vhost-user socket to connect to.")
-@click.option("--memory", "memory", default="1G", show_default=True,
-              help="Guest RAM size (a sparse memfd), e.g. 4G.")
-@click.option("--poll", "poll", type=float, default=1.0, show_default=True,
-              help="Seconds between work ticks (Linux: 1).")
+@click.option(
+    "--socket",
+    "socket_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The vdev vhost-user socket to connect to.",
+)
+@click.option(
+    "--memory",
+    "memory",
+    default="1G",
+    show_default=True,
+    help="Guest RAM size (a sparse memfd), e.g. 4G.",
+)
+@click.option(
+    "--poll",
+    "poll",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds between work ticks (Linux: 1).",
+)
 @click.option("--no-doorbell", is_flag=True, help="Do not offer SIGNALLED_WAKEUP: poll only.")
-@click.option("--capabilities", "caps", default=hex(int(ALL_CAPABILITIES)), show_default=True,
-              help="Capabilities offered at START.")
-@click.option("--shrinker", is_flag=True,
-              help="Deflate under guest memory pressure (vmwballoon_shrinker_enable).")
-@click.option("--in-flight", "in_flight", type=click.IntRange(1, 16),
-              default=DEFAULT_IN_FLIGHT, show_default=True,
-              help="LOCK batches kept in flight while inflating (1: vmw_balloon's one at a "
-                   "time).")
-@click.option("--workload", default=None,
-              help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]], e.g. 256M:512M:20.")
-@click.option("--control", "control", default=None, type=click.Path(dir_okay=False),
-              help="Control socket (default: SOCKET.guest).")
-@click.option("--device-timeout", "device_timeout", type=float, default=None,
-              help="Seconds a command may stay unanswered (a vdev restarting) before the "
-              "device is taken as gone and the driver exits (default 30).")
+@click.option(
+    "--capabilities",
+    "caps",
+    default=hex(int(ALL_CAPABILITIES)),
+    show_default=True,
+    help="Capabilities offered at START.",
+)
+@click.option(
+    "--shrinker",
+    is_flag=True,
+    help="Deflate under guest memory pressure (vmwballoon_shrinker_enable).",
+)
+@click.option(
+    "--in-flight",
+    "in_flight",
+    type=click.IntRange(1, 16),
+    default=DEFAULT_IN_FLIGHT,
+    show_default=True,
+    help="LOCK batches kept in flight while inflating (1: vmw_balloon's one at a time).",
+)
+@click.option(
+    "--workload",
+    default=None,
+    help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]], e.g. 256M:512M:20.",
+)
+@click.option(
+    "--control",
+    "control",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Control socket (default: SOCKET.guest).",
+)
+@click.option(
+    "--device-timeout",
+    "device_timeout",
+    type=float,
+    default=None,
+    help="Seconds a command may stay unanswered (a vdev restarting) before the "
+    "device is taken as gone and the driver exits (default 30).",
+)
 @click.option("-v", "--verbose", count=True)
 def run(
     socket_path: str,
@@ -209,7 +263,9 @@ def run(
             socket_path=socket_path,
             ram_bytes=parse_size(memory, "--memory"),
             config=DriverConfig(
-                capabilities=capabilities, poll_interval=poll, shrinker=shrinker,
+                capabilities=capabilities,
+                poll_interval=poll,
+                shrinker=shrinker,
                 in_flight=in_flight,
             ),
             workload=parse_workload(workload) if workload else None,
@@ -279,21 +335,43 @@ def _first(exc: BaseException) -> BaseException:
 
 
 @main.command("run-linux")
-@click.option("--pci-id", default="1af4:1069", show_default=True,
-              help="vendor:device of the balloon's PCI function (vmw behind "
-                   "vhost-user-test-device-pci,virtio-id=41).")
-@click.option("--poll", "poll", type=float, default=1.0, show_default=True,
-              help="Seconds between work ticks (Linux: 1).")
+@click.option(
+    "--pci-id",
+    default="1af4:1069",
+    show_default=True,
+    help="vendor:device of the balloon's PCI function (vmw behind "
+    "vhost-user-test-device-pci,virtio-id=41).",
+)
+@click.option(
+    "--poll",
+    "poll",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds between work ticks (Linux: 1).",
+)
 @click.option("--no-doorbell", is_flag=True, help="Do not offer SIGNALLED_WAKEUP: poll only.")
 @click.option("--no-huge", is_flag=True, help="4 KiB pages only (no transparent huge pages).")
-@click.option("--reserve", default="24M", show_default=True,
-              help="Never inflate below this much MemAvailable.")
-@click.option("--low", default="32M", show_default=True,
-              help="Deflate when MemAvailable falls below this...")
-@click.option("--high", default="64M", show_default=True,
-              help="...until this much is available again.")
-@click.option("--control", "control", default="/run/guest-driver.sock", show_default=True,
-              type=click.Path(dir_okay=False), help="Control socket (guest-driver stat --control).")
+@click.option(
+    "--reserve",
+    default="24M",
+    show_default=True,
+    help="Never inflate below this much MemAvailable.",
+)
+@click.option(
+    "--low", default="32M", show_default=True, help="Deflate when MemAvailable falls below this..."
+)
+@click.option(
+    "--high", default="64M", show_default=True, help="...until this much is available again."
+)
+@click.option(
+    "--control",
+    "control",
+    default="/run/guest-driver.sock",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Control socket (guest-driver stat --control).",
+)
 @click.option("-v", "--verbose", count=True)
 def run_linux(
     pci_id: str,
@@ -360,10 +438,20 @@ def run_linux(
 
 
 @main.command()
-@click.option("--socket", "socket_path", default=None, type=click.Path(dir_okay=False),
-              help="The vhost-user socket the driver runs on (control = SOCKET.guest).")
-@click.option("--control", "control", default=None, type=click.Path(dir_okay=False),
-              help="The driver's control socket.")
+@click.option(
+    "--socket",
+    "socket_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The vhost-user socket the driver runs on (control = SOCKET.guest).",
+)
+@click.option(
+    "--control",
+    "control",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The driver's control socket.",
+)
 @click.option("--all", "show_all", is_flag=True, help="The whole debugfs-style table.")
 @click.option("--json", "as_json", is_flag=True, help="The raw snapshot as JSON.")
 def stat(socket_path: str | None, control: str | None, show_all: bool, as_json: bool) -> None:

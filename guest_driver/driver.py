@@ -427,8 +427,9 @@ class BalloonDriver:
         self.stats.general["reset"] += 1
         self.reset_required = False
         if not await self._vmci_init():
-            log.warning("failed to initialize the doorbell; polling every %ss",
-                        self.config.poll_interval)
+            log.warning(
+                "failed to initialize the doorbell; polling every %ss", self.config.poll_interval
+            )
         response = await self._cmd(Command.GUEST_ID, int(self.config.guest_type))
         if response.status != Status.SUCCESS:
             log.warning("failed to send the guest ID to the host")

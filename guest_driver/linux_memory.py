@@ -120,7 +120,9 @@ def pin_settings() -> dict[str, str]:
         with open(COMPACT_UNEVICTABLE, "w") as f:
             f.write("0")
     except OSError as exc:
-        log.warning("cannot set %s to 0 (%s): locked pages may be migrated", COMPACT_UNEVICTABLE, exc)
+        log.warning(
+            "cannot set %s to 0 (%s): locked pages may be migrated", COMPACT_UNEVICTABLE, exc
+        )
     return old
 
 

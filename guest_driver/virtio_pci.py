@@ -133,7 +133,11 @@ def parse_virtio_caps(config: bytes) -> list[VirtioCap]:
         seen.add(ptr)
         if u(ptr, 1) == vp.PCI_CAP_ID_VNDR:
             is_notify = u(ptr + vp.CAP_OFFSET["cfg_type"], 1) == vp.VIRTIO_PCI_CAP_NOTIFY_CFG
-            fmt = vp.NOTIFY_CAP if is_notify and ptr + vp.NOTIFY_CAP.sizeof() <= len(config) else vp.CAP
+            fmt = (
+                vp.NOTIFY_CAP
+                if is_notify and ptr + vp.NOTIFY_CAP.sizeof() <= len(config)
+                else vp.CAP
+            )
             cap = fmt.parse(config[ptr : ptr + fmt.sizeof()])
             mult = cap.notify_off_multiplier if fmt is vp.NOTIFY_CAP else 0
             caps.append(VirtioCap(cap.cfg_type, cap.bar, cap.offset, cap.length, mult))

@@ -118,7 +118,9 @@ class LibvirtRoot:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise LibvirtError(f"{self.root} stayed in use for {LOCK_TIMEOUT}s") from None
+                        raise LibvirtError(
+                            f"{self.root} stayed in use for {LOCK_TIMEOUT}s"
+                        ) from None
                     time.sleep(0.5)
             try:
                 yield

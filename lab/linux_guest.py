@@ -550,15 +550,21 @@ def interactive(
 _HELP = {"help_option_names": ["-h", "--help"]}
 
 
-@click.group(name="python -m lab.linux_guest", help=(__doc__ or "").split("\n\n")[0], context_settings=_HELP)
+@click.group(
+    name="python -m lab.linux_guest", help=(__doc__ or "").split("\n\n")[0], context_settings=_HELP
+)
 def main() -> None:
     pass
 
 
 @main.command(name="run", help="boot the Linux guest with vdev as its balloon (interactive)")
 @click.option("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
-@click.option("--device", type=click.Choice(["virtio-balloon", "vmw"]), default="virtio-balloon",
-              help="virtio-balloon: the guest's own driver; vmw: ours, inside the guest")
+@click.option(
+    "--device",
+    type=click.Choice(["virtio-balloon", "vmw"]),
+    default="virtio-balloon",
+    help="virtio-balloon: the guest's own driver; vmw: ours, inside the guest",
+)
 @click.option("--target", default="0", help="initial balloon target, e.g. 64M (default 0)")
 @click.option("--interval", type=int, default=2, help="guest report interval, seconds")
 @click.option("--append", default="", help="more kernel command line")

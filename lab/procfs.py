@@ -50,7 +50,6 @@ def memfd_allocated_bytes(pid: int, name: str = "memory-backend-memfd") -> int:
     return total
 
 
-
 def open_memfd(pid: int, name: str) -> int:
     """A read-only fd of the first memfd named ``name`` that process ``pid`` holds open (the
     same file, opened anew through ``/proc/PID/fd``); the caller closes it."""

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VIRTIO_ID_GPIO = 41
+
+
 class QtestTransport(VirtioPciTransport):
     """:class:`guest_driver.transport_virtio_pci.VirtioPciTransport` over a qtest-driven
     function (:class:`lab.qtest.virtio_pci.VirtioPci`)."""

@@ -301,14 +301,18 @@ async def boot_vmw_guest(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-async def start_driver(guest: LinuxGuest, args: Sequence[str] = ("-v",), timeout: float = 180) -> None:
+async def start_driver(
+    guest: LinuxGuest, args: Sequence[str] = ("-v",), timeout: float = 180
+) -> None:
     """Run ``/bin/vb-vmw`` and wait until the driver has bound the device and said so."""
     await guest.send("run /bin/vb-vmw " + " ".join(args))
     with trio.fail_after(timeout):
         await guest.console.expect(rf"^{PREFIX} vb-vmw started$")
         m = await guest.console.expect(r"drv .*(driver running|exit \d+)")
     if "exit" in m[1]:
-        raise GuestFailure("guest-driver run-linux exited:\n" + "\n".join(guest.console.lines[-30:]))
+        raise GuestFailure(
+            "guest-driver run-linux exited:\n" + "\n".join(guest.console.lines[-30:])
+        )
 
 
 async def guest_driver_stat(guest: LinuxGuest, *args: str) -> list[str]:

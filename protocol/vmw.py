@@ -84,9 +84,7 @@ BATCHED_COMMANDS: frozenset[Command] = frozenset(
 LOCKING_COMMANDS: frozenset[Command] = frozenset(
     {Command.LOCK, Command.BATCHED_LOCK, Command.BATCHED_2M_LOCK}
 )
-HUGE_COMMANDS: frozenset[Command] = frozenset(
-    {Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK}
-)
+HUGE_COMMANDS: frozenset[Command] = frozenset({Command.BATCHED_2M_LOCK, Command.BATCHED_2M_UNLOCK})
 
 
 class Status(enum.IntEnum):
@@ -216,7 +214,9 @@ class Response:
                 f"vmw response must be {RESPONSE_SIZE} bytes, got {len(data)}"
             )
         c = _derive.parse(_RESPONSE_C, data, "vmw response")
-        return cls(status=c.status, result=c.result, capabilities=c.capabilities, reserved=c.reserved)
+        return cls(
+            status=c.status, result=c.result, capabilities=c.capabilities, reserved=c.reserved
+        )
 
 
 def build_event(kind: EventKind) -> bytes:

@@ -160,9 +160,7 @@ async def vdev_inproc(nursery: trio.Nursery, tmp_path: Path) -> Any:
         sockets: int = 1, target_pages: int = 0, device: str = "vmw"
     ) -> tuple[Any, Any]:
         paths = [tmp_path / f"in{i}.sock" for i in range(sockets)]
-        vdev = await start_inprocess_vdev(
-            nursery, paths, device=device, target_pages=target_pages
-        )
+        vdev = await start_inprocess_vdev(nursery, paths, device=device, target_pages=target_pages)
         return vdev.server, vdev.registry
 
     return start
@@ -189,7 +187,9 @@ def linux_env() -> tuple[QemuBinary, LinuxImage]:
     fails under CI, see :func:`missing_prerequisite`)."""
     q = qemu.best_qemu(need_test_device=True)
     if q is None:
-        missing_prerequisite(f"no QEMU >= 10.2 with {qemu.TEST_DEVICE} on this machine (scripts/setup)")
+        missing_prerequisite(
+            f"no QEMU >= 10.2 with {qemu.TEST_DEVICE} on this machine (scripts/setup)"
+        )
     try:
         image = linux_image.build()
     except ProvisionError as e:

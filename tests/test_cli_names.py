@@ -40,7 +40,11 @@ def test_cli_never_reaches_another_resource(vdev_process: Any, tmp_path: Path) -
     with ApiClient(api) as client:
         settings_before = client.settings()
         for name in HOSTILE:
-            for argv in (["set-target", name, "1G"], ["reset", name], ["plot", name, "-o", "x.png"]):
+            for argv in (
+                ["set-target", name, "1G"],
+                ["reset", name],
+                ["plot", name, "-o", "x.png"],
+            ):
                 r = runner.invoke(main, [argv[0], "--api-socket", api, *argv[1:]])
                 assert r.exit_code == 2, (argv, r.output)
                 assert "bad guest name" in r.output and "Traceback" not in r.output

@@ -241,8 +241,9 @@ async def test_deflate_4k_first_then_2m_and_hysteresis() -> None:
         t.model.set_target(PAGES_PER_2M)
         n = len(t.log)
         await driver.work()
-        unlocks = [c for c in t.commands()[n:] if c in (Command.BATCHED_UNLOCK,
-                                                         Command.BATCHED_2M_UNLOCK)]
+        unlocks = [
+            c for c in t.commands()[n:] if c in (Command.BATCHED_UNLOCK, Command.BATCHED_2M_UNLOCK)
+        ]
         assert unlocks == [Command.BATCHED_UNLOCK, Command.BATCHED_2M_UNLOCK]
         assert driver.count(PageSize.SIZE_4K) == 0
         assert driver.size == PAGES_PER_2M
@@ -328,7 +329,8 @@ async def test_start_zero_then_pop_on_exit() -> None:
 async def test_shrinker_deflates_with_unlock_and_blocks_inflation() -> None:
     clock = FakeClock()
     driver, t, memory = make(
-        target=2000, config=DriverConfig(shrinker=True, capabilities=Capability(0x36)),
+        target=2000,
+        config=DriverConfig(shrinker=True, capabilities=Capability(0x36)),
         clock=clock,
     )
     with trio.fail_after(5):
@@ -390,8 +392,9 @@ async def test_doorbell_wakes_the_worker_at_once() -> None:
 
 async def test_polling_without_doorbell() -> None:
     driver, t, _ = make(
-        config=DriverConfig(poll_interval=0.05,
-                            capabilities=ALL_CAPABILITIES & ~Capability.SIGNALLED_WAKEUP_CMD)
+        config=DriverConfig(
+            poll_interval=0.05, capabilities=ALL_CAPABILITIES & ~Capability.SIGNALLED_WAKEUP_CMD
+        )
     )
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -425,8 +428,9 @@ async def test_debugfs_text_layout() -> None:
     assert "alloc             (2M):                2" in lines
     assert lines[-1] == "free              (2M):                0"
     assert render_debugfs(driver.snapshot()) == text
-    fresh = BalloonDriver(ModelTransport(BalloonModel(), BytearrayRam([(0, 4096 * 16)])),
-                          GuestMemory(16))
+    fresh = BalloonDriver(
+        ModelTransport(BalloonModel(), BytearrayRam([(0, 4096 * 16)])), GuestMemory(16)
+    )
     assert fresh.render().splitlines()[1] == "used capabilities     :                0"
 
 
@@ -464,8 +468,7 @@ class GatedTransport(ModelTransport):
         self.most = 0  # most LOCKs waiting at once
 
     async def command(self, request: Request) -> Response:
-        if not self.gated or request.command not in (Command.BATCHED_LOCK,
-                                                     Command.BATCHED_2M_LOCK):
+        if not self.gated or request.command not in (Command.BATCHED_LOCK, Command.BATCHED_2M_LOCK):
             return await super().command(request)
         page = request.arg1
         assert page not in self.waiting, "two commands in flight share a batch page"
@@ -681,8 +684,9 @@ def test_any_answer_order_target_reset_or_cancel_leaves_driver_and_device_agreei
                 assert window == in_flight
                 while t.waiting:
                     assert len(t.waiting) <= window
-                    action = data.draw(st.sampled_from(["answer"] * 6 + ["target", "reset",
-                                                                         "cancel"]))
+                    action = data.draw(
+                        st.sampled_from(["answer"] * 6 + ["target", "reset", "cancel"])
+                    )
                     if action == "target":
                         t.model.set_target(data.draw(st.integers(0, 12 * 512), label="new"))
                     elif action == "reset":

@@ -101,7 +101,9 @@ async def test_kill9_storm_virtio_balloon(tmp_path: Path) -> None:
         async with supervised(tmp_path, "virtio-balloon") as vdev:
             g = await BalloonGuest.attach(str(vdev.socket_path))
             try:
-                g.fe.ram.fill(first * PAGE, n * PAGE, 0xA5)  # every page in use (data) to begin with
+                g.fe.ram.fill(
+                    first * PAGE, n * PAGE, 0xA5
+                )  # every page in use (data) to begin with
                 ballooned = np.zeros(n, dtype=bool)
                 answered = 0
                 done = trio.Event()

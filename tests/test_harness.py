@@ -335,7 +335,6 @@ def test_cli_exit_status_and_junit_against_a_mutant(tmp_path: Path) -> None:
     assert failing == ["vmw.pinned-ring-pages"]
 
 
-
 def test_cli_spawns_any_backend_from_a_command_line(tmp_path: Path) -> None:
     """``--spawn CMD``: the harness starts whatever back-end the command line names (here
     vdev without its API, so nothing of the default is used) and waits for ``{socket}``;

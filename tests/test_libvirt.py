@@ -47,9 +47,11 @@ def libvirt_root() -> LibvirtRoot:
 def test_template_matches_vdev() -> None:
     """The template's device is exactly what vdev's virtio-balloon personality serves (queue
     count, config size), as lab's own QEMU command line has it."""
-    assert template_device_arg() == balloon_device_arg(CHARDEV_ID).replace(
-        f"chardev={CHARDEV_ID}", "chardev=vballoon0"
-    ) + ",bus=pcie.0,addr=0x10"
+    assert (
+        template_device_arg()
+        == balloon_device_arg(CHARDEV_ID).replace(f"chardev={CHARDEV_ID}", "chardev=vballoon0")
+        + ",bus=pcie.0,addr=0x10"
+    )
     text = TEMPLATE.read_text()
     assert "<memballoon model='none'/>" in text
     assert "<source type='memfd'/>" in text and "<access mode='shared'/>" in text
@@ -150,12 +152,14 @@ async def test_libvirt_guest_inflates_through_vdev(tmp_path: Path) -> None:
 
                         # guest statistics arrive (stats queue), under the domain's name;
                         # every series the rules and the dashboard read exists now
-                        while "stat-oom-kills" not in (
-                            await api.get(f"/vms/{name}")
-                        ).json().get("guest_stats", {}):
+                        while "stat-oom-kills" not in (await api.get(f"/vms/{name}")).json().get(
+                            "guest_stats", {}
+                        ):
                             await trio.sleep(0.2)
                         text = (await api.get("/metrics")).text
-                        assert f'vballoon_vm_guest_stat{{stat="stat-oom-kills",vm="{name}"}}' in text
+                        assert (
+                            f'vballoon_vm_guest_stat{{stat="stat-oom-kills",vm="{name}"}}' in text
+                        )
                         assert missing_series(text) == []
 
                         # deflate back through vdev
@@ -166,7 +170,9 @@ async def test_libvirt_guest_inflates_through_vdev(tmp_path: Path) -> None:
                     assert "Traceback" not in vdev.log()
                 print(f"libvirt {root.version()}: inflated 64 MiB in {took:.1f}s; {setmem.stderr}")
         # everything the session mounted is gone
-        assert not [m for m in Path("/proc/self/mounts").read_text().split("\n") if str(root.root) in m]
+        assert not [
+            m for m in Path("/proc/self/mounts").read_text().split("\n") if str(root.root) in m
+        ]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(root.path(f"/var/lib/libvirt/boot/{name}"), ignore_errors=True)

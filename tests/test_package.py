@@ -137,11 +137,10 @@ def test_wheel_in_a_fresh_venv(tmp_path: Path) -> None:
     done = subprocess.run([str(py), "-c", "import lab"], cwd=work, env=env, capture_output=True)
     assert done.returncode != 0
 
-    assert run([str(bindir / "vdev"), "--version"], cwd=work, env=env).split() == [
-        "vdev", version
-    ]
+    assert run([str(bindir / "vdev"), "--version"], cwd=work, env=env).split() == ["vdev", version]
     assert run([str(bindir / "guest-driver"), "--version"], cwd=work, env=env).split() == [
-        "guest-driver", version
+        "guest-driver",
+        version,
     ]
     caps = json.loads(
         run([str(bindir / "vdev"), "serve", "--print-capabilities"], cwd=work, env=env)

@@ -300,7 +300,9 @@ async def test_virtio_balloon_stats_buffer_survives_vm_stop_cont() -> None:
 # ----------------------------------------------------------------- QEMU dies, vdev lives
 
 
-async def _vmw_session(rig: InProcessVdev, vm: QtestVm, dev: VirtioPci, kill_after: int | None) -> None:
+async def _vmw_session(
+    rig: InProcessVdev, vm: QtestVm, dev: VirtioPci, kill_after: int | None
+) -> None:
     t = await QtestTransport.open(dev, GuestAllocator())
     drv = vmw_driver(t)
     await drv.work()
@@ -313,7 +315,9 @@ async def _vmw_session(rig: InProcessVdev, vm: QtestVm, dev: VirtioPci, kill_aft
     await vmw_fill(drv, t)
 
 
-async def _vb_session(rig: InProcessVdev, vm: QtestVm, dev: VirtioPci, kill_after: int | None) -> None:
+async def _vb_session(
+    rig: InProcessVdev, vm: QtestVm, dev: VirtioPci, kill_after: int | None
+) -> None:
     drv = vb_driver(dev)
     await drv.start()
     if kill_after is not None:

@@ -74,7 +74,9 @@ CONFIGS = [
 ]  # fmt: skip
 
 
-def _run_all(cases: list[tuple[str, list[str]]], cwd: Path) -> dict[str, subprocess.CompletedProcess[bytes]]:
+def _run_all(
+    cases: list[tuple[str, list[str]]], cwd: Path
+) -> dict[str, subprocess.CompletedProcess[bytes]]:
     """Run every ``vdev serve`` case, four at a time (each is ~0.5 s of imports)."""
     out: dict[str, subprocess.CompletedProcess[bytes]] = {}
 
@@ -112,8 +114,7 @@ def test_bad_command_lines_are_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "plain").write_text("not a socket")
     before = sorted(os.listdir(tmp_path))
     cases = [
-        (cid, [a.replace("{d}", str(tmp_path)) for a in argv])
-        for cid, argv, _ in COMMAND_LINES
+        (cid, [a.replace("{d}", str(tmp_path)) for a in argv]) for cid, argv, _ in COMMAND_LINES
     ]
     results = _run_all(cases, tmp_path)
     for case_id, _, fragment in COMMAND_LINES:
@@ -136,7 +137,11 @@ def test_bad_config_values_are_usage_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--socket-path", "s", "--name", "web-1.prod_2"], ["--socket-path", "s", "--name", "A" * 128], ["--socket-path", "s", "--name", "dom:a@b+c"]],
+    [
+        ["--socket-path", "s", "--name", "web-1.prod_2"],
+        ["--socket-path", "s", "--name", "A" * 128],
+        ["--socket-path", "s", "--name", "dom:a@b+c"],
+    ],
 )
 def test_good_names_start(tmp_path: Path, argv: list[str]) -> None:
     """The name rule lets ordinary names through (the server starts; stopped at once)."""

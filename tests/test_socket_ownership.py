@@ -111,7 +111,9 @@ def test_shutdown_unlinks_only_what_it_bound(tmp_path: Path) -> None:
         assert not paths[0].exists()  # ours: removed
         assert [_ident(paths[1]), _ident(api)] == theirs  # theirs: kept
         assert foreign_tmp.read_text() == "someone's file"
-        assert not any(p.name.startswith(".vm.sock") and p != foreign_tmp for p in tmp_path.iterdir())
+        assert not any(
+            p.name.startswith(".vm.sock") and p != foreign_tmp for p in tmp_path.iterdir()
+        )
         assert not any(p.suffix == ".lock" for p in tmp_path.iterdir())
     finally:
         for s in squatters:

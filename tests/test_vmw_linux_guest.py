@@ -54,7 +54,9 @@ GUEST_LEVEL = 17
 def vmw_env(linux_env: tuple[QemuBinary, object]) -> tuple[QemuBinary, VmwGuestImage]:
     vmw = VmwGuestImage.load()
     if vmw is None:
-        pytest.fail("the vmw guest image is not built (scripts/setup runs python -m lab.vmw_guest build)")
+        pytest.fail(
+            "the vmw guest image is not built (scripts/setup runs python -m lab.vmw_guest build)"
+        )
     return linux_env[0], vmw
 
 
@@ -144,7 +146,9 @@ async def test_vmw_driver_inside_a_linux_guest(
                 vm = await vdev.vm()
                 rss0, ram0 = guest.rss_shmem_kib() * KIB, vm["ram_allocated_bytes"]
 
-                step(f"driver up; MemFree {before['MemFree'] // MIB} MiB, RssShmem {rss0 // MIB} MiB")
+                step(
+                    f"driver up; MemFree {before['MemFree'] // MIB} MiB, RssShmem {rss0 // MIB} MiB"
+                )
                 # 1. inflate 256 MiB
                 pages = 256 * PAGES_PER_MIB
                 await vdev.set_target(pages)
@@ -157,7 +161,9 @@ async def test_vmw_driver_inside_a_linux_guest(
                 assert 230 * MIB <= rss0 - rss1 <= 290 * MIB, (rss0, rss1)
                 assert 250 * MIB <= ram0 - vm["ram_allocated_bytes"] <= 262 * MIB, (ram0, vm)
 
-                step(f"1. inflated: MemFree -{dropped // MIB} MiB, RssShmem -{(rss0 - rss1) // MIB} MiB")
+                step(
+                    f"1. inflated: MemFree -{dropped // MIB} MiB, RssShmem -{(rss0 - rss1) // MIB} MiB"
+                )
                 # 2. a process needs 320 MiB: the driver deflates, nobody is OOM-killed
                 out = await guest.run(
                     "for i in $(seq 32); do dd if=/dev/zero of=/tmp/hog$i bs=1M count=10 "

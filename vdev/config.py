@@ -80,6 +80,7 @@ __all__ = [
 #: ``--policy`` values
 POLICIES = ("esxi", "mom")
 
+
 def parse_shares(value: object, what: str = "shares") -> Shares:
     if isinstance(value, str):
         try:
@@ -238,8 +239,7 @@ class ControlConfig:
             )
         if not (math.isfinite(self.rate_window) and 0 < self.rate_window <= MAX_RATE_WINDOW):
             raise ConfigError(
-                f"rate_window must be > 0 and <= {MAX_RATE_WINDOW} seconds, "
-                f"got {self.rate_window}"
+                f"rate_window must be > 0 and <= {MAX_RATE_WINDOW} seconds, got {self.rate_window}"
             )
         if not 2 <= self.history <= MAX_HISTORY:
             raise ConfigError(

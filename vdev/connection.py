@@ -600,7 +600,9 @@ class Connection:
                 for q in self.queues
             ],
             "backend": (
-                names.get(f"backend.{self._backend.fileno()}") if self._backend is not None else None
+                names.get(f"backend.{self._backend.fileno()}")
+                if self._backend is not None
+                else None
             ),
             "config_change_pending": self._config_change_pending,
             "device_state": self.device.save_state(),
@@ -695,7 +697,9 @@ class Connection:
             if fd is None:
                 raise HandoverError(f"{self.name}: stored memory fd {m['fd']} is missing")
             st.adopt(f"mem.{fd}", m["fd"], fd)
-            specs.append(RegionSpec(int(m["gpa"]), int(m["size"]), int(m["uaddr"]), int(m["offset"])))
+            specs.append(
+                RegionSpec(int(m["gpa"]), int(m["size"]), int(m["uaddr"]), int(m["offset"]))
+            )
             fds.append(fd)
         if specs:
             self.memory.set_table(specs, fds)
@@ -706,8 +710,14 @@ class Connection:
             q.last_avail_idx = int(r["last_avail"])
             q.used_idx = int(r["used_idx"])
             q.event_idx, q.indirect = bool(r["event_idx"]), bool(r["indirect"])
-            q.enabled, q.started, q.broken = bool(r["enabled"]), bool(r["started"]), bool(r["broken"])
-            q.counters.update({k: int(v) for k, v in r.get("counters", {}).items() if k in q.counters})
+            q.enabled, q.started, q.broken = (
+                bool(r["enabled"]),
+                bool(r["started"]),
+                bool(r["broken"]),
+            )
+            q.counters.update(
+                {k: int(v) for k, v in r.get("counters", {}).items() if k in q.counters}
+            )
             for which in ("kick", "call", "err"):
                 fd = fd_of(r.get(which), f"q{q.index}.{which}")
                 if which == "kick" and fd is not None:

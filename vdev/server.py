@@ -101,9 +101,7 @@ class Server:
                     conn = self._resume(name)
                     if conn is not None:
                         resumed.append(conn)
-                    nursery.start_soon(
-                        accept_loop, listener, name, partial(self._spawn, name=name)
-                    )
+                    nursery.start_soon(accept_loop, listener, name, partial(self._spawn, name=name))
                 if self.handover is not None:
                     self.handover.cleanup()  # whatever no listener or connection claimed
                 for conn in resumed:  # each holds its guest's lock before any accept is served
@@ -241,7 +239,9 @@ class Server:
         """Stop for a restart (SIGTERM under a manager): finish the batches in progress,
         commit every connection, and stop, leaving the sockets, fds and state in the store
         (the next vdev resumes them; no guest notices)."""
-        log.info("stopping for a hand-over: %d connections stay in the fd store", len(self.connections))
+        log.info(
+            "stopping for a hand-over: %d connections stay in the fd store", len(self.connections)
+        )
         self.handing_over = True
         for conn in list(self.connections):
             async with conn.lock:  # no batch in the middle

@@ -145,7 +145,7 @@ def _owner(fd: int) -> str:
         with contextlib.suppress(OSError):
             text = os.pread(fd, 64, 0)
             if text.startswith(_LOCK_MAGIC) and text.endswith(b"\n"):
-                return f" (pid {text[len(_LOCK_MAGIC):].strip().decode(errors='replace')})"
+                return f" (pid {text[len(_LOCK_MAGIC) :].strip().decode(errors='replace')})"
             if text and not (text.startswith(_LOCK_MAGIC) or _LOCK_MAGIC.startswith(text)):
                 return ""  # not a vdev lock file
         time.sleep(0.005)

@@ -347,6 +347,7 @@ class BackendConnection:
         if request is R.SET_MEM_TABLE:
             return int(body.nregions)
         return 0 if body.value & vu.VRING_NOFD_MASK else 1
+
     @property
     def pending_payload(self) -> int:
         """Payload bytes still missing for the message whose header was received (0 when
@@ -490,7 +491,9 @@ class BackendConnection:
             index, base = msg.vring_index, int(msg.body.num)
             reported = self.stopped_at.pop(index, None)
             if reported is not None and reported != base:
-                self._note_reset(f"ring {index} re-initialised (base {base}, stopped at {reported})")
+                self._note_reset(
+                    f"ring {index} re-initialised (base {base}, stopped at {reported})"
+                )
 
     # -- output --------------------------------------------------------------------------
 

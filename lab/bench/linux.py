@@ -160,6 +160,7 @@ async def vdev_side(
         # the bench sets manual targets up to 2/3 of the guest (1 GiB of 1536 MiB): above
         # the policy's default cap (Mem/CtlMaxPercent), which would hold the balloon short
         await api.set_setting("Mem/CtlMaxPercent", 99)
+
         async def set_pages(pages: int) -> None:
             await api.set_target(pages)
 

@@ -223,9 +223,7 @@ _HELP = {"help_option_names": ["-h", "--help"]}
 @click.option("--time", "seconds", type=float, default=60.0, help="seconds to fuzz")
 @click.option("--corpus", help="corpus directory (kept between runs)")
 @click.option("--seed", type=int, default=lambda: int(os.environ.get("FUZZ_SEED", "1")))
-@click.option(
-    "--engine", type=click.Choice(["atheris", "builtin"]), help="default: per target"
-)
+@click.option("--engine", type=click.Choice(["atheris", "builtin"]), help="default: per target")
 @click.option("--crashes", help="where reproducers go")
 @click.option(
     "--vdev-coverage",
@@ -246,9 +244,7 @@ def fuzz_cmd(
         raise click.UsageError(
             f"--vdev-coverage needs a target that runs vdev (wire), not {target}"
         )
-    raise SystemExit(
-        _fuzz(FuzzArgs(target, seconds, corpus, seed, engine, crashes, vdev_coverage))
-    )
+    raise SystemExit(_fuzz(FuzzArgs(target, seconds, corpus, seed, engine, crashes, vdev_coverage)))
 
 
 def main(argv: list[str] | None = None) -> int:

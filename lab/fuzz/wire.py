@@ -144,7 +144,13 @@ def session(
             probe = f"{tmp}/{dev}.probe" if coverage_file else None
             cmd = vdev_cmd
             if coverage_file:
-                cmd = [sys.executable, "-m", "lab.fuzz.covprobe", f"{coverage_file}.{dev}", str(probe)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "lab.fuzz.covprobe",
+                    f"{coverage_file}.{dev}",
+                    str(probe),
+                ]
             vdev = start_vdev(
                 Path(tmp) / dev, socket_count=2, no_api=True, device=dev,
                 target=str(64 << 20), verbose=0, vdev_cmd=cmd, log_path=Path(tmp) / f"{dev}.log",
@@ -210,7 +216,6 @@ def _region(d: Draw, ram: GuestRamFile) -> dict[str, int]:
     return reg
 
 
-
 async def _raw_descriptors(d: Draw, q: Any, ram_size: int) -> None:
     """1-3 raw descriptors (any address, length, flags, next) posted on ``q`` and kicked."""
     head = q.ring._free[0] if q.ring._free else 0
@@ -221,6 +226,7 @@ async def _raw_descriptors(d: Draw, q: Any, ram_size: int) -> None:
     await q.ring.post_raw(head, rows)
     q.kick_now()
     await trio.sleep(0.005)
+
 
 async def _raw_message(d: Draw, fe: Frontend, owned: list[int]) -> None:
     known = [int(r) for r in R]

@@ -26,7 +26,6 @@ from guest_driver.virtio_pci import PortError
 log = logging.getLogger(__name__)
 
 
-
 class QtestError(PortError):
     """qtest answered FAIL, or spoke nonsense.
 
@@ -247,4 +246,3 @@ class Qtest:
 
     async def memset(self, gpa: int, n: int, byte: int) -> None:
         await self.command(f"memset {gpa:#x} {n:#x} {byte:#x}")
-

@@ -25,6 +25,7 @@ def socket_path_ok(path: Path) -> bool:
     """Unix socket paths are limited to 107 bytes."""
     return len(os.fsencode(path)) < 108
 
+
 @dataclass
 class QtestVm:
     """A QEMU whose only "CPU" is us: HLT BIOS, qtest connected, QMP optional."""

@@ -69,7 +69,11 @@ async def pci_scan(qt: Qtest, bus: int = 0) -> list[PciFunction]:
                     break
                 continue
             out.append(PciFunction(bus, dev, fn, ids & 0xFFFF, ids >> 16))
-            if fn == 0 and not await cfg_read(qt, (bus, dev, 0), PCI_HEADER_TYPE, 1) & PCI_HEADER_MULTI_FUNCTION:
+            if (
+                fn == 0
+                and not await cfg_read(qt, (bus, dev, 0), PCI_HEADER_TYPE, 1)
+                & PCI_HEADER_MULTI_FUNCTION
+            ):
                 break
     return out
 
@@ -146,4 +150,3 @@ async def assign_bars(qt: Qtest, f: PciFunction, alloc: BarAllocator) -> dict[in
         qt, f, PCI_COMMAND, 2, cmd | PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
     )
     return bars
-

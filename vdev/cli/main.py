@@ -44,6 +44,7 @@ from vdev.server import Server
 
 log = logging.getLogger("vdev")
 
+
 def size_to_pages(text: str) -> int:
     return parse_size(text, "--target") // PAGE_SIZE
 

@@ -142,7 +142,9 @@ class VmwDevice(Device):
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.model.import_state(dict(state))
-        self.pending = deque(EventKind(k) for k in state.get("pending", ()) if k in {int(e) for e in EventKind})
+        self.pending = deque(
+            EventKind(k) for k in state.get("pending", ()) if k in {int(e) for e in EventKind}
+        )
         self.events_delivered = int(state.get("events_delivered", 0))
 
     def shutdown(self) -> None:
