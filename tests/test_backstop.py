@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from proc_states import proc_state, wait_state
 
 from vdev.policy.backstop import (
     BUSY_BYTES,
@@ -153,21 +154,6 @@ def test_decider_invariants(
 # --------------------------------------------------------------------------- the guard
 
 
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        text = f.read()
-    return text[text.rindex(")") + 2]
-
-
-def _wait_state(pid: int, want: set[str], timeout: float = 20.0) -> str:
-    end = time.monotonic() + timeout
-    while True:
-        s = _state(pid)
-        if s in want or time.monotonic() > end:
-            return s
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(["sleep", "60"])
@@ -182,14 +168,14 @@ def test_guard_stops_and_continues(sleeper: subprocess.Popen[bytes]) -> None:
     guard = StopGuard()
     try:
         assert guard.stop(sleeper.pid)
-        assert _wait_state(sleeper.pid, {"T"}) == "T"
+        assert wait_state(sleeper.pid, {"T"}) == "T"
         guard.cont(sleeper.pid)
-        assert _wait_state(sleeper.pid, {"S", "R"}) in {"S", "R"}
+        assert wait_state(sleeper.pid, {"S", "R"}) in {"S", "R"}
         assert not guard.stop(2**22 + 12345)  # no such process: refused, not recorded
         guard.proc.kill()
         guard.proc.wait()
         assert not guard.stop(sleeper.pid)  # no guard, no stop
-        assert _state(sleeper.pid) != "T"
+        assert proc_state(sleeper.pid) != "T"
     finally:
         guard.close()
 
@@ -208,32 +194,32 @@ def test_a_vdev_killed_with_sigkill_strands_nothing(sleeper: subprocess.Popen[by
     vdev = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert vdev.stdout is not None
     guard_pid = int(vdev.stdout.readline())
-    assert _wait_state(sleeper.pid, {"T"}) == "T"
+    assert wait_state(sleeper.pid, {"T"}) == "T"
     os.kill(vdev.pid, signal.SIGKILL)
     vdev.wait()
-    assert _wait_state(sleeper.pid, {"S", "R"}) in {"S", "R"}
+    assert wait_state(sleeper.pid, {"S", "R"}) in {"S", "R"}
     # the guard has exited (reaped by init once its parent died)
     end = time.monotonic() + 20
     while start_time(guard_pid) is not None and time.monotonic() < end:
-        if _state(guard_pid) == "Z":
+        if proc_state(guard_pid) == "Z":
             break
         time.sleep(0.02)
-    assert start_time(guard_pid) is None or _state(guard_pid) == "Z"
+    assert start_time(guard_pid) is None or proc_state(guard_pid) == "Z"
 
 
 def test_guard_continues_on_sigterm_and_ignores_sigint(sleeper: subprocess.Popen[bytes]) -> None:
     guard = StopGuard()
     try:
         assert guard.stop(sleeper.pid)
-        assert _wait_state(sleeper.pid, {"T"}) == "T"
+        assert wait_state(sleeper.pid, {"T"}) == "T"
         assert guard.wait_ready()
         os.kill(guard.proc.pid, signal.SIGINT)
         os.kill(guard.proc.pid, signal.SIGHUP)
         time.sleep(0.2)  # had either signal killed it, it would be gone by now
-        assert guard.proc.poll() is None and _state(sleeper.pid) == "T"
+        assert guard.proc.poll() is None and proc_state(sleeper.pid) == "T"
         os.kill(guard.proc.pid, signal.SIGTERM)
         assert guard.proc.wait(timeout=20) == 0
-        assert _wait_state(sleeper.pid, {"S", "R"}) in {"S", "R"}
+        assert wait_state(sleeper.pid, {"S", "R"}) in {"S", "R"}
     finally:
         guard.close()
 

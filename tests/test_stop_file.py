@@ -18,6 +18,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from proc_states import proc_state, wait_state
 
 from lab.vdev_process import vdev_serve
 from vdev.policy.guard import (
@@ -36,27 +37,12 @@ from vdev.policy.guard import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        text = f.read()
-    return text[text.rindex(")") + 2]
-
-
-def _wait_state(pid: int, want: set[str], timeout: float = 20.0) -> str:
-    end = time.monotonic() + timeout
-    while True:
-        s = _state(pid)
-        if s in want or time.monotonic() > end:
-            return s
-        time.sleep(0.01)
-
-
 def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
     """Whether ``pid`` is gone or a zombie (it runs nothing any more) within ``timeout``."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            if _state(pid) == "Z":
+            if proc_state(pid) == "Z":
                 return True
         except FileNotFoundError:
             return True
@@ -144,12 +130,12 @@ def test_the_stop_file_follows_the_stops_and_is_replaced_whole(
     guard = StopGuard(StopFile(str(path)))
     try:
         assert guard.stop(qemu.pid, "vm0", "/cg")
-        assert _wait_state(qemu.pid, {"T"}) == "T"
+        assert wait_state(qemu.pid, {"T"}) == "T"
         parsed = parse_stop_file(path.read_bytes())
         assert parsed.problems == [] and parsed.boot == boot_id()
         assert parsed.records == [StopRecord(qemu.pid, start_time(qemu.pid) or -1, "vm0", "/cg")]
         guard.cont(qemu.pid)
-        assert _wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
+        assert wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
         assert not path.exists()  # nothing stopped: no file
         assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
     finally:
@@ -164,10 +150,10 @@ def test_a_stop_file_that_cannot_be_written_is_reported_and_the_guard_still_cove
     try:
         assert guard.stop(qemu.pid)
         assert stops.error is not None and "missing-dir" in stops.error
-        assert _wait_state(qemu.pid, {"T"}) == "T"
+        assert wait_state(qemu.pid, {"T"}) == "T"
     finally:
         guard.close()  # the guard continues it
-    assert _wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
+    assert wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
 
 
 # --------------------------------------------------------------------------- start-up
@@ -228,7 +214,7 @@ def test_only_the_same_process_still_stopped_is_continued(tmp_path: Path) -> Non
     try:
         for p in procs:
             os.kill(p.pid, signal.SIGSTOP)
-            assert _wait_state(p.pid, {"T"}) == "T"
+            assert wait_state(p.pid, {"T"}) == "T"
 
         def started(p: subprocess.Popen[bytes]) -> int:
             value = start_time(p.pid)
@@ -255,7 +241,7 @@ def test_only_the_same_process_still_stopped_is_continued(tmp_path: Path) -> Non
             )
         )
         actions = resume_left_stopped(str(path)) + resume_left_stopped(str(other))
-        assert _wait_state(same.pid, {"S", "R"}) in {"S", "R"}
+        assert wait_state(same.pid, {"S", "R"}) in {"S", "R"}
         resumed = [a for a in actions if a[0] == "resumed"]
         assert resumed == [
             (
@@ -267,7 +253,7 @@ def test_only_the_same_process_still_stopped_is_continued(tmp_path: Path) -> Non
         ]
         assert [a[0] for a in actions if a[0] != "resumed"] == ["skipped"]  # the bad line
         time.sleep(0.1)  # a SIGCONT, had one been sent, is delivered by now
-        assert _state(reused.pid) == "T" and _state(other_boot.pid) == "T"
+        assert proc_state(reused.pid) == "T" and proc_state(other_boot.pid) == "T"
         assert not path.exists() and not other.exists()
     finally:
         for p in procs:
@@ -285,12 +271,12 @@ def test_the_guard_survives_a_sigkill_of_vdevs_process_group(
     guard sees the pipe close and continues the stopped QEMU (a killed guard could not)."""
     vdev, guard_pid = _vdev_child(qemu.pid, None)
     try:
-        assert _wait_state(qemu.pid, {"T"}) == "T"
+        assert wait_state(qemu.pid, {"T"}) == "T"
         vdev_pgid = os.getpgid(vdev.pid)
         assert os.getsid(guard_pid) == guard_pid != vdev_pgid
         os.killpg(vdev_pgid, signal.SIGKILL)
         assert vdev.wait(timeout=20) == -signal.SIGKILL
-        assert _wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
+        assert wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
         assert _wait_gone(guard_pid)  # its work done, it exited
     finally:
         vdev.kill()
@@ -312,7 +298,7 @@ async def test_a_qemu_left_stopped_by_a_killed_vdev_and_guard_runs_when_vdev_sta
     )
     vdev, guard_pid = _vdev_child(qemu.pid, path)
     try:
-        assert _wait_state(qemu.pid, {"T"}) == "T"
+        assert wait_state(qemu.pid, {"T"}) == "T"
         assert [r.pid for r in parse_stop_file(path.read_bytes()).records] == [qemu.pid]
         os.kill(guard_pid, signal.SIGKILL)  # both, the guard first: it continues nothing
         os.killpg(os.getpgid(vdev.pid), signal.SIGKILL)
@@ -321,12 +307,12 @@ async def test_a_qemu_left_stopped_by_a_killed_vdev_and_guard_runs_when_vdev_sta
     finally:
         vdev.kill()
         vdev.wait()
-    assert _state(qemu.pid) == "T"  # stranded: nothing left that would continue it
+    assert proc_state(qemu.pid) == "T"  # stranded: nothing left that would continue it
     with path.open("ab") as f:
         f.write(b"4242 99")  # and a partial last line
     with trio.fail_after(60):
         async with vdev_serve(tmp_path, extra=["--host-memory", "4G"]) as api:
-            while _state(qemu.pid) == "T":
+            while proc_state(qemu.pid) == "T":
                 await trio.sleep(0.01)
             info = json.loads(await api.cli("host", "--json"))
             details = {(a["action"], a["detail"]) for a in info["backstop"]["actions"]}

@@ -355,6 +355,15 @@ static void run(const struct variant *v, size_t pages, int reps, int first) {
     printf("]}");
 }
 
+/* every variant of vs[0..n) that the variant list selects, on the current region */
+static void run_selected(const struct variant *vs, size_t n, size_t pages, int reps, int *first) {
+    for (size_t i = 0; i < n; i++)
+        if (selected(vs[i].name)) {
+            run(&vs[i], pages, reps, *first);
+            *first = 0;
+        }
+}
+
 static void region(size_t bytes) {
     guest_stop();
     if (map) munmap(map, size);
@@ -398,17 +407,9 @@ int main(int argc, char **argv) {
     int first = 1;
     printf("{");
     region(bytes);
-    for (size_t i = 0; i < sizeof contiguous / sizeof contiguous[0]; i++)
-        if (selected(contiguous[i].name)) {
-            run(&contiguous[i], bytes / PAGE, reps, first);
-            first = 0;
-        }
+    run_selected(contiguous, sizeof contiguous / sizeof contiguous[0], bytes / PAGE, reps, &first);
     region(2 * pages * PAGE);
-    for (size_t i = 0; i < sizeof per_page / sizeof per_page[0]; i++)
-        if (selected(per_page[i].name)) {
-            run(&per_page[i], pages, reps, first);
-            first = 0;
-        }
+    run_selected(per_page, sizeof per_page / sizeof per_page[0], pages, reps, &first);
     guest_stop();
     printf("\n}\n");
     return 0;
