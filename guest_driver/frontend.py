@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import mmap
 import os
@@ -681,9 +682,12 @@ class VmwChannel:
             self._poll_wait.cancel()
 
     def _free_slot(self, slot: int) -> None:
-        self._free_slots.append(slot)
-        self._free_slots.sort()
+        bisect.insort(self._free_slots, slot)
         self._wake()
+
+    def _live_heads(self) -> set[int]:
+        """The heads of the commands in flight that a task still waits for."""
+        return {head for head, _ in self._posted.values()}
 
     def _ring_reset(self) -> None:
         """cmdq's ring was re-initialised: the device holds none of its chains any more, so
@@ -691,10 +695,9 @@ class VmwChannel:
         heads will be reused)."""
         self._resets += 1
         for slot in self._parked.values():
-            self._free_slots.append(slot)
-        self._free_slots.sort()
+            bisect.insort(self._free_slots, slot)
         self._parked.clear()
-        live = {head for head, _ in self._posted.values()}
+        live = self._live_heads()
         self._used = {h: n for h, n in self._used.items() if h in live}
         self._wake()
 
@@ -709,7 +712,7 @@ class VmwChannel:
         """File every answer the used ring holds: for its waiting task, or, for a parked
         slot, free the slot."""
         used = await q.driver.poll_used()
-        live = {head for head, _ in self._posted.values()}
+        live = self._live_heads()
         for elem in used:
             slot = self._parked.pop(elem.id, None)
             if slot is None:
@@ -717,8 +720,7 @@ class VmwChannel:
                     self._used[elem.id] = elem.len
             else:  # its command was cancelled: nobody waits for the answer
                 self.answered += 1
-                self._free_slots.append(slot)
-                self._free_slots.sort()
+                bisect.insort(self._free_slots, slot)
         if used:
             self._wake()
 
