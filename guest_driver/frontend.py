@@ -458,6 +458,16 @@ class VhostUserFrontend:
         for q in self.queues:  # the unmask pass: the same call fd again
             await self.request(R.SET_VRING_CALL, {"value": q.index}, [q.call_fd])
 
+    async def reboot(self) -> None:
+        """A guest reset or VM reboot: the rings stop; the new driver re-initialises them
+        (:meth:`start` zeroes the ring memory and the driver's indices) and QEMU restarts
+        them at 0."""
+        await self.stop()
+        for q in self.queues:
+            q.base = 0
+            q.initialized = False
+        await self.start()
+
     async def stop(self) -> list[int]:
         """Guest reset: SET_VRING_ENABLE(0) for all, GET_VRING_BASE per started queue."""
         for q in self.queues:

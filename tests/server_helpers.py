@@ -1,16 +1,21 @@
-"""Shared by the server tests: vdev in-process on fresh sockets, waiting on a condition,
-posting a virtio-balloon stats buffer and waiting for it to come back."""
+"""Shared by the server tests: vdev in-process on fresh sockets, a vmw channel to it that
+has STARTed, waiting on a condition, posting a virtio-balloon stats buffer and waiting for
+it to come back."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from guest_driver.frontend import VhostUserFrontend, VmwChannel, connect_frontend
 from guest_driver.virtq import Buffer
 from lab.vdev_inprocess import start_inprocess_vdev
 from protocol import virtio_balloon as vb
+from protocol.vmw import ALL_CAPABILITIES, Command, Status
 from vdev.devices.virtio_balloon import STATSQ
 from vdev.registry import GuestRegistry
 from vdev.server import Server
@@ -33,6 +38,20 @@ async def start_server(
         stats_interval=stats_interval,
     )  # fmt: skip
     return vdev.server, vdev.registry, [str(p) for p in vdev.socket_paths]
+
+
+@contextlib.asynccontextmanager
+async def started_vmw(
+    vdev_inproc: Any, guest_ram: Any, target_pages: int
+) -> AsyncIterator[tuple[VhostUserFrontend, VmwChannel, GuestRegistry]]:
+    """An in-process vmw vdev (the ``vdev_inproc`` fixture) and a front-end on 64 MiB of
+    guest RAM whose driver has STARTed with every capability."""
+    server, registry = await vdev_inproc(device="vmw", target_pages=target_pages)
+    async with connect_frontend(server.socket_paths[0], guest_ram(64 * MiB)) as fe:
+        ch = VmwChannel(fe)
+        start = await ch.call(Command.START, int(ALL_CAPABILITIES))
+        assert start.status == Status.SUCCESS_WITH_CAPABILITIES
+        yield fe, ch, registry
 
 
 async def wait_for(pred: Any, timeout: float = 5.0) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from server_helpers import started_vmw
 
-from guest_driver.frontend import VhostUserFrontend, VmwChannel, connect_frontend
+from guest_driver.frontend import VhostUserFrontend, connect_frontend
 from guest_driver.virtq import Buffer
 from lab.vdev_process import vdev_serve
 from protocol import virtio_balloon as vb
@@ -47,16 +48,6 @@ async def pause(fe: VhostUserFrontend) -> None:
     await fe.start()
 
 
-async def reboot(fe: VhostUserFrontend) -> None:
-    """A guest reset or VM reboot: the rings stop; the new driver re-initialises them and
-    QEMU restarts them at 0."""
-    await fe.stop()
-    for q in fe.queues:
-        q.base = 0
-        q.initialized = False  # start() zeroes the ring memory and the driver's indices
-    await fe.start()
-
-
 async def test_virtio_balloon_pause_keeps_reboot_forgets(vdev_inproc: Any, guest_ram: Any) -> None:
     server, registry = await vdev_inproc(device="virtio-balloon")
     ram = guest_ram(64 * MiB)
@@ -78,7 +69,7 @@ async def test_virtio_balloon_pause_keeps_reboot_forgets(vdev_inproc: Any, guest
                 registry.demand_reset("vm0")  # the guest still holds its pages: refused
             assert registry.view("vm0").size_pages == N
 
-            await reboot(fe)
+            await fe.reboot()
             view = registry.view("vm0")
             assert view.size_pages == 0 and view.counters["resets"] == 1
             assert view.counters["forgotten (4k)"] == N and view.counters["actual"] == 0
@@ -95,13 +86,8 @@ async def test_virtio_balloon_pause_keeps_reboot_forgets(vdev_inproc: Any, guest
 
 
 async def test_vmw_pause_keeps_reboot_demands_a_reset(vdev_inproc: Any, guest_ram: Any) -> None:
-    server, registry = await vdev_inproc(device="vmw", target_pages=N)
-    ram = guest_ram(64 * MiB)
     with trio.fail_after(20):
-        async with connect_frontend(server.socket_paths[0], ram) as fe:
-            ch = VmwChannel(fe)
-            start = await ch.call(Command.START, int(ALL_CAPABILITIES))
-            assert start.status == Status.SUCCESS_WITH_CAPABILITIES
+        async with started_vmw(vdev_inproc, guest_ram, N) as (fe, ch, registry):
             assert (await ch.call(Command.LOCK, FIRST)).status == Status.SUCCESS
             assert registry.view("vm0").size_pages == 1
 
@@ -109,7 +95,7 @@ async def test_vmw_pause_keeps_reboot_demands_a_reset(vdev_inproc: Any, guest_ra
             assert (await ch.call(Command.GET_TARGET)).status == Status.SUCCESS
             assert registry.view("vm0").size_pages == 1
 
-            await reboot(fe)
+            await fe.reboot()
             assert registry.view("vm0").size_pages == 0
             assert (await ch.call(Command.GET_TARGET)).status == Status.ERROR_RESET
             start = await ch.call(Command.START, int(ALL_CAPABILITIES))

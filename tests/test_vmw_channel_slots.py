@@ -17,18 +17,16 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from server_helpers import started_vmw
 
 from guest_driver.frontend import (
     COMMAND_SLOTS,
     FrontendQueue,
-    VhostUserFrontend,
     VmwChannel,
-    connect_frontend,
 )
 from protocol.errors import LocalError
 from protocol.vmw import ALL_CAPABILITIES, REQUEST_SIZE, Command, Request, Status
 
-MiB = 1 << 20
 FIRST = 0x1000  # PFN 0x1000 = 16 MiB: ordinary RAM, far above the rings and the channel
 
 
@@ -64,15 +62,6 @@ def slot_request(ch: VmwChannel, slot: int) -> bytes:
     return ch.fe.ram.read(ch.slot_gpa(slot), REQUEST_SIZE)
 
 
-async def reboot(fe: VhostUserFrontend) -> None:
-    """A guest reset: the rings stop, are re-initialised and restart at 0."""
-    await fe.stop()
-    for q in fe.queues:
-        q.base = 0
-        q.initialized = False
-    await fe.start()
-
-
 async def park_commands(ch: VmwChannel, requests: list[Request]) -> None:
     """Post ``requests`` (the device held back), then cancel them all: their slots park."""
     posted = ch.posted
@@ -88,13 +77,8 @@ async def park_commands(ch: VmwChannel, requests: list[Request]) -> None:
 async def test_a_cancelled_commands_slot_waits_for_the_devices_answer(
     vdev_inproc: Any, guest_ram: Any
 ) -> None:
-    server, registry = await vdev_inproc(device="vmw", target_pages=1000)
-    ram = guest_ram(64 * MiB)
     with trio.fail_after(20):
-        async with connect_frontend(server.socket_paths[0], ram) as fe:
-            ch = VmwChannel(fe)
-            start = await ch.call(Command.START, int(ALL_CAPABILITIES))
-            assert start.status == Status.SUCCESS_WITH_CAPABILITIES
+        async with started_vmw(vdev_inproc, guest_ram, 1000) as (_, ch, registry):
             cancelled = Request(Command.LOCK, FIRST)
             later = [Request(Command.LOCK, FIRST + 1 + i) for i in range(COMMAND_SLOTS)]
             statuses: dict[int, int] = {}
@@ -130,13 +114,8 @@ async def test_every_slot_parked_then_a_stop_finishes(vdev_inproc: Any, guest_ra
     """Every slot parked, the device late: START(0) (the driver's stop) polls the used ring
     itself and gets a slot once the device answers; parked slots then come back as the
     device answers, or at once when cmdq's ring is reset (a reboot: never answered)."""
-    server, registry = await vdev_inproc(device="vmw", target_pages=1000)
-    ram = guest_ram(64 * MiB)
     with trio.fail_after(20):
-        async with connect_frontend(server.socket_paths[0], ram) as fe:
-            ch = VmwChannel(fe)
-            start = await ch.call(Command.START, int(ALL_CAPABILITIES))
-            assert start.status == Status.SUCCESS_WITH_CAPABILITIES
+        async with started_vmw(vdev_inproc, guest_ram, 1000) as (fe, ch, registry):
             locks = [Request(Command.LOCK, FIRST + i) for i in range(COMMAND_SLOTS)]
 
             # the device answers late
@@ -187,7 +166,7 @@ async def test_every_slot_parked_then_a_stop_finishes(vdev_inproc: Any, guest_ra
                     assert not answered and ch.cmdq.driver.in_flight == COMMAND_SLOTS
                     # the reset hands vdev the real kick fd: these chains never reach it
                     fe.queues[0].kick_fd = gate.real
-                    await reboot(fe)
+                    await fe.reboot()
                     assert ch.parked_slots == []
             assert answered == [Status.ERROR_RESET]  # a new device: START first
             assert len(lost) == 1 and ch.cmdq.driver.in_flight == 0

@@ -14,6 +14,7 @@ and marks its ratios as such.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -51,6 +52,25 @@ def build(dest: Path) -> Path:
     return exe
 
 
+#: the directories of the helpers built by this process (removed at exit, by their finalizers)
+_BUILT: list[tempfile.TemporaryDirectory[str]] = []
+
+
+@functools.cache
+def _helper(cc: str | None) -> Path:
+    """The helper built with ``cc``, once per process: a full bench measures its limits six
+    times (start, beside each throughput case, end). Raises RuntimeError (not cached)."""
+    del cc  # the cache key: another $CC builds anew
+    tmp = tempfile.TemporaryDirectory(prefix="vballoon-limits-")
+    try:
+        exe = build(Path(tmp.name))
+    except BaseException:
+        tmp.cleanup()
+        raise
+    _BUILT.append(tmp)
+    return exe
+
+
 def _best(variants: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     ok = {n: variants[n] for n in names if "pages_per_s" in variants.get(n, {})}
     if not ok:
@@ -76,19 +96,18 @@ def measure_basis(*, size: int, per_page_pages: int, reps: int) -> dict[str, Any
 def measure(
     *, size: int, per_page_pages: int, reps: int, only: tuple[str, ...] | None = None
 ) -> dict[str, Any]:
-    """Build and run the helper (every variant, or those named in ``only``); see the module
-    docstring."""
+    """Run the helper (built on first use) for every variant, or those named in ``only``; see
+    the module docstring."""
     try:
-        with tempfile.TemporaryDirectory(prefix="vballoon-limits-") as tmp:
-            exe = build(Path(tmp))
-            proc = subprocess.run(
-                [str(exe), str(size), str(per_page_pages), str(reps)]
-                + ([",".join(only)] if only else []),
-                capture_output=True,
-                text=True,
-                timeout=600,
-                check=False,
-            )
+        exe = _helper(compiler())
+        proc = subprocess.run(
+            [str(exe), str(size), str(per_page_pages), str(reps)]
+            + ([",".join(only)] if only else []),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"helper exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
         variants: dict[str, Any] = json.loads(proc.stdout)
