@@ -8,13 +8,16 @@ recorded: there must be none once its bytes are read), ``after-read`` (consumed,
 left as it was before: a kill in the few instructions between the read and its record) with
 ``VBALLOON_CRASH_REQUEST`` the vhost-user request number; or, on a ring batch that reclaims
 pages, ``batch-before-commit`` (the model changed the page map, nothing recorded) and
-``batch-before-push`` (recorded and reclaimed, the used ring not written).
+``batch-before-punch`` (recorded, the pages not yet punched) and ``batch-before-push``
+(recorded and reclaimed, the used ring not written). A resumed vdev logs an error if it
+writes a recorded answer again before it finished the reclaim the old process left.
 ``VBALLOON_CRASH_FLAG`` is a file whose existence arms the crash (it is removed when it fires:
 the restarted vdev runs on).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -26,6 +29,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vdev import connection as C
+from vdev import memory as M
+from vdev import virtq as V
 from vdev.cli.main import main
 
 POINT = os.environ.get("VBALLOON_CRASH_AT", "")
@@ -45,6 +50,9 @@ _handle, _commit, _send, _consume = (
     C.Connection._handle, C.Connection._commit, C.Connection._send_all, C.Connection._consume,
 )  # fmt: skip
 _execute, _complete = C.Connection._execute, C.Connection._complete
+_restore, _reconcile = C.Connection._restore, C.Connection._reconcile_holes
+_reclaim_async, _push = M.GuestMemory.reclaim_async, V.VirtQueue.push
+_restoring: list[Any] = []  # the connection being resumed, while _restore runs
 
 
 async def execute(self: Any, work: Any) -> None:
@@ -57,6 +65,33 @@ def complete(self: Any, work: Any, *, committed: bool = False) -> None:
     if work.reclaims and committed:
         _fire(self, "batch-before-push", batch=True)
     _complete(self, work, committed=committed)
+
+
+async def reclaim_async(self: Any, starts: Any, counts: Any) -> int:
+    _fire(None, "batch-before-punch", batch=True)
+    return await _reclaim_async(self, starts, counts)
+
+
+def restore(self: Any, rec: Any) -> None:
+    self._crash_reconciled = False
+    _restoring.append(self)
+    try:
+        _restore(self, rec)
+    finally:
+        _restoring.remove(self)
+
+
+def reconcile(self: Any) -> None:
+    _reconcile(self)
+    self._crash_reconciled = True
+
+
+def push(self: Any, mem: Any, done: Any) -> Any:
+    if _restoring and not _restoring[-1]._crash_reconciled:
+        logging.getLogger("vdev.crash").error(
+            "crash harness: an answer written again before the reclaim was finished"
+        )
+    return _push(self, mem, done)
 
 
 async def handle(self: Any, msg: Any) -> Any:
@@ -106,6 +141,10 @@ C.Connection._send_all = send_all  # type: ignore[method-assign]
 C.Connection._consume = consume  # type: ignore[method-assign]
 C.Connection._execute = execute  # type: ignore[method-assign]
 C.Connection._complete = complete  # type: ignore[method-assign]
+C.Connection._restore = restore  # type: ignore[method-assign]
+C.Connection._reconcile_holes = reconcile  # type: ignore[method-assign]
+M.GuestMemory.reclaim_async = reclaim_async  # type: ignore[method-assign,assignment]
+V.VirtQueue.push = push  # type: ignore[method-assign,assignment]
 
 if __name__ == "__main__":
     main()

@@ -432,12 +432,16 @@ async def test_message_in_flight_at_the_crash_is_answered_once(tmp_path: Path, p
                 g.close()
 
 
-@pytest.mark.parametrize("point", ["batch-before-commit", "batch-before-push"])
+@pytest.mark.parametrize(
+    "point", ["batch-before-commit", "batch-before-punch", "batch-before-push"]
+)
 async def test_mid_batch_kill_vmw_driver(tmp_path: Path, point: str) -> None:
     """vdev killed in the middle of a BATCHED_LOCK (after the model locked the pages, before
-    anything was recorded; or after recording and reclaiming, before the used ring): the
-    driver's command is answered once after the restart, with the statuses it would have
-    had; driver size == vdev size, every ballooned page a hole in the RAM file."""
+    anything was recorded; after recording, before the punch; or after recording and
+    reclaiming, before the used ring): the driver's command is answered once after the
+    restart, with the statuses it would have had, and not before the pages it locked are
+    gone (the resumed vdev finishes the reclaim first); driver size == vdev size, every
+    ballooned page a hole in the RAM file."""
     flag = tmp_path / "armed"
     sock, api = tmp_path / "vm0.sock", tmp_path / "vdev.api"
     argv = serve_argv(
@@ -482,6 +486,7 @@ async def test_mid_batch_kill_vmw_driver(tmp_path: Path, point: str) -> None:
             assert not (locked & ~holes).any(), "a ballooned page is still data"
             log = (tmp_path / "vdev.log").read_text()
             assert "connection resumed" in log
+            assert "an answer written again before the reclaim was finished" not in log
             if point == "batch-before-commit":
                 assert "rolled back an unfinished batch" in log
             nursery.cancel_scope.cancel()

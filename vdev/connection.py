@@ -743,6 +743,9 @@ class Connection:
             if q.ready and not self.memory.empty:
                 with contextlib.suppress(RingBroken):
                     q.publish_avail_event(self.memory)
+        # a reclaim the old process had not finished is finished before any answer is
+        # written again: no LOCK is answered before its pages are gone (PROTOCOL.md)
+        self._reconcile_holes()
         # the last batch's completions: written again where they were (idempotent)
         base = {int(k): int(v) for k, v in (rec.get("used_base") or {}).items()}
         by_queue: dict[int, list[tuple[int, int]]] = {}
@@ -758,7 +761,6 @@ class Connection:
                     q.signal()
             except RingBroken:
                 pass
-        self._reconcile_holes()
         self._vu_consumed = int(self.state.h["vu_consumed"])
 
     def _reconcile_holes(self) -> None:
