@@ -5,6 +5,7 @@ own session (a SIGKILL to vdev's process group does not reach it). Real processe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from proc_states import proc_state, wait_state
 from lab.vdev_process import vdev_serve
 from vdev.policy.guard import (
     MAX_STOP_FILE,
+    GuardRecord,
     StopFile,
     StopGuard,
     StopRecord,
@@ -100,14 +102,25 @@ cgroups = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")),
         st.tuples(st.integers(1, 4_194_304), st.integers(0, 2**63), names, cgroups),
         max_size=8,
     ),
+    st.one_of(
+        st.none(),
+        st.builds(
+            GuardRecord,
+            st.integers(1, 4_194_304),
+            st.integers(0, 2**63),
+            st.integers(1, 4_194_304),
+            st.integers(0, 2**63),
+        ),
+    ),
 )
 def test_the_stop_file_format_round_trips(
-    boot: str | None, rows: list[tuple[int, int, str, str]]
+    boot: str | None, rows: list[tuple[int, int, str, str]], guard: GuardRecord | None
 ) -> None:
     records = [StopRecord(pid, started, name, cgroup) for pid, started, name, cgroup in rows]
-    parsed = parse_stop_file(render_stop_file(boot, records).encode())
+    parsed = parse_stop_file(render_stop_file(boot, records, guard).encode())
     assert parsed.problems == []
     assert parsed.boot == boot
+    assert parsed.guard == guard
     assert parsed.records == [
         StopRecord(r.pid, r.started, r.name, " ".join(r.cgroup.split()) or "-") for r in records
     ]
@@ -259,6 +272,131 @@ def test_only_the_same_process_still_stopped_is_continued(tmp_path: Path) -> Non
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_a_stalled_guard_of_a_dead_vdev_is_ended_before_the_new_vdev_stops_again(
+    tmp_path: Path, qemu: subprocess.Popen[bytes]
+) -> None:
+    """The old vdev dies while its guard is stalled (stopped here; under memory pressure it
+    can sit in reclaim): the guard has not read the end of its pipe yet. The starting vdev
+    continues the QEMU from the stop file and ends that guard first: had it lived, it would
+    wake up later and continue the QEMU the new vdev stopped again meanwhile."""
+    path = tmp_path / "vm0.sock.stopped"
+    vdev, guard_pid = _vdev_child(qemu.pid, path)
+    try:
+        assert wait_state(qemu.pid, {"T"}) == "T"
+        assert parse_stop_file(path.read_bytes()).guard == GuardRecord(
+            guard_pid, start_time(guard_pid) or -1, vdev.pid, start_time(vdev.pid) or -1
+        )
+        os.kill(guard_pid, signal.SIGSTOP)  # the guard stalls ...
+        assert wait_state(guard_pid, {"T"}) == "T"
+        vdev.kill()  # ... and its vdev dies: the pipe's end is there, unread
+        vdev.wait()
+        actions = resume_left_stopped(str(path))  # the new vdev starts
+        assert [a[0] for a in actions] == ["resumed"]
+        assert wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
+        new = StopGuard(StopFile(str(path)))  # the new vdev's backstop stops it again
+        try:
+            assert new.wait_ready()
+            assert new.stop(qemu.pid, "vm0", "/cg")
+            assert wait_state(qemu.pid, {"T"}) == "T"
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(guard_pid, signal.SIGCONT)  # the old guard, had it lived, wakes up
+            time.sleep(0.3)  # and its SIGCONT to the QEMU would have come by now
+            assert proc_state(qemu.pid) == "T"
+            with contextlib.suppress(FileNotFoundError):  # it had ended before, or is a zombie
+                assert proc_state(guard_pid) == "Z"
+        finally:
+            new.close()
+        assert wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
+    finally:
+        vdev.kill()
+        vdev.wait()
+        if not _wait_gone(guard_pid, 0.0):
+            os.kill(guard_pid, signal.SIGKILL)
+
+
+def test_a_guard_that_ignores_sigterm_is_killed(
+    tmp_path: Path, qemu: subprocess.Popen[bytes]
+) -> None:
+    """A process named as the guard that does not end on SIGTERM within the timeout is
+    SIGKILLed and reported; the QEMU is continued from the file all the same."""
+    hold = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(60)\n",
+         "vdev.policy.guard"],  # in its argv, as a guard's: taken for one
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    dead_vdev = subprocess.Popen(["true"])
+    dead_vdev.wait()
+    try:
+        assert hold.stdout is not None and hold.stdout.readline() == b"ready\n"
+        os.kill(qemu.pid, signal.SIGSTOP)
+        assert wait_state(qemu.pid, {"T"}) == "T"
+        started_q, started_h = start_time(qemu.pid), start_time(hold.pid)
+        assert started_q is not None and started_h is not None
+        path = tmp_path / "vm0.sock.stopped"
+        path.write_text(
+            render_stop_file(
+                boot_id(),
+                [StopRecord(qemu.pid, started_q, "vm0", "/cg")],
+                GuardRecord(hold.pid, started_h, dead_vdev.pid, 12345),
+            )
+        )
+        actions = resume_left_stopped(str(path))
+        assert hold.wait(timeout=5) == -signal.SIGKILL
+        kinds = sorted(a[0] for a in actions)
+        assert kinds == ["resumed", "skipped"]
+        [(_, _, detail)] = [a for a in actions if a[0] == "skipped"]
+        assert f"guard (pid {hold.pid}) did not end on SIGTERM" in detail
+        assert wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
+    finally:
+        hold.kill()
+        hold.wait()
+
+
+def test_only_a_guard_whose_vdev_is_gone_is_ended(
+    tmp_path: Path, qemu: subprocess.Popen[bytes]
+) -> None:
+    """What the file names as the guard is signalled only if it is a guard and its vdev is
+    gone: a process that is not a guard is reported and left alone; a live vdev's guard is
+    left alone (the QEMUs the file names are continued either way)."""
+    path = tmp_path / "vm0.sock.stopped"
+    vdev, guard_pid = _vdev_child(qemu.pid, path)  # a live vdev and its guard
+    other = _sleeper()
+    dead_vdev = subprocess.Popen(["true"])
+    dead_vdev.wait()
+    try:
+        assert wait_state(qemu.pid, {"T"}) == "T"
+        resume_left_stopped(str(path))
+        assert wait_state(qemu.pid, {"S", "R"}) in {"S", "R"}
+        time.sleep(0.1)
+        assert proc_state(guard_pid) in {"S", "R"}  # the live vdev's guard: untouched
+        os.kill(qemu.pid, signal.SIGSTOP)
+        assert wait_state(qemu.pid, {"T"}) == "T"
+        started_q, started_o = start_time(qemu.pid), start_time(other.pid)
+        assert started_q is not None and started_o is not None
+        path.write_text(
+            render_stop_file(
+                boot_id(),
+                [StopRecord(qemu.pid, started_q, "vm0", "/cg")],
+                GuardRecord(other.pid, started_o, dead_vdev.pid, 12345),  # not a guard
+            )
+        )
+        actions = resume_left_stopped(str(path))
+        assert sorted(a[0] for a in actions) == ["resumed", "skipped"]
+        assert any(f"pid {other.pid}, named as the guard, is not one" in a[2] for a in actions)
+        time.sleep(0.1)
+        assert proc_state(other.pid) in {"S", "R"}  # not signalled
+    finally:
+        for p in (vdev, other):
+            p.kill()
+            p.wait()
+        if not _wait_gone(guard_pid, 5.0):
+            os.kill(guard_pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- killed together

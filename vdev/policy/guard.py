@@ -21,7 +21,10 @@ runs no exit code. Two records cover that:
   (:func:`resume_left_stopped`), reports each (a ``resumed`` backstop action: "left stopped
   by a previous vdev"), and clears the file. So a VM stays stopped only until vdev starts
   again -- at once under systemd's ``Restart=`` -- and meanwhile ``vdev host`` of a live
-  vdev lists the paused ones.
+  vdev lists the paused ones. The file also names the guard that covers the same stops; a
+  starting vdev ends that guard first if it is still alive (stalled, e.g. in reclaim, when
+  its vdev died): otherwise it could wake up later and continue a QEMU the new vdev has
+  stopped again since.
 
 Where the file is (:func:`default_stop_file`): ``[serve] stop_file`` / ``--stop-file``;
 else ``$RUNTIME_DIRECTORY/<first vhost-user socket's name>.stopped`` under systemd
@@ -46,6 +49,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,11 +87,17 @@ def start_time(pid: int, proc: str = "/proc") -> int | None:
 # Text, one record a line:
 #     # comment
 #     boot BOOT_ID                      (the boot the PIDs belong to)
+#     guard PID STARTTIME VDEVPID VDEVSTARTTIME
+#                                       (the guard covering the same stops, and its vdev)
 #     PID STARTTIME [NAME [CGROUP]]     (NAME has no blanks; CGROUP is the rest of the line)
 # Every line ends with a newline: a last line without one is incomplete and not used.
 
 _RECORD = re.compile(r"([0-9]{1,10})\s+([0-9]{1,20})(?:\s+(\S+)(?:\s+(.+))?)?")
 _BOOT = re.compile(r"boot\s+([0-9a-f-]{1,64})")
+_GUARD = re.compile(r"guard\s+([0-9]{1,10})\s+([0-9]{1,20})\s+([0-9]{1,10})\s+([0-9]{1,20})")
+#: how long a starting vdev waits for a previous vdev's guard to end on SIGTERM (it continues
+#: what it recorded and exits: milliseconds) before it SIGKILLs it
+GUARD_EXIT_TIMEOUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -101,19 +111,35 @@ class StopRecord:
     cgroup: str = "-"
 
 
+@dataclass(frozen=True)
+class GuardRecord:
+    """The guard covering a stop file's stops (PID and start time), and the vdev it serves."""
+
+    pid: int
+    started: int
+    vdev_pid: int
+    vdev_started: int
+
+
 @dataclass
 class ParsedStopFile:
     boot: str | None = None
+    #: the guard that covers the same stops
+    guard: GuardRecord | None = None
     records: list[StopRecord] = field(default_factory=list)
     #: what is wrong with it, line by line (those lines are not used)
     problems: list[str] = field(default_factory=list)
 
 
-def render_stop_file(boot: str | None, records: Sequence[StopRecord]) -> str:
+def render_stop_file(
+    boot: str | None, records: Sequence[StopRecord], guard: GuardRecord | None = None
+) -> str:
     out = ["# vdev: QEMUs stopped by the backstop (PID STARTTIME NAME CGROUP);"
            " continued when vdev starts\n"]  # fmt: skip
     if boot:
         out.append(f"boot {boot}\n")
+    if guard is not None:
+        out.append(f"guard {guard.pid} {guard.started} {guard.vdev_pid} {guard.vdev_started}\n")
     for r in records:
         name = r.name if r.name and not any(c.isspace() for c in r.name) else "-"
         cgroup = " ".join(r.cgroup.split()) or "-"
@@ -134,6 +160,10 @@ def parse_stop_file(data: bytes) -> ParsedStopFile:
         boot = _BOOT.fullmatch(line)
         if boot is not None:
             out.boot = boot.group(1)
+            continue
+        guard = _GUARD.fullmatch(line)
+        if guard is not None and int(guard.group(1)) > 0 and int(guard.group(3)) > 0:
+            out.guard = GuardRecord(*(int(g) for g in guard.groups()))
             continue
         m = _RECORD.fullmatch(line)
         if m is None or int(m.group(1)) == 0:
@@ -180,6 +210,8 @@ class StopFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self.records: dict[int, StopRecord] = {}
+        #: the guard covering the same stops (set by :class:`StopGuard`)
+        self.guard: GuardRecord | None = None
         #: the last write's failure (None: the file is up to date)
         self.error: str | None = None
         self._boot = boot_id()
@@ -198,7 +230,9 @@ class StopFile:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
             else:
-                data = render_stop_file(self._boot, list(self.records.values())).encode()
+                data = render_stop_file(
+                    self._boot, list(self.records.values()), self.guard
+                ).encode()
                 directory, name = os.path.split(self.path)
                 # a new file (O_EXCL, 0600) renamed over the old: never a partial line
                 fd, tmp = tempfile.mkstemp(prefix=f".{name}~", dir=directory or ".")
@@ -291,6 +325,10 @@ def resume_left_stopped(path: str, proc: str = "/proc") -> list[tuple[str, str, 
         detail = f"{who} continued: left stopped by a previous vdev (recorded in {path})"
         log.warning("backstop resumed on %s: %s", r.cgroup, detail)
         actions.append(("resumed", r.cgroup, detail))
+    if parsed.guard is not None and records:  # before this vdev can stop anything again
+        trouble = _end_old_guard(parsed.guard, proc=proc)
+        if trouble:
+            problem("-", f"the stop file {path}: {trouble}")
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -298,6 +336,48 @@ def resume_left_stopped(path: str, proc: str = "/proc") -> list[tuple[str, str, 
     except OSError as e:
         problem("-", f"cannot clear the stop file {path}: {e.strerror}")
     return actions
+
+
+def _end_old_guard(guard: GuardRecord, proc: str = "/proc") -> str | None:
+    """End a previous vdev's guard if it outlived that vdev: SIGTERM (it continues what it
+    recorded and exits), SIGCONT in case it is stopped, and SIGKILL if it has not ended within
+    :data:`GUARD_EXIT_TIMEOUT`. Once this returns it can never continue anything again. Only
+    a process that is that guard is signalled: the same PID and start time, running
+    ``-m vdev.policy.guard``, and its vdev gone (a live vdev's guard is its own business).
+    Returns what went wrong, if anything."""
+    pid, started = guard.pid, guard.started
+    if pid == os.getpid() or start_time(guard.vdev_pid, proc) == guard.vdev_started:
+        return None
+    st = _stat(pid, proc)
+    if st is None or st[1] != started or st[0] in ("Z", "X"):
+        return None  # gone (or that PID is another process now)
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            argv = f.read(4096).split(b"\0")
+    except OSError:
+        return None
+    if b"vdev.policy.guard" not in argv:
+        return f"pid {pid}, named as the guard, is not one: not signalled"
+    log.warning("a previous vdev's guard (pid %d) still runs: ending it", pid)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
+    except OSError as e:
+        return f"cannot end the previous vdev's guard (pid {pid}): {e.strerror}"
+    deadline = time.monotonic() + GUARD_EXIT_TIMEOUT
+    while time.monotonic() < deadline:
+        st = _stat(pid, proc)
+        if st is None or st[1] != started or st[0] in ("Z", "X"):
+            return None
+        time.sleep(0.005)
+    try:
+        os.kill(pid, signal.SIGKILL)  # queued even in D state: it never runs user code again
+    except OSError as e:
+        return f"cannot end the previous vdev's guard (pid {pid}): {e.strerror}"
+    return (
+        f"the previous vdev's guard (pid {pid}) did not end on SIGTERM within"
+        f" {GUARD_EXIT_TIMEOUT} s: killed; the QEMUs this file names are continued here"
+    )
 
 
 # --------------------------------------------------------------------------- the guard
@@ -350,6 +430,10 @@ class StopGuard:
         )
         assert self.proc.stdin is not None
         self._pipe = self.proc.stdin.fileno()
+        if stop_file is not None:  # a later vdev ends this guard if it outlives this vdev
+            started, mine = start_time(self.proc.pid), start_time(os.getpid())
+            if started is not None and mine is not None:
+                stop_file.guard = GuardRecord(self.proc.pid, started, os.getpid(), mine)
 
     def wait_ready(self) -> bool:
         """Block until the guard has set its signal handlers (tests; vdev need not wait:
