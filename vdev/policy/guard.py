@@ -338,6 +338,12 @@ def resume_left_stopped(path: str, proc: str = "/proc") -> list[tuple[str, str, 
     return actions
 
 
+def _alive(pid: int, started: int, proc: str = "/proc") -> bool:
+    """Whether the process ``pid`` that started at ``started`` still runs (not a zombie)."""
+    st = _stat(pid, proc)
+    return st is not None and st[1] == started and st[0] not in ("Z", "X")
+
+
 def _end_old_guard(guard: GuardRecord, proc: str = "/proc") -> str | None:
     """End a previous vdev's guard if it outlived that vdev: SIGTERM (it continues what it
     recorded and exits), SIGCONT in case it is stopped, and SIGKILL if it has not ended within
@@ -346,10 +352,9 @@ def _end_old_guard(guard: GuardRecord, proc: str = "/proc") -> str | None:
     ``-m vdev.policy.guard``, and its vdev gone (a live vdev's guard is its own business).
     Returns what went wrong, if anything."""
     pid, started = guard.pid, guard.started
-    if pid == os.getpid() or start_time(guard.vdev_pid, proc) == guard.vdev_started:
+    if pid == os.getpid() or _alive(guard.vdev_pid, guard.vdev_started, proc):
         return None
-    st = _stat(pid, proc)
-    if st is None or st[1] != started or st[0] in ("Z", "X"):
+    if not _alive(pid, started, proc):
         return None  # gone (or that PID is another process now)
     try:
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
@@ -366,8 +371,7 @@ def _end_old_guard(guard: GuardRecord, proc: str = "/proc") -> str | None:
         return f"cannot end the previous vdev's guard (pid {pid}): {e.strerror}"
     deadline = time.monotonic() + GUARD_EXIT_TIMEOUT
     while time.monotonic() < deadline:
-        st = _stat(pid, proc)
-        if st is None or st[1] != started or st[0] in ("Z", "X"):
+        if not _alive(pid, started, proc):
             return None
         time.sleep(0.005)
     try:
