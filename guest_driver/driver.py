@@ -41,9 +41,18 @@ Deliberate differences (see also ``render_debugfs``):
   the write of the shared batch page and the command that consumes it.
 * Entry PFNs are taken from the driver's own list, not read back from the batch page.
 * Inflation keeps up to ``in_flight`` batched LOCKs in flight (default 8, each on its own
-  batch page; 1 is vmw_balloon's one at a time), and a stop (cancellation) in the middle
-  of it gives the pages of the unanswered LOCKs back to the guest (Linux cannot be
-  interrupted there).
+  batch page; 1 is vmw_balloon's one at a time). Linux cannot be interrupted there; this
+  driver can (a stop, or the device failing), and then it cannot know what the device did
+  with the LOCKs it did not see answered: their chains may still be on the ring, to be
+  served later. So their pages are *held*, neither ballooned nor the guest's, until the
+  device answers a command sent after them (it serves the ring in order and answers a LOCK
+  only once its pages are gone: docs/PROTOCOL.md section 2, rules 2 and 3), or until the
+  device is gone for good (:meth:`BalloonDriver.abandon`, or a ``close`` that found it
+  gone); and the driver resets on its next tick (START forgets the device's balloon), so
+  driver and device agree again whatever the device did with them. An UNLOCK interrupted
+  likewise puts its pages back into the balloon and asks for the reset. Before, the pages
+  of an unanswered LOCK went back to the guest at once: a guest writing one before the
+  device served the LOCK lost what it wrote to the punch.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import trio
 from guest_driver.guest_memory import PAGES_PER_2M, PageSize
 from guest_driver.transport import Transport
 from protocol import vmw
+from protocol.errors import DeviceGone
 from protocol.units import PAGE_SIZE
 from protocol.vmw import (
     ALL_CAPABILITIES,
@@ -236,6 +246,9 @@ class BalloonDriver:
         self._pages = {PageSize.SIZE_4K: _PfnStack(), PageSize.SIZE_2M: _PfnStack()}
         self._busy = False
         self._batch_pfns: list[int] = []  # batch pages, one per LOCK in flight (in_flight)
+        #: pages of LOCKs interrupted unanswered: the guest's again once the device answers
+        #: a later command (module docstring)
+        self._held: list[tuple[PageSize, I64Array]] = []
 
     # ------------------------------------------------------------------------------------
     # public
@@ -278,16 +291,25 @@ class BalloonDriver:
         try:
             await self._vmci_cleanup()
             await self._send_start(Capability.NONE)
+        except DeviceGone:
+            self._release_held()  # nobody left to punch them
+            raise
         finally:
             self._pop()
             self._busy = False
 
     def abandon(self) -> None:
         """The device is gone for good: stop, and release every ballooned page to the guest
-        without a word to the device (there is nobody to tell). :meth:`close` without its
-        commands."""
+        without a word to the device (there is nobody to tell), held ones too. :meth:`close`
+        without its commands."""
         self.closed = True
         self._pop()
+        self._release_held()
+
+    @property
+    def held(self) -> int:
+        """Frames held back from the guest: the pages of LOCKs interrupted unanswered."""
+        return sum(int(pages.size) * size.frames for size, pages in self._held)
 
     async def shrink(self, nr_frames: int) -> int:
         """vmballoon_shrinker_scan(): deflate (with UNLOCK) under guest memory pressure."""
@@ -339,6 +361,8 @@ class BalloonDriver:
         ops = self.stats.ops[command]
         ops[0] += 1
         response = await self.transport.command(Request(int(command), arg1, arg2))
+        if self._held:  # answered after every interrupted LOCK: those are served
+            self._release_held()
         status = response.status
         if status == Status.SUCCESS and command in vmw.TARGET_CARRYING:
             self.target = response.result
@@ -433,6 +457,11 @@ class BalloonDriver:
         response = await self._cmd(Command.GUEST_ID, int(self.config.guest_type))
         if response.status != Status.SUCCESS:
             log.warning("failed to send the guest ID to the host")
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for size, pages in held:
+            self.memory.free_balloon(size, pages)
 
     def _pop(self) -> None:
         """vmballoon_pop(): release every ballooned page without telling the host."""
@@ -541,9 +570,10 @@ class BalloonDriver:
         batching) each LOCK is awaited where it is sent: vmw_balloon's one-at-a-time path.
 
         Cancelled (the driver stopped) or failed (the device gone) with LOCKs in flight:
-        those in flight are cancelled, the answered ones are applied, and the pages of the
-        unanswered ones go back to the guest (the device's view of them is settled by the
-        START(0) or reset that follows); the error propagates as it came, not in a group.
+        those in flight are cancelled, the answered ones are applied, the pages of the
+        unanswered ones are held until the device has answered a later command, and the
+        driver resets on its next tick (module docstring); the error propagates as it came,
+        not in a group.
         """
         ctl = _Ctl(size=self.max_page_size, inflate=True)
         # the batch pages not in use, the first on top (None: the first, when alone)
@@ -560,13 +590,15 @@ class BalloonDriver:
                     error = exc
                     nursery.cancel_scope.cancel()
         finally:
-            # Only when cancelled or failed: the answered LOCKs are applied, the pages of
-            # the others are the guest's again.
+            # Only when cancelled or failed: the answered LOCKs are applied; the others may
+            # still be served, so their pages are held and the device's view is settled by
+            # the reset of the next tick.
             for flight in flights:
                 if flight.result is not None:
                     self._apply(ctl, flight.pages, flight.result[1])
                 else:
-                    self.memory.free_balloon(flight.size, flight.pages)
+                    self._held.append((flight.size, flight.pages))
+                    self.reset_required = True
             if ctl.n_refused:
                 # vmballoon_release_refused_pages: one errFree per release, not per page.
                 self.stats.page_inc("errFree", ctl.size)
@@ -646,7 +678,14 @@ class BalloonDriver:
             tried += int(pages.size) * frames
             refused = _EMPTY
             if coordinated and pages.size:
-                _, ok = await self._lock(size, False, pages)
+                try:
+                    _, ok = await self._lock(size, False, pages)
+                except BaseException:
+                    # unanswered: still ours from the balloon's side (an UNLOCK served
+                    # later punches nothing); the reset of the next tick settles the device
+                    self._pages[size].push(pages)
+                    self.reset_required = True
+                    raise
                 refused = pages[~ok]
                 pages = pages[ok]
             deflated_all = pages.size == n

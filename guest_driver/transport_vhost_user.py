@@ -306,7 +306,7 @@ async def run_guest(
                 nursery.start_soon(_run_driver, guest, nursery.cancel_scope)
                 task_status.started(guest)
         finally:
-            guest.released = driver.size
+            guest.released = driver.size + driver.held  # held: of LOCKs it gave up waiting for
             if guest.gone is not None:
                 driver.abandon()  # nobody to tell: the pages are the guest's again
             else:

@@ -28,6 +28,8 @@ from protocol.vmw import (
     GuestType,
     Request,
     Response,
+    batch_entries,
+    entry_pfns,
 )
 from vdev.balloon import BalloonModel, DoorbellEvent
 from vdev.ram import BytearrayRam
@@ -107,7 +109,8 @@ def consistent(driver: BalloonDriver, transport: ModelTransport, memory: GuestMe
     """Driver, device and guest memory agree on every ballooned page."""
     model = transport.model
     assert driver.size == model.size
-    assert memory.count(PageState.BALLOON) == driver.size
+    # held: the pages of LOCKs interrupted unanswered, not yet the guest's again
+    assert memory.count(PageState.BALLOON) == driver.size + driver.held
     assert driver.count(PageSize.SIZE_4K) == model.count_4k
     assert driver.count(PageSize.SIZE_2M) == model.count_2m
     assert sorted(driver.pages(PageSize.SIZE_4K).tolist()) == sorted(
@@ -462,13 +465,15 @@ class GatedTransport(ModelTransport):
     def __init__(self, model: BalloonModel, ram: BytearrayRam) -> None:
         super().__init__(model, ram)
         self.gated = False
+        #: the commands gated while ``gated`` is on
+        self.gate_commands = {Command.BATCHED_LOCK, Command.BATCHED_2M_LOCK}
         self.waiting: dict[int, trio.Event] = {}  # batch page -> the gate of its LOCK
         self.failing: set[int] = set()  # batch pages whose LOCK fails with DeviceGone
         self.sent = 0  # gated LOCKs received
         self.most = 0  # most LOCKs waiting at once
 
     async def command(self, request: Request) -> Response:
-        if not self.gated or request.command not in (Command.BATCHED_LOCK, Command.BATCHED_2M_LOCK):
+        if not self.gated or request.command not in self.gate_commands:
             return await super().command(request)
         page = request.arg1
         assert page not in self.waiting, "two commands in flight share a batch page"
@@ -509,6 +514,20 @@ async def _start_gated(
     await driver.work()  # reset, nothing to inflate
     t.model.set_target(target)
     t.gated = True
+    scope = trio.CancelScope()
+
+    async def tick() -> None:
+        with scope:
+            await driver.work()
+
+    nursery.start_soon(tick)
+    await trio.testing.wait_all_tasks_blocked()
+    return scope
+
+
+async def _start_gated_tick(driver: BalloonDriver, nursery: trio.Nursery) -> trio.CancelScope:
+    """Start one tick in ``nursery`` (cancellable through the returned scope); return when
+    it waits."""
     scope = trio.CancelScope()
 
     async def tick() -> None:
@@ -619,14 +638,103 @@ async def test_cancelled_with_locks_in_flight_keeps_driver_and_device_agreeing()
             await t.answer(b1)  # answered, not taken (b0 is older)
             scope.cancel()  # the driver stops: b0, b2, b3 never reach the device
         assert not t.waiting
-        # the answered LOCK counts, the pages of the others are the guest's again
-        assert driver.size == 512 == memory.count(PageState.BALLOON)
+        # the answered LOCK counts; the pages of the others are held (the driver cannot
+        # know that they never reached the device) and the next tick resets
+        assert driver.size == 512 and driver.held == 3 * 512 and driver.reset_required
         reserved = len(driver._batch_pfns) - 1  # the other batch pages, taken at the reset
-        assert memory.count(PageState.FREE) == free_before - reserved - 512
+        assert memory.count(PageState.FREE) == free_before - reserved - 4 * 512
         consistent(driver, t, memory)
         t.gated = False
-        await driver.work()
+        await driver.work()  # its first answer releases them; pop, START, inflate again
+    assert driver.size == 8 * 512 and driver.held == 0
+    assert memory.count(PageState.FREE) == free_before - reserved - 8 * 512
+    consistent(driver, t, memory)
+
+
+class RingTransport(GatedTransport):
+    """A GatedTransport whose LOCK cancelled at its gate stays on the ring, as with vdev
+    (the driver gave up waiting, the chain was posted): the device serves it, answering
+    nobody, before any later command (ring order)."""
+
+    def __init__(self, model: BalloonModel, ram: BytearrayRam) -> None:
+        super().__init__(model, ram)
+        self.ring: list[Request] = []
+
+    def named(self) -> set[int]:
+        """The PFNs the LOCKs on the ring name (4 KiB pages)."""
+        out: set[int] = set()
+        for r in self.ring:
+            entries = batch_entries(self.ram.read(r.arg1 * 4096, r.arg2 * 8), r.arg2)
+            out.update(int(p) for p in entry_pfns(entries))
+        return out
+
+    async def command(self, request: Request) -> Response:
+        while self.ring:
+            await ModelTransport.command(self, self.ring.pop(0))
+        try:
+            return await super().command(request)
+        except trio.Cancelled:
+            if self.gated and request.command in self.gate_commands:
+                self.ring.append(request)
+            raise
+
+
+class WatchedMemory(GuestMemory):
+    """Guest memory that notes every page given back while a LOCK on the ring names it."""
+
+    transport: RingTransport
+    lost: set[int]
+
+    def free_balloon(self, size: PageSize, firsts: object) -> None:
+        self.lost |= set(np.asarray(firsts).tolist()) & self.transport.named()
+        super().free_balloon(size, firsts)  # type: ignore[arg-type]
+
+
+async def test_pages_of_an_interrupted_lock_stay_held_until_the_device_served_it() -> None:
+    """Cancelled with LOCKs posted and unanswered, whose chains the device serves later: no
+    page of theirs is the guest's again before that (a guest writing one would lose what it
+    wrote to the punch), and the reset of the next tick makes driver and device agree."""
+    model = BalloonModel(target=0)
+    ram = BytearrayRam([(0, RAM_PAGES * 4096)], record=False)
+    t = RingTransport(model, ram)
+    memory = WatchedMemory(RAM_PAGES, kernel_pages=1024)
+    memory.transport, memory.lost = t, set()
+    config = DriverConfig(in_flight=4, capabilities=Capability(0x36))
+    driver = BalloonDriver(t, memory, config, clock=FakeClock())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            scope = await _start_gated(driver, t, nursery, 8 * 512)
+            await t.answer(driver._batch_pfns[1])
+            scope.cancel()
+        assert len(t.ring) == 3 and len(t.named()) == 3 * 512  # b0, b2, b3: still posted
+        assert driver.held == 3 * 512 and driver.reset_required
+        t.gated = False
+        await driver.work()  # the doorbell's unset is answered after the ring's LOCKs
+    assert not memory.lost, f"{len(memory.lost)} pages given back before their LOCK was served"
+    assert not t.ring and driver.held == 0
     assert driver.size == 8 * 512
+    consistent(driver, t, memory)
+
+
+async def test_an_interrupted_unlock_keeps_its_pages_in_the_balloon_then_resets() -> None:
+    driver, t, memory = make_gated(1)
+    with trio.fail_after(10):
+        await driver.work()  # reset
+        t.model.set_target(2 * 512)
+        await driver.work()  # 1024 pages, ungated
+        t.model.set_target(0)
+        t.gated, t.gate_commands = True, {Command.BATCHED_UNLOCK}
+        async with trio.open_nursery() as nursery:
+            scope = await _start_gated_tick(driver, nursery)
+            assert t.sent == 1  # the first UNLOCK waits
+            scope.cancel()
+        # the 512 pages of the unanswered UNLOCK are still the balloon's, and a reset is due
+        assert driver.count(PageSize.SIZE_4K) == 2 * 512 == driver.size
+        assert driver.reset_required
+        consistent(driver, t, memory)
+        t.gated = False
+        await driver.work()  # reset: pop, START; the target is 0
+    assert driver.size == 0 == t.model.size
     consistent(driver, t, memory)
 
 
