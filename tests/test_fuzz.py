@@ -239,7 +239,7 @@ def test_wire_reports_the_coverage_reached_inside_vdev(tmp_path: Path) -> None:
         [sys.executable, "-m", "lab.fuzz", "frames", "--vdev-coverage", str(data)],
         cwd=REPO, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert bad.returncode == 2 and "needs a target that runs vdev" in bad.stderr
+    assert bad.returncode == 2 and "needs a target that runs vdev under coverage" in bad.stderr
 
 
 @pytest.mark.timeout(90)
@@ -295,6 +295,25 @@ def test_api_smoke_against_vdev(tmp_path: Path) -> None:
         )
     assert stats.execs >= 10
     assert not stats.findings, [Reproducer.load(p).error for p in stats.findings]
+
+
+@pytest.mark.timeout(90)
+def test_api_campaign_from_the_command_line(tmp_path: Path) -> None:
+    """`scripts/fuzz api` as the README gives it (it failed at start-up: the wire target's
+    coverage option was passed to every target's session)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "lab.fuzz", "api", "--time", "3", "--seed", "3",
+         "--corpus", str(tmp_path / "corpus"), "--crashes", str(tmp_path / "crashes")],
+        cwd=REPO, capture_output=True, text=True, timeout=80,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    m = re.search(r"fuzz api \[builtin\]: (\d+) execs", run.stdout)
+    assert m and int(m[1]) >= 5, run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "lab.fuzz", "api", "--vdev-coverage", str(tmp_path / "c")],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "needs a target that runs vdev under coverage" in bad.stderr
 
 
 @pytest.mark.parametrize(

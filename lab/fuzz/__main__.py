@@ -11,6 +11,7 @@ found anything. ``replay`` exits 1 when any file still reproduces.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import subprocess
@@ -150,7 +151,9 @@ def _fuzz(args: FuzzArgs) -> int:
             stats.findings.append(rep.save(crash_dir))
     else:
         session: Any = getattr(target, "session", None)
-        live = session(coverage_file=args.vdev_coverage) if session is not None else None
+        live = None
+        if session is not None:  # only wire's measures coverage (fuzz_cmd checked the option)
+            live = session(coverage_file=args.vdev_coverage) if args.vdev_coverage else session()
         with live if live is not None else contextlib.nullcontext():
             stats = builtin_fuzz(
                 target,
@@ -218,6 +221,12 @@ def _replay(files: list[str]) -> int:
 _HELP = {"help_option_names": ["-h", "--help"]}
 
 
+def _measures_vdev(target: Any) -> bool:
+    """Does the target's session run vdev under coverage.py (``coverage_file``)?"""
+    session = getattr(target, "session", None)
+    return session is not None and "coverage_file" in inspect.signature(session).parameters
+
+
 @click.command(name="fuzz", help=(__doc__ or "").splitlines()[0], context_settings=_HELP)
 @click.argument("target", type=click.Choice(sorted(TARGETS)))
 @click.option("--time", "seconds", type=float, default=60.0, help="seconds to fuzz")
@@ -240,9 +249,9 @@ def fuzz_cmd(
     crashes: str | None,
     vdev_coverage: str | None,
 ) -> None:
-    if vdev_coverage and getattr(load_target(target), "session", None) is None:
+    if vdev_coverage and not _measures_vdev(load_target(target)):
         raise click.UsageError(
-            f"--vdev-coverage needs a target that runs vdev (wire), not {target}"
+            f"--vdev-coverage needs a target that runs vdev under coverage (wire), not {target}"
         )
     raise SystemExit(_fuzz(FuzzArgs(target, seconds, corpus, seed, engine, crashes, vdev_coverage)))
 
