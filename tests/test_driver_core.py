@@ -506,25 +506,6 @@ def make_gated(in_flight: int) -> tuple[BalloonDriver, GatedTransport, GuestMemo
     return driver, transport, memory
 
 
-async def _start_gated(
-    driver: BalloonDriver, t: GatedTransport, nursery: trio.Nursery, target: int
-) -> trio.CancelScope:
-    """Reset the driver, set ``target``, and start one tick in ``nursery`` (cancellable
-    through the returned scope); return when the driver waits on its LOCKs."""
-    await driver.work()  # reset, nothing to inflate
-    t.model.set_target(target)
-    t.gated = True
-    scope = trio.CancelScope()
-
-    async def tick() -> None:
-        with scope:
-            await driver.work()
-
-    nursery.start_soon(tick)
-    await trio.testing.wait_all_tasks_blocked()
-    return scope
-
-
 async def _start_gated_tick(driver: BalloonDriver, nursery: trio.Nursery) -> trio.CancelScope:
     """Start one tick in ``nursery`` (cancellable through the returned scope); return when
     it waits."""
@@ -537,6 +518,17 @@ async def _start_gated_tick(driver: BalloonDriver, nursery: trio.Nursery) -> tri
     nursery.start_soon(tick)
     await trio.testing.wait_all_tasks_blocked()
     return scope
+
+
+async def _start_gated(
+    driver: BalloonDriver, t: GatedTransport, nursery: trio.Nursery, target: int
+) -> trio.CancelScope:
+    """Reset the driver, set ``target``, and start one tick in ``nursery`` (cancellable
+    through the returned scope); return when the driver waits on its LOCKs."""
+    await driver.work()  # reset, nothing to inflate
+    t.model.set_target(target)
+    t.gated = True
+    return await _start_gated_tick(driver, nursery)
 
 
 async def test_sliding_window_sends_the_next_lock_when_the_oldest_is_answered() -> None:
