@@ -87,6 +87,9 @@ class Server:
         self.handover = handover if handover is not None and handover.enabled else None
         #: Set while stopping for a hand-over: connections keep their store entries.
         self.handing_over = False
+        #: The wait of :meth:`deflate_all` (cancelled by :meth:`stop_waiting`).
+        self._deflate_wait = trio.CancelScope()
+        self._deflate_skipped = False
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on every socket (resuming the connections a previous vdev handed over)
@@ -255,16 +258,22 @@ class Server:
         """Target 0 for every connected guest; wait (at most ``timeout`` s) until their
         balloons are empty. Returns the pages each guest still held at the end."""
         self.registry.deflating_all = True  # the control plane's steps cannot raise it again
-        for name in self.names:
-            self.registry.set_target(name, 0)
-        left: dict[str, int] = {}
-        with trio.move_on_after(timeout):
-            while True:
-                left = {c.guest: c.device.size_pages() for c in self.connections if not c.closed}
-                if not any(left.values()):
-                    break
+        for name in sorted(set(self.names) | {c.guest for c in self.connections}):
+            if name in self.registry.names():
+                self.registry.set_target(name, 0)
+        wait = 0.0 if self._deflate_skipped else timeout
+        with trio.move_on_after(wait) as self._deflate_wait:
+            while any(self._held().values()):
                 await trio.sleep(0.05)
-        return left
+        return self._held()
+
+    def _held(self) -> dict[str, int]:
+        return {c.guest: c.device.size_pages() for c in self.connections if not c.closed}
+
+    def stop_waiting(self) -> None:
+        """End :meth:`deflate_all`'s wait now (a second SIGTERM/SIGINT during a final stop)."""
+        self._deflate_skipped = True
+        self._deflate_wait.cancel()
 
     async def final_stop(self, timeout: float) -> dict[str, int]:
         """A stop that strands no memory: deflate every guest (bounded, reported), then
@@ -272,7 +281,12 @@ class Server:
         left = await self.deflate_all(timeout)
         for guest, pages in sorted(left.items()):
             if pages:
-                log.warning("%s: %d pages still ballooned after %.1f s", guest, pages, timeout)
+                waited = (
+                    "not waiting (a second signal)"
+                    if self._deflate_skipped
+                    else f"after {timeout:.1f} s (--stop-timeout)"
+                )
+                log.warning("%s: %d pages still ballooned, %s", guest, pages, waited)
             else:
                 log.info("%s: deflated", guest)
         if self.handover is not None:

@@ -22,7 +22,7 @@ import sys
 import click
 import trio
 
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, HostResourceError
 from protocol.units import PAGE_SIZE, parse_size
 from protocol.version import package_version
 from vdev import socket_files
@@ -102,14 +102,17 @@ def main() -> None:
     is_flag=True,
     help="Make SIGTERM a final stop: deflate every guest (target 0, at most --stop-timeout s, "
     "reported), then leave the fd store and exit. Without it, SIGTERM under systemd or "
-    "vdev supervise is a hand-over: the next vdev resumes every guest.",
+    "vdev supervise is a hand-over: the next vdev resumes every guest. A vdev run by "
+    "neither always makes a final stop (nothing could resume its guests); a second signal "
+    "ends the wait.",
 )
 @click.option(
     "--stop-timeout",
     type=click.FloatRange(min=0, max=3600),
     default=30.0,
     show_default=True,
-    help="Seconds --deflate-on-stop waits for the guests to deflate.",
+    help="Seconds a final stop (--deflate-on-stop, or any stop of a vdev run by neither "
+    "systemd nor vdev supervise) waits for the guests to deflate.",
 )
 @click.option("-v", "--verbose", count=True, help="Default info; -vv debug.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
@@ -177,13 +180,21 @@ def serve(
             names = tuple(name_from_socket_path(p) for p in paths)
         if names and len(names) != max(len(paths), 1):
             raise ConfigError(f"--name: give one per socket ({max(len(paths), 1)})")
+        option = "--name-from-socket" if name_from_socket else "--name"
         for name in names:
             try:
                 check_guest_name(name)
             except ConfigError as exc:
-                raise ConfigError(f"--name: {exc}") from None
+                raise ConfigError(f"{option}: {exc}") from None
         if len(set(names)) != len(names):
-            raise ConfigError("--name: guest names must be distinct")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if name_from_socket:
+                raise ConfigError(
+                    f"--name-from-socket: the sockets {', '.join(paths)} give the guests "
+                    f"the names {', '.join(names)}, {', '.join(twice)} more than once (name each socket "
+                    "file after its guest, or give --name once per socket)"
+                )
+            raise ConfigError(f"--name: guest names must be distinct ({', '.join(twice)} twice)")
         cfg.check_vm_names(list(names) or [f"vm{i}" for i in range(max(len(paths), 1))])
         if fd is not None:
             _check_fd(fd)
@@ -235,7 +246,7 @@ def serve(
                     socket_mode=0o660 if gid is not None else 0o600, socket_gid=gid,
                 )
             )  # fmt: skip
-        except* (OSError, ConfigError) as group:
+        except* (OSError, ConfigError, HostResourceError) as group:
             for leaf in _leaves(group):
                 click.echo(f"vdev serve: {leaf}", err=True)
             sys.exit(1)
@@ -352,25 +363,44 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
+            async def stop_now(signum: int) -> None:
+                if stop.deflate or not managed:
+                    # unmanaged, nothing could resume these connections: a stop that left
+                    # the balloons inflated would strand that memory for the guests' lives
+                    if not managed:
+                        log.info(
+                            "signal %d: deflating the guests before stopping (no fd store to "
+                            "hand over to; a second signal stops without waiting)", signum
+                        )  # fmt: skip
+                    left = await server.final_stop(stop.timeout)
+                    if managed:
+                        held = sum(left.values())
+                        server.handover.store.send(  # type: ignore[union-attr]
+                            {"STOPPING": 1, "STATUS": f"final stop, {held} pages left"}
+                        )
+                else:
+                    await server.hand_over()
+                    handed_over.append(True)
+                nursery.cancel_scope.cancel()
+
             async def on_signal() -> None:
+                stopping = False
                 async for signum in signals:
+                    if stopping:
+                        log.warning("signal %d again: stopping now", signum)
+                        server.stop_waiting()
+                        continue
                     log.info("signal %d: stopping", signum)
-                    if stop.deflate:
-                        left = await server.final_stop(stop.timeout)
-                        if managed:
-                            held = sum(left.values())
-                            server.handover.store.send(  # type: ignore[union-attr]
-                                {"STOPPING": 1, "STATUS": f"final stop, {held} pages left"}
-                            )
-                    elif managed:
-                        await server.hand_over()
-                        handed_over.append(True)
-                    else:
-                        await server.shutdown()
-                    nursery.cancel_scope.cancel()
-                    return
+                    stopping = True
+                    nursery.start_soon(stop_now, signum)
 
             nursery.start_soon(on_signal)
+            if not managed:
+                log.warning(
+                    "no fd store (not run by systemd or vdev supervise): a crash or kill -9 of "
+                    "this vdev leaves the guests' balloons inflated for good, QEMU cannot "
+                    "reconnect; SIGTERM deflates them before it exits"
+                )
             if fd is not None:
                 await start_control_plane(nursery, registry, paths)
                 _freeze_heap()
