@@ -70,6 +70,8 @@ def exposed(text: str) -> dict[str, list[dict[str, str]]]:
     for family in text_string_to_metric_families(text):
         # a family with no samples yet still exists (e.g. guest stats before any report)
         out.setdefault(family.name, [])
+        if family.type == "counter":  # its samples are NAME_total
+            out.setdefault(f"{family.name}_total", [])
         for sample in family.samples:
             out.setdefault(sample.name, []).append(dict(sample.labels))
     return out

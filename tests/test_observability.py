@@ -3,7 +3,9 @@ guest names, and the series the rules and the dashboard read, checked against a 
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,6 +31,7 @@ from observability_series import (
 
 from lab.vdev_process import REPO_ROOT, open_vdev
 from protocol.version import package_version
+from vdev.logs import current_vm, event, setup_logging
 from vdev.registry import check_guest_name, name_from_socket_path
 
 MIB = 1 << 20
@@ -128,6 +131,9 @@ def test_serve_refuses_bad_names_clearly(tmp_path: Path) -> None:
     for args, message in (
         (["--name", "a/b"], "bad guest name"),
         (["--name", "x", "--name-from-socket"], "either --name or --name-from-socket"),
+        (["--socket-count", "2", "--name", "x", "--name", "x"], "--name: guest names must be"),
+        # s.sock0 and s.sock1 both say "s": the option that named them is the one blamed
+        (["--socket-count", "2", "--name-from-socket"], "--name-from-socket: the sockets"),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "vdev", "serve", "--socket-path", str(tmp_path / "s.sock"),
@@ -228,7 +234,13 @@ async def test_live_names_logs_metrics(tmp_path: Path) -> None:
     assert "process_start_time_seconds" in have
     # Every series the rules and the dashboard read exists (guest stats: a vmw guest reports
     # none; the Linux guest in tests/test_libvirt.py checks them).
-    assert missing_series(text, allow_empty=["vballoon_vm_guest_stat"]) == []
+    allow = ["vballoon_vm_guest_stat", "vballoon_vm_guest_events_total"]
+    assert missing_series(text, allow_empty=allow) == []
+    # what Prometheus' own linter says of the exposition (names, types, help)
+    lint = subprocess.run(
+        [promtool(), "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
+    )
+    assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
 
     lines = _json_lines(log_path.read_text())
     assert {o["level"] for o in lines} <= {"debug", "info", "warning", "error", "critical"}
@@ -249,6 +261,16 @@ async def test_live_names_logs_metrics(tmp_path: Path) -> None:
     assert targets[-1]["target_bytes"] == 0
     assert not any(o["target_bytes"] == 16 * MIB for o in targets)
     assert [o["event"] for o in lines].count("host_state") >= 1
+    # who changed what: structured, not only in the message
+    audits = [o for o in lines if o["logger"] == "vdev.audit"]
+    assert audits and all(o["event"] == "audit" for o in audits), audits
+    manual_audit = [o for o in audits if o["action"] == "target" and "target_pages" in o]
+    assert len(manual_audit) == 1 and manual_audit[0]["vm"] == "web-1", audits
+    assert manual_audit[0]["target_pages"] == 16 * MIB // 4096
+    assert manual_audit[0]["uid"] == os.getuid() and manual_audit[0]["pid"] > 0
+    setting_audit = [o for o in audits if o["action"] == "setting"]
+    assert setting_audit and setting_audit[0]["vm"] is None
+    assert setting_audit[0]["path"] == "/Mem/CtlMaxPercent"
 
 
 def test_journald_text_has_priorities(tmp_path: Path) -> None:
@@ -271,3 +293,32 @@ def test_journald_text_has_priorities(tmp_path: Path) -> None:
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )  # fmt: skip
     assert err.read_text().splitlines() == ["<6>vdev.x: hello", "<4>vdev.x: careful"]
+
+
+def test_text_lines_name_their_guest() -> None:
+    """The text format says which guest a line is about, as the JSON format's ``vm`` does:
+    from ``extra``, or from the task's :data:`~vdev.logs.current_vm`; a message that already
+    starts with the name is left alone; lines about no guest are unchanged."""
+    out = io.StringIO()
+    handler = setup_logging(logging.INFO, "text", stream=out)
+    try:
+        log = logging.getLogger("vdev.policy.control")
+        event(log, logging.INFO, "target", "target 0 -> 7 MiB (policy: pressure:soft)", vm="web1")
+        event(log, logging.INFO, "target", "target 0 -> 7 MiB (policy: pressure:soft)", vm="db-2")
+        token = current_vm.set("web1")
+        try:
+            log.info("web1: deflated")
+            log.warning("front-end connected")
+        finally:
+            current_vm.reset(token)
+        log.info("serving vmw on a.sock")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    messages = [line.split(": ", 1)[1] for line in out.getvalue().splitlines()]
+    assert messages == [
+        "web1: target 0 -> 7 MiB (policy: pressure:soft)",
+        "db-2: target 0 -> 7 MiB (policy: pressure:soft)",
+        "web1: deflated",
+        "web1: front-end connected",
+        "serving vmw on a.sock",
+    ]

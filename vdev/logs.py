@@ -113,7 +113,23 @@ class JsonFormatter(logging.Formatter):
         return line
 
 
-class JournalTextFormatter(logging.Formatter):
+class TextFormatter(logging.Formatter):
+    """The text format: a line about one guest starts its message with ``NAME: `` (unless
+    the message already does), as the JSON format's ``vm`` key says it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        vm = getattr(record, "vm", None)
+        message = record.message
+        if not vm or message.startswith((f"{vm}:", f"{vm} ")):
+            return super().formatMessage(record)
+        record.message = f"{vm}: {message}"
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
+
+class JournalTextFormatter(TextFormatter):
     """Text without a timestamp, with the sd-daemon priority prefix."""
 
     def __init__(self) -> None:
@@ -146,7 +162,7 @@ def setup_logging(
     elif journal:
         formatter = JournalTextFormatter()
     else:
-        formatter = logging.Formatter(_TEXT_FORMAT)
+        formatter = TextFormatter(_TEXT_FORMAT)
     handler.setFormatter(formatter)
     handler.addFilter(VmFilter())
     root = logging.getLogger()

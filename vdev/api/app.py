@@ -44,7 +44,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import trio
-from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi import Body, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -53,6 +53,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from protocol.errors import ApiError, ConfigError
 from protocol.units import PAGE_SIZE
+from vdev import logs
 from vdev.api import models
 from vdev.api.limits import DEFAULT_MAX_SUBSCRIBERS
 from vdev.api.models import describe_validation_error
@@ -177,6 +178,28 @@ def history_info(control: ControlPlane, name: str, last: int | None) -> models.H
 # Request helpers
 
 
+def _query_names(dependant: Any) -> frozenset[str]:
+    """The query parameters a route (its dependant, with its sub-dependencies) declares."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+async def known_query(request: Request) -> None:
+    """Refuse query parameters the path does not take, as unknown body fields are refused:
+    a misspelt one (``?since=``) must not silently answer as if it were not there."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    allowed = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        takes = f"it takes {', '.join(sorted(allowed))}" if allowed else "it takes none"
+        raise ApiError(422, f"unknown query parameter(s) {', '.join(unknown)}: {takes}")
+
+
 def _vm_name(control: ControlPlane, name: str) -> str:
     if name not in control.registry.names():
         raise ApiError(
@@ -250,14 +273,22 @@ class Audit:
         who: dict[str, Any] = (
             peer.describe() if peer is not None else {"uid": None, "pid": None, "cmdline": None}
         )
-        audit_log.info(
-            "%s %s by uid=%s pid=%s cmdline=%s %s",
+        subject = details.get("name", details.get("path"))
+        logs.event(
+            audit_log,
+            logging.INFO,
+            "audit",
+            "%s%s by uid=%s pid=%s cmdline=%s %s",
             action,
-            details.get("name", details.get("path", "")),
+            "" if subject is None else f" {subject}",
             who["uid"],
             who["pid"],
             json.dumps(who["cmdline"]),
             json.dumps(details, separators=(",", ":"), default=str),
+            vm=details.get("name"),
+            action=action,
+            **{k: v for k, v in details.items() if k != "name"},
+            **who,
         )
         self.control.publish({"type": "audit", "action": action, **details, "peer": who})
 
@@ -271,6 +302,7 @@ def create_app(control: ControlPlane, *, max_subscribers: int = DEFAULT_MAX_SUBS
         docs_url=None,
         redoc_url=None,
         responses=_err(403, 422, 503),
+        dependencies=[Depends(known_query)],
     )
     app.add_middleware(JsonBodies)
     audit = Audit(control)
