@@ -91,6 +91,13 @@ STAT_QOM_KEY: dict[StatTag, str] = {
     StatTag.DIRECT_RECLAIM: "stat-direct-reclaims",
 }
 
+#: The statistics that are levels (bytes now); every other one counts events since the guest
+#: booted (pages swapped, faults, OOM kills, stalls, scans, reclaims, huge page allocations):
+#: a Prometheus counter, not a gauge.
+LEVEL_STATS: frozenset[StatTag] = frozenset(
+    {StatTag.MEMFREE, StatTag.MEMTOT, StatTag.AVAIL, StatTag.CACHES}
+)
+
 
 class Queue(enum.IntEnum):
     """Spec queue indices (QEMU's own device compacts 3/4; see docs)."""

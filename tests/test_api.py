@@ -267,6 +267,13 @@ async def test_every_endpoint(tmp_path: Path) -> None:
         ("GET", "/vms/vm0/history?last=x", b"", 422, "last: Input should be a valid integer"),
         ("GET", "/vms/vm0/history?last=-1", b"", 422, "last: Input should be greater"),
         ("GET", "/vms/vm0/history?last=%s" % ("9" * 400), b"", 422, "last:"),
+        # a misspelt query parameter is refused, not ignored (the whole history back)
+        ("GET", "/vms/vm0/history?since=abc", b"", 422, "unknown query parameter(s) since: it"),
+        ("GET", "/vms?name=vm0", b"", 422, "unknown query parameter(s) name: it takes none"),
+        # under one page is not an empty balloon
+        ("PUT", "/vms/vm0/target", b'{"target": "1.5K"}', 422, "target: 1536 bytes is less"),
+        ("PUT", "/vms/vm0/target", b'{"target_mib": 0.001}', 422, "target_mib: 1048 bytes is"),
+        ("PUT", "/vms/vm0/target", b'{"target_bytes": 100}', 422, "target_bytes: 100 bytes is"),
     ],
 )
 async def test_bad_requests_are_4xx_json_naming_the_problem(
@@ -351,7 +358,7 @@ async def test_simulated_endpoint_on_a_real_host_is_409(tmp_path: Path) -> None:
 
 async def test_metrics_parse_back(tmp_path: Path) -> None:
     control, guests = make_control()
-    guests[0].guest_stats = {"stat-free-memory": 1000, "stat-swap-in": -1}
+    guests[0].guest_stats = {"stat-free-memory": 1000, "stat-swap-in": -1, "stat-oom-kills": 3}
     guests[1].capabilities = 0  # a driver that accepted no feature bits still runs (MCTL?)
     with trio.fail_after(10):
         async with running(control, tmp_path / "api") as c:
@@ -378,6 +385,13 @@ async def test_metrics_parse_back(tmp_path: Path) -> None:
         samples[("vballoon_vm_guest_stat", (("stat", "stat-free-memory"), ("vm", "vm0")))] == 1000
     )
     assert ("vballoon_vm_guest_stat", (("stat", "stat-swap-in"), ("vm", "vm0"))) not in samples
+    # a count since the guest booted is a counter (rate(), increase()), not a level
+    oom = (("stat", "stat-oom-kills"), ("vm", "vm0"))
+    assert samples[("vballoon_vm_guest_events_total", oom)] == 3
+    assert ("vballoon_vm_guest_stat", oom) not in samples
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["vballoon_vm_guest_events"] == "counter"
+    assert types["vballoon_vm_guest_stat"] == "gauge"
     assert samples[("vballoon_host_memory_total_bytes", ())] == 4 * GIB
     assert samples[("vballoon_host_state", (("state", "high"),))] == 1
     assert samples[("vballoon_host_state", (("state", "soft"),))] == 0
@@ -401,10 +415,10 @@ async def test_device_gauges_are_exported_as_gauges(personality: str, expected: 
     control = ControlPlane(registry, ControlConfig(host_memory=4 * GIB))
     control.step(now=0.0)
     families = {f.name: f for f in text_string_to_metric_families(render_metrics(control).decode())}
-    gauges = families["vballoon_vm_balloon_gauge"]
+    gauges = families["vballoon_vm_balloon_level"]
     counters = families["vballoon_vm_balloon_events"]
     assert gauges.type == "gauge" and counters.type == "counter"
-    assert {s.labels["gauge"] for s in gauges.samples} == expected
+    assert {s.labels["level"] for s in gauges.samples} == expected
     assert {s.labels["counter"] for s in counters.samples} == set(status.counters) - expected
     info = vm_info(control, "vm0")
     assert info.gauges == sorted(expected)

@@ -15,11 +15,12 @@ vballoon_vm_manual_target{vm}                          1 if the operator pinned 
 vballoon_vm_ram_bytes{vm}, _ram_allocated_bytes{vm}    guest RAM, its host-resident part
 vballoon_vm_inflate_pages_per_second{vm} (deflate)     rates over the last window
 vballoon_vm_balloon_events_total{vm,counter}           device counters (debugfs names)
-vballoon_vm_balloon_gauge{vm,gauge}                    device gauges (events pending, actual..)
+vballoon_vm_balloon_level{vm,level}                    device gauges (events pending, actual..)
 vballoon_vm_failures_total{vm}                         failed commands + refused pages
-vballoon_vm_reclaimed_bytes_total{vm}                  bytes punched out of guest RAM
-vballoon_vm_guest_stat{vm,stat}                        virtio-balloon guest stats
-vballoon_host_memory_{total,free,min_free}_bytes       MemTotal / MemAvailable / minFree
+vballoon_vm_reclaimed_bytes_total{vm}                  bytes the guest gave and vdev punched
+vballoon_vm_guest_stat{vm,stat}                        virtio-balloon guest stats: levels
+vballoon_vm_guest_events_total{vm,stat}                ... counts since boot (OOM kills, swap..)
+vballoon_host_memory_{total,free,min_free}_bytes       the policy's source / its free / minFree
 vballoon_host_state{state}                             1 for the current state
 vballoon_host_psi_{some,full}_avg10                    PSI memory stall, percent
 vballoon_policy_{pressure,unmet}_pages                 last policy step (pressure only)
@@ -60,6 +61,7 @@ from prometheus_client.registry import Collector
 from protocol.errors import ConfigError
 from protocol.units import PAGE_SIZE
 from protocol.version import package_version
+from protocol.virtio_balloon import LEVEL_STATS, STAT_QOM_KEY
 from vdev.policy.control import driver_active, failures
 from vdev.policy.model import HostState
 
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from vdev.policy.control import ControlPlane
+
+#: The guest statistics (QEMU's names) exported as gauges; the others are counters.
+_LEVEL_STATS = frozenset(STAT_QOM_KEY[tag] for tag in LEVEL_STATS)
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +119,9 @@ class ControlPlaneCollector(Collector):
             labels=["vm", "counter"],
         )
         levels = GaugeMetricFamily(
-            "vballoon_vm_balloon_gauge",
+            "vballoon_vm_balloon_level",
             "Device model gauges: current levels such as events pending",
-            labels=["vm", "gauge"],
+            labels=["vm", "level"],
         )
         fails = CounterMetricFamily(
             "vballoon_vm_failures",
@@ -125,10 +130,20 @@ class ControlPlaneCollector(Collector):
             labels=vm,
         )
         reclaimed = CounterMetricFamily(
-            "vballoon_vm_reclaimed_bytes", "Bytes of guest RAM returned to the host", labels=vm
+            "vballoon_vm_reclaimed_bytes",
+            "Bytes of guest RAM the guest gave up and vdev punched out of its RAM file (pages "
+            "that were never resident free nothing: see vballoon_vm_ram_allocated_bytes)",
+            labels=vm,
         )
         stats = GaugeMetricFamily(
-            "vballoon_vm_guest_stat", "virtio-balloon guest statistics", labels=["vm", "stat"]
+            "vballoon_vm_guest_stat",
+            "virtio-balloon guest statistics that are levels (bytes now)",
+            labels=["vm", "stat"],
+        )
+        guest_events = CounterMetricFamily(
+            "vballoon_vm_guest_events",
+            "virtio-balloon guest statistics that count since the guest booted",
+            labels=["vm", "stat"],
         )
         info = GaugeMetricFamily(
             "vballoon_vm_info", "The guest and the socket it is served on", labels=["vm", "socket"]
@@ -163,9 +178,11 @@ class ControlPlaneCollector(Collector):
             reclaimed.add_metric([name], int(getattr(view, "reclaimed_bytes_total", 0) or 0))
             for stat, value in sorted(dict(getattr(view, "guest_stats", {}) or {}).items()):
                 if int(value) >= 0:  # -1: the guest does not report it
-                    stats.add_metric([name, str(stat)], int(value))
+                    family = stats if stat in _LEVEL_STATS else guest_events
+                    family.add_metric([name, str(stat)], int(value))
         yield from (connected, active, size, target, maximum, manual, ram, resident)
-        yield from (inflate, deflate, events, levels, fails, reclaimed, stats, info)
+        yield from (inflate, deflate, events, levels, fails, reclaimed, stats, guest_events)
+        yield info
         build = GaugeMetricFamily(
             "vballoon_build_info", "The vballoon package version", labels=["version"]
         )
@@ -177,11 +194,15 @@ class ControlPlaneCollector(Collector):
         if sample is not None:
             host = control.host_info()
             yield GaugeMetricFamily(
-                "vballoon_host_memory_total_bytes", "Host memory", value=sample.total_bytes
+                "vballoon_host_memory_total_bytes",
+                "Memory as the policy sees it: the host's MemTotal, a watched cgroup's limit "
+                "where smaller (--watch-cgroup), or the simulated host's (--host-memory)",
+                value=sample.total_bytes,
             )
             yield GaugeMetricFamily(
                 "vballoon_host_memory_free_bytes",
-                "Host free memory (MemAvailable)",
+                "Free memory as the policy sees it: the host's MemAvailable, a watched cgroup's "
+                "headroom where smaller (--watch-cgroup), or the simulated host's (--host-memory)",
                 value=sample.free_bytes,
             )
             yield GaugeMetricFamily(

@@ -172,11 +172,22 @@ def target_pages(body: Any) -> int | None:
     if isinstance(body, TargetPages):
         return body.target_pages
     if isinstance(body, TargetBytes):
-        return body.target_bytes // PAGE_SIZE
+        return _whole_pages(body.target_bytes, "target_bytes")
     if isinstance(body, TargetMib):
-        return int(body.target_mib * MIB) // PAGE_SIZE
+        return _whole_pages(int(body.target_mib * MIB), "target_mib")
     assert isinstance(body, TargetSize)
-    return size_string_bytes(body.target, "target") // PAGE_SIZE
+    return _whole_pages(size_string_bytes(body.target, "target"), "target")
+
+
+def _whole_pages(nbytes: int, field: str) -> int:
+    """Pages in ``nbytes`` (rounded down); a size that is not 0 but under one page is an
+    error, not a target of 0 (which would empty the balloon)."""
+    if 0 < nbytes < PAGE_SIZE:
+        raise ValueError(
+            f"{field}: {nbytes} bytes is less than one page ({PAGE_SIZE} bytes); "
+            "give 0 for an empty balloon"
+        )
+    return nbytes // PAGE_SIZE
 
 
 def free_bytes(body: Any) -> int:
