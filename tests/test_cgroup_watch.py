@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 
+from lab.vdev_process import REPO_ROOT
 from protocol.errors import ConfigError, HostResourceError
 from protocol.units import PAGE_SIZE
 from vdev.config import ControlConfig, parse_config
@@ -745,3 +746,25 @@ async def test_control_plane_backstop_stops_reports_and_continues_on_exit(
             kinds.append(e["action"])
     assert kinds[0] == "engaged" and "paused" in kinds and kinds[-1] == "resumed", kinds
     assert read_cgroup(resolve_cgroup(str(v1_child))).oom_kills == 0
+
+
+def test_a_stop_file_that_cannot_be_written_refuses_the_backstop_at_start(
+    v1_child: Path, tmp_path: Path
+) -> None:
+    """``--backstop --stop-file PATH`` promises that a QEMU it stopped is recorded there, so
+    that a later vdev continues it if vdev and its guard are killed together: a path that
+    cannot be written is refused when vdev starts (it used to be accepted, the start-up line
+    claiming it, and fail at the first pause), with one line naming it and no traceback."""
+    bad = "/nonexistent-vballoon-dir/vm0.stopped"
+    r = subprocess.run(
+        [
+            sys.executable, "-m", "vdev", "serve", "--socket-path", str(tmp_path / "vm0.sock"),
+            "--watch-cgroup", str(v1_child), "--backstop", "--stop-file", bad,
+        ],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert f"cannot write the stop file {bad} (--stop-file): No such file or directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "vm0.sock").exists()

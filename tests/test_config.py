@@ -169,6 +169,8 @@ def test_empty_file_is_defaults() -> None:
         ({"pools": {"a": {"parent": "b"}}}, "parent 'b' does not exist"),
         ({"pools": {"a": {"shares": "lots"}}}, r"\[pools.a\] shares"),
         ({"pools": {"a": {"colour": "red"}}}, r"\[pools.a\]: unknown key"),
+        ({"pools": {"bad pool/x": {}}}, r"\[pools.bad pool/x\]: bad pool name 'bad pool/x'"),
+        ({"pools": {".hidden": {}}}, "bad pool name"),
         ({"vms": {"vm0": {"pool": "nope"}}}, "no pool named 'nope'"),
         ({"vms": {"vm0": {"memory": "1G", "reservation": "2G"}}}, "reservation"),
         ({"vms": {"vm0": {"active_fraction": 2}}}, "active_fraction"),

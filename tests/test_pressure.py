@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from protocol.errors import HostResourceError
 from protocol.units import PAGE_SIZE
@@ -298,3 +300,18 @@ def test_simulated_host() -> None:
     assert sim.sample().free_bytes == 1000 * PAGE_SIZE
     with pytest.raises(ValueError):
         SimulatedHost(total_bytes=10, free_bytes=11)
+
+
+@given(st.lists(st.integers(-2000, 2000), max_size=30), st.integers(0, 1000))
+def test_a_simulated_host_gets_back_what_its_balloons_give_back(
+    deltas: list[int], free: int
+) -> None:
+    """Whatever the balloons did in between (free memory pinned at 0 or at the total for a
+    while), once they are back where they were free memory is back where it was: the clamp
+    to 0..total is what is shown, not what is kept (it used to lose the part cut off)."""
+    sim = SimulatedHost(total_bytes=1000 * PAGE_SIZE, free_bytes=free * PAGE_SIZE)
+    for d in deltas:
+        sim.balloon_changed(d)
+        assert 0 <= sim.free_bytes <= sim.total_bytes
+    sim.balloon_changed(-sum(deltas))
+    assert sim.free_bytes == free * PAGE_SIZE

@@ -386,6 +386,10 @@ def parse_config(doc: Mapping[str, Any], source: str = "config") -> ControlConfi
     pools = _table(doc.get("pools", {}), f"{source} [pools]")
     for name, raw in pools.items():
         where = f"{source} [pools.{name}]"
+        try:
+            check_guest_name(name, "pool")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         t = _table(raw, where)
         _check_keys(t, _POOL_KEYS, where)
         parent = t.get("parent")

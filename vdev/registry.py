@@ -34,11 +34,12 @@ SUBSCRIBER_BUFFER = 4096
 GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:@-]{0,127}")
 
 
-def check_guest_name(name: str) -> str:
-    """``name`` if it is a valid guest name (:data:`GUEST_NAME`), else :class:`ConfigError`."""
+def check_guest_name(name: str, what: str = "guest") -> str:
+    """``name`` if it is a valid guest (or pool: ``what``) name (:data:`GUEST_NAME`), else
+    :class:`ConfigError`."""
     if not GUEST_NAME.fullmatch(name):
         raise ConfigError(
-            f"bad guest name {name!r}: 1-128 characters, letters, digits and ._+:@- "
+            f"bad {what} name {name!r}: 1-128 characters, letters, digits and ._+:@- "
             "(not starting with punctuation)"
         )
     return name

@@ -266,6 +266,14 @@ class Backstop:
                 if self.guard is None:
                     stops = StopFile(self.stop_file) if self.stop_file else None
                     try:
+                        if stops is not None:
+                            stops.probe()
+                    except OSError as e:
+                        raise HostResourceError(
+                            f"backstop: cannot write the stop file {self.stop_file} "
+                            f"(--stop-file): {e.strerror}"
+                        ) from e
+                    try:
                         self.guard = StopGuard(stops)
                     except OSError as e:
                         raise HostResourceError(f"backstop: cannot start the guard: {e}") from e

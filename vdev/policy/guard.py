@@ -216,6 +216,14 @@ class StopFile:
         self.error: str | None = None
         self._boot = boot_id()
 
+    def probe(self) -> None:
+        """Raise OSError unless the file can be written where it is (checked when the
+        backstop engages: a stop file that cannot be written keeps no promise)."""
+        directory, name = os.path.split(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}~", dir=directory or ".")
+        os.close(fd)
+        os.unlink(tmp)
+
     def add(self, record: StopRecord) -> None:
         self.records[record.pid] = record
         self._write()

@@ -244,25 +244,29 @@ def read_host_sample(proc: str = "/proc", cgroup_dir: str | None = None) -> Host
 
 class SimulatedHost:
     """A host whose memory is whatever the test says. Ballooned pages come back as free
-    memory, which closes the loop for convergence tests and demos."""
+    memory, which closes the loop for convergence tests and demos.
+
+    Free memory is shown within 0..total, but the balance behind it is kept whole: a balloon
+    that grows while free memory is already at the total, then shrinks, leaves free memory
+    where it was (clamping the balance itself lost what the clamp cut, every cycle)."""
 
     def __init__(self, total_bytes: int, free_bytes: int) -> None:
         if not 0 <= free_bytes <= total_bytes:
             raise ConfigError(f"need 0 <= free ({free_bytes}) <= total ({total_bytes})")
         self.total_bytes = total_bytes
-        self._free_bytes = free_bytes
+        self._balance = free_bytes
 
     @property
     def free_bytes(self) -> int:
-        return self._free_bytes
+        return min(max(0, self._balance), self.total_bytes)
 
     @free_bytes.setter
     def free_bytes(self, value: int) -> None:
-        self._free_bytes = min(max(0, value), self.total_bytes)
+        self._balance = min(max(0, value), self.total_bytes)
 
     def balloon_changed(self, delta_pages: int) -> None:
         """Balloons grew (positive) or shrank (negative) by ``delta_pages`` pages in total."""
-        self.free_bytes = self._free_bytes + delta_pages * PAGE_SIZE
+        self._balance += delta_pages * PAGE_SIZE
 
     def sample(self) -> HostSample:
-        return HostSample(total_bytes=self.total_bytes, free_bytes=self._free_bytes)
+        return HostSample(total_bytes=self.total_bytes, free_bytes=self.free_bytes)
