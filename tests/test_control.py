@@ -304,3 +304,24 @@ async def test_resubscribes_when_the_registry_drops_it(
                     break
             assert any(e.get("kind") == "target" and e["target_pages"] == 1234 for e in seen)
             nursery.cancel_scope.cancel()
+
+
+async def test_the_age_of_a_guests_stats_is_known_without_the_resident_cap() -> None:
+    """``vdev stat``'s AGE: the time since the control plane saw the guest's current stats
+    (a new stats buffer), measured from the policy's steps and from the query itself. It
+    used to be recorded only on the resident-cap path, so AGE stayed "-" while GFREE moved;
+    a guest that never sent stats has no age."""
+    registry, (with_stats, _vmw) = make_registry(1 << 16, 1 << 16)
+    control = ControlPlane(registry, ControlConfig(host_memory=1 << 40))
+    control.set_manual_target("vm0", 100)  # the operator's target: no resident cap computed
+    control.step(now=0.0)
+    assert control.guests_info()["vm0"]["stats_age_s"] is None  # nothing reported yet
+    with_stats.counters["stats buffers"] = 1
+    with_stats.guest_stats = {"stat-free-memory": 1 << 30}
+    control.step(now=1.0)
+    info = control.guests_info()
+    assert info["vm0"]["stats_age_s"] is not None and 0 <= info["vm0"]["stats_age_s"] < 5
+    assert info["vm1"]["stats_age_s"] is None  # a vmw guest: no stats, no age
+    # first seen by the query itself (no step in between) counts as well
+    with_stats.counters["stats buffers"] = 2
+    assert control.guests_info()["vm0"]["stats_age_s"] == 0.0

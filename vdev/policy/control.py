@@ -802,6 +802,7 @@ class ControlPlane:
             views[name] = view
             # sizes first: the simulated host gets its memory back
             self._note_size(name, int(view.size_pages))
+            self._balloon_at_stats(name, view)  # stats new since the last step: their age
         self._reclaimed_total = sum(
             int(getattr(v, "reclaimed_bytes_total", 0) or 0) for v in views.values()
         )
@@ -963,7 +964,8 @@ class ControlPlane:
         mark = self._stats_mark.get(name)
         if mark is None or mark[0] != buffers:
             mark = self._stats_mark[name] = (buffers, int(view.size_pages) * PAGE_SIZE)
-            self._stats_seen[name] = time.monotonic()
+            if buffers:  # a guest that never sent stats has none to be old
+                self._stats_seen[name] = time.monotonic()
         return mark[1] // PAGE_SIZE
 
     def guests_info(self) -> dict[str, dict[str, Any]]:
@@ -977,11 +979,12 @@ class ControlPlane:
                 hold = f"guest-backoff {self._backoff_until[name] - now:.0f}s"
             elif now < self._futile_until.get(name, 0.0):
                 hold = f"futile {self._futile_until[name] - now:.0f}s"
-            seen = self._stats_seen.get(name)
             try:
                 view = self.registry.view(name)
             except KeyError:
                 continue
+            self._balloon_at_stats(name, view)
+            seen = self._stats_seen.get(name)
             failed = int((getattr(view, "counters", {}) or {}).get("reclaim failures", 0))
             private = list(getattr(view, "unreclaimable", ()) or ())
             if private:
