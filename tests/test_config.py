@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from lab.vdev_process import REPO_ROOT
 from protocol.errors import ConfigError
 from protocol.units import PAGE_SIZE
 from vdev.config import (
@@ -255,3 +259,31 @@ def test_api_bounds_on_the_command_line_are_usage_errors(
     result = CliRunner().invoke(main, ["serve", "--socket-path", str(tmp_path / "s"), *args])
     assert result.exit_code == 2, result.output
     assert match in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[serve]\npolicy_period = 0\n", "policy_period must be >= 0.001 seconds"),
+        ('[pools.a]\nparent = "a"\n', "pool tree has a cycle through a"),
+        ("[settings]\n'/Mem/CtlMaxPercent' = 150\n", "CtlMaxPercent must be in 0..99"),
+        ("[serve\n", "invalid TOML"),
+    ],
+)
+def test_a_bad_config_file_stops_serve_with_one_line_naming_the_file(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Exit status 2 and one line that names the file (also for the checks across keys,
+    which know no file), without click's usage banner: the command line is not at fault."""
+    config = tmp_path / "vdev.toml"
+    config.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "vdev", "serve", "--socket-path", str(tmp_path / "s.sock"),
+         "--config", str(config)],
+        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {config}: "), lines
+    assert message in done.stderr and "Usage:" not in done.stderr

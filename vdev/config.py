@@ -472,4 +472,9 @@ def load_config(path: str | Path) -> ControlConfig:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): a TOML file is UTF-8") from e
     except RecursionError as e:
         raise ConfigError(f"{p}: nested too deeply") from e
-    return parse_config(doc, str(p))
+    try:
+        return parse_config(doc, str(p))
+    except ConfigError as e:  # the checks across keys (pools, settings) name no file
+        if str(e).startswith(str(p)):
+            raise
+        raise ConfigError(f"{p}: {e}") from None

@@ -114,34 +114,52 @@ def notify(
 
 
 class FdStore:
-    """Named entries in the manager's fd store (all no-ops when unmanaged)."""
+    """Named entries in the manager's fd store (all no-ops when unmanaged).
+
+    A manager that stops answering (``vdev supervise`` killed: its notify socket is gone,
+    and its store with it) is logged once; from then on every call is a no-op and
+    :attr:`lost` is True, so that a stop deflates the guests instead of handing them over
+    to nobody, and a notification never fails a connection or the watchdog."""
 
     def __init__(self, address: str | bytes | None = None) -> None:
         self.address = address if address is not None else notify_address()
+        #: the manager stopped answering (see the class docstring)
+        self.lost = False
 
     @property
     def enabled(self) -> bool:
         return self.address is not None
 
+    def _notify(self, fields: Mapping[str, str | int], fds: Iterable[int] = ()) -> bool:
+        if self.address is None or self.lost:
+            return False
+        try:
+            return notify(fields, fds, address=self.address)
+        except OSError as exc:
+            self.lost = True
+            log.warning(
+                "the manager's notify socket %s does not answer (%s): its fd store is gone; "
+                "nothing this vdev holds survives its restart now, and a stop deflates the "
+                "guests",
+                self.address, exc.strerror or exc,
+            )  # fmt: skip
+            return False
+
     def store(self, name: str, fd: int, *, poll: bool = True) -> None:
         if not valid_fdname(name):
             raise ValueError(f"invalid fd store name {name!r}")
-        if self.address is None:
-            return
         fields: dict[str, str | int] = {"FDSTORE": 1, "FDNAME": name}
         if not poll:
             fields["FDPOLL"] = 0
-        notify(fields, [fd], address=self.address)
+        self._notify(fields, [fd])
 
     def remove(self, name: str) -> None:
-        if self.address is None or not valid_fdname(name):
-            return
-        notify({"FDSTOREREMOVE": 1, "FDNAME": name}, address=self.address)
+        if valid_fdname(name):
+            self._notify({"FDSTOREREMOVE": 1, "FDNAME": name})
 
     def send(self, assignments: Mapping[str, str | int]) -> bool:
-        if self.address is None:
-            return False
-        return notify(assignments, address=self.address)
+        """True when the manager took it (False: unmanaged, or the manager is gone)."""
+        return self._notify(assignments)
 
 
 def listen_fds(

@@ -14,8 +14,13 @@ service needs, the way systemd does it (docs/ARCHITECTURE.md, "Hand-over"):
 * the child is started with the store at fds 3.. and ``LISTEN_FDS``/``LISTEN_PID``/
   ``LISTEN_FDNAMES``, and restarted whenever it exits (``--restart-delay``), ``Restart=always``
   style; ``SIGHUP`` restarts it on purpose (SIGTERM, then the restart); ``SIGTERM``/``SIGINT``
-  stop it and the supervisor, releasing the store. A child that sent ``STOPPING=1``, emptied
-  the store and exited 0 (a final stop) is not restarted: the supervisor exits too;
+  stop it and the supervisor, releasing the store: since nothing will resume the guests
+  then, the child is asked for a final stop (:data:`STOP_SIGNAL`, vdev's SIGUSR1: it deflates
+  every guest first). A child that sent ``STOPPING=1``, emptied the store and exited 0 (a
+  final stop) is not restarted: the supervisor exits too;
+* a command that fails before it is ready (exits without ``READY=1``: a broken upgrade) is
+  not retried blindly: the supervisor goes back to the last command that was ready, and
+  waits longer between attempts while a command keeps failing;
 * ``--command-file F`` (JSON list) is re-read at every start: an upgrade points it at the new
   build, then ``SIGHUP``;
 * with ``--watchdog-sec S`` the child gets ``WATCHDOG_USEC`` and is killed with SIGABRT when
@@ -27,7 +32,8 @@ service needs, the way systemd does it (docs/ARCHITECTURE.md, "Hand-over"):
   start-up. It says ``WARM`` when it waits; one that is not warm, or was started from another
   command than the one to run now, is stopped and the child started cold. ``SIGHUP`` first
   warms a standby of the (re-read) command, then stops the child (systemd has no standby:
-  there a restart is a cold start);
+  there a restart is a cold start); a new command that cannot be read, or whose standby exits
+  or is not warm in time, is refused and the running child keeps serving;
 * ``--pid-file F`` holds the pid of the child serving now (systemd's ``MAINPID``).
 
 It never reads a ring or a vhost-user message: the only input it parses is the notify
@@ -70,6 +76,10 @@ _ANC = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
 STANDBY_WARM_TIMEOUT = 30.0
 #: after a standby exited by itself (a broken command), the next one waits this long
 STANDBY_RETRY = 10.0
+#: what the supervisor's own SIGTERM/SIGINT sends the child: vdev serve's final stop
+STOP_SIGNAL = signal.SIGUSR1
+#: the longest wait between two starts of a command that keeps failing before it is ready
+MAX_RESTART_BACKOFF = 10.0
 
 
 @dataclass
@@ -128,6 +138,12 @@ class Supervisor:
         self.upgrade_by: float | None = None
         self.standby_retry_at = 0.0
         self.pid_file = pid_file
+        #: the command the child runs, and the last one that became ready (the fallback)
+        self.child_argv: list[str] | None = None
+        self.good_argv: list[str] | None = None
+        #: starts in a row that failed before READY=1 (the backoff)
+        self.failures = 0
+        self.fall_back = False
 
     # -- notify socket -------------------------------------------------------------------
 
@@ -180,6 +196,8 @@ class Supervisor:
         self._close(fds)
         if fields.get("READY") == "1":
             self.ready = True
+            self.good_argv = self.child_argv
+            self.failures = 0
             log.info("child ready (%d fds stored)", len(self.store))
         if fields.get("STOPPING") == "1":
             self.child_stopping = True
@@ -214,18 +232,32 @@ class Supervisor:
 
     def _command(self) -> list[str]:
         if self.command_file:
-            argv = json.loads(Path(self.command_file).read_text())
+            where = f"--command-file {self.command_file}"
+            try:
+                argv = json.loads(Path(self.command_file).read_text())
+            except OSError as exc:
+                raise ValueError(f"{where}: {exc.strerror or exc}") from None
+            except ValueError as exc:
+                raise ValueError(f"{where}: not JSON: {exc}") from None
             if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
-                raise ValueError(f"{self.command_file}: not a JSON list of strings")
+                raise ValueError(f"{where}: not a JSON list of strings")
             return argv
         return self.argv
 
+    def _to_run(self) -> list[str]:
+        """The command to start: the configured one, or while it fails before it is ready
+        (see :meth:`_restart_delay_after`) the last one that was."""
+        if self.fall_back and self.good_argv is not None:
+            return self.good_argv
+        return self._command()
+
     def _spawn(self) -> None:
-        """Start the child now (cold), with the store at fds 3.."""
-        argv = self._command()
+        """Start the child now (cold), with the store at fds 3..: the command to run, or
+        after it failed before it was ready, the last command that was."""
+        argv = self._to_run()
         self._discard_standby()
         pid = self._fork(argv, [e.fd for e in self.store], None)
-        self._became_child(pid)
+        self._became_child(pid, argv)
         log.info("started %s (pid %d, %d fds passed)", argv[0], pid, len(self.store))
 
     def _fork(self, argv: list[str], fds: list[int], standby: socket.socket | None) -> int:
@@ -260,8 +292,9 @@ class Supervisor:
                 os._exit(127)
         return pid
 
-    def _became_child(self, pid: int) -> None:
+    def _became_child(self, pid: int, argv: list[str]) -> None:
         self.child = self.last_child = pid
+        self.child_argv = argv
         self.child_stopping = False
         self.ready = False
         self.last_ping = time.monotonic()
@@ -281,7 +314,7 @@ class Supervisor:
     def _start_standby(self) -> None:
         """Start the next child ahead of need; it waits for the store on a socket pair."""
         try:
-            argv = self._command()
+            argv = self._to_run()
         except (OSError, ValueError) as exc:
             log.error("no standby: %s", exc)
             return
@@ -342,7 +375,7 @@ class Supervisor:
             return False
         self._check_standby()
         try:
-            argv = self._command()
+            argv = self._to_run()
         except (OSError, ValueError):
             argv = None
         if self.standby is None or not sb.warm or sb.argv != argv:
@@ -363,9 +396,52 @@ class Supervisor:
             return False
         self.standby = None
         sb.sock.close()
-        self._became_child(sb.pid)
+        self._became_child(sb.pid, sb.argv)
         log.info("standby pid %d took over (%d fds passed)", sb.pid, len(self.store))
         return True
+
+    def _upgrade(self) -> None:
+        """SIGHUP: restart the child on the (re-read) command, unless it cannot be read."""
+        try:
+            self._command()
+        except ValueError as exc:
+            log.error("SIGHUP refused, the child keeps serving: %s", exc)
+            return
+        log.info("SIGHUP: restarting the child")
+        self.fall_back = False
+        self.restart_requested = True
+        if self.use_standby and self.child is not None:
+            self._discard_standby()  # it may run the previous command
+            self._start_standby()
+            self.upgrade_by = time.monotonic() + STANDBY_WARM_TIMEOUT
+        else:
+            self._signal_child(signal.SIGTERM)
+
+    def _check_upgrade(self) -> None:
+        """A SIGHUP's standby: warm, the child is stopped (the standby takes over); gone or
+        not warm in time, the upgrade is refused and the child keeps serving."""
+        sb = self.standby
+        if sb is not None and sb.warm:
+            self.upgrade_by = None
+            self._signal_child(signal.SIGTERM)
+            return
+        expired = self.upgrade_by is not None and time.monotonic() > self.upgrade_by
+        if sb is not None and not expired:
+            return
+        self.upgrade_by = None
+        self.restart_requested = False
+        self.fall_back = True  # later restarts and standbys: the command that serves now
+        why = (
+            "exited before it was ready"
+            if sb is None
+            else f"not warm in {STANDBY_WARM_TIMEOUT:g} s"
+        )
+        log.error(
+            "SIGHUP refused, the child keeps serving: the new command's standby %s (see its "
+            "output above; fix %s and send SIGHUP again)",
+            why, f"--command-file {self.command_file}" if self.command_file else "the command",
+        )  # fmt: skip
+        self._discard_standby()
 
     def _reap(self) -> int | None:
         """The child's exit status if it exited (None while it runs)."""
@@ -379,6 +455,30 @@ class Supervisor:
             return None
         self.child = None
         return os.waitstatus_to_exitcode(status)
+
+    def _restart_delay_after(self, code: int) -> float:
+        """The wait before the next start: ``--restart-delay``, longer while commands fail
+        before they are ready; a new command that failed so is replaced by the last one that
+        was ready (a broken upgrade must not keep the guests without a device)."""
+        if self.ready or code == 0:
+            self.failures = 0
+            return self.restart_delay
+        self.failures += 1
+        if self.good_argv is not None and self.child_argv != self.good_argv and not self.fall_back:
+            self.fall_back = True
+            log.error(
+                "the child exited with %d before it was ready: going back to the last command "
+                "that served (%s); fix %s and send SIGHUP",
+                code, " ".join(self.good_argv),
+                f"--command-file {self.command_file}" if self.command_file else "the command",
+            )  # fmt: skip
+            return self.restart_delay
+        delay = min(MAX_RESTART_BACKOFF, max(self.restart_delay, 0.25) * 2 ** (self.failures - 1))
+        log.error(
+            "the child exited with %d before it was ready (%d in a row): next start in %.1f s",
+            code, self.failures, delay,
+        )  # fmt: skip
+        return delay
 
     def _signal_child(self, signum: int) -> None:
         if self.child is not None:
@@ -424,25 +524,18 @@ class Supervisor:
             while pending:
                 signum = pending.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):
-                    log.info("signal %d: stopping the child and the supervisor", signum)
+                    log.info(
+                        "signal %d: stopping the child (a final stop: the store goes with the "
+                        "supervisor) and the supervisor", signum
+                    )  # fmt: skip
                     self.stopping = True
                     self.upgrade_by = None
                     self._discard_standby()
-                    self._signal_child(signal.SIGTERM)
+                    self._signal_child(STOP_SIGNAL)
                 elif signum == signal.SIGHUP and not self.stopping:
-                    log.info("SIGHUP: restarting the child")
-                    self.restart_requested = True
-                    if self.use_standby and self.child is not None:
-                        self._discard_standby()  # it may run the previous command
-                        self._start_standby()
-                        self.upgrade_by = time.monotonic() + STANDBY_WARM_TIMEOUT
-                    else:
-                        self._signal_child(signal.SIGTERM)
-            if self.upgrade_by is not None and (
-                self.standby is None or self.standby.warm or time.monotonic() > self.upgrade_by
-            ):
-                self.upgrade_by = None
-                self._signal_child(signal.SIGTERM)
+                    self._upgrade()
+            if self.upgrade_by is not None:
+                self._check_upgrade()
             if (
                 self.watchdog_sec > 0
                 and self.child is not None
@@ -469,7 +562,7 @@ class Supervisor:
                     break
                 self.restart_requested = False
                 self.upgrade_by = None
-                restart_at = time.monotonic() + self.restart_delay
+                restart_at = time.monotonic() + self._restart_delay_after(code)
             if restart_at is not None and self.child is None and time.monotonic() >= restart_at:
                 restart_at = None
                 try:

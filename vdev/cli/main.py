@@ -28,6 +28,7 @@ from protocol.version import package_version
 from vdev import socket_files
 from vdev.cli.operator import (
     CONTROL_META,
+    ConfigRefused,
     preload_control_plane,
     register_operator_commands,
     serve_options,
@@ -102,17 +103,17 @@ def main() -> None:
     is_flag=True,
     help="Make SIGTERM a final stop: deflate every guest (target 0, at most --stop-timeout s, "
     "reported), then leave the fd store and exit. Without it, SIGTERM under systemd or "
-    "vdev supervise is a hand-over: the next vdev resumes every guest. A vdev run by "
-    "neither always makes a final stop (nothing could resume its guests); a second signal "
-    "ends the wait.",
+    "vdev supervise is a hand-over: the next vdev resumes every guest. SIGUSR1 is always a "
+    "final stop (vdev supervise sends it when it is stopped itself), and so is any stop of a "
+    "vdev whose manager is gone or that runs without one (nothing could resume its guests); "
+    "a second signal ends the wait.",
 )
 @click.option(
     "--stop-timeout",
     type=click.FloatRange(min=0, max=3600),
     default=30.0,
     show_default=True,
-    help="Seconds a final stop (--deflate-on-stop, or any stop of a vdev run by neither "
-    "systemd nor vdev supervise) waits for the guests to deflate.",
+    help="Seconds a final stop (see --deflate-on-stop) waits for the guests to deflate.",
 )
 @click.option("-v", "--verbose", count=True, help="Default info; -vv debug.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
@@ -150,7 +151,8 @@ def serve(
 
     Under systemd (Type=notify, FileDescriptorStoreMax=) or ``vdev supervise`` it keeps
     everything QEMU gave it, and its state, in the manager's fd store: a crash, SIGTERM or
-    an upgrade is a hand-over the guests do not notice."""
+    an upgrade is a hand-over the guests do not notice. Without a manager, SIGTERM and
+    SIGINT deflate every guest before it exits (a final stop); so does SIGUSR1 always."""
     try:
         device_cls = get_personality(device)
     except ConfigError as exc:
@@ -167,7 +169,7 @@ def serve(
     try:
         target_pages = size_to_pages(target)
     except ConfigError as exc:
-        raise click.BadParameter(str(exc), param_hint="--target") from None
+        raise ConfigRefused(str(exc)) from None
     paths = socket_paths(socket_path, socket_count) if socket_path is not None else []
     ctx = click.get_current_context()
     cfg, no_api = ctx.meta.get(CONTROL_META, (ControlConfig(), True))
@@ -297,6 +299,11 @@ def _group_id(group: str | None) -> int | None:
     raise ConfigError(f"--socket-group: no group named {group!r}")
 
 
+#: ``vdev serve``'s signal for a final stop whatever runs it (``vdev supervise`` sends it when
+#: it is stopped itself: its fd store goes with it, so a hand-over would reach nobody).
+FINAL_STOP_SIGNAL = signal.SIGUSR1
+
+
 class StopMode:
     """What SIGTERM/SIGINT does (``vdev serve --deflate-on-stop``, ``--stop-timeout``)."""
 
@@ -360,24 +367,27 @@ async def _serve(
     )
     managed = server.handover is not None
     handed_over: list[bool] = []
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, FINAL_STOP_SIGNAL) as signals:
         async with trio.open_nursery() as nursery:
 
             async def stop_now(signum: int) -> None:
-                if stop.deflate or not managed:
-                    # unmanaged, nothing could resume these connections: a stop that left
-                    # the balloons inflated would strand that memory for the guests' lives
-                    if not managed:
-                        log.info(
-                            "signal %d: deflating the guests before stopping (no fd store to "
-                            "hand over to; a second signal stops without waiting)", signum
-                        )  # fmt: skip
+                final = stop.deflate or signum == FINAL_STOP_SIGNAL
+                store = server.handover.store if server.handover is not None else None
+                if store is None:
+                    # nothing could resume these connections: a stop that left the
+                    # balloons inflated would strand that memory for the guests' lives
+                    log.info(
+                        "signal %d: deflating the guests before stopping (no fd store to "
+                        "hand over to; a second signal stops without waiting)", signum
+                    )  # fmt: skip
+                    final = True
+                elif not final and not store.send({"STATUS": "stopping"}):
+                    final = True  # the manager is gone (FdStore logged it): hand over to nobody?
+                if final:
                     left = await server.final_stop(stop.timeout)
-                    if managed:
+                    if store is not None:
                         held = sum(left.values())
-                        server.handover.store.send(  # type: ignore[union-attr]
-                            {"STOPPING": 1, "STATUS": f"final stop, {held} pages left"}
-                        )
+                        store.send({"STOPPING": 1, "STATUS": f"final stop, {held} pages left"})
                 else:
                     await server.hand_over()
                     handed_over.append(True)

@@ -48,6 +48,16 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 MIB = 1 << 20
+
+
+class ConfigRefused(click.ClickException):
+    """A bad option or config-file value: one line naming it (the option, or the file and
+    its key), exit status 2 like click's usage errors, without the usage banner that would
+    send the operator to the command line when the file is at fault."""
+
+    exit_code = 2
+
+
 CONTROL_META = "vdev.control_config"
 METRICS_META = "vdev.metrics_address"
 
@@ -198,7 +208,7 @@ def serve_options(f: F) -> F:
             if metrics_address is not None:
                 parse_metrics_address(metrics_address)
         except ConfigError as e:
-            raise click.UsageError(str(e)) from None
+            raise ConfigRefused(str(e)) from None
         ctx = click.get_current_context()
         ctx.meta[CONTROL_META] = (cfg, no_api)
         ctx.meta[METRICS_META] = metrics_address
