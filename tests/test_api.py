@@ -780,3 +780,17 @@ async def test_the_answer_is_written_whole_whatever_the_client_sends_after(
                     assert rest.startswith(b"HTTP/1.1 431 "), answer[:300]
                     assert b"--api-max-header-bytes" in rest
             nursery.cancel_scope.cancel()
+
+
+async def test_reset_of_a_vm_with_nothing_connected_is_refused(tmp_path: Path) -> None:
+    """A reset needs a device to reset: with no front-end connected the answer is 409 naming
+    why (it was 200, "reset demanded", audited and logged, and nothing happened)."""
+    control, _ = make_control()
+    control.registry.add("idle", "/nonexistent/idle.sock")
+    with trio.fail_after(10):
+        async with running(control, tmp_path / "api") as c:
+            r = await c.post("/vms/idle/reset")
+            assert r.status_code == 409, r.text
+            assert r.json()["error"] == "idle: no front-end is connected, nothing to reset"
+            check_response("POST", "/vms/{name}/reset", r)
+            assert (await c.post("/vms/vm0/reset")).status_code == 200  # a connected vmw

@@ -248,9 +248,13 @@ class GuestRegistry:
         )
 
     def demand_reset(self, name: str) -> None:
+        """Ask the connected guest's device for a balloon reset; ConfigError when nothing is
+        connected (there is nothing to reset: an answer of "demanded" would be a lie) or
+        when the personality has none (virtio-balloon)."""
         entry = self._entries[name]
-        if entry.device is not None:
-            entry.device.request_reset()
+        if entry.device is None:
+            raise ConfigError(f"{name}: no front-end is connected, nothing to reset")
+        entry.device.request_reset()
 
     def request_stats(self, name: str) -> bool:
         """Ask the guest for fresh statistics (virtio-balloon: the held stats buffer goes back
