@@ -353,6 +353,28 @@ def test_cli_spawns_any_backend_from_a_command_line(tmp_path: Path) -> None:
     assert "spawned back-end" in proc.stdout
 
 
+@pytest.mark.timeout(120)
+def test_clamp_case_holds_when_vdev_reapplies_its_cap_at_every_tick() -> None:
+    """``vmw.target-32bit-clamp`` tests the 32-bit clamp, not vdev's policy: with a policy
+    step every millisecond (vdev re-applies its Mem/CtlMaxPercent cap to the manual target at
+    each), the case passes every time. With 16 TiB of guest RAM the cap (65 %) bound, and
+    the verdict depended on whether a step fell between START and GET_TARGET."""
+    backend = (
+        f"{sys.executable} -m vdev serve --device {{device}} --socket-path {{socket}} "
+        f"--no-api --target {{bytes}} --policy-period 0.001"
+    )
+    cmd = [
+        sys.executable, "-m", "conformance", "--spawn", backend, "--device", "vmw",
+        "-k", "vmw.target-32bit-clamp",
+    ]  # fmt: skip
+    for _ in range(3):
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=REPO, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "1 passed, 0 failed, 0 skipped" in proc.stdout, proc.stdout
+
+
 def test_conformance_imports_nothing_of_vdev() -> None:
     """The harness runs in a process where importing vdev is impossible."""
     code = (
