@@ -1262,9 +1262,7 @@ async def vb_num_pages(ctx: Context) -> None:
     expect_eq(num_pages, T, "num_pages")
     if not ctx.can_set_target:
         return
-    try:
-        await ctx.set_target((1 << 32) + 5)
-    except Skipped:
+    if await ctx.try_set_target((1 << 32) + 5) is not None:
         return  # the operator side refused a target beyond RAM: nothing can wrap
     num_pages, _ = await b.config()
     expect(num_pages != 5, "num_pages wrapped modulo 2^32 (target 2^32 + 5 read as 5)")
