@@ -523,6 +523,25 @@ def test_documented_target_hooks_use_real_placeholders_and_bytes_for_vdev() -> N
         cmd.format(**entry.SPAWN_FIELDS)
 
 
+def test_readme_guest_console_command_is_one_the_console_knows() -> None:
+    """The in-guest harness is started at the guest's console: its first word must be a
+    command of the console loop (the init script's ``case $cmd``), else the console answers
+    "unknown command"."""
+    from lab.linux_image import init_script
+
+    script = init_script([])
+    known = set(re.findall(r"^ {8}(\w+)\) ", script, re.M))
+    assert {"run", "report", "poweroff"} <= known
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The harness inside a guest") :]
+    block = re.search(r"```\n(.*?)\n```", section, re.S)
+    assert block is not None
+    line = block.group(1).strip()
+    assert line.split()[0] in known, line
+    assert "python3 -m conformance --in-guest" in line
+    assert line.split(None, 1)[1].startswith("chroot /mnt/root env PYTHONPATH=/opt/vballoon ")
+
+
 # --------------------------------------------------------------------------------------
 # which cases run inside a guest (conformance --in-guest; run for real by
 # tests/test_vmw_linux_guest.py)
