@@ -1,19 +1,31 @@
 """``python -m conformance`` (``scripts/harness``): vhost-user balloon conformance.
 
     scripts/harness --socket PATH [--device vmw|virtio-balloon] [--junit FILE] [-k PATTERN]
-                    [--target-hook 'vdev set-target {vm} {pages}p']
-    scripts/harness --spawn-vdev [--device ...]     # start vdev serve itself, per case target
+                    [--target-hook 'vdev set-target --api-socket API {vm} {bytes}']
+    scripts/harness --spawn-vdev [--vdev CMD] [--device ...]   # start vdev serve per case target
     scripts/harness --spawn 'CMD {socket} {bytes}' [--target-hook ...]   # any back-end
     scripts/harness --list [--device ...]
     python3 -m conformance --in-guest --initial-target PAGES [-k ...]   # inside the vmw guest
 
-Exit status: 0 when no case failed, 1 when one did, 2 on usage errors.
+--target-hook placeholders: {vm} {pages} {bytes} {socket}; --spawn placeholders: {socket}
+{device} {pages} {bytes}. (``vdev set-target`` reads a bare number as bytes: give it
+{bytes}; ``{pages}p`` would be pebibytes.)
+
+Exit status: 0 when no case failed, 1 when one did, 2 on usage errors (checked before any
+case runs: nothing listens at --socket, --junit not writable, a command that does not
+exist...), 3 when the harness's own set-up failed mid-run (a --target-hook command exited
+non-zero, a back-end it starts did not listen): the run stops there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import shlex
+import shutil
+import socket as socketlib
+import stat
 import sys
 from pathlib import Path
 
@@ -22,6 +34,7 @@ import trio
 
 from conformance.backend import BackendSpawner
 from conformance.cases import Case, select
+from conformance.context import SetupError
 from conformance.runner import (
     ERROR,
     FAIL,
@@ -49,11 +62,12 @@ from protocol.errors import LocalError
 @click.option("-k", "pattern", help="only cases matching (glob or substring, a,b,c)")
 @click.option(
     "--target-hook",
-    help="shell command that sets the target: {vm} {pages} {bytes} {socket} substituted",
+    help="shell command that sets the target: {vm} {pages} {bytes} {socket} substituted "
+    "(vdev: 'vdev set-target --api-socket API {vm} {bytes}')",
 )
 @click.option("--vm", default="vm0", show_default=True, help="guest name passed to --target-hook")
 @click.option("--spawn-vdev", is_flag=True, help="start vdev serve per case target")
-@click.option("--vdev", help="command that runs vdev (default: this python -m vdev)")
+@click.option("--vdev", help="(--spawn-vdev) command that runs vdev (default: this python -m vdev)")
 @click.option(
     "--spawn",
     "spawn_cmd",
@@ -103,6 +117,10 @@ def cli(
     if not cases:
         click.echo("harness: no case matches", err=True)
         return 2
+    problem = _usage_problem(socket, junit, target_hook, spawn_vdev, vdev, spawn_cmd)
+    if problem is not None:
+        click.echo(f"harness: {problem}", err=True)
+        return 2
 
     async def go() -> list[Result]:
         if spawn_vdev or spawn_cmd:
@@ -116,12 +134,129 @@ def cli(
                 )
         return await run_all(cases, device=device, socket=socket, target_hook=target_hook, vm=vm)
 
-    results = trio.run(go)
+    try:
+        results = trio.run(go)
+    except SetupError as exc:
+        if exc.results:
+            render_table(exc.results, f"vhost-user balloon conformance: {device} (stopped)")
+            if junit:
+                write_junit(exc.results, junit, f"harness.{device}")
+        left = len(cases) - len(exc.results)
+        click.echo(f"harness: set-up failed, run stopped ({left} cases not run): {exc}", err=True)
+        return 3
     where = socket or ("spawned vdev" if spawn_vdev else "spawned back-end")
     render_table(results, f"vhost-user balloon conformance: {device} at {where}")
     if junit:
         write_junit(results, junit, f"harness.{device}")
     return 1 if any(r.failed for r in results) else 0
+
+
+#: what each template may name
+HOOK_FIELDS = {"vm": "vm0", "pages": 1, "bytes": 4096, "socket": "S"}
+SPAWN_FIELDS = {"socket": "S", "device": "vmw", "pages": 1, "bytes": 4096}
+
+
+def _template_problem(option: str, template: str, fields: dict[str, object]) -> str | None:
+    try:
+        template.format(**fields)
+    except KeyError as e:
+        names = " ".join(f"{{{k}}}" for k in fields)
+        return f"{option}: unknown placeholder {{{e.args[0]}}} (known: {names})"
+    except (ValueError, IndexError) as e:
+        return f"{option}: not a valid template ({e}; write a literal brace as {{{{ or }}}})"
+    return None
+
+
+def _command_problem(option: str, words: list[str]) -> str | None:
+    """``words[0]`` is not a command that can be run."""
+    if not words:
+        return f"{option}: empty command"
+    exe = words[0]
+    if os.sep in exe:
+        if not os.path.isfile(exe):
+            return f"{option}: {exe}: no such file"
+        if not os.access(exe, os.X_OK):
+            return f"{option}: {exe}: not executable"
+    elif shutil.which(exe) is None:
+        return f"{option}: {exe}: command not found (not on PATH)"
+    return None
+
+
+def _socket_problem(path: str) -> str | None:
+    """Why nothing listens at ``path`` (None: something accepted a connection)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"nothing listens at {path}: {e.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"nothing listens at {path}: it is not a unix socket"
+    s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+    except OSError as e:
+        return f"nothing listens at {path}: {e.strerror or e} (a socket file left behind?)"
+    finally:
+        s.close()
+    return None
+
+
+def _junit_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be written (checked by opening it; a file created is removed)."""
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as e:
+        return f"--junit {path}: cannot write it: {e.strerror or e}"
+    if not existed:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return None
+
+
+def _usage_problem(
+    socket: str | None,
+    junit: Path | None,
+    target_hook: str | None,
+    spawn_vdev: bool,
+    vdev: str | None,
+    spawn_cmd: str | None,
+) -> str | None:
+    """What is wrong with the command line, checked before any case runs."""
+    if spawn_vdev and spawn_cmd:
+        return "--spawn-vdev and --spawn CMD exclude each other (give one back-end)"
+    if socket and (spawn_vdev or spawn_cmd):
+        which = "--spawn-vdev" if spawn_vdev else "--spawn"
+        return f"--socket and {which} exclude each other ({which} makes its own sockets)"
+    if vdev and not spawn_vdev:
+        return "--vdev goes with --spawn-vdev"
+    if target_hook is not None:
+        problem = _template_problem("--target-hook", target_hook, HOOK_FIELDS)
+        if problem:
+            return problem
+    try:
+        if vdev:
+            problem = _command_problem("--vdev", shlex.split(vdev))
+            if problem:
+                return problem
+        if spawn_cmd:
+            problem = _template_problem("--spawn", spawn_cmd, SPAWN_FIELDS)
+            if problem:
+                return problem
+            words = [w.format(**SPAWN_FIELDS) for w in shlex.split(spawn_cmd)]
+            problem = _command_problem("--spawn", words)
+            if problem:
+                return problem
+    except ValueError as e:  # shlex: an unclosed quote
+        return f"cannot split the command line: {e}"
+    if junit is not None:
+        problem = _junit_problem(junit)
+        if problem:
+            return problem
+    if socket:
+        return _socket_problem(socket)
+    return None
 
 
 def _in_guest(

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from conformance.context import CaseFailed, Skipped
+from conformance.context import CaseFailed, SetupError
 from protocol.errors import LocalError
 
 START_TIMEOUT = 15.0
@@ -44,8 +44,9 @@ _SO_ACCEPTCON = 0x10000
 class BackendStartError(LocalError):
     """A back-end child exited, or did not listen in time, before it was ready.
 
-    Raised by :meth:`BackendProcess.wait_listening`; caught by :class:`BackendSpawner`
-    (the harness reports the cases as skipped); a rig's test fails with it."""
+    Raised by :meth:`BackendProcess.wait_listening`; :class:`BackendSpawner` turns it into
+    a :class:`conformance.context.SetupError` (the harness run stops and fails); a rig's
+    test fails with it."""
 
 
 def socket_identity(path: str | Path) -> tuple[int, int] | None:
@@ -256,8 +257,10 @@ class BackendSpawner:
         command: str | None = None,
         wait_for: Sequence[str] = ("{socket}",),
         target_hook: str | None = None,
+        start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.device = device
+        self.start_timeout = start_timeout
         vdev = list(vdev_cmd or VDEV_CMD)
         if command is None:
             self.command = vdev_serve_command(vdev)
@@ -284,19 +287,27 @@ class BackendSpawner:
             if proc.alive():
                 return path
             tail = self.log.read_text(errors="replace")[-1500:]
-            raise CaseFailed(f"back-end (target {target}) exited with {proc.returncode}: {tail}")
+            raise CaseFailed(
+                f"the back-end (target {target}) exited with {proc.returncode} during an "
+                f"earlier case, and is not restarted: {tail}"
+            )
         path = str(Path(self.tmp.name) / f"backend-{len(self.procs)}.sock")
         argv = self.argv(path, target)
         with self.log.open("ab") as log:
             log.write(f"$ {shlex.join(argv)}\n".encode())
         wait_for = [w.format(socket=path) for w in self.wait_for]
         # a relative command is relative to our working directory
-        proc = BackendProcess(argv, wait_for, what=argv[0], log_path=self.log, cwd=None)
+        try:
+            proc = BackendProcess(argv, wait_for, what=argv[0], log_path=self.log, cwd=None)
+        except OSError as e:
+            raise SetupError(f"cannot start the back-end `{shlex.join(argv)}`: {e}") from None
         self.procs[target] = (proc, path)
         try:
-            await proc.wait_listening_async(START_TIMEOUT)
+            await proc.wait_listening_async(self.start_timeout)
         except BackendStartError as e:
-            raise Skipped(str(e)) from None
+            raise SetupError(
+                f"the back-end did not start (`{shlex.join(argv)}`, target {target}): {e}"
+            ) from None
         return path
 
     def close(self) -> None:

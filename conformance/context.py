@@ -26,6 +26,19 @@ class Skipped(Exception):
     """The case cannot run against this back-end / configuration (with the reason)."""
 
 
+class SetupError(Exception):
+    """The harness's own set-up failed: a ``--target-hook`` command, or a back-end it was to
+    start. Not a verdict on the back-end, and never a skip: the run stops there and fails
+    (``python -m conformance`` exits 3). :func:`conformance.runner.run_all` sets
+    :attr:`results` to what ran before, the case it stopped at last (an error)."""
+
+    results: list[Any]
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.results = []
+
+
 def expect(cond: object, msg: str) -> None:
     if not cond:
         raise CaseFailed(msg)
@@ -213,7 +226,10 @@ class Context:
         return self.target_hook is not None
 
     async def set_target(self, pages: int) -> None:
-        """Run ``--target-hook`` (``{vm}``, ``{pages}``, ``{bytes}``, ``{socket}`` substituted)."""
+        """Run ``--target-hook`` (``{vm}``, ``{pages}``, ``{bytes}``, ``{socket}`` substituted).
+
+        A hook that exits non-zero is a set-up error (:class:`SetupError`), not a skip: the
+        harness could not do what the case needs."""
         if self.target_hook is None:
             raise Skipped("needs --target-hook CMD (or --spawn-vdev) to change the target")
         cmd = self.target_hook.format(
@@ -226,14 +242,40 @@ class Context:
             cmd, shell=True, capture_stdout=True, capture_stderr=True, check=False
         )
         if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip()[-300:]
-            raise Skipped(f"target hook failed ({proc.returncode}): {err}")
+            err = proc.stderr.decode(errors="replace").strip()[-500:]
+            raise SetupError(
+                f"--target-hook failed: `{cmd}` (target {pages} pages) exited with status "
+                f"{_exit_status(proc.returncode)}; "
+                + (f"its stderr: {err}" if err else "it wrote nothing on stderr")
+            )
+
+    async def try_set_target(self, pages: int) -> str | None:
+        """:meth:`set_target` for a target the operator side may refuse (one beyond the
+        guest's RAM): None when it was set, else the hook's failure (a refusal, not a
+        set-up error; the case decides what it means)."""
+        try:
+            await self.set_target(pages)
+        except SetupError as exc:
+            return str(exc)
+        return None
 
     async def need_target(self, pages: int) -> None:
         """Make sure the target is ``pages`` before the case proceeds."""
         if self.initial_target == pages:
             return
         await self.set_target(pages)
+
+
+def _exit_status(code: int) -> str:
+    """``1``, or ``-9 (killed by SIGKILL)`` for a signal."""
+    if code < 0:
+        import signal
+
+        try:
+            return f"{code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return str(code)
+    return str(code)
 
 
 def run_hook_sync(cmd: str) -> subprocess.CompletedProcess[bytes]:

@@ -13,7 +13,7 @@ import trio
 
 from conformance.backend import BackendSpawner
 from conformance.cases import Case
-from conformance.context import CaseFailed, Context, Skipped
+from conformance.context import CaseFailed, Context, SetupError, Skipped
 from protocol.errors import BackendHungUp
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
@@ -48,6 +48,8 @@ async def run_case(c: Case, ctx: Context) -> Result:
             await c.fn(ctx)
     except Skipped as exc:
         return Result(c, SKIP, str(exc), time.monotonic() - t0)
+    except SetupError:
+        raise  # the harness's own failure: not a verdict on the back-end
     except CaseFailed as exc:
         return Result(c, FAIL, str(exc), time.monotonic() - t0)
     except trio.TooSlowError:
@@ -76,6 +78,9 @@ async def run_all(
     vm: str = "vm0",
     on_result: object = None,
 ) -> list[Result]:
+    """Run ``cases`` one after the other; their results. A :class:`SetupError` (a target
+    hook or a back-end to start failed) stops the run: it is raised with ``results`` set to
+    those so far, the case it stopped at last, as an error."""
     results: list[Result] = []
     for c in cases:
         initial = None
@@ -90,13 +95,17 @@ async def run_all(
             else:
                 assert socket is not None
                 path = socket
-        except Skipped as exc:
-            results.append(Result(c, SKIP, str(exc)))
-            continue
-        ctx = Context(
-            socket=path, device=device, vm=vm, target_hook=target_hook, initial_target=initial
-        )
-        result = await run_case(c, ctx)
+            ctx = Context(
+                socket=path, device=device, vm=vm, target_hook=target_hook, initial_target=initial
+            )
+            result = await run_case(c, ctx)
+        except CaseFailed as exc:  # the spawned back-end died in an earlier case
+            result = Result(c, FAIL, str(exc))
+        except SetupError as exc:
+            # the harness could not set up what the case needs: stop the run, and fail it
+            results.append(Result(c, ERROR, f"harness set-up failed: {exc}"))
+            exc.results = results
+            raise
         results.append(result)
         if callable(on_result):
             on_result(result)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import re
 import socket
 import subprocess
 import sys
@@ -353,6 +354,142 @@ def test_cli_spawns_any_backend_from_a_command_line(tmp_path: Path) -> None:
     assert "spawned back-end" in proc.stdout
 
 
+@pytest.mark.timeout(120)
+def test_clamp_case_holds_when_vdev_reapplies_its_cap_at_every_tick() -> None:
+    """``vmw.target-32bit-clamp`` tests the 32-bit clamp, not vdev's policy: with a policy
+    step every millisecond (vdev re-applies its Mem/CtlMaxPercent cap to the manual target at
+    each), the case passes every time. With 16 TiB of guest RAM the cap (65 %) bound, and
+    the verdict depended on whether a step fell between START and GET_TARGET."""
+    backend = (
+        f"{sys.executable} -m vdev serve --device {{device}} --socket-path {{socket}} "
+        f"--no-api --target {{bytes}} --policy-period 0.001"
+    )
+    cmd = [
+        sys.executable, "-m", "conformance", "--spawn", backend, "--device", "vmw",
+        "-k", "vmw.target-32bit-clamp",
+    ]  # fmt: skip
+    for _ in range(3):
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=REPO, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "1 passed, 0 failed, 0 skipped" in proc.stdout, proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# the harness's own set-up: checked before any case runs, or a failure (never a skip)
+
+
+def _stale_socket(path: Path) -> Path:
+    """A socket file nothing listens on (its process is gone)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+    return path
+
+
+#: (command line, what the error says); {tmp} is a fresh directory
+BAD_COMMAND_LINES = [
+    (["--socket", "{tmp}/missing.sock"], "nothing listens at {tmp}/missing.sock"),
+    (["--socket", "{tmp}/regular"], "is not a unix socket"),
+    (["--socket", "{tmp}/stale.sock"], "nothing listens at {tmp}/stale.sock"),
+    (["--spawn-vdev", "--junit", "/nonexistent/dir/j.xml"], "--junit /nonexistent/dir/j.xml"),
+    (["--spawn-vdev", "--vdev", "/nonexistent/vdev"], "--vdev: /nonexistent/vdev: no such file"),
+    (["--spawn-vdev", "--vdev", "no-such-vdev-here"], "command not found"),
+    (["--spawn-vdev", "--socket", "{tmp}/x.sock"], "--socket and --spawn-vdev exclude"),
+    (["--spawn", "true {socket}", "--socket", "{tmp}/x.sock"], "--socket and --spawn exclude"),
+    (["--spawn", "true {socket}", "--spawn-vdev"], "exclude each other"),
+    (["--spawn", "no-such-backend-here {socket}"], "--spawn: no-such-backend-here: command"),
+    (["--spawn", "true {sock}"], "--spawn: unknown placeholder {sock}"),
+    (["--spawn", "true 'unclosed"], "cannot split the command line"),
+    (["--spawn-vdev", "--target-hook", "set {target}"], "unknown placeholder {target}"),
+    (["--spawn-vdev", "--target-hook", "echo ${HOME}"], "unknown placeholder {HOME}"),
+    (["--socket", "{tmp}/stale.sock", "--vdev", "x"], "--vdev goes with --spawn-vdev"),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), BAD_COMMAND_LINES)
+def test_bad_command_lines_are_usage_errors_before_any_case(
+    args: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "regular").write_text("")
+    _stale_socket(tmp_path / "stale.sock")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert harness_main(argv) == 2
+    out = capsys.readouterr()
+    assert says.replace("{tmp}", str(tmp_path)) in out.err, out.err
+    assert "harness: " in out.err and "Traceback" not in out.err
+    assert "passed" not in out.out  # no case ran
+    assert not Path("/nonexistent/dir").exists()
+
+
+def _harness(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "conformance", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+
+
+def test_a_failing_target_hook_fails_the_run_naming_it(tmp_path: Path) -> None:
+    junit = tmp_path / "j.xml"
+    hook = "echo no such guest >&2; exit 4; : {vm} {bytes}"
+    proc = _harness(
+        "--spawn-vdev", "--target-hook", hook, "--junit", str(junit),
+        "-k", "vmw.guest-id,vmw.doorbell-target-change,vmw.doorbell-unregister",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "skipped" not in proc.stderr
+    assert "--target-hook failed: `echo no such guest >&2; exit 4; : vm0 " in proc.stderr
+    assert "exited with status 4; its stderr: no such guest" in proc.stderr
+    assert "run stopped (1 cases not run)" in proc.stderr  # doorbell-unregister never ran
+    errors = [
+        tc.get("name") for tc in ET.parse(junit).iter("testcase") if tc.find("error") is not None
+    ]
+    assert errors == ["vmw.doorbell-target-change"]
+
+
+def test_a_backend_that_never_starts_fails_the_run() -> None:
+    proc = _harness("--spawn", "false {socket}", "-k", "vmw.guest-id,vmw.lock-unlock")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "the back-end did not start (`false " in proc.stderr
+    assert "exited 1 before listening" in proc.stderr
+
+
+async def test_a_backend_that_never_listens_is_a_setup_error() -> None:
+    from conformance.context import SetupError
+
+    spawner = BackendSpawner("vmw", command="sleep 100", start_timeout=0.5)
+    with trio.fail_after(10):
+        async with spawner.running():
+            with pytest.raises(SetupError, match="did not listen on") as info:
+                await run_all(
+                    catalogue.select("vmw", "vmw.guest-id"), device="vmw", spawner=spawner
+                )
+    assert [(r.case.name, r.outcome) for r in info.value.results] == [("vmw.guest-id", "error")]
+
+
+#: listens, takes one connection, exits 1
+DYING = (
+    f'{sys.executable} -c "import socket, sys; s = socket.socket(socket.AF_UNIX); '
+    f's.bind(sys.argv[1]); s.listen(); s.accept(); sys.exit(1)" {{socket}}'
+)
+
+
+def test_a_backend_that_dies_fails_the_cases_after_it_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    junit = tmp_path / "j.xml"
+    cases = "vu.reply-flags-0x5,vu.reply-ack,vu.features-offered"
+    proc = _harness("--spawn", DYING, "-k", cases, "--junit", str(junit))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "0 passed, 3 failed" in proc.stdout, proc.stdout
+    failures = [tc.find("failure") for tc in ET.parse(junit).iter("testcase")]
+    messages = [f.get("message", "") for f in failures if f is not None]
+    assert len(messages) == 3
+    # the first case met it alive; the next two find it gone and say so
+    assert all("exited with 1 during an earlier case" in m for m in messages[1:]), messages
+
+
 def test_conformance_imports_nothing_of_vdev() -> None:
     """The harness runs in a process where importing vdev is impossible."""
     code = (
@@ -361,6 +498,48 @@ def test_conformance_imports_nothing_of_vdev() -> None:
         "assert not [m for m in sys.modules if m.startswith('vdev.')]"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+# --------------------------------------------------------------------------------------
+# what the docs tell the user to type works
+
+
+def test_documented_target_hooks_use_real_placeholders_and_bytes_for_vdev() -> None:
+    """``vdev set-target`` reads a bare number as bytes (``{pages}p`` would be PiB): every
+    ``--target-hook`` the README and ``--help`` show names only placeholders the harness
+    substitutes, and one for vdev passes ``{bytes}``."""
+    import conformance.__main__ as entry
+
+    text = " ".join(((REPO / "README.md").read_text() + (entry.__doc__ or "")).split())
+    hooks = re.findall(r"--target-hook '([^']*)'", text)
+    assert len(hooks) >= 3, hooks
+    for hook in hooks:
+        hook.format(**entry.HOOK_FIELDS)  # KeyError: a placeholder that is not substituted
+        if "set-target" in hook:
+            assert hook.endswith("{vm} {bytes}"), hook
+    spawns = re.findall(r"--spawn '([^']*)'", text)
+    assert spawns
+    for cmd in spawns:
+        cmd.format(**entry.SPAWN_FIELDS)
+
+
+def test_readme_guest_console_command_is_one_the_console_knows() -> None:
+    """The in-guest harness is started at the guest's console: its first word must be a
+    command of the console loop (the init script's ``case $cmd``), else the console answers
+    "unknown command"."""
+    from lab.linux_image import init_script
+
+    script = init_script([])
+    known = set(re.findall(r"^ {8}(\w+)\) ", script, re.M))
+    assert {"run", "report", "poweroff"} <= known
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The harness inside a guest") :]
+    block = re.search(r"```\n(.*?)\n```", section, re.S)
+    assert block is not None
+    line = block.group(1).strip()
+    assert line.split()[0] in known, line
+    assert "python3 -m conformance --in-guest" in line
+    assert line.split(None, 1)[1].startswith("chroot /mnt/root env PYTHONPATH=/opt/vballoon ")
 
 
 # --------------------------------------------------------------------------------------
