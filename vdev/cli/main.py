@@ -382,7 +382,7 @@ async def _serve(
                     )  # fmt: skip
                     final = True
                 elif not final and not store.send({"STATUS": "stopping"}):
-                    final = True  # the manager is gone (FdStore logged it): hand over to nobody?
+                    final = True  # the manager is gone (FdStore logged it): nobody to hand to
                 if final:
                     left = await server.final_stop(stop.timeout)
                     if store is not None:
