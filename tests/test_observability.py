@@ -322,3 +322,24 @@ def test_text_lines_name_their_guest() -> None:
         "web1: front-end connected",
         "serving vmw on a.sock",
     ]
+
+
+def test_a_refused_start_under_journald_is_an_error_line(tmp_path: Path) -> None:
+    """Under journald a start that fails on a bad option or config file is logged at
+    priority 3 (``journalctl -p err`` shows it), not as plain text the journal files as info."""
+    err = tmp_path / "stderr"
+    config = tmp_path / "vdev.toml"
+    config.write_text("[serve]\npolicy_period = 0\n")
+    with open(err, "wb") as f:
+        st = os.fstat(f.fileno())
+        done = subprocess.run(
+            [sys.executable, "-m", "vdev", "serve", "--socket-path", str(tmp_path / "s.sock"),
+             "--config", str(config)],
+            stderr=f, timeout=60, cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                 "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert err.read_text().splitlines() == [
+        f"<3>Error: {config}: policy_period must be >= 0.001 seconds, got 0.0"
+    ]

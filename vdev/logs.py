@@ -73,6 +73,13 @@ def stream_is_journal(stream: TextIO) -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+def error_line(text: str, stream: TextIO | None = None) -> str:
+    """``text`` as an error line for ``stream`` (stderr): with the ``<3>`` priority prefix
+    when it is the journal, so that ``journalctl -p err`` shows why vdev did not start."""
+    stream = sys.stderr if stream is None else stream
+    return f"<{_PRIORITY[logging.ERROR]}>{text}" if stream_is_journal(stream) else text
+
+
 class VmFilter(logging.Filter):
     """Gives every record ``vm`` (from ``extra`` or :data:`current_vm`) and ``event``."""
 

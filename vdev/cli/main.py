@@ -38,7 +38,7 @@ from vdev.config import ControlConfig
 from vdev.devices.base import PERSONALITIES, get_personality
 from vdev.handover import Handover
 from vdev.listeners import socket_paths
-from vdev.logs import LOG_FORMATS, setup_logging, verbosity_level
+from vdev.logs import LOG_FORMATS, error_line, setup_logging, verbosity_level
 from vdev.registry import GuestRegistry, check_guest_name, name_from_socket_path
 from vdev.sdnotify import FdStore, StandbyDismissed, is_standby, listen_fds
 from vdev.server import Server
@@ -250,7 +250,7 @@ def serve(
             )  # fmt: skip
         except* (OSError, ConfigError, HostResourceError) as group:
             for leaf in _leaves(group):
-                click.echo(f"vdev serve: {leaf}", err=True)
+                click.echo(error_line(f"vdev serve: {leaf}"), err=True)
             sys.exit(1)
     if handed_over:
         # Everything the next vdev needs is in the manager's fd store: leave now, without

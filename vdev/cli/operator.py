@@ -57,6 +57,11 @@ class ConfigRefused(click.ClickException):
 
     exit_code = 2
 
+    def show(self, file: Any = None) -> None:
+        from vdev.logs import error_line
+
+        click.echo(error_line(f"Error: {self.format_message()}"), err=True)
+
 
 CONTROL_META = "vdev.control_config"
 METRICS_META = "vdev.metrics_address"
