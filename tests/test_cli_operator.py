@@ -139,6 +139,9 @@ async def test_stat_set_target_config_host_pools(served: Any) -> None:
         rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in r.output.splitlines())
         assert rows["state"] == "soft" and rows["free MB"] == "120.00"
         assert rows["source"] == "simulated" and rows["PSI some/full avg10"] == "- / -"
+        # plain text, not rich markup ("[serve]" was eaten); no padding to the widest row
+        assert rows["why"] == "--host-memory / [serve] host_memory", rows["why"]
+        assert all(line == line.rstrip() for line in r.output.splitlines())
         r = await run("host", "--api-socket", api, "--json")
         assert json.loads(r.output)["total_bytes"] == 4 << 30
 

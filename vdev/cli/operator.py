@@ -368,6 +368,18 @@ def _console() -> Console:
     return Console(width=width, soft_wrap=False, highlight=False)
 
 
+def _print(renderable: Any) -> None:
+    """Print a table: on a terminal as rich renders it; off one (a pipe, a file) without the
+    padding rich gives every line up to the widest cell (lines of 200 spaces and more)."""
+    console = _console()
+    if sys.stdout.isatty():
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    click.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
 class Fields:
     """Text fields on one line, separated by two spaces; where the width is too small, the
     line breaks between fields (never inside one), continuation lines indented."""
@@ -556,7 +568,7 @@ def stat(api_socket: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"host": host, "vms": vms}, indent=2))
         return
-    _console().print(stat_renderable(vms, host))
+    _print(stat_renderable(vms, host))
 
 
 @click.command()
@@ -642,7 +654,7 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(h, indent=2))
         return
-    table = Table(box=None, show_header=False, pad_edge=False)
+    table = _PlainTable(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
     psi = h.get("psi") or {}
@@ -690,7 +702,15 @@ def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
         table.add_row(f"backstop {act.get('action')}", str(act.get("detail")))
     if h.get("error"):
         table.add_row("error", Text(h["error"], style="red"))
-    _console().print(table)
+    _print(table)
+
+
+class _PlainTable(Table):
+    """A table whose str cells are plain text: a value such as ``[serve] host_memory`` or a
+    cgroup path is shown as it is, not read as rich markup."""
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
 
 
 def _capped(h: dict[str, Any]) -> str:
@@ -724,7 +744,7 @@ def pools(api_socket: str) -> None:
     if not ps:
         click.echo("no resource pools configured")
         return
-    _console().print(table)
+    _print(table)
 
 
 @click.group()
