@@ -233,7 +233,7 @@ def format_stat_balloon(snapshot: dict[str, Any]) -> str:
 # click
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     package_version(), "--version", prog_name="guest-driver", message="%(prog)s %(version)s"
 )
@@ -308,7 +308,7 @@ def main() -> None:
     help="Seconds a command may stay unanswered (a vdev restarting) before the "
     "device is taken as gone and the driver exits (default 30).",
 )
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug (default: warnings).")
 def run(
     socket_path: str,
     memory: int,
@@ -497,7 +497,7 @@ def _first(exc: BaseException) -> BaseException:
     type=click.Path(dir_okay=False),
     help="Control socket (guest-driver stat --control).",
 )
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug (default: warnings).")
 def run_linux(
     pci_id: str,
     poll: float,

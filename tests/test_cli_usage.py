@@ -7,11 +7,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import trio
 from click.testing import CliRunner, Result
 
 from guest_driver.cli import main as guest_driver
+from vdev.cli.main import main as vdev
 
 MISSING = "/nonexistent-vballoon/vm0.sock"
 
@@ -179,3 +181,42 @@ def test_run_linux_reserve_is_the_floor(
     monkeypatch.setattr(run_linux, "run_in_guest", _fake_run_in_guest(seen))
     assert invoke(guest_driver, "run-linux", *args).exit_code == 1
     assert seen[0].reserve_bytes == reserve
+
+
+# ---------------------------------------------------------------------------------------
+# Help: -h everywhere, every option explained, summaries not cut at "e.g."
+
+
+def _commands(group: click.Group, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
+    out: list[tuple[tuple[str, ...], Any]] = [(path, group)]
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, (*path, name))
+        else:
+            out.append(((*path, name), cmd))
+    return out
+
+
+COMMANDS = _commands(vdev, ("vdev",)) + _commands(guest_driver, ("guest-driver",))
+IDS = [" ".join(path) for path, _ in COMMANDS]
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=IDS)
+def test_dash_h_is_help(path: tuple[str, ...], cmd: Any) -> None:
+    root = vdev if path[0] == "vdev" else guest_driver
+    result = invoke(root, *path[1:], "-h")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: ")
+    assert "-h, --help" in result.output
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=IDS)
+def test_every_option_has_help(path: tuple[str, ...], cmd: Any) -> None:
+    bare = [p.opts for p in cmd.params if isinstance(p, click.Option) and not p.help]
+    assert not bare, f"{' '.join(path)}: options without help: {bare}"
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=IDS)
+def test_summary_is_not_cut_mid_sentence(path: tuple[str, ...], cmd: Any) -> None:
+    summary = cmd.get_short_help_str(limit=45)
+    assert not summary.rstrip(".").endswith(("e.g", "i.e", "(")), summary
