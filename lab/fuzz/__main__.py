@@ -160,7 +160,7 @@ def _fuzz(args: FuzzArgs) -> int:
     else:
         session: Any = getattr(target, "session", None)
         live = None
-        if session is not None:  # only wire's measures coverage (fuzz_cmd checked the option)
+        if session is not None:  # only wire's measures coverage (its command checked the option)
             live = session(coverage_file=args.vdev_coverage) if args.vdev_coverage else session()
         with live if live is not None else contextlib.nullcontext():
             stats = builtin_fuzz(
