@@ -21,11 +21,14 @@ for good (or cannot be reached at start), 2 on a usage error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import math
 import os
 import signal
 import socket
+import stat as stat_module
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,9 +37,10 @@ import click
 import trio
 
 from guest_driver.driver import DEFAULT_IN_FLIGHT, DriverConfig
+from guest_driver.frontend import RING_BASE
 from guest_driver.guest_memory import WorkloadSpec
 from protocol.errors import ConfigError, VballoonError
-from protocol.units import PAGE_SIZE, parse_size
+from protocol.units import PAGE_SIZE, format_size, parse_size
 from protocol.version import package_version
 from protocol.vmw import ALL_CAPABILITIES, Capability
 
@@ -46,17 +50,26 @@ CONTROL_SUFFIX = ".guest"
 
 
 def parse_workload(text: str) -> WorkloadSpec:
-    """``BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_GROWTH_PER_S]]]]`` (``256M:512M:20:128M:64M``)."""
+    """``BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_GROWTH_PER_S]]]]`` (``256M:512M:20:128M:64M``).
+
+    PERIOD is seconds, finite and > 0 (default 20)."""
     parts = text.split(":")
     if not 1 <= len(parts) <= 5 or not parts[0]:
-        raise ConfigError(f"bad workload {text!r}: BASE[:AMPLITUDE[:PERIOD[:CACHE]]]")
+        raise ConfigError(f"bad workload {text!r}: BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]]")
     base = parse_size(parts[0], "workload BASE") // PAGE_SIZE
     amplitude = (
         parse_size(parts[1], "workload AMPLITUDE") // PAGE_SIZE
         if len(parts) > 1 and parts[1]
         else 0
     )
-    period = float(parts[2]) if len(parts) > 2 and parts[2] else 20.0
+    period = 20.0
+    if len(parts) > 2 and parts[2]:
+        try:
+            period = float(parts[2])
+        except ValueError:
+            period = math.nan
+        if not (math.isfinite(period) and period > 0):
+            raise ConfigError(f"workload PERIOD: expected seconds > 0 (e.g. 20), got {parts[2]!r}")
     cache = (
         parse_size(parts[3], "workload CACHE") // PAGE_SIZE if len(parts) > 3 and parts[3] else 0
     )
@@ -68,6 +81,76 @@ def parse_workload(text: str) -> WorkloadSpec:
     return WorkloadSpec(
         base=base, amplitude=amplitude, period=period, cache=cache, cache_growth=growth
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Option types: a bad value is a usage error (status 2) naming the option
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds in ``[min, max]`` (``click.FloatRange`` lets ``nan`` by)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not math.isfinite(_float_or_zero(value)):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _float_or_zero(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0  # not a number at all: FloatRange says so
+
+
+class Capabilities(click.ParamType):
+    """A vmmemctl capability mask: an integer in 0..0xffffffff (``0x3e``, ``62``, ``0o76``)."""
+
+    name = "mask"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Capability):
+            return value
+        try:
+            number = value if isinstance(value, int) else int(str(value).strip(), 0)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer (e.g. 0x3e).", param, ctx)
+        if not 0 <= number <= 0xFFFFFFFF:
+            self.fail(f"{value!r} is not in 0..0xffffffff (a 32-bit mask).", param, ctx)
+        return Capability(number)
+
+
+class Size(click.ParamType):
+    """A size (``512M``, ``4G``, ``4096``: :func:`protocol.units.parse_size`) in bytes, at
+    least ``min_bytes`` and, with ``page_aligned``, a whole number of 4 KiB pages."""
+
+    name = "size"
+
+    def __init__(self, min_bytes: int = 0, *, page_aligned: bool = False) -> None:
+        self.min_bytes = min_bytes
+        self.page_aligned = page_aligned
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        try:
+            nbytes = parse_size(value, "size")
+        except ConfigError as exc:
+            self.fail(str(exc).removeprefix("size: "), param, ctx)
+        if nbytes < self.min_bytes:
+            self.fail(f"{value!r} is less than {format_size(self.min_bytes)}.", param, ctx)
+        if self.page_aligned and nbytes % PAGE_SIZE:
+            self.fail(f"{value!r} is not a whole number of 4 KiB pages.", param, ctx)
+        return nbytes
+
+
+#: guest RAM laid out like QEMU's: the low MiB (ROM holes) and the rings' MiB
+MIN_GUEST_RAM = 2 * RING_BASE
+#: ``--poll``'s floor: Linux's vmw_balloon polls once a second; shorter periods are for tests,
+#: and 0 would ask the device for its target in a busy loop.
+MIN_POLL = 0.01
 
 
 def default_control_path(vhost_user_socket: str) -> str:
@@ -150,7 +233,7 @@ def format_stat_balloon(snapshot: dict[str, Any]) -> str:
 # click
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     package_version(), "--version", prog_name="guest-driver", message="%(prog)s %(version)s"
 )
@@ -169,25 +252,27 @@ def main() -> None:
 @click.option(
     "--memory",
     "memory",
+    type=Size(MIN_GUEST_RAM, page_aligned=True),
     default="1G",
     show_default=True,
-    help="Guest RAM size (a sparse memfd), e.g. 4G.",
+    help="Guest RAM size (a sparse memfd), e.g. 4G: whole 4 KiB pages, at least 2M.",
 )
 @click.option(
     "--poll",
     "poll",
-    type=float,
+    type=Seconds(min=MIN_POLL, max=3600),
     default=1.0,
     show_default=True,
-    help="Seconds between work ticks (Linux: 1).",
+    help="Seconds between work ticks (Linux: 1; at least 0.01).",
 )
 @click.option("--no-doorbell", is_flag=True, help="Do not offer SIGNALLED_WAKEUP: poll only.")
 @click.option(
     "--capabilities",
     "caps",
+    type=Capabilities(),
     default=hex(int(ALL_CAPABILITIES)),
     show_default=True,
-    help="Capabilities offered at START.",
+    help="Capabilities offered at START: a 32-bit mask (0x3e, 62).",
 )
 @click.option(
     "--shrinker",
@@ -205,7 +290,8 @@ def main() -> None:
 @click.option(
     "--workload",
     default=None,
-    help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]], e.g. 256M:512M:20.",
+    help="Synthetic workload BASE[:AMPLITUDE[:PERIOD[:CACHE[:CACHE_PER_S]]]], e.g. 256M:512M:20 "
+    "(PERIOD in seconds, > 0; BASE+AMPLITUDE at most --memory).",
 )
 @click.option(
     "--control",
@@ -217,18 +303,18 @@ def main() -> None:
 @click.option(
     "--device-timeout",
     "device_timeout",
-    type=float,
+    type=Seconds(min=0, min_open=True),
     default=None,
     help="Seconds a command may stay unanswered (a vdev restarting) before the "
     "device is taken as gone and the driver exits (default 30).",
 )
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug (default: warnings).")
 def run(
     socket_path: str,
-    memory: str,
+    memory: int,
     poll: float,
     no_doorbell: bool,
-    caps: str,
+    caps: Capability,
     shrinker: bool,
     in_flight: int,
     workload: str | None,
@@ -255,27 +341,32 @@ def run(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    capabilities = caps
+    if no_doorbell:
+        capabilities &= ~Capability.SIGNALLED_WAKEUP_CMD
     try:
-        capabilities = Capability(int(caps, 0))
-        if no_doorbell:
-            capabilities &= ~Capability.SIGNALLED_WAKEUP_CMD
-        options = GuestOptions(
-            socket_path=socket_path,
-            ram_bytes=parse_size(memory, "--memory"),
-            config=DriverConfig(
-                capabilities=capabilities,
-                poll_interval=poll,
-                shrinker=shrinker,
-                in_flight=in_flight,
-            ),
-            workload=parse_workload(workload) if workload else None,
-            control_path=control or default_control_path(socket_path),
-            device_timeout=DEVICE_TIMEOUT if device_timeout is None else device_timeout,
+        spec = parse_workload(workload) if workload else None
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--workload'") from None
+    if spec is not None and (spec.base + spec.amplitude) * PAGE_SIZE > memory:
+        raise click.BadParameter(
+            f"its peak, BASE+AMPLITUDE = {format_size((spec.base + spec.amplitude) * PAGE_SIZE)}"
+            f", is more than the guest's --memory ({format_size(memory)})",
+            param_hint="'--workload'",
         )
-        if not options.device_timeout > 0:
-            raise ValueError("--device-timeout must be > 0 seconds")
-    except (ConfigError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+    options = GuestOptions(
+        socket_path=socket_path,
+        ram_bytes=memory,
+        config=DriverConfig(
+            capabilities=capabilities,
+            poll_interval=poll,
+            shrinker=shrinker,
+            in_flight=in_flight,
+        ),
+        workload=spec,
+        control_path=control or default_control_path(socket_path),
+        device_timeout=DEVICE_TIMEOUT if device_timeout is None else device_timeout,
+    )
 
     stopped_by: list[str] = []
 
@@ -304,13 +395,13 @@ def run(
     except KeyboardInterrupt:
         return
     except (VballoonError, OSError) as exc:
-        click.echo(f"guest-driver run: {exc}", err=True)
+        click.echo(f"guest-driver run: {_explain(exc, socket_path)}", err=True)
         sys.exit(1)
     except BaseExceptionGroup as group:  # from the nursery: e.g. nothing listens there
         known, _ = group.split((VballoonError, OSError))
         if known is None:
             raise
-        click.echo(f"guest-driver run: {_first(known)}", err=True)
+        click.echo(f"guest-driver run: {_explain(_first(known), socket_path)}", err=True)
         sys.exit(1)
     if guest is None:
         if stopped_by:
@@ -325,6 +416,31 @@ def run(
             f"guest-driver run: stopped by {stopped_by[0]}: {guest.stop_note}; {released}",
             err=True,
         )
+
+
+def _explain(exc: BaseException, socket_path: str) -> str:
+    """``exc`` as one line; failing to connect to ``socket_path`` names it and says why."""
+    if not isinstance(exc, OSError) or exc.filename != socket_path:
+        return str(exc)
+    if exc.errno == errno.ENOENT:
+        why = "no such file"
+    elif not stat_module.S_ISSOCK(_mode(socket_path)):
+        why = "not a socket"
+    elif exc.errno == errno.ECONNREFUSED:
+        why = "connection refused (a stale socket file)"
+    else:
+        return f"cannot connect to {socket_path}: {exc.strerror}"
+    return (
+        f"cannot connect to {socket_path}: {why}: nothing listens there "
+        "(is `vdev serve` running, on this socket?)"
+    )
+
+
+def _mode(path: str) -> int:
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return 0
 
 
 def _first(exc: BaseException) -> BaseException:
@@ -345,24 +461,33 @@ def _first(exc: BaseException) -> BaseException:
 @click.option(
     "--poll",
     "poll",
-    type=float,
+    type=Seconds(min=MIN_POLL, max=3600),
     default=1.0,
     show_default=True,
-    help="Seconds between work ticks (Linux: 1).",
+    help="Seconds between work ticks (Linux: 1; at least 0.01).",
 )
 @click.option("--no-doorbell", is_flag=True, help="Do not offer SIGNALLED_WAKEUP: poll only.")
 @click.option("--no-huge", is_flag=True, help="4 KiB pages only (no transparent huge pages).")
 @click.option(
     "--reserve",
-    default="24M",
+    type=Size(),
+    default=None,
+    help="Never inflate below this much MemAvailable (default: --high; at least --low, "
+    "or inflating would set off the deflation it undoes).",
+)
+@click.option(
+    "--low",
+    type=Size(),
+    default="32M",
     show_default=True,
-    help="Never inflate below this much MemAvailable.",
+    help="Deflate when MemAvailable falls below this...",
 )
 @click.option(
-    "--low", default="32M", show_default=True, help="Deflate when MemAvailable falls below this..."
-)
-@click.option(
-    "--high", default="64M", show_default=True, help="...until this much is available again."
+    "--high",
+    type=Size(),
+    default="64M",
+    show_default=True,
+    help="...until this much is available again (at least --low).",
 )
 @click.option(
     "--control",
@@ -372,15 +497,15 @@ def _first(exc: BaseException) -> BaseException:
     type=click.Path(dir_okay=False),
     help="Control socket (guest-driver stat --control).",
 )
-@click.option("-v", "--verbose", count=True)
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug (default: warnings).")
 def run_linux(
     pci_id: str,
     poll: float,
     no_doorbell: bool,
     no_huge: bool,
-    reserve: str,
-    low: str,
-    high: str,
+    reserve: int | None,
+    low: int,
+    high: int,
     control: str,
     verbose: int,
 ) -> None:
@@ -392,25 +517,40 @@ def run_linux(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    if high < low:
+        raise click.BadParameter(
+            f"{format_size(high)} is less than --low ({format_size(low)})", param_hint="'--high'"
+        )
+    if reserve is None:
+        reserve = high
+    elif reserve < low:
+        raise click.BadParameter(
+            f"{format_size(reserve)} is less than --low ({format_size(low)}): inflating down "
+            "to it would set off the deflation that undoes it",
+            param_hint="'--reserve'",
+        )
+    try:
+        vendor, _, device = pci_id.partition(":")
+        pci = (int(vendor, 16), int(device, 16))
+    except ValueError:
+        raise click.BadParameter(
+            f"{pci_id!r} is not VENDOR:DEVICE in hex (e.g. 1af4:1069)", param_hint="'--pci-id'"
+        ) from None
     why = available()
     if why:
         raise click.UsageError(why)
-    try:
-        vendor, _, device = pci_id.partition(":")
-        capabilities = ALL_CAPABILITIES
-        if no_doorbell:
-            capabilities &= ~Capability.SIGNALLED_WAKEUP_CMD
-        options = LinuxOptions(
-            config=DriverConfig(capabilities=capabilities, poll_interval=poll, shrinker=True),
-            pci_id=(int(vendor, 16), int(device, 16)),
-            control_path=control,
-            reserve_bytes=parse_size(reserve),
-            low_bytes=parse_size(low),
-            high_bytes=parse_size(high),
-            huge=not no_huge,
-        )
-    except (ConfigError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+    capabilities = ALL_CAPABILITIES
+    if no_doorbell:
+        capabilities &= ~Capability.SIGNALLED_WAKEUP_CMD
+    options = LinuxOptions(
+        config=DriverConfig(capabilities=capabilities, poll_interval=poll, shrinker=True),
+        pci_id=pci,
+        control_path=control,
+        reserve_bytes=reserve,
+        low_bytes=low,
+        high_bytes=high,
+        huge=not no_huge,
+    )
 
     async def main_task() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -429,6 +569,13 @@ def run_linux(
         trio.run(main_task)
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:  # from the nursery: e.g. no such PCI function
+        known, _ = group.split((VballoonError, OSError))
+        if known is None:
+            raise
+        exc = _first(known)
+        click.echo(f"guest-driver run-linux: {exc}", err=True)
+        sys.exit(3 if isinstance(exc, PagesMoved) else 1)
     except PagesMoved as exc:
         click.echo(f"guest-driver run-linux: {exc}", err=True)
         sys.exit(3)

@@ -8,7 +8,8 @@ with the guest kernel's own pages (:class:`guest_driver.linux_memory.LinuxPageSo
 What a kernel driver gets for free and a userspace one must arrange:
 
 * **Never push the guest into OOM.** An allocation for the balloon is cut to what
-  ``MemAvailable`` allows above ``max(reserve, high)`` (like the kernel driver's
+  ``MemAvailable`` allows above ``reserve`` (``high`` by default; ``guest-driver
+  run-linux`` refuses one below ``low``) (like the kernel driver's
   ``__GFP_NORETRY``: the kernel may drop page cache for it, never kill for it).
 * **Deflate under pressure, like the shrinker.** A watcher reads ``MemAvailable`` every
   ``pressure_poll`` s; below ``low`` it deflates (UNLOCK, then unmap) until ``high`` is
@@ -64,7 +65,7 @@ class LinuxOptions:
     config: DriverConfig
     pci_id: tuple[int, int] = VMW_PCI_ID
     control_path: str | None = "/run/guest-driver.sock"
-    reserve_bytes: int = 24 * MIB  # never allocate below this much MemAvailable
+    reserve_bytes: int = 64 * MIB  # never allocate below this much MemAvailable (>= low)
     low_bytes: int = 32 * MIB  # deflate when MemAvailable falls below
     high_bytes: int = 64 * MIB  # ... until this much is available again
     pressure_poll: float = 0.02
@@ -133,10 +134,11 @@ async def run_in_guest(
     try:
         port, dev = UioPort.open(find_function(*options.pci_id), locked)
         transport = await VirtioPciTransport.open(dev, locked)
-        # Inflate only above ``high``, deflate below ``low``: the gap between them keeps the
-        # two from chasing each other while the guest's own use is steady.
-        reserve = max(options.reserve_bytes, options.high_bytes)
-        source = GuardedPageSource(pagemap, locked, reserve=reserve, huge=options.huge)
+        # Inflate only above ``reserve`` (``high`` by default), deflate below ``low``: the gap
+        # between them keeps the two from chasing each other while the guest's use is steady.
+        source = GuardedPageSource(
+            pagemap, locked, reserve=options.reserve_bytes, huge=options.huge
+        )
         driver = BalloonDriver(transport, source, options.config)
 
         def control(request: dict[str, Any]) -> dict[str, Any]:

@@ -38,10 +38,16 @@ RETRY_PAUSE = 0.02
 
 
 async def connect_unix(path: str) -> trio.socket.SocketType:
-    """A connected AF_UNIX stream socket (closed again if connecting fails)."""
+    """A connected AF_UNIX stream socket (closed again if connecting fails). An ``OSError``
+    from connecting carries ``path`` as its ``filename``."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, path) from None
+        raise
     except BaseException:
         sock.close()
         raise

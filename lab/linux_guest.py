@@ -39,6 +39,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -515,8 +516,15 @@ def interactive(
         qemu_line[qemu_line.index("-serial") + 1] = "mon:stdio"
         print(shlex.join(vdev_line))
         print(shlex.join(qemu_line))
-        print(f"# (files staged in {scratch})")
+        if keep:
+            print(f"# (files staged in {scratch}, kept)")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+            print(f"# (files staged in {scratch}, removed again: --keep keeps them)")
         return 0
+    # SIGTERM/SIGHUP stop QEMU, then vdev, and remove the scratch directory, as Ctrl-A x does
+    # (the default action would leave both running and the directory behind).
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         sock = scratch / VDEV_SOCKET_NAME
         with start_vdev(
@@ -541,13 +549,46 @@ def interactive(
                 flush=True,
             )
             log.debug("QEMU: %s", " ".join(argv))
-            return subprocess.call(argv, cwd=REPO_ROOT)
+            return _run_qemu(argv)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_qemu(argv: list[str]) -> int:
+    """Run QEMU to its end; on the way out (a signal) terminate it, kill it after 5 s."""
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 _HELP = {"help_option_names": ["-h", "--help"]}
+
+
+def check_size_option(value: str, param: click.Parameter) -> str:
+    """A size option (``--target 256M``) kept as text, refused as a usage error when it is
+    not a size (``protocol.units``)."""
+    from protocol.units import parse_size
+
+    try:
+        parse_size(value, "size")
+    except LocalError as exc:
+        raise click.BadParameter(str(exc).removeprefix("size: "), param=param) from None
+    return value
 
 
 @click.group(
@@ -558,20 +599,29 @@ def main() -> None:
 
 
 @main.command(name="run", help="boot the Linux guest with vdev as its balloon (interactive)")
-@click.option("--ram", type=int, default=256, help="guest RAM in MiB (default 256)")
+@click.option(
+    "--ram", type=click.IntRange(64, 1 << 20), default=256, help="guest RAM in MiB (default 256)"
+)
 @click.option(
     "--device",
     type=click.Choice(["virtio-balloon", "vmw"]),
     default="virtio-balloon",
     help="virtio-balloon: the guest's own driver; vmw: ours, inside the guest",
 )
-@click.option("--target", default="0", help="initial balloon target, e.g. 64M (default 0)")
-@click.option("--interval", type=int, default=2, help="guest report interval, seconds")
+@click.option(
+    "--target",
+    default="0",
+    callback=lambda ctx, param, value: check_size_option(value, param),
+    help="initial balloon target, e.g. 64M (default 0)",
+)
+@click.option(
+    "--interval", type=click.IntRange(1, 3600), default=2, help="guest report interval, seconds"
+)
 @click.option("--append", default="", help="more kernel command line")
 @click.option("--vdev-log", type=click.Path(path_type=Path), default=None, help="vdev's log file")
 @click.option("--keep", is_flag=True, help="keep the scratch directory")
 @click.option("--dry-run", is_flag=True, help="print the vdev and QEMU lines only")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help="log at debug level")
 def run_cmd(
     ram: int,
     device: str,

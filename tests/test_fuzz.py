@@ -154,6 +154,97 @@ def test_replay_cli_reports_open_reproducer(tmp_path: Path) -> None:
     assert "passes" in proc.stdout
 
 
+BAD_REPRODUCERS = [
+    (None, "missing.json: cannot read it: No such file or directory"),
+    ("dir", "dir: cannot read it: Is a directory"),
+    ("{not json", "not JSON"),
+    (b"\xff\xfe", "not JSON"),
+    ("[1, 2]", "not a reproducer: expected a JSON object"),
+    ('{"target": "frames"}', "not a reproducer: no 'data' string"),
+    ('{"data": ""}', "not a reproducer: no 'target' string"),
+    ('{"target": "frames", "data": 5}', "no 'data' string"),
+    ('{"target": "frames", "data": "@@@@"}', "'data' is not base64"),
+    ('{"target": "frames", "data": "AAA"}', "'data' is not base64"),
+    ('{"target": "frames", "data": "", "note": 3}', "'note' is not a string"),
+    ('{"target": "nope", "data": ""}', "unknown target 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_REPRODUCERS)
+def test_replay_refuses_a_file_that_is_not_a_reproducer(
+    tmp_path: Path, content: str | bytes | None, message: str
+) -> None:
+    """Status 2 and one line naming the file, not a traceback and not 1 ("still fails"); the
+    other files are replayed all the same."""
+    from click.testing import CliRunner
+
+    from lab.fuzz.__main__ import cli
+
+    bad = tmp_path / ("missing.json" if content is None else "bad.json")
+    if content == "dir":
+        bad = tmp_path / "dir"
+        bad.mkdir()
+    elif isinstance(content, bytes):
+        bad.write_bytes(content)
+    elif content is not None:
+        bad.write_text(content)
+    good = Reproducer("frames", bytes([0]) + bytes(23), status="fixed").save(tmp_path)
+    r = CliRunner().invoke(cli, ["replay", str(bad), str(good)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert isinstance(r.exception, SystemExit)
+    assert f"fuzz replay: {bad}" in r.stderr and message in r.stderr, r.stderr
+    assert "Traceback" not in r.output
+    assert f"{good}: frames: passes" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay"], "Missing argument 'FILE...'"),
+        (["device", "--time", "-5"], "'--time'"),
+        (["device", "--time", "0"], "'--time'"),
+        (["device", "--time", "nan"], "'--time'"),
+        (["device", "--time", "soon"], "'--time'"),
+        (["frames", "--corpus", "{file}"], "'--corpus'"),
+        (["frames", "--crashes", "{file}"], "'--crashes'"),
+        (["frames", "--seed", "x"], "'--seed'"),
+        (["frames", "--engine", "afl"], "'--engine'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        ([], "Usage: scripts/fuzz"),
+    ],
+)
+def test_fuzz_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from lab.fuzz.__main__ import cli
+
+    regular = tmp_path / "file"
+    regular.write_text("")
+    argv = [a.format(file=regular) for a in args]
+    r = CliRunner().invoke(cli, argv, prog_name="scripts/fuzz")
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert isinstance(r.exception, SystemExit)
+    assert message in r.output
+    assert regular.is_file()
+
+
+def test_fuzz_help_names_every_command_and_default() -> None:
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "fuzz"), "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0
+    out = proc.stdout
+    assert out.startswith("Usage: scripts/fuzz ")
+    for command in ("frames", "device", "wire", "api", "replay"):
+        assert re.search(rf"^  {command} +\S", out, re.M), out
+    assert "Status: 0" in out
+    target = subprocess.run(
+        [str(REPO / "scripts" / "fuzz"), "device", "-h"], capture_output=True, text=True, timeout=30
+    ).stdout
+    assert "[default: 60.0" in target  # --time
+    assert re.search(r"--seed INTEGER +Random seed", target), target
+
+
 def test_device_seeds_and_random_inputs_hold_the_invariants() -> None:
     import random
 

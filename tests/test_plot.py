@@ -227,3 +227,28 @@ def test_vdev_plot_missing_recording(tmp_path: Path) -> None:
     missing = tmp_path / "none.json"
     r = CliRunner().invoke(main, ["plot", "--recording", str(missing), "-o", "x.png"])
     assert r.exit_code == 1 and f"cannot read {missing}" in r.output
+
+
+@pytest.mark.parametrize(
+    ("output", "status", "message"),
+    [
+        ("/nonexistent-vballoon/p.png", 2, "/nonexistent-vballoon is not a directory"),
+        ("{tmp}/file/p.png", 2, "/file is not a directory"),
+        ("{tmp}/none/deeper/p.png", 2, "/none/deeper is not a directory"),
+        ("/dev/full", 1, "cannot write /dev/full: No space left on device"),
+    ],
+)
+def test_vdev_plot_unwritable_output(
+    tmp_path: Path, output: str, status: int, message: str
+) -> None:
+    """A PNG that cannot be written is an error naming it, not a traceback."""
+    src = tmp_path / "overcommit.json"
+    src.write_text(json.dumps(recording()))
+    (tmp_path / "file").write_text("")
+    out = output.format(tmp=tmp_path)
+    r = CliRunner().invoke(main, ["plot", "--recording", str(src), "-o", out])
+    assert r.exit_code == status, (r.output, r.exception)
+    assert isinstance(r.exception, SystemExit)
+    assert message in r.output
+    if status == 2:
+        assert "'--output'" in r.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -110,3 +111,117 @@ async def test_spawn_vdev_starts_and_stops_it(tmp_path: Path) -> None:
     assert "run-qemu: " in err and " serve --device vmw --socket-path " in err
     assert "Traceback" not in err
     assert not sock.parent.exists()  # vdev stopped (its sockets gone), scratch dir removed
+
+
+FAKE_QEMU_RUNNER = """
+import sys, types
+from pathlib import Path
+import lab.linux_image as li
+import lab.linux_guest as lg
+from lab.qemu import require_qemu
+
+pidfile, kernel, initrd = sys.argv[1:4]
+fake = [sys.executable, "-c", "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid()));"
+        " time.sleep(120)", pidfile, "-serial", "stdio"]
+li.guest_argv = lambda *a, **k: list(fake)  # a QEMU that starts at once and waits
+image = types.SimpleNamespace(kernel=Path(kernel), initrd=Path(initrd))
+sys.exit(lg.interactive(require_qemu(need_test_device=True), image, ram_mib=256, target="0",
+                        append="", vdev_log=None, keep=False))
+"""
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_linux_launcher_cleans_up_on_sigterm(tmp_path: Path) -> None:
+    """``scripts/run-qemu --linux`` (lab.linux_guest.interactive), a fake QEMU standing in for
+    the guest: SIGTERM stops QEMU, then vdev, and removes the scratch directory, as Ctrl-A x
+    does (the default action left both running and the directory behind)."""
+    import os
+    import shutil
+    import signal
+    import sys
+    import time
+
+    if qemu.best_qemu(need_test_device=True) is None:
+        missing_prerequisite("no QEMU with vhost-user-test-device-pci (run scripts/setup)")
+    pidfile = tmp_path / "qemu.pid"
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    (tmp_path / "initrd").write_bytes(b"i")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_QEMU_RUNNER, str(pidfile), str(tmp_path / "vmlinuz"),
+         str(tmp_path / "initrd")],
+        cwd=SCRIPT.parent.parent, stderr=(tmp_path / "stderr").open("w"),
+    )  # fmt: skip
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "fake QEMU never started"
+            time.sleep(0.05)
+        pids.append(int(pidfile.read_text()))
+        err = (tmp_path / "stderr").read_text()  # vdev listened before QEMU was started
+        m = re.search(r"vdev serve \(pid (\d+)\) on (\S+),", err)
+        assert m, err
+        pids.append(int(m[1]))
+        scratch = Path(m[2]).parent
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        err = (tmp_path / "stderr").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.returncode != 128 + signal.SIGTERM:
+            shutil.rmtree(scratch, ignore_errors=True)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert not any(_alive(pid) for pid in pids), "QEMU or vdev left running"
+    assert not scratch.exists()
+
+
+def test_linux_dry_run_leaves_nothing_and_checks_options() -> None:
+    """``--linux`` anywhere before ``--`` (with --spawn-vdev, which it implies); --dry-run
+    removes what it staged; bad --ram and --target are usage errors before anything runs."""
+    if qemu.best_qemu(need_test_device=True) is None:
+        missing_prerequisite("no QEMU with vhost-user-test-device-pci (run scripts/setup)")
+    out = subprocess.run(
+        [str(SCRIPT), "--spawn-vdev", "--dry-run", "--linux"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    qemu_line = out.stdout.splitlines()[1]
+    assert "--linux" not in qemu_line and "-kernel" in qemu_line
+    m = re.search(r"files staged in (\S+), removed", out.stdout)
+    assert m, out.stdout
+    assert not Path(m[1]).exists()
+    for args, option in (
+        (["--ram", "0", "--dry-run", "--spawn-vdev"], "'--ram'"),
+        (["--target", "lots", "--dry-run", "--spawn-vdev"], "'--target'"),
+        (["--linux", "--ram", "0", "--dry-run"], "'--ram'"),
+        (["--dry-run", "--linux", "--target", "lots"], "'--target'"),
+        (["--linux", "--interval", "0", "--dry-run"], "'--interval'"),
+    ):
+        bad = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and option in bad.stderr, (args, bad.stderr)
+        assert "Traceback" not in bad.stderr
+
+
+def test_help_explains_every_option() -> None:
+    out = subprocess.run([str(SCRIPT), "-h"], capture_output=True, text=True, timeout=60).stdout
+    assert "--linux" in out
+    for option in ("--device", "--socket", "--spawn-vdev", "--target", "--ram", "--qemu",
+                   "--accel", "--dry-run"):  # fmt: skip
+        line = next(x for x in out.splitlines() if x.strip().startswith(option))
+        assert len(line.split(None, 2)) == 3 or option == "--spawn-vdev", line

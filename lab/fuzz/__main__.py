@@ -1,11 +1,12 @@
-"""``python -m lab.fuzz`` (``scripts/fuzz``).
+"""``scripts/fuzz`` (``python -m lab.fuzz``): fuzz vballoon and replay what was found.
 
     scripts/fuzz TARGET [--time SECONDS] [--corpus DIR] [--seed N] [--engine E] [--crashes DIR]
     scripts/fuzz replay FILE [FILE...]
 
-TARGET is ``frames``, ``device``, ``wire`` or ``api`` (the management API socket). Findings are minimised and written as
-reproducer JSON files (default ``.cache/fuzz/TARGET/crashes``); the run exits 1 when it
-found anything. ``replay`` exits 1 when any file still reproduces.
+TARGET is ``frames``, ``device``, ``wire`` or ``api`` (the management API socket). Findings are
+minimised and written as reproducer JSON files (default ``.cache/fuzz/TARGET/crashes``); the run
+exits 1 when it found anything. ``replay`` exits 1 when any file still reproduces, 2 when a file
+is not a reproducer (each other file is replayed all the same); 2 is also any usage error.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from typing import Any
 
 import click
 
-from lab.fuzz.corpus import REPO, SEED_DIR, Reproducer, load_corpus, write_corpus
+from lab.fuzz.corpus import (
+    REPO,
+    SEED_DIR,
+    BadReproducer,
+    Reproducer,
+    load_corpus,
+    write_corpus,
+)
 from lab.fuzz.engine import TARGETS, Stats, builtin_fuzz, load_target, minimise, run_one, signature
 
 
@@ -152,7 +160,7 @@ def _fuzz(args: FuzzArgs) -> int:
     else:
         session: Any = getattr(target, "session", None)
         live = None
-        if session is not None:  # only wire's measures coverage (fuzz_cmd checked the option)
+        if session is not None:  # only wire's measures coverage (its command checked the option)
             live = session(coverage_file=args.vdev_coverage) if args.vdev_coverage else session()
         with live if live is not None else contextlib.nullcontext():
             stats = builtin_fuzz(
@@ -202,9 +210,20 @@ def _coverage_summary(data_file: str) -> str:
 
 
 def _replay(files: list[str]) -> int:
-    failed = 0
+    """0: every file passes; 1: one still fails; 2: a file is not a reproducer (said on
+    stderr; the other files are replayed all the same)."""
+    failed = bad = 0
     for file in files:
-        rep = Reproducer.load(Path(file))
+        try:
+            rep = Reproducer.load(Path(file))
+            if rep.target not in TARGETS:
+                raise BadReproducer(
+                    f"{file}: unknown target {rep.target!r} (one of {', '.join(TARGETS)})"
+                )
+        except BadReproducer as why:
+            print(f"fuzz replay: {why}", file=sys.stderr)
+            bad += 1
+            continue
         target = load_target(rep.target)
         session: Any = getattr(target, "session", None)
         with session() if session is not None else contextlib.nullcontext():
@@ -215,10 +234,18 @@ def _replay(files: list[str]) -> int:
             failed += 1
             print(f"{file}: {rep.target}: FAILS")
             traceback.print_exception(exc)
-    return 1 if failed else 0
+    return 2 if bad else 1 if failed else 0
 
 
 _HELP = {"help_option_names": ["-h", "--help"]}
+
+#: each target's one-line summary (``scripts/fuzz --help``; README "Fuzzing" has the oracles)
+SUMMARIES = {
+    "frames": "Every construct parser in protocol/ (atheris, coverage-guided).",
+    "device": "The sans-I/O device model: vmmemctl command sequences (atheris).",
+    "wire": "Live vdev processes over their vhost-user sockets (built-in mutator).",
+    "api": "A live vdev's management API: hostile HTTP (built-in mutator).",
+}
 
 
 def _measures_vdev(target: Any) -> bool:
@@ -227,33 +254,85 @@ def _measures_vdev(target: Any) -> bool:
     return session is not None and "coverage_file" in inspect.signature(session).parameters
 
 
-@click.command(name="fuzz", help=(__doc__ or "").splitlines()[0], context_settings=_HELP)
-@click.argument("target", type=click.Choice(sorted(TARGETS)))
-@click.option("--time", "seconds", type=float, default=60.0, help="seconds to fuzz")
-@click.option("--corpus", help="corpus directory (kept between runs)")
-@click.option("--seed", type=int, default=lambda: int(os.environ.get("FUZZ_SEED", "1")))
-@click.option("--engine", type=click.Choice(["atheris", "builtin"]), help="default: per target")
-@click.option("--crashes", help="where reproducers go")
-@click.option(
-    "--vdev-coverage",
-    metavar="FILE",
-    help="wire: run vdev under coverage.py, write its data here and report the line "
-    "coverage reached in vdev and protocol",
+class Seconds(click.FloatRange):
+    """A finite duration > 0 (``click.FloatRange`` alone lets ``nan`` by)."""
+
+    name = "seconds"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True, max=365 * 86400)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:  # nan
+            self.fail(f"{value!r} is not a number of seconds.", param, ctx)
+        return number
+
+
+@click.group(
+    name="fuzz",
+    help="Fuzz one TARGET (frames, device, wire, api) for --time seconds, or replay the "
+    "reproducers a campaign saved (replay FILE...). Findings are minimised and saved as "
+    "reproducer JSON files (default .cache/fuzz/TARGET/crashes).",
+    epilog="Each target's options: scripts/fuzz TARGET --help. Status: 0 nothing found, "
+    "1 a finding (or a reproducer that still fails), 2 a usage error or a bad reproducer file.",
+    context_settings=_HELP,
 )
-def fuzz_cmd(
-    target: str,
-    seconds: float,
-    corpus: str | None,
-    seed: int,
-    engine: str | None,
-    crashes: str | None,
-    vdev_coverage: str | None,
-) -> None:
-    if vdev_coverage and not _measures_vdev(load_target(target)):
-        raise click.UsageError(
-            f"--vdev-coverage needs a target that runs vdev under coverage (wire), not {target}"
-        )
-    raise SystemExit(_fuzz(FuzzArgs(target, seconds, corpus, seed, engine, crashes, vdev_coverage)))
+def cli() -> None:
+    pass
+
+
+def _target_command(target: str) -> click.Command:
+    @click.pass_context
+    def run(ctx: click.Context, **options: Any) -> None:
+        if options["vdev_coverage"] and not _measures_vdev(load_target(target)):
+            raise click.UsageError(
+                f"--vdev-coverage needs a target that runs vdev under coverage (wire), not {target}"
+            )
+        raise SystemExit(_fuzz(FuzzArgs(target, **options)))
+
+    run.__doc__ = (
+        f"{SUMMARIES[target]} Fuzz for --time seconds, growing the corpus; each finding is "
+        "minimised and saved as a reproducer (status 1)."
+    )
+    params: list[click.Parameter] = [
+        click.Option(["--time"], type=Seconds(), default=60.0, show_default=True,
+                     help="Seconds to fuzz (> 0)."),
+        click.Option(["--corpus"], type=click.Path(file_okay=False), metavar="DIR",
+                     help=f"Corpus directory, kept between runs [default: .cache/fuzz/{target}/corpus]."),
+        click.Option(["--seed"], type=int, default=lambda: int(os.environ.get("FUZZ_SEED", "1")),
+                     show_default="$FUZZ_SEED or 1",
+                     help="Random seed (the same seed and corpus give the same run)."),
+        click.Option(["--engine"], type=click.Choice(["atheris", "builtin"]),
+                     help="Fuzzing engine [default: the target's; builtin without atheris]."),
+        click.Option(["--crashes"], type=click.Path(file_okay=False), metavar="DIR",
+                     help=f"Where reproducers go [default: .cache/fuzz/{target}/crashes]."),
+        click.Option(["--vdev-coverage"], metavar="FILE",
+                     help="wire: run vdev under coverage.py, write its data here and report the "
+                     "line coverage reached in vdev and protocol."),
+    ]  # fmt: skip
+    return click.Command(
+        target,
+        callback=run,
+        params=params,
+        help=run.__doc__,
+        short_help=SUMMARIES[target].split(" (")[0] + ".",
+        context_settings=_HELP,
+    )
+
+
+for _name in TARGETS:
+    cli.add_command(_target_command(_name))
+
+
+@cli.command(
+    context_settings=_HELP, short_help="Replay reproducer files (status 1: one still fails)."
+)
+@click.argument("files", nargs=-1, required=True, type=click.Path(), metavar="FILE...")
+def replay(files: tuple[str, ...]) -> None:
+    """Run each reproducer's target on its input once: status 0 when every file passes, 1 when
+    one still fails, 2 when a file is not a reproducer."""
+    raise SystemExit(_replay(list(files)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,11 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_atheris"]:
         _atheris_child(argv[1:])
         return 0
-    if argv[:1] == ["replay"]:
-        if len(argv) < 2:
-            raise SystemExit("usage: fuzz replay FILE [FILE...]")
-        return _replay(argv[1:])
-    fuzz_cmd.main(args=argv, prog_name="fuzz")  # exits
+    cli.main(args=argv, prog_name="scripts/fuzz")  # exits
     return 0
 
 

@@ -94,6 +94,13 @@ class Draw:
         return self.take(self.below(limit + 1))
 
 
+class BadReproducer(ValueError):
+    """A file that is not a reproducer (unreadable, not JSON, no ``data``, bad base64)."""
+
+
+_OPTIONAL = {"error": "", "note": "", "status": "open"}
+
+
 @dataclass(frozen=True)
 class Reproducer:
     target: str
@@ -116,18 +123,37 @@ class Reproducer:
 
     @classmethod
     def from_json(cls, text: str) -> Reproducer:
-        body = json.loads(text)
-        return cls(
-            target=body["target"],
-            data=base64.b64decode(body["data"]),
-            error=body.get("error", ""),
-            note=body.get("note", ""),
-            status=body.get("status", "open"),
-        )
+        """:raises BadReproducer: saying what is wrong (not JSON, a key missing, bad base64)."""
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
+            raise BadReproducer(f"not JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise BadReproducer("not a reproducer: expected a JSON object")
+        for key in ("target", "data"):
+            if not isinstance(body.get(key), str):
+                raise BadReproducer(f"not a reproducer: no {key!r} string")
+        texts = {key: body.get(key, default) for key, default in _OPTIONAL.items()}
+        for key, value in texts.items():
+            if not isinstance(value, str):
+                raise BadReproducer(f"{key!r} is not a string")
+        try:
+            data = base64.b64decode(body["data"], validate=True)
+        except ValueError as exc:
+            raise BadReproducer(f"'data' is not base64 ({exc})") from None
+        return cls(target=body["target"], data=data, **texts)
 
     @classmethod
     def load(cls, path: Path) -> Reproducer:
-        return cls.from_json(path.read_text())
+        """:raises BadReproducer: naming ``path`` (unreadable, or not a reproducer)."""
+        try:
+            return cls.from_json(path.read_text())
+        except OSError as exc:
+            raise BadReproducer(f"{path}: cannot read it: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise BadReproducer(f"{path}: not JSON (not UTF-8 text)") from None
+        except BadReproducer as exc:
+            raise BadReproducer(f"{path}: {exc}") from None
 
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)

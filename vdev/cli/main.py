@@ -50,7 +50,7 @@ def size_to_pages(text: str) -> int:
     return parse_size(text, "--target") // PAGE_SIZE
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     package_version(), "--version", prog_name="vdev", message="%(prog)s %(version)s"
 )
@@ -76,7 +76,13 @@ def main() -> None:
     "--print-capabilities", is_flag=True, help="Print the back-end capabilities as JSON and exit."
 )
 @click.option(
-    "--device", "device", type=click.Choice(sorted(PERSONALITIES)), default="vmw", show_default=True
+    "--device",
+    "device",
+    type=click.Choice(sorted(PERSONALITIES)),
+    default="vmw",
+    show_default=True,
+    help="The balloon device the guests see: vmw (vmmemctl over a virtio transport) or "
+    "virtio-balloon (with free page reporting: virtio-balloon-reporting).",
 )
 @click.option(
     "--target", default="0", show_default=True, help="Initial balloon target (e.g. 512M)."
@@ -433,7 +439,10 @@ async def _serve(
 register_operator_commands(main)
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+@main.command(
+    context_settings={"ignore_unknown_options": True},
+    short_help="Run COMMAND (vdev serve ...) as systemd would: fd store, restarts.",
+)
 @click.option(
     "--command-file",
     type=click.Path(dir_okay=False),

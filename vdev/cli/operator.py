@@ -646,7 +646,7 @@ def reset(api_socket: str, vm: str) -> None:
 @click.command()
 @api_option
 @click.option("--set-free", default=None, help="Simulated host only: set free memory (e.g. 2G).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead.")
 def host(api_socket: str, set_free: str | None, as_json: bool) -> None:
     """Host memory state: high / clear / soft / hard / low, free vs minFree, PSI."""
     with _client(api_socket) as c:
@@ -763,7 +763,7 @@ def config_list(api_socket: str) -> None:
         click.echo(f"{path:<{width}}  {value}")
 
 
-@config.command("get")
+@config.command("get", short_help="Print one setting.")
 @api_option
 @click.argument("path", callback=_setting_path)
 def config_get(api_socket: str, path: str) -> None:
@@ -877,10 +877,34 @@ def _first(stream: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     return chain()
 
 
+def _output_file(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--output: a file in a directory that exists (checked before asking the API)."""
+    parent = os.path.dirname(value) or "."
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"{parent} is not a directory: cannot write {value}")
+    return value
+
+
+def _write_png(write: Callable[[], int], output: str) -> int:
+    try:
+        return write()
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.command()
 @functools.partial(api_option, required=False)  # not for --recording
 @click.argument("vm", callback=_vm_name, required=False)
-@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="PNG file.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    callback=_output_file,
+    required=True,
+    help="PNG file to write (its directory must exist).",
+)
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Only the last N points.")
 @click.option(
     "--recording",
@@ -901,9 +925,10 @@ def plot(
         from vdev.cli.plot import load_recording, plot_recording
 
         try:
-            n = plot_recording(load_recording(recording), output)
+            runs = load_recording(recording)
         except ValueError as e:
             raise click.ClickException(str(e)) from None
+        n = _write_png(lambda: plot_recording(runs, output), output)
         click.echo(f"{output}: {n} run(s) from {recording}")
         return
     if vm is None:
@@ -914,10 +939,7 @@ def plot(
 
     with _client(api_socket) as c:
         history = _call(lambda: c.history(vm, last))
-    try:
-        n = plot_history(history, output)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    n = _write_png(lambda: plot_history(history, output), output)
     click.echo(f"{output}: {n} points for {vm}")
 
 
