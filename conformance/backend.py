@@ -44,9 +44,9 @@ _SO_ACCEPTCON = 0x10000
 class BackendStartError(LocalError):
     """A back-end child exited, or did not listen in time, before it was ready.
 
-    Raised by :meth:`BackendProcess.wait_listening`; :class:`BackendSpawner` turns it into
-    a :class:`conformance.context.SetupError` (the harness run stops and fails); a rig's
-    test fails with it."""
+    Raised by :meth:`BackendProcess.wait_listening`; caught by :class:`BackendSpawner`,
+    which turns it into a :class:`conformance.context.SetupError` (the harness run stops and
+    fails); a rig's test fails with it."""
 
 
 def socket_identity(path: str | Path) -> tuple[int, int] | None:

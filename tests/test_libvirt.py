@@ -158,7 +158,8 @@ async def test_libvirt_guest_inflates_through_vdev(tmp_path: Path) -> None:
                             await trio.sleep(0.2)
                         text = (await api.get("/metrics")).text
                         assert (
-                            f'vballoon_vm_guest_stat{{stat="stat-oom-kills",vm="{name}"}}' in text
+                            f'vballoon_vm_guest_events_total{{stat="stat-oom-kills",vm="{name}"}}'
+                            in text
                         )
                         assert missing_series(text) == []
 
