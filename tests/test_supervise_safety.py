@@ -8,31 +8,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
+from supervise_helpers import alive, cmdline, retry, supervised_from_file
 
 from guest_driver.driver import DriverConfig
 from guest_driver.transport_vhost_user import GuestOptions, run_guest
-from lab.vdev_process import ApiVdev, serve_argv, served_pid, vdev_serve, warm_standby
-from protocol.errors import ApiError
+from lab.vdev_process import ApiVdev, served_pid, vdev_serve, warm_standby
 
 PAGE = 4096
 MiB = 1 << 20
-
-
-def cmdline(pid: int) -> list[str]:
-    return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 async def until(cond: Callable[[], bool], timeout: float = 60) -> None:
@@ -41,29 +29,13 @@ async def until(cond: Callable[[], bool], timeout: float = 60) -> None:
             await trio.sleep(0.02)
 
 
-async def retry(fn: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    with trio.fail_after(30):
-        while True:
-            try:
-                return await fn()
-            except ApiError:
-                await trio.sleep(0.02)
-
-
 def log_of(tmp_path: Path) -> str:
     return (tmp_path / "vdev.log").read_text()
 
 
 async def test_a_broken_upgrade_is_refused_and_the_serving_vdev_stays(tmp_path: Path) -> None:
-    sock, api = tmp_path / "vm0.sock", tmp_path / "vdev.api"
-    argv = serve_argv(sock, api_socket=api, device="vmw", extra=["--host-memory", "64G"])
-    cmd_file = tmp_path / "vdev.json"
-    cmd_file.write_text(json.dumps(argv))
     with trio.fail_after(180):
-        async with vdev_serve(
-            tmp_path, device="vmw", supervised=True,
-            supervisor_args=["--command-file", str(cmd_file)],
-        ) as vdev:  # fmt: skip
+        async with supervised_from_file(tmp_path) as (vdev, argv, cmd_file):
             first = served_pid(vdev.proc.pid)
             assert first is not None
             await until(lambda: warm_standby(vdev.proc.pid, vdev.proc.log()) is not None)
@@ -95,17 +67,13 @@ async def test_a_command_that_fails_before_ready_falls_back_to_the_last_good_one
     previous command, so a cold start of the new one follows; it fails before it is ready,
     and the supervisor goes back to the command that served instead of leaving the guest
     without a device until someone notices."""
-    sock, api = tmp_path / "vm0.sock", tmp_path / "vdev.api"
-    argv = serve_argv(sock, api_socket=api, device="vmw", extra=["--host-memory", "64G"])
-    cmd_file = tmp_path / "vdev.json"
-    cmd_file.write_text(json.dumps(argv))
     with trio.fail_after(180):
-        async with vdev_serve(
-            tmp_path, device="vmw", supervised=True,
-            supervisor_args=["--command-file", str(cmd_file)],
-        ) as vdev:  # fmt: skip
+        async with supervised_from_file(tmp_path) as (vdev, argv, cmd_file):
             first = served_pid(vdev.proc.pid)
             assert first is not None
+            # its command is the last good one once it said READY=1 (its API may answer
+            # a moment before: killed in between, there would be no good command to go back to)
+            await until(lambda: "child ready" in log_of(tmp_path))
             cmd_file.write_text(json.dumps([*argv, "--no-such-option"]))
             os.kill(first, signal.SIGKILL)
             await until(lambda: "going back to the last command that served" in log_of(tmp_path))

@@ -8,33 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import trio
+from supervise_helpers import alive, cmdline, retry, supervised_from_file
 
 from lab.vdev_process import (
     ApiVdev,
-    serve_argv,
     served_pid,
     supervised_children,
-    vdev_serve,
     warm_standby,
 )
-from protocol.errors import ApiError
-
-
-def cmdline(pid: int) -> list[str]:
-    return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 async def standby(vdev: ApiVdev) -> int:
@@ -46,16 +30,6 @@ async def standby(vdev: ApiVdev) -> int:
     return pid
 
 
-async def retry(fn: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-    """``fn()`` until it works: the API is down while vdev restarts."""
-    with trio.fail_after(30):
-        while True:
-            try:
-                return await fn()
-            except ApiError:
-                await trio.sleep(0.02)
-
-
 async def next_served(vdev: ApiVdev, old: int) -> int:
     with trio.fail_after(30):
         while (pid := served_pid(vdev.proc.pid)) in (old, None):
@@ -65,15 +39,8 @@ async def next_served(vdev: ApiVdev, old: int) -> int:
 
 
 async def test_standby_takes_over_and_never_outlives_the_supervisor(tmp_path: Path) -> None:
-    sock, api = tmp_path / "vm0.sock", tmp_path / "vdev.api"
-    argv = serve_argv(sock, api_socket=api, device="vmw", extra=["--host-memory", "64G"])
-    cmd_file = tmp_path / "vdev.json"
-    cmd_file.write_text(json.dumps(argv))
     with trio.fail_after(150):
-        async with vdev_serve(
-            tmp_path, device="vmw", supervised=True,
-            supervisor_args=["--command-file", str(cmd_file)],
-        ) as vdev:  # fmt: skip
+        async with supervised_from_file(tmp_path) as (vdev, argv, cmd_file):
             # SIGKILL: the warm standby is the next vdev, and serves the same sockets
             first = served_pid(vdev.proc.pid)
             assert first is not None
