@@ -794,3 +794,21 @@ async def test_reset_of_a_vm_with_nothing_connected_is_refused(tmp_path: Path) -
             assert r.json()["error"] == "idle: no front-end is connected, nothing to reset"
             check_response("POST", "/vms/{name}/reset", r)
             assert (await c.post("/vms/vm0/reset")).status_code == 200  # a connected vmw
+
+
+async def test_host_carries_each_guests_stats_age_and_hold(tmp_path: Path) -> None:
+    """``GET /host`` has ``guests`` (what ``vdev stat`` shows as AGE, PFAIL and HOLD): the
+    response model dropped it, so over the API the columns were always "-"."""
+    control, guests = make_control()
+    guests[0].counters["stats buffers"] = 1
+    guests[0].guest_stats = {"stat-free-memory": 1 << 30}
+    with trio.fail_after(10):
+        async with running(control, tmp_path / "api") as c:
+            r = await c.get("/host")
+    assert r.status_code == 200
+    check_response("GET", "/host", r)
+    info = r.json()["guests"]
+    assert set(info) == {"vm0", "vm1"}
+    assert info["vm0"]["stats_age_s"] is not None and info["vm0"]["stats_age_s"] >= 0
+    assert info["vm1"]["stats_age_s"] is None  # no stats ever: no age
+    assert info["vm0"]["reclaim_failures"] == 0 and info["vm0"]["hold"] is None

@@ -295,6 +295,21 @@ class Capped(BaseModel):
     pools: dict[str, NonNegInt]
 
 
+class GuestInfo(BaseModel):
+    """Per guest, what ``vdev stat`` shows beside its statistics (AGE, PFAIL, HOLD)."""
+
+    stats_age_s: float | None = Field(
+        description="seconds since vdev first saw the guest's current statistics (null: it "
+        "never sent any)"
+    )
+    hold: str | None = Field(
+        description="what holds its balloon: guest-backoff, futile inflation, RAM that cannot "
+        "be reclaimed (share=off)"
+    )
+    reclaim_failures: int = Field(description="punches the host refused")
+    unreclaimable: list[str] = Field(description="RAM regions the front-end maps private")
+
+
 class Host(BaseModel):
     source: str = Field(description="simulated, proc or cgroup:DIR")
     simulated: bool
@@ -332,6 +347,9 @@ class Host(BaseModel):
         default_factory=dict,
         description="engaged, pauses, paused (the VMs whose QEMU is stopped now: name, pid, "
         "cgroup, since) and the last actions (--backstop)",
+    )
+    guests: dict[str, GuestInfo] = Field(
+        default_factory=dict, description="per guest: the age of its statistics, what holds it"
     )
 
 
