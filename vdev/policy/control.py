@@ -990,7 +990,7 @@ class ControlPlane:
             if private:
                 hold = "RAM not reclaimable (share=off?)"
             out[name] = {
-                "stats_age_s": None if seen is None else round(now - seen, 1),
+                "stats_age_s": None if seen is None else round(max(0.0, now - seen), 1),
                 "hold": hold,
                 "reclaim_failures": failed,
                 "unreclaimable": private,
